@@ -1,0 +1,27 @@
+"""Domain errors shared by every party. The CLI maps each to one line and an exit code."""
+
+from __future__ import annotations
+
+
+class AgencyflError(Exception):
+    """Base class: a problem the user can fix, reported without a traceback."""
+
+
+class SpecError(AgencyflError):
+    """The federation spec is unreadable or invalid."""
+
+
+class DataFileError(AgencyflError):
+    """A data file is unusable as a whole (missing, empty, not a table, missing columns)."""
+
+
+class ModelError(AgencyflError):
+    """A registered model is missing, damaged or does not match the spec."""
+
+
+class LedgerError(AgencyflError):
+    """A privacy ledger cannot be read or written."""
+
+
+class FederationError(AgencyflError):
+    """A federated run ended without a model (too few agencies, all rounds refused, ...)."""

@@ -1,0 +1,282 @@
+"""The federation spec: one TOML file that every party reads.
+
+A newcomer writes it by hand; pydantic validates it and every error names the field and quotes the
+bad value. Training fields have defaults tuned for DP-SGD on tabular data (see docs/benchmarks.md),
+so a spec with only ``[federation]``, ``[schema]``, ``[privacy]`` and ``[[agencies]]`` trains well.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from federation.errors import SpecError
+
+_NAME = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class FederationSection(_Frozen):
+    """Who federates and why: ``name`` identifies the federation, ``purpose`` the registered use."""
+
+    name: Annotated[str, Field(pattern=_NAME)]
+    topology: Literal["horizontal", "vertical"] = "horizontal"
+    purpose: str = "eligibility-identification"
+
+    @field_validator("topology")
+    @classmethod
+    def _horizontal_only(cls, value: str) -> str:
+        if value == "vertical":
+            raise ValueError(
+                "topology 'vertical' (agencies holding different features of the same households) "
+                "is reserved and not supported yet; use 'horizontal'"
+            )
+        return value
+
+
+class NumericFeature(_Frozen):
+    """A number within ``[min, max]``; ``transform = "log"`` spreads skewed amounts (money)."""
+
+    name: Annotated[str, Field(pattern=_NAME)]
+    type: Literal["numeric"]
+    min: float
+    max: float
+    nullable: bool = False
+    transform: Literal["none", "log"] = "none"
+    label: str | None = None
+
+    @model_validator(mode="after")
+    def _range(self) -> NumericFeature:
+        if not self.max > self.min:
+            raise ValueError(f"max ({self.max!r}) must be greater than min ({self.min!r})")
+        return self
+
+
+class CategoricalFeature(_Frozen):
+    """One of a fixed list of categories."""
+
+    name: Annotated[str, Field(pattern=_NAME)]
+    type: Literal["categorical"]
+    categories: Annotated[list[str], Field(min_length=2)]
+    nullable: bool = False
+    label: str | None = None
+
+    @field_validator("categories")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        dupes = sorted({c for c in value if value.count(c) > 1})
+        if dupes:
+            raise ValueError(f"categories repeat {dupes!r}")
+        return value
+
+
+class BooleanFeature(_Frozen):
+    """true/false (also accepted: 1/0, yes/no)."""
+
+    name: Annotated[str, Field(pattern=_NAME)]
+    type: Literal["boolean"]
+    nullable: bool = False
+    label: str | None = None
+
+
+Feature = Annotated[NumericFeature | CategoricalFeature | BooleanFeature, Field(discriminator="type")]
+
+
+class SchemaSection(_Frozen):
+    """The columns every agency's table has: an id, a 0/1 label and the features."""
+
+    id: Annotated[str, Field(pattern=_NAME)]
+    label: Annotated[str, Field(pattern=_NAME)]
+    features: Annotated[list[Feature], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _distinct_names(self) -> SchemaSection:
+        names = [self.id, self.label, *(f.name for f in self.features)]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"column names repeat {dupes!r}")
+        return self
+
+    def feature(self, name: str) -> Feature:
+        """Return the feature called ``name``; raises KeyError if there is none."""
+        for feature in self.features:
+            if feature.name == name:
+                return feature
+        raise KeyError(name)
+
+    def plain_label(self, name: str) -> str:
+        """The plain-language label of a feature (its name with spaces when none is given)."""
+        label = self.feature(name).label
+        return label if label else name.replace("_", " ")
+
+
+class ModelSection(_Frozen):
+    """``logistic``, or an ``mlp`` with ``hidden`` layer widths and an activation.
+
+    ``activation = "square"`` is the polynomial activation that encrypted scoring can evaluate.
+    """
+
+    kind: Literal["logistic", "mlp"] = "logistic"
+    hidden: list[Annotated[int, Field(ge=1, le=1024)]] = Field(default_factory=list)
+    activation: Literal["relu", "square"] = "relu"
+
+    @model_validator(mode="after")
+    def _hidden_matches_kind(self) -> ModelSection:
+        if self.kind == "mlp" and not self.hidden:
+            raise ValueError("kind 'mlp' needs at least one hidden layer, e.g. hidden = [16]")
+        if self.kind == "logistic" and self.hidden:
+            raise ValueError(f"kind 'logistic' takes no hidden layers (got {self.hidden!r})")
+        return self
+
+
+class TrainingSection(_Frozen):
+    """Federated DP-SGD settings. Defaults were tuned on the synthetic population (docs/benchmarks.md).
+
+    ``sample_rate`` is the Poisson sampling probability of each record at each step; one local epoch
+    is ``int(1 / sample_rate)`` steps.
+    """
+
+    rounds: Annotated[int, Field(ge=1, le=1000)] = 10
+    local_epochs: Annotated[int, Field(ge=1, le=100)] = 1
+    sample_rate: Annotated[float, Field(gt=0.0, le=0.5)] = 0.05
+    learning_rate: Annotated[float, Field(gt=0.0, le=100.0)] = 1.0
+    validation_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
+    min_agencies: Annotated[int, Field(ge=1)] = 2
+    seed: int = 0
+
+
+class PrivacySection(_Frozen):
+    """Per-agency DP: ``epsilon`` per job, ``budget`` over the dataset's lifetime (both at ``delta``)."""
+
+    epsilon: Annotated[float, Field(gt=0.0, le=100.0)]
+    delta: Annotated[float, Field(gt=0.0, lt=1e-2)] = 1e-5
+    max_grad_norm: Annotated[float, Field(gt=0.0)] = 1.0
+    budget: Annotated[float, Field(gt=0.0)]
+    accountant: Literal["rdp"] = "rdp"
+
+    @model_validator(mode="after")
+    def _job_fits_budget(self) -> PrivacySection:
+        if self.epsilon > self.budget:
+            raise ValueError(
+                f"epsilon per job ({self.epsilon!r}) exceeds the lifetime budget ({self.budget!r})"
+            )
+        return self
+
+
+class AgencySection(_Frozen):
+    """One agency; ``data`` is a path on that agency's side (relative paths: to the spec file)."""
+
+    name: Annotated[str, Field(pattern=_NAME)]
+    data: str
+
+
+class FederationSpec(_Frozen):
+    """The whole spec file."""
+
+    federation: FederationSection
+    schema_: Annotated[SchemaSection, Field(alias="schema")]
+    model: ModelSection = Field(default_factory=ModelSection)
+    training: TrainingSection = Field(default_factory=TrainingSection)
+    privacy: PrivacySection
+    agencies: Annotated[list[AgencySection], Field(min_length=1)]
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _distinct_agencies(self) -> FederationSpec:
+        names = [a.name for a in self.agencies]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"agency names repeat {dupes!r}")
+        if self.training.min_agencies > len(self.agencies):
+            raise ValueError(
+                f"training.min_agencies ({self.training.min_agencies!r}) exceeds the number of "
+                f"agencies ({len(self.agencies)})"
+            )
+        return self
+
+    @property
+    def schema(self) -> SchemaSection:  # type: ignore[override]
+        """The table schema (``schema`` is a BaseModel attribute, hence the alias)."""
+        return self.schema_
+
+    def agency(self, name: str) -> AgencySection:
+        """The agency called ``name``; raises SpecError naming the known agencies."""
+        for agency in self.agencies:
+            if agency.name == name:
+                return agency
+        known = ", ".join(a.name for a in self.agencies)
+        raise SpecError(f"agency {name!r} is not in the spec (known: {known})")
+
+
+class LoadedSpec(BaseModel):
+    """A validated spec with where it came from and the hash that model cards cite."""
+
+    model_config = ConfigDict(frozen=True)
+
+    spec: FederationSpec
+    path: Path
+    text: str
+    sha256: str
+
+    def data_path(self, agency: str) -> Path:
+        """Absolute path of an agency's data file (relative paths are taken from the spec's folder)."""
+        raw = Path(self.spec.agency(agency).data)
+        return raw if raw.is_absolute() else (self.path.parent / raw).resolve()
+
+
+def _format_errors(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"] if not str(p).startswith("function-after"))
+        where = re.sub(r"\.(numeric|categorical|boolean)\b", "", where).replace("schema_", "schema")
+        bad = item.get("input")
+        got = "" if isinstance(bad, dict) else f" (got {bad!r})"
+        message = item["msg"].removeprefix("Value error, ")
+        lines.append(f"{where or '<top>'}: {message}{got}")
+    return "; ".join(lines)
+
+
+def parse_spec(text: str, source: str = "<spec>") -> FederationSpec:
+    """Parse and validate spec text.
+
+    Raises
+    ------
+    SpecError
+        On TOML syntax errors or invalid fields; the message names the field and quotes the value.
+    """
+    try:
+        raw: dict[str, Any] = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError(f"{source}: not valid TOML: {exc}") from exc
+    try:
+        return FederationSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError(f"{source}: {_format_errors(exc)}") from exc
+
+
+def load_spec(path: str | Path) -> LoadedSpec:
+    """Read and validate the spec file at ``path``.
+
+    Raises
+    ------
+    SpecError
+        If the file cannot be read or does not validate.
+    """
+    path = Path(path).resolve()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"cannot read spec {str(path)!r}: {exc.__class__.__name__}: {exc}") from exc
+    spec = parse_spec(text, source=str(path))
+    return LoadedSpec(
+        spec=spec, path=path, text=text, sha256=hashlib.sha256(text.encode()).hexdigest()
+    )

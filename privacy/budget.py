@@ -1,0 +1,52 @@
+"""Budget enforcement: before a round, compute the epsilon it would leave behind; refuse if over.
+
+Validate first, then commit: a refused round trains nothing and spends nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from privacy.accounting import StepRecord, epsilon_for
+from privacy.ledger import LedgerEvent, spend_records
+
+
+@dataclass(frozen=True)
+class BudgetDecision:
+    """Whether a planned round fits, and the epsilons it would leave (job and lifetime)."""
+
+    allowed: bool
+    epsilon_job_after: float
+    epsilon_lifetime_after: float
+    reason: str | None = None
+
+
+def check_round(
+    events: list[LedgerEvent],
+    job: str,
+    planned: StepRecord,
+    delta: float,
+    job_cap: float,
+    lifetime_cap: float,
+) -> BudgetDecision:
+    """Decide whether ``planned`` steps may run, given everything the ledger already holds.
+
+    Parameters
+    ----------
+    events
+        The agency's verified ledger events (all jobs).
+    job
+        The current job's id: the per-job cap composes only its rounds.
+    planned
+        The round's mechanism: noise multiplier, sample rate and number of steps.
+    delta, job_cap, lifetime_cap
+        The (epsilon, delta) caps per job and over the dataset's lifetime.
+    """
+    job_eps = epsilon_for([*spend_records(events, job), planned], delta)
+    life_eps = epsilon_for([*spend_records(events), planned], delta)
+    reasons = []
+    if job_eps > job_cap:
+        reasons.append(f"epsilon for this job would reach {job_eps:.3f} > per-job cap {job_cap:g}")
+    if life_eps > lifetime_cap:
+        reasons.append(f"lifetime epsilon would reach {life_eps:.3f} > budget {lifetime_cap:g}")
+    return BudgetDecision(not reasons, job_eps, life_eps, "; ".join(reasons) or None)
