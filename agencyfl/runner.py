@@ -1,0 +1,100 @@
+"""Run a whole federation on this machine with Flower's simulation engine (in process).
+
+Each agency gets a site under ``WORKDIR/agencies/NAME`` (its ledger and signing key); the coordinator
+writes to ``WORKDIR/registry`` and ``WORKDIR/runs``. ``flwr.simulation.run_simulation`` runs the
+ServerApp in a thread here and the ClientApps in Ray workers; it passes no run config, so the apps
+are built by factories that carry their settings.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+from clients.app import make_client_app
+from clients.site import AgencySite
+from federation.errors import FederationError
+from federation.spec import LoadedSpec, load_spec
+from federation.table import load_table
+from server.app import ServerSettings, make_server_app, new_job_id
+from server.strategy import EventSink
+
+
+def agency_sites(loaded: LoadedSpec, workdir: Path) -> list[AgencySite]:
+    """One site per agency of the spec, homes under ``workdir/agencies``."""
+    return [
+        AgencySite(
+            agency=a.name,
+            spec_path=loaded.path,
+            data_path=loaded.data_path(a.name),
+            home=(workdir / "agencies" / a.name).resolve(),
+        )
+        for a in loaded.spec.agencies
+    ]
+
+
+def run_federation(
+    spec_path: str | Path, workdir: str | Path, on_event: EventSink | None = None
+) -> dict[str, Any]:
+    """Train the spec's model across its agencies; returns the run summary (see ``server.app``).
+
+    Every agency's data file is checked first (the same loader as ``steward check``), so an
+    unusable file stops the run before any budget is spent.
+
+    Raises
+    ------
+    SpecError, DataFileError
+        Bad spec or unusable data file.
+    FederationError
+        The run ended without a model.
+    """
+    loaded = load_spec(spec_path)
+    workdir = Path(workdir).resolve()
+    sites = agency_sites(loaded, workdir)
+    for site in sites:
+        load_table(site.data_path, loaded.spec.schema)
+    settings = ServerSettings(loaded=loaded, workdir=workdir, job=new_job_id(), min_available=len(sites))
+    outcome: dict[str, Any] = {}
+
+    def capture(event: dict[str, Any]) -> None:
+        if on_event:
+            on_event(event)
+
+    server_app = make_server_app(settings, capture)
+    client_app = make_client_app(lambda ctx: sites[int(ctx.node_config["partition-id"])])  # type: ignore[arg-type]
+
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    from flwr.simulation import run_simulation
+
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            run_simulation(
+                server_app=server_app,
+                client_app=client_app,
+                num_supernodes=len(sites),
+                backend_config={
+                    "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                    "init_args": {"num_cpus": 2, "logging_level": "error", "log_to_driver": False,
+                                  "include_dashboard": False},
+                },
+            )
+        except RuntimeError as exc:
+            raise FederationError(f"the simulation failed: {exc.__cause__ or exc}") from exc
+    summary_path = settings.run_dir / "summary.json"
+    if not summary_path.exists():
+        raise FederationError("the federation ended without a summary (see the log above)")
+    import json
+
+    outcome = json.loads(summary_path.read_text())
+    if outcome.get("model") is None:
+        raise FederationError(f"no model was produced; see {summary_path}")
+    outcome["ledgers"] = {s.agency: str(s.ledger_dir) for s in sites}
+    outcome["workdir"] = str(workdir)
+    return outcome

@@ -1,0 +1,158 @@
+"""What an agency does when asked to train or evaluate: the logic behind the Flower ClientApp.
+
+Kept free of Flower types so it can be tested directly. Order in ``train_round``: verify the ledger,
+compute the epsilon the round would leave, refuse (recording the refusal, spending nothing, training
+nothing) or train and append the spend. Validate first, then commit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+
+from clients.site import AgencySite, load_local_data, site_spec
+from clients.trainer import dp_sgd, noise_generator, steps_per_epoch
+from federation.encoding import FeatureEncoder
+from federation.metrics import score_histograms
+from federation.spec import FederationSpec
+from federation.model import build_model, model_from_arrays, model_to_arrays, predict_proba
+from privacy.accounting import StepRecord, accountant_for, calibrate_noise, epsilon_for
+from privacy.budget import check_round
+from privacy.ledger import LedgerEvent, now_utc, spend_records
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    """The coordinator's instruction for one round."""
+
+    job: str
+    round: int
+    rounds: int
+    spec_sha256: str
+    arrays: list[np.ndarray]
+
+
+@dataclass
+class TrainReply:
+    """The agency's answer: new weights and spend, or a refusal with its reason."""
+
+    agency: str
+    status: str  # "trained" or "refused"
+    reason: str | None = None
+    arrays: list[np.ndarray] = field(default_factory=list)
+    num_examples: int = 0
+    epsilon_job: float = 0.0
+    epsilon_lifetime: float = 0.0
+    noise_multiplier: float = 0.0
+    steps: int = 0
+    loss: float = float("nan")
+    dataset: str = ""
+
+
+def train_round(site: AgencySite, request: TrainRequest, seed: int | None = None) -> TrainReply:
+    """Run one federated round at ``site`` under its DP budget.
+
+    Parameters
+    ----------
+    site
+        The agency's spec, data and home folder.
+    request
+        The round to run; the agency's own spec must hash to ``request.spec_sha256``.
+    seed
+        Seeds the noise generator (reproducible experiments only; default: OS entropy).
+    """
+    torch.set_num_threads(1)  # 2 cores shared by several agencies: oversubscription is 20x slower
+    loaded = site_spec(site)
+    spec = loaded.spec
+    ledger = site.open_ledger()
+    events = ledger.events()  # verifies the chain; fails closed
+    data = load_local_data(site, loaded)
+    q = spec.training.sample_rate
+    steps = spec.training.local_epochs * steps_per_epoch(q)
+    sigma = calibrate_noise(spec.privacy.epsilon, spec.privacy.delta, q, steps * request.rounds)
+    planned = StepRecord(sigma, q, steps)
+
+    def refuse(reason: str) -> TrainReply:
+        spent = spend_records(events)
+        job_eps = epsilon_for(spend_records(events, request.job), spec.privacy.delta)
+        life_eps = epsilon_for(spent, spec.privacy.delta)
+        ledger.append(_event(site, spec, request, "refusal", planned, job_eps, life_eps, data.fingerprint, reason))
+        return TrainReply(site.agency, "refused", reason, epsilon_job=job_eps, epsilon_lifetime=life_eps,
+                          dataset=data.fingerprint)
+
+    if request.spec_sha256 != loaded.sha256:
+        return refuse("the coordinator's spec differs from this agency's copy (sha256 mismatch)")
+    if any(e.kind == "round" and e.job == request.job and e.round == request.round for e in events):
+        return refuse(f"round {request.round} of job {request.job} was already trained here")
+    if len(data.y_train) == 0:
+        return refuse("no valid training rows")
+    decision = check_round(
+        events, request.job, planned, spec.privacy.delta, spec.privacy.epsilon, spec.privacy.budget
+    )
+    if not decision.allowed:
+        return refuse(decision.reason or "budget")
+
+    model = build_model(spec.model, FeatureEncoder(spec.schema).width)
+    model_from_arrays(model, request.arrays)
+    accountant = accountant_for(spend_records(events))  # the one accountant of this dataset
+    result = dp_sgd(
+        model, data.x_train, data.y_train,
+        noise_multiplier=sigma, sample_rate=q, max_grad_norm=spec.privacy.max_grad_norm,
+        learning_rate=spec.training.learning_rate, steps=steps, accountant=accountant,
+        generator=noise_generator(seed),
+    )
+    taken = StepRecord(sigma, q, result.steps)
+    job_eps = epsilon_for([*spend_records(events, request.job), taken], spec.privacy.delta)
+    life_eps = float(accountant.get_epsilon(delta=spec.privacy.delta))
+    ledger.append(_event(site, spec, request, "round", taken, job_eps, life_eps, data.fingerprint, None))
+    return TrainReply(
+        site.agency, "trained", None, model_to_arrays(model), len(data.y_train), job_eps, life_eps,
+        sigma, result.steps, result.mean_loss, data.fingerprint,
+    )
+
+
+def _event(
+    site: AgencySite,
+    spec: FederationSpec,
+    request: TrainRequest,
+    kind: Literal["round", "refusal"],
+    record: StepRecord,
+    job_eps: float,
+    life_eps: float,
+    fingerprint: str,
+    reason: str | None,
+) -> LedgerEvent:
+    return LedgerEvent(
+        kind=kind, agency=site.agency, job=request.job, round=request.round,
+        noise_multiplier=record.noise_multiplier, sample_rate=record.sample_rate,
+        steps=record.steps if kind == "round" else 0, max_grad_norm=spec.privacy.max_grad_norm,
+        delta=spec.privacy.delta, epsilon_job=job_eps, epsilon_lifetime=life_eps,
+        epsilon_job_cap=spec.privacy.epsilon, budget=spec.privacy.budget, dataset=fingerprint,
+        time=now_utc(), reason=reason,
+    )
+
+
+@dataclass(frozen=True)
+class EvaluateReply:
+    """Aggregates of the validation split: per-label score histograms and the squared-error sum."""
+
+    agency: str
+    num_examples: int
+    hist_pos: list[int]
+    hist_neg: list[int]
+    brier_sum: float
+
+
+def evaluate_round(site: AgencySite, arrays: list[np.ndarray]) -> EvaluateReply:
+    """Score the site's validation split with ``arrays``; only aggregates are returned."""
+    torch.set_num_threads(1)
+    loaded = site_spec(site)
+    data = load_local_data(site, loaded)
+    model = build_model(loaded.spec.model, FeatureEncoder(loaded.spec.schema).width)
+    model_from_arrays(model, arrays)
+    scores = predict_proba(model, data.x_val) if len(data.y_val) else np.zeros(0)
+    pos, neg, brier = score_histograms(scores, data.y_val)
+    return EvaluateReply(site.agency, len(data.y_val), pos, neg, brier)
