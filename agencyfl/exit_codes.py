@@ -1,0 +1,57 @@
+"""Exit codes of the ``agencyfl`` command, each with the help text users see in the README."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+from federation.errors import (
+    AgencyflError,
+    DataFileError,
+    FederationError,
+    LedgerError,
+    ModelError,
+    SpecError,
+)
+
+
+class ExitCode(IntEnum):
+    """What the process exit status means."""
+
+    OK = 0
+    INTERNAL_ERROR = 1
+    USAGE = 2
+    SPEC_INVALID = 3
+    DATA_UNUSABLE = 4
+    LEDGER_UNVERIFIED = 5
+    BUDGET_EXCEEDED = 6
+    FEDERATION_FAILED = 7
+    MODEL_INVALID = 8
+
+
+HELP: dict[ExitCode, str] = {
+    ExitCode.OK: "Success; for `audit report`, every ledger verified and no cap is exceeded.",
+    ExitCode.INTERNAL_ERROR: "An unexpected internal error (a bug): please report it with the command.",
+    ExitCode.USAGE: "The command line is wrong (unknown option, missing argument).",
+    ExitCode.SPEC_INVALID: "The federation spec is unreadable or invalid; the message names the field.",
+    ExitCode.DATA_UNUSABLE: "A data file is unusable as a whole (missing, empty, not a table, missing columns).",
+    ExitCode.LEDGER_UNVERIFIED: "A privacy ledger does not verify (altered, deleted, reordered or truncated entries, bad signature).",
+    ExitCode.BUDGET_EXCEEDED: "A ledger verifies but records spend beyond its privacy budget or per-job cap.",
+    ExitCode.FEDERATION_FAILED: "The federated run ended without a model (too few agencies trained).",
+    ExitCode.MODEL_INVALID: "The model folder is not a registered model, or it does not match the spec.",
+}
+
+_BY_ERROR: list[tuple[type[AgencyflError], ExitCode]] = [
+    (SpecError, ExitCode.SPEC_INVALID),
+    (DataFileError, ExitCode.DATA_UNUSABLE),
+    (LedgerError, ExitCode.LEDGER_UNVERIFIED),
+    (FederationError, ExitCode.FEDERATION_FAILED),
+    (ModelError, ExitCode.MODEL_INVALID),
+]
+
+
+def exit_code_for(error: AgencyflError) -> ExitCode:
+    """The exit code for a domain error."""
+    for kind, code in _BY_ERROR:
+        if isinstance(error, kind):
+            return code
+    return ExitCode.INTERNAL_ERROR
