@@ -111,7 +111,7 @@ def steward_check(
     reasons: dict[str, int] = {}
     for reason in check.quarantined.get("reason", []):
         for part in str(reason).split("; "):
-            key = re.sub(r"'[^']*'", "<value>", part)
+            key = re.sub(r"'[^']*'", "<value>", part, count=1)
             reasons[key] = reasons.get(key, 0) + 1
     label = loaded.spec.schema.label
     report = {

@@ -43,6 +43,9 @@ def epsilon_for(records: Iterable[StepRecord], delta: float) -> float:
     return float(accountant.get_epsilon(delta=delta))
 
 
+MAX_NOISE_MULTIPLIER = 100.0  # beyond this no model learns anything; refuse instead
+
+
 @lru_cache(maxsize=256)
 def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
     """The noise multiplier for ``steps`` steps at ``sample_rate`` to reach at most ``target_epsilon``.
@@ -55,6 +58,12 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
     ValueError
         If the target cannot be met (budget too small for the planned steps).
     """
+    floor = epsilon_for([StepRecord(MAX_NOISE_MULTIPLIER, sample_rate, steps)], delta)
+    if floor > target_epsilon:  # checked first: Opacus' own search takes ~40 s to give up
+        raise ValueError(
+            f"epsilon {target_epsilon:g} cannot be met with {steps} steps at sample rate {sample_rate:g}: "
+            f"even noise multiplier {MAX_NOISE_MULTIPLIER:g} gives {floor:.4g}"
+        )
     sigma = float(
         get_noise_multiplier(
             target_epsilon=target_epsilon,

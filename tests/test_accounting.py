@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from opacus.accountants import RDPAccountant
+from torch import nn
+
+from clients.trainer import dp_sgd, noise_generator
+
+from privacy.accounting import StepRecord, accountant_for, calibrate_noise, epsilon_for
+
+
+def test_opacus_reference_value() -> None:
+    # Published reference (Opacus tests): sigma 1.5, q 0.04, 2250 steps, delta 1e-5 -> 7.32911.
+    assert epsilon_for([StepRecord(1.5, 0.04, 2250)], 1e-5) == pytest.approx(7.32911, abs=1e-4)
+
+
+def test_nothing_spent_is_zero() -> None:
+    assert epsilon_for([], 1e-5) == 0.0
+    assert epsilon_for([StepRecord(1.0, 0.02, 0)], 1e-5) == 0.0
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    target=st.floats(0.3, 10.0),
+    q=st.floats(0.005, 0.2),
+    steps=st.integers(1, 3000),
+)
+def test_calibration_never_overshoots(target: float, q: float, steps: int) -> None:
+    sigma = calibrate_noise(target, 1e-5, q, steps)
+    achieved = epsilon_for([StepRecord(sigma, q, steps)], 1e-5)
+    assert achieved <= target
+    assert achieved > target - 0.05  # and it does not waste the budget either
+
+
+@pytest.mark.parametrize("rounds", [1, 3])
+def test_epsilon_after_rounds_equals_one_accountant_over_all_steps(rounds: int) -> None:
+    # Training restores the accountant from the ledger each round (a fresh process in deployment)
+    # and Opacus' optimizer hook adds that round's steps; the result must equal one accountant that
+    # saw every step of every round.
+    q, steps, sigma = 0.05, 20, 1.1
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(200, 3)).astype(np.float32), (rng.random(200) < 0.5).astype(np.float32)
+    ledger: list[StepRecord] = []
+    continuous = RDPAccountant()
+    for _ in range(rounds):
+        restored = accountant_for(ledger)
+        result = dp_sgd(nn.Sequential(nn.Linear(3, 1)), x, y, noise_multiplier=sigma, sample_rate=q,
+                        max_grad_norm=1.0, learning_rate=0.1, steps=steps, accountant=restored,
+                        generator=noise_generator(1))
+        assert result.steps == steps
+        ledger.append(StepRecord(sigma, q, result.steps))
+        for _ in range(steps):
+            continuous.step(noise_multiplier=sigma, sample_rate=q)
+        assert restored.get_epsilon(1e-5) == pytest.approx(continuous.get_epsilon(1e-5), rel=1e-12)
+    assert epsilon_for(ledger, 1e-5) == pytest.approx(continuous.get_epsilon(1e-5), rel=1e-12)
+
+
+def test_composition_grows_with_rounds() -> None:
+    eps = [epsilon_for([StepRecord(1.0, 0.02, 50)] * r, 1e-5) for r in range(1, 6)]
+    assert eps == sorted(eps) and eps[0] < eps[-1]
+
+
+def test_impossible_budget_raises() -> None:
+    with pytest.raises(ValueError):
+        calibrate_noise(1e-6, 1e-12, 0.5, 100000)

@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from federation.encoding import FeatureEncoder
+from federation.spec import parse_spec
+from tests.test_spec import MINIMAL
+
+
+def test_scaling_from_schema_ranges_and_missing_indicators() -> None:
+    schema = parse_spec(MINIMAL).schema
+    enc = FeatureEncoder(schema)
+    assert enc.names == [
+        "per_capita_income", "per_capita_income=missing", "head_employment=employed",
+        "head_employment=unemployed",
+    ]
+    frame = pd.DataFrame({"per_capita_income": [0.0, 100000.0, 200000.0, np.nan],
+                          "head_employment": ["employed", "unemployed", "employed", "unemployed"]})
+    x = enc.encode(frame)
+    np.testing.assert_allclose(x[:, 0], [-1.0, 0.0, 1.0, 0.0])
+    np.testing.assert_allclose(x[:, 1], [0, 0, 0, 1])
+    np.testing.assert_allclose(x[:, 2:], [[1, 0], [0, 1], [1, 0], [0, 1]])
+    assert x.dtype == np.float32
+
+
+def test_log_transform_spreads_skewed_amounts() -> None:
+    schema = parse_spec(MINIMAL.replace("nullable = true", 'nullable = true\ntransform = "log"', 1)).schema
+    x = FeatureEncoder(schema).encode(
+        pd.DataFrame({"per_capita_income": [0.0, 1000.0, 200000.0], "head_employment": ["employed"] * 3})
+    )
+    assert x[0, 0] == -1.0 and x[2, 0] == 1.0
+    assert -0.5 < x[1, 0] < 0.5  # 1,000 of 200,000 lands mid-range on the log scale, not at -0.99

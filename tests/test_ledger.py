@@ -1,0 +1,106 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from federation.errors import LedgerError
+from privacy.audit import audit_ledger
+from privacy.ledger import HEAD_FILE, LEDGER_FILE, Ledger, LedgerEvent, now_utc, verify_ledger
+
+
+def event(round_: int, kind: str = "round", job: str = "j1", eps: float = 0.0, life: float = 0.0) -> LedgerEvent:
+    return LedgerEvent(
+        kind=kind, agency="tax", job=job, round=round_, noise_multiplier=1.0, sample_rate=0.02,
+        steps=50 if kind == "round" else 0, max_grad_norm=1.0, delta=1e-5, epsilon_job=eps,
+        epsilon_lifetime=life, epsilon_job_cap=3.0, budget=10.0, dataset="ab" * 32, time=now_utc(),
+    )
+
+
+@pytest.fixture()
+def ledger_dir(tmp_path: Path) -> Path:
+    ledger = Ledger(tmp_path / "ledger", Ed25519PrivateKey.generate())
+    for r in range(1, 6):
+        ledger.append(event(r))
+    assert verify_ledger(ledger.directory).ok
+    return ledger.directory
+
+
+def lines(d: Path) -> list[bytes]:
+    return (d / LEDGER_FILE).read_bytes().splitlines(keepends=True)
+
+
+def test_clean_ledger_verifies_and_reads_back(ledger_dir: Path) -> None:
+    check = verify_ledger(ledger_dir)
+    assert check.ok and [e.round for e in check.events] == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("offset", [10, 60, 200, 330])
+def test_a_flipped_byte_is_detected(ledger_dir: Path, offset: int) -> None:
+    data = bytearray((ledger_dir / LEDGER_FILE).read_bytes())
+    data[offset] ^= 0x01
+    (ledger_dir / LEDGER_FILE).write_bytes(bytes(data))
+    assert not verify_ledger(ledger_dir).ok
+
+
+def test_a_deleted_entry_is_detected(ledger_dir: Path) -> None:
+    kept = lines(ledger_dir)
+    del kept[2]
+    (ledger_dir / LEDGER_FILE).write_bytes(b"".join(kept))
+    check = verify_ledger(ledger_dir)
+    assert not check.chain_ok and any("deleted or reordered" in p for p in check.problems)
+
+
+def test_reordered_entries_are_detected(ledger_dir: Path) -> None:
+    kept = lines(ledger_dir)
+    kept[1], kept[3] = kept[3], kept[1]
+    (ledger_dir / LEDGER_FILE).write_bytes(b"".join(kept))
+    assert not verify_ledger(ledger_dir).chain_ok
+
+
+def test_truncation_is_detected(ledger_dir: Path) -> None:
+    whole = (ledger_dir / LEDGER_FILE).read_bytes()
+    (ledger_dir / LEDGER_FILE).write_bytes(b"".join(lines(ledger_dir)[:3]))  # whole entries cut off
+    check = verify_ledger(ledger_dir)
+    assert not check.head_ok and any("removed from the end" in p for p in check.problems)
+    (ledger_dir / LEDGER_FILE).write_bytes(whole[:-40])  # cut mid-entry
+    assert not verify_ledger(ledger_dir).ok
+
+
+def test_a_reforged_entry_without_the_key_is_detected(ledger_dir: Path) -> None:
+    kept = lines(ledger_dir)
+    entry = json.loads(kept[1])
+    entry["epsilon_lifetime"] = 5.0
+    kept[1] = (json.dumps(entry) + "\n").encode()
+    (ledger_dir / LEDGER_FILE).write_bytes(b"".join(kept))
+    assert not verify_ledger(ledger_dir).ok
+
+
+def test_a_ledger_resigned_by_another_key_is_detected(ledger_dir: Path, tmp_path: Path) -> None:
+    other = Ledger(tmp_path / "other", Ed25519PrivateKey.generate())
+    other.append(event(1))
+    (ledger_dir / LEDGER_FILE).write_bytes((other.directory / LEDGER_FILE).read_bytes())
+    (ledger_dir / HEAD_FILE).write_bytes((other.directory / HEAD_FILE).read_bytes())
+    assert not verify_ledger(ledger_dir).signatures_ok
+
+
+def test_the_agency_refuses_to_append_to_a_broken_ledger(tmp_path: Path) -> None:
+    key = Ed25519PrivateKey.generate()
+    ledger = Ledger(tmp_path / "l", key)
+    ledger.append(event(1))
+    ledger.append(event(2))
+    (ledger.directory / LEDGER_FILE).write_bytes(lines(ledger.directory)[1])
+    with pytest.raises(LedgerError, match="does not verify"):
+        ledger.append(event(3))
+    with pytest.raises(LedgerError, match="another key"):
+        Ledger(tmp_path / "l", Ed25519PrivateKey.generate())
+
+
+def test_audit_recomputes_epsilon_and_flags_disagreement(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "l", Ed25519PrivateKey.generate())
+    ledger.append(event(1, eps=0.01, life=0.01))  # signed, but the recorded epsilon is a fiction
+    row = audit_ledger(ledger.directory)
+    assert row.chain_ok and row.signatures_ok
+    assert not row.verified and "disagrees with the recomputed" in row.problems[0]

@@ -1,0 +1,127 @@
+"""An agency's round logic: budget enforcement across rounds and jobs, refusals, DP mechanics."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from opacus.accountants import RDPAccountant
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from torch import nn
+
+from agencyfl.synth import SynthResult
+from clients.rounds import TrainRequest, evaluate_round, train_round
+from clients.site import AgencySite
+from clients.trainer import dp_sgd, noise_generator
+from federation.encoding import FeatureEncoder
+from federation.model import build_model, model_to_arrays
+from federation.spec import load_spec
+from privacy.accounting import epsilon_for
+from privacy.ledger import spend_records, verify_ledger
+
+
+def make_site(fed: SynthResult, tmp_path: Path, budget: float = 10.0, rounds: int = 2) -> tuple[AgencySite, str]:
+    text = fed.spec.read_text()
+    text = re.sub(r"budget = [0-9.]+", f"budget = {budget}", text)
+    text = re.sub(r"\[training\]\nrounds = \d+", f"[training]\nrounds = {rounds}", text)
+    text = text.replace('data = "', f'data = "{fed.spec.parent}/')
+    spec = tmp_path / "spec.toml"
+    spec.write_text(text)
+    loaded = load_spec(spec)
+    site = AgencySite(agency="tax", spec_path=spec, data_path=loaded.data_path("tax"), home=tmp_path / "tax")
+    return site, loaded.sha256
+
+
+def initial(site: AgencySite) -> list[np.ndarray]:
+    spec = load_spec(site.spec_path).spec
+    return model_to_arrays(build_model(spec.model, FeatureEncoder(spec.schema).width))
+
+
+def test_budget_spans_jobs_and_a_refused_round_changes_nothing(small_fed: SynthResult, tmp_path: Path) -> None:
+    site, sha = make_site(small_fed, tmp_path, budget=3.2)
+    arrays = initial(site)
+    for r in (1, 2):
+        reply = train_round(site, TrainRequest("job-1", r, 2, sha, arrays), seed=r)
+        assert reply.status == "trained" and reply.steps == 50
+        assert not all(np.array_equal(a, b) for a, b in zip(reply.arrays, arrays, strict=True))
+    assert reply.epsilon_job == pytest.approx(3.0, abs=0.02) and reply.epsilon_job <= 3.0
+
+    ledger_before = (site.ledger_dir / "ledger.jsonl").read_bytes()
+    arrays_before = [a.copy() for a in arrays]
+    # A second job on the same data starts from the ledger: its first round would cross the budget.
+    refused = train_round(site, TrainRequest("job-2", 1, 2, sha, arrays), seed=3)
+    assert refused.status == "refused" and "lifetime epsilon would reach" in (refused.reason or "")
+    assert refused.arrays == [] and refused.steps == 0
+    assert all(np.array_equal(a, b) for a, b in zip(arrays, arrays_before, strict=True))
+    check = verify_ledger(site.ledger_dir)
+    assert check.ok
+    after = (site.ledger_dir / "ledger.jsonl").read_bytes()
+    assert after.startswith(ledger_before)  # nothing rewritten; one refusal entry appended
+    assert [e.kind for e in check.events] == ["round", "round", "refusal"]
+    assert epsilon_for(spend_records(check.events), 1e-5) == pytest.approx(reply.epsilon_lifetime)
+
+
+def test_a_job_cannot_run_more_rounds_than_it_was_calibrated_for(small_fed: SynthResult, tmp_path: Path) -> None:
+    site, sha = make_site(small_fed, tmp_path)
+    arrays = initial(site)
+    for r in (1, 2):
+        assert train_round(site, TrainRequest("j", r, 2, sha, arrays), seed=r).status == "trained"
+    extra = train_round(site, TrainRequest("j", 3, 2, sha, arrays), seed=3)
+    assert extra.status == "refused" and "per-job cap" in (extra.reason or "")
+
+
+def test_replayed_round_and_foreign_spec_are_refused(small_fed: SynthResult, tmp_path: Path) -> None:
+    site, sha = make_site(small_fed, tmp_path)
+    arrays = initial(site)
+    assert train_round(site, TrainRequest("j", 1, 2, sha, arrays), seed=1).status == "trained"
+    again = train_round(site, TrainRequest("j", 1, 2, sha, arrays), seed=1)
+    assert again.status == "refused" and "already trained" in (again.reason or "")
+    other = train_round(site, TrainRequest("j", 2, 2, "0" * 64, arrays), seed=1)
+    assert other.status == "refused" and "spec differs" in (other.reason or "")
+    assert sum(e.kind == "round" for e in verify_ledger(site.ledger_dir).events) == 1
+
+
+def test_evaluation_returns_only_aggregates(small_fed: SynthResult, tmp_path: Path) -> None:
+    site, _ = make_site(small_fed, tmp_path)
+    reply = evaluate_round(site, initial(site))
+    assert sum(reply.hist_pos) + sum(reply.hist_neg) == reply.num_examples > 0
+    assert len(reply.hist_pos) == len(reply.hist_neg) == 1000
+
+
+def test_poisson_batches_have_binomial_mean_and_variance() -> None:
+    n, q, steps = 1000, 0.05, 4000
+    sizes = np.array([len(b) for b in UniformWithReplacementSampler(
+        num_samples=n, sample_rate=q, generator=torch.Generator().manual_seed(0), steps=steps)])
+    mean, var = n * q, n * q * (1 - q)
+    assert abs(sizes.mean() - mean) < 4 * np.sqrt(var / steps)
+    assert abs(sizes.var() - var) < 0.1 * var
+
+
+def test_noise_has_the_calibrated_size() -> None:
+    # Zero inputs and targets of 0.5 at logit 0 make every per-sample gradient zero, so one step
+    # moves the weights by pure noise: std = lr * sigma * C / expected_batch_size.
+    d, n, q, sigma, clip, lr = 4000, 400, 0.25, 2.0, 1.5, 1.0
+    model = nn.Sequential(nn.Linear(d, 1))
+    nn.init.zeros_(model[0].weight)
+    nn.init.zeros_(model[0].bias)
+    dp_sgd(model, np.zeros((n, d), np.float32), np.full(n, 0.5, np.float32), noise_multiplier=sigma,
+           sample_rate=q, max_grad_norm=clip, learning_rate=lr, steps=1, accountant=RDPAccountant(),
+           generator=noise_generator(7))
+    moved = model[0].weight.detach().numpy().ravel()
+    expected = lr * sigma * clip / (n * q)
+    assert moved.std() == pytest.approx(expected, rel=0.05)
+    assert abs(moved.mean()) < 4 * expected / np.sqrt(d)
+
+
+def test_empty_poisson_batches_still_count_as_steps() -> None:
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(5, 2)).astype(np.float32), np.array([0, 1, 0, 1, 1], np.float32)
+    accountant = RDPAccountant()
+    result = dp_sgd(nn.Sequential(nn.Linear(2, 1)), x, y, noise_multiplier=1.0, sample_rate=0.05,
+                    max_grad_norm=1.0, learning_rate=0.1, steps=40, accountant=accountant,
+                    generator=noise_generator(0))
+    assert result.steps == 40  # with 5 records at q=0.05 most batches are empty
+    assert sum(h[2] for h in accountant.history) == 40
