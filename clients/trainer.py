@@ -10,6 +10,7 @@ what the RDP analysis assumes), and an empty batch still counts as a step.
 from __future__ import annotations
 
 import secrets
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +20,10 @@ from opacus.accountants import RDPAccountant
 from opacus.optimizers import DPOptimizer
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
+
+# Opacus' per-sample-gradient hooks fire on module outputs when inputs need no gradient (always, for
+# data): torch warns about it every step, though it is exactly what Opacus intends.
+warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
 
 def steps_per_epoch(sample_rate: float) -> int:

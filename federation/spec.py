@@ -147,7 +147,7 @@ class TrainingSection(_Frozen):
     rounds: Annotated[int, Field(ge=1, le=1000)] = 10
     local_epochs: Annotated[int, Field(ge=1, le=100)] = 1
     sample_rate: Annotated[float, Field(gt=0.0, le=0.5)] = 0.02
-    learning_rate: Annotated[float, Field(gt=0.0, le=100.0)] = 4.0
+    learning_rate: Annotated[float, Field(gt=0.0, le=100.0)] = 2.0
     validation_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
     min_agencies: Annotated[int, Field(ge=1)] = 2
     seed: int = 0

@@ -15,8 +15,8 @@ from federation.spec import LoadedSpec, load_spec  # noqa: E402
 
 @pytest.fixture(scope="session")
 def small_fed(tmp_path_factory: pytest.TempPathFactory) -> SynthResult:
-    """2,000 households, 2 rounds, 4 agencies, a few malformed rows per agency."""
-    return synthesize(tmp_path_factory.mktemp("fed") / "data", households=2000, seed=3, dirty_rows=6, rounds=2)
+    """6,000 households, 3 rounds, 4 agencies, a few malformed rows per agency."""
+    return synthesize(tmp_path_factory.mktemp("fed") / "data", households=6000, seed=3, dirty_rows=6, rounds=3)
 
 
 @pytest.fixture(scope="session")

@@ -40,7 +40,7 @@ data = "/abs/tax.csv"
 def test_minimal_spec_gets_working_defaults() -> None:
     spec = parse_spec(MINIMAL)
     assert spec.training == TrainingSection()
-    assert spec.training.sample_rate == 0.02 and spec.training.learning_rate == 4.0
+    assert spec.training.sample_rate == 0.02 and spec.training.learning_rate == 2.0
     assert spec.model.kind == "logistic"
     assert spec.privacy.delta == 1e-5 and spec.privacy.max_grad_norm == 1.0
     assert [f.name for f in spec.schema.features] == ["per_capita_income", "head_employment"]

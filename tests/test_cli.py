@@ -1,0 +1,166 @@
+"""Every CLI command through typer's CliRunner, including a real 2-round federation of 4 agencies."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from agencyfl.cli import app
+from agencyfl.exit_codes import HELP, ExitCode
+from agencyfl.synth import SynthResult
+from privacy.ledger import LEDGER_FILE, Ledger, LedgerEvent, now_utc
+from privacy.keys import generate_signing_key
+from privacy.accounting import StepRecord, epsilon_for
+
+runner = CliRunner()
+
+
+def invoke(*args: str) -> Any:
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def federation_run(small_fed: SynthResult, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One real federation (Flower simulation engine, 4 agencies, 2 rounds) with a tight budget."""
+    spec = small_fed.spec.parent / "tight.toml"
+    spec.write_text(re.sub(r"budget = [0-9.]+", "budget = 3.1", small_fed.spec.read_text()))
+    workdir = tmp_path_factory.mktemp("work")
+    result = invoke("run", "--spec", spec, "--workdir", workdir, "--format", "json")
+    assert result.exit_code == 0, result.output
+    return {"summary": json.loads(result.stdout), "spec": spec, "workdir": workdir}
+
+
+def test_run_trains_registers_and_reports(federation_run: dict[str, Any]) -> None:
+    summary = federation_run["summary"]
+    assert summary["rounds_aggregated"] == 3
+    assert set(summary["agencies"]) == {"civil-affairs", "hrss", "tax", "environment"}
+    for agency in summary["agencies"].values():
+        assert agency["rounds_trained"] == 3 and agency["refusals"] == 0
+        assert 2.9 < agency["epsilon_job"] <= 3.0
+    assert summary["metrics"]["auc"] > 0.7
+    assert [h["round"] for h in summary["history"]] == [1, 2, 3]
+    card = json.loads((Path(summary["model"]) / "card.json").read_text())
+    assert card["purpose"] == "eligibility-identification"
+    assert {a["name"] for a in card["agencies"]} == set(summary["agencies"])
+    assert all(a["epsilon"] <= 3.0 and len(a["dataset_sha256"]) == 64 for a in card["agencies"])
+    assert card["spec_sha256"] and card["code_version"] and card["metrics"]["auc"] == summary["metrics"]["auc"]
+
+
+def test_evaluate_scores_the_held_out_file(federation_run: dict[str, Any], small_fed: SynthResult) -> None:
+    model = federation_run["summary"]["model"]
+    result = invoke("evaluate", "--model", model, "--spec", federation_run["spec"], "--data", small_fed.test,
+                    "--format", "json")
+    assert result.exit_code == 0
+    report = json.loads(result.stdout)
+    assert report["scored"] == small_fed.rows["test"] and report["auc"] > 0.75
+    assert 0 < report["brier"] < 0.25
+    table = invoke("evaluate", "--model", model, "--spec", federation_run["spec"], "--data", small_fed.test)
+    assert f"AUC {report['auc']:.4f}" in table.stdout
+    missing = invoke("evaluate", "--model", federation_run["workdir"], "--spec", federation_run["spec"],
+                     "--data", small_fed.test)
+    assert missing.exit_code == ExitCode.MODEL_INVALID and "not a registered model" in missing.stderr
+
+
+def test_audit_report_verifies_and_detects_tampering(federation_run: dict[str, Any], tmp_path: Path) -> None:
+    ledgers = list(federation_run["summary"]["ledgers"].values())
+    result = invoke("audit", "report", *ledgers, "--format", "json")
+    assert result.exit_code == 0, result.stdout
+    report = json.loads(result.stdout)
+    assert report["ok"] and len(report["agencies"]) == 4
+    for row in report["agencies"]:
+        assert row["verified"] and row["within_budget"] and row["rounds_last_job"] == 3
+        assert row["epsilon_lifetime"] == pytest.approx(federation_run["summary"]["agencies"][row["agency"]]["epsilon_lifetime"])
+    table = invoke("audit", "report", *ledgers)
+    assert "all ledgers verified" in table.stdout and "civil-affairs" in table.stdout
+
+    copy = tmp_path / "ledger"
+    shutil.copytree(ledgers[0], copy)
+    data = bytearray((copy / LEDGER_FILE).read_bytes())
+    data[100] ^= 0x04
+    (copy / LEDGER_FILE).write_bytes(bytes(data))
+    broken = invoke("audit", "report", copy, *ledgers[1:])
+    assert broken.exit_code == ExitCode.LEDGER_UNVERIFIED
+    assert "BROKEN" in broken.stdout or "unreadable" in broken.stdout
+
+
+def test_second_job_is_refused_by_the_lifetime_budget(federation_run: dict[str, Any]) -> None:
+    result = invoke("run", "--spec", federation_run["spec"], "--workdir", federation_run["workdir"])
+    assert result.exit_code == ExitCode.FEDERATION_FAILED
+    assert "no round aggregated a model" in result.stderr
+    assert "refused" in result.stderr and "lifetime epsilon would reach" in result.stderr
+    ledgers = list(federation_run["summary"]["ledgers"].values())
+    report = json.loads(invoke("audit", "report", *ledgers, "--format", "json").stdout)
+    assert report["ok"]
+    for row in report["agencies"]:
+        assert row["refusals"] == 3 and row["rounds_total"] == 3 and row["jobs"] == 2
+        assert row["epsilon_lifetime"] <= 3.1
+
+
+def test_audit_report_exit_code_for_overspend(tmp_path: Path) -> None:
+    # A signed, internally consistent ledger written by an agent that did not enforce its budget.
+    ledger = Ledger(tmp_path / "ledger", generate_signing_key(tmp_path / "k.key"))
+    records: list[StepRecord] = []
+    for r in range(1, 4):
+        records.append(StepRecord(0.8, 0.05, 100))
+        eps = epsilon_for(records, 1e-5)
+        ledger.append(LedgerEvent(kind="round", agency="tax", job="j", round=r, noise_multiplier=0.8,
+                                  sample_rate=0.05, steps=100, max_grad_norm=1.0, delta=1e-5, epsilon_job=eps,
+                                  epsilon_lifetime=eps, epsilon_job_cap=100.0, budget=5.0, dataset="x",
+                                  time=now_utc()))
+    result = invoke("audit", "report", ledger.directory)
+    assert result.exit_code == ExitCode.BUDGET_EXCEEDED
+    assert "exceeds the budget 5" in result.stdout
+
+
+def test_steward_check_reports_and_quarantines(small_fed: SynthResult) -> None:
+    data = small_fed.agency_files["civil-affairs"]
+    result = invoke("steward", "check", "--spec", small_fed.spec, "--agency", "civil-affairs", "--data", data,
+                    "--format", "json")
+    assert result.exit_code == 0
+    report = json.loads(result.stdout)
+    assert report["quarantined"] == 6 and report["valid"] + 6 == report["rows"] == small_fed.rows["civil-affairs"]
+    assert Path(report["quarantine_file"]).exists()
+    assert report["missing_share"]["pollution_index"] == 1.0  # civil affairs does not know it
+    table = invoke("steward", "check", "--spec", small_fed.spec, "--agency", "civil-affairs", "--data", data)
+    assert "6 quarantined" in table.stdout and "is not a number" in table.stdout
+
+
+def test_bad_inputs_give_one_line_and_their_exit_code(small_fed: SynthResult, tmp_path: Path) -> None:
+    bad_spec = tmp_path / "bad.toml"
+    bad_spec.write_text(small_fed.spec.read_text().replace("epsilon = 3.0", "epsilon = -3"))
+    result = invoke("steward", "check", "--spec", bad_spec, "--agency", "tax", "--data", small_fed.test)
+    assert result.exit_code == ExitCode.SPEC_INVALID
+    assert "privacy.epsilon" in result.stderr and "-3" in result.stderr
+    assert "Traceback" not in result.output
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    result = invoke("steward", "check", "--spec", small_fed.spec, "--agency", "tax", "--data", empty)
+    assert result.exit_code == ExitCode.DATA_UNUSABLE and "is empty" in result.stderr
+    result = invoke("steward", "check", "--spec", small_fed.spec, "--agency", "police", "--data", empty)
+    assert result.exit_code == ExitCode.SPEC_INVALID and "not in the spec" in result.stderr
+    result = invoke("run", "--spec", tmp_path / "nope.toml")
+    assert result.exit_code == ExitCode.SPEC_INVALID and "cannot read spec" in result.stderr
+
+
+def test_data_synth_writes_a_population(tmp_path: Path) -> None:
+    result = invoke("data", "synth", "--out", tmp_path, "--households", 500, "--seed", 9, "--format", "json")
+    assert result.exit_code == 0
+    report = json.loads(result.stdout)
+    assert set(report["files"]) == {"civil-affairs", "hrss", "tax", "environment", "test"}
+    assert all(Path(p).exists() for p in report["files"].values())
+    again = invoke("data", "synth", "--out", tmp_path / "b", "--households", 500, "--seed", 9, "--format", "json")
+    assert Path(json.loads(again.stdout)["files"]["tax"]).read_bytes() == Path(report["files"]["tax"]).read_bytes()
+    assert invoke("data", "synth", "--out", tmp_path, "--households", 5).exit_code == ExitCode.USAGE
+
+
+def test_every_exit_code_has_help_text() -> None:
+    assert set(HELP) == set(ExitCode)
+    assert all(len(text) > 20 for text in HELP.values())
+    listed = json.loads(invoke("exit-codes", "--format", "json").stdout)
+    assert {int(k) for k in listed} == {int(c) for c in ExitCode}
