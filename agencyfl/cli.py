@@ -320,6 +320,8 @@ def demo(
         report = _evaluate(Path(summary["model"]), result.spec, result.test)
     out.print(f"  AUC {report['auc']:.4f}, accuracy {report['accuracy']:.4f}, Brier {report['brier']:.4f} "
               f"on {report['scored']} households")
+    out.print("  (higher than the pooled validation AUC: test rows have every field, while each agency's\n"
+              "   validation rows lack the fields that agency does not hold)")
     out.rule("4. the auditor's report")
     rows = _audit_rows([Path(p) for p in summary["ledgers"].values()])
     ok = all(r.verified and r.within_budget for r in rows)

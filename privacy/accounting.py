@@ -13,7 +13,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
 from opacus.accountants import RDPAccountant
+from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from opacus.accountants.utils import get_noise_multiplier
 
 
@@ -35,12 +37,29 @@ def accountant_for(records: Iterable[StepRecord]) -> RDPAccountant:
     return accountant
 
 
+@lru_cache(maxsize=1024)
+def _rdp_per_step(sample_rate: float, noise_multiplier: float) -> np.ndarray:
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    return np.asarray(compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=orders))
+
+
 def epsilon_for(records: Iterable[StepRecord], delta: float) -> float:
-    """Epsilon at ``delta`` of all ``records`` composed; 0.0 when nothing was spent."""
-    accountant = accountant_for(records)
-    if not accountant.history:
+    """Epsilon at ``delta`` of all ``records`` composed; 0.0 when nothing was spent.
+
+    The same computation as ``RDPAccountant.get_epsilon`` over the same history (RDP composes
+    additively and is linear in the number of steps), with each mechanism's per-step RDP curve
+    cached: auditors recompute the spend after every ledger entry.
+    """
+    rdp = np.zeros(len(RDPAccountant.DEFAULT_ALPHAS))
+    spent = False
+    for r in records:
+        if r.steps > 0:
+            rdp = rdp + r.steps * _rdp_per_step(r.sample_rate, r.noise_multiplier)
+            spent = True
+    if not spent:
         return 0.0
-    return float(accountant.get_epsilon(delta=delta))
+    eps, _ = get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
+    return float(eps)
 
 
 MAX_NOISE_MULTIPLIER = 100.0  # beyond this no model learns anything; refuse instead
