@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -24,8 +24,12 @@ from rich.table import Table
 from agencyfl.exit_codes import HELP, ExitCode, exit_code_for
 from federation.errors import AgencyflError
 
-app = typer.Typer(help="Privacy-preserving federated learning across agencies.", no_args_is_help=True,
-                  pretty_exceptions_enable=False, add_completion=False)
+app = typer.Typer(
+    help="Privacy-preserving federated learning across agencies.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
 data_app = typer.Typer(help="Data utilities (synthetic populations).", no_args_is_help=True)
 steward_app = typer.Typer(help="Commands for an agency's data steward.", no_args_is_help=True)
 audit_app = typer.Typer(help="Commands for auditors.", no_args_is_help=True)
@@ -38,7 +42,7 @@ out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
 
 
-class Format(str, Enum):
+class Format(StrEnum):
     """Output format of reporting commands."""
 
     table = "table"
@@ -79,8 +83,9 @@ def synth(
     if households < 200:
         err.print(f"error: --households must be at least 200 (got {households})")
         raise typer.Exit(int(ExitCode.USAGE))
-    result = synthesize(out_dir, households=households, seed=seed, dirty_rows=dirty_rows,
-                        rounds=rounds, epsilon=epsilon)
+    result = synthesize(
+        out_dir, households=households, seed=seed, dirty_rows=dirty_rows, rounds=rounds, epsilon=epsilon
+    )
     files = {**{k: str(v) for k, v in result.agency_files.items()}, "test": str(result.test)}
     if fmt is Format.json:
         _json({"spec": str(result.spec), "files": files, "rows": result.rows, "label_rates": result.label_rates})
@@ -124,15 +129,17 @@ def steward_check(
         "label_rate": float(check.valid[label].mean()) if len(check.valid) else None,
         "absent_columns": check.absent_columns,
         "missing_share": {f.name: float(check.valid[f.name].isna().mean()) for f in loaded.spec.schema.features}
-        if len(check.valid) else {},
+        if len(check.valid)
+        else {},
         "fingerprint": check.fingerprint,
         "reasons": reasons,
     }
     if fmt is Format.json:
         _json(report)
         return
-    out.print(f"[bold]{agency}[/]: {check.total} rows read, {len(check.valid)} valid, "
-              f"{len(check.quarantined)} quarantined")
+    out.print(
+        f"[bold]{agency}[/]: {check.total} rows read, {len(check.valid)} valid, {len(check.quarantined)} quarantined"
+    )
     if check.quarantine_path:
         out.print(f"quarantine file: {check.quarantine_path} (row number and reason for each)")
         for reason, count in sorted(reasons.items(), key=lambda kv: -kv[1]):
@@ -150,8 +157,14 @@ def _run_with_progress(spec: Path, workdir: Path, quiet: bool) -> dict[str, Any]
     from federation.spec import load_spec
 
     rounds = load_spec(spec).spec.training.rounds
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} rounds"),
-                        TimeElapsedColumn(), console=err, disable=quiet)
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} rounds"),
+        TimeElapsedColumn(),
+        console=err,
+        disable=quiet,
+    )
     with progress:
         task = progress.add_task("starting the federation (Flower simulation engine)", total=rounds)
 
@@ -159,15 +172,21 @@ def _run_with_progress(spec: Path, workdir: Path, quiet: bool) -> dict[str, Any]
             kind = event.get("type")
             if kind == "round":
                 eps = max(event.get("epsilon", {}).values(), default=0.0)
-                progress.update(task, completed=event["round"],
-                                description=f"round {event['round']}: AUC {event['auc']:.3f}, max epsilon {eps:.2f}")
+                progress.update(
+                    task,
+                    completed=event["round"],
+                    description=f"round {event['round']}: AUC {event['auc']:.3f}, max epsilon {eps:.2f}",
+                )
                 if not quiet:
                     progress.console.print(
                         f"round {event['round']:>3}: pooled validation AUC {event['auc']:.4f}  "
                         f"accuracy {event['accuracy']:.4f}  Brier {event['brier']:.4f}  "
-                        f"agencies trained {event.get('trained', '?')}  max epsilon {eps:.3f}")
+                        f"agencies trained {event.get('trained', '?')}  max epsilon {eps:.3f}"
+                    )
             elif kind == "refusal" and not quiet:
-                progress.console.print(f"[yellow]round {event['round']}: {event['agency']} refused: {event['reason']}[/]")
+                progress.console.print(
+                    f"[yellow]round {event['round']}: {event['agency']} refused: {event['reason']}[/]"
+                )
             elif kind == "skipped":
                 progress.update(task, completed=event["round"])
                 if not quiet:
@@ -180,13 +199,23 @@ def _run_with_progress(spec: Path, workdir: Path, quiet: bool) -> dict[str, Any]
 
 def _print_run(summary: dict[str, Any]) -> None:
     m = summary["metrics"]
-    out.print(f"\n[bold]job {summary['job']}[/]: {summary['rounds_aggregated']}/{summary['rounds_planned']} rounds aggregated")
-    out.print(f"pooled validation: AUC {m['auc']:.4f}, accuracy {m['accuracy']:.4f}, Brier {m['brier']:.4f} "
-              f"({m['n']} validation rows across agencies)")
+    out.print(
+        f"\n[bold]job {summary['job']}[/]: {summary['rounds_aggregated']}/{summary['rounds_planned']} rounds aggregated"
+    )
+    out.print(
+        f"pooled validation: AUC {m['auc']:.4f}, accuracy {m['accuracy']:.4f}, Brier {m['brier']:.4f} "
+        f"({m['n']} validation rows across agencies)"
+    )
     table = Table("agency", "epsilon (this job)", "epsilon (lifetime)", "rounds", "refusals", "ledger")
     for name, rec in summary["agencies"].items():
-        table.add_row(name, f"{rec['epsilon_job']:.3f}", f"{rec['epsilon_lifetime']:.3f}",
-                      str(rec["rounds_trained"]), str(rec["refusals"]), summary["ledgers"].get(name, ""))
+        table.add_row(
+            name,
+            f"{rec['epsilon_job']:.3f}",
+            f"{rec['epsilon_lifetime']:.3f}",
+            str(rec["rounds_trained"]),
+            str(rec["refusals"]),
+            summary["ledgers"].get(name, ""),
+        )
     out.print(table)
     out.print(f"model: {summary['model']}")
 
@@ -224,9 +253,15 @@ def _evaluate(model: Path, spec: Path, data: Path) -> dict[str, Any]:
     check = load_table(data, loaded.spec.schema)
     scores = predict_proba(registered.model, encoder.encode(check.valid))
     metrics = exact_metrics(scores, check.valid[loaded.spec.schema.label].to_numpy())
-    return {"model": str(model), "model_version": registered.card.get("model_version"), "data": str(data),
-            "rows": check.total, "scored": len(check.valid), "quarantined": len(check.quarantined),
-            **metrics.as_dict()}
+    return {
+        "model": str(model),
+        "model_version": registered.card.get("model_version"),
+        "data": str(data),
+        "rows": check.total,
+        "scored": len(check.valid),
+        "quarantined": len(check.quarantined),
+        **metrics.as_dict(),
+    }
 
 
 @app.command("evaluate")
@@ -242,8 +277,10 @@ def evaluate(
     if fmt is Format.json:
         _json(report)
         return
-    out.print(f"{report['model_version']} on {data}: AUC {report['auc']:.4f}, accuracy {report['accuracy']:.4f}, "
-              f"Brier {report['brier']:.4f} ({report['scored']} rows scored, {report['quarantined']} quarantined)")
+    out.print(
+        f"{report['model_version']} on {data}: AUC {report['auc']:.4f}, accuracy {report['accuracy']:.4f}, "
+        f"Brier {report['brier']:.4f} ({report['scored']} rows scored, {report['quarantined']} quarantined)"
+    )
 
 
 # ---------------------------------------------------------------- audit
@@ -272,15 +309,31 @@ def audit_report(
     if fmt is Format.json:
         _json({"ok": code is ExitCode.OK, "exit_code": int(code), "agencies": [_audit_dict(r) for r in rows]})
     else:
-        table = Table("agency", "epsilon last job", "epsilon lifetime / cap", "delta", "rounds (last job/all)",
-                      "refusals", "last entry", "chain", "signatures", title="privacy budget audit")
+        table = Table(
+            "agency",
+            "epsilon last job",
+            "epsilon lifetime / cap",
+            "delta",
+            "rounds (last job/all)",
+            "refusals",
+            "last entry",
+            "chain",
+            "signatures",
+            title="privacy budget audit",
+        )
         for r in rows:
             cap = f"{r.budget:g}" if r.budget is not None else "-"
-            table.add_row(r.agency, f"{r.epsilon_last_job:.3f}", f"{r.epsilon_lifetime:.3f} / {cap}",
-                          f"{r.delta:g}" if r.delta else "-", f"{r.rounds_last_job}/{r.rounds_total}",
-                          str(r.refusals), r.last_entry or "-",
-                          "[green]ok[/]" if r.chain_ok and r.head_ok else "[red]BROKEN[/]",
-                          "[green]ok[/]" if r.signatures_ok else "[red]BAD[/]")
+            table.add_row(
+                r.agency,
+                f"{r.epsilon_last_job:.3f}",
+                f"{r.epsilon_lifetime:.3f} / {cap}",
+                f"{r.delta:g}" if r.delta else "-",
+                f"{r.rounds_last_job}/{r.rounds_total}",
+                str(r.refusals),
+                r.last_entry or "-",
+                "[green]ok[/]" if r.chain_ok and r.head_ok else "[red]BROKEN[/]",
+                "[green]ok[/]" if r.signatures_ok else "[red]BAD[/]",
+            )
         out.print(table)
         for r in rows:
             for problem in r.problems:
@@ -288,7 +341,9 @@ def audit_report(
             for problem in r.overspend:
                 out.print(f"[red]{r.agency}: {problem}[/]")
             if r.budget is not None and r.epsilon_lifetime > r.budget:
-                out.print(f"[red]{r.agency}: lifetime epsilon {r.epsilon_lifetime:.3f} exceeds the budget {r.budget:g}[/]")
+                out.print(
+                    f"[red]{r.agency}: lifetime epsilon {r.epsilon_lifetime:.3f} exceeds the budget {r.budget:g}[/]"
+                )
         verdict = "all ledgers verified, no cap exceeded" if code is ExitCode.OK else HELP[code]
         out.print(("[green]" if code is ExitCode.OK else "[red]") + verdict + "[/]")
     raise typer.Exit(int(code))
@@ -297,7 +352,9 @@ def audit_report(
 # ---------------------------------------------------------------- demo
 @app.command("demo")
 def demo(
-    workdir: Annotated[Path, typer.Option(help="Folder for the demo's data, ledgers and models")] = Path("agencyfl-demo"),
+    workdir: Annotated[Path, typer.Option(help="Folder for the demo's data, ledgers and models")] = Path(
+        "agencyfl-demo"
+    ),
     households: Annotated[int, typer.Option(help="Population size")] = 20000,
     seed: Annotated[int, typer.Option(help="Random seed")] = 0,
 ) -> None:
@@ -318,29 +375,35 @@ def demo(
     out.rule("3. the model on the held-out test file")
     with _errors():
         report = _evaluate(Path(summary["model"]), result.spec, result.test)
-    out.print(f"  AUC {report['auc']:.4f}, accuracy {report['accuracy']:.4f}, Brier {report['brier']:.4f} "
-              f"on {report['scored']} households")
-    out.print("  (higher than the pooled validation AUC: test rows have every field, while each agency's\n"
-              "   validation rows lack the fields that agency does not hold)")
+    out.print(
+        f"  AUC {report['auc']:.4f}, accuracy {report['accuracy']:.4f}, Brier {report['brier']:.4f} "
+        f"on {report['scored']} households"
+    )
+    out.print(
+        "  (higher than the pooled validation AUC: test rows have every field, while each agency's\n"
+        "   validation rows lack the fields that agency does not hold)"
+    )
     out.rule("4. the auditor's report")
     rows = _audit_rows([Path(p) for p in summary["ledgers"].values()])
     ok = all(r.verified and r.within_budget for r in rows)
     for r in rows:
-        out.print(f"  {r.agency:<14} epsilon {r.epsilon_lifetime:.3f} of budget {r.budget:g}  "
-                  f"chain {'ok' if r.chain_ok and r.head_ok else 'BROKEN'}, signatures {'ok' if r.signatures_ok else 'BAD'}")
+        out.print(
+            f"  {r.agency:<14} epsilon {r.epsilon_lifetime:.3f} of budget {r.budget:g}  "
+            f"chain {'ok' if r.chain_ok and r.head_ok else 'BROKEN'}, signatures {'ok' if r.signatures_ok else 'BAD'}"
+        )
     ledgers = " ".join(summary["ledgers"].values())
     out.print(f"""
 [bold]What happened[/] ({time.time() - start:.0f} s)
 - Each agency checked its file; malformed rows went to *.quarantine.csv beside it (see {data_dir}).
 - Each agency trained on its own rows with Opacus DP-SGD (Poisson sampling, clipping, Gaussian noise);
   only model weights and validation histograms left an agency. Noise was calibrated so the
-  {summary['rounds_planned']} rounds stay within epsilon {max(r.epsilon_job_cap or 0 for r in rows):g} per agency.
+  {summary["rounds_planned"]} rounds stay within epsilon {max(r.epsilon_job_cap or 0 for r in rows):g} per agency.
 - Each agency's spend is in its signed, hash-chained ledger; the audit above re-verified them
-  {'successfully' if ok else 'and FOUND PROBLEMS'}.
-- The model and its card: {summary['model']}
+  {"successfully" if ok else "and FOUND PROBLEMS"}.
+- The model and its card: {summary["model"]}
 
 Next: agencyfl audit report {ledgers}
-      agencyfl evaluate --model {summary['model']} --spec {result.spec} --data {result.test}""")
+      agencyfl evaluate --model {summary["model"]} --spec {result.spec} --data {result.test}""")
     if not ok:
         raise typer.Exit(int(ExitCode.LEDGER_UNVERIFIED))
 

@@ -34,7 +34,9 @@ HELP: dict[ExitCode, str] = {
     ExitCode.USAGE: "The command line is wrong (unknown option, missing argument).",
     ExitCode.SPEC_INVALID: "The federation spec is unreadable or invalid; the message names the field.",
     ExitCode.DATA_UNUSABLE: "A data file is unusable as a whole (missing, empty, not a table, missing columns).",
-    ExitCode.LEDGER_UNVERIFIED: "A privacy ledger does not verify (altered, deleted, reordered or truncated entries, bad signature).",
+    ExitCode.LEDGER_UNVERIFIED: (
+        "A privacy ledger does not verify (altered, deleted, reordered or truncated entries, bad signature)."
+    ),
     ExitCode.BUDGET_EXCEEDED: "A ledger verifies but records spend beyond its privacy budget or per-job cap.",
     ExitCode.FEDERATION_FAILED: "The federated run ended without a model (too few agencies trained).",
     ExitCode.MODEL_INVALID: "The model folder is not a registered model, or it does not match the spec.",

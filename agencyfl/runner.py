@@ -36,9 +36,7 @@ def agency_sites(loaded: LoadedSpec, workdir: Path) -> list[AgencySite]:
     ]
 
 
-def run_federation(
-    spec_path: str | Path, workdir: str | Path, on_event: EventSink | None = None
-) -> dict[str, Any]:
+def run_federation(spec_path: str | Path, workdir: str | Path, on_event: EventSink | None = None) -> dict[str, Any]:
     """Train the spec's model across its agencies; returns the run summary (see ``server.app``).
 
     Every agency's data file is checked first (the same loader as ``steward check``), so an
@@ -64,7 +62,7 @@ def run_federation(
             on_event(event)
 
     server_app = make_server_app(settings, capture)
-    client_app = make_client_app(lambda ctx: sites[int(ctx.node_config["partition-id"])])  # type: ignore[arg-type]
+    client_app = make_client_app(lambda ctx: sites[int(ctx.node_config["partition-id"])])
 
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -81,8 +79,12 @@ def run_federation(
                 num_supernodes=len(sites),
                 backend_config={
                     "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                    "init_args": {"num_cpus": 2, "logging_level": "error", "log_to_driver": False,
-                                  "include_dashboard": False},
+                    "init_args": {
+                        "num_cpus": 2,
+                        "logging_level": "error",
+                        "log_to_driver": False,
+                        "include_dashboard": False,
+                    },
                 },
             )
         except RuntimeError as exc:

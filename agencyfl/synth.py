@@ -27,18 +27,42 @@ ALWAYS = ["household_id", "region_type", "assistance_line", "eligible"]
 # Fields each agency records (besides ALWAYS).
 KNOWN: dict[str, list[str]] = {
     "civil-affairs": [
-        "household_size", "children", "elderly", "head_age", "disability", "chronic_illness",
-        "head_employment", "per_capita_income", "deposits", "vehicle", "housing",
+        "household_size",
+        "children",
+        "elderly",
+        "head_age",
+        "disability",
+        "chronic_illness",
+        "head_employment",
+        "per_capita_income",
+        "deposits",
+        "vehicle",
+        "housing",
     ],
     "hrss": [
-        "household_size", "head_age", "head_employment", "months_unemployed", "pension_monthly",
+        "household_size",
+        "head_age",
+        "head_employment",
+        "months_unemployed",
+        "pension_monthly",
         "per_capita_income",
     ],
     "tax": [
-        "household_size", "head_age", "per_capita_income", "deposits", "assets", "vehicle", "housing",
+        "household_size",
+        "head_age",
+        "per_capita_income",
+        "deposits",
+        "assets",
+        "vehicle",
+        "housing",
     ],
     "environment": [
-        "household_size", "children", "elderly", "head_age", "housing", "pollution_index",
+        "household_size",
+        "children",
+        "elderly",
+        "head_age",
+        "housing",
+        "pollution_index",
     ],
 }
 
@@ -230,9 +254,7 @@ def population(households: int, seed: int) -> pd.DataFrame:
     emp_idx = np.where(disability & (rng.random(n) < 0.5), 4, emp_idx)
     employment = np.array(EMPLOYMENT)[emp_idx]
     months_unemployed = np.where(emp_idx == 1, np.minimum(rng.geometric(1 / 10, n), 240), 0)
-    pension = np.where(
-        emp_idx == 2, rng.lognormal(np.where(rural, 6.6, 8.1), 0.4, n), 0.0
-    ) * (1 + (elderly > 1))
+    pension = np.where(emp_idx == 2, rng.lognormal(np.where(rural, 6.6, 8.1), 0.4, n), 0.0) * (1 + (elderly > 1))
     adults = np.maximum(size - children - elderly, 0)
     earners = np.where(emp_idx == 0, np.maximum(1, rng.binomial(adults, 0.6)), rng.binomial(adults, 0.4))
     wage = rng.lognormal(np.where(rural, 10.5, 11.2), 0.55, n)
@@ -246,12 +268,7 @@ def population(households: int, seed: int) -> pd.DataFrame:
     vehicle = rng.random(n) < np.clip((income_pc / line - 0.8) * 0.3, 0.02, 0.8)
     pollution = np.clip(rng.normal(60 + 25 * district - 20 * rural, 20, n), 5, 480)
 
-    means_test = (
-        (income_pc < line)
-        & (deposits < line * size)
-        & (~vehicle | disability)
-        & (assets < 40 * line)
-    )
+    means_test = (income_pc < line) & (deposits < line * size) & (~vehicle | disability) & (assets < 40 * line)
     hardship = (disability | chronic | (head_age >= 75)) & (income_pc < 1.3 * line) & (deposits < 1.5 * line * size)
     truth = means_test | hardship
     # Verification noise: 6% of eligible households recorded as not eligible, 1.5% the other way.
@@ -396,7 +413,5 @@ def synthesize(
 
     agencies = "\n".join(f'[[agencies]]\nname = "{a}"\ndata = "{a}.csv"\n' for a in AGENCIES)
     spec = out / "federation.toml"
-    spec.write_text(
-        SPEC_TEMPLATE.format(seed=seed, rounds=rounds, epsilon=epsilon, budget=budget, agencies=agencies)
-    )
+    spec.write_text(SPEC_TEMPLATE.format(seed=seed, rounds=rounds, epsilon=epsilon, budget=budget, agencies=agencies))
     return SynthResult(spec=spec, test=test_path, agency_files=files, rows=rows, label_rates=rates)

@@ -15,8 +15,12 @@ def write_results(name: str, payload: dict[str, Any]) -> Path:
     """Write ``payload`` with the machine and time to ``benchmarks/results/NAME.json``."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    meta = {"measured": datetime.now(UTC).isoformat(timespec="seconds"), "python": platform.python_version(),
-            "machine": platform.machine(), "processor": platform.processor()}
+    meta = {
+        "measured": datetime.now(UTC).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+    }
     path.write_text(json.dumps({"meta": meta, **payload}, indent=2))
     return path
 

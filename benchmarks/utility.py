@@ -46,8 +46,10 @@ def test_auc(model: torch.nn.Module, loaded: LoadedSpec, test: pd.DataFrame) -> 
 
 
 def centralized(loaded: LoadedSpec, test: pd.DataFrame) -> float:
-    frames = [load_table(loaded.data_path(a.name), loaded.spec.schema, write_quarantine=False).valid
-              for a in loaded.spec.agencies]
+    frames = [
+        load_table(loaded.data_path(a.name), loaded.spec.schema, write_quarantine=False).valid
+        for a in loaded.spec.agencies
+    ]
     pooled = pd.concat(frames, ignore_index=True)
     enc = FeatureEncoder(loaded.spec.schema)
     x = torch.as_tensor(enc.encode(pooled))
@@ -98,7 +100,9 @@ def main() -> None:
         loaded = load_spec(pop.spec)
         test = load_table(pop.test, loaded.spec.schema, write_quarantine=False).valid
         row: dict[str, object] = {"seed": seed, "centralized": centralized(loaded, test)}
-        row["alone"] = {a.name: alone(loaded, a.name, root / f"alone{seed}" / a.name, test) for a in loaded.spec.agencies}
+        row["alone"] = {
+            a.name: alone(loaded, a.name, root / f"alone{seed}" / a.name, test) for a in loaded.spec.agencies
+        }
         row["federated"] = {}
         for eps in EPSILONS:
             summary = run_federation(with_epsilon(pop.spec, eps), root / f"fed{seed}-{eps:g}")
@@ -118,15 +122,26 @@ def main() -> None:
     targets = {"1": 0.95, "3": 0.98, "8": None}
     for e, v in fed.items():
         target = targets.get(e)
-        ok = "" if target is None else ("meets >= %.2f" % target if v / central >= target else "MISSES >= %.2f" % target)
+        ok = (
+            "" if target is None else (f"meets >= {target:.2f}" if v / central >= target else f"MISSES >= {target:.2f}")
+        )
         rows.append([f"federation, DP epsilon {e}", f"{v:.4f}", f"{v / central:.3f}", ok])
     print(table(["model", f"test AUC (mean of {len(runs)} seeds)", "x centralized", "target"], rows))
     best_alone = max(alone_mean.values())
-    print(f"federation at epsilon 3 above every agency alone: {fed['3'] > best_alone} "
-          f"({fed['3']:.4f} vs best alone {best_alone:.4f})")
-    path = write_results("utility", {"households": args.households, "seeds": args.seeds, "runs": runs,
-                                     "mean": {"centralized": central, "alone": alone_mean, "federated": fed},
-                                     "seconds": time.time() - start})
+    print(
+        f"federation at epsilon 3 above every agency alone: {fed['3'] > best_alone} "
+        f"({fed['3']:.4f} vs best alone {best_alone:.4f})"
+    )
+    path = write_results(
+        "utility",
+        {
+            "households": args.households,
+            "seeds": args.seeds,
+            "runs": runs,
+            "mean": {"centralized": central, "alone": alone_mean, "federated": fed},
+            "seconds": time.time() - start,
+        },
+    )
     print(f"results: {path}")
 
 

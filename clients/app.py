@@ -39,25 +39,33 @@ def make_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clien
     def train(msg: Message, context: Context) -> Message:
         logging.getLogger("flwr").setLevel(logging.WARNING)  # Opacus may lower it
         site = resolve_site(context)
-        config = msg.content["config"]
+        config = msg.content.config_records["config"]
         request = TrainRequest(
             job=str(config["job"]),
             round=int(config["server-round"]),  # type: ignore[arg-type]
             rounds=int(config["rounds"]),  # type: ignore[arg-type]
             spec_sha256=str(config["spec-sha256"]),
-            arrays=msg.content["arrays"].to_numpy_ndarrays(),
+            arrays=msg.content.array_records["arrays"].to_numpy_ndarrays(),
         )
         reply = train_round(site, request)
         content = RecordDict(
             {
                 "agency": ConfigRecord(
-                    {"name": reply.agency, "status": reply.status, "reason": reply.reason or "",
-                     "dataset": reply.dataset}
+                    {
+                        "name": reply.agency,
+                        "status": reply.status,
+                        "reason": reply.reason or "",
+                        "dataset": reply.dataset,
+                    }
                 ),
                 "metrics": MetricRecord(
-                    {"num-examples": reply.num_examples, "epsilon-job": reply.epsilon_job,
-                     "epsilon-lifetime": reply.epsilon_lifetime, "steps": reply.steps,
-                     "noise-multiplier": reply.noise_multiplier}
+                    {
+                        "num-examples": reply.num_examples,
+                        "epsilon-job": reply.epsilon_job,
+                        "epsilon-lifetime": reply.epsilon_lifetime,
+                        "steps": reply.steps,
+                        "noise-multiplier": reply.noise_multiplier,
+                    }
                 ),
             }
         )
@@ -68,13 +76,17 @@ def make_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clien
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         site = resolve_site(context)
-        reply = evaluate_round(site, msg.content["arrays"].to_numpy_ndarrays())
+        reply = evaluate_round(site, msg.content.array_records["arrays"].to_numpy_ndarrays())
         content = RecordDict(
             {
                 "agency": ConfigRecord({"name": reply.agency}),
                 "metrics": MetricRecord(
-                    {"num-examples": reply.num_examples, "hist-pos": reply.hist_pos,
-                     "hist-neg": reply.hist_neg, "brier-sum": reply.brier_sum}
+                    {
+                        "num-examples": reply.num_examples,
+                        "hist-pos": reply.hist_pos,
+                        "hist-neg": reply.hist_neg,
+                        "brier-sum": reply.brier_sum,
+                    }
                 ),
             }
         )

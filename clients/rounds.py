@@ -17,8 +17,8 @@ from clients.site import AgencySite, load_local_data, site_spec
 from clients.trainer import dp_sgd, noise_generator, steps_per_epoch
 from federation.encoding import FeatureEncoder
 from federation.metrics import score_histograms
-from federation.spec import FederationSpec
 from federation.model import build_model, model_from_arrays, model_to_arrays, predict_proba
+from federation.spec import FederationSpec
 from privacy.accounting import StepRecord, accountant_for, calibrate_noise, epsilon_for
 from privacy.budget import check_round
 from privacy.ledger import LedgerEvent, now_utc, spend_records
@@ -80,8 +80,9 @@ def train_round(site: AgencySite, request: TrainRequest, seed: int | None = None
         job_eps = epsilon_for(spend_records(events, request.job), spec.privacy.delta)
         life_eps = epsilon_for(spent, spec.privacy.delta)
         ledger.append(_event(site, spec, request, "refusal", planned, job_eps, life_eps, data.fingerprint, reason))
-        return TrainReply(site.agency, "refused", reason, epsilon_job=job_eps, epsilon_lifetime=life_eps,
-                          dataset=data.fingerprint)
+        return TrainReply(
+            site.agency, "refused", reason, epsilon_job=job_eps, epsilon_lifetime=life_eps, dataset=data.fingerprint
+        )
 
     if request.spec_sha256 != loaded.sha256:
         return refuse("the coordinator's spec differs from this agency's copy (sha256 mismatch)")
@@ -89,9 +90,7 @@ def train_round(site: AgencySite, request: TrainRequest, seed: int | None = None
         return refuse(f"round {request.round} of job {request.job} was already trained here")
     if len(data.y_train) == 0:
         return refuse("no valid training rows")
-    decision = check_round(
-        events, request.job, planned, spec.privacy.delta, spec.privacy.epsilon, spec.privacy.budget
-    )
+    decision = check_round(events, request.job, planned, spec.privacy.delta, spec.privacy.epsilon, spec.privacy.budget)
     if not decision.allowed:
         return refuse(decision.reason or "budget")
 
@@ -99,9 +98,15 @@ def train_round(site: AgencySite, request: TrainRequest, seed: int | None = None
     model_from_arrays(model, request.arrays)
     accountant = accountant_for(spend_records(events))  # the one accountant of this dataset
     result = dp_sgd(
-        model, data.x_train, data.y_train,
-        noise_multiplier=sigma, sample_rate=q, max_grad_norm=spec.privacy.max_grad_norm,
-        learning_rate=spec.training.learning_rate, steps=steps, accountant=accountant,
+        model,
+        data.x_train,
+        data.y_train,
+        noise_multiplier=sigma,
+        sample_rate=q,
+        max_grad_norm=spec.privacy.max_grad_norm,
+        learning_rate=spec.training.learning_rate,
+        steps=steps,
+        accountant=accountant,
         generator=noise_generator(seed),
     )
     taken = StepRecord(sigma, q, result.steps)
@@ -109,8 +114,17 @@ def train_round(site: AgencySite, request: TrainRequest, seed: int | None = None
     life_eps = float(accountant.get_epsilon(delta=spec.privacy.delta))
     ledger.append(_event(site, spec, request, "round", taken, job_eps, life_eps, data.fingerprint, None))
     return TrainReply(
-        site.agency, "trained", None, model_to_arrays(model), len(data.y_train), job_eps, life_eps,
-        sigma, result.steps, result.mean_loss, data.fingerprint,
+        site.agency,
+        "trained",
+        None,
+        model_to_arrays(model),
+        len(data.y_train),
+        job_eps,
+        life_eps,
+        sigma,
+        result.steps,
+        result.mean_loss,
+        data.fingerprint,
     )
 
 
@@ -126,12 +140,22 @@ def _event(
     reason: str | None,
 ) -> LedgerEvent:
     return LedgerEvent(
-        kind=kind, agency=site.agency, job=request.job, round=request.round,
-        noise_multiplier=record.noise_multiplier, sample_rate=record.sample_rate,
-        steps=record.steps if kind == "round" else 0, max_grad_norm=spec.privacy.max_grad_norm,
-        delta=spec.privacy.delta, epsilon_job=job_eps, epsilon_lifetime=life_eps,
-        epsilon_job_cap=spec.privacy.epsilon, budget=spec.privacy.budget, dataset=fingerprint,
-        time=now_utc(), reason=reason,
+        kind=kind,
+        agency=site.agency,
+        job=request.job,
+        round=request.round,
+        noise_multiplier=record.noise_multiplier,
+        sample_rate=record.sample_rate,
+        steps=record.steps if kind == "round" else 0,
+        max_grad_norm=spec.privacy.max_grad_norm,
+        delta=spec.privacy.delta,
+        epsilon_job=job_eps,
+        epsilon_lifetime=life_eps,
+        epsilon_job_cap=spec.privacy.epsilon,
+        budget=spec.privacy.budget,
+        dataset=fingerprint,
+        time=now_utc(),
+        reason=reason,
     )
 
 

@@ -96,9 +96,7 @@ def dp_sgd(
     optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
     before = sum(h[2] for h in accountant.history)
     criterion = nn.BCEWithLogitsLoss()
-    sampler = UniformWithReplacementSampler(
-        num_samples=n, sample_rate=sample_rate, generator=generator, steps=steps
-    )
+    sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=sample_rate, generator=generator, steps=steps)
     losses = []
     for batch in sampler:
         index = torch.as_tensor(batch, dtype=torch.long)

@@ -79,4 +79,5 @@ class FeatureEncoder:
                 parts.append(np.where(missing, 0.0, 2.0 * b - 1.0)[:, None])
             if f.nullable:
                 parts.append(missing.astype(np.float64)[:, None])
-        return np.nan_to_num(np.concatenate(parts, axis=1)).astype(np.float32)
+        encoded: np.ndarray = np.nan_to_num(np.concatenate(parts, axis=1)).astype(np.float32)
+        return encoded

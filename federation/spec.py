@@ -165,9 +165,7 @@ class PrivacySection(_Frozen):
     @model_validator(mode="after")
     def _job_fits_budget(self) -> PrivacySection:
         if self.epsilon > self.budget:
-            raise ValueError(
-                f"epsilon per job ({self.epsilon!r}) exceeds the lifetime budget ({self.budget!r})"
-            )
+            raise ValueError(f"epsilon per job ({self.epsilon!r}) exceeds the lifetime budget ({self.budget!r})")
         return self
 
 
@@ -277,6 +275,4 @@ def load_spec(path: str | Path) -> LoadedSpec:
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError(f"cannot read spec {str(path)!r}: {exc.__class__.__name__}: {exc}") from exc
     spec = parse_spec(text, source=str(path))
-    return LoadedSpec(
-        spec=spec, path=path, text=text, sha256=hashlib.sha256(text.encode()).hexdigest()
-    )
+    return LoadedSpec(spec=spec, path=path, text=text, sha256=hashlib.sha256(text.encode()).hexdigest())

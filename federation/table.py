@@ -208,6 +208,7 @@ def validation_mask(ids: pd.Series, fraction: float, salt: str) -> np.ndarray:
     Hashing the id (not drawing random numbers) keeps a household on the same side in every round
     and in every process, so the validation split is never trained on.
     """
+
     def bucket(value: str) -> int:
         return int.from_bytes(hashlib.sha256(f"{salt}:{value}".encode()).digest()[:4], "big")
 

@@ -31,9 +31,7 @@ class StepRecord:
 def accountant_for(records: Iterable[StepRecord]) -> RDPAccountant:
     """An RDP accountant whose history is exactly ``records`` (restored, e.g., from a ledger)."""
     accountant = RDPAccountant()
-    accountant.history = [
-        (r.noise_multiplier, r.sample_rate, r.steps) for r in records if r.steps > 0
-    ]
+    accountant.history = [(r.noise_multiplier, r.sample_rate, r.steps) for r in records if r.steps > 0]
     return accountant
 
 

@@ -74,8 +74,10 @@ def audit_ledger(directory: str | Path) -> AgencyAudit:
         so_far = events[: index + 1]
         life = epsilon_for(spend_records(so_far), e.delta)
         job = epsilon_for(spend_records(so_far, e.job), e.delta)
-        if not (math.isclose(life, e.epsilon_lifetime, rel_tol=_AGREE, abs_tol=_AGREE)
-                and math.isclose(job, e.epsilon_job, rel_tol=_AGREE, abs_tol=_AGREE)):
+        if not (
+            math.isclose(life, e.epsilon_lifetime, rel_tol=_AGREE, abs_tol=_AGREE)
+            and math.isclose(job, e.epsilon_job, rel_tol=_AGREE, abs_tol=_AGREE)
+        ):
             problems.append(
                 f"entry {index}: recorded epsilon ({e.epsilon_job:.6f} job, {e.epsilon_lifetime:.6f} "
                 f"lifetime) disagrees with the recomputed ({job:.6f}, {life:.6f})"

@@ -208,9 +208,7 @@ class Ledger:
         if not pub.exists():
             pub.write_bytes(pem)
         elif pub.read_bytes() != pem:
-            raise LedgerError(
-                f"ledger {str(self.directory)!r} belongs to another key ({PUBLIC_KEY_FILE} differs)"
-            )
+            raise LedgerError(f"ledger {str(self.directory)!r} belongs to another key ({PUBLIC_KEY_FILE} differs)")
 
     @property
     def path(self) -> Path:

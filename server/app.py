@@ -82,7 +82,8 @@ def run_job(grid: Grid, settings: ServerSettings, on_event: EventSink | None = N
         "history": log.rounds,
         "agencies": {name: vars(rec) for name, rec in log.agencies.items()},
         "metrics": {k: v for k, v in log.rounds[-1].items() if k in {"auc", "accuracy", "brier", "n", "positives"}}
-        if log.rounds else {},
+        if log.rounds
+        else {},
         "model": None,
     }
     settings.run_dir.mkdir(parents=True, exist_ok=True)
@@ -95,9 +96,15 @@ def run_job(grid: Grid, settings: ServerSettings, on_event: EventSink | None = N
     card = {
         "job": settings.job,
         "agencies": [
-            {"name": name, "epsilon": rec.epsilon_job, "epsilon_lifetime": rec.epsilon_lifetime,
-             "delta": spec.privacy.delta, "rounds_trained": rec.rounds_trained, "refusals": rec.refusals,
-             "dataset_sha256": rec.dataset}
+            {
+                "name": name,
+                "epsilon": rec.epsilon_job,
+                "epsilon_lifetime": rec.epsilon_lifetime,
+                "delta": spec.privacy.delta,
+                "rounds_trained": rec.rounds_trained,
+                "refusals": rec.refusals,
+                "dataset_sha256": rec.dataset,
+            }
             for name, rec in log.agencies.items()
         ],
         "metrics": summary["metrics"],

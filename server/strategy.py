@@ -88,12 +88,17 @@ class AgencyFedAvg(FedAvg):
                 record.refusals += 1
                 record.last_reason = str(info["reason"])
                 refused[name] = str(info["reason"])
-                self.on_event({"type": "refusal", "round": server_round, "agency": name,
-                               "reason": str(info["reason"])})
+                self.on_event({"type": "refusal", "round": server_round, "agency": name, "reason": str(info["reason"])})
         self._pending = {"round": server_round, "trained": len(trained), "refused": refused}
         if len(trained) < self.min_agencies:
-            self.on_event({"type": "skipped", "round": server_round, "trained": len(trained),
-                           "reason": f"{len(trained)} trained update(s) < minimum {self.min_agencies}"})
+            self.on_event(
+                {
+                    "type": "skipped",
+                    "round": server_round,
+                    "trained": len(trained),
+                    "reason": f"{len(trained)} trained update(s) < minimum {self.min_agencies}",
+                }
+            )
             return None, None
         self.log.aggregated_rounds += 1
         arrays = aggregate_arrayrecords(trained, self.weighted_by_key)

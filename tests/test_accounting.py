@@ -8,7 +8,6 @@ from opacus.accountants import RDPAccountant
 from torch import nn
 
 from clients.trainer import dp_sgd, noise_generator
-
 from privacy.accounting import StepRecord, accountant_for, calibrate_noise, epsilon_for
 
 
@@ -47,9 +46,18 @@ def test_epsilon_after_rounds_equals_one_accountant_over_all_steps(rounds: int) 
     continuous = RDPAccountant()
     for _ in range(rounds):
         restored = accountant_for(ledger)
-        result = dp_sgd(nn.Sequential(nn.Linear(3, 1)), x, y, noise_multiplier=sigma, sample_rate=q,
-                        max_grad_norm=1.0, learning_rate=0.1, steps=steps, accountant=restored,
-                        generator=noise_generator(1))
+        result = dp_sgd(
+            nn.Sequential(nn.Linear(3, 1)),
+            x,
+            y,
+            noise_multiplier=sigma,
+            sample_rate=q,
+            max_grad_norm=1.0,
+            learning_rate=0.1,
+            steps=steps,
+            accountant=restored,
+            generator=noise_generator(1),
+        )
         assert result.steps == steps
         ledger.append(StepRecord(sigma, q, result.steps))
         for _ in range(steps):

@@ -14,9 +14,9 @@ from typer.testing import CliRunner
 from agencyfl.cli import app
 from agencyfl.exit_codes import HELP, ExitCode
 from agencyfl.synth import SynthResult
-from privacy.ledger import LEDGER_FILE, Ledger, LedgerEvent, now_utc
-from privacy.keys import generate_signing_key
 from privacy.accounting import StepRecord, epsilon_for
+from privacy.keys import generate_signing_key
+from privacy.ledger import LEDGER_FILE, Ledger, LedgerEvent, now_utc
 
 runner = CliRunner()
 
@@ -54,16 +54,18 @@ def test_run_trains_registers_and_reports(federation_run: dict[str, Any]) -> Non
 
 def test_evaluate_scores_the_held_out_file(federation_run: dict[str, Any], small_fed: SynthResult) -> None:
     model = federation_run["summary"]["model"]
-    result = invoke("evaluate", "--model", model, "--spec", federation_run["spec"], "--data", small_fed.test,
-                    "--format", "json")
+    result = invoke(
+        "evaluate", "--model", model, "--spec", federation_run["spec"], "--data", small_fed.test, "--format", "json"
+    )
     assert result.exit_code == 0
     report = json.loads(result.stdout)
     assert report["scored"] == small_fed.rows["test"] and report["auc"] > 0.75
     assert 0 < report["brier"] < 0.25
     table = invoke("evaluate", "--model", model, "--spec", federation_run["spec"], "--data", small_fed.test)
     assert f"AUC {report['auc']:.4f}" in table.stdout
-    missing = invoke("evaluate", "--model", federation_run["workdir"], "--spec", federation_run["spec"],
-                     "--data", small_fed.test)
+    missing = invoke(
+        "evaluate", "--model", federation_run["workdir"], "--spec", federation_run["spec"], "--data", small_fed.test
+    )
     assert missing.exit_code == ExitCode.MODEL_INVALID and "not a registered model" in missing.stderr
 
 
@@ -75,7 +77,9 @@ def test_audit_report_verifies_and_detects_tampering(federation_run: dict[str, A
     assert report["ok"] and len(report["agencies"]) == 4
     for row in report["agencies"]:
         assert row["verified"] and row["within_budget"] and row["rounds_last_job"] == 3
-        assert row["epsilon_lifetime"] == pytest.approx(federation_run["summary"]["agencies"][row["agency"]]["epsilon_lifetime"])
+        assert row["epsilon_lifetime"] == pytest.approx(
+            federation_run["summary"]["agencies"][row["agency"]]["epsilon_lifetime"]
+        )
     table = invoke("audit", "report", *ledgers)
     assert "all ledgers verified" in table.stdout and "civil-affairs" in table.stdout
 
@@ -109,10 +113,25 @@ def test_audit_report_exit_code_for_overspend(tmp_path: Path) -> None:
     for r in range(1, 4):
         records.append(StepRecord(0.8, 0.05, 100))
         eps = epsilon_for(records, 1e-5)
-        ledger.append(LedgerEvent(kind="round", agency="tax", job="j", round=r, noise_multiplier=0.8,
-                                  sample_rate=0.05, steps=100, max_grad_norm=1.0, delta=1e-5, epsilon_job=eps,
-                                  epsilon_lifetime=eps, epsilon_job_cap=100.0, budget=5.0, dataset="x",
-                                  time=now_utc()))
+        ledger.append(
+            LedgerEvent(
+                kind="round",
+                agency="tax",
+                job="j",
+                round=r,
+                noise_multiplier=0.8,
+                sample_rate=0.05,
+                steps=100,
+                max_grad_norm=1.0,
+                delta=1e-5,
+                epsilon_job=eps,
+                epsilon_lifetime=eps,
+                epsilon_job_cap=100.0,
+                budget=5.0,
+                dataset="x",
+                time=now_utc(),
+            )
+        )
     result = invoke("audit", "report", ledger.directory)
     assert result.exit_code == ExitCode.BUDGET_EXCEEDED
     assert "exceeds the budget 5" in result.stdout
@@ -120,8 +139,9 @@ def test_audit_report_exit_code_for_overspend(tmp_path: Path) -> None:
 
 def test_steward_check_reports_and_quarantines(small_fed: SynthResult) -> None:
     data = small_fed.agency_files["civil-affairs"]
-    result = invoke("steward", "check", "--spec", small_fed.spec, "--agency", "civil-affairs", "--data", data,
-                    "--format", "json")
+    result = invoke(
+        "steward", "check", "--spec", small_fed.spec, "--agency", "civil-affairs", "--data", data, "--format", "json"
+    )
     assert result.exit_code == 0
     report = json.loads(result.stdout)
     assert report["quarantined"] == 6 and report["valid"] + 6 == report["rows"] == small_fed.rows["civil-affairs"]

@@ -12,11 +12,17 @@ def test_scaling_from_schema_ranges_and_missing_indicators() -> None:
     schema = parse_spec(MINIMAL).schema
     enc = FeatureEncoder(schema)
     assert enc.names == [
-        "per_capita_income", "per_capita_income=missing", "head_employment=employed",
+        "per_capita_income",
+        "per_capita_income=missing",
+        "head_employment=employed",
         "head_employment=unemployed",
     ]
-    frame = pd.DataFrame({"per_capita_income": [0.0, 100000.0, 200000.0, np.nan],
-                          "head_employment": ["employed", "unemployed", "employed", "unemployed"]})
+    frame = pd.DataFrame(
+        {
+            "per_capita_income": [0.0, 100000.0, 200000.0, np.nan],
+            "head_employment": ["employed", "unemployed", "employed", "unemployed"],
+        }
+    )
     x = enc.encode(frame)
     np.testing.assert_allclose(x[:, 0], [-1.0, 0.0, 1.0, 0.0])
     np.testing.assert_allclose(x[:, 1], [0, 0, 0, 1])

@@ -13,9 +13,21 @@ from privacy.ledger import HEAD_FILE, LEDGER_FILE, Ledger, LedgerEvent, now_utc,
 
 def event(round_: int, kind: str = "round", job: str = "j1", eps: float = 0.0, life: float = 0.0) -> LedgerEvent:
     return LedgerEvent(
-        kind=kind, agency="tax", job=job, round=round_, noise_multiplier=1.0, sample_rate=0.02,
-        steps=50 if kind == "round" else 0, max_grad_norm=1.0, delta=1e-5, epsilon_job=eps,
-        epsilon_lifetime=life, epsilon_job_cap=3.0, budget=10.0, dataset="ab" * 32, time=now_utc(),
+        kind=kind,
+        agency="tax",
+        job=job,
+        round=round_,
+        noise_multiplier=1.0,
+        sample_rate=0.02,
+        steps=50 if kind == "round" else 0,
+        max_grad_norm=1.0,
+        delta=1e-5,
+        epsilon_job=eps,
+        epsilon_lifetime=life,
+        epsilon_job_cap=3.0,
+        budget=10.0,
+        dataset="ab" * 32,
+        time=now_utc(),
     )
 
 

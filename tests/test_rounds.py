@@ -93,8 +93,14 @@ def test_evaluation_returns_only_aggregates(small_fed: SynthResult, tmp_path: Pa
 
 def test_poisson_batches_have_binomial_mean_and_variance() -> None:
     n, q, steps = 1000, 0.05, 4000
-    sizes = np.array([len(b) for b in UniformWithReplacementSampler(
-        num_samples=n, sample_rate=q, generator=torch.Generator().manual_seed(0), steps=steps)])
+    sizes = np.array(
+        [
+            len(b)
+            for b in UniformWithReplacementSampler(
+                num_samples=n, sample_rate=q, generator=torch.Generator().manual_seed(0), steps=steps
+            )
+        ]
+    )
     mean, var = n * q, n * q * (1 - q)
     assert abs(sizes.mean() - mean) < 4 * np.sqrt(var / steps)
     assert abs(sizes.var() - var) < 0.1 * var
@@ -107,9 +113,18 @@ def test_noise_has_the_calibrated_size() -> None:
     model = nn.Sequential(nn.Linear(d, 1))
     nn.init.zeros_(model[0].weight)
     nn.init.zeros_(model[0].bias)
-    dp_sgd(model, np.zeros((n, d), np.float32), np.full(n, 0.5, np.float32), noise_multiplier=sigma,
-           sample_rate=q, max_grad_norm=clip, learning_rate=lr, steps=1, accountant=RDPAccountant(),
-           generator=noise_generator(7))
+    dp_sgd(
+        model,
+        np.zeros((n, d), np.float32),
+        np.full(n, 0.5, np.float32),
+        noise_multiplier=sigma,
+        sample_rate=q,
+        max_grad_norm=clip,
+        learning_rate=lr,
+        steps=1,
+        accountant=RDPAccountant(),
+        generator=noise_generator(7),
+    )
     moved = model[0].weight.detach().numpy().ravel()
     expected = lr * sigma * clip / (n * q)
     assert moved.std() == pytest.approx(expected, rel=0.05)
@@ -120,8 +135,17 @@ def test_empty_poisson_batches_still_count_as_steps() -> None:
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(5, 2)).astype(np.float32), np.array([0, 1, 0, 1, 1], np.float32)
     accountant = RDPAccountant()
-    result = dp_sgd(nn.Sequential(nn.Linear(2, 1)), x, y, noise_multiplier=1.0, sample_rate=0.05,
-                    max_grad_norm=1.0, learning_rate=0.1, steps=40, accountant=accountant,
-                    generator=noise_generator(0))
+    result = dp_sgd(
+        nn.Sequential(nn.Linear(2, 1)),
+        x,
+        y,
+        noise_multiplier=1.0,
+        sample_rate=0.05,
+        max_grad_norm=1.0,
+        learning_rate=0.1,
+        steps=40,
+        accountant=accountant,
+        generator=noise_generator(0),
+    )
     assert result.steps == 40  # with 5 records at q=0.05 most batches are empty
     assert sum(h[2] for h in accountant.history) == 40

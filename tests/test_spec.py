@@ -57,12 +57,12 @@ def test_relative_data_paths_resolve_against_the_spec_folder(tmp_path: Path) -> 
 @pytest.mark.parametrize(
     ("old", "new", "field", "quoted"),
     [
-        ('epsilon = 3.0', 'epsilon = -1', "privacy.epsilon", "-1"),
+        ("epsilon = 3.0", "epsilon = -1", "privacy.epsilon", "-1"),
         ('type = "numeric"', 'type = "number"', "schema.features.0", "'number'"),
         ('name = "mla"', 'name = "Bad Name!"', "federation.name", "'Bad Name!'"),
-        ('[privacy]', '[training]\nsample_rate = 1.5\n[privacy]', "training.sample_rate", "1.5"),
-        ('max = 200000', 'max = -5', "schema.features.0", "-5"),
-        ('budget = 10.0', 'budget = 2.0', "privacy", "exceeds the lifetime budget"),
+        ("[privacy]", "[training]\nsample_rate = 1.5\n[privacy]", "training.sample_rate", "1.5"),
+        ("max = 200000", "max = -5", "schema.features.0", "-5"),
+        ("budget = 10.0", "budget = 2.0", "privacy", "exceeds the lifetime budget"),
     ],
 )
 def test_errors_name_the_field_and_quote_the_value(old: str, new: str, field: str, quoted: str) -> None:

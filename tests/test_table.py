@@ -16,7 +16,7 @@ from tests.test_spec import MINIMAL
 
 SCHEMA = parse_spec(
     MINIMAL.replace(
-        '[privacy]',
+        "[privacy]",
         '[[schema.features]]\nname = "disability"\ntype = "boolean"\nnullable = true\n[privacy]',
     )
 ).schema
@@ -31,15 +31,15 @@ def write(tmp_path: Path, body: str, name: str = "d.csv") -> Path:
 
 def test_each_kind_of_bad_row_is_quarantined_with_row_and_reason(tmp_path: Path) -> None:
     body = (
-        "h1,1,1200,employed,true\n"      # good
-        "h2,0,abc,employed,false\n"      # not a number
-        "h3,1,999999,employed,\n"        # out of range
-        "h4,0,100,farmer,\n"             # unknown category
-        "h5,1,100,,\n"                   # missing required
-        "h1,0,100,employed,\n"           # duplicate id
-        "h6,2,100,employed,\n"           # bad label
-        "h7,1,,unemployed,maybe\n"       # bad boolean (income may be empty: nullable)
-        "h8,0,,unemployed,\n"            # good, with missing nullable values
+        "h1,1,1200,employed,true\n"  # good
+        "h2,0,abc,employed,false\n"  # not a number
+        "h3,1,999999,employed,\n"  # out of range
+        "h4,0,100,farmer,\n"  # unknown category
+        "h5,1,100,,\n"  # missing required
+        "h1,0,100,employed,\n"  # duplicate id
+        "h6,2,100,employed,\n"  # bad label
+        "h7,1,,unemployed,maybe\n"  # bad boolean (income may be empty: nullable)
+        "h8,0,,unemployed,\n"  # good, with missing nullable values
     )
     path = write(tmp_path, body)
     before = path.read_bytes()
@@ -118,8 +118,10 @@ def test_absent_nullable_column_is_treated_as_unknown(tmp_path: Path) -> None:
 
 
 cell = st.one_of(
-    st.text(max_size=8), st.sampled_from(["", "1", "0", "true", "employed", "-3", "1e9", "nan", "inf", "h1"]),
-    st.integers(-10, 300000).map(str), st.floats(allow_nan=True).map(str),
+    st.text(max_size=8),
+    st.sampled_from(["", "1", "0", "true", "employed", "-3", "1e9", "nan", "inf", "h1"]),
+    st.integers(-10, 300000).map(str),
+    st.floats(allow_nan=True).map(str),
 )
 COLUMNS = ["household_id", "eligible", "per_capita_income", "head_employment", "disability"]
 
