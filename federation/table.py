@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -193,7 +194,7 @@ def load_table(
     if write_quarantine:
         target = quarantine_path_for(path)
         if len(result.quarantined):
-            tmp = target.with_suffix(".tmp")
+            tmp = target.with_suffix(f".{os.getpid()}.tmp")  # concurrent checks of one file
             result.quarantined.to_csv(tmp, index=False)
             tmp.replace(target)
             result.quarantine_path = target
