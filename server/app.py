@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -47,6 +48,19 @@ class ServerSettings:
         return self.workdir / "runs" / self.job
 
 
+def _wait_for_agencies(grid: Grid, count: int, timeout: float) -> None:
+    """Block until ``count`` nodes are connected.
+
+    FedAvg sizes its sample from the nodes connected at the moment it configures a round, so a
+    round started while agencies are still connecting would silently leave some of them out.
+    """
+    deadline = time.monotonic() + timeout
+    while len(list(grid.get_node_ids())) < count:
+        if time.monotonic() > deadline:
+            raise FederationError(f"only {len(list(grid.get_node_ids()))} of {count} agencies connected")
+        time.sleep(0.2)
+
+
 def run_job(grid: Grid, settings: ServerSettings, on_event: EventSink | None = None) -> dict[str, Any]:
     """Run the job's rounds on ``grid``, register the model and return the run summary.
 
@@ -63,6 +77,7 @@ def run_job(grid: Grid, settings: ServerSettings, on_event: EventSink | None = N
         min_available_nodes=settings.min_available,
     )
     model = build_model(spec.model, FeatureEncoder(spec.schema).width, seed=spec.training.seed)
+    _wait_for_agencies(grid, settings.min_available, settings.round_timeout)
     sink({"type": "start", "job": settings.job, "rounds": spec.training.rounds})
     result = strategy.start(
         grid=grid,

@@ -102,7 +102,7 @@ def test_second_job_is_refused_by_the_lifetime_budget(federation_run: dict[str, 
     report = json.loads(invoke("audit", "report", *ledgers, "--format", "json").stdout)
     assert report["ok"]
     for row in report["agencies"]:
-        assert row["refusals"] == 3 and row["rounds_total"] == 3 and row["jobs"] == 2
+        assert row["refusals"] == 3 and row["rounds_total"] == 3 and row["jobs"] == 2, (row, result.stderr)
         assert row["epsilon_lifetime"] <= 3.1
 
 
