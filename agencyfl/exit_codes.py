@@ -26,6 +26,7 @@ class ExitCode(IntEnum):
     BUDGET_EXCEEDED = 6
     FEDERATION_FAILED = 7
     MODEL_INVALID = 8
+    SCORING_REFUSED = 9
 
 
 HELP: dict[ExitCode, str] = {
@@ -40,6 +41,7 @@ HELP: dict[ExitCode, str] = {
     ExitCode.BUDGET_EXCEEDED: "A ledger verifies but records spend beyond its privacy budget or per-job cap.",
     ExitCode.FEDERATION_FAILED: "The federated run ended without a model (too few agencies trained).",
     ExitCode.MODEL_INVALID: "The model folder is not a registered model, or it does not match the spec.",
+    ExitCode.SCORING_REFUSED: "The scoring server refused the request or could not be reached (the message gives the gRPC status).",
 }
 
 _BY_ERROR: list[tuple[type[AgencyflError], ExitCode]] = [
@@ -51,9 +53,16 @@ _BY_ERROR: list[tuple[type[AgencyflError], ExitCode]] = [
 ]
 
 
+def _scoring_codes() -> list[tuple[type[AgencyflError], ExitCode]]:
+    from clients.requester import ScoringError
+    from privacy.he import HEError
+
+    return [(ScoringError, ExitCode.SCORING_REFUSED), (HEError, ExitCode.SCORING_REFUSED)]
+
+
 def exit_code_for(error: AgencyflError) -> ExitCode:
     """The exit code for a domain error."""
-    for kind, code in _BY_ERROR:
+    for kind, code in [*_BY_ERROR, *_scoring_codes()]:
         if isinstance(error, kind):
             return code
     return ExitCode.INTERNAL_ERROR

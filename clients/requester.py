@@ -1,0 +1,140 @@
+"""The requester's side of encrypted scoring: encrypt households, send ciphertexts, decrypt locally.
+
+The secret key never leaves this process; the server receives the public context and ciphertexts
+only. The sigmoid, the threshold, the review band and the reasons are all computed here, after
+decryption, and no decrypted value is ever sent back (CKKS decryptions would leak the secret key).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pandas as pd
+
+from federation.encoding import FeatureEncoder
+from federation.errors import AgencyflError
+from federation.proto import scoring_pb2, scoring_pb2_grpc
+from federation.spec import parse_spec
+from federation.table import load_table
+from privacy.he import decrypt_vector, encrypt_columns, new_private_context, parameter_set, public_bytes
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+class ScoringError(AgencyflError):
+    """The scoring server refused a request or could not be reached."""
+
+
+@dataclass(frozen=True)
+class ScoreSettings:
+    """How decisions are made from scores (all applied locally)."""
+
+    threshold: float = 0.5
+    review_band: float = 0.1  # scores within threshold +- band are flagged for a person to review
+    reasons: int = 3
+    purpose: str = "eligibility-identification"
+
+
+class ScoringClient:
+    """A connection to a scoring server with a fresh CKKS key pair whose secret key stays here."""
+
+    def __init__(self, address: str, token: str | None = None, root_cert: bytes | None = None,
+                 client_cert: tuple[bytes, bytes] | None = None) -> None:
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+        if root_cert is not None:
+            creds = grpc.ssl_channel_credentials(root_cert, *(client_cert or (None, None))[::-1])
+            self.channel = grpc.secure_channel(address, creds, options=options)
+        else:
+            self.channel = grpc.insecure_channel(address, options=options)
+        self.stub = scoring_pb2_grpc.ScoringStub(self.channel)
+        self.metadata = [("authorization", f"Bearer {token}")] if token else []
+        self.info = self._call(self.stub.GetModelInfo, scoring_pb2.ModelInfoRequest())
+        self.spec = parse_spec(self.info.spec_toml, source=f"{address} model info")
+        self.encoder = FeatureEncoder(self.spec.schema)
+        if self.encoder.names != list(self.info.inputs):
+            raise ScoringError("the server's model inputs do not match its own spec")
+        chosen = next(p for p in (parameter_set(n) for n in ("n8192-d1", "n8192-d3", "n16384-d3"))
+                      if any(s.poly_modulus_degree == p.poly_modulus_degree
+                             and list(s.coeff_mod_bit_sizes) == list(p.coeff_mod_bit_sizes)
+                             for s in self.info.parameter_sets))
+        self.params = chosen
+        self.context = new_private_context(chosen, relin_keys=chosen.depth > 1)
+        reply = self._call(self.stub.RegisterContext,
+                           scoring_pb2.RegisterContextRequest(public_context=public_bytes(self.context)))
+        self.key_fingerprint = reply.key_fingerprint
+
+    def _call(self, method, request):  # type: ignore[no-untyped-def]
+        try:
+            return method(request, metadata=self.metadata, timeout=120)
+        except grpc.RpcError as exc:
+            raise ScoringError(f"scoring server: {exc.code().name}: {exc.details()}") from None
+
+    def score_encoded(self, x: np.ndarray, want_contributions: bool, purpose: str) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits (and per-input contributions) for encoded rows, in batches of the slot count."""
+        logits, contributions = [], []
+        step = int(self.info.max_batch)
+        for start in range(0, len(x), step):
+            block = x[start:start + step]
+            reply = self._call(self.stub.ScoreBatch, scoring_pb2.ScoreRequest(
+                purpose=purpose, key_fingerprint=self.key_fingerprint, count=len(block),
+                feature_columns=encrypt_columns(self.context, block), want_contributions=want_contributions))
+            logits.append(decrypt_vector(self.context, reply.logits, len(block)))
+            if reply.contributions:
+                contributions.append(np.stack([decrypt_vector(self.context, c, len(block)) for c in reply.contributions], 1))
+        return np.concatenate(logits), (np.concatenate(contributions) if contributions else None)
+
+    def close(self) -> None:
+        """Close the channel."""
+        self.channel.close()
+
+
+def _reasons(contrib: np.ndarray, eligible: np.ndarray, encoder: FeatureEncoder, labels: dict[str, str], k: int) -> list[str]:
+    features = list(dict.fromkeys(c.feature for c in encoder.columns))
+    index = {f: [i for i, c in enumerate(encoder.columns) if c.feature == f] for f in features}
+    per_feature = np.stack([contrib[:, index[f]].sum(1) for f in features], 1)
+    out = []
+    for row, yes in zip(per_feature, eligible, strict=True):
+        signed = row if yes else -row
+        order = [i for i in np.argsort(-signed) if signed[i] > 1e-6][:k]
+        out.append("; ".join(f"{labels[features[i]]} ({'+' if row[i] > 0 else ''}{row[i]:.2f})" for i in order))
+    return out
+
+
+def score_file(client: ScoringClient, data: Path, out: Path, settings: ScoreSettings,
+               on_progress: Callable[[int, int], None] | None = None) -> dict[str, object]:
+    """Score every valid row of ``data`` and write decisions to ``out`` (CSV); bad rows are quarantined."""
+    check = load_table(data, client.spec.schema, require_label=False)
+    x = client.encoder.encode(check.valid)
+    want = bool(client.info.contributions)
+    step = int(client.info.max_batch)
+    logits_parts, contrib_parts = [], []
+    for start in range(0, len(x), step):
+        lg, ct = client.score_encoded(x[start:start + step], want, settings.purpose)
+        logits_parts.append(lg)
+        if ct is not None:
+            contrib_parts.append(ct)
+        if on_progress:
+            on_progress(min(start + step, len(x)), len(x))
+    logits = np.concatenate(logits_parts) if logits_parts else np.zeros(0)
+    score = 1.0 / (1.0 + np.exp(-logits))
+    eligible = score >= settings.threshold
+    result = pd.DataFrame({
+        client.spec.schema.id: check.valid[client.spec.schema.id],
+        "decision": np.where(eligible, "eligible", "not eligible"),
+        "score": np.round(score, 6),
+        "review": np.abs(score - settings.threshold) <= settings.review_band,
+    })
+    if contrib_parts:
+        labels = {f.name: client.spec.schema.plain_label(f.name) for f in client.spec.schema.features}
+        result["reasons"] = _reasons(np.concatenate(contrib_parts), eligible, client.encoder, labels, settings.reasons)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result.to_csv(out, index=False)
+    return {"data": str(data), "out": str(out), "rows": check.total, "scored": len(result),
+            "quarantined": len(check.quarantined), "eligible": int(eligible.sum()),
+            "review": int(result["review"].sum()), "model_version": client.info.model_version,
+            "parameter_set": client.params.name}
