@@ -1,0 +1,207 @@
+"""Encrypted scoring: equality with plaintext, every refusal, a fuzz run, the CLI, the proto."""
+
+from __future__ import annotations
+
+import filecmp
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import tenseal as ts
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from typer.testing import CliRunner
+
+from agencyfl.cli import app
+from agencyfl.exit_codes import ExitCode
+from agencyfl.synth import SynthResult
+from clients.requester import ScoringClient, ScoringError, ScoreSettings, score_file
+from federation.encoding import FeatureEncoder
+from federation.errors import ModelError
+from federation.model import build_model, model_to_arrays
+from federation.proto import scoring_pb2, scoring_pb2_grpc
+from federation.spec import load_spec
+from federation.table import load_table
+from privacy.he import encrypt_columns, new_private_context, parameter_set, public_bytes
+from server.registry import RegisteredModel, register_model
+from server.scoring import TokenStore, he_model, start_server
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def register(small_fed: SynthResult, root: Path, model_toml: str, name: str) -> Path:
+    text = re.sub(r"\[model\]\nkind = \"logistic\"", model_toml, small_fed.spec.read_text())
+    spec = small_fed.spec.parent / f"{name}.toml"
+    spec.write_text(text)
+    loaded = load_spec(spec)
+    model = build_model(loaded.spec.model, FeatureEncoder(loaded.spec.schema).width, seed=5)
+    return register_model(root, loaded, model_to_arrays(model), {"agencies": []})
+
+
+@pytest.fixture(scope="module")
+def served(small_fed: SynthResult, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    root = tmp_path_factory.mktemp("registry")
+    model = register(small_fed, root, '[model]\nkind = "logistic"', "logistic")
+    tokens = TokenStore(root / "tokens.json")
+    token = tokens.issue("office")
+    server, port = start_server(model, 0, tokens)
+    yield {"model": model, "address": f"127.0.0.1:{port}", "token": token, "root": root, "tokens": tokens}
+    server.stop(0)
+
+
+def stub(address: str) -> Any:
+    opts = [("grpc.max_send_message_length", 256 * 1024 * 1024)]
+    return scoring_pb2_grpc.ScoringStub(grpc.insecure_channel(address, options=opts))
+
+
+def test_encrypted_scores_equal_plaintext(served: Any, small_fed: SynthResult, tmp_path: Path) -> None:
+    client = ScoringClient(served["address"], token=served["token"])
+    report = score_file(client, small_fed.test, tmp_path / "out.csv", ScoreSettings())
+    registered = RegisteredModel(served["model"])
+    test = load_table(small_fed.test, registered.spec.schema, require_label=False).valid
+    plain = he_model(registered).plaintext_logits(registered.encoder.encode(test))
+    import pandas as pd
+
+    out = pd.read_csv(tmp_path / "out.csv")
+    expected = 1 / (1 + np.exp(-plain))
+    assert report["scored"] == len(test) == len(out)
+    assert np.abs(out["score"].to_numpy() - expected).max() < 1e-3
+    far = np.abs(expected - 0.5) > 1e-3
+    assert (out["decision"].eq("eligible").to_numpy() == (expected >= 0.5))[far].all()
+    assert out["reasons"].fillna("").str.len().gt(0).mean() > 0.9
+    assert (out["review"] == (np.abs(expected - 0.5) <= 0.1)).mean() > 0.99
+
+
+def test_mlp_with_square_activation_is_served_and_relu_is_refused(small_fed: SynthResult, tmp_path: Path) -> None:
+    relu = register(small_fed, tmp_path, '[model]\nkind = "mlp"\nhidden = [4]', "relu")
+    with pytest.raises(ModelError, match="square"):
+        he_model(RegisteredModel(relu))
+    square = register(small_fed, tmp_path, '[model]\nkind = "mlp"\nhidden = [4]\nactivation = "square"', "sq")
+    server, port = start_server(square, 0, None)
+    try:
+        client = ScoringClient(f"127.0.0.1:{port}")
+        assert client.params.depth == 3
+        registered = RegisteredModel(square)
+        x = registered.encoder.encode(load_table(small_fed.test, registered.spec.schema, require_label=False).valid)[:500]
+        logits, _ = client.score_encoded(x, False, "eligibility-identification")
+        assert np.abs(logits - he_model(registered).plaintext_logits(x)).max() < 1e-2
+    finally:
+        server.stop(0)
+
+
+def good_request(served: Any) -> None:
+    client = ScoringClient(served["address"], token=served["token"])
+    logits, _ = client.score_encoded(np.zeros((3, len(client.encoder.names)), np.float32), False,
+                                     "eligibility-identification")
+    assert logits.shape == (3,)
+
+
+def call(served: Any, method: str, request: Any, token: str | None = None) -> grpc.StatusCode:
+    meta = [("authorization", f"Bearer {token or served['token']}")]
+    try:
+        getattr(stub(served["address"]), method)(request, metadata=meta, timeout=60)
+    except grpc.RpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
+def test_each_refusal_has_its_status_and_the_service_stays_up(served: Any) -> None:
+    client = ScoringClient(served["address"], token=served["token"])
+    width = len(client.encoder.names)
+    secret = new_private_context(parameter_set("n8192-d1"))
+    weak = ts.context(ts.SCHEME_TYPE.CKKS, 4096, coeff_mod_bit_sizes=[40, 20, 40])
+    weak.global_scale = 2**20
+    other = new_private_context(parameter_set("n8192-d1"))
+    foreign = encrypt_columns(other, np.zeros((2, width)))
+    cases = [
+        ("RegisterContext", scoring_pb2.RegisterContextRequest(public_context=bytes(secret.serialize(save_secret_key=True))),
+         grpc.StatusCode.INVALID_ARGUMENT),
+        ("RegisterContext", scoring_pb2.RegisterContextRequest(public_context=public_bytes(weak)),
+         grpc.StatusCode.INVALID_ARGUMENT),
+        ("RegisterContext", scoring_pb2.RegisterContextRequest(public_context=b"\\x00garbage" * 100),
+         grpc.StatusCode.INVALID_ARGUMENT),
+        ("RegisterContext", scoring_pb2.RegisterContextRequest(public_context=b"x" * (65 * 1024 * 1024)),
+         grpc.StatusCode.RESOURCE_EXHAUSTED),
+        ("ScoreBatch", scoring_pb2.ScoreRequest(purpose="eligibility-identification", key_fingerprint="0" * 64,
+                                                count=2, feature_columns=foreign), grpc.StatusCode.FAILED_PRECONDITION),
+        ("ScoreBatch", scoring_pb2.ScoreRequest(purpose="marketing", key_fingerprint=client.key_fingerprint,
+                                                count=2, feature_columns=foreign), grpc.StatusCode.PERMISSION_DENIED),
+        ("ScoreBatch", scoring_pb2.ScoreRequest(purpose="eligibility-identification",
+                                                key_fingerprint=client.key_fingerprint, count=2,
+                                                feature_columns=[b"junk"] * width), grpc.StatusCode.INVALID_ARGUMENT),
+        ("ScoreBatch", scoring_pb2.ScoreRequest(purpose="eligibility-identification",
+                                                key_fingerprint=client.key_fingerprint, count=2,
+                                                feature_columns=foreign[:3]), grpc.StatusCode.INVALID_ARGUMENT),
+        ("ScoreBatch", scoring_pb2.ScoreRequest(purpose="eligibility-identification",
+                                                key_fingerprint=client.key_fingerprint, count=99999,
+                                                feature_columns=foreign), grpc.StatusCode.INVALID_ARGUMENT),
+    ]
+    for method, request, status in cases:
+        assert call(served, method, request) == status, (method, status)
+        good_request(served)
+    assert call(served, "GetModelInfo", scoring_pb2.ModelInfoRequest(), token="forged") == grpc.StatusCode.UNAUTHENTICATED
+    good_request(served)
+
+
+def test_fuzzed_payloads_never_crash_or_hang_the_service(served: Any) -> None:
+    rng = np.random.default_rng(0)
+    client = ScoringClient(served["address"], token=served["token"])
+    width = len(client.encoder.names)
+    real = encrypt_columns(client.context, np.zeros((2, width)))
+    s = stub(served["address"])
+    meta = [("authorization", f"Bearer {served['token']}")]
+    for i in range(300):
+        blob = real[i % width]
+        mutated = bytearray(blob[: rng.integers(1, len(blob))]) if i % 3 == 0 else bytearray(blob)
+        for _ in range(int(rng.integers(1, 8))):
+            mutated[int(rng.integers(len(mutated)))] = int(rng.integers(256))
+        columns = list(real)
+        columns[int(rng.integers(width))] = bytes(mutated)
+        request = scoring_pb2.ScoreRequest(purpose="eligibility-identification", key_fingerprint=client.key_fingerprint,
+                                           count=int(rng.integers(0, 5000)), feature_columns=columns)
+        try:
+            s.ScoreBatch(request, metadata=meta, timeout=30)
+        except grpc.RpcError as exc:
+            assert exc.code() in {grpc.StatusCode.INVALID_ARGUMENT}, exc.code()
+        if i % 5 == 0:
+            raw = rng.integers(0, 256, int(rng.integers(1, 4000)), dtype=np.uint8).tobytes()
+            try:
+                s.RegisterContext(scoring_pb2.RegisterContextRequest(public_context=raw), metadata=meta, timeout=30)
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT
+    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(served["address"]))
+    assert health.Check(health_pb2.HealthCheckRequest(service="")).status == health_pb2.HealthCheckResponse.SERVING
+    good_request(served)
+
+
+def test_score_cli_quarantines_bad_rows(served: Any, small_fed: SynthResult, tmp_path: Path) -> None:
+    data = tmp_path / "households.csv"
+    lines = small_fed.test.read_text().splitlines()
+    data.write_text("\n".join([*lines[:50], lines[5].replace(",urban,", ",city,").replace(",rural,", ",city,")]) + "\n")
+    result = CliRunner().invoke(app, ["score", "--server", served["address"], "--data", str(data), "--out",
+                                      str(tmp_path / "out.csv"), "--token", served["token"], "--format", "json"])
+    assert result.exit_code == 0, result.output
+    import json
+
+    report = json.loads(result.stdout)
+    assert report["scored"] == 49 and report["quarantined"] == 1
+    assert (tmp_path / "households.quarantine.csv").exists()
+    bad = CliRunner().invoke(app, ["score", "--server", served["address"], "--data", str(data), "--out",
+                                   str(tmp_path / "o.csv"), "--token", "nope"])
+    assert bad.exit_code == ExitCode.SCORING_REFUSED and "UNAUTHENTICATED" in bad.stderr
+    with pytest.raises(ScoringError):
+        ScoringClient(served["address"], token="nope")
+
+
+def test_generated_grpc_code_is_reproducible(tmp_path: Path) -> None:
+    shutil.copytree(REPO / "federation" / "proto", tmp_path / "federation" / "proto",
+                    ignore=shutil.ignore_patterns("*_pb2*.py", "__pycache__"))
+    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I.", "--python_out=.", "--grpc_python_out=.",
+                    "federation/proto/scoring.proto"], cwd=tmp_path, check=True)
+    for name in ("scoring_pb2.py", "scoring_pb2_grpc.py"):
+        assert filecmp.cmp(tmp_path / "federation" / "proto" / name, REPO / "federation" / "proto" / name, shallow=False)
