@@ -37,8 +37,18 @@ def epoch_times(x: np.ndarray, y: np.ndarray, model: ModelSection, q: float, rep
     for r in range(repeats + 1):  # the first pair warms up
         m = build_model(model, x.shape[1])
         t = time.perf_counter()
-        dp_sgd(m, x, y, noise_multiplier=1.0, sample_rate=q, max_grad_norm=1.0, learning_rate=1.0,
-               steps=steps_per_epoch(q), accountant=RDPAccountant(), generator=noise_generator(r))
+        dp_sgd(
+            m,
+            x,
+            y,
+            noise_multiplier=1.0,
+            sample_rate=q,
+            max_grad_norm=1.0,
+            learning_rate=1.0,
+            steps=steps_per_epoch(q),
+            accountant=RDPAccountant(),
+            generator=noise_generator(r),
+        )
         dp.append(time.perf_counter() - t)
         m = build_model(model, x.shape[1])
         t = time.perf_counter()
@@ -65,11 +75,31 @@ def main() -> None:
             for q in (0.02, 0.05, 0.1):
                 dp, plain = epoch_times(x, y, model, q, args.repeats)
                 ratio = dp / plain
-                results.append({"agency": agency, "rows": len(x), "model": name, "sample_rate": q,
-                                "expected_batch": round(len(x) * q), "dp_epoch_s": dp, "plain_epoch_s": plain,
-                                "ratio": ratio})
-                rows.append([agency, len(x), name, q, round(len(x) * q), f"{dp * 1000:.1f}", f"{plain * 1000:.1f}",
-                             f"{ratio:.2f}", "meets <= 2.0" if ratio <= 2.0 else "misses"])
+                results.append(
+                    {
+                        "agency": agency,
+                        "rows": len(x),
+                        "model": name,
+                        "sample_rate": q,
+                        "expected_batch": round(len(x) * q),
+                        "dp_epoch_s": dp,
+                        "plain_epoch_s": plain,
+                        "ratio": ratio,
+                    }
+                )
+                rows.append(
+                    [
+                        agency,
+                        len(x),
+                        name,
+                        q,
+                        round(len(x) * q),
+                        f"{dp * 1000:.1f}",
+                        f"{plain * 1000:.1f}",
+                        f"{ratio:.2f}",
+                        "meets <= 2.0" if ratio <= 2.0 else "misses",
+                    ]
+                )
     print(table(["agency", "rows", "model", "q", "batch", "DP epoch ms", "plain epoch ms", "ratio", "target"], rows))
     print(f"results: {write_results('dp_cost', {'repeats': args.repeats, 'runs': results})}")
 

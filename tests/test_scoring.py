@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from agencyfl.cli import app
 from agencyfl.exit_codes import ExitCode
 from agencyfl.synth import SynthResult
-from clients.requester import ScoringClient, ScoringError, ScoreSettings, score_file
+from clients.requester import ScoreSettings, ScoringClient, ScoringError, score_file
 from federation.encoding import FeatureEncoder
 from federation.errors import ModelError
 from federation.model import build_model, model_to_arrays
