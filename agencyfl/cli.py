@@ -460,7 +460,9 @@ def score(
     server: Annotated[str, typer.Option(help="HOST:PORT of `agencyfl serve`")],
     data: Annotated[Path, typer.Option(help="Households to score (CSV or Parquet; no label needed)")],
     out: Annotated[Path, typer.Option(help="Where to write decisions (CSV)")],
-    token: Annotated[str | None, typer.Option(envvar="AGENCYFL_TOKEN", help="Bearer token (or $AGENCYFL_TOKEN)")] = None,
+    token: Annotated[
+        str | None, typer.Option(envvar="AGENCYFL_TOKEN", help="Bearer token (or $AGENCYFL_TOKEN)")
+    ] = None,
     threshold: Annotated[float, typer.Option(help="Score at or above which a household is eligible")] = 0.5,
     review_band: Annotated[float, typer.Option(help="Scores within threshold +- band are flagged for review")] = 0.1,
     purpose: Annotated[str, typer.Option(help="Purpose of the request; must match the model's")] = (
@@ -474,19 +476,31 @@ def score(
 
     with _errors():
         client = ScoringClient(server, token=token, root_cert=root_cert.read_bytes() if root_cert else None)
-        progress = Progress(TextColumn("encrypted scoring"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                            TimeElapsedColumn(), console=err, disable=fmt is Format.json)
+        progress = Progress(
+            TextColumn("encrypted scoring"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+            console=err,
+            disable=fmt is Format.json,
+        )
         with progress:
             task = progress.add_task("score", total=None)
-            report = score_file(client, data, out, ScoreSettings(threshold=threshold, review_band=review_band,
-                                                                 purpose=purpose),
-                                on_progress=lambda done, total: progress.update(task, completed=done, total=total))
+            report = score_file(
+                client,
+                data,
+                out,
+                ScoreSettings(threshold=threshold, review_band=review_band, purpose=purpose),
+                on_progress=lambda done, total: progress.update(task, completed=done, total=total),
+            )
         client.close()
     if fmt is Format.json:
         _json(report)
         return
-    typer.echo(f"{report['scored']} households scored ({report['quarantined']} quarantined): {report['eligible']} "
-               f"eligible, {report['review']} flagged for review -> {report['out']}")
+    typer.echo(
+        f"{report['scored']} households scored ({report['quarantined']} quarantined): {report['eligible']} "
+        f"eligible, {report['review']} flagged for review -> {report['out']}"
+    )
 
 
 @app.command("exit-codes")

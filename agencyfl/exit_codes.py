@@ -41,7 +41,9 @@ HELP: dict[ExitCode, str] = {
     ExitCode.BUDGET_EXCEEDED: "A ledger verifies but records spend beyond its privacy budget or per-job cap.",
     ExitCode.FEDERATION_FAILED: "The federated run ended without a model (too few agencies trained).",
     ExitCode.MODEL_INVALID: "The model folder is not a registered model, or it does not match the spec.",
-    ExitCode.SCORING_REFUSED: "The scoring server refused the request or could not be reached (the message gives the gRPC status).",
+    ExitCode.SCORING_REFUSED: (
+        "The scoring server refused the request or could not be reached (the message gives the gRPC status)."
+    ),
 }
 
 _BY_ERROR: list[tuple[type[AgencyflError], ExitCode]] = [

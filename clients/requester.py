@@ -42,10 +42,17 @@ class ScoreSettings:
 class ScoringClient:
     """A connection to a scoring server with a fresh CKKS key pair whose secret key stays here."""
 
-    def __init__(self, address: str, token: str | None = None, root_cert: bytes | None = None,
-                 client_cert: tuple[bytes, bytes] | None = None) -> None:
-        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+    def __init__(
+        self,
+        address: str,
+        token: str | None = None,
+        root_cert: bytes | None = None,
+        client_cert: tuple[bytes, bytes] | None = None,
+    ) -> None:
+        options = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
         if root_cert is not None:
             creds = grpc.ssl_channel_credentials(root_cert, *(client_cert or (None, None))[::-1])
             self.channel = grpc.secure_channel(address, creds, options=options)
@@ -58,14 +65,20 @@ class ScoringClient:
         self.encoder = FeatureEncoder(self.spec.schema)
         if self.encoder.names != list(self.info.inputs):
             raise ScoringError("the server's model inputs do not match its own spec")
-        chosen = next(p for p in (parameter_set(n) for n in ("n8192-d1", "n8192-d3", "n16384-d3"))
-                      if any(s.poly_modulus_degree == p.poly_modulus_degree
-                             and list(s.coeff_mod_bit_sizes) == list(p.coeff_mod_bit_sizes)
-                             for s in self.info.parameter_sets))
+        chosen = next(
+            p
+            for p in (parameter_set(n) for n in ("n8192-d1", "n8192-d3", "n16384-d3"))
+            if any(
+                s.poly_modulus_degree == p.poly_modulus_degree
+                and list(s.coeff_mod_bit_sizes) == list(p.coeff_mod_bit_sizes)
+                for s in self.info.parameter_sets
+            )
+        )
         self.params = chosen
         self.context = new_private_context(chosen, relin_keys=chosen.depth > 1)
-        reply = self._call(self.stub.RegisterContext,
-                           scoring_pb2.RegisterContextRequest(public_context=public_bytes(self.context)))
+        reply = self._call(
+            self.stub.RegisterContext, scoring_pb2.RegisterContextRequest(public_context=public_bytes(self.context))
+        )
         self.key_fingerprint = reply.key_fingerprint
 
     def _call(self, method, request):  # type: ignore[no-untyped-def]
@@ -74,18 +87,29 @@ class ScoringClient:
         except grpc.RpcError as exc:
             raise ScoringError(f"scoring server: {exc.code().name}: {exc.details()}") from None
 
-    def score_encoded(self, x: np.ndarray, want_contributions: bool, purpose: str) -> tuple[np.ndarray, np.ndarray | None]:
+    def score_encoded(
+        self, x: np.ndarray, want_contributions: bool, purpose: str
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """Logits (and per-input contributions) for encoded rows, in batches of the slot count."""
         logits, contributions = [], []
         step = int(self.info.max_batch)
         for start in range(0, len(x), step):
-            block = x[start:start + step]
-            reply = self._call(self.stub.ScoreBatch, scoring_pb2.ScoreRequest(
-                purpose=purpose, key_fingerprint=self.key_fingerprint, count=len(block),
-                feature_columns=encrypt_columns(self.context, block), want_contributions=want_contributions))
+            block = x[start : start + step]
+            reply = self._call(
+                self.stub.ScoreBatch,
+                scoring_pb2.ScoreRequest(
+                    purpose=purpose,
+                    key_fingerprint=self.key_fingerprint,
+                    count=len(block),
+                    feature_columns=encrypt_columns(self.context, block),
+                    want_contributions=want_contributions,
+                ),
+            )
             logits.append(decrypt_vector(self.context, reply.logits, len(block)))
             if reply.contributions:
-                contributions.append(np.stack([decrypt_vector(self.context, c, len(block)) for c in reply.contributions], 1))
+                contributions.append(
+                    np.stack([decrypt_vector(self.context, c, len(block)) for c in reply.contributions], 1)
+                )
         return np.concatenate(logits), (np.concatenate(contributions) if contributions else None)
 
     def close(self) -> None:
@@ -93,7 +117,9 @@ class ScoringClient:
         self.channel.close()
 
 
-def _reasons(contrib: np.ndarray, eligible: np.ndarray, encoder: FeatureEncoder, labels: dict[str, str], k: int) -> list[str]:
+def _reasons(
+    contrib: np.ndarray, eligible: np.ndarray, encoder: FeatureEncoder, labels: dict[str, str], k: int
+) -> list[str]:
     features = list(dict.fromkeys(c.feature for c in encoder.columns))
     index = {f: [i for i, c in enumerate(encoder.columns) if c.feature == f] for f in features}
     per_feature = np.stack([contrib[:, index[f]].sum(1) for f in features], 1)
@@ -105,8 +131,13 @@ def _reasons(contrib: np.ndarray, eligible: np.ndarray, encoder: FeatureEncoder,
     return out
 
 
-def score_file(client: ScoringClient, data: Path, out: Path, settings: ScoreSettings,
-               on_progress: Callable[[int, int], None] | None = None) -> dict[str, object]:
+def score_file(
+    client: ScoringClient,
+    data: Path,
+    out: Path,
+    settings: ScoreSettings,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> dict[str, object]:
     """Score every valid row of ``data`` and write decisions to ``out`` (CSV); bad rows are quarantined."""
     check = load_table(data, client.spec.schema, require_label=False)
     x = client.encoder.encode(check.valid)
@@ -114,7 +145,7 @@ def score_file(client: ScoringClient, data: Path, out: Path, settings: ScoreSett
     step = int(client.info.max_batch)
     logits_parts, contrib_parts = [], []
     for start in range(0, len(x), step):
-        lg, ct = client.score_encoded(x[start:start + step], want, settings.purpose)
+        lg, ct = client.score_encoded(x[start : start + step], want, settings.purpose)
         logits_parts.append(lg)
         if ct is not None:
             contrib_parts.append(ct)
@@ -123,18 +154,27 @@ def score_file(client: ScoringClient, data: Path, out: Path, settings: ScoreSett
     logits = np.concatenate(logits_parts) if logits_parts else np.zeros(0)
     score = 1.0 / (1.0 + np.exp(-logits))
     eligible = score >= settings.threshold
-    result = pd.DataFrame({
-        client.spec.schema.id: check.valid[client.spec.schema.id],
-        "decision": np.where(eligible, "eligible", "not eligible"),
-        "score": np.round(score, 6),
-        "review": np.abs(score - settings.threshold) <= settings.review_band,
-    })
+    result = pd.DataFrame(
+        {
+            client.spec.schema.id: check.valid[client.spec.schema.id],
+            "decision": np.where(eligible, "eligible", "not eligible"),
+            "score": np.round(score, 6),
+            "review": np.abs(score - settings.threshold) <= settings.review_band,
+        }
+    )
     if contrib_parts:
         labels = {f.name: client.spec.schema.plain_label(f.name) for f in client.spec.schema.features}
         result["reasons"] = _reasons(np.concatenate(contrib_parts), eligible, client.encoder, labels, settings.reasons)
     out.parent.mkdir(parents=True, exist_ok=True)
     result.to_csv(out, index=False)
-    return {"data": str(data), "out": str(out), "rows": check.total, "scored": len(result),
-            "quarantined": len(check.quarantined), "eligible": int(eligible.sum()),
-            "review": int(result["review"].sum()), "model_version": client.info.model_version,
-            "parameter_set": client.params.name}
+    return {
+        "data": str(data),
+        "out": str(out),
+        "rows": check.total,
+        "scored": len(result),
+        "quarantined": len(check.quarantined),
+        "eligible": int(eligible.sum()),
+        "review": int(result["review"].sum()),
+        "model_version": client.info.model_version,
+        "parameter_set": client.params.name,
+    }

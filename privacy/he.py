@@ -56,7 +56,9 @@ def parameter_set(name: str) -> ParameterSet:
 
 def new_private_context(params: ParameterSet, relin_keys: bool = False) -> ts.Context:
     """A requester's context with its secret key (kept by the requester)."""
-    ctx = ts.context(ts.SCHEME_TYPE.CKKS, params.poly_modulus_degree, coeff_mod_bit_sizes=list(params.coeff_mod_bit_sizes))
+    ctx = ts.context(
+        ts.SCHEME_TYPE.CKKS, params.poly_modulus_degree, coeff_mod_bit_sizes=list(params.coeff_mod_bit_sizes)
+    )
     ctx.global_scale = 2.0**params.scale_bits
     if relin_keys:
         ctx.generate_relin_keys()
@@ -65,7 +67,9 @@ def new_private_context(params: ParameterSet, relin_keys: bool = False) -> ts.Co
 
 def public_bytes(ctx: ts.Context) -> bytes:
     """The context without its secret key, as sent to the server."""
-    return bytes(ctx.serialize(save_public_key=True, save_secret_key=False, save_galois_keys=False, save_relin_keys=True))
+    return bytes(
+        ctx.serialize(save_public_key=True, save_secret_key=False, save_galois_keys=False, save_relin_keys=True)
+    )
 
 
 def fingerprint(public_context: bytes) -> str:
@@ -103,7 +107,11 @@ def load_public_context(raw: bytes, max_depth_needed: int) -> tuple[ts.Context, 
         raise HEError("the context has no public key")
     degree, bits, levels = _chain(ctx)
     for p in PARAMETER_SETS:
-        if p.poly_modulus_degree == degree and sum(p.coeff_mod_bit_sizes) == bits and len(p.coeff_mod_bit_sizes) == levels:
+        if (
+            p.poly_modulus_degree == degree
+            and sum(p.coeff_mod_bit_sizes) == bits
+            and len(p.coeff_mod_bit_sizes) == levels
+        ):
             if p.depth < max_depth_needed:
                 raise HEError(f"parameter set {p.name} has depth {p.depth}; this model needs {max_depth_needed}")
             if max_depth_needed > 1 and not ctx.has_relin_keys():

@@ -39,8 +39,14 @@ def he_model(registered: RegisteredModel) -> PlainModel:
     linears = [m for m in registered.model if isinstance(m, nn.Linear)]
     others = [m for m in registered.model if not isinstance(m, nn.Linear)]
     if len(linears) > 2 or any(not isinstance(m, Square) for m in others):
-        raise ModelError("only logistic models and one-hidden-layer MLPs with activation 'square' can be served encrypted")
-    return PlainModel(tuple((m.weight.detach().numpy().astype(np.float64), m.bias.detach().numpy().astype(np.float64)) for m in linears))
+        raise ModelError(
+            "only logistic models and one-hidden-layer MLPs with activation 'square' can be served encrypted"
+        )
+    return PlainModel(
+        tuple(
+            (m.weight.detach().numpy().astype(np.float64), m.bias.detach().numpy().astype(np.float64)) for m in linears
+        )
+    )
 
 
 class TokenStore:
@@ -100,12 +106,21 @@ class ScoringService(scoring_pb2_grpc.ScoringServicer):
     def GetModelInfo(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802 (gRPC names)
         self._auth(context)
         return scoring_pb2.ModelInfo(
-            model_version=self.version, purpose=self.purpose, kind=self.registered.spec.model.kind,
-            inputs=self.inputs, max_batch=min(p.slots for p in self.sets), spec_toml=self.spec_toml,
+            model_version=self.version,
+            purpose=self.purpose,
+            kind=self.registered.spec.model.kind,
+            inputs=self.inputs,
+            max_batch=min(p.slots for p in self.sets),
+            spec_toml=self.spec_toml,
             contributions=len(self.model.layers) == 1,
-            parameter_sets=[scoring_pb2.HEParameters(poly_modulus_degree=p.poly_modulus_degree,
-                                                     coeff_mod_bit_sizes=list(p.coeff_mod_bit_sizes),
-                                                     global_scale_bits=p.scale_bits) for p in self.sets],
+            parameter_sets=[
+                scoring_pb2.HEParameters(
+                    poly_modulus_degree=p.poly_modulus_degree,
+                    coeff_mod_bit_sizes=list(p.coeff_mod_bit_sizes),
+                    global_scale_bits=p.scale_bits,
+                )
+                for p in self.sets
+            ],
         )
 
     def RegisterContext(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
@@ -124,16 +139,22 @@ class ScoringService(scoring_pb2_grpc.ScoringServicer):
 
     def _score(self, request: Any, context: grpc.ServicerContext) -> Any:
         if request.purpose != self.purpose:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                          f"purpose {request.purpose!r} is not this model's registered purpose {self.purpose!r}")
+            context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"purpose {request.purpose!r} is not this model's registered purpose {self.purpose!r}",
+            )
         with self._lock:
             ctx = self._contexts.get(request.key_fingerprint)
         if ctx is None:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                          f"unknown key fingerprint {request.key_fingerprint[:16]!r}: register the context first")
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"unknown key fingerprint {request.key_fingerprint[:16]!r}: register the context first",
+            )
         if len(request.feature_columns) != len(self.inputs):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"expected {len(self.inputs)} feature ciphertexts, got {len(request.feature_columns)}")
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"expected {len(self.inputs)} feature ciphertexts, got {len(request.feature_columns)}",
+            )
         slots = ctx.seal_context().data.key_context_data().parms().poly_modulus_degree() // 2
         if not 0 < request.count <= slots:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"count must be 1..{slots} (got {request.count})")
@@ -142,14 +163,20 @@ class ScoringService(scoring_pb2_grpc.ScoringServicer):
             contributions = []
             if request.want_contributions and len(self.model.layers) == 1:
                 w = self.model.layers[0][0][0]
-                contributions = [bytes((ts.ckks_vector_from(ctx, c) * float(w[j])).serialize())
-                                 for j, c in enumerate(request.feature_columns)]
+                contributions = [
+                    bytes((ts.ckks_vector_from(ctx, c) * float(w[j])).serialize())
+                    for j, c in enumerate(request.feature_columns)
+                ]
         except HEError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except (ValueError, RuntimeError, TypeError):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the ciphertexts cannot be evaluated under this context")
-        return scoring_pb2.ScoreReply(logits=bytes(result.serialize()), count=request.count,
-                                      model_version=self.version, contributions=contributions)
+        return scoring_pb2.ScoreReply(
+            logits=bytes(result.serialize()),
+            count=request.count,
+            model_version=self.version,
+            contributions=contributions,
+        )
 
     def ScoreBatch(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
         self._auth(context)
@@ -161,24 +188,33 @@ class ScoringService(scoring_pb2_grpc.ScoringServicer):
             yield self._score(request, context)
 
 
-def start_server(model_dir: Path, port: int, tokens: TokenStore | None, host: str = "127.0.0.1",
-                 tls: tuple[bytes, bytes, bytes | None] | None = None, workers: int = 4) -> tuple[grpc.Server, int]:
+def start_server(
+    model_dir: Path,
+    port: int,
+    tokens: TokenStore | None,
+    host: str = "127.0.0.1",
+    tls: tuple[bytes, bytes, bytes | None] | None = None,
+    workers: int = 4,
+) -> tuple[grpc.Server, int]:
     """Start the service (with standard gRPC health checking); returns the server and its bound port.
 
     ``tls`` is ``(certificate chain, private key, client CA or None)``; with a client CA the server
     requires client certificates (mutual TLS).
     """
     service = ScoringService(model_dir, tokens)
-    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-               ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+    options = [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=options)
     scoring_pb2_grpc.add_ScoringServicer_to_server(service, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     address = f"{host}:{port}"
     if tls:
-        creds = grpc.ssl_server_credentials([(tls[1], tls[0])], root_certificates=tls[2],
-                                            require_client_auth=tls[2] is not None)
+        creds = grpc.ssl_server_credentials(
+            [(tls[1], tls[0])], root_certificates=tls[2], require_client_auth=tls[2] is not None
+        )
         bound = server.add_secure_port(address, creds)
     else:
         bound = server.add_insecure_port(address)

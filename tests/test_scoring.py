@@ -87,7 +87,9 @@ def test_mlp_with_square_activation_is_served_and_relu_is_refused(small_fed: Syn
         client = ScoringClient(f"127.0.0.1:{port}")
         assert client.params.depth == 3
         registered = RegisteredModel(square)
-        x = registered.encoder.encode(load_table(small_fed.test, registered.spec.schema, require_label=False).valid)[:500]
+        x = registered.encoder.encode(load_table(small_fed.test, registered.spec.schema, require_label=False).valid)[
+            :500
+        ]
         logits, _ = client.score_encoded(x, False, "eligibility-identification")
         assert np.abs(logits - he_model(registered).plaintext_logits(x)).max() < 1e-2
     finally:
@@ -96,8 +98,9 @@ def test_mlp_with_square_activation_is_served_and_relu_is_refused(small_fed: Syn
 
 def good_request(served: Any) -> None:
     client = ScoringClient(served["address"], token=served["token"])
-    logits, _ = client.score_encoded(np.zeros((3, len(client.encoder.names)), np.float32), False,
-                                     "eligibility-identification")
+    logits, _ = client.score_encoded(
+        np.zeros((3, len(client.encoder.names)), np.float32), False, "eligibility-identification"
+    )
     assert logits.shape == (3,)
 
 
@@ -119,32 +122,77 @@ def test_each_refusal_has_its_status_and_the_service_stays_up(served: Any) -> No
     other = new_private_context(parameter_set("n8192-d1"))
     foreign = encrypt_columns(other, np.zeros((2, width)))
     cases = [
-        ("RegisterContext", scoring_pb2.RegisterContextRequest(public_context=bytes(secret.serialize(save_secret_key=True))),
-         grpc.StatusCode.INVALID_ARGUMENT),
-        ("RegisterContext", scoring_pb2.RegisterContextRequest(public_context=public_bytes(weak)),
-         grpc.StatusCode.INVALID_ARGUMENT),
-        ("RegisterContext", scoring_pb2.RegisterContextRequest(public_context=b"\\x00garbage" * 100),
-         grpc.StatusCode.INVALID_ARGUMENT),
-        ("RegisterContext", scoring_pb2.RegisterContextRequest(public_context=b"x" * (65 * 1024 * 1024)),
-         grpc.StatusCode.RESOURCE_EXHAUSTED),
-        ("ScoreBatch", scoring_pb2.ScoreRequest(purpose="eligibility-identification", key_fingerprint="0" * 64,
-                                                count=2, feature_columns=foreign), grpc.StatusCode.FAILED_PRECONDITION),
-        ("ScoreBatch", scoring_pb2.ScoreRequest(purpose="marketing", key_fingerprint=client.key_fingerprint,
-                                                count=2, feature_columns=foreign), grpc.StatusCode.PERMISSION_DENIED),
-        ("ScoreBatch", scoring_pb2.ScoreRequest(purpose="eligibility-identification",
-                                                key_fingerprint=client.key_fingerprint, count=2,
-                                                feature_columns=[b"junk"] * width), grpc.StatusCode.INVALID_ARGUMENT),
-        ("ScoreBatch", scoring_pb2.ScoreRequest(purpose="eligibility-identification",
-                                                key_fingerprint=client.key_fingerprint, count=2,
-                                                feature_columns=foreign[:3]), grpc.StatusCode.INVALID_ARGUMENT),
-        ("ScoreBatch", scoring_pb2.ScoreRequest(purpose="eligibility-identification",
-                                                key_fingerprint=client.key_fingerprint, count=99999,
-                                                feature_columns=foreign), grpc.StatusCode.INVALID_ARGUMENT),
+        (
+            "RegisterContext",
+            scoring_pb2.RegisterContextRequest(public_context=bytes(secret.serialize(save_secret_key=True))),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            "RegisterContext",
+            scoring_pb2.RegisterContextRequest(public_context=public_bytes(weak)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            "RegisterContext",
+            scoring_pb2.RegisterContextRequest(public_context=b"\\x00garbage" * 100),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            "RegisterContext",
+            scoring_pb2.RegisterContextRequest(public_context=b"x" * (65 * 1024 * 1024)),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        ),
+        (
+            "ScoreBatch",
+            scoring_pb2.ScoreRequest(
+                purpose="eligibility-identification", key_fingerprint="0" * 64, count=2, feature_columns=foreign
+            ),
+            grpc.StatusCode.FAILED_PRECONDITION,
+        ),
+        (
+            "ScoreBatch",
+            scoring_pb2.ScoreRequest(
+                purpose="marketing", key_fingerprint=client.key_fingerprint, count=2, feature_columns=foreign
+            ),
+            grpc.StatusCode.PERMISSION_DENIED,
+        ),
+        (
+            "ScoreBatch",
+            scoring_pb2.ScoreRequest(
+                purpose="eligibility-identification",
+                key_fingerprint=client.key_fingerprint,
+                count=2,
+                feature_columns=[b"junk"] * width,
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            "ScoreBatch",
+            scoring_pb2.ScoreRequest(
+                purpose="eligibility-identification",
+                key_fingerprint=client.key_fingerprint,
+                count=2,
+                feature_columns=foreign[:3],
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            "ScoreBatch",
+            scoring_pb2.ScoreRequest(
+                purpose="eligibility-identification",
+                key_fingerprint=client.key_fingerprint,
+                count=99999,
+                feature_columns=foreign,
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
     ]
     for method, request, status in cases:
         assert call(served, method, request) == status, (method, status)
         good_request(served)
-    assert call(served, "GetModelInfo", scoring_pb2.ModelInfoRequest(), token="forged") == grpc.StatusCode.UNAUTHENTICATED
+    assert (
+        call(served, "GetModelInfo", scoring_pb2.ModelInfoRequest(), token="forged") == grpc.StatusCode.UNAUTHENTICATED
+    )
     good_request(served)
 
 
@@ -162,8 +210,12 @@ def test_fuzzed_payloads_never_crash_or_hang_the_service(served: Any) -> None:
             mutated[int(rng.integers(len(mutated)))] = int(rng.integers(256))
         columns = list(real)
         columns[int(rng.integers(width))] = bytes(mutated)
-        request = scoring_pb2.ScoreRequest(purpose="eligibility-identification", key_fingerprint=client.key_fingerprint,
-                                           count=int(rng.integers(0, 5000)), feature_columns=columns)
+        request = scoring_pb2.ScoreRequest(
+            purpose="eligibility-identification",
+            key_fingerprint=client.key_fingerprint,
+            count=int(rng.integers(0, 5000)),
+            feature_columns=columns,
+        )
         try:
             s.ScoreBatch(request, metadata=meta, timeout=30)
         except grpc.RpcError as exc:
@@ -183,25 +235,67 @@ def test_score_cli_quarantines_bad_rows(served: Any, small_fed: SynthResult, tmp
     data = tmp_path / "households.csv"
     lines = small_fed.test.read_text().splitlines()
     data.write_text("\n".join([*lines[:50], lines[5].replace(",urban,", ",city,").replace(",rural,", ",city,")]) + "\n")
-    result = CliRunner().invoke(app, ["score", "--server", served["address"], "--data", str(data), "--out",
-                                      str(tmp_path / "out.csv"), "--token", served["token"], "--format", "json"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "score",
+            "--server",
+            served["address"],
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "out.csv"),
+            "--token",
+            served["token"],
+            "--format",
+            "json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     import json
 
     report = json.loads(result.stdout)
     assert report["scored"] == 49 and report["quarantined"] == 1
     assert (tmp_path / "households.quarantine.csv").exists()
-    bad = CliRunner().invoke(app, ["score", "--server", served["address"], "--data", str(data), "--out",
-                                   str(tmp_path / "o.csv"), "--token", "nope"])
+    bad = CliRunner().invoke(
+        app,
+        [
+            "score",
+            "--server",
+            served["address"],
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "o.csv"),
+            "--token",
+            "nope",
+        ],
+    )
     assert bad.exit_code == ExitCode.SCORING_REFUSED and "UNAUTHENTICATED" in bad.stderr
     with pytest.raises(ScoringError):
         ScoringClient(served["address"], token="nope")
 
 
 def test_generated_grpc_code_is_reproducible(tmp_path: Path) -> None:
-    shutil.copytree(REPO / "federation" / "proto", tmp_path / "federation" / "proto",
-                    ignore=shutil.ignore_patterns("*_pb2*.py", "__pycache__"))
-    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I.", "--python_out=.", "--grpc_python_out=.",
-                    "federation/proto/scoring.proto"], cwd=tmp_path, check=True)
+    shutil.copytree(
+        REPO / "federation" / "proto",
+        tmp_path / "federation" / "proto",
+        ignore=shutil.ignore_patterns("*_pb2*.py", "__pycache__"),
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            "-I.",
+            "--python_out=.",
+            "--grpc_python_out=.",
+            "federation/proto/scoring.proto",
+        ],
+        cwd=tmp_path,
+        check=True,
+    )
     for name in ("scoring_pb2.py", "scoring_pb2_grpc.py"):
-        assert filecmp.cmp(tmp_path / "federation" / "proto" / name, REPO / "federation" / "proto" / name, shallow=False)
+        assert filecmp.cmp(
+            tmp_path / "federation" / "proto" / name, REPO / "federation" / "proto" / name, shallow=False
+        )
