@@ -132,11 +132,16 @@ def main() -> None:
             "response": reply.ByteSize() / len(batch),
             "context_once": len(client.context.serialize(save_secret_key=False)),
         }
-        latencies = []
+        latencies, column_latencies = [], []
+        fast = ScoringClient("127.0.0.1:50871", low_latency=True)  # one ciphertext per household
         for row in x[:60]:
             t = time.perf_counter()
-            client.score_encoded(row[None, :], False, PURPOSE)
+            fast.score_encoded(row[None, :], False, PURPOSE)
             latencies.append(time.perf_counter() - t)
+        for row in x[:20]:
+            t = time.perf_counter()
+            client.score_encoded(row[None, :], False, PURPOSE)
+            column_latencies.append(time.perf_counter() - t)
         results["one_household_latency_ms"] = {
             "p50": 1000 * statistics.median(latencies[10:]),
             "p99": 1000 * float(np.percentile(latencies[10:], 99)),
@@ -216,7 +221,16 @@ def main() -> None:
             ">= 250",
         ],  # type: ignore[index,operator]
         ["MLP 40-16-x^2-1 households/s", f"{results['mlp']['per_second']:.0f}", ">= 2,500"],  # type: ignore[index]
-        ["one household p50 latency ms", f"{results['one_household_latency_ms']['p50']:.1f}", "<= 50"],  # type: ignore[index]
+        [
+            "one household p50 latency ms (row-packed, Galois keys)",
+            f"{results['one_household_latency_ms']['p50']:.1f}",
+            "<= 50",
+        ],
+        [
+            "one household p50 latency ms (column-packed)",
+            f"{results['one_household_latency_ms']['column_packed_p50']:.1f}",
+            "",
+        ],  # type: ignore[index]
         [f"max |score error| over {len(x)} households", f"{lg['max_abs_score_error']:.2e}", "<= 1e-3"],  # type: ignore[index]
         ["decisions differing outside +-1e-3", str(lg["decisions_differing_outside_band"]), "0"],  # type: ignore[index]
         [

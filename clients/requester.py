@@ -8,12 +8,15 @@ decryption, and no decrypted value is ever sent back (CKKS decryptions would lea
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
 import pandas as pd
+import tenseal as ts
 
 from federation.encoding import FeatureEncoder
 from federation.errors import AgencyflError
@@ -23,6 +26,16 @@ from federation.table import load_table
 from privacy.he import decrypt_vector, encrypt_columns, new_private_context, parameter_set, public_bytes
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+ENCRYPT_WORKERS = 2
+_ENCRYPTOR: dict[str, ts.Context] = {}
+
+
+def _init_encryptor(public_context: bytes) -> None:
+    _ENCRYPTOR["ctx"] = ts.context_from(public_context)  # public key only: workers cannot decrypt
+
+
+def _encrypt_block(block: np.ndarray) -> list[bytes]:
+    return encrypt_columns(_ENCRYPTOR["ctx"], block)
 
 
 class ScoringError(AgencyflError):
@@ -48,6 +61,7 @@ class ScoringClient:
         token: str | None = None,
         root_cert: bytes | None = None,
         client_cert: tuple[bytes, bytes] | None = None,
+        low_latency: bool = False,
     ) -> None:
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -76,12 +90,16 @@ class ScoringClient:
         )
         self.params = chosen
         self.context = new_private_context(chosen, relin_keys=chosen.depth > 1)
+        # Galois keys (about 19 MB, sent once) let single households be scored in one ciphertext.
+        self.row_packing = low_latency and self.info.kind == "logistic"
+        if self.row_packing:
+            self.context.generate_galois_keys()
         reply = self._call(
             self.stub.RegisterContext, scoring_pb2.RegisterContextRequest(public_context=public_bytes(self.context))
         )
         self.key_fingerprint = reply.key_fingerprint
 
-    def _call(self, method, request):  # type: ignore[no-untyped-def]
+    def _call(self, method: Any, request: Any) -> Any:
         try:
             return method(request, metadata=self.metadata, timeout=120)
         except grpc.RpcError as exc:
@@ -90,27 +108,62 @@ class ScoringClient:
     def score_encoded(
         self, x: np.ndarray, want_contributions: bool, purpose: str
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Logits (and per-input contributions) for encoded rows, in batches of the slot count."""
-        logits, contributions = [], []
+        """Logits (and per-input contributions) for encoded rows, in batches of the slot count.
+
+        With more than one batch, encryption runs ahead in worker processes that hold the public
+        key only (TenSEAL keeps the GIL, so threads would not overlap), while this process sends
+        batches and decrypts replies: the server evaluates batch k while batch k+1 is encrypted.
+        """
         step = int(self.info.max_batch)
-        for start in range(0, len(x), step):
-            block = x[start : start + step]
-            reply = self._call(
-                self.stub.ScoreBatch,
-                scoring_pb2.ScoreRequest(
-                    purpose=purpose,
-                    key_fingerprint=self.key_fingerprint,
-                    count=len(block),
-                    feature_columns=encrypt_columns(self.context, block),
-                    want_contributions=want_contributions,
-                ),
+        blocks = [x[start : start + step] for start in range(0, len(x), step)]
+        logits: list[np.ndarray] = []
+        contributions: list[np.ndarray] = []
+        pool = None
+        if len(blocks) > 1:
+            pool = ProcessPoolExecutor(
+                max_workers=ENCRYPT_WORKERS, initializer=_init_encryptor, initargs=(public_bytes(self.context),)
             )
-            logits.append(decrypt_vector(self.context, reply.logits, len(block)))
-            if reply.contributions:
-                contributions.append(
-                    np.stack([decrypt_vector(self.context, c, len(block)) for c in reply.contributions], 1)
+            pending = [pool.submit(_encrypt_block, block) for block in blocks]
+            encrypted = (f.result() for f in pending)
+        elif self.row_packing and len(x) == 1 and not want_contributions:
+            return self._score_row(x[0], purpose), None
+        else:
+            encrypted = (encrypt_columns(self.context, block) for block in blocks)
+        try:
+            for block, columns in zip(blocks, encrypted, strict=True):
+                reply = self._call(
+                    self.stub.ScoreBatch,
+                    scoring_pb2.ScoreRequest(
+                        purpose=purpose,
+                        key_fingerprint=self.key_fingerprint,
+                        count=len(block),
+                        feature_columns=columns,
+                        want_contributions=want_contributions,
+                    ),
                 )
+                logits.append(decrypt_vector(self.context, reply.logits, len(block)))
+                if reply.contributions:
+                    contributions.append(
+                        np.stack([decrypt_vector(self.context, c, len(block)) for c in reply.contributions], 1)
+                    )
+        finally:
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
         return np.concatenate(logits), (np.concatenate(contributions) if contributions else None)
+
+    def _score_row(self, row: np.ndarray, purpose: str) -> np.ndarray:
+        ciphertext = bytes(ts.ckks_vector(self.context, row.astype(np.float64).tolist()).serialize())
+        reply = self._call(
+            self.stub.ScoreBatch,
+            scoring_pb2.ScoreRequest(
+                purpose=purpose,
+                key_fingerprint=self.key_fingerprint,
+                count=1,
+                feature_columns=[ciphertext],
+                row_packed=True,
+            ),
+        )
+        return decrypt_vector(self.context, reply.logits, 1)
 
     def close(self) -> None:
         """Close the channel."""

@@ -66,9 +66,11 @@ def new_private_context(params: ParameterSet, relin_keys: bool = False) -> ts.Co
 
 
 def public_bytes(ctx: ts.Context) -> bytes:
-    """The context without its secret key, as sent to the server."""
+    """The context without its secret key, as sent to the server (Galois keys only if generated)."""
     return bytes(
-        ctx.serialize(save_public_key=True, save_secret_key=False, save_galois_keys=False, save_relin_keys=True)
+        ctx.serialize(
+            save_public_key=True, save_secret_key=False, save_galois_keys=ctx.has_galois_keys(), save_relin_keys=True
+        )
     )
 
 
@@ -149,6 +151,28 @@ class PlainModel:
             if i < len(self.layers) - 1:
                 h = h * h
         return np.asarray(h[:, 0])
+
+
+def evaluate_row(ctx: ts.Context, model: PlainModel, row: bytes) -> ts.CKKSVector:
+    """Score one household packed in one ciphertext: ``w . x + b`` by rotations (needs Galois keys).
+
+    Raises
+    ------
+    HEError
+        Not a logistic model, no Galois keys, or a malformed ciphertext.
+    """
+    if len(model.layers) != 1:
+        raise HEError("row-packed scoring serves logistic models only")
+    if not ctx.has_galois_keys():
+        raise HEError("row-packed scoring needs Galois keys in the registered context")
+    try:
+        ct = ts.ckks_vector_from(ctx, row)
+    except Exception as exc:
+        raise HEError(f"malformed ciphertext ({exc.__class__.__name__})") from None
+    w, b = model.layers[0]
+    if ct.size() != w.shape[1]:
+        raise HEError(f"the ciphertext holds {ct.size()} values; the model has {w.shape[1]} inputs")
+    return ct.dot(w[0].tolist()) + float(b[0])
 
 
 def evaluate_columns(ctx: ts.Context, model: PlainModel, columns: list[bytes]) -> ts.CKKSVector:

@@ -15,7 +15,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 import numpy as np
@@ -26,7 +26,15 @@ from torch import nn
 from federation.errors import ModelError
 from federation.model import Square
 from federation.proto import scoring_pb2, scoring_pb2_grpc
-from privacy.he import PARAMETER_SETS, HEError, PlainModel, evaluate_columns, fingerprint, load_public_context
+from privacy.he import (
+    PARAMETER_SETS,
+    HEError,
+    PlainModel,
+    evaluate_columns,
+    evaluate_row,
+    fingerprint,
+    load_public_context,
+)
 from server.registry import SPEC_FILE, RegisteredModel
 
 log = logging.getLogger("agencyfl.scoring")
@@ -47,6 +55,11 @@ def he_model(registered: RegisteredModel) -> PlainModel:
             (m.weight.detach().numpy().astype(np.float64), m.bias.detach().numpy().astype(np.float64)) for m in linears
         )
     )
+
+
+def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
+    context.abort(code, message)
+    raise AssertionError("unreachable: grpc aborts by raising")
 
 
 class TokenStore:
@@ -101,7 +114,9 @@ class ScoringService(scoring_pb2_grpc.ScoringServicer):
         meta = dict(context.invocation_metadata())
         header = str(meta.get("authorization", ""))
         if not header.startswith("Bearer ") or self.tokens.requester(header[7:]) is None:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "a valid bearer token issued by the coordinator is required")
+            _abort(
+                context, grpc.StatusCode.UNAUTHENTICATED, "a valid bearer token issued by the coordinator is required"
+            )
 
     def GetModelInfo(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802 (gRPC names)
         self._auth(context)
@@ -128,7 +143,7 @@ class ScoringService(scoring_pb2_grpc.ScoringServicer):
         try:
             ctx, _ = load_public_context(request.public_context, self.model.depth)
         except HEError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         key = fingerprint(request.public_context)
         with self._lock:
             self._contexts[key] = ctx
@@ -139,25 +154,44 @@ class ScoringService(scoring_pb2_grpc.ScoringServicer):
 
     def _score(self, request: Any, context: grpc.ServicerContext) -> Any:
         if request.purpose != self.purpose:
-            context.abort(
+            _abort(
+                context,
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"purpose {request.purpose!r} is not this model's registered purpose {self.purpose!r}",
             )
         with self._lock:
             ctx = self._contexts.get(request.key_fingerprint)
         if ctx is None:
-            context.abort(
+            _abort(
+                context,
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"unknown key fingerprint {request.key_fingerprint[:16]!r}: register the context first",
             )
+        if request.row_packed:
+            if request.count != 1 or len(request.feature_columns) != 1:
+                _abort(
+                    context,
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "row_packed requests carry one household in one ciphertext",
+                )
+            try:
+                result = evaluate_row(ctx, self.model, request.feature_columns[0])
+            except HEError as exc:
+                _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            except (ValueError, RuntimeError, TypeError):
+                _abort(
+                    context, grpc.StatusCode.INVALID_ARGUMENT, "the ciphertext cannot be evaluated under this context"
+                )
+            return scoring_pb2.ScoreReply(logits=bytes(result.serialize()), count=1, model_version=self.version)
         if len(request.feature_columns) != len(self.inputs):
-            context.abort(
+            _abort(
+                context,
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"expected {len(self.inputs)} feature ciphertexts, got {len(request.feature_columns)}",
             )
         slots = ctx.seal_context().data.key_context_data().parms().poly_modulus_degree() // 2
         if not 0 < request.count <= slots:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"count must be 1..{slots} (got {request.count})")
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"count must be 1..{slots} (got {request.count})")
         try:
             result = evaluate_columns(ctx, self.model, list(request.feature_columns))
             contributions = []
@@ -168,9 +202,9 @@ class ScoringService(scoring_pb2_grpc.ScoringServicer):
                     for j, c in enumerate(request.feature_columns)
                 ]
         except HEError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except (ValueError, RuntimeError, TypeError):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the ciphertexts cannot be evaluated under this context")
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "the ciphertexts cannot be evaluated under this context")
         return scoring_pb2.ScoreReply(
             logits=bytes(result.serialize()),
             count=request.count,

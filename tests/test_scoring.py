@@ -96,6 +96,24 @@ def test_mlp_with_square_activation_is_served_and_relu_is_refused(small_fed: Syn
         server.stop(0)
 
 
+def test_row_packed_single_households_match_plaintext(served: Any, small_fed: SynthResult) -> None:
+    registered = RegisteredModel(served["model"])
+    x = registered.encoder.encode(load_table(small_fed.test, registered.spec.schema, require_label=False).valid)[:5]
+    fast = ScoringClient(served["address"], token=served["token"], low_latency=True)
+    got = np.concatenate([fast.score_encoded(row[None, :], False, "eligibility-identification")[0] for row in x])
+    assert np.abs(got - he_model(registered).plaintext_logits(x)).max() < 1e-4
+    slow = ScoringClient(served["address"], token=served["token"])  # no Galois keys registered
+    row = bytes(ts.ckks_vector(slow.context, x[0].tolist()).serialize())
+    request = scoring_pb2.ScoreRequest(
+        purpose="eligibility-identification",
+        key_fingerprint=slow.key_fingerprint,
+        count=1,
+        feature_columns=[row],
+        row_packed=True,
+    )
+    assert call(served, "ScoreBatch", request) == grpc.StatusCode.INVALID_ARGUMENT
+
+
 def good_request(served: Any) -> None:
     client = ScoringClient(served["address"], token=served["token"])
     logits, _ = client.score_encoded(
@@ -295,7 +313,7 @@ def test_generated_grpc_code_is_reproducible(tmp_path: Path) -> None:
         cwd=tmp_path,
         check=True,
     )
-    for name in ("scoring_pb2.py", "scoring_pb2_grpc.py"):
+    for name in ("scoring_pb2.py", "scoring_pb2.pyi", "scoring_pb2_grpc.py"):
         assert filecmp.cmp(
             tmp_path / "federation" / "proto" / name, REPO / "federation" / "proto" / name, shallow=False
         )

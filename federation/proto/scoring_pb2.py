@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x66\x65\x64\x65ration/proto/scoring.proto\x12\x13\x61gencyfl.scoring.v1\"\x12\n\x10ModelInfoRequest\"c\n\x0cHEParameters\x12\x1b\n\x13poly_modulus_degree\x18\x01 \x01(\r\x12\x1b\n\x13\x63oeff_mod_bit_sizes\x18\x02 \x03(\r\x12\x19\n\x11global_scale_bits\x18\x03 \x01(\r\"\xc9\x01\n\tModelInfo\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x0f\n\x07purpose\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0e\n\x06inputs\x18\x04 \x03(\t\x12\x39\n\x0eparameter_sets\x18\x05 \x03(\x0b\x32!.agencyfl.scoring.v1.HEParameters\x12\x11\n\tmax_batch\x18\x06 \x01(\r\x12\x11\n\tspec_toml\x18\x07 \x01(\t\x12\x15\n\rcontributions\x18\x08 \x01(\x08\"0\n\x16RegisterContextRequest\x12\x16\n\x0epublic_context\x18\x01 \x01(\x0c\"/\n\x14RegisterContextReply\x12\x17\n\x0fkey_fingerprint\x18\x01 \x01(\t\"|\n\x0cScoreRequest\x12\x0f\n\x07purpose\x18\x01 \x01(\t\x12\x17\n\x0fkey_fingerprint\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\r\x12\x17\n\x0f\x66\x65\x61ture_columns\x18\x04 \x03(\x0c\x12\x1a\n\x12want_contributions\x18\x05 \x01(\x08\"Y\n\nScoreReply\x12\x0e\n\x06logits\x18\x01 \x01(\x0c\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x15\n\rcontributions\x18\x04 \x03(\x0c\x32\xf4\x02\n\x07Scoring\x12U\n\x0cGetModelInfo\x12%.agencyfl.scoring.v1.ModelInfoRequest\x1a\x1e.agencyfl.scoring.v1.ModelInfo\x12i\n\x0fRegisterContext\x12+.agencyfl.scoring.v1.RegisterContextRequest\x1a).agencyfl.scoring.v1.RegisterContextReply\x12P\n\nScoreBatch\x12!.agencyfl.scoring.v1.ScoreRequest\x1a\x1f.agencyfl.scoring.v1.ScoreReply\x12U\n\x0bScoreStream\x12!.agencyfl.scoring.v1.ScoreRequest\x1a\x1f.agencyfl.scoring.v1.ScoreReply(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x66\x65\x64\x65ration/proto/scoring.proto\x12\x13\x61gencyfl.scoring.v1\"\x12\n\x10ModelInfoRequest\"c\n\x0cHEParameters\x12\x1b\n\x13poly_modulus_degree\x18\x01 \x01(\r\x12\x1b\n\x13\x63oeff_mod_bit_sizes\x18\x02 \x03(\r\x12\x19\n\x11global_scale_bits\x18\x03 \x01(\r\"\xc9\x01\n\tModelInfo\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x0f\n\x07purpose\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0e\n\x06inputs\x18\x04 \x03(\t\x12\x39\n\x0eparameter_sets\x18\x05 \x03(\x0b\x32!.agencyfl.scoring.v1.HEParameters\x12\x11\n\tmax_batch\x18\x06 \x01(\r\x12\x11\n\tspec_toml\x18\x07 \x01(\t\x12\x15\n\rcontributions\x18\x08 \x01(\x08\"0\n\x16RegisterContextRequest\x12\x16\n\x0epublic_context\x18\x01 \x01(\x0c\"/\n\x14RegisterContextReply\x12\x17\n\x0fkey_fingerprint\x18\x01 \x01(\t\"\x90\x01\n\x0cScoreRequest\x12\x0f\n\x07purpose\x18\x01 \x01(\t\x12\x17\n\x0fkey_fingerprint\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\r\x12\x17\n\x0f\x66\x65\x61ture_columns\x18\x04 \x03(\x0c\x12\x1a\n\x12want_contributions\x18\x05 \x01(\x08\x12\x12\n\nrow_packed\x18\x06 \x01(\x08\"Y\n\nScoreReply\x12\x0e\n\x06logits\x18\x01 \x01(\x0c\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x15\n\rcontributions\x18\x04 \x03(\x0c\x32\xf4\x02\n\x07Scoring\x12U\n\x0cGetModelInfo\x12%.agencyfl.scoring.v1.ModelInfoRequest\x1a\x1e.agencyfl.scoring.v1.ModelInfo\x12i\n\x0fRegisterContext\x12+.agencyfl.scoring.v1.RegisterContextRequest\x1a).agencyfl.scoring.v1.RegisterContextReply\x12P\n\nScoreBatch\x12!.agencyfl.scoring.v1.ScoreRequest\x1a\x1f.agencyfl.scoring.v1.ScoreReply\x12U\n\x0bScoreStream\x12!.agencyfl.scoring.v1.ScoreRequest\x1a\x1f.agencyfl.scoring.v1.ScoreReply(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,10 +41,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTERCONTEXTREQUEST']._serialized_end=428
   _globals['_REGISTERCONTEXTREPLY']._serialized_start=430
   _globals['_REGISTERCONTEXTREPLY']._serialized_end=477
-  _globals['_SCOREREQUEST']._serialized_start=479
-  _globals['_SCOREREQUEST']._serialized_end=603
-  _globals['_SCOREREPLY']._serialized_start=605
-  _globals['_SCOREREPLY']._serialized_end=694
-  _globals['_SCORING']._serialized_start=697
-  _globals['_SCORING']._serialized_end=1069
+  _globals['_SCOREREQUEST']._serialized_start=480
+  _globals['_SCOREREQUEST']._serialized_end=624
+  _globals['_SCOREREPLY']._serialized_start=626
+  _globals['_SCOREREPLY']._serialized_end=715
+  _globals['_SCORING']._serialized_start=718
+  _globals['_SCORING']._serialized_end=1090
 # @@protoc_insertion_point(module_scope)
