@@ -7,6 +7,7 @@ decryption, and no decrypted value is ever sent back (CKKS decryptions would lea
 
 from __future__ import annotations
 
+import multiprocessing
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -119,9 +120,13 @@ class ScoringClient:
         logits: list[np.ndarray] = []
         contributions: list[np.ndarray] = []
         pool = None
-        if len(blocks) > 1:
+        if len(blocks) > 2:
+            # "spawn": forking a process that has gRPC threads running can crash the child.
             pool = ProcessPoolExecutor(
-                max_workers=ENCRYPT_WORKERS, initializer=_init_encryptor, initargs=(public_bytes(self.context),)
+                mp_context=multiprocessing.get_context("spawn"),
+                max_workers=ENCRYPT_WORKERS,
+                initializer=_init_encryptor,
+                initargs=(public_bytes(self.context),),
             )
             pending = [pool.submit(_encrypt_block, block) for block in blocks]
             encrypted = (f.result() for f in pending)

@@ -149,3 +149,15 @@ def test_empty_poisson_batches_still_count_as_steps() -> None:
     )
     assert result.steps == 40  # with 5 records at q=0.05 most batches are empty
     assert sum(h[2] for h in accountant.history) == 40
+
+
+def test_the_he_friendly_mlp_trains_under_dp(small_fed: SynthResult, tmp_path: Path) -> None:
+    site, _ = make_site(small_fed, tmp_path)
+    text = site.spec_path.read_text().replace(
+        '[model]\nkind = "logistic"', '[model]\nkind = "mlp"\nhidden = [8]\nactivation = "square"'
+    )
+    site.spec_path.write_text(text)
+    loaded = load_spec(site.spec_path)
+    reply = train_round(site, TrainRequest("j", 1, 2, loaded.sha256, initial(site)), seed=1)
+    assert reply.status == "trained" and reply.steps == 50 and len(reply.arrays) == 4
+    assert all(np.isfinite(a).all() for a in reply.arrays)

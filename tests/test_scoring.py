@@ -114,6 +114,28 @@ def test_row_packed_single_households_match_plaintext(served: Any, small_fed: Sy
     assert call(served, "ScoreBatch", request) == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def test_streaming_scores_many_batches(served: Any) -> None:
+    client = ScoringClient(served["address"], token=served["token"])
+    width = len(client.encoder.names)
+    rng = np.random.default_rng(1)
+    blocks = [rng.uniform(-1, 1, (n, width)) for n in (5, 17, 1)]
+    requests = [
+        scoring_pb2.ScoreRequest(
+            purpose="eligibility-identification",
+            key_fingerprint=client.key_fingerprint,
+            count=len(b),
+            feature_columns=encrypt_columns(client.context, b),
+        )
+        for b in blocks
+    ]
+    meta = [("authorization", f"Bearer {served['token']}")]
+    replies = list(stub(served["address"]).ScoreStream(iter(requests), metadata=meta, timeout=60))
+    model = he_model(RegisteredModel(served["model"]))
+    for block, reply in zip(blocks, replies, strict=True):
+        got = np.asarray(ts.ckks_vector_from(client.context, reply.logits).decrypt()[: len(block)])
+        assert np.abs(got - model.plaintext_logits(block)).max() < 1e-4
+
+
 def good_request(served: Any) -> None:
     client = ScoringClient(served["address"], token=served["token"])
     logits, _ = client.score_encoded(
@@ -221,7 +243,7 @@ def test_fuzzed_payloads_never_crash_or_hang_the_service(served: Any) -> None:
     real = encrypt_columns(client.context, np.zeros((2, width)))
     s = stub(served["address"])
     meta = [("authorization", f"Bearer {served['token']}")]
-    for i in range(300):
+    for i in range(1000):
         blob = real[i % width]
         mutated = bytearray(blob[: rng.integers(1, len(blob))]) if i % 3 == 0 else bytearray(blob)
         for _ in range(int(rng.integers(1, 8))):
