@@ -7,9 +7,8 @@ decryption, and no decrypted value is ever sent back (CKKS decryptions would lea
 
 from __future__ import annotations
 
-import multiprocessing
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,16 +26,6 @@ from federation.table import load_table
 from privacy.he import decrypt_vector, encrypt_columns, new_private_context, parameter_set, public_bytes
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-ENCRYPT_WORKERS = 2
-_ENCRYPTOR: dict[str, ts.Context] = {}
-
-
-def _init_encryptor(public_context: bytes) -> None:
-    _ENCRYPTOR["ctx"] = ts.context_from(public_context)  # public key only: workers cannot decrypt
-
-
-def _encrypt_block(block: np.ndarray) -> list[bytes]:
-    return encrypt_columns(_ENCRYPTOR["ctx"], block)
 
 
 class ScoringError(AgencyflError):
@@ -111,49 +100,44 @@ class ScoringClient:
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """Logits (and per-input contributions) for encoded rows, in batches of the slot count.
 
-        With more than one batch, encryption runs ahead in worker processes that hold the public
-        key only (TenSEAL keeps the GIL, so threads would not overlap), while this process sends
-        batches and decrypts replies: the server evaluates batch k while batch k+1 is encrypted.
+        Pipelined: while the server evaluates batch k (a gRPC call waiting in a helper thread, which
+        releases the GIL), this thread encrypts batch k+1. Encryption stays in this process: TenSEAL
+        encrypts with the secret key (symmetric, ~10x cheaper than public-key encryption), and the
+        secret key is not handed to any other process.
         """
+        if self.row_packing and len(x) == 1 and not want_contributions:
+            return self._score_row(x[0], purpose), None
         step = int(self.info.max_batch)
         blocks = [x[start : start + step] for start in range(0, len(x), step)]
         logits: list[np.ndarray] = []
         contributions: list[np.ndarray] = []
-        pool = None
-        if len(blocks) > 2:
-            # "spawn": forking a process that has gRPC threads running can crash the child.
-            pool = ProcessPoolExecutor(
-                mp_context=multiprocessing.get_context("spawn"),
-                max_workers=ENCRYPT_WORKERS,
-                initializer=_init_encryptor,
-                initargs=(public_bytes(self.context),),
+
+        def send(block: np.ndarray, columns: list[bytes]) -> Any:
+            request = scoring_pb2.ScoreRequest(
+                purpose=purpose,
+                key_fingerprint=self.key_fingerprint,
+                count=len(block),
+                feature_columns=columns,
+                want_contributions=want_contributions,
             )
-            pending = [pool.submit(_encrypt_block, block) for block in blocks]
-            encrypted = (f.result() for f in pending)
-        elif self.row_packing and len(x) == 1 and not want_contributions:
-            return self._score_row(x[0], purpose), None
-        else:
-            encrypted = (encrypt_columns(self.context, block) for block in blocks)
-        try:
-            for block, columns in zip(blocks, encrypted, strict=True):
-                reply = self._call(
-                    self.stub.ScoreBatch,
-                    scoring_pb2.ScoreRequest(
-                        purpose=purpose,
-                        key_fingerprint=self.key_fingerprint,
-                        count=len(block),
-                        feature_columns=columns,
-                        want_contributions=want_contributions,
-                    ),
+            return self._call(self.stub.ScoreBatch, request)
+
+        def collect(block: np.ndarray, reply: Any) -> None:
+            logits.append(decrypt_vector(self.context, reply.logits, len(block)))
+            if reply.contributions:
+                contributions.append(
+                    np.stack([decrypt_vector(self.context, c, len(block)) for c in reply.contributions], 1)
                 )
-                logits.append(decrypt_vector(self.context, reply.logits, len(block)))
-                if reply.contributions:
-                    contributions.append(
-                        np.stack([decrypt_vector(self.context, c, len(block)) for c in reply.contributions], 1)
-                    )
-        finally:
-            if pool is not None:
-                pool.shutdown(cancel_futures=True)
+
+        with ThreadPoolExecutor(max_workers=1) as rpc:
+            in_flight: tuple[np.ndarray, Future[Any]] | None = None
+            for block in blocks:
+                columns = encrypt_columns(self.context, block)
+                if in_flight is not None:
+                    collect(in_flight[0], in_flight[1].result())
+                in_flight = (block, rpc.submit(send, block, columns))
+            if in_flight is not None:
+                collect(in_flight[0], in_flight[1].result())
         return np.concatenate(logits), (np.concatenate(contributions) if contributions else None)
 
     def _score_row(self, row: np.ndarray, purpose: str) -> np.ndarray:
