@@ -150,6 +150,8 @@ class TrainingSection(_Frozen):
     learning_rate: Annotated[float, Field(gt=0.0, le=100.0)] = 2.0
     validation_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
     min_agencies: Annotated[int, Field(ge=1)] = 2
+    server_learning_rate: Annotated[float, Field(gt=0.0, le=10.0)] = 1.0
+    server_momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     seed: int = 0
 
 

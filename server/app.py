@@ -75,6 +75,8 @@ def run_job(grid: Grid, settings: ServerSettings, on_event: EventSink | None = N
         min_agencies=spec.training.min_agencies,
         on_event=sink,
         min_available_nodes=settings.min_available,
+        server_learning_rate=spec.training.server_learning_rate,
+        server_momentum=spec.training.server_momentum,
     )
     model = build_model(spec.model, FeatureEncoder(spec.schema).width, seed=spec.training.seed)
     _wait_for_agencies(grid, settings.min_available, settings.round_timeout)

@@ -14,8 +14,7 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
-from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+from flwr.serverapp.strategy import FedAvgM
 
 from federation.metrics import metrics_from_histograms
 
@@ -44,8 +43,11 @@ class RunLog:
     aggregated_rounds: int = 0
 
 
-class AgencyFedAvg(FedAvg):
+class AgencyFedAvg(FedAvgM):
     """FedAvg weighted by training rows, aware of refusals; see the module docstring.
+
+    Built on Flower's FedAvgM: with ``server_learning_rate=1`` and ``server_momentum=0`` (the spec's
+    defaults) it is plain FedAvg; server momentum costs no privacy (it post-processes DP updates).
 
     Parameters
     ----------
@@ -69,7 +71,8 @@ class AgencyFedAvg(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Average the trained updates; report refusals and errors."""
-        trained = []
+        replies = list(replies)
+        trained: list[Message] = []
         refused: dict[str, str] = {}
         for msg in replies:
             if msg.has_error():
@@ -83,7 +86,7 @@ class AgencyFedAvg(FedAvg):
             record.dataset = str(info["dataset"])
             if info["status"] == "trained":
                 record.rounds_trained += 1
-                trained.append(msg.content)
+                trained.append(msg)
             else:
                 record.refusals += 1
                 record.last_reason = str(info["reason"])
@@ -101,7 +104,7 @@ class AgencyFedAvg(FedAvg):
             )
             return None, None
         self.log.aggregated_rounds += 1
-        arrays = aggregate_arrayrecords(trained, self.weighted_by_key)
+        arrays, _ = super().aggregate_train(server_round, trained)  # weighted average, then server momentum
         return arrays, MetricRecord({"agencies-trained": len(trained), "agencies-refused": len(refused)})
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
