@@ -141,7 +141,8 @@ class TrainingSection(_Frozen):
     """Federated DP-SGD settings. Defaults were tuned on the synthetic population (docs/benchmarks.md).
 
     ``sample_rate`` is the Poisson sampling probability of each record at each step; one local epoch
-    is ``int(1 / sample_rate)`` steps.
+    is ``round(1 / sample_rate)`` steps. ``server_momentum`` is FedAvgM's momentum on the averaged
+    update (0.9 measured best on the synthetic agencies, whose data differ greatly; 0 = plain FedAvg).
     """
 
     rounds: Annotated[int, Field(ge=1, le=1000)] = 10
@@ -151,7 +152,7 @@ class TrainingSection(_Frozen):
     validation_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
     min_agencies: Annotated[int, Field(ge=1)] = 2
     server_learning_rate: Annotated[float, Field(gt=0.0, le=10.0)] = 1.0
-    server_momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    server_momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
     seed: int = 0
 
 
