@@ -339,3 +339,59 @@ def test_generated_grpc_code_is_reproducible(tmp_path: Path) -> None:
         assert filecmp.cmp(
             tmp_path / "federation" / "proto" / name, REPO / "federation" / "proto" / name, shallow=False
         )
+
+
+def _cert(subject: str, issuer_key: Any, issuer_name: Any, key: Any, ca: bool) -> bytes:
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import NameOID
+
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(issuer_name or name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if not ca:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+    return builder.sign(issuer_key or key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
+def test_mutual_tls_admits_a_client_certificate_and_refuses_none(served: Any) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    def pem(key: Any) -> bytes:
+        return key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+
+    ca_key, server_key, client_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+    ca = _cert("agencyfl test CA", None, None, ca_key, ca=True)
+    from cryptography import x509
+
+    ca_name = x509.load_pem_x509_certificate(ca).subject
+    server_cert = _cert("localhost", ca_key, ca_name, server_key, ca=False)
+    client_cert = _cert("street-office", ca_key, ca_name, client_key, ca=False)
+    server, port = start_server(served["model"], 0, None, tls=(server_cert, pem(server_key), ca))
+    try:
+        client = ScoringClient(f"localhost:{port}", root_cert=ca, client_cert=(client_cert, pem(client_key)))
+        assert client.score_encoded(np.zeros((2, len(client.encoder.names))), False, "eligibility-identification")[
+            0
+        ].shape == (2,)
+        with pytest.raises(ScoringError, match="UNAVAILABLE"):
+            ScoringClient(f"localhost:{port}", root_cert=ca)  # no client certificate: handshake refused
+    finally:
+        server.stop(0)
