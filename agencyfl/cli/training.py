@@ -1,0 +1,152 @@
+"""`agencyfl run` and `agencyfl evaluate`: federated training on this machine, and local evaluation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from agencyfl.cli.common import (
+    Format,
+    FormatOpt,
+    app,
+    emit_json,
+    err,
+    errors_to_exit,
+    out,
+)
+
+
+# ---------------------------------------------------------------- run
+def run_with_progress(spec: Path, workdir: Path, quiet: bool) -> dict[str, Any]:
+    from agencyfl.runner import run_federation
+    from federation.spec import load_spec
+
+    rounds = load_spec(spec).spec.training.rounds
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} rounds"),
+        TimeElapsedColumn(),
+        console=err,
+        disable=quiet,
+    )
+    with progress:
+        task = progress.add_task("starting the federation (Flower simulation engine)", total=rounds)
+
+        def on_event(event: dict[str, Any]) -> None:
+            kind = event.get("type")
+            if kind == "round":
+                eps = max(event.get("epsilon", {}).values(), default=0.0)
+                progress.update(
+                    task,
+                    completed=event["round"],
+                    description=f"round {event['round']}: AUC {event['auc']:.3f}, max epsilon {eps:.2f}",
+                )
+                if not quiet:
+                    progress.console.print(
+                        f"round {event['round']:>3}: pooled validation AUC {event['auc']:.4f}  "
+                        f"accuracy {event['accuracy']:.4f}  Brier {event['brier']:.4f}  "
+                        f"agencies trained {event.get('trained', '?')}  max epsilon {eps:.3f}"
+                    )
+            elif kind == "refusal" and not quiet:
+                progress.console.print(
+                    f"[yellow]round {event['round']}: {event['agency']} refused: {event['reason']}[/]"
+                )
+            elif kind == "skipped":
+                progress.update(task, completed=event["round"])
+                if not quiet:
+                    progress.console.print(f"[yellow]round {event['round']}: model unchanged ({event['reason']})[/]")
+            elif kind == "error" and not quiet:
+                progress.console.print(f"[red]round {event['round']}: an agency failed: {event['reason']}[/]")
+
+        return run_federation(spec, workdir, on_event=on_event)
+
+
+def print_run(summary: dict[str, Any]) -> None:
+    m = summary["metrics"]
+    out.print(
+        f"\n[bold]job {summary['job']}[/]: {summary['rounds_aggregated']}/{summary['rounds_planned']} rounds aggregated"
+    )
+    out.print(
+        f"pooled validation: AUC {m['auc']:.4f}, accuracy {m['accuracy']:.4f}, Brier {m['brier']:.4f} "
+        f"({m['n']} validation rows across agencies)"
+    )
+    table = Table("agency", "epsilon (this job)", "epsilon (lifetime)", "rounds", "refusals", "ledger")
+    for name, rec in summary["agencies"].items():
+        table.add_row(
+            name,
+            f"{rec['epsilon_job']:.3f}",
+            f"{rec['epsilon_lifetime']:.3f}",
+            str(rec["rounds_trained"]),
+            str(rec["refusals"]),
+            summary["ledgers"].get(name, ""),
+        )
+    out.print(table)
+    out.print(f"model: {summary['model']}")
+
+
+@app.command("run")
+def run(
+    spec: Annotated[Path, typer.Option(help="The federation spec (TOML)")],
+    workdir: Annotated[Path, typer.Option(help="Where ledgers, registry and run summaries go")] = Path("work"),
+    fmt: FormatOpt = Format.table,
+) -> None:
+    """Run the whole federation on this machine (Flower simulation engine, in process)."""
+    with errors_to_exit():
+        summary = run_with_progress(spec, workdir, quiet=fmt is Format.json)
+    if fmt is Format.json:
+        emit_json(summary)
+    else:
+        print_run(summary)
+
+
+# ---------------------------------------------------------------- evaluate
+def evaluate_file(model: Path, spec: Path, data: Path) -> dict[str, Any]:
+    from federation.encoding import FeatureEncoder
+    from federation.errors import ModelError
+    from federation.metrics import exact_metrics
+    from federation.model import predict_proba
+    from federation.spec import load_spec
+    from federation.table import load_table
+    from server.registry import RegisteredModel
+
+    registered = RegisteredModel(model)
+    loaded = load_spec(spec)
+    encoder = FeatureEncoder(loaded.spec.schema)
+    if encoder.names != registered.encoder.names:
+        raise ModelError(f"the spec's features do not match the model's inputs ({registered.directory})")
+    check = load_table(data, loaded.spec.schema)
+    scores = predict_proba(registered.model, encoder.encode(check.valid))
+    metrics = exact_metrics(scores, check.valid[loaded.spec.schema.label].to_numpy())
+    return {
+        "model": str(model),
+        "model_version": registered.card.get("model_version"),
+        "data": str(data),
+        "rows": check.total,
+        "scored": len(check.valid),
+        "quarantined": len(check.quarantined),
+        **metrics.as_dict(),
+    }
+
+
+@app.command("evaluate")
+def evaluate(
+    model: Annotated[Path, typer.Option(help="A registered model folder")],
+    spec: Annotated[Path, typer.Option(help="The federation spec (TOML)")],
+    data: Annotated[Path, typer.Option(help="A labelled CSV or Parquet file")],
+    fmt: FormatOpt = Format.table,
+) -> None:
+    """Score a local labelled file and print AUC, accuracy and Brier score."""
+    with errors_to_exit():
+        report = evaluate_file(model, spec, data)
+    if fmt is Format.json:
+        emit_json(report)
+        return
+    out.print(
+        f"{report['model_version']} on {data}: AUC {report['auc']:.4f}, accuracy {report['accuracy']:.4f}, "
+        f"Brier {report['brier']:.4f} ({report['scored']} rows scored, {report['quarantined']} quarantined)"
+    )
