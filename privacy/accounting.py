@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-from opacus.accountants import RDPAccountant
+from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from opacus.accountants.utils import get_noise_multiplier
 
@@ -58,6 +58,20 @@ def epsilon_for(records: Iterable[StepRecord], delta: float) -> float:
         return 0.0
     eps, _ = get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
     return float(eps)
+
+
+def epsilon_prv(records: Iterable[StepRecord], delta: float, eps_error: float = 0.01) -> float:
+    """Epsilon by the PRV accountant (Gopi, Lee, Wutschitz 2021): tighter than RDP, for reporting.
+
+    Enforcement uses RDP (``epsilon_for``): its bound is the larger, so refusing by it is the safe
+    side, and it is exact arithmetic where PRV is a numerical estimate with error ``eps_error``.
+    """
+    history = [(r.noise_multiplier, r.sample_rate, r.steps) for r in records if r.steps > 0]
+    if not history:
+        return 0.0
+    accountant = PRVAccountant()
+    accountant.history = history
+    return float(accountant.get_epsilon(delta=delta, eps_error=eps_error))
 
 
 MAX_NOISE_MULTIPLIER = 100.0  # beyond this no model learns anything; refuse instead

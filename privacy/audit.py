@@ -1,5 +1,8 @@
 """The auditor's view of a ledger: verify it, recompute the spend from its events, compare to caps.
 
+Lifetime epsilon is reported by both RDP (what enforcement uses: the larger, safe-side bound) and PRV
+(tighter, numerical), side by side.
+
 Recorded epsilons are not trusted: the spend is recomputed from the recorded mechanisms with the
 same accountant and must agree with what the agency wrote.
 """
@@ -10,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from privacy.accounting import epsilon_for
+from privacy.accounting import epsilon_for, epsilon_prv
 from privacy.ledger import spend_records, verify_ledger
 
 _AGREE = 1e-6
@@ -25,6 +28,7 @@ class AgencyAudit:
     last_job: str | None
     epsilon_last_job: float
     epsilon_lifetime: float
+    epsilon_lifetime_prv: float
     budget: float | None
     epsilon_job_cap: float | None
     delta: float | None
@@ -94,6 +98,7 @@ def audit_ledger(directory: str | Path) -> AgencyAudit:
         last_job=last_job,
         epsilon_last_job=eps_job,
         epsilon_lifetime=eps_life,
+        epsilon_lifetime_prv=epsilon_prv(spend_records(events), delta) if delta else 0.0,
         budget=events[-1].budget if events else None,
         epsilon_job_cap=events[-1].epsilon_job_cap if events else None,
         delta=delta,

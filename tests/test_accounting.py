@@ -8,7 +8,7 @@ from opacus.accountants import RDPAccountant
 from torch import nn
 
 from clients.trainer import dp_sgd, noise_generator
-from privacy.accounting import StepRecord, accountant_for, calibrate_noise, epsilon_for
+from privacy.accounting import StepRecord, accountant_for, calibrate_noise, epsilon_for, epsilon_prv
 
 
 def test_opacus_reference_value() -> None:
@@ -74,3 +74,12 @@ def test_composition_grows_with_rounds() -> None:
 def test_impossible_budget_raises() -> None:
     with pytest.raises(ValueError):
         calibrate_noise(1e-6, 1e-12, 0.5, 100000)
+
+
+def test_prv_is_reported_beside_rdp_and_is_the_tighter_bound() -> None:
+    # Both are upper bounds on the same mechanism; PRV (numerical) is tighter than RDP, which is why
+    # enforcement uses RDP: refusing by the larger bound is the safe side.
+    records = [StepRecord(1.0, 0.02, 500), StepRecord(1.4, 0.02, 300)]
+    rdp, prv = epsilon_for(records, 1e-5), epsilon_prv(records, 1e-5)
+    assert 0.5 * rdp < prv < rdp
+    assert epsilon_prv([], 1e-5) == 0.0

@@ -77,6 +77,7 @@ def test_audit_report_verifies_and_detects_tampering(federation_run: dict[str, A
     assert report["ok"] and len(report["agencies"]) == 4
     for row in report["agencies"]:
         assert row["verified"] and row["within_budget"] and row["rounds_last_job"] == 3
+        assert 0 < row["epsilon_lifetime_prv"] < row["epsilon_lifetime"]
         assert row["epsilon_lifetime"] == pytest.approx(
             federation_run["summary"]["agencies"][row["agency"]]["epsilon_lifetime"]
         )

@@ -47,7 +47,8 @@ def audit_report(
         table = Table(
             "agency",
             "epsilon last job",
-            "epsilon lifetime / cap",
+            "epsilon lifetime (RDP) / cap",
+            "lifetime (PRV)",
             "delta",
             "rounds (last job/all)",
             "refusals",
@@ -62,6 +63,7 @@ def audit_report(
                 r.agency,
                 f"{r.epsilon_last_job:.3f}",
                 f"{r.epsilon_lifetime:.3f} / {cap}",
+                f"{r.epsilon_lifetime_prv:.3f}",
                 f"{r.delta:g}" if r.delta else "-",
                 f"{r.rounds_last_job}/{r.rounds_total}",
                 str(r.refusals),
@@ -70,6 +72,7 @@ def audit_report(
                 "[green]ok[/]" if r.signatures_ok else "[red]BAD[/]",
             )
         out.print(table)
+        out.print("Caps are enforced with RDP (the larger, safe-side bound); PRV is the tighter estimate.")
         for r in rows:
             for problem in r.problems:
                 out.print(f"[red]{r.agency}: {problem}[/]")
