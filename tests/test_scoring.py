@@ -161,6 +161,16 @@ def test_each_refusal_has_its_status_and_the_service_stays_up(served: Any) -> No
     weak.global_scale = 2**20
     other = new_private_context(parameter_set("n8192-d1"))
     foreign = encrypt_columns(other, np.zeros((2, width)))
+
+    def score(**fields: Any) -> Any:
+        base = {
+            "purpose": "eligibility-identification",
+            "key_fingerprint": client.key_fingerprint,
+            "count": 2,
+            "feature_columns": foreign,
+        }
+        return scoring_pb2.ScoreRequest(**{**base, **fields})
+
     cases = [
         (
             "RegisterContext",
@@ -174,7 +184,7 @@ def test_each_refusal_has_its_status_and_the_service_stays_up(served: Any) -> No
         ),
         (
             "RegisterContext",
-            scoring_pb2.RegisterContextRequest(public_context=b"\\x00garbage" * 100),
+            scoring_pb2.RegisterContextRequest(public_context=b"\x00garbage" * 100),
             grpc.StatusCode.INVALID_ARGUMENT,
         ),
         (
@@ -182,50 +192,11 @@ def test_each_refusal_has_its_status_and_the_service_stays_up(served: Any) -> No
             scoring_pb2.RegisterContextRequest(public_context=b"x" * (65 * 1024 * 1024)),
             grpc.StatusCode.RESOURCE_EXHAUSTED,
         ),
-        (
-            "ScoreBatch",
-            scoring_pb2.ScoreRequest(
-                purpose="eligibility-identification", key_fingerprint="0" * 64, count=2, feature_columns=foreign
-            ),
-            grpc.StatusCode.FAILED_PRECONDITION,
-        ),
-        (
-            "ScoreBatch",
-            scoring_pb2.ScoreRequest(
-                purpose="marketing", key_fingerprint=client.key_fingerprint, count=2, feature_columns=foreign
-            ),
-            grpc.StatusCode.PERMISSION_DENIED,
-        ),
-        (
-            "ScoreBatch",
-            scoring_pb2.ScoreRequest(
-                purpose="eligibility-identification",
-                key_fingerprint=client.key_fingerprint,
-                count=2,
-                feature_columns=[b"junk"] * width,
-            ),
-            grpc.StatusCode.INVALID_ARGUMENT,
-        ),
-        (
-            "ScoreBatch",
-            scoring_pb2.ScoreRequest(
-                purpose="eligibility-identification",
-                key_fingerprint=client.key_fingerprint,
-                count=2,
-                feature_columns=foreign[:3],
-            ),
-            grpc.StatusCode.INVALID_ARGUMENT,
-        ),
-        (
-            "ScoreBatch",
-            scoring_pb2.ScoreRequest(
-                purpose="eligibility-identification",
-                key_fingerprint=client.key_fingerprint,
-                count=99999,
-                feature_columns=foreign,
-            ),
-            grpc.StatusCode.INVALID_ARGUMENT,
-        ),
+        ("ScoreBatch", score(key_fingerprint="0" * 64), grpc.StatusCode.FAILED_PRECONDITION),
+        ("ScoreBatch", score(purpose="marketing"), grpc.StatusCode.PERMISSION_DENIED),
+        ("ScoreBatch", score(feature_columns=[b"junk"] * width), grpc.StatusCode.INVALID_ARGUMENT),
+        ("ScoreBatch", score(feature_columns=foreign[:3]), grpc.StatusCode.INVALID_ARGUMENT),
+        ("ScoreBatch", score(count=99999), grpc.StatusCode.INVALID_ARGUMENT),
     ]
     for method, request, status in cases:
         assert call(served, method, request) == status, (method, status)
