@@ -185,3 +185,13 @@ def test_every_exit_code_has_help_text() -> None:
     assert all(len(text) > 20 for text in HELP.values())
     listed = json.loads(invoke("exit-codes", "--format", "json").stdout)
     assert {int(k) for k in listed} == {int(c) for c in ExitCode}
+
+
+def test_demo_runs_end_to_end(tmp_path: Path) -> None:
+    result = invoke("demo", "--workdir", tmp_path / "demo", "--households", 3000, "--seed", 4)
+    assert result.exit_code == 0, result.output
+    assert "What happened" in result.stdout and "chain ok, signatures ok" in result.stdout
+    test_auc = re.search(r"AUC (\d\.\d+), accuracy \S+, Brier \S+ on \d+ households", result.stdout)
+    assert test_auc is not None and float(test_auc.group(1)) > 0.75  # held-out test file
+    assert len(list((tmp_path / "demo" / "work" / "registry").rglob("card.json"))) == 1
+    assert len(list((tmp_path / "demo" / "data").glob("*.quarantine.csv"))) == 4
