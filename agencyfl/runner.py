@@ -8,6 +8,7 @@ are built by factories that carry their settings.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import warnings
@@ -55,13 +56,7 @@ def run_federation(spec_path: str | Path, workdir: str | Path, on_event: EventSi
     for site in sites:
         load_table(site.data_path, loaded.spec.schema)
     settings = ServerSettings(loaded=loaded, workdir=workdir, job=new_job_id(), min_available=len(sites))
-    outcome: dict[str, Any] = {}
-
-    def capture(event: dict[str, Any]) -> None:
-        if on_event:
-            on_event(event)
-
-    server_app = make_server_app(settings, capture)
+    server_app = make_server_app(settings, on_event)
     client_app = make_client_app(lambda ctx: sites[int(ctx.node_config["partition-id"])])
 
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -92,9 +87,7 @@ def run_federation(spec_path: str | Path, workdir: str | Path, on_event: EventSi
     summary_path = settings.run_dir / "summary.json"
     if not summary_path.exists():
         raise FederationError("the federation ended without a summary (see the log above)")
-    import json
-
-    outcome = json.loads(summary_path.read_text())
+    outcome: dict[str, Any] = json.loads(summary_path.read_text())
     if outcome.get("model") is None:
         raise FederationError(f"no model was produced; see {summary_path}")
     outcome["ledgers"] = {s.agency: str(s.ledger_dir) for s in sites}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import filecmp
+import json
 import re
 import shutil
 import subprocess
@@ -246,42 +247,17 @@ def test_score_cli_quarantines_bad_rows(served: Any, small_fed: SynthResult, tmp
     data = tmp_path / "households.csv"
     lines = small_fed.test.read_text().splitlines()
     data.write_text("\n".join([*lines[:50], lines[5].replace(",urban,", ",city,").replace(",rural,", ",city,")]) + "\n")
-    result = CliRunner().invoke(
-        app,
-        [
-            "score",
-            "--server",
-            served["address"],
-            "--data",
-            str(data),
-            "--out",
-            str(tmp_path / "out.csv"),
-            "--token",
-            served["token"],
-            "--format",
-            "json",
-        ],
-    )
-    assert result.exit_code == 0, result.output
-    import json
 
+    def score(out: str, token: str, *extra: str) -> Any:
+        args = ["score", "--server", served["address"], "--data", str(data), "--out", str(tmp_path / out)]
+        return CliRunner().invoke(app, [*args, "--token", token, *extra])
+
+    result = score("out.csv", served["token"], "--format", "json")
+    assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["scored"] == 49 and report["quarantined"] == 1
     assert (tmp_path / "households.quarantine.csv").exists()
-    bad = CliRunner().invoke(
-        app,
-        [
-            "score",
-            "--server",
-            served["address"],
-            "--data",
-            str(data),
-            "--out",
-            str(tmp_path / "o.csv"),
-            "--token",
-            "nope",
-        ],
-    )
+    bad = score("o.csv", "nope")
     assert bad.exit_code == ExitCode.SCORING_REFUSED and "UNAUTHENTICATED" in bad.stderr
     with pytest.raises(ScoringError):
         ScoringClient(served["address"], token="nope")
