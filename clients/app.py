@@ -1,8 +1,19 @@
-"""The agency's Flower ClientApp (Message API): translates messages to ``clients.rounds`` calls.
+"""The agency's Flower ClientApp: translates the coordinator's messages to ``clients.rounds`` calls.
+
+Built on Flower's legacy ``NumPyClient`` because SecAgg+ (``secaggplus_mod``) exists only there in
+Flower 1.41. A fit reply carries the agency's *update* (new weights minus the global weights; zeros
+with weight 0 when it refuses), so secure aggregation sums small numbers that quantise well, and
+the validation histograms of the global model it received (evaluation folded into training, one
+message per round instead of two).
+
+The agency, not the coordinator, decides whether its update may travel unmasked: when its copy of
+the spec turns secure aggregation on, a plain fit request is refused.
 
 ``make_client_app(resolve_site)`` builds the app for any engine; ``resolve_site`` maps a node's
 context to its ``AgencySite``. The module-level ``app`` (the ``[tool.flwr.app]`` component) reads the
-site from the SuperNode's node config: ``agency``, ``spec``, ``data`` and ``home``.
+site from the SuperNode's node config: ``agency``, ``spec``, ``data`` and ``home``. torch is imported
+only by the handlers that train or evaluate: every message starts a fresh process in deployment, and
+the three SecAgg+ key-exchange messages need no torch.
 """
 
 from __future__ import annotations
@@ -10,14 +21,21 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Context, Message
+from flwr.app.message_type import MessageType
+from flwr.client import Client, NumPyClient
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
-from clients.rounds import TrainRequest, evaluate_round, train_round
-from clients.site import AgencySite
+from clients.site import AgencySite, site_spec
 
 SiteResolver = Callable[[Context], AgencySite]
+Scalar = bool | bytes | float | int | str
 
 
 def site_from_node_config(context: Context) -> AgencySite:
@@ -31,68 +49,96 @@ def site_from_node_config(context: Context) -> AgencySite:
     )
 
 
-def make_client_app(resolve_site: SiteResolver = site_from_node_config) -> ClientApp:
-    """A ClientApp whose train and evaluate handlers run at the site ``resolve_site`` names."""
-    app = ClientApp()
+def histogram_bytes(values: list[int]) -> bytes:
+    """Histogram counts as bytes (legacy metrics hold scalars only)."""
+    return np.asarray(values, dtype=np.int64).tobytes()
 
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
+
+def histogram_from_bytes(data: bytes) -> np.ndarray:
+    """The inverse of ``histogram_bytes``."""
+    return np.frombuffer(data, dtype=np.int64).astype(float)
+
+
+def _evaluation_metrics(site: AgencySite, arrays: list[np.ndarray]) -> dict[str, Scalar]:
+    from clients.rounds import evaluate_round
+
+    reply = evaluate_round(site, arrays)
+    return {
+        "agency": reply.agency,
+        "eval-examples": reply.num_examples,
+        "hist-pos": histogram_bytes(reply.hist_pos),
+        "hist-neg": histogram_bytes(reply.hist_neg),
+        "brier-sum": reply.brier_sum,
+    }
+
+
+class AgencyClient(NumPyClient):
+    """One agency's answers to fit (train one round) and evaluate (validation histograms)."""
+
+    def __init__(self, site: AgencySite) -> None:
+        self.site = site
+
+    def fit(
+        self, parameters: list[np.ndarray], config: dict[str, Scalar]
+    ) -> tuple[list[np.ndarray], int, dict[str, Scalar]]:
+        """Train one round; return the update, its weight (rows; 0 if refused) and the round's metrics."""
+        from clients.rounds import TrainRequest, train_round
+
         logging.getLogger("flwr").setLevel(logging.WARNING)  # Opacus may lower it
-        site = resolve_site(context)
-        config = msg.content.config_records["config"]
-        request = TrainRequest(
-            job=str(config["job"]),
-            round=int(config["server-round"]),  # type: ignore[arg-type]
-            rounds=int(config["rounds"]),  # type: ignore[arg-type]
-            spec_sha256=str(config["spec-sha256"]),
-            arrays=msg.content.array_records["arrays"].to_numpy_ndarrays(),
+        metrics = _evaluation_metrics(self.site, parameters)  # the global model this round starts from
+        reply = train_round(
+            self.site,
+            TrainRequest(
+                job=str(config["job"]),
+                round=int(config["round"]),
+                rounds=int(config["rounds"]),
+                spec_sha256=str(config["spec-sha256"]),
+                arrays=parameters,
+            ),
         )
-        reply = train_round(site, request)
-        content = RecordDict(
-            {
-                "agency": ConfigRecord(
-                    {
-                        "name": reply.agency,
-                        "status": reply.status,
-                        "reason": reply.reason or "",
-                        "dataset": reply.dataset,
-                    }
-                ),
-                "metrics": MetricRecord(
-                    {
-                        "num-examples": reply.num_examples,
-                        "epsilon-job": reply.epsilon_job,
-                        "epsilon-lifetime": reply.epsilon_lifetime,
-                        "steps": reply.steps,
-                        "noise-multiplier": reply.noise_multiplier,
-                    }
-                ),
-            }
-        )
-        if reply.status == "trained":
-            content["arrays"] = ArrayRecord(reply.arrays)
-        return Message(content, reply_to=msg)
+        metrics |= {
+            "status": reply.status,
+            "reason": reply.reason or "",
+            "dataset": reply.dataset,
+            "epsilon-job": reply.epsilon_job,
+            "epsilon-lifetime": reply.epsilon_lifetime,
+            "steps": reply.steps,
+            "noise-multiplier": reply.noise_multiplier,
+            "rows": reply.num_examples,
+        }
+        if reply.status != "trained":
+            return [np.zeros_like(p) for p in parameters], 0, metrics
+        weight = min(reply.num_examples, int(config["max-weight"]))
+        return [new - old for new, old in zip(reply.arrays, parameters, strict=True)], weight, metrics
 
-    @app.evaluate()
-    def evaluate(msg: Message, context: Context) -> Message:
-        site = resolve_site(context)
-        reply = evaluate_round(site, msg.content.array_records["arrays"].to_numpy_ndarrays())
-        content = RecordDict(
-            {
-                "agency": ConfigRecord({"name": reply.agency}),
-                "metrics": MetricRecord(
-                    {
-                        "num-examples": reply.num_examples,
-                        "hist-pos": reply.hist_pos,
-                        "hist-neg": reply.hist_neg,
-                        "brier-sum": reply.brier_sum,
-                    }
-                ),
-            }
-        )
-        return Message(content, reply_to=msg)
+    def evaluate(self, parameters: list[np.ndarray], config: dict[str, Scalar]) -> tuple[float, int, dict[str, Scalar]]:
+        """Histograms of the validation split's scores under ``parameters``."""
+        metrics = _evaluation_metrics(self.site, parameters)
+        return 0.0, int(metrics["eval-examples"]), metrics
 
-    return app
+
+def _requires_secure_aggregation(site: AgencySite) -> bool:
+    return site_spec(site).spec.secure_aggregation.enabled
+
+
+def make_client_app(resolve_site: SiteResolver = site_from_node_config) -> ClientApp:
+    """A ClientApp for the site ``resolve_site`` names, speaking SecAgg+ when the round does."""
+
+    def client_fn(context: Context) -> Client:
+        return AgencyClient(resolve_site(context)).to_client()
+
+    def secure_aggregation_gate(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        if msg.metadata.message_type != MessageType.TRAIN:
+            return call_next(msg, context)
+        configs: Any = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+        if configs is not None and Key.STAGE in configs:
+            reply: Message = secaggplus_mod(msg, context, call_next)
+            return reply
+        if _requires_secure_aggregation(resolve_site(context)):
+            raise PermissionError("this agency's spec requires secure aggregation; refusing to send an unmasked update")
+        return call_next(msg, context)
+
+    return ClientApp(client_fn=client_fn, mods=[secure_aggregation_gate])
 
 
 app = make_client_app()

@@ -172,6 +172,19 @@ class PrivacySection(_Frozen):
         return self
 
 
+class SecureAggregationSection(_Frozen):
+    """Flower's SecAgg+ over the agencies' updates: the coordinator sees only their weighted sum.
+
+    ``timeout`` bounds each of the protocol's four stages (seconds; an agency that misses it counts
+    as dropped out). ``max_weight`` bounds the rows an update is weighted by (larger agencies are
+    capped at it); it also sets the quantisation scale, so keep it near the largest agency's rows.
+    """
+
+    enabled: bool = True
+    timeout: Annotated[float, Field(gt=0.0, le=3600.0)] = 300.0
+    max_weight: Annotated[int, Field(ge=1, le=10_000_000)] = 100_000
+
+
 class AgencySection(_Frozen):
     """One agency; ``data`` is a path on that agency's side (relative paths: to the spec file)."""
 
@@ -187,6 +200,7 @@ class FederationSpec(_Frozen):
     model: ModelSection = Field(default_factory=ModelSection)
     training: TrainingSection = Field(default_factory=TrainingSection)
     privacy: PrivacySection
+    secure_aggregation: SecureAggregationSection = Field(default_factory=SecureAggregationSection)
     agencies: Annotated[list[AgencySection], Field(min_length=1)]
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)

@@ -16,15 +16,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import Context
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.workflow import DefaultWorkflow
 from flwr.serverapp import Grid, ServerApp
 
 from federation.encoding import FeatureEncoder
 from federation.errors import FederationError
 from federation.model import build_model, model_to_arrays
 from federation.spec import LoadedSpec, load_spec
-from server.registry import register_model
-from server.strategy import AgencyFedAvg, EventSink
+from server.registry import checkpoint_dir, latest_checkpoint, register_model, save_checkpoint
+from server.secure_aggregation import AgencySecAggPlus, FastPollGrid
+from server.strategy import AgencyFedAvg, EventSink, JobPlan
 
 
 def new_job_id() -> str:
@@ -34,34 +37,43 @@ def new_job_id() -> str:
 
 @dataclass
 class ServerSettings:
-    """What the coordinator needs for one job."""
+    """What the coordinator needs for one job (``resume``: continue it from its last checkpoint)."""
 
     loaded: LoadedSpec
     workdir: Path
     job: str
     min_available: int
-    round_timeout: float = 600.0
+    connect_timeout: float = 600.0
+    resume: bool = False
 
     @property
     def run_dir(self) -> Path:
         """Where this job's summary goes."""
         return self.workdir / "runs" / self.job
 
+    @property
+    def checkpoints(self) -> Path:
+        """Where this job's per-round checkpoints go."""
+        return checkpoint_dir(self.workdir / "registry", self.loaded.spec.federation.name, self.job)
 
-def _wait_for_agencies(grid: Grid, count: int, timeout: float) -> None:
-    """Block until ``count`` nodes are connected.
 
-    FedAvg sizes its sample from the nodes connected at the moment it configures a round, so a
-    round started while agencies are still connecting would silently leave some of them out.
+def _wait_for_agencies(grid: Grid | FastPollGrid, want: int, need: int, timeout: float) -> int:
+    """Wait up to ``timeout`` for ``want`` nodes; return how many came, at least ``need``.
+
+    Flower samples a round from the nodes connected when it starts, so starting while agencies are
+    still connecting would silently leave some of them out.
     """
     deadline = time.monotonic() + timeout
-    while len(list(grid.get_node_ids())) < count:
-        if time.monotonic() > deadline:
-            raise FederationError(f"only {len(list(grid.get_node_ids()))} of {count} agencies connected")
+    while (count := len(list(grid.get_node_ids()))) < want and time.monotonic() < deadline:
         time.sleep(0.2)
+    if count < need:
+        raise FederationError(f"only {count} of {want} agencies connected within {timeout:.0f} s (minimum {need})")
+    return count
 
 
-def run_job(grid: Grid, settings: ServerSettings, on_event: EventSink | None = None) -> dict[str, Any]:
+def run_job(
+    grid: Grid, context: Context, settings: ServerSettings, on_event: EventSink | None = None
+) -> dict[str, Any]:
     """Run the job's rounds on ``grid``, register the model and return the run summary.
 
     Raises
@@ -71,26 +83,53 @@ def run_job(grid: Grid, settings: ServerSettings, on_event: EventSink | None = N
     """
     spec = settings.loaded.spec
     sink = on_event or (lambda event: None)
+    secure = spec.secure_aggregation.enabled
+    model = build_model(spec.model, FeatureEncoder(spec.schema).width, seed=spec.training.seed)
+    weights, velocity, first_round = model_to_arrays(model), None, 1
+    last = latest_checkpoint(settings.checkpoints) if settings.resume else None
+    if last is not None:
+        done, weights, velocity = last
+        first_round = done + 1
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    (settings.run_dir / "job.json").write_text(
+        json.dumps({"job": settings.job, "spec": str(settings.loaded.path), "spec_sha256": settings.loaded.sha256})
+    )
+    fast_grid = FastPollGrid(grid, spec.secure_aggregation.timeout)
+    connected = _wait_for_agencies(
+        fast_grid, settings.min_available, spec.training.min_agencies, settings.connect_timeout
+    )
     strategy = AgencyFedAvg(
+        JobPlan(
+            settings.job, spec.training.rounds, settings.loaded.sha256, spec.secure_aggregation.max_weight, first_round
+        ),
+        weights,
+        velocity=velocity,
         min_agencies=spec.training.min_agencies,
-        on_event=sink,
-        min_available_nodes=settings.min_available,
+        min_available=min(connected, spec.training.min_agencies),
+        secure=secure,
         server_learning_rate=spec.training.server_learning_rate,
         server_momentum=spec.training.server_momentum,
+        on_event=sink,
+        checkpoint=lambda r, w, v: save_checkpoint(settings.checkpoints, r, w, v),
     )
-    model = build_model(spec.model, FeatureEncoder(spec.schema).width, seed=spec.training.seed)
-    _wait_for_agencies(grid, settings.min_available, settings.round_timeout)
-    sink({"type": "start", "job": settings.job, "rounds": spec.training.rounds})
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(model_to_arrays(model)),
-        num_rounds=spec.training.rounds,
-        timeout=settings.round_timeout,
-        train_config=ConfigRecord(
-            {"job": settings.job, "rounds": spec.training.rounds, "spec-sha256": settings.loaded.sha256}
-        ),
-    )
+    remaining = spec.training.rounds - first_round + 1
+    sink({"type": "start", "job": settings.job, "rounds": spec.training.rounds, "first_round": first_round})
+    if remaining > 0:
+        fit_workflow = (
+            AgencySecAggPlus(
+                len(spec.agencies),
+                spec.training.min_agencies,
+                spec.secure_aggregation.timeout,
+                spec.secure_aggregation.max_weight,
+            )
+            if secure
+            else None
+        )
+        legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=remaining), strategy=strategy)
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+        DefaultWorkflow(fit_workflow=fit_workflow)(fast_grid, legacy)  # type: ignore[arg-type]
     log = strategy.log
+    log.aggregated_rounds += first_round - 1  # rounds aggregated before a resume
     summary: dict[str, Any] = {
         "job": settings.job,
         "federation": spec.federation.name,
@@ -127,9 +166,9 @@ def run_job(grid: Grid, settings: ServerSettings, on_event: EventSink | None = N
         "metrics": summary["metrics"],
         "metrics_source": "federated validation splits (pooled score histograms)",
         "rounds_aggregated": log.aggregated_rounds,
-        "secure_aggregation": False,
+        "secure_aggregation": secure,
     }
-    path = register_model(settings.workdir / "registry", settings.loaded, result.arrays.to_numpy_ndarrays(), card)
+    path = register_model(settings.workdir / "registry", settings.loaded, strategy.weights, card)
     summary["model"] = str(path)
     (settings.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     sink({"type": "done", "model": str(path)})
@@ -143,7 +182,7 @@ def make_server_app(settings: ServerSettings, on_event: EventSink | None = None)
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         logging.getLogger("flwr").setLevel(logging.WARNING)
-        run_job(grid, settings, on_event)
+        run_job(grid, context, settings, on_event)
 
     return app
 
@@ -153,11 +192,25 @@ app = ServerApp()
 
 @app.main()
 def _deployment_main(grid: Grid, context: Context) -> None:
-    loaded = load_spec(str(context.run_config["spec"]))
+    cfg = context.run_config
+    loaded = load_spec(str(cfg["spec"]))
     settings = ServerSettings(
         loaded=loaded,
-        workdir=Path(str(context.run_config.get("workdir", "."))),
-        job=str(context.run_config.get("job", new_job_id())),
-        min_available=loaded.spec.training.min_agencies,
+        workdir=Path(str(cfg.get("workdir", "."))),
+        job=str(cfg.get("job") or new_job_id()),
+        min_available=len(loaded.spec.agencies),
+        connect_timeout=float(cfg.get("connect-timeout", 600.0)),
+        resume=bool(cfg.get("resume", False)),
     )
-    run_job(grid, settings)
+    run_job(grid, context, settings, _events_to_file(settings.run_dir / "events.jsonl"))
+
+
+def _events_to_file(path: Path) -> EventSink:
+    """Append each event as a JSON line: how ``coordinator train`` follows a run it did not start in process."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def sink(event: dict[str, Any]) -> None:
+        with path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(event) + "\n")
+
+    return sink

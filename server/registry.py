@@ -88,3 +88,29 @@ class RegisteredModel:
             model_from_arrays(self.model, arrays)
         except ValueError as exc:
             raise ModelError(f"{str(self.directory)!r}: weights do not fit the model: {exc}") from exc
+
+
+def checkpoint_dir(root: Path, federation: str, job: str) -> Path:
+    """Where a job's per-round checkpoints live: ``ROOT/<federation>/checkpoints/<job>/``."""
+    return Path(root) / federation / "checkpoints" / job
+
+
+def save_checkpoint(directory: Path, job_round: int, weights: list[np.ndarray], velocity: list[np.ndarray]) -> Path:
+    """Save the global model and server-momentum buffer after ``job_round`` (written whole, then renamed)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / f"round-{job_round:04d}.npz"
+    partial = target.with_suffix(".partial.npz")
+    np.savez(partial, *weights, *velocity)
+    partial.replace(target)  # a crash mid-write never leaves a torn checkpoint behind
+    return target
+
+
+def latest_checkpoint(directory: Path) -> tuple[int, list[np.ndarray], list[np.ndarray]] | None:
+    """The last complete checkpoint as (round, weights, velocity), or None if there is none."""
+    files = sorted(directory.glob("round-[0-9][0-9][0-9][0-9].npz"))
+    if not files:
+        return None
+    with np.load(files[-1]) as npz:
+        arrays = [npz[f"arr_{i}"] for i in range(len(npz.files))]
+    half = len(arrays) // 2
+    return int(files[-1].stem.split("-")[1]), arrays[:half], arrays[half:]

@@ -1,24 +1,41 @@
-"""FedAvg over agencies that may refuse rounds, with evaluation from aggregates only.
+"""FedAvg with server momentum over agencies that may refuse rounds, aware of secure aggregation.
 
-Differences from Flower's FedAvg: a reply may be a refusal (an agency whose budget would be
-overspent); refusals and errors are reported through ``on_event`` and left out of the average; a
-round with fewer than ``min_agencies`` trained updates leaves the model unchanged. Evaluation
-replies carry score histograms, summed here into pooled AUC, accuracy and Brier score.
+Agencies reply with updates (new minus global weights), weighted by their training rows; a refusal
+is a zero update of weight 0 plus its reason in the metrics. Under SecAgg+ every reply's parameters
+are already the weighted average (Flower's workflow puts the unmasked sum in each); without it the
+average is taken here. A round with fewer than ``min_agencies`` trained updates leaves the model
+unchanged. Fit replies also carry the validation histograms of the global model they started from,
+pooled here into AUC, accuracy and Brier score for that model (round ``r`` evaluates the model after
+round ``r - 1``); the final model is evaluated by one evaluate message at the end.
+
+Built on Flower's legacy ``FedAvg`` (SecAgg+ needs the legacy workflow in Flower 1.41).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord
-from flwr.serverapp.strategy import FedAvgM
+from flwr.common import (
+    EvaluateIns,
+    EvaluateRes,
+    FitRes,
+    Parameters,
+    Scalar,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import FedAvg
 
+from clients.app import histogram_from_bytes
 from federation.metrics import metrics_from_histograms
 
 EventSink = Callable[[dict[str, Any]], None]
+Checkpoint = Callable[[int, list[np.ndarray], list[np.ndarray]], object]
 
 
 @dataclass
@@ -43,94 +60,181 @@ class RunLog:
     aggregated_rounds: int = 0
 
 
-class AgencyFedAvg(FedAvgM):
-    """FedAvg weighted by training rows, aware of refusals; see the module docstring.
+@dataclass(frozen=True)
+class JobPlan:
+    """What every fit message tells the agencies, and where this run starts within the job."""
 
-    Built on Flower's FedAvgM: with ``server_learning_rate=1`` and ``server_momentum=0`` (the spec's
-    defaults) it is plain FedAvg; server momentum costs no privacy (it post-processes DP updates).
+    job: str
+    rounds: int
+    spec_sha256: str
+    max_weight: int
+    first_round: int = 1  # > 1 when resuming from a checkpoint
+
+
+class AgencyFedAvg(FedAvg):
+    """See the module docstring.
 
     Parameters
     ----------
+    plan
+        The job, its planned rounds and the round this run starts at.
+    weights, velocity
+        The global model and the server-momentum buffer to start from (a checkpoint when resuming).
     min_agencies
         Fewest trained updates for a round to change the model.
+    secure
+        Whether replies come through SecAgg+ (their parameters are then the aggregate already).
     on_event
-        Receives one dict per notable event (``round``, ``refusal``, ``error``).
+        Receives one dict per notable event (``round``, ``refusal``, ``error``, ``skipped``).
+    checkpoint
+        Called with (round, weights, velocity) after each aggregated round.
     """
 
-    def __init__(self, min_agencies: int, on_event: EventSink | None = None, **kwargs: Any) -> None:
-        super().__init__(min_train_nodes=min_agencies, min_evaluate_nodes=min_agencies, **kwargs)
+    def __init__(
+        self,
+        plan: JobPlan,
+        weights: list[np.ndarray],
+        *,
+        velocity: list[np.ndarray] | None = None,
+        min_agencies: int,
+        min_available: int,
+        secure: bool,
+        server_learning_rate: float = 1.0,
+        server_momentum: float = 0.0,
+        on_event: EventSink | None = None,
+        checkpoint: Checkpoint | None = None,
+    ) -> None:
+        super().__init__(
+            fraction_fit=1.0,
+            fraction_evaluate=1.0,
+            min_fit_clients=min_available,
+            min_evaluate_clients=min_available,
+            min_available_clients=min_available,
+            initial_parameters=ndarrays_to_parameters(weights),
+            accept_failures=True,
+        )
+        self.plan = plan
+        self.weights = [w.copy() for w in weights]
+        self.velocity = velocity if velocity is not None else [np.zeros_like(w) for w in weights]
         self.min_agencies = min_agencies
+        self.secure = secure
+        self.server_learning_rate = server_learning_rate
+        self.server_momentum = server_momentum
         self.on_event = on_event or (lambda event: None)
+        self.checkpoint = checkpoint or (lambda r, w, v: None)
         self.log = RunLog()
-        self._pending: dict[str, Any] = {}
+        self._round_info: dict[int, dict[str, Any]] = {}  # what each round's replies said, by job round
+        self.on_fit_config_fn = self._fit_config
+
+    def job_round(self, server_round: int) -> int:
+        """The round number within the job (runs resumed from a checkpoint start past 1)."""
+        return self.plan.first_round + server_round - 1
+
+    def _fit_config(self, server_round: int) -> dict[str, Scalar]:
+        return {
+            "job": self.plan.job,
+            "round": self.job_round(server_round),
+            "rounds": self.plan.rounds,
+            "spec-sha256": self.plan.spec_sha256,
+            "max-weight": self.plan.max_weight,
+        }
 
     def _agency(self, name: str) -> AgencyRecord:
         return self.log.agencies.setdefault(name, AgencyRecord())
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Average the trained updates; report refusals and errors."""
-        replies = list(replies)
-        trained: list[Message] = []
-        refused: dict[str, str] = {}
-        for msg in replies:
-            if msg.has_error():
-                self.on_event({"type": "error", "round": server_round, "reason": msg.error.reason})
-                continue
-            info = msg.content["agency"]
-            name, metrics = str(info["name"]), msg.content["metrics"]
-            record = self._agency(name)
-            record.epsilon_job = float(metrics["epsilon-job"])  # type: ignore[arg-type]
-            record.epsilon_lifetime = float(metrics["epsilon-lifetime"])  # type: ignore[arg-type]
-            record.dataset = str(info["dataset"])
-            if info["status"] == "trained":
+    def take_replies(self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list[Any]) -> int:
+        """Record the replies (spend, refusals, errors, evaluation); return how many agencies trained."""
+        job_round = self.job_round(server_round)
+        self._record_evaluation(job_round - 1, [res.metrics for _, res in results])
+        for failure in failures:
+            self.on_event({"type": "error", "round": job_round, "reason": _failure_reason(failure)})
+        trained = 0
+        for _, res in results:
+            m = res.metrics
+            record = self._agency(str(m["agency"]))
+            record.epsilon_job = float(m["epsilon-job"])
+            record.epsilon_lifetime = float(m["epsilon-lifetime"])
+            record.dataset = str(m["dataset"])
+            if m["status"] == "trained":
                 record.rounds_trained += 1
-                trained.append(msg)
+                trained += 1
             else:
                 record.refusals += 1
-                record.last_reason = str(info["reason"])
-                refused[name] = str(info["reason"])
-                self.on_event({"type": "refusal", "round": server_round, "agency": name, "reason": str(info["reason"])})
-        self._pending = {"round": server_round, "trained": len(trained), "refused": refused}
-        if len(trained) < self.min_agencies:
-            self.on_event(
-                {
-                    "type": "skipped",
-                    "round": server_round,
-                    "trained": len(trained),
-                    "reason": f"{len(trained)} trained update(s) < minimum {self.min_agencies}",
-                }
-            )
-            return None, None
-        self.log.aggregated_rounds += 1
-        arrays, _ = super().aggregate_train(server_round, trained)  # weighted average, then server momentum
-        return arrays, MetricRecord({"agencies-trained": len(trained), "agencies-refused": len(refused)})
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Pool the agencies' validation histograms into AUC, accuracy and Brier score."""
-        pos = np.zeros(0)
-        neg = np.zeros(0)
-        brier = 0.0
-        for msg in replies:
-            if msg.has_error():
-                self.on_event({"type": "error", "round": server_round, "reason": msg.error.reason})
-                continue
-            m = msg.content["metrics"]
-            p, n = np.asarray(m["hist-pos"], dtype=float), np.asarray(m["hist-neg"], dtype=float)
-            pos = p if pos.size == 0 else pos + p
-            neg = n if neg.size == 0 else neg + n
-            brier += float(m["brier-sum"])  # type: ignore[arg-type]
-        if pos.size == 0:
-            return None
-        pooled = metrics_from_histograms(pos, neg, brier)
-        entry = {
-            **self._pending,
-            "type": "round",
-            "round": server_round,
-            **pooled.as_dict(),
+                record.last_reason = str(m["reason"])
+                self.on_event({"type": "refusal", "round": job_round, "agency": m["agency"], "reason": m["reason"]})
+        self._round_info[job_round] = {
+            "trained": trained,
+            "refused": len(results) - trained,
+            "failed": len(failures),
             "epsilon": {k: v.epsilon_job for k, v in self.log.agencies.items()},
+        }
+        return trained
+
+    def skip(self, server_round: int, trained: int) -> None:
+        """Report a round that leaves the model unchanged."""
+        reason = f"{trained} trained update(s) < minimum {self.min_agencies}"
+        self.on_event({"type": "skipped", "round": self.job_round(server_round), "trained": trained, "reason": reason})
+
+    def aggregate_fit(
+        self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list[Any]
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """Average the trained updates (or take SecAgg+'s average), then apply server momentum."""
+        trained = self.take_replies(server_round, results, failures)
+        if trained < self.min_agencies:
+            self.skip(server_round, trained)
+            return None, {}
+        if self.secure:
+            update = parameters_to_ndarrays(results[0][1].parameters)
+        else:
+            pairs = [
+                (parameters_to_ndarrays(res.parameters), res.num_examples) for _, res in results if res.num_examples > 0
+            ]
+            total = sum(n for _, n in pairs)
+            update = [np.sum([arrays[i] * n for arrays, n in pairs], axis=0) / total for i in range(len(self.weights))]
+        self.velocity = [self.server_momentum * v + u for v, u in zip(self.velocity, update, strict=True)]
+        self.weights = [w + self.server_learning_rate * v for w, v in zip(self.weights, self.velocity, strict=True)]
+        self.log.aggregated_rounds += 1
+        self.checkpoint(self.job_round(server_round), self.weights, self.velocity)
+        return ndarrays_to_parameters(self.weights), {"agencies-trained": trained}
+
+    def configure_evaluate(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, EvaluateIns]]:
+        """Evaluate only the final model: earlier ones are evaluated by the next round's fit replies."""
+        if self.job_round(server_round) < self.plan.rounds:
+            return []
+        return super().configure_evaluate(server_round, parameters, client_manager)
+
+    def aggregate_evaluate(
+        self, server_round: int, results: list[tuple[ClientProxy, EvaluateRes]], failures: list[Any]
+    ) -> tuple[float | None, dict[str, Scalar]]:
+        """Pool the final model's validation histograms."""
+        for failure in failures:
+            self.on_event({"type": "error", "round": self.job_round(server_round), "reason": _failure_reason(failure)})
+        entry = self._record_evaluation(self.job_round(server_round), [res.metrics for _, res in results])
+        return (None, {}) if entry is None else (float(entry["brier"]), {"auc": float(entry["auc"])})
+
+    def _record_evaluation(self, model_round: int, replies: list[dict[str, Scalar]]) -> dict[str, Any] | None:
+        if not replies:
+            return None
+        pos = np.sum([histogram_from_bytes(m["hist-pos"]) for m in replies], axis=0)  # type: ignore[arg-type]
+        neg = np.sum([histogram_from_bytes(m["hist-neg"]) for m in replies], axis=0)  # type: ignore[arg-type]
+        brier = sum(float(m["brier-sum"]) for m in replies)
+        pooled = metrics_from_histograms(np.asarray(pos), np.asarray(neg), brier)
+        entry = {
+            "type": "round",
+            "round": model_round,
+            "trained": 0,
+            "epsilon": {str(m["agency"]): 0.0 for m in replies},  # the initial model: nothing spent yet
+            **self._round_info.get(model_round, {}),
+            **pooled.as_dict(),
         }
         self.log.rounds.append(entry)
         self.on_event(entry)
-        return MetricRecord({k: float(v) for k, v in pooled.as_dict().items()})
+        return entry
+
+
+def _failure_reason(failure: Any) -> str:
+    if isinstance(failure, BaseException):
+        return str(failure) or type(failure).__name__
+    return str(failure)

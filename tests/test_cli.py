@@ -44,8 +44,11 @@ def test_run_trains_registers_and_reports(federation_run: dict[str, Any]) -> Non
         assert agency["rounds_trained"] == 3 and agency["refusals"] == 0
         assert 2.9 < agency["epsilon_job"] <= 3.0
     assert summary["metrics"]["auc"] > 0.7
-    assert [h["round"] for h in summary["history"]] == [1, 2, 3]
+    # round 0 is the initial model (evaluated by round 1's replies); later rounds the model after them
+    assert [h["round"] for h in summary["history"]] == [0, 1, 2, 3]
+    assert summary["history"][-1]["auc"] > summary["history"][0]["auc"]
     card = json.loads((Path(summary["model"]) / "card.json").read_text())
+    assert card["secure_aggregation"] is True  # on by default
     assert card["purpose"] == "eligibility-identification"
     assert {a["name"] for a in card["agencies"]} == set(summary["agencies"])
     assert all(a["epsilon"] <= 3.0 and len(a["dataset_sha256"]) == 64 for a in card["agencies"])
