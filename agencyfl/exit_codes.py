@@ -7,6 +7,7 @@ from enum import IntEnum
 from federation.errors import (
     AgencyflError,
     DataFileError,
+    DeploymentError,
     FederationError,
     LedgerError,
     ModelError,
@@ -27,6 +28,7 @@ class ExitCode(IntEnum):
     FEDERATION_FAILED = 7
     MODEL_INVALID = 8
     SCORING_REFUSED = 9
+    DEPLOYMENT_FAILED = 10
 
 
 HELP: dict[ExitCode, str] = {
@@ -44,6 +46,10 @@ HELP: dict[ExitCode, str] = {
     ExitCode.SCORING_REFUSED: (
         "The scoring server refused the request or could not be reached (the message gives the gRPC status)."
     ),
+    ExitCode.DEPLOYMENT_FAILED: (
+        "A SuperLink or SuperNode did not start or was refused (unregistered key, TLS), or a deployment folder "
+        "is incomplete; the message quotes the daemon's reason and names its log."
+    ),
 }
 
 _BY_ERROR: list[tuple[type[AgencyflError], ExitCode]] = [
@@ -51,6 +57,7 @@ _BY_ERROR: list[tuple[type[AgencyflError], ExitCode]] = [
     (DataFileError, ExitCode.DATA_UNUSABLE),
     (LedgerError, ExitCode.LEDGER_UNVERIFIED),
     (FederationError, ExitCode.FEDERATION_FAILED),
+    (DeploymentError, ExitCode.DEPLOYMENT_FAILED),
     (ModelError, ExitCode.MODEL_INVALID),
 ]
 

@@ -46,6 +46,7 @@ def site_from_node_config(context: Context) -> AgencySite:
         spec_path=Path(str(cfg["spec"])),
         data_path=Path(str(cfg["data"])),
         home=Path(str(cfg["home"])),
+        keys_dir=Path(str(cfg["keys"])) if cfg.get("keys") else None,
     )
 
 

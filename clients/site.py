@@ -30,6 +30,7 @@ class AgencySite(BaseModel):
     spec_path: Path
     data_path: Path
     home: Path
+    keys_dir: Path | None = None  # default: home/keys
 
     @property
     def ledger_dir(self) -> Path:
@@ -39,7 +40,7 @@ class AgencySite(BaseModel):
     @property
     def signing_key_path(self) -> Path:
         """The agency's ledger signing key (secret; owner-only permissions)."""
-        return self.home / "keys" / "ledger-signing.key"
+        return (self.keys_dir or self.home / "keys") / "ledger-signing.key"
 
     def open_ledger(self) -> Ledger:
         """The agency's ledger, with its signing key (created on first use)."""

@@ -25,3 +25,7 @@ class LedgerError(AgencyflError):
 
 class FederationError(AgencyflError):
     """A federated run ended without a model (too few agencies, all rounds refused, ...)."""
+
+
+class DeploymentError(AgencyflError):
+    """A daemon (SuperLink, SuperNode) failed to start or was refused, or a deployment folder is incomplete."""

@@ -70,3 +70,85 @@ def steward_check(
     if report["label_rate"] is not None:
         out.print(f"eligible share among valid rows: {report['label_rate']:.1%}")
     out.print(f"dataset fingerprint: {check.fingerprint[:16]}…  (the input file was not modified)")
+
+
+@steward_app.command("keys")
+def steward_keys(
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="New folder for the agency's keys (keep it on the agency's host)")
+    ],
+    agency: Annotated[str, typer.Option(help="Your agency's name (a comment in node.pub)")] = "agency",
+    fmt: FormatOpt = Format.table,
+) -> None:
+    """Make the agency's SuperNode key and ledger signing key; hand node.pub to the coordinator."""
+    from agencyfl.deployment import make_steward_keys
+
+    with errors_to_exit():
+        paths = make_steward_keys(out_dir, agency)
+    if fmt is Format.json:
+        emit_json({k: str(v) for k, v in paths.items()})
+        return
+    out.print(f"keys written to {out_dir} (private keys are readable by their owner only)")
+    out.print(f"hand to the coordinator: {paths['node_pub']}  (and {paths['ledger_pub']} for auditors)")
+    out.print("never hand over: node.key, ledger-signing.key")
+
+
+@steward_app.command("start")
+def steward_start(
+    agency: Annotated[str, typer.Option(help="Your agency's name in the spec")],
+    spec: Annotated[Path, typer.Option(help="The federation spec (the same file the coordinator holds)")],
+    data: Annotated[Path, typer.Option(help="Your data file (CSV or Parquet); it never leaves this host")],
+    superlink: Annotated[str, typer.Option(help="The coordinator's SuperLink as HOST:PORT")],
+    root_cert: Annotated[Path, typer.Option(help="The coordinator's CA certificate (ca.crt)")],
+    keys: Annotated[Path, typer.Option(help="The folder made by `steward keys`")],
+    home: Annotated[
+        Path | None, typer.Option(help="Where the ledger, log and PID go (default: the keys folder's parent)")
+    ] = None,
+    fmt: FormatOpt = Format.table,
+) -> None:
+    """Check the data, then run this agency's Flower SuperNode (detached) against the coordinator."""
+    from agencyfl.deployment import StewardHome, start_steward
+    from federation.spec import load_spec
+    from federation.table import load_table
+
+    site_home = (home or keys.resolve().parent).resolve()
+    with errors_to_exit():
+        loaded = load_spec(spec)
+        loaded.spec.agency(agency)
+        check = load_table(data, loaded.spec.schema)
+        pid = start_steward(agency, spec, data, superlink, root_cert, keys, site_home)
+    report = {
+        "agency": agency,
+        "pid": pid,
+        "superlink": superlink,
+        "rows": check.total,
+        "valid": len(check.valid),
+        "quarantined": len(check.quarantined),
+        "quarantine_file": str(check.quarantine_path) if check.quarantine_path else None,
+        "ledger": str(site_home / "ledger"),
+        "log": str(StewardHome(site_home).log),
+    }
+    if fmt is Format.json:
+        emit_json(report)
+        return
+    out.print(f"{agency}: {check.total} rows, {len(check.valid)} valid, {len(check.quarantined)} quarantined")
+    if check.quarantine_path:
+        out.print(f"quarantine file: {check.quarantine_path}")
+    out.print(
+        f"SuperNode running (pid {pid}), connected to {superlink}; ledger {report['ledger']}; log {report['log']}"
+    )
+
+
+@steward_app.command("stop")
+def steward_stop(
+    home: Annotated[Path, typer.Option(help="The folder `steward start` used as home")],
+    fmt: FormatOpt = Format.table,
+) -> None:
+    """Stop this agency's SuperNode by its recorded PID."""
+    from agencyfl.deployment import stop_steward
+
+    stopped = stop_steward(home)
+    if fmt is Format.json:
+        emit_json({"stopped": stopped})
+    else:
+        out.print("SuperNode stopped" if stopped else "the SuperNode was not running")

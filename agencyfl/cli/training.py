@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -26,6 +27,18 @@ def run_with_progress(spec: Path, workdir: Path, quiet: bool) -> dict[str, Any]:
     from federation.spec import load_spec
 
     rounds = load_spec(spec).spec.training.rounds
+    return with_progress(
+        rounds,
+        quiet,
+        "starting the federation (Flower simulation engine)",
+        lambda on_event: run_federation(spec, workdir, on_event=on_event),
+    )
+
+
+def with_progress(
+    rounds: int, quiet: bool, title: str, start: Callable[[Callable[[dict[str, Any]], None]], dict[str, Any]]
+) -> dict[str, Any]:
+    """Run ``start(on_event)`` showing a progress bar and one line per round, refusal or failure."""
     progress = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -35,7 +48,7 @@ def run_with_progress(spec: Path, workdir: Path, quiet: bool) -> dict[str, Any]:
         disable=quiet,
     )
     with progress:
-        task = progress.add_task("starting the federation (Flower simulation engine)", total=rounds)
+        task = progress.add_task(title, total=rounds)
 
         def on_event(event: dict[str, Any]) -> None:
             kind = event.get("type")
@@ -63,7 +76,7 @@ def run_with_progress(spec: Path, workdir: Path, quiet: bool) -> dict[str, Any]:
             elif kind == "error" and not quiet:
                 progress.console.print(f"[red]round {event['round']}: an agency failed: {event['reason']}[/]")
 
-        return run_federation(spec, workdir, on_event=on_event)
+        return start(on_event)
 
 
 def print_run(summary: dict[str, Any]) -> None:
@@ -83,7 +96,7 @@ def print_run(summary: dict[str, Any]) -> None:
             f"{rec['epsilon_lifetime']:.3f}",
             str(rec["rounds_trained"]),
             str(rec["refusals"]),
-            summary["ledgers"].get(name, ""),
+            summary.get("ledgers", {}).get(name, "(on the agency's host)"),
         )
     out.print(table)
     out.print(f"model: {summary['model']}")

@@ -1,0 +1,179 @@
+"""`agencyfl coordinator init|start|register|train|status|stop`: the deployment engine's coordinator side."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from agencyfl.cli.common import Format, FormatOpt, coordinator_app, emit_json, err, errors_to_exit, out
+
+DirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--dir",
+        help="The coordinator folder made by `coordinator init` (default: $AGENCYFL_COORDINATOR or ./coordinator)",
+    ),
+]
+
+
+def _default_dir() -> Path:
+    return Path(os.environ.get("AGENCYFL_COORDINATOR", "coordinator"))
+
+
+def _cdir(path: Path | None) -> Any:
+    from agencyfl.deployment import CoordinatorDir
+
+    cdir = CoordinatorDir((path or _default_dir()).resolve())
+    cdir.settings()  # fails with a clear message if this is not a coordinator folder
+    return cdir
+
+
+@coordinator_app.command("init")
+def init(
+    out_dir: Annotated[Path, typer.Option("--out", help="New folder for the coordinator's keys, state and work")],
+    name: Annotated[str, typer.Option(help="The federation's name (in certificates and the handout)")] = "agencyfl",
+    host: Annotated[
+        list[str] | None,
+        typer.Option(help="Name or IP agencies will use to reach the SuperLink (repeat; the first is the address)"),
+    ] = None,
+    port: Annotated[int, typer.Option(help="The SuperLink's port (Fleet, Control and Runtime APIs)")] = 9093,
+    bind: Annotated[str, typer.Option(help="Interface the SuperLink listens on")] = "0.0.0.0",
+    fmt: FormatOpt = Format.table,
+) -> None:
+    """Make a CA, the SuperLink's certificate, the coordinator's ledger key and a handout for agencies."""
+    from agencyfl.deployment import init_coordinator
+
+    with errors_to_exit():
+        cdir = init_coordinator(out_dir, name, host or [], port, bind)
+    settings = cdir.settings()
+    if fmt is Format.json:
+        emit_json(
+            {
+                **settings,
+                "dir": str(cdir.root),
+                "ca": str(cdir.tls / "ca.crt"),
+                "handout": str(cdir.root / "HANDOUT.txt"),
+            }
+        )
+        return
+    out.print(f"coordinator folder: {cdir.root}  (SuperLink address {settings['address']})")
+    out.print((cdir.root / "HANDOUT.txt").read_text())
+
+
+@coordinator_app.command("start")
+def start(cdir_path: DirOpt = None, fmt: FormatOpt = Format.table) -> None:
+    """Start the SuperLink detached (TLS, SuperNode authentication, persisted state)."""
+    from agencyfl.deployment import start_coordinator
+
+    with errors_to_exit():
+        cdir = _cdir(cdir_path)
+        pid = start_coordinator(cdir)
+    report = {"pid": pid, "address": cdir.settings()["address"], "log": str(cdir.log)}
+    if fmt is Format.json:
+        emit_json(report)
+    else:
+        out.print(f"SuperLink running (pid {pid}) at {report['address']}; log: {cdir.log}")
+
+
+@coordinator_app.command("stop")
+def stop(cdir_path: DirOpt = None, fmt: FormatOpt = Format.table) -> None:
+    """Stop the SuperLink (and any ServerApp it runs) by its recorded PID."""
+    from agencyfl.deployment import stop_coordinator
+
+    with errors_to_exit():
+        stopped = stop_coordinator(_cdir(cdir_path))
+    if fmt is Format.json:
+        emit_json({"stopped": stopped})
+    else:
+        out.print("SuperLink stopped" if stopped else "the SuperLink was not running")
+
+
+@coordinator_app.command("register")
+def register(
+    public_key: Annotated[Path, typer.Argument(help="The agency's node.pub (from `steward keys`)")],
+    agency: Annotated[str, typer.Option(help="The agency's name in the spec")],
+    cdir_path: DirOpt = None,
+    fmt: FormatOpt = Format.table,
+) -> None:
+    """Register an agency's SuperNode public key; only registered nodes may connect."""
+    from agencyfl.deployment import register_agency
+
+    with errors_to_exit():
+        entry = register_agency(_cdir(cdir_path), agency, public_key)
+    if fmt is Format.json:
+        emit_json(entry)
+    else:
+        out.print(f"registered {agency}: node {entry['node_id']}, key sha256 {entry['key_sha256'][:16]}…")
+
+
+@coordinator_app.command("train")
+def train(
+    spec: Annotated[Path, typer.Option(help="The federation spec (TOML); each agency holds the same file")],
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the last unfinished job from its last checkpoint")
+    ] = False,
+    cdir_path: DirOpt = None,
+    fmt: FormatOpt = Format.table,
+) -> None:
+    """Start a training run on the deployment engine and follow it until it ends."""
+    from agencyfl.cli.training import print_run, with_progress
+    from agencyfl.deployment import events_size, follow_run, latest_unfinished_job, submit_run
+    from federation.errors import DeploymentError
+    from federation.spec import load_spec
+    from server.app import new_job_id
+
+    with errors_to_exit():
+        cdir = _cdir(cdir_path)
+        loaded = load_spec(spec)
+        job = latest_unfinished_job(cdir) if resume else None
+        if resume and job is None:
+            raise DeploymentError("--resume: no unfinished job in this coordinator folder")
+        job = job or new_job_id()
+        offset = events_size(cdir, job)
+        run_id = submit_run(cdir, spec, job, resume)
+        if fmt is not Format.json:
+            err.print(f"run {run_id}: job {job}{' (resumed)' if resume else ''}")
+        summary = with_progress(
+            loaded.spec.training.rounds,
+            fmt is Format.json,
+            f"job {job}: waiting for the agencies",
+            lambda on_event: follow_run(cdir, run_id, job, on_event, offset),
+        )
+    if fmt is Format.json:
+        emit_json(summary)
+    else:
+        print_run(summary)
+
+
+@coordinator_app.command("status")
+def status(cdir_path: DirOpt = None, fmt: FormatOpt = Format.table) -> None:
+    """Nodes online, runs, rounds and refusals."""
+    from agencyfl.deployment import coordinator_status
+
+    with errors_to_exit():
+        report = coordinator_status(_cdir(cdir_path))
+    if fmt is Format.json:
+        emit_json(report)
+        return
+    state = f"running (pid {report['superlink_pid']})" if report["running"] else "stopped"
+    out.print(f"SuperLink {report['address']}: {state}")
+    agencies = Table("agency", "node", "status")
+    for row in report["agencies"]:
+        agencies.add_row(row["agency"], row["node_id"], row["status"])
+    out.print(agencies)
+    jobs = Table("job", "rounds", "last AUC", "refusals", "skipped rounds", "model")
+    for job in report["jobs"]:
+        auc = "" if job["last_auc"] is None else f"{job['last_auc']:.4f}"
+        jobs.add_row(
+            job["job"],
+            str(job["rounds_evaluated"]),
+            auc,
+            str(job["refusals"]),
+            str(job["skipped_rounds"]),
+            job["model"] or "",
+        )
+    out.print(jobs)

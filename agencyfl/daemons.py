@@ -1,0 +1,123 @@
+"""Detached daemons (SuperLink, SuperNode) started in their own session and stopped by recorded PID.
+
+Each daemon runs in a new session (``setsid``) so it outlives the command that started it, and its
+whole process group (Flower's SuperExec and app processes included) is stopped together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from federation.errors import DeploymentError
+
+
+def executable(name: str) -> str:
+    """A console script installed beside this Python (falls back to PATH)."""
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if beside.exists() else shutil.which(name)
+    if not found:
+        raise DeploymentError(f"{name!r} is not installed (pip install 'flwr[simulation]==1.41.0')")
+    return found
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    """The environment for Flower commands: their own FLWR_HOME, no telemetry."""
+    return {**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_TELEMETRY_ENABLED": "0"}
+
+
+def start_daemon(cmd: list[str], log: Path, pid_file: Path, env: dict[str, str]) -> int:
+    """Start ``cmd`` detached, output to ``log``; record and return its PID."""
+    if (pid := running_pid(pid_file)) is not None:
+        raise DeploymentError(f"already running (pid {pid}, recorded in {pid_file}); stop it first")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    pid_file.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as fh:
+        proc = subprocess.Popen(
+            cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
+        )
+    pid_file.write_text(f"{proc.pid}\n")
+    return proc.pid
+
+
+def running_pid(pid_file: Path) -> int | None:
+    """The recorded PID if that process is alive (zombies count as dead)."""
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return None
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return pid
+    if state == "Z":
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)  # reap it if it is our child
+        return None
+    return pid
+
+
+def stop_daemon(pid_file: Path, grace: float = 10.0) -> bool:
+    """Stop the recorded daemon and its process group (TERM, then KILL after ``grace`` s).
+
+    Returns False if nothing was running.
+    """
+    pid = running_pid(pid_file)
+    if pid is None:
+        pid_file.unlink(missing_ok=True)
+        return False
+    _signal_group(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while running_pid(pid_file) is not None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    _signal_group(pid, signal.SIGKILL)  # Flower's SuperExec children may ignore TERM
+    pid_file.unlink(missing_ok=True)
+    return True
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(OSError):
+        os.killpg(pid, sig)
+
+
+def wait_until(ready: Callable[[], bool], alive: Callable[[], bool], timeout: float, what: str, log: Path) -> None:
+    """Wait for ``ready()``; raise DeploymentError quoting the log if the daemon dies or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ready():
+            return
+        if not alive():
+            raise DeploymentError(f"{what} exited: {log_reason(log)} (log: {log})")
+        time.sleep(0.2)
+    raise DeploymentError(f"{what} not ready after {timeout:.0f} s: {log_reason(log)} (log: {log})")
+
+
+def log_reason(log: Path) -> str:
+    """The most telling line of a Flower daemon's log (its coded error, else the last line)."""
+    try:
+        lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return "no log"
+    for marker in ("[code:", "Exit Code", "ERROR", "Error"):
+        hits = [line for line in lines if marker in line]
+        if hits:
+            return _plain(hits[-1])
+    return _plain(lines[-1]) if lines else "no output"
+
+
+def _plain(line: str) -> str:
+    """Strip ANSI colour codes."""
+    import re
+
+    return re.sub(r"\x1b\[[0-9;]*m", "", line)

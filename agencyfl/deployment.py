@@ -1,0 +1,450 @@
+"""The deployment engine: a coordinator's SuperLink and the agencies' SuperNodes, over TLS, authenticated.
+
+Coordinator folder (``coordinator init --out DIR``)::
+
+    DIR/coordinator.json      address, bind host and port
+    DIR/tls/                  ca.crt (hand to every agency), ca.key, server.pem, server.key
+    DIR/keys/                 the coordinator's ledger signing key (ledger-signing.key, ledger.pub)
+    DIR/app/pyproject.toml    the Flower app submitted for each run (components come from the
+                              installed agencyfl: no code is shipped to the agencies)
+    DIR/flwr/                 FLWR_HOME of the coordinator's Flower CLI (connection "agencyfl")
+    DIR/state/superlink.db    the SuperLink's persisted state (registered nodes, runs)
+    DIR/work/                 registry/ (models, per-round checkpoints) and runs/JOB/ (events, summary)
+    DIR/agencies.json         registered agencies: name, node id, public key fingerprint
+    DIR/HANDOUT.txt           what to hand each agency and what to receive
+
+Agency folder (``steward keys --out KEYS``; ``steward start ... --keys KEYS --home HOME``):
+``KEYS/node.key`` + ``node.pub`` (SuperNode authentication; hand ``node.pub`` to the coordinator) and
+``KEYS/ledger-signing.key`` + ``ledger.pub``; ``HOME/ledger/`` the privacy ledger, ``HOME/run`` and
+``HOME/logs`` the SuperNode's PID and log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agencyfl.daemons import executable, flower_env, running_pid, start_daemon, stop_daemon, wait_until
+from federation.errors import DeploymentError, FederationError
+from federation.pki import issue_server_certificate, make_ca, make_node_key
+from privacy.keys import generate_signing_key, public_pem
+
+CONNECTION = "agencyfl"  # the SuperLink connection's name in DIR/flwr/config.toml
+DEFAULT_PORT = 9093
+
+APP_PYPROJECT = """\
+# The Flower app the coordinator submits. Its components are imported from the agencyfl installed on
+# each host, so the coordinator ships no code to the agencies (runtime installation is off).
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "agencyfl-job"
+version = "1.0.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "agencyfl"
+
+[tool.flwr.app.components]
+serverapp = "server.app:app"
+clientapp = "clients.app:app"
+
+[tool.flwr.app.config]
+spec = ""
+workdir = ""
+job = ""
+resume = false
+connect-timeout = 600.0
+"""
+
+HANDOUT = """\
+agencyfl deployment of {name}: what to hand over, and nothing else
+================================================================
+
+The coordinator gives each agency:
+  1. {ca}                (the CA certificate: the agency's SuperNode checks the SuperLink with it)
+  2. the SuperLink address: {address}
+  3. the federation spec file (the agencies' copies must be byte-identical: its SHA-256 is checked)
+
+Each agency gives the coordinator:
+  1. its node.pub        (from `agencyfl steward keys --out KEYS`; register it with
+                          `agencyfl coordinator register --agency NAME node.pub`)
+  2. its ledger.pub      (for auditors checking its privacy ledger)
+
+Never hand over: ca.key, server.key, node.key, ledger-signing.key, data files, ledgers' private parts.
+"""
+
+
+@dataclass(frozen=True)
+class CoordinatorDir:
+    """The coordinator's folder; see the module docstring."""
+
+    root: Path
+
+    @property
+    def settings_file(self) -> Path:
+        return self.root / "coordinator.json"
+
+    @property
+    def tls(self) -> Path:
+        return self.root / "tls"
+
+    @property
+    def flwr_home(self) -> Path:
+        return self.root / "flwr"
+
+    @property
+    def work(self) -> Path:
+        return self.root / "work"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.root / "run" / "superlink.pid"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "logs" / "superlink.log"
+
+    @property
+    def agencies_file(self) -> Path:
+        return self.root / "agencies.json"
+
+    def settings(self) -> dict[str, Any]:
+        """The folder's settings; raises DeploymentError if it was not made by ``coordinator init``."""
+        try:
+            data: dict[str, Any] = json.loads(self.settings_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise DeploymentError(
+                f"{self.root} is not a coordinator folder (run `agencyfl coordinator init`): {exc}"
+            ) from exc
+        return data
+
+    def flwr(self, *args: str, timeout: float = 120.0) -> dict[str, Any]:
+        """Run the Flower CLI against this coordinator's SuperLink; returns its JSON answer."""
+        cmd = [executable("flwr"), *args, "--format", "json"]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, env=flower_env(self.flwr_home), timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            raise DeploymentError(f"`flwr {args[0]}` did not answer within {timeout:.0f} s") from exc
+        text = done.stdout[done.stdout.find("{") :] if "{" in done.stdout else ""
+        try:
+            answer: dict[str, Any] = json.loads(text)
+        except ValueError:
+            answer = {}
+        if done.returncode != 0 or not answer.get("success", False):
+            reason = answer.get("error-message") or (done.stderr or done.stdout).strip().splitlines()[-1:]
+            raise DeploymentError(f"`flwr {' '.join(args[:2])}` failed: {reason}")
+        return answer
+
+
+def init_coordinator(out: Path, name: str, hosts: list[str], port: int, bind: str) -> CoordinatorDir:
+    """Make a coordinator folder: CA, server certificate, ledger key, Flower app and connection."""
+    cdir = CoordinatorDir(out.resolve())
+    if cdir.settings_file.exists():
+        raise DeploymentError(f"{out} already holds a coordinator (coordinator.json); choose another folder")
+    hosts = list(dict.fromkeys([*hosts, "127.0.0.1", "localhost"]))
+    ca_crt, ca_key = make_ca(cdir.tls, name)
+    issue_server_certificate(ca_crt, ca_key, cdir.tls, hosts)
+    key = generate_signing_key(cdir.root / "keys" / "ledger-signing.key")
+    (cdir.root / "keys" / "ledger.pub").write_bytes(public_pem(key.public_key()))
+    (cdir.root / "app").mkdir(parents=True, exist_ok=True)
+    (cdir.root / "app" / "pyproject.toml").write_text(APP_PYPROJECT)
+    address = f"{hosts[0]}:{port}"
+    cdir.flwr_home.mkdir(parents=True, exist_ok=True)
+    (cdir.flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+        f'address = "{address}"\nroot-certificates = "{ca_crt}"\n'
+    )
+    (cdir.root / "state").mkdir(exist_ok=True)
+    cdir.work.mkdir(exist_ok=True)
+    settings = {"name": name, "address": address, "bind": bind, "port": port, "hosts": hosts}
+    cdir.settings_file.write_text(json.dumps(settings, indent=2))
+    (cdir.root / "HANDOUT.txt").write_text(HANDOUT.format(name=name, ca=ca_crt, address=address))
+    return cdir
+
+
+def _port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def start_coordinator(cdir: CoordinatorDir, timeout: float = 60.0) -> int:
+    """Start the SuperLink detached: TLS, SuperNode authentication, persisted state, no runtime installs."""
+    settings = cdir.settings()
+    cmd = [
+        executable("flower-superlink"),
+        "--ssl-ca-certfile", str(cdir.tls / "ca.crt"),
+        "--ssl-certfile", str(cdir.tls / "server.pem"),
+        "--ssl-keyfile", str(cdir.tls / "server.key"),
+        "--enable-supernode-auth",
+        "--database", str(cdir.root / "state" / "superlink.db"),
+        "--disable-runtime-dependency-installation",
+        "--host", str(settings["bind"]),
+        "--port", str(settings["port"]),
+    ]  # fmt: skip
+    pid = start_daemon(cmd, cdir.log, cdir.pid_file, flower_env(cdir.flwr_home))
+    probe = "127.0.0.1" if settings["bind"] in ("0.0.0.0", "::") else str(settings["bind"])
+    wait_until(
+        lambda: _port_open(probe, int(settings["port"])),
+        lambda: running_pid(cdir.pid_file) is not None,
+        timeout,
+        "the SuperLink",
+        cdir.log,
+    )
+    return pid
+
+
+def stop_coordinator(cdir: CoordinatorDir) -> bool:
+    """Stop the SuperLink (and the ServerApp it runs); False if it was not running."""
+    return stop_daemon(cdir.pid_file)
+
+
+def register_agency(cdir: CoordinatorDir, agency: str, public_key: Path) -> dict[str, Any]:
+    """Register an agency's SuperNode public key with the SuperLink; recorded in agencies.json."""
+    key_text = public_key.read_bytes()
+    answer = cdir.flwr("supernode", "register", str(public_key), CONNECTION, "--name", agency)
+    agencies = _registered(cdir)
+    entry = {
+        "agency": agency,
+        "node_id": str(answer.get("node-id", "")),
+        "key_sha256": hashlib.sha256(key_text.split()[1] if len(key_text.split()) > 1 else key_text).hexdigest(),
+        "registered": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    agencies[agency] = entry
+    cdir.agencies_file.write_text(json.dumps(agencies, indent=2))
+    return entry
+
+
+def _registered(cdir: CoordinatorDir) -> dict[str, Any]:
+    try:
+        data: dict[str, Any] = json.loads(cdir.agencies_file.read_text())
+        return data
+    except (OSError, ValueError):
+        return {}
+
+
+def latest_unfinished_job(cdir: CoordinatorDir) -> str | None:
+    """The newest job that started (job.json) but registered no model (no summary with a model)."""
+    runs = sorted((cdir.work / "runs").glob("*/job.json"), key=lambda p: p.stat().st_mtime)
+    for job_file in reversed(runs):
+        summary = job_file.parent / "summary.json"
+        if not summary.exists() or json.loads(summary.read_text()).get("model") is None:
+            return job_file.parent.name
+    return None
+
+
+def submit_run(cdir: CoordinatorDir, spec: Path, job: str, resume: bool) -> int:
+    """Submit a training run of ``spec`` to the SuperLink; returns Flower's run id."""
+    overrides = f"spec='{spec.resolve()}' workdir='{cdir.work}' job='{job}' resume={'true' if resume else 'false'}"
+    answer = cdir.flwr("run", str(cdir.root / "app"), CONNECTION, "--run-config", overrides)
+    return int(answer["run-id"])
+
+
+def run_state(cdir: CoordinatorDir, run_id: int) -> dict[str, Any]:
+    """Flower's record of one run (status, elapsed, network traffic)."""
+    answer = cdir.flwr("ls", CONNECTION, "--run-id", str(run_id))
+    runs: list[dict[str, Any]] = answer.get("runs", [])
+    if not runs:
+        raise DeploymentError(f"the SuperLink knows no run {run_id}")
+    return runs[0]
+
+
+def follow_run(
+    cdir: CoordinatorDir, run_id: int, job: str, on_event: Callable[[dict[str, Any]], None], offset: int = 0
+) -> dict[str, Any]:
+    """Relay the run's events until Flower reports it finished; returns the job summary.
+
+    Raises FederationError if the run ended without a registered model.
+    """
+    events = cdir.work / "runs" / job / "events.jsonl"
+    state: dict[str, Any] = {}
+    while True:
+        offset = _relay(events, offset, on_event)
+        try:
+            state = run_state(cdir, run_id)
+        except DeploymentError:
+            if running_pid(cdir.pid_file) is None:
+                raise DeploymentError(f"the SuperLink stopped during run {run_id}; restart it and resume") from None
+            state = {}
+        if str(state.get("status", "")).startswith("finished"):
+            _relay(events, offset, on_event)
+            break
+        time.sleep(1.0)
+    summary_file = cdir.work / "runs" / job / "summary.json"
+    summary: dict[str, Any] = json.loads(summary_file.read_text()) if summary_file.exists() else {}
+    summary["flower"] = {k: state.get(k) for k in ("run-id", "status", "elapsed", "network-traffic")}
+    if summary.get("model") is None:
+        raise FederationError(
+            f"run {run_id} ({state.get('status')}) registered no model; see {cdir.log} and {summary_file}"
+        )
+    return summary
+
+
+def _relay(path: Path, offset: int, on_event: Callable[[dict[str, Any]], None]) -> int:
+    try:
+        with path.open("rb") as fh:
+            fh.seek(offset)
+            for line in fh:
+                if not line.endswith(b"\n"):
+                    break  # a line still being written
+                offset += len(line)
+                on_event(json.loads(line))
+    except FileNotFoundError:
+        pass
+    return offset
+
+
+def events_size(cdir: CoordinatorDir, job: str) -> int:
+    """Bytes already in a job's event file (a resumed run's follower starts after them)."""
+    path = cdir.work / "runs" / job / "events.jsonl"
+    return path.stat().st_size if path.exists() else 0
+
+
+def coordinator_status(cdir: CoordinatorDir) -> dict[str, Any]:
+    """SuperLink process, registered agencies with online state, runs with rounds and refusals."""
+    settings = cdir.settings()
+    pid = running_pid(cdir.pid_file)
+    status: dict[str, Any] = {"address": settings["address"], "superlink_pid": pid, "running": pid is not None}
+    registered = _registered(cdir)
+    nodes: dict[str, str] = {}
+    runs: list[dict[str, Any]] = []
+    if pid is not None:
+        nodes = {
+            str(n["node-id"]): str(n["status"]) for n in cdir.flwr("supernode", "list", CONNECTION).get("nodes", [])
+        }
+        runs = cdir.flwr("ls", CONNECTION).get("runs", [])
+    status["agencies"] = [
+        {
+            "agency": name,
+            "node_id": e["node_id"],
+            "status": nodes.get(str(e["node_id"]), "unknown" if pid is None else "offline"),
+        }
+        for name, e in sorted(registered.items())
+    ]
+    status["runs"] = [{"run_id": r["run-id"], "status": r["status"], "elapsed": r.get("elapsed")} for r in runs]
+    status["jobs"] = [_job_progress(p.parent) for p in sorted((cdir.work / "runs").glob("*/job.json"))]
+    return status
+
+
+def _job_progress(run_dir: Path) -> dict[str, Any]:
+    events = []
+    path = run_dir / "events.jsonl"
+    if path.exists():
+        events = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rounds = [e for e in events if e.get("type") == "round"]
+    return {
+        "job": run_dir.name,
+        "rounds_evaluated": max((int(e["round"]) for e in rounds), default=0),
+        "last_auc": rounds[-1]["auc"] if rounds else None,
+        "refusals": sum(1 for e in events if e.get("type") == "refusal"),
+        "skipped_rounds": sum(1 for e in events if e.get("type") == "skipped"),
+        "model": next((e["model"] for e in events if e.get("type") == "done"), None),
+    }
+
+
+# ------------------------------------------------------------------------------------------ steward
+def make_steward_keys(out: Path, agency: str) -> dict[str, Path]:
+    """The agency's SuperNode key pair and ledger signing key, made inside its domain."""
+    out = out.resolve()
+    if (out / "node.key").exists() or (out / "ledger-signing.key").exists():
+        raise DeploymentError(f"{out} already holds keys; refusing to overwrite them")
+    node_key, node_pub = make_node_key(out, agency)
+    signing = generate_signing_key(out / "ledger-signing.key")
+    (out / "ledger.pub").write_bytes(public_pem(signing.public_key()))
+    return {
+        "node_key": node_key,
+        "node_pub": node_pub,
+        "ledger_key": out / "ledger-signing.key",
+        "ledger_pub": out / "ledger.pub",
+    }
+
+
+@dataclass(frozen=True)
+class StewardHome:
+    """An agency's working folder on its own host."""
+
+    root: Path
+
+    @property
+    def pid_file(self) -> Path:
+        return self.root / "run" / "supernode.pid"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "logs" / "supernode.log"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_steward(
+    agency: str,
+    spec: Path,
+    data: Path,
+    superlink: str,
+    root_cert: Path,
+    keys: Path,
+    home: Path,
+    timeout: float = 90.0,
+) -> int:
+    """Start the agency's SuperNode detached and wait until the SuperLink has accepted it.
+
+    The caller checks the data first. Raises DeploymentError quoting Flower's reason if the node is
+    refused (unregistered key, TLS failure) or does not connect within ``timeout``.
+    """
+    site = StewardHome(home.resolve())
+    node_config = " ".join(
+        f"{k}='{v}'"
+        for k, v in {
+            "agency": agency,
+            "spec": spec.resolve(),
+            "data": data.resolve(),
+            "home": site.root,
+            "keys": keys.resolve(),
+        }.items()
+    )
+    cmd = [
+        executable("flower-supernode"),
+        "--superlink", superlink,
+        "--root-certificates", str(root_cert.resolve()),
+        "--auth-supernode-private-key", str((keys / "node.key").resolve()),
+        "--node-config", node_config,
+        "--port", str(_free_port()),  # the SuperNode's local runtime API (its ClientApp processes)
+    ]  # fmt: skip
+    for needed in (root_cert, keys / "node.key"):
+        if not needed.exists():
+            raise DeploymentError(f"{needed} does not exist")
+    size = site.log.stat().st_size if site.log.exists() else 0
+    pid = start_daemon(cmd, site.log, site.pid_file, flower_env(site.root / "flwr"))
+
+    def accepted() -> bool:
+        with site.log.open("rb") as fh:
+            fh.seek(size)
+            return b"SuperNode ID:" in fh.read()
+
+    try:
+        wait_until(accepted, lambda: running_pid(site.pid_file) is not None, timeout, f"{agency}'s SuperNode", site.log)
+    except DeploymentError:
+        stop_daemon(site.pid_file)
+        raise
+    return pid
+
+
+def stop_steward(home: Path) -> bool:
+    """Stop the agency's SuperNode; False if it was not running."""
+    return stop_daemon(StewardHome(home.resolve()).pid_file)
