@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import Context, Message
@@ -32,14 +32,17 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
-from clients.site import AgencySite, site_spec
+if TYPE_CHECKING:
+    from clients.site import AgencySite
 
-SiteResolver = Callable[[Context], AgencySite]
+SiteResolver = Callable[[Context], "AgencySite"]
 Scalar = bool | bytes | float | int | str
 
 
 def site_from_node_config(context: Context) -> AgencySite:
     """The site described by a SuperNode's ``--node-config``."""
+    from clients.site import AgencySite
+
     cfg = context.node_config
     return AgencySite(
         agency=str(cfg["agency"]),
@@ -119,7 +122,9 @@ class AgencyClient(NumPyClient):
 
 
 def _requires_secure_aggregation(site: AgencySite) -> bool:
-    return site_spec(site).spec.secure_aggregation.enabled
+    from federation.spec import load_spec
+
+    return load_spec(site.spec_path).spec.secure_aggregation.enabled
 
 
 def make_client_app(resolve_site: SiteResolver = site_from_node_config) -> ClientApp:

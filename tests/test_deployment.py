@@ -1,0 +1,237 @@
+"""The deployment engine for real: a SuperLink and four SuperNodes as processes, TLS, node auth, SecAgg+.
+
+One deployment (coordinator + 4 agencies on loopback) is shared by the module; each test runs its own
+job of 3 rounds against it (the agencies' lifetime budget of 10 fits three jobs at epsilon 3).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from agencyfl.cli import app
+from agencyfl.exit_codes import ExitCode
+from agencyfl.synth import synthesize
+from privacy.ledger import verify_ledger
+
+AGENCIES = ["civil-affairs", "hrss", "tax", "environment"]
+runner = CliRunner()
+
+
+def cli(*args: Any) -> Any:
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.5)
+
+
+class Deployment:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        data = synthesize(root / "data", households=4000, seed=5, rounds=3)
+        text = data.spec.read_text()
+        text = text.replace("[privacy]", "[secure_aggregation]\ntimeout = 60.0\nmax_weight = 5000\n\n[privacy]")
+        text = text.replace("rounds = 3\n", "rounds = 3\nmin_agencies = 3\n")
+        data.spec.write_text(text)
+        assert "min_agencies = 3" in text
+        self.spec = data.spec
+        self.data = data
+        self.coord = root / "coord"
+        self.port = free_port()
+
+    def start_steward(self, agency: str) -> Any:
+        keys = self.root / "sites" / agency / "keys"
+        return cli(
+            "steward", "start", "--agency", agency, "--spec", self.spec, "--data", self.data.agency_files[agency],
+            "--superlink", f"127.0.0.1:{self.port}", "--root-cert", self.coord / "tls" / "ca.crt", "--keys", keys,
+            "--format", "json",
+        )  # fmt: skip
+
+    def home(self, agency: str) -> Path:
+        return self.root / "sites" / agency
+
+    def train_process(self, *extra: str) -> subprocess.Popen[str]:
+        cmd = [sys.executable, "-m", "agencyfl", "coordinator", "train", "--dir", str(self.coord)]
+        return subprocess.Popen(
+            [*cmd, "--spec", str(self.spec), "--format", "json", *extra],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def status(self) -> dict[str, Any]:
+        result = cli("coordinator", "status", "--dir", self.coord, "--format", "json")
+        assert result.exit_code == 0, result.output
+        return dict(json.loads(result.stdout))
+
+    def ledger_rounds(self, agency: str, job: str) -> list[int]:
+        path = self.home(agency) / "ledger" / "ledger.jsonl"
+        events = [json.loads(line) for line in path.read_text().splitlines()]
+        return [e["round"] for e in events if e["kind"] == "round" and e["job"] == job]
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    dep = Deployment(tmp_path_factory.mktemp("deployment"))
+    init = cli("coordinator", "init", "--out", dep.coord, "--port", dep.port, "--bind", "127.0.0.1", "--format", "json")
+    assert init.exit_code == 0, init.output
+    try:
+        started = cli("coordinator", "start", "--dir", dep.coord)
+        assert started.exit_code == 0, started.output
+        for agency in AGENCIES:
+            keys = dep.root / "sites" / agency / "keys"
+            assert cli("steward", "keys", "--out", keys, "--agency", agency).exit_code == 0
+            assert (
+                cli("coordinator", "register", keys / "node.pub", "--agency", agency, "--dir", dep.coord).exit_code == 0
+            )
+            result = dep.start_steward(agency)
+            assert result.exit_code == 0, result.output
+        yield dep
+    finally:
+        for agency in AGENCIES:
+            cli("steward", "stop", "--home", dep.home(agency))
+        cli("coordinator", "stop", "--dir", dep.coord)
+
+
+def test_private_keys_are_owner_only(deployment: Deployment) -> None:
+    for secret in [deployment.coord / "tls" / "ca.key", deployment.coord / "tls" / "server.key"]:
+        assert secret.stat().st_mode & 0o077 == 0
+    for agency in AGENCIES:
+        keys = deployment.home(agency) / "keys"
+        assert (keys / "node.key").stat().st_mode & 0o077 == 0
+        assert (keys / "ledger-signing.key").stat().st_mode & 0o077 == 0
+        assert (keys / "node.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
+
+
+def test_train_over_tls_with_authenticated_nodes_and_secure_aggregation(deployment: Deployment) -> None:
+    status = deployment.status()
+    assert status["running"] and {a["status"] for a in status["agencies"]} == {"online"}
+    result = cli("coordinator", "train", "--dir", deployment.coord, "--spec", deployment.spec, "--format", "json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["rounds_aggregated"] == 3 and summary["flower"]["status"] == "finished:completed"
+    assert summary["metrics"]["auc"] > 0.75
+    card = json.loads((Path(summary["model"]) / "card.json").read_text())
+    assert card["secure_aggregation"] is True
+    for agency in AGENCIES:
+        assert deployment.ledger_rounds(agency, summary["job"]) == [1, 2, 3]
+        assert verify_ledger(deployment.home(agency) / "ledger").ok
+    jobs = {j["job"]: j for j in deployment.status()["jobs"]}
+    assert jobs[summary["job"]]["rounds_evaluated"] == 3 and jobs[summary["job"]]["model"] == summary["model"]
+
+
+def test_unregistered_key_and_plaintext_node_are_refused(deployment: Deployment, tmp_path: Path) -> None:
+    keys = tmp_path / "intruder-keys"
+    assert cli("steward", "keys", "--out", keys, "--agency", "tax").exit_code == 0
+    refused = cli(
+        "steward", "start", "--agency", "tax", "--spec", deployment.spec, "--data", deployment.data.agency_files["tax"],
+        "--superlink", f"127.0.0.1:{deployment.port}", "--root-cert", deployment.coord / "tls" / "ca.crt",
+        "--keys", keys, "--home", tmp_path / "intruder",
+    )  # fmt: skip
+    assert refused.exit_code == ExitCode.DEPLOYMENT_FAILED
+    assert "2004" in refused.stderr or "activate" in refused.stderr, refused.stderr
+    # A registered key over plaintext gRPC: the SuperLink only speaks TLS.
+    plaintext = subprocess.run(
+        [
+            "flower-supernode",
+            "--insecure",
+            "--superlink",
+            f"127.0.0.1:{deployment.port}",
+            "--auth-supernode-private-key",
+            str(deployment.home("tax") / "keys" / "node.key"),
+            "--port",
+            str(free_port()),
+            "--max-retries",
+            "1",
+            "--max-wait-time",
+            "20",
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "FLWR_HOME": str(tmp_path / "flwr")},
+    )
+    assert plaintext.returncode != 0
+    status = deployment.status()
+    assert status["running"] and {a["status"] for a in status["agencies"]} == {"online"}
+
+
+def _checkpoints(deployment: Deployment) -> list[Path]:
+    return sorted((deployment.coord / "work" / "registry").glob("*/checkpoints/*/round-*.npz"))
+
+
+def test_agency_killed_mid_round_rejoins_and_its_ledger_is_exact(deployment: Deployment) -> None:
+    before = set(_checkpoints(deployment))
+    proc = deployment.train_process()
+    try:
+        wait_for(lambda: len(set(_checkpoints(deployment)) - before) >= 1, 400, "round 1 to aggregate")
+        assert cli("steward", "stop", "--home", deployment.home("hrss")).exit_code == 0  # killed with its ClientApp
+        time.sleep(5)
+        restarted = deployment.start_steward("hrss")
+        assert restarted.exit_code == 0, restarted.output
+        stdout, stderr = proc.communicate(timeout=900)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr
+    summary = json.loads(stdout)
+    job = summary["job"]
+    assert summary["rounds_aggregated"] == 3  # round 2 went ahead with three agencies (the minimum)
+    hrss = deployment.ledger_rounds("hrss", job)
+    assert hrss == sorted(set(hrss)) and 3 in hrss and 1 in hrss  # back for round 3; nothing counted twice
+    assert summary["agencies"]["hrss"]["rounds_trained"] <= len(hrss)
+    for agency in AGENCIES:
+        assert verify_ledger(deployment.home(agency) / "ledger").ok
+        if agency != "hrss":
+            assert deployment.ledger_rounds(agency, job) == [1, 2, 3]
+    audit = cli("audit", "report", *[deployment.home(a) / "ledger" for a in AGENCIES], "--format", "json")
+    assert audit.exit_code == 0, audit.output
+
+
+def test_coordinator_killed_mid_run_resumes_from_its_checkpoint(deployment: Deployment) -> None:
+    before = set(_checkpoints(deployment))
+    proc = deployment.train_process()
+    try:
+        wait_for(lambda: len(set(_checkpoints(deployment)) - before) >= 1, 400, "round 1 to aggregate")
+        pid = int((deployment.coord / "run" / "superlink.pid").read_text())
+        os.killpg(pid, signal.SIGKILL)  # a crash, not a clean stop
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == ExitCode.DEPLOYMENT_FAILED, stderr
+    job = next(iter(set(_checkpoints(deployment)) - before)).parent.name
+    assert cli("coordinator", "start", "--dir", deployment.coord).exit_code == 0  # same database, same nodes
+    wait_for(lambda: {a["status"] for a in deployment.status()["agencies"]} == {"online"}, 120, "agencies to reconnect")
+    resumed = cli(
+        "coordinator", "train", "--dir", deployment.coord, "--spec", deployment.spec, "--resume", "--format", "json"
+    )
+    assert resumed.exit_code == 0, resumed.output
+    summary = json.loads(resumed.stdout)
+    assert summary["job"] == job and summary["rounds_aggregated"] == 3
+    assert [h["round"] for h in summary["history"]][0] >= 1  # started past round 1, from the checkpoint
+    for agency in AGENCIES:
+        rounds = deployment.ledger_rounds(agency, job)
+        assert rounds == sorted(set(rounds)) and rounds[0] == 1 and rounds[-1] == 3  # each round spent once
+        assert verify_ledger(deployment.home(agency) / "ledger").ok
