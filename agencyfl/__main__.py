@@ -1,0 +1,5 @@
+"""`python -m agencyfl` runs the `agencyfl` command."""
+
+from agencyfl.cli import main
+
+main()
