@@ -99,6 +99,17 @@ class AgencySecAggPlus(SecAggPlusWorkflow):
                 }
             )
 
+    def setup_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        """Send the protocol's settings; agencies silent here leave the protocol.
+
+        Flower keeps such an agency among the sampled ones, and its unmask stage then looks for its key
+        shares, which nobody holds (it never shared any), and halts the round. An agency that never
+        sent its public keys is in no one's masks, so dropping it is exact.
+        """
+        ok = super().setup_stage(grid, context, state)
+        state.sampled_node_ids = set(state.active_node_ids)
+        return ok
+
     def collect_masked_vectors_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
         """Collect the masked updates; stop here unless at least ``min_agencies`` of them trained."""
         if not super().collect_masked_vectors_stage(grid, context, state):

@@ -225,7 +225,8 @@ class AgencyFedAvg(FedAvg):
             "type": "round",
             "round": model_round,
             "trained": 0,
-            "epsilon": {str(m["agency"]): 0.0 for m in replies},  # the initial model: nothing spent yet
+            # as of the last recorded round (0 before any: the initial model cost nothing)
+            "epsilon": {str(m["agency"]): self._agency(str(m["agency"])).epsilon_job for m in replies},
             **self._round_info.get(model_round, {}),
             **pooled.as_dict(),
         }

@@ -198,3 +198,29 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert test_auc is not None and float(test_auc.group(1)) > 0.75  # held-out test file
     assert len(list((tmp_path / "demo" / "work" / "registry").rglob("card.json"))) == 1
     assert len(list((tmp_path / "demo" / "data").glob("*.quarantine.csv"))) == 4
+
+
+def test_too_few_trained_updates_release_nothing(small_fed: SynthResult, tmp_path: Path) -> None:
+    """min_agencies = 4 and one agency out of budget: SecAgg+ stops before unmasking, every round."""
+    shutil.copytree(small_fed.spec.parent, tmp_path / "data")
+    spec = tmp_path / "data" / "all-four.toml"
+    spec.write_text(small_fed.spec.read_text().replace("rounds = 3\n", "rounds = 2\nmin_agencies = 4\n"))
+    workdir = tmp_path / "work"
+    home = workdir / "agencies" / "environment"
+    ledger = Ledger(home / "ledger", generate_signing_key(home / "keys" / "ledger-signing.key"))
+    spent = [StepRecord(0.6, 0.05, 400)]  # an earlier job left too little of the budget for this one
+    eps = epsilon_for(spent, 1e-5)
+    assert 7.5 < eps < 10.0
+    ledger.append(
+        LedgerEvent(
+            kind="round", agency="environment", job="earlier", round=1, noise_multiplier=0.6, sample_rate=0.05,
+            steps=400, max_grad_norm=1.0, delta=1e-5, epsilon_job=eps, epsilon_lifetime=eps,
+            epsilon_job_cap=10.0, budget=10.0, dataset="x", time=now_utc(),
+        )
+    )  # fmt: skip
+    result = invoke("run", "--spec", spec, "--workdir", workdir, "--format", "json")
+    assert result.exit_code == ExitCode.FEDERATION_FAILED, result.output
+    assert not list((workdir / "registry").glob("*/v*")), "no model may be registered"
+    assert not list((workdir / "registry").glob("*/checkpoints/*/round-*.npz")), "no aggregate may be released"
+    summary = json.loads(next((workdir / "runs").glob("*/summary.json")).read_text())
+    assert summary["rounds_aggregated"] == 0 and summary["agencies"]["environment"]["refusals"] == 2

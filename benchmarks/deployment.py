@@ -1,0 +1,229 @@
+"""Deployment-engine round time: agencyfl (SecAgg+ on and off) against a no-op Flower app, 4 agencies on loopback.
+
+One coordinator (SuperLink with TLS and node auth) and four SuperNodes, started with the agencyfl
+commands. In the same run:
+- no-op: a minimal Message-API app whose ClientApp replies at once (one message per node per round);
+- local training: one agency's ``train_round`` in this process (the largest agency, warm), i.e. the
+  work a round has to do besides Flower;
+- agencyfl with SecAgg+ off, and on: round time from the coordinator's per-round checkpoints
+  (rounds 2..R; round 1 includes the wait for the agencies).
+Bytes per agency per round come from Flower's own traffic counters (``flwr ls``).
+
+    python benchmarks/deployment.py [--rounds 4] [--households 8000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import table, write_results  # noqa: E402
+
+AGENCIES = ["civil-affairs", "hrss", "tax", "environment"]
+
+NOOP_APP = '''\
+"""A Flower app that does nothing: the transport and process-start floor of one round."""
+import time
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+server = ServerApp()
+client = ClientApp()
+
+
+@server.main()
+def main(grid: Grid, context: Context) -> None:
+    while len(list(grid.get_node_ids())) < 4:
+        time.sleep(0.2)
+    times = []
+    for r in range(int(context.run_config["rounds"])):
+        t0 = time.monotonic()
+        msgs = [Message(RecordDict({"c": ConfigRecord({"r": r})}), dst_node_id=n, message_type="train")
+                for n in grid.get_node_ids()]
+        replies = list(grid.send_and_receive(msgs, timeout=120))
+        assert len(replies) == 4 and not any(m.has_error() for m in replies)
+        times.append(time.monotonic() - t0)
+    with open(str(context.run_config["out"]), "w") as fh:
+        fh.write(",".join(f"{t:.3f}" for t in times))
+
+
+@client.train()
+def train(msg: Message, context: Context) -> Message:
+    return Message(RecordDict({"c": ConfigRecord({"ok": 1})}), reply_to=msg)
+'''
+
+NOOP_PYPROJECT = """\
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+[project]
+name = "noop"
+version = "1.0.0"
+dependencies = []
+[tool.flwr.app]
+publisher = "bench"
+[tool.flwr.app.components]
+serverapp = "noop_app:server"
+clientapp = "noop_app:client"
+[tool.flwr.app.config]
+rounds = 3
+out = ""
+"""
+
+
+def checkpoint_round_times(cdir: Path, job: str) -> list[float]:
+    files = sorted((cdir / "work" / "registry").glob(f"*/checkpoints/{job}/round-*.npz"))
+    stamps = [f.stat().st_mtime for f in files]
+    return [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--households", type=int, default=8000)
+    args = parser.parse_args()
+
+    root = Path(tempfile.mkdtemp(prefix="agencyfl-bench-"))
+    lib = root / "lib"
+    lib.mkdir()
+    (lib / "noop_app.py").write_text(NOOP_APP)
+    os.environ["PYTHONPATH"] = f"{lib}:{os.environ.get('PYTHONPATH', '')}"  # the daemons inherit it
+    sys.path.insert(0, str(lib))
+
+    from agencyfl.deployment import (
+        follow_run,
+        init_coordinator,
+        make_steward_keys,
+        register_agency,
+        start_coordinator,
+        start_steward,
+        stop_coordinator,
+        stop_steward,
+        submit_run,
+    )
+    from agencyfl.synth import synthesize
+    from clients.rounds import TrainRequest, train_round
+    from clients.site import AgencySite
+    from federation.encoding import FeatureEncoder
+    from federation.model import build_model, model_to_arrays
+    from federation.spec import load_spec
+
+    data = synthesize(root / "data", households=args.households, seed=11, rounds=args.rounds, budget=100.0)
+    base = data.spec.read_text()
+    specs = {
+        "off": data.spec.parent / "secagg-off.toml",
+        "on": data.spec.parent / "secagg-on.toml",
+    }
+    specs["off"].write_text(base.replace("[privacy]", "[secure_aggregation]\nenabled = false\n\n[privacy]"))
+    specs["on"].write_text(
+        base.replace("[privacy]", "[secure_aggregation]\nenabled = true\ntimeout = 120.0\n\n[privacy]")
+    )
+
+    # Local training alone: the largest agency, one round, warm (second call), in this process.
+    largest = max(AGENCIES, key=lambda a: data.rows[a])
+    loaded = load_spec(specs["off"])
+    site = AgencySite(agency=largest, spec_path=specs["off"], data_path=data.agency_files[largest], home=root / "solo")
+    weights = model_to_arrays(build_model(loaded.spec.model, FeatureEncoder(loaded.spec.schema).width))
+    train_times = []
+    for r in (1, 2, 3):
+        t0 = time.perf_counter()
+        train_round(site, TrainRequest("solo", r, args.rounds, loaded.sha256, weights))
+        train_times.append(time.perf_counter() - t0)
+    local_training = min(train_times[1:])
+
+    port = 19000 + os.getpid() % 1000
+    cdir = init_coordinator(root / "coord", "bench", [], port, "127.0.0.1")
+    start_coordinator(cdir)
+    results: dict[str, Any] = {"rounds": args.rounds, "households": args.households, "local_training_s": local_training}
+    try:
+        # One set of SuperNodes per spec (the agencies' node config names their copy of the spec).
+        for mode in ("noop", "off", "on"):
+            spec = specs["off" if mode == "noop" else mode]
+            for agency in AGENCIES:
+                keys = root / mode / agency / "keys"
+                make_steward_keys(keys, agency)
+                register_agency(cdir, f"{mode}-{agency}", keys / "node.pub")
+                start_steward(
+                    agency,
+                    spec,
+                    data.agency_files[agency],
+                    f"127.0.0.1:{port}",
+                    cdir.tls / "ca.crt",
+                    keys,
+                    root / mode / agency,
+                )
+            if mode == "noop":
+                app = root / "noop"
+                app.mkdir()
+                (app / "pyproject.toml").write_text(NOOP_PYPROJECT)
+                out = root / "noop-times.txt"
+                answer = cdir.flwr("run", str(app), "agencyfl", "--run-config", f"rounds={args.rounds} out='{out}'")
+                run_id = int(answer["run-id"])
+                while not out.exists():
+                    time.sleep(0.5)
+                times = [float(t) for t in out.read_text().split(",")]
+                state = _wait_finished(cdir, run_id)
+                results["noop"] = {
+                    "round_s": times[1:],
+                    "mean_round_s": sum(times[1:]) / len(times[1:]),
+                    "traffic": state.get("network-traffic"),
+                }
+            else:
+                job = f"bench-{mode}"
+                run_id = submit_run(cdir, spec, job, False)
+                summary = follow_run(cdir, run_id, job, lambda e: None)
+                rounds = checkpoint_round_times(cdir.root, job)
+                traffic = summary["flower"]["network-traffic"] or {}
+                results[f"secagg_{mode}"] = {
+                    "round_s": rounds,
+                    "mean_round_s": sum(rounds) / len(rounds),
+                    "auc": summary["metrics"]["auc"],
+                    "traffic": traffic,
+                    "bytes_per_agency_round": (traffic.get("total-bytes", 0)) / (len(AGENCIES) * (args.rounds + 1)),
+                }
+            for agency in AGENCIES:
+                stop_steward(root / mode / agency)
+    finally:
+        stop_coordinator(cdir)
+    noop, off, on = (
+        results["noop"]["mean_round_s"],
+        results["secagg_off"]["mean_round_s"],
+        results["secagg_on"]["mean_round_s"],
+    )
+    budget = noop + local_training
+    results["ratios"] = {
+        "off_vs_noop_plus_training": off / budget,
+        "on_vs_noop_plus_training": on / budget,
+        "secagg_on_vs_off": on / off,
+    }
+    rows = [
+        ["no-op Flower app round", f"{noop:.1f}", ""],
+        ["local training (largest agency, warm)", f"{local_training:.1f}", ""],
+        ["agencyfl round, SecAgg+ off", f"{off:.1f}", f"{off / budget:.2f} x (no-op + training); target <= 1.2"],
+        ["agencyfl round, SecAgg+ on", f"{on:.1f}", f"{on / off:.2f} x off; target <= 1.5"],
+        ["bytes per agency per round, off", f"{results['secagg_off']['bytes_per_agency_round']:.0f}", ""],
+        ["bytes per agency per round, on", f"{results['secagg_on']['bytes_per_agency_round']:.0f}", ""],
+    ]
+    print(table(["measure", "seconds / bytes", "ratio"], rows))
+    print(f"results: {write_results('deployment', results)}")
+
+
+def _wait_finished(cdir: Any, run_id: int) -> dict[str, Any]:
+    from agencyfl.deployment import run_state
+
+    while True:
+        state = run_state(cdir, run_id)
+        if str(state.get("status", "")).startswith("finished"):
+            return state
+        time.sleep(1.0)
+
+
+if __name__ == "__main__":
+    main()
