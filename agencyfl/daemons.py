@@ -68,7 +68,7 @@ def running_pid(pid_file: Path) -> int | None:
     return pid
 
 
-def stop_daemon(pid_file: Path, grace: float = 10.0) -> bool:
+def stop_daemon(pid_file: Path, grace: float = 5.0) -> bool:
     """Stop the recorded daemon and its process group (TERM, then KILL after ``grace`` s).
 
     Returns False if nothing was running.

@@ -1,0 +1,139 @@
+"""The federation across network namespaces: the SuperLink in one, each agency in its own, linked by veth pairs.
+
+Every daemon is started with the agencyfl commands inside its namespace (``ip netns exec``), so the
+agencies reach the coordinator only over their own link and TLS checks the address they dial. One
+agency's link is cut in the middle of round 2 and restored: the round goes ahead with the others
+(the spec's minimum is 3) and the agency takes part again afterwards. Namespaces are removed after.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agencyfl.synth import synthesize
+from privacy.ledger import verify_ledger
+
+AGENCIES = ["civil-affairs", "hrss", "tax", "environment"]
+PORT = 19493
+TAG = f"afl{os.getpid() % 10000}"
+
+
+def sh(*args: str, ns: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    cmd = ["ip", "netns", "exec", ns, *args] if ns else list(args)
+    return subprocess.run(cmd, capture_output=True, text=True, check=check, timeout=300)
+
+
+def agencyfl(*args: Any, ns: str) -> dict[str, Any]:
+    done = sh(sys.executable, "-m", "agencyfl", *map(str, args), "--format", "json", ns=ns, check=False)
+    assert done.returncode == 0, f"agencyfl {args[:2]} in {ns}: {done.stderr}"
+    return dict(json.loads(done.stdout))
+
+
+def can_connect(ns: str, host: str) -> bool:
+    probe = f"import socket; socket.create_connection(({host!r}, {PORT}), timeout=2)"
+    return sh(sys.executable, "-c", probe, ns=ns, check=False).returncode == 0
+
+
+def coord_ip(i: int) -> str:
+    return f"10.77.{i}.1"
+
+
+@pytest.fixture(scope="module")
+def namespaces() -> Iterator[dict[str, str]]:
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("network namespaces need root and iproute2 (ip)")
+    names = {"coord": f"{TAG}-coord", **{a: f"{TAG}-a{i}" for i, a in enumerate(AGENCIES)}}
+    made: list[str] = []
+    try:
+        for ns in names.values():
+            if sh("ip", "netns", "add", ns, check=False).returncode != 0:
+                pytest.skip(f"cannot create network namespace {ns} here")
+            made.append(ns)
+            sh("ip", "link", "set", "lo", "up", ns=ns)
+        for i, agency in enumerate(AGENCIES):
+            c, a = f"{TAG}c{i}", f"{TAG}a{i}"
+            sh("ip", "link", "add", c, "type", "veth", "peer", "name", a)
+            sh("ip", "link", "set", c, "netns", names["coord"])
+            sh("ip", "link", "set", a, "netns", names[agency])
+            sh("ip", "addr", "add", f"{coord_ip(i)}/24", "dev", c, ns=names["coord"])
+            sh("ip", "addr", "add", f"10.77.{i}.2/24", "dev", a, ns=names[agency])
+            sh("ip", "link", "set", c, "up", ns=names["coord"])
+            sh("ip", "link", "set", a, "up", ns=names[agency])
+        yield names
+    finally:
+        for ns in made:
+            sh("ip", "netns", "del", ns, check=False)  # veth pairs go with their namespaces
+
+
+def ledger_rounds(home: Path, job: str) -> list[int]:
+    events = [json.loads(line) for line in (home / "ledger" / "ledger.jsonl").read_text().splitlines()]
+    return [e["round"] for e in events if e["kind"] == "round" and e["job"] == job]
+
+
+def test_federation_across_namespaces_survives_a_cut_link(namespaces: dict[str, str], tmp_path: Path) -> None:
+    data = synthesize(tmp_path / "data", households=4000, seed=9, rounds=3)
+    text = data.spec.read_text().replace("rounds = 3\n", "rounds = 3\nmin_agencies = 3\n")
+    data.spec.write_text(text.replace("[privacy]", "[secure_aggregation]\ntimeout = 60.0\n\n[privacy]"))
+    coord = tmp_path / "coord"
+    hosts = [arg for i in range(len(AGENCIES)) for arg in ("--host", coord_ip(i))]
+    cns = namespaces["coord"]
+    agencyfl("coordinator", "init", "--out", coord, *hosts, "--port", PORT, ns=cns)
+    homes = {a: tmp_path / "sites" / a for a in AGENCIES}
+    try:
+        agencyfl("coordinator", "start", "--dir", coord, ns=cns)
+        for i, agency in enumerate(AGENCIES):
+            keys = homes[agency] / "keys"
+            agencyfl("steward", "keys", "--out", keys, "--agency", agency, ns=namespaces[agency])
+            agencyfl("coordinator", "register", keys / "node.pub", "--agency", agency, "--dir", coord, ns=cns)
+            agencyfl(
+                "steward", "start", "--agency", agency, "--spec", data.spec, "--data", data.agency_files[agency],
+                "--superlink", f"{coord_ip(i)}:{PORT}", "--root-cert", coord / "tls" / "ca.crt", "--keys", keys,
+                ns=namespaces[agency],
+            )  # fmt: skip
+        # Each agency reaches the SuperLink over its own link only.
+        assert can_connect(namespaces["tax"], coord_ip(AGENCIES.index("tax")))
+        assert not can_connect(namespaces["tax"], coord_ip(AGENCIES.index("hrss")))
+
+        cmd = [sys.executable, "-m", "agencyfl", "coordinator", "train", "--dir", str(coord), "--spec", str(data.spec)]
+        train = subprocess.Popen(
+            ["ip", "netns", "exec", cns, *cmd, "--format", "json"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 400
+            while not list((coord / "work" / "registry").glob("*/checkpoints/*/round-0001.npz")):
+                assert time.monotonic() < deadline and train.poll() is None, "round 1 did not aggregate"
+                time.sleep(0.5)
+            link = f"{TAG}c{AGENCIES.index('hrss')}"
+            sh("ip", "link", "set", link, "down", ns=cns)  # hrss's only link to the coordinator
+            time.sleep(20)
+            sh("ip", "link", "set", link, "up", ns=cns)
+            stdout, stderr = train.communicate(timeout=900)
+        finally:
+            train.kill()
+        assert train.returncode == 0, stderr
+        summary = json.loads(stdout)
+        assert summary["rounds_aggregated"] == 3 and summary["metrics"]["auc"] > 0.75
+        job = summary["job"]
+        for agency in AGENCIES:
+            rounds = ledger_rounds(homes[agency], job)
+            assert rounds == sorted(set(rounds)) and rounds[0] == 1, (agency, rounds)  # nothing counted twice
+            assert verify_ledger(homes[agency] / "ledger").ok
+            if agency != "hrss":
+                assert rounds == [1, 2, 3]
+    finally:
+        for agency in AGENCIES:
+            sh(sys.executable, "-m", "agencyfl", "steward", "stop", "--home", str(homes[agency]), check=False)
+        sh(sys.executable, "-m", "agencyfl", "coordinator", "stop", "--dir", str(coord), check=False)
