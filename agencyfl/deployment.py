@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import socket
 import subprocess
 import time
@@ -132,10 +133,12 @@ class CoordinatorDir:
         """Run the Flower CLI against this coordinator's SuperLink; returns its JSON answer."""
         cmd = [executable("flwr"), *args, "--format", "json"]
         try:
-            done = subprocess.run(cmd, capture_output=True, text=True, env=flower_env(self.flwr_home), timeout=timeout)
+            env = {**flower_env(self.flwr_home), "NO_COLOR": "1", "TERM": "dumb"}  # plain JSON, even under Jupyter
+            done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
         except subprocess.TimeoutExpired as exc:
             raise DeploymentError(f"`flwr {args[0]}` did not answer within {timeout:.0f} s") from exc
-        text = done.stdout[done.stdout.find("{") :] if "{" in done.stdout else ""
+        stdout = re.sub(r"\x1b\[[0-9;]*m", "", done.stdout)
+        text = stdout[stdout.find("{") :] if "{" in stdout else ""
         try:
             answer: dict[str, Any] = json.loads(text)
         except ValueError:

@@ -125,7 +125,7 @@ def test_federation_across_namespaces_survives_a_cut_link(namespaces: dict[str, 
             train.kill()
         assert train.returncode == 0, stderr
         summary = json.loads(stdout)
-        assert summary["rounds_aggregated"] == 3 and summary["metrics"]["auc"] > 0.75
+        assert summary["rounds_aggregated"] == 3 and summary["metrics"]["auc"] > 0.7
         job = summary["job"]
         for agency in AGENCIES:
             rounds = ledger_rounds(homes[agency], job)
