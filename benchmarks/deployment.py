@@ -160,7 +160,7 @@ def main() -> None:
                     root / mode / agency,
                 )
             if mode == "noop":
-                app = root / "noop"
+                app = root / "noop-app"
                 app.mkdir()
                 (app / "pyproject.toml").write_text(NOOP_PYPROJECT)
                 out = root / "noop-times.txt"
