@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -112,12 +113,10 @@ def log_reason(log: Path) -> str:
     for marker in ("[code:", "Exit Code", "ERROR", "Error"):
         hits = [line for line in lines if marker in line]
         if hits:
-            return _plain(hits[-1])
-    return _plain(lines[-1]) if lines else "no output"
+            return strip_ansi(hits[-1])
+    return strip_ansi(lines[-1]) if lines else "no output"
 
 
-def _plain(line: str) -> str:
-    """Strip ANSI colour codes."""
-    import re
-
-    return re.sub(r"\x1b\[[0-9;]*m", "", line)
+def strip_ansi(text: str) -> str:
+    """Strip ANSI colour codes (Flower colours its logs and, under Jupyter, its JSON)."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)

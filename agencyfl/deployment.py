@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import socket
 import subprocess
 import time
@@ -32,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agencyfl.daemons import executable, flower_env, running_pid, start_daemon, stop_daemon, wait_until
+from agencyfl.daemons import executable, flower_env, running_pid, start_daemon, stop_daemon, strip_ansi, wait_until
 from federation.errors import DeploymentError, FederationError
 from federation.pki import issue_server_certificate, make_ca, make_node_key
 from privacy.keys import generate_signing_key, public_pem
@@ -137,7 +136,7 @@ class CoordinatorDir:
             done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
         except subprocess.TimeoutExpired as exc:
             raise DeploymentError(f"`flwr {args[0]}` did not answer within {timeout:.0f} s") from exc
-        stdout = re.sub(r"\x1b\[[0-9;]*m", "", done.stdout)
+        stdout = strip_ansi(done.stdout)
         text = stdout[stdout.find("{") :] if "{" in stdout else ""
         try:
             answer: dict[str, Any] = json.loads(text)
