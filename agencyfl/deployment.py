@@ -9,7 +9,8 @@ Coordinator folder (``coordinator init --out DIR``)::
                               installed agencyfl: no code is shipped to the agencies)
     DIR/flwr/                 FLWR_HOME of the coordinator's Flower CLI (connection "agencyfl")
     DIR/state/superlink.db    the SuperLink's persisted state (registered nodes, runs)
-    DIR/work/                 registry/ (models, per-round checkpoints) and runs/JOB/ (events, summary)
+    DIR/work/                 registry/ (models, per-round checkpoints), runs/JOB/ (events, summary) and
+                              coordinator/ledger/ (the countersigned chain of round summaries, for auditors)
     DIR/agencies.json         registered agencies: name, node id, public key fingerprint
     DIR/HANDOUT.txt           what to hand each agency and what to receive
 
@@ -64,6 +65,7 @@ workdir = ""
 job = ""
 resume = false
 connect-timeout = 600.0
+ledger-key = ""
 """
 
 HANDOUT = """\
@@ -249,7 +251,10 @@ def latest_unfinished_job(cdir: CoordinatorDir) -> str | None:
 
 def submit_run(cdir: CoordinatorDir, spec: Path, job: str, resume: bool) -> int:
     """Submit a training run of ``spec`` to the SuperLink; returns Flower's run id."""
-    overrides = f"spec='{spec.resolve()}' workdir='{cdir.work}' job='{job}' resume={'true' if resume else 'false'}"
+    overrides = (
+        f"spec='{spec.resolve()}' workdir='{cdir.work}' job='{job}' resume={'true' if resume else 'false'} "
+        f"ledger-key='{(cdir.root / 'keys' / 'ledger-signing.key').resolve()}'"
+    )
     answer = cdir.flwr("run", str(cdir.root / "app"), CONNECTION, "--run-config", overrides)
     return int(answer["run-id"])
 

@@ -29,6 +29,11 @@ class ExitCode(IntEnum):
     MODEL_INVALID = 8
     SCORING_REFUSED = 9
     DEPLOYMENT_FAILED = 10
+    LEDGER_ENTRY_DELETED = 11
+    LEDGER_REORDERED = 12
+    LEDGER_TRUNCATED = 13
+    ROUND_MISSING = 14
+    EPSILON_MISMATCH = 15
 
 
 HELP: dict[ExitCode, str] = {
@@ -38,7 +43,8 @@ HELP: dict[ExitCode, str] = {
     ExitCode.SPEC_INVALID: "The federation spec is unreadable or invalid; the message names the field.",
     ExitCode.DATA_UNUSABLE: "A data file is unusable as a whole (missing, empty, not a table, missing columns).",
     ExitCode.LEDGER_UNVERIFIED: (
-        "A privacy ledger does not verify (altered, deleted, reordered or truncated entries, bad signature)."
+        "A privacy ledger does not verify (altered, deleted, reordered or truncated entries, bad signature); "
+        "`audit verify` narrows it: 5 is then an altered byte, a bad signature or a key the keyring lacks."
     ),
     ExitCode.BUDGET_EXCEEDED: "A ledger verifies but records spend beyond its privacy budget or per-job cap.",
     ExitCode.FEDERATION_FAILED: "The federated run ended without a model (too few agencies trained).",
@@ -50,7 +56,27 @@ HELP: dict[ExitCode, str] = {
         "A SuperLink or SuperNode did not start or was refused (unregistered key, TLS), or a deployment folder "
         "is incomplete; the message quotes the daemon's reason and names its log."
     ),
+    ExitCode.LEDGER_ENTRY_DELETED: "`audit verify`: an entry was taken out of the middle of a chain.",
+    ExitCode.LEDGER_REORDERED: "`audit verify`: a chain's entries are out of order.",
+    ExitCode.LEDGER_TRUNCATED: "`audit verify`: entries were cut off the end of a chain (or an older copy was put back).",
+    ExitCode.ROUND_MISSING: (
+        "`audit verify`: a round the coordinator's chain records is missing from the agency's ledger, or the reverse."
+    ),
+    ExitCode.EPSILON_MISMATCH: (
+        "`audit verify`: a recorded epsilon disagrees with the recomputation or with the coordinator's record."
+    ),
 }
+
+FINDING_CODES: dict[str, ExitCode] = {
+    "altered": ExitCode.LEDGER_UNVERIFIED,
+    "deleted": ExitCode.LEDGER_ENTRY_DELETED,
+    "reordered": ExitCode.LEDGER_REORDERED,
+    "truncated": ExitCode.LEDGER_TRUNCATED,
+    "missing": ExitCode.ROUND_MISSING,
+    "epsilon": ExitCode.EPSILON_MISMATCH,
+    "overspend": ExitCode.BUDGET_EXCEEDED,
+}
+"""The exit code of ``audit verify`` for the most serious kind of finding (``privacy.ledger.FINDING_ORDER``)."""
 
 _BY_ERROR: list[tuple[type[AgencyflError], ExitCode]] = [
     (SpecError, ExitCode.SPEC_INVALID),

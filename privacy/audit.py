@@ -5,16 +5,35 @@ Lifetime epsilon is reported by both RDP (what enforcement uses: the larger, saf
 
 Recorded epsilons are not trusted: the spend is recomputed from the recorded mechanisms with the
 same accountant and must agree with what the agency wrote.
+
+``audit_federation`` adds what one ledger alone cannot show: each key taken from the auditor's own
+keyring (not from the folder an adversary may have rewritten), the coordinator's countersigned chain
+verified, and both sides cross-checked (``privacy.crosscheck``).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+import json
 from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from privacy.accounting import epsilon_for, epsilon_prv
-from privacy.ledger import spend_records, verify_ledger
+from privacy.coordinator_ledger import RoundSummary
+from privacy.crosscheck import cross_check
+from privacy.keys import keyring_key
+from privacy.ledger import (
+    FINDING_ORDER,
+    LEDGER_FILE,
+    Finding,
+    FindingKind,
+    LedgerEvent,
+    spend_records,
+    verify_ledger,
+)
 
 _AGREE = 1e-6
 
@@ -41,13 +60,36 @@ class AgencyAudit:
     signatures_ok: bool
     head_ok: bool
     key_id: str
-    problems: list[str] = field(default_factory=list)
-    overspend: list[str] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    timeline: list[dict[str, Any]] = field(default_factory=list)  # every entry with recomputed epsilons
+    events: list[LedgerEvent] = field(default_factory=list, repr=False)
+
+    @property
+    def problems(self) -> list[str]:
+        """What makes the ledger unverified (everything but overspend)."""
+        return [f.message for f in self.findings if f.kind != "overspend"]
+
+    @property
+    def overspend(self) -> list[str]:
+        """Caps crossed."""
+        return [f.message for f in self.findings if f.kind == "overspend"]
 
     @property
     def verified(self) -> bool:
         """Chain, signatures and head verify, and recorded epsilons agree with the recomputation."""
         return self.chain_ok and self.signatures_ok and self.head_ok and not self.problems
+
+    def as_dict(self) -> dict[str, Any]:
+        """The row as JSON-ready data."""
+        row = {k: v for k, v in vars(self).items() if k not in {"findings", "events"}}
+        return {
+            **row,
+            "problems": self.problems,
+            "overspend": self.overspend,
+            "findings": [vars(f) for f in self.findings],
+            "verified": self.verified,
+            "within_budget": self.within_budget,
+        }
 
     @property
     def within_budget(self) -> bool:
@@ -57,15 +99,23 @@ class AgencyAudit:
         return self.epsilon_lifetime <= self.budget + _AGREE and not self.overspend
 
 
-def audit_ledger(directory: str | Path) -> AgencyAudit:
-    """Verify one agency's ledger folder and summarise its spend."""
-    check = verify_ledger(directory)
+def audit_ledger(directory: str | Path, public_key: Ed25519PublicKey | None = None) -> AgencyAudit:
+    """Verify one agency's ledger folder and summarise its spend.
+
+    Parameters
+    ----------
+    directory
+        The agency's ledger folder.
+    public_key
+        The agency's key as the auditor holds it; by default the folder's own ``ledger.pub``.
+    """
+    check = verify_ledger(directory, public_key)
     events = check.events
-    problems = list(check.problems)
-    overspend: list[str] = []
+    findings = list(check.findings)
+    timeline: list[dict[str, Any]] = []
     agencies = sorted({e.agency for e in events})
     if len(agencies) > 1:
-        problems.append(f"entries of several agencies in one ledger: {agencies!r}")
+        findings.append(Finding("altered", f"entries of several agencies in one ledger: {agencies!r}"))
     jobs: list[str] = []
     for e in events:
         if e.job not in jobs:
@@ -73,25 +123,48 @@ def audit_ledger(directory: str | Path) -> AgencyAudit:
     last_job = jobs[-1] if jobs else None
     delta = events[-1].delta if events else None
     for index, e in enumerate(events):
-        if e.kind != "round":
-            continue
         so_far = events[: index + 1]
         life = epsilon_for(spend_records(so_far), e.delta)
         job = epsilon_for(spend_records(so_far, e.job), e.delta)
+        timeline.append(
+            {
+                "seq": index,
+                "kind": e.kind,
+                "job": e.job,
+                "round": e.round,
+                "epsilon_job": job,
+                "epsilon_lifetime": life,
+                "epsilon_job_cap": e.epsilon_job_cap,
+                "budget": e.budget,
+                "time": e.time,
+                "reason": e.reason,
+            }
+        )
+        if e.kind != "round":
+            continue
         if not (
             math.isclose(life, e.epsilon_lifetime, rel_tol=_AGREE, abs_tol=_AGREE)
             and math.isclose(job, e.epsilon_job, rel_tol=_AGREE, abs_tol=_AGREE)
         ):
-            problems.append(
-                f"entry {index}: recorded epsilon ({e.epsilon_job:.6f} job, {e.epsilon_lifetime:.6f} "
-                f"lifetime) disagrees with the recomputed ({job:.6f}, {life:.6f})"
+            findings.append(
+                Finding(
+                    "epsilon",
+                    f"entry {index}: recorded epsilon ({e.epsilon_job:.6f} job, {e.epsilon_lifetime:.6f} "
+                    f"lifetime) disagrees with the recomputed ({job:.6f}, {life:.6f})",
+                )
             )
         if job > e.epsilon_job_cap + _AGREE:
-            overspend.append(
-                f"entry {index}: job {e.job} at epsilon {job:.4f} exceeds its per-job cap {e.epsilon_job_cap:g}"
+            findings.append(
+                Finding(
+                    "overspend",
+                    f"entry {index}: job {e.job} at epsilon {job:.4f} exceeds its per-job cap {e.epsilon_job_cap:g}",
+                )
             )
     eps_job = epsilon_for(spend_records(events, last_job), delta) if last_job and delta else 0.0
     eps_life = epsilon_for(spend_records(events), delta) if delta else 0.0
+    budget = events[-1].budget if events else None
+    if budget is not None and eps_life > budget + _AGREE:
+        findings.append(Finding("overspend", f"lifetime epsilon {eps_life:.4f} exceeds the budget {budget:g}"))
     return AgencyAudit(
         agency=agencies[0] if agencies else Path(directory).resolve().parent.name,
         ledger=str(directory),
@@ -99,7 +172,7 @@ def audit_ledger(directory: str | Path) -> AgencyAudit:
         epsilon_last_job=eps_job,
         epsilon_lifetime=eps_life,
         epsilon_lifetime_prv=epsilon_prv(spend_records(events), delta) if delta else 0.0,
-        budget=events[-1].budget if events else None,
+        budget=budget,
         epsilon_job_cap=events[-1].epsilon_job_cap if events else None,
         delta=delta,
         rounds_last_job=sum(1 for e in events if e.kind == "round" and e.job == last_job),
@@ -111,6 +184,110 @@ def audit_ledger(directory: str | Path) -> AgencyAudit:
         signatures_ok=check.signatures_ok,
         head_ok=check.head_ok,
         key_id=check.key_id,
-        problems=problems,
-        overspend=overspend,
+        findings=findings,
+        timeline=timeline,
+        events=events,
     )
+
+
+@dataclass
+class CoordinatorAudit:
+    """The coordinator's countersigned chain: verification and what it records."""
+
+    ledger: str
+    key_id: str
+    verified: bool
+    jobs: list[str]
+    rounds: int
+    findings: list[Finding]
+    entries: list[RoundSummary] = field(default_factory=list, repr=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready data (entries summarised by job and round)."""
+        return {
+            "ledger": self.ledger,
+            "key_id": self.key_id,
+            "verified": self.verified,
+            "jobs": self.jobs,
+            "rounds": self.rounds,
+            "findings": [vars(f) for f in self.findings],
+        }
+
+
+@dataclass
+class FederationAudit:
+    """Every agency's ledger, the coordinator's chain, and the cross-check between them."""
+
+    agencies: list[AgencyAudit]
+    coordinator: CoordinatorAudit | None
+    cross: list[tuple[str, Finding]]
+    notes: list[str]
+
+    def all_findings(self) -> list[tuple[str, Finding]]:
+        """Every finding with the party it concerns."""
+        found = [(row.agency, f) for row in self.agencies for f in row.findings]
+        if self.coordinator is not None:
+            found += [("coordinator", f) for f in self.coordinator.findings]
+        return found + self.cross
+
+    def worst(self) -> FindingKind | None:
+        """The most serious kind of finding (``FINDING_ORDER``), or None when all is well."""
+        kinds = {f.kind for _, f in self.all_findings()}
+        return next((k for k in FINDING_ORDER if k in kinds), None)
+
+
+def _claimed_agency(directory: Path) -> str:
+    """The agency a ledger folder says it belongs to (first entry), before anything is verified."""
+    try:
+        with (directory / LEDGER_FILE).open("rb") as handle:
+            return str(json.loads(handle.readline())["agency"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return directory.resolve().parent.name
+
+
+def audit_federation(
+    ledgers: list[Path], coordinator: Path | None = None, keyring: Path | None = None
+) -> FederationAudit:
+    """Verify agencies' ledgers (and the coordinator's chain), then cross-check them.
+
+    Parameters
+    ----------
+    ledgers
+        Agency ledger folders.
+    coordinator
+        The coordinator's chain folder (``WORKDIR/coordinator/ledger``), if the auditor has it.
+    keyring
+        The auditor's folder of public keys (``NAME.pub``, ``coordinator.pub``; see ``audit keys``).
+        Without it each folder's own ``ledger.pub`` is used, which only proves internal consistency.
+    """
+    notes: list[str] = []
+    rows: list[AgencyAudit] = []
+    for directory in ledgers:
+        name = _claimed_agency(Path(directory))
+        key = keyring_key(keyring, name) if keyring else None
+        row = audit_ledger(directory, key)
+        if keyring and key is None:
+            row.signatures_ok = False
+            row.findings.insert(0, Finding("altered", f"the keyring holds no key for {name!r}"))
+        rows.append(row)
+    if keyring is None:
+        notes.append("no keyring: each ledger was checked against the public key in its own folder")
+    chain_audit = None
+    cross: list[tuple[str, Finding]] = []
+    if coordinator is not None:
+        key = keyring_key(keyring, "coordinator") if keyring else None
+        check = verify_ledger(coordinator, key, RoundSummary)
+        findings = list(check.findings)
+        if keyring and key is None:
+            findings.insert(0, Finding("altered", "the keyring holds no key for 'coordinator'"))
+        jobs = list(dict.fromkeys(e.job for e in check.events))
+        chain_audit = CoordinatorAudit(
+            str(coordinator), check.key_id, not findings, jobs, len(check.events), findings, check.events
+        )
+        cross = cross_check({row.agency: row.events for row in rows}, check.events)
+        given = {row.agency for row in rows}
+        absent = sorted({r.agency for e in check.events for r in e.agencies} - given)
+        if absent:
+            notes.append(f"the coordinator's chain names agencies whose ledgers were not given: {absent}")
+    return FederationAudit(rows, chain_audit, cross, notes)
+

@@ -59,3 +59,47 @@ def key_id(key: Ed25519PublicKey) -> str:
     """A short fingerprint of a public key: the first 16 hex digits of SHA-256 of its raw bytes."""
     raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def _party_file(keyring: Path, party: str) -> Path:
+    if not party or any(c in party for c in "/\\") or party.startswith("."):
+        raise LedgerError(f"party name {party!r} is not usable as a key name")
+    return Path(keyring) / f"{party}.pub"
+
+
+def import_public_key(keyring: Path, party: str, source: Path) -> str:
+    """Put ``party``'s ledger public key (a PEM file it handed over) in the auditor's keyring folder.
+
+    Returns the key's fingerprint, to be compared with the one the party reads out of band. Refuses to
+    replace a different key already held for ``party`` (a key change is a decision, not an accident).
+    """
+    key = load_public_key(source)
+    target = _party_file(keyring, party)
+    pem = public_pem(key)
+    if target.exists() and target.read_bytes() != pem:
+        raise LedgerError(f"the keyring already holds a different key for {party!r}; remove {target} to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(pem)
+    return key_id(key)
+
+
+def export_public_key(source: Path, out: Path) -> str:
+    """Write the public half of a signing key, or copy a public key, to ``out``; returns its fingerprint."""
+    try:
+        public = load_signing_key(source).public_key()
+    except LedgerError:
+        public = load_public_key(source)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(public_pem(public))
+    return key_id(public)
+
+
+def keyring_key(keyring: Path, party: str) -> Ed25519PublicKey | None:
+    """``party``'s key from the keyring, or None when the keyring holds none."""
+    path = _party_file(keyring, party)
+    return load_public_key(path) if path.exists() else None
+
+
+def keyring_parties(keyring: Path) -> dict[str, str]:
+    """Every party in the keyring with its key's fingerprint."""
+    return {p.stem: key_id(load_public_key(p)) for p in sorted(Path(keyring).glob("*.pub"))}

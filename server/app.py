@@ -25,9 +25,11 @@ from federation.encoding import FeatureEncoder
 from federation.errors import FederationError
 from federation.model import build_model, model_to_arrays
 from federation.spec import LoadedSpec, load_spec
+from privacy.coordinator_ledger import AgencyReport, RoundSummary, open_coordinator_ledger, weights_sha256
+from privacy.ledger import now_utc
 from server.registry import checkpoint_dir, latest_checkpoint, register_model, save_checkpoint
 from server.secure_aggregation import AgencySecAggPlus, FastPollGrid
-from server.strategy import AgencyFedAvg, EventSink, JobPlan
+from server.strategy import AgencyFedAvg, EventSink, JobPlan, RoundClosed
 
 
 def new_job_id() -> str:
@@ -45,6 +47,17 @@ class ServerSettings:
     min_available: int
     connect_timeout: float = 600.0
     resume: bool = False
+    ledger_key: Path | None = None  # the coordinator's signing key; default WORKDIR/coordinator/keys/
+
+    @property
+    def ledger_dir(self) -> Path:
+        """The coordinator's countersigned chain of round summaries."""
+        return self.workdir / "coordinator" / "ledger"
+
+    @property
+    def signing_key_path(self) -> Path:
+        """The coordinator's ledger signing key (made on first use when not given)."""
+        return self.ledger_key or self.workdir / "coordinator" / "keys" / "ledger-signing.key"
 
     @property
     def run_dir(self) -> Path:
@@ -69,6 +82,28 @@ def _wait_for_agencies(grid: Grid | FastPollGrid, want: int, need: int, timeout:
     if count < need:
         raise FederationError(f"only {count} of {want} agencies connected within {timeout:.0f} s (minimum {need})")
     return count
+
+
+def countersigner(settings: ServerSettings) -> RoundClosed:
+    """Append each closed round's summary to the coordinator's signed chain."""
+    ledger = open_coordinator_ledger(settings.ledger_dir, settings.signing_key_path)
+    spec = settings.loaded.spec
+
+    def close(job_round: int, reports: list[dict[str, Any]], weights: list[Any], aggregated: bool) -> None:
+        ledger.append(
+            RoundSummary(
+                federation=spec.federation.name,
+                job=settings.job,
+                round=job_round,
+                spec_sha256=settings.loaded.sha256,
+                aggregated=aggregated,
+                agencies=[AgencyReport.model_validate(r) for r in reports],
+                model_sha256=weights_sha256(weights),
+                time=now_utc(),
+            )
+        )
+
+    return close
 
 
 def run_job(
@@ -111,6 +146,7 @@ def run_job(
         server_momentum=spec.training.server_momentum,
         on_event=sink,
         checkpoint=lambda r, w, v: save_checkpoint(settings.checkpoints, r, w, v),
+        round_closed=countersigner(settings),
     )
     remaining = spec.training.rounds - first_round + 1
     sink({"type": "start", "job": settings.job, "rounds": spec.training.rounds, "first_round": first_round})
@@ -167,9 +203,12 @@ def run_job(
         "metrics_source": "federated validation splits (pooled score histograms)",
         "rounds_aggregated": log.aggregated_rounds,
         "secure_aggregation": secure,
+        "model_sha256": weights_sha256(strategy.weights),
+        "coordinator_ledger": str(settings.ledger_dir),
     }
     path = register_model(settings.workdir / "registry", settings.loaded, strategy.weights, card)
     summary["model"] = str(path)
+    summary["coordinator_ledger"] = str(settings.ledger_dir)
     (settings.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     sink({"type": "done", "model": str(path)})
     return summary
@@ -201,6 +240,7 @@ def _deployment_main(grid: Grid, context: Context) -> None:
         min_available=len(loaded.spec.agencies),
         connect_timeout=float(cfg.get("connect-timeout", 600.0)),
         resume=bool(cfg.get("resume", False)),
+        ledger_key=Path(str(cfg["ledger-key"])) if cfg.get("ledger-key") else None,
     )
     run_job(grid, context, settings, _events_to_file(settings.run_dir / "events.jsonl"))
 

@@ -114,3 +114,15 @@ def latest_checkpoint(directory: Path) -> tuple[int, list[np.ndarray], list[np.n
         arrays = [npz[f"arr_{i}"] for i in range(len(npz.files))]
     half = len(arrays) // 2
     return int(files[-1].stem.split("-")[1]), arrays[:half], arrays[half:]
+
+
+def list_models(root: Path) -> list[dict[str, Any]]:
+    """Every registered model's card under ``root`` (all federations), oldest version first."""
+    cards = []
+    for card_path in sorted(Path(root).glob(f"*/v[0-9]*/{CARD_FILE}")):
+        try:
+            card: dict[str, Any] = json.loads(card_path.read_text())
+        except (OSError, ValueError):
+            continue
+        cards.append({**card, "directory": str(card_path.parent)})
+    return cards

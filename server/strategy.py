@@ -36,6 +36,7 @@ from federation.metrics import metrics_from_histograms
 
 EventSink = Callable[[dict[str, Any]], None]
 Checkpoint = Callable[[int, list[np.ndarray], list[np.ndarray]], object]
+RoundClosed = Callable[[int, list[dict[str, Any]], list[np.ndarray], bool], object]
 
 
 @dataclass
@@ -88,6 +89,10 @@ class AgencyFedAvg(FedAvg):
         Receives one dict per notable event (``round``, ``refusal``, ``error``, ``skipped``).
     checkpoint
         Called with (round, weights, velocity) after each aggregated round.
+    round_closed
+        Called after every round that got replies, aggregated or not, with (round, the agencies'
+        reports, the global weights after the round, whether it aggregated): the coordinator's
+        countersigned chain.
     """
 
     def __init__(
@@ -103,6 +108,7 @@ class AgencyFedAvg(FedAvg):
         server_momentum: float = 0.0,
         on_event: EventSink | None = None,
         checkpoint: Checkpoint | None = None,
+        round_closed: RoundClosed | None = None,
     ) -> None:
         super().__init__(
             fraction_fit=1.0,
@@ -122,6 +128,8 @@ class AgencyFedAvg(FedAvg):
         self.server_momentum = server_momentum
         self.on_event = on_event or (lambda event: None)
         self.checkpoint = checkpoint or (lambda r, w, v: None)
+        self.round_closed = round_closed or (lambda r, reports, w, aggregated: None)
+        self._reports: dict[int, list[dict[str, Any]]] = {}  # each round's replies, by job round
         self.log = RunLog()
         self._round_info: dict[int, dict[str, Any]] = {}  # what each round's replies said, by job round
         self.on_fit_config_fn = self._fit_config
@@ -149,8 +157,19 @@ class AgencyFedAvg(FedAvg):
         for failure in failures:
             self.on_event({"type": "error", "round": job_round, "reason": _failure_reason(failure)})
         trained = 0
+        reports = self._reports[job_round] = []
         for _, res in results:
             m = res.metrics
+            reports.append(
+                {
+                    "agency": str(m["agency"]),
+                    "status": str(m["status"]),
+                    "epsilon_job": float(m["epsilon-job"]),
+                    "epsilon_lifetime": float(m["epsilon-lifetime"]),
+                    "dataset": str(m["dataset"]),
+                    "reason": str(m["reason"]) if m.get("reason") else None,
+                }
+            )
             record = self._agency(str(m["agency"]))
             record.epsilon_job = float(m["epsilon-job"])
             record.epsilon_lifetime = float(m["epsilon-lifetime"])
@@ -173,7 +192,9 @@ class AgencyFedAvg(FedAvg):
     def skip(self, server_round: int, trained: int) -> None:
         """Report a round that leaves the model unchanged."""
         reason = f"{trained} trained update(s) < minimum {self.min_agencies}"
-        self.on_event({"type": "skipped", "round": self.job_round(server_round), "trained": trained, "reason": reason})
+        job_round = self.job_round(server_round)
+        self.round_closed(job_round, self._reports.get(job_round, []), self.weights, False)
+        self.on_event({"type": "skipped", "round": job_round, "trained": trained, "reason": reason})
 
     def aggregate_fit(
         self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list[Any]
@@ -194,7 +215,9 @@ class AgencyFedAvg(FedAvg):
         self.velocity = [self.server_momentum * v + u for v, u in zip(self.velocity, update, strict=True)]
         self.weights = [w + self.server_learning_rate * v for w, v in zip(self.weights, self.velocity, strict=True)]
         self.log.aggregated_rounds += 1
-        self.checkpoint(self.job_round(server_round), self.weights, self.velocity)
+        job_round = self.job_round(server_round)
+        self.round_closed(job_round, self._reports.get(job_round, []), self.weights, True)
+        self.checkpoint(job_round, self.weights, self.velocity)
         return ndarrays_to_parameters(self.weights), {"agencies-trained": trained}
 
     def configure_evaluate(

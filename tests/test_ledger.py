@@ -54,7 +54,8 @@ def test_a_flipped_byte_is_detected(ledger_dir: Path, offset: int) -> None:
     data = bytearray((ledger_dir / LEDGER_FILE).read_bytes())
     data[offset] ^= 0x01
     (ledger_dir / LEDGER_FILE).write_bytes(bytes(data))
-    assert not verify_ledger(ledger_dir).ok
+    check = verify_ledger(ledger_dir)
+    assert not check.ok and check.findings[0].kind == "altered"
 
 
 def test_a_deleted_entry_is_detected(ledger_dir: Path) -> None:
@@ -62,23 +63,26 @@ def test_a_deleted_entry_is_detected(ledger_dir: Path) -> None:
     del kept[2]
     (ledger_dir / LEDGER_FILE).write_bytes(b"".join(kept))
     check = verify_ledger(ledger_dir)
-    assert not check.chain_ok and any("deleted or reordered" in p for p in check.problems)
+    assert not check.chain_ok and [f.kind for f in check.findings] == ["deleted"]
 
 
 def test_reordered_entries_are_detected(ledger_dir: Path) -> None:
     kept = lines(ledger_dir)
     kept[1], kept[3] = kept[3], kept[1]
     (ledger_dir / LEDGER_FILE).write_bytes(b"".join(kept))
-    assert not verify_ledger(ledger_dir).chain_ok
+    check = verify_ledger(ledger_dir)
+    assert not check.chain_ok and {f.kind for f in check.findings} == {"reordered"}
 
 
 def test_truncation_is_detected(ledger_dir: Path) -> None:
     whole = (ledger_dir / LEDGER_FILE).read_bytes()
     (ledger_dir / LEDGER_FILE).write_bytes(b"".join(lines(ledger_dir)[:3]))  # whole entries cut off
     check = verify_ledger(ledger_dir)
-    assert not check.head_ok and any("removed from the end" in p for p in check.problems)
+    assert not check.head_ok and [f.kind for f in check.findings] == ["truncated"]
+    assert "removed from the end" in check.problems[0]
     (ledger_dir / LEDGER_FILE).write_bytes(whole[:-40])  # cut mid-entry
-    assert not verify_ledger(ledger_dir).ok
+    check = verify_ledger(ledger_dir)
+    assert not check.ok and {f.kind for f in check.findings} == {"truncated"}
 
 
 def test_a_reforged_entry_without_the_key_is_detected(ledger_dir: Path) -> None:

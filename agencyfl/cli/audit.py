@@ -1,9 +1,10 @@
-"""`agencyfl audit`: commands for auditors."""
+"""`agencyfl audit`: commands for auditors (report, verify, keys, attack)."""
 
 from __future__ import annotations
 
+from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
@@ -13,75 +14,234 @@ from agencyfl.cli.common import (
     FormatOpt,
     audit_app,
     emit_json,
+    err,
+    errors_to_exit,
     out,
 )
-from agencyfl.exit_codes import HELP, ExitCode
+from agencyfl.exit_codes import FINDING_CODES, HELP, ExitCode
+
+if TYPE_CHECKING:
+    from privacy.audit import AgencyAudit, FederationAudit
+
+keys_app = typer.Typer(help="The auditor's keyring: public keys handed over as files.", no_args_is_help=True)
+audit_app.add_typer(keys_app, name="keys")
+
+LedgersArg = Annotated[list[Path], typer.Argument(help="Agency ledger folders", metavar="LEDGER_DIR...")]
+CoordinatorOpt = Annotated[
+    Path | None,
+    typer.Option("--coordinator", help="The coordinator's countersigned chain (WORKDIR/coordinator/ledger)"),
+]
+KeyringOpt = Annotated[
+    Path | None,
+    typer.Option("--keyring", help="Folder of trusted public keys (NAME.pub, coordinator.pub): see `audit keys`"),
+]
 
 
-# ---------------------------------------------------------------- audit
-def audit_rows(ledgers: list[Path]) -> list[Any]:
+class ReportFormat(StrEnum):
+    """Output format of `audit report`."""
+
+    table = "table"
+    json = "json"
+    html = "html"
+
+
+def audit_rows(ledgers: list[Path]) -> list[AgencyAudit]:
+    """Audit each ledger against its own folder's key (the demo's quick check)."""
     from privacy.audit import audit_ledger
 
     return [audit_ledger(path) for path in ledgers]
 
 
-def audit_dict(row: Any) -> dict[str, Any]:
-    return {**{k: v for k, v in vars(row).items()}, "verified": row.verified, "within_budget": row.within_budget}
+def _federation_audit(ledgers: list[Path], coordinator: Path | None, keyring: Path | None) -> FederationAudit:
+    from privacy.audit import audit_federation
+
+    with errors_to_exit():
+        return audit_federation(ledgers, coordinator, keyring)
 
 
+def _audit_json(audit: FederationAudit, code: ExitCode) -> dict[str, Any]:
+    return {
+        "ok": code is ExitCode.OK,
+        "exit_code": int(code),
+        "agencies": [r.as_dict() for r in audit.agencies],
+        "coordinator": audit.coordinator.as_dict() if audit.coordinator else None,
+        "cross_check": [{"party": p, **vars(f)} for p, f in audit.cross],
+        "notes": audit.notes,
+    }
+
+
+def _print_findings(audit: FederationAudit) -> None:
+    for party, finding in audit.all_findings():
+        out.print(f"[red]{party}: {finding.kind}: {finding.message}[/]")
+    for note in audit.notes:
+        out.print(f"[yellow]note: {note}[/]")
+
+
+# ---------------------------------------------------------------- report
 @audit_app.command("report")
 def audit_report(
-    ledgers: Annotated[list[Path], typer.Argument(help="Agency ledger folders", metavar="LEDGER_DIR...")],
-    fmt: FormatOpt = Format.table,
+    ledgers: LedgersArg,
+    fmt: Annotated[
+        ReportFormat, typer.Option("--format", help="table (people), json (scripts) or html (a file to open)")
+    ] = ReportFormat.table,
+    out_file: Annotated[Path | None, typer.Option("--out", help="Where --format html writes the report")] = None,
+    coordinator: CoordinatorOpt = None,
+    registry: Annotated[
+        Path | None, typer.Option("--registry", help="Registry folder: list model versions with their epsilon")
+    ] = None,
+    keyring: KeyringOpt = None,
 ) -> None:
     """Verify ledgers and report each agency's spend against its caps (exit 0 only if all is well)."""
-    rows = audit_rows(ledgers)
+    if fmt is ReportFormat.html and out_file is None:
+        err.print("[bold red]error:[/] --format html needs --out FILE")
+        raise typer.Exit(int(ExitCode.USAGE))
+    audit = _federation_audit(ledgers, coordinator, keyring)
+    rows = audit.agencies
+    worst = audit.worst()
     code = ExitCode.OK
-    if any(not r.verified for r in rows):
-        code = ExitCode.LEDGER_UNVERIFIED
-    elif any(not r.within_budget for r in rows):
+    if worst == "overspend":
         code = ExitCode.BUDGET_EXCEEDED
-    if fmt is Format.json:
-        emit_json({"ok": code is ExitCode.OK, "exit_code": int(code), "agencies": [audit_dict(r) for r in rows]})
-    else:
-        table = Table(
-            "agency",
-            "epsilon last job",
-            "epsilon lifetime (RDP) / cap",
-            "lifetime (PRV)",
-            "delta",
-            "rounds (last job/all)",
-            "refusals",
-            "last entry",
-            "chain",
-            "signatures",
-            title="privacy budget audit",
+    elif worst is not None:
+        code = ExitCode.LEDGER_UNVERIFIED
+    if fmt is ReportFormat.json:
+        emit_json(_audit_json(audit, code))
+        raise typer.Exit(int(code))
+    if fmt is ReportFormat.html:
+        from agencyfl.report_html import render_report
+        from server.registry import list_models
+
+        assert out_file is not None
+        models = list_models(registry) if registry else []
+        out_file.write_text(render_report(audit, models, int(code), HELP[code]), encoding="utf-8")
+        out.print(f"report written to {out_file} ({'all well' if code is ExitCode.OK else HELP[code]})")
+        raise typer.Exit(int(code))
+    table = Table(
+        "agency",
+        "epsilon last job",
+        "epsilon lifetime (RDP) / cap",
+        "lifetime (PRV)",
+        "delta",
+        "rounds (last job/all)",
+        "refusals",
+        "last entry",
+        "chain",
+        "signatures",
+        title="privacy budget audit",
+    )
+    for r in rows:
+        cap = f"{r.budget:g}" if r.budget is not None else "-"
+        table.add_row(
+            r.agency,
+            f"{r.epsilon_last_job:.3f}",
+            f"{r.epsilon_lifetime:.3f} / {cap}",
+            f"{r.epsilon_lifetime_prv:.3f}",
+            f"{r.delta:g}" if r.delta else "-",
+            f"{r.rounds_last_job}/{r.rounds_total}",
+            str(r.refusals),
+            r.last_entry or "-",
+            "[green]ok[/]" if r.chain_ok and r.head_ok else "[red]BROKEN[/]",
+            "[green]ok[/]" if r.signatures_ok else "[red]BAD[/]",
         )
-        for r in rows:
-            cap = f"{r.budget:g}" if r.budget is not None else "-"
-            table.add_row(
-                r.agency,
-                f"{r.epsilon_last_job:.3f}",
-                f"{r.epsilon_lifetime:.3f} / {cap}",
-                f"{r.epsilon_lifetime_prv:.3f}",
-                f"{r.delta:g}" if r.delta else "-",
-                f"{r.rounds_last_job}/{r.rounds_total}",
-                str(r.refusals),
-                r.last_entry or "-",
-                "[green]ok[/]" if r.chain_ok and r.head_ok else "[red]BROKEN[/]",
-                "[green]ok[/]" if r.signatures_ok else "[red]BAD[/]",
-            )
-        out.print(table)
-        out.print("Caps are enforced with RDP (the larger, safe-side bound); PRV is the tighter estimate.")
-        for r in rows:
-            for problem in r.problems:
-                out.print(f"[red]{r.agency}: {problem}[/]")
-            for problem in r.overspend:
-                out.print(f"[red]{r.agency}: {problem}[/]")
-            if r.budget is not None and r.epsilon_lifetime > r.budget:
-                out.print(
-                    f"[red]{r.agency}: lifetime epsilon {r.epsilon_lifetime:.3f} exceeds the budget {r.budget:g}[/]"
-                )
-        verdict = "all ledgers verified, no cap exceeded" if code is ExitCode.OK else HELP[code]
-        out.print(("[green]" if code is ExitCode.OK else "[red]") + verdict + "[/]")
+    out.print(table)
+    out.print("Caps are enforced with RDP (the larger, safe-side bound); PRV is the tighter estimate.")
+    _print_findings(audit)
+    verdict = "all ledgers verified, no cap exceeded" if code is ExitCode.OK else HELP[code]
+    out.print(("[green]" if code is ExitCode.OK else "[red]") + verdict + "[/]")
     raise typer.Exit(int(code))
+
+
+# ---------------------------------------------------------------- verify
+@audit_app.command("verify")
+def audit_verify(
+    ledgers: LedgersArg,
+    coordinator: CoordinatorOpt = None,
+    keyring: KeyringOpt = None,
+    fmt: FormatOpt = Format.table,
+) -> None:
+    """Verify every chain against the keyring and cross-check agencies with the coordinator.
+
+    Exits with the code of the most serious finding: 5 altered or badly signed, 11 an entry deleted,
+    12 reordered, 13 truncated, 14 a round one side records and the other not, 15 a changed epsilon,
+    6 a cap crossed.
+    """
+    audit = _federation_audit(ledgers, coordinator, keyring)
+    worst = audit.worst()
+    code = FINDING_CODES[worst] if worst else ExitCode.OK
+    if fmt is Format.json:
+        emit_json(_audit_json(audit, code))
+        raise typer.Exit(int(code))
+    table = Table("party", "key", "entries", "verified", "findings", title="ledger verification")
+    for r in audit.agencies:
+        table.add_row(
+            r.agency,
+            r.key_id,
+            str(len(r.timeline)),
+            "[green]yes[/]" if r.verified else "[red]NO[/]",
+            str(len(r.findings)),
+        )
+    if audit.coordinator:
+        c = audit.coordinator
+        table.add_row(
+            "coordinator", c.key_id, str(c.rounds), "[green]yes[/]" if c.verified else "[red]NO[/]", str(len(c.findings))
+        )
+    out.print(table)
+    if audit.coordinator:
+        mark = "[green]agree[/]" if not audit.cross else f"[red]{len(audit.cross)} disagreement(s)[/]"
+        out.print(f"cross-check of agencies' ledgers with the coordinator's chain: {mark}")
+    _print_findings(audit)
+    verdict = "every chain verified and agrees" if code is ExitCode.OK else f"exit {int(code)}: {HELP[code]}"
+    out.print(("[green]" if code is ExitCode.OK else "[red]") + verdict + "[/]")
+    raise typer.Exit(int(code))
+
+
+# ---------------------------------------------------------------- keys
+@keys_app.command("import")
+def keys_import(
+    party: Annotated[str, typer.Argument(help="Agency name, or 'coordinator'")],
+    key_file: Annotated[Path, typer.Argument(help="The party's ledger.pub")],
+    keyring: Annotated[Path, typer.Option("--keyring", help="The auditor's keyring folder")] = Path("keyring"),
+    fmt: FormatOpt = Format.table,
+) -> None:
+    """Add a party's public key to the keyring; compare the fingerprint with the party's out of band."""
+    from privacy.keys import import_public_key
+
+    with errors_to_exit():
+        fingerprint = import_public_key(keyring, party, key_file)
+    if fmt is Format.json:
+        emit_json({"party": party, "key_id": fingerprint, "keyring": str(keyring)})
+        return
+    out.print(f"{party}: key {fingerprint} in {keyring} (check this fingerprint with {party} by phone or letter)")
+
+
+@keys_app.command("export")
+def keys_export(
+    key: Annotated[Path, typer.Argument(help="Your ledger-signing.key (or a ledger.pub)")],
+    out_file: Annotated[Path, typer.Option("--out", help="Where the public key goes")],
+    fmt: FormatOpt = Format.table,
+) -> None:
+    """Write the public half of a ledger signing key, to hand to auditors (the secret key stays)."""
+    from privacy.keys import export_public_key
+
+    with errors_to_exit():
+        fingerprint = export_public_key(key, out_file)
+    if fmt is Format.json:
+        emit_json({"public_key": str(out_file), "key_id": fingerprint})
+        return
+    out.print(f"public key {fingerprint} written to {out_file}; hand it to auditors and read them the fingerprint")
+
+
+@keys_app.command("list")
+def keys_list(
+    keyring: Annotated[Path, typer.Option("--keyring", help="The auditor's keyring folder")] = Path("keyring"),
+    fmt: FormatOpt = Format.table,
+) -> None:
+    """List the keyring's parties and key fingerprints."""
+    from privacy.keys import keyring_parties
+
+    with errors_to_exit():
+        parties = keyring_parties(keyring)
+    if fmt is Format.json:
+        emit_json(parties)
+        return
+    for party, fingerprint in parties.items():
+        out.print(f"{party:<20} {fingerprint}")

@@ -1,0 +1,81 @@
+"""Cross-checking the agencies' ledgers against the coordinator's countersigned chain.
+
+Both sides record every round an agency answered: the agency writes a ``round`` (it trained and spent)
+or a ``refusal`` entry; the coordinator writes the agency's reply (``trained`` or ``refused`` with the
+epsilon it reported). The two are compared as multisets keyed by (agency, job, round, outcome), so a
+round replayed after a coordinator crash (refused by the agency, recorded twice by both) still matches.
+
+Only jobs the coordinator's chain knows are compared in the agency-to-coordinator direction: a
+ledger may also hold jobs run under another coordinator, which this chain cannot vouch for.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+
+from privacy.coordinator_ledger import RoundSummary
+from privacy.ledger import Finding, LedgerEvent
+
+_AGREE = 1e-9  # both sides write the same float: only a change makes them differ
+
+Key = tuple[str, str, int, str]  # (agency, job, round, "trained" | "refused")
+
+
+def _agency_side(ledgers: Mapping[str, Iterable[LedgerEvent]]) -> dict[Key, list[float]]:
+    side: dict[Key, list[float]] = defaultdict(list)
+    for agency, events in ledgers.items():
+        for e in events:
+            side[(agency, e.job, e.round, "trained" if e.kind == "round" else "refused")].append(e.epsilon_job)
+    return side
+
+
+def _coordinator_side(chain: Iterable[RoundSummary], agencies: set[str]) -> dict[Key, list[float]]:
+    side: dict[Key, list[float]] = defaultdict(list)
+    for entry in chain:
+        for report in entry.agencies:
+            if report.agency in agencies:
+                side[(report.agency, entry.job, entry.round, report.status)].append(report.epsilon_job)
+    return side
+
+
+def cross_check(
+    ledgers: Mapping[str, Iterable[LedgerEvent]], chain: list[RoundSummary]
+) -> list[tuple[str, Finding]]:
+    """Compare each agency's ledger with the coordinator's chain.
+
+    Parameters
+    ----------
+    ledgers
+        Each agency's verified events, by agency name.
+    chain
+        The coordinator's verified round summaries.
+
+    Returns
+    -------
+    list of (party, Finding)
+        ``missing``: a round one side records and the other does not; ``epsilon``: both record it
+        but with different epsilons. The party is the agency concerned.
+    """
+    ours = _agency_side(ledgers)
+    theirs = _coordinator_side(chain, set(ledgers))
+    jobs = {entry.job for entry in chain}
+    findings: list[tuple[str, Finding]] = []
+    for key in sorted(set(ours) | set(theirs)):
+        agency, job, round_, outcome = key
+        mine, coordinators = sorted(ours.get(key, [])), sorted(theirs.get(key, []))
+        what = f"round {round_} of {job} ({outcome})"
+        if len(coordinators) > len(mine):
+            findings.append(
+                (agency, Finding("missing", f"the coordinator records {what}; the agency's ledger does not"))
+            )
+        elif len(mine) > len(coordinators) and job in jobs:
+            findings.append(
+                (agency, Finding("missing", f"the agency's ledger records {what}; the coordinator's chain does not"))
+            )
+        for a, c in zip(mine, coordinators, strict=False):
+            if abs(a - c) > _AGREE * max(1.0, abs(a)):
+                findings.append(
+                    (agency, Finding("epsilon", f"{what}: the agency recorded epsilon {a:.6f}, the coordinator {c:.6f}"))
+                )
+    return findings
