@@ -58,7 +58,7 @@ HELP: dict[ExitCode, str] = {
     ),
     ExitCode.LEDGER_ENTRY_DELETED: "`audit verify`: an entry was taken out of the middle of a chain.",
     ExitCode.LEDGER_REORDERED: "`audit verify`: a chain's entries are out of order.",
-    ExitCode.LEDGER_TRUNCATED: "`audit verify`: entries were cut off the end of a chain (or an older copy was put back).",
+    ExitCode.LEDGER_TRUNCATED: "`audit verify`: entries were cut off the end of a chain (or an older copy put back).",
     ExitCode.ROUND_MISSING: (
         "`audit verify`: a round the coordinator's chain records is missing from the agency's ledger, or the reverse."
     ),

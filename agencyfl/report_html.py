@@ -8,6 +8,7 @@ with the epsilon behind each, and every finding.
 from __future__ import annotations
 
 import io
+import re
 from html import escape
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +35,7 @@ def spend_plot_svg(row: AgencyAudit) -> str:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     plt.rcParams["svg.fonttype"] = "none"  # real text in the SVG: searchable, readable by screen readers
     fig, ax = plt.subplots(figsize=(8, 3.2))
@@ -46,10 +48,12 @@ def spend_plot_svg(row: AgencyAudit) -> str:
         ax.step(xs, [t["epsilon_job_cap"] for t in timeline], where="mid", color="#e08a00", ls=":", label="per-job cap")
         refused = [(x, t["epsilon_lifetime"]) for x, t in zip(xs, timeline, strict=True) if t["kind"] == "refusal"]
         if refused:
-            ax.scatter(*zip(*refused, strict=True), marker="x", color="#b42318", s=40, zorder=3, label="refused round")
+            rx, ry = zip(*refused, strict=True)
+            ax.scatter(rx, ry, marker="x", color="#b42318", s=40, zorder=3, label="refused round")
         starts = [x for x, t, p in zip(xs[1:], timeline[1:], timeline, strict=False) if t["job"] != p["job"]]
         for x in starts:
             ax.axvline(x - 0.5, color="#999", lw=0.8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("ledger entry (vertical lines: a new job)")
     ax.set_ylabel("epsilon")
     ax.set_title(f"{row.agency}: privacy spent")
@@ -60,6 +64,7 @@ def spend_plot_svg(row: AgencyAudit) -> str:
     fig.savefig(buffer, format="svg")
     plt.close(fig)
     svg = buffer.getvalue()
+    svg = re.sub(r"<metadata>.*?</metadata>", "", svg, flags=re.DOTALL)  # creator/date RDF: noise here
     return svg[svg.index("<svg") :]  # drop the XML prolog: the SVG sits inside HTML
 
 

@@ -13,9 +13,9 @@ verified, and both sides cross-checked (``privacy.crosscheck``).
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
-import json
 from pathlib import Path
 from typing import Any
 
@@ -290,4 +290,3 @@ def audit_federation(
         if absent:
             notes.append(f"the coordinator's chain names agencies whose ledgers were not given: {absent}")
     return FederationAudit(rows, chain_audit, cross, notes)
-

@@ -39,9 +39,7 @@ def _coordinator_side(chain: Iterable[RoundSummary], agencies: set[str]) -> dict
     return side
 
 
-def cross_check(
-    ledgers: Mapping[str, Iterable[LedgerEvent]], chain: list[RoundSummary]
-) -> list[tuple[str, Finding]]:
+def cross_check(ledgers: Mapping[str, Iterable[LedgerEvent]], chain: list[RoundSummary]) -> list[tuple[str, Finding]]:
     """Compare each agency's ledger with the coordinator's chain.
 
     Parameters
@@ -75,7 +73,6 @@ def cross_check(
             )
         for a, c in zip(mine, coordinators, strict=False):
             if abs(a - c) > _AGREE * max(1.0, abs(a)):
-                findings.append(
-                    (agency, Finding("epsilon", f"{what}: the agency recorded epsilon {a:.6f}, the coordinator {c:.6f}"))
-                )
+                message = f"{what}: the agency recorded epsilon {a:.6f}, the coordinator {c:.6f}"
+                findings.append((agency, Finding("epsilon", message)))
     return findings

@@ -182,7 +182,11 @@ def audit_verify(
     if audit.coordinator:
         c = audit.coordinator
         table.add_row(
-            "coordinator", c.key_id, str(c.rounds), "[green]yes[/]" if c.verified else "[red]NO[/]", str(len(c.findings))
+            "coordinator",
+            c.key_id,
+            str(c.rounds),
+            "[green]yes[/]" if c.verified else "[red]NO[/]",
+            str(len(c.findings)),
         )
     out.print(table)
     if audit.coordinator:
