@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import secrets
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,8 +19,9 @@ import torch
 from opacus import GradSampleModule
 from opacus.accountants import RDPAccountant
 from opacus.optimizers import DPOptimizer
-from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
+
+from clients.sampling import poisson_batches, require_poisson
 
 # Opacus' per-sample-gradient hooks fire on module outputs when inputs need no gradient (always, for
 # data): torch warns about it every step, though it is exactly what Opacus intends.
@@ -62,6 +64,8 @@ def dp_sgd(
     steps: int,
     accountant: RDPAccountant,
     generator: torch.Generator,
+    batches: Iterable[list[int]] | None = None,
+    secure_noise: bool = True,
 ) -> DPRoundResult:
     """Train ``model`` in place for ``steps`` DP-SGD steps on ``(x, y)``.
 
@@ -79,8 +83,26 @@ def dp_sgd(
         The dataset's accountant (restored from its ledger); every step is recorded in it.
     generator
         Draws the batches and the noise.
+    batches
+        A batch source to use instead of the built-in one; it must be Poisson sampling at
+        ``sample_rate`` over these records (``clients.sampling.require_poisson``), since that is
+        what the accountant assumes.
+    secure_noise
+        Opacus' ``secure_mode`` noise (default): each Gaussian is the scaled sum of four draws, which
+        defeats the floating-point attacks on Gaussian sampling (Mironov 2012; Holohan and Braghin
+        2021, section 5.1); ``False`` only for benchmarks that compare the two.
+
+    Raises
+    ------
+    SamplingError
+        If ``batches`` is not Poisson sampling (shuffled, weighted or fixed-size batches).
     """
     n = len(x)
+    sampler = (
+        poisson_batches(n, sample_rate, steps, generator)
+        if batches is None
+        else require_poisson(batches, sample_rate, n)
+    )
     features = torch.as_tensor(x, dtype=torch.float32)
     labels = torch.as_tensor(y, dtype=torch.float32)
     model.train()
@@ -92,11 +114,11 @@ def dp_sgd(
         expected_batch_size=max(1, round(n * sample_rate)),
         loss_reduction="mean",
         generator=generator,
+        secure_mode=secure_noise,
     )
     optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
     before = sum(h[2] for h in accountant.history)
     criterion = nn.BCEWithLogitsLoss()
-    sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=sample_rate, generator=generator, steps=steps)
     losses = []
     for batch in sampler:
         index = torch.as_tensor(batch, dtype=torch.long)

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from opacus.accountants import RDPAccountant
-from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from opacus.data_loader import DPDataLoader
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
 
 from agencyfl.synth import SynthResult
 from clients.rounds import TrainRequest, evaluate_round, train_round
+from clients.sampling import SamplingError, poisson_batches, require_poisson
 from clients.site import AgencySite
 from clients.trainer import dp_sgd, noise_generator
 from federation.encoding import FeatureEncoder
@@ -91,24 +94,61 @@ def test_evaluation_returns_only_aggregates(small_fed: SynthResult, tmp_path: Pa
     assert len(reply.hist_pos) == len(reply.hist_neg) == 1000
 
 
-def test_poisson_batches_have_binomial_mean_and_variance() -> None:
+@pytest.mark.parametrize("seed", [0, 1])
+def test_poisson_batches_have_binomial_mean_and_variance(seed: int) -> None:
+    # The sampler dp_sgd uses: batch sizes are Binomial(N, q), mean Nq and variance Nq(1-q).
     n, q, steps = 1000, 0.05, 4000
-    sizes = np.array(
-        [
-            len(b)
-            for b in UniformWithReplacementSampler(
-                num_samples=n, sample_rate=q, generator=torch.Generator().manual_seed(0), steps=steps
-            )
-        ]
-    )
+    sizes = np.array([len(b) for b in poisson_batches(n, q, steps, torch.Generator().manual_seed(seed))])
     mean, var = n * q, n * q * (1 - q)
-    assert abs(sizes.mean() - mean) < 4 * np.sqrt(var / steps)
-    assert abs(sizes.var() - var) < 0.1 * var
+    assert abs(sizes.mean() - mean) < 5 * np.sqrt(var / steps)  # 5 standard errors of the mean
+    assert abs(sizes.var(ddof=1) - var) < 5 * var * np.sqrt(2 / (steps - 1))  # ... and of the variance
+    # each record's inclusion count is Binomial(steps, q): no record is favoured
+    counts = np.bincount(np.concatenate([b for b in poisson_batches(n, q, steps, torch.Generator().manual_seed(9))]))
+    assert abs(counts.mean() - steps * q) < 5 * np.sqrt(steps * q * (1 - q) / n)
 
 
-def test_noise_has_the_calibrated_size() -> None:
+def loaders(n: int) -> dict[str, DataLoader[Any]]:
+    data = TensorDataset(torch.zeros(n, 2))
+    return {
+        "shuffled": DataLoader(data, batch_size=10, shuffle=True),
+        "weighted": DataLoader(data, batch_size=10, sampler=WeightedRandomSampler(torch.ones(n), n)),
+        "fixed-size": DataLoader(data, batch_size=10),
+    }
+
+
+@pytest.mark.parametrize(
+    ("kind", "explanation"),
+    [("shuffled", "sample without replacement"), ("weighted", "different chances"), ("fixed-size", "no subsampling")],
+)
+def test_a_loader_that_is_not_poisson_is_refused_with_its_reason(kind: str, explanation: str) -> None:
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(100, 2)).astype(np.float32), (rng.random(100) < 0.5).astype(np.float32)
+    model = nn.Sequential(nn.Linear(2, 1))
+    before = [p.detach().clone() for p in model.parameters()]
+    accountant = RDPAccountant()
+    with pytest.raises(SamplingError, match=explanation):
+        dp_sgd(
+            model, x, y, noise_multiplier=1.0, sample_rate=0.1, max_grad_norm=1.0, learning_rate=0.1, steps=10,
+            accountant=accountant, generator=noise_generator(0), batches=loaders(100)[kind],
+        )  # fmt: skip
+    assert accountant.history == [] and all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_a_poisson_loader_is_accepted_only_at_the_accounted_rate() -> None:
+    data = TensorDataset(torch.zeros(100, 2))
+    dp_loader = DPDataLoader.from_data_loader(DataLoader(data, batch_size=10), generator=torch.Generator())
+    assert require_poisson(dp_loader, dp_loader.sample_rate, 100) is dp_loader.batch_sampler
+    with pytest.raises(SamplingError, match="accounted at"):
+        require_poisson(dp_loader, 0.5, 100)
+    with pytest.raises(SamplingError, match="training set has"):
+        require_poisson(dp_loader, dp_loader.sample_rate, 99)
+
+
+@pytest.mark.parametrize("secure", [True, False])
+def test_noise_has_the_calibrated_size(secure: bool) -> None:
     # Zero inputs and targets of 0.5 at logit 0 make every per-sample gradient zero, so one step
-    # moves the weights by pure noise: std = lr * sigma * C / expected_batch_size.
+    # moves the weights by pure noise: std = lr * sigma * C / expected_batch_size. Secure mode
+    # (the default) sums four draws and halves them: the same distribution, drawn differently.
     d, n, q, sigma, clip, lr = 4000, 400, 0.25, 2.0, 1.5, 1.0
     model = nn.Sequential(nn.Linear(d, 1))
     nn.init.zeros_(model[0].weight)
@@ -124,11 +164,14 @@ def test_noise_has_the_calibrated_size() -> None:
         steps=1,
         accountant=RDPAccountant(),
         generator=noise_generator(7),
+        secure_noise=secure,
     )
     moved = model[0].weight.detach().numpy().ravel()
     expected = lr * sigma * clip / (n * q)
     assert moved.std() == pytest.approx(expected, rel=0.05)
     assert abs(moved.mean()) < 4 * expected / np.sqrt(d)
+    standardized = moved / expected
+    assert abs(np.mean(standardized**4) - 3.0) < 0.5  # Gaussian kurtosis, not a sum of few uniforms
 
 
 def test_empty_poisson_batches_still_count_as_steps() -> None:
