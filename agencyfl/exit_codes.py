@@ -34,6 +34,7 @@ class ExitCode(IntEnum):
     LEDGER_TRUNCATED = 13
     ROUND_MISSING = 14
     EPSILON_MISMATCH = 15
+    PRIVACY_CLAIM_REFUTED = 16
 
 
 HELP: dict[ExitCode, str] = {
@@ -64,6 +65,9 @@ HELP: dict[ExitCode, str] = {
     ),
     ExitCode.EPSILON_MISMATCH: (
         "`audit verify`: a recorded epsilon disagrees with the recomputation or with the coordinator's record."
+    ),
+    ExitCode.PRIVACY_CLAIM_REFUTED: (
+        "`audit attack`: the empirical lower bound on epsilon exceeds the claimed epsilon (the claim is false)."
     ),
 }
 

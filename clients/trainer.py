@@ -126,7 +126,7 @@ def dp_sgd(
         logits = gsm(features[index]).squeeze(-1)
         if len(index):
             loss = criterion(logits, labels[index])
-            losses.append(float(loss))
+            losses.append(loss.item())
         else:  # an empty Poisson batch: zero gradient, but noise is still added and the step counted
             loss = logits.sum() * 0.0
         loss.backward()

@@ -249,3 +249,51 @@ def keys_list(
         return
     for party, fingerprint in parties.items():
         out.print(f"{party:<20} {fingerprint}")
+
+
+# ---------------------------------------------------------------- attack
+@audit_app.command("attack")
+def audit_attack(
+    model: Annotated[Path, typer.Option("--model", help="A registered model folder (its recipe is re-run)")],
+    data: Annotated[Path, typer.Option("--data", help="Records to train on, where they live (CSV or Parquet)")],
+    runs: Annotated[int, typer.Option(min=1, help="Training runs; each carries one canary per model input")] = 15,
+    magnitude: Annotated[float, typer.Option(min=0.0, help="How far out canaries lie (range half-widths)")] = 100.0,
+    confidence: Annotated[float, typer.Option(min=0.5, max=0.999, help="Confidence of the bound")] = 0.95,
+    epsilon: Annotated[float | None, typer.Option(help="Train at this per-job epsilon instead of the spec's")] = None,
+    claim: Annotated[float | None, typer.Option(help="The epsilon to test (default: the training epsilon)")] = None,
+    non_private: Annotated[bool, typer.Option("--non-private", help="Train without DP: the control")] = False,
+    seed: Annotated[int | None, typer.Option(help="Reproducible canaries and noise (experiments only)")] = None,
+    fmt: FormatOpt = Format.table,
+) -> None:
+    """Membership inference with canaries (one-run audit): an empirical lower bound on epsilon.
+
+    Exits 16 when the bound exceeds the claimed epsilon.
+    """
+    from rich.progress import Progress
+
+    from agencyfl.empirical_audit import run_canary_audit
+
+    with errors_to_exit(), Progress(console=err, transient=True, disable=fmt is Format.json) as bar:
+        task = bar.add_task("training with canaries", total=runs)
+        result = run_canary_audit(
+            model, data, runs=runs, magnitude=magnitude, confidence=confidence, epsilon=epsilon, claim=claim,
+            non_private=non_private, seed=seed, progress=lambda done: bar.update(task, completed=done),
+        )  # fmt: skip
+    code = ExitCode.PRIVACY_CLAIM_REFUTED if result.refutes_claim else ExitCode.OK
+    if fmt is Format.json:
+        emit_json({**result.as_dict(), "exit_code": int(code)})
+        raise typer.Exit(int(code))
+    lo, hi = result.accuracy_interval
+    claimed = "none (no DP: the control)" if result.epsilon_claimed is None else f"{result.epsilon_claimed:g}"
+    out.print(f"trained {result.runs} times x {result.steps} steps (noise multiplier {result.noise_multiplier:.3f})")
+    out.print(f"canaries {result.canaries}, guesses {result.guesses}, correct {result.correct}")
+    out.print(f"attack accuracy {result.accuracy:.3f}  ({result.confidence:.0%} interval {lo:.3f} - {hi:.3f})")
+    out.print(
+        f"epsilon: claimed {claimed}; empirical lower bound {result.epsilon_lower_bound:.3f} "
+        f"at {result.confidence:.0%} confidence (delta {result.delta:g})"
+    )
+    if code is ExitCode.OK:
+        out.print("[green]the attack does not refute the claim[/]" if result.epsilon_claimed else "")
+    else:
+        out.print(f"[red]{HELP[code]}[/]")
+    raise typer.Exit(int(code))
