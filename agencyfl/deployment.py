@@ -82,6 +82,10 @@ Each agency gives the coordinator:
                           `agencyfl coordinator register --agency NAME node.pub`)
   2. its ledger.pub      (for auditors checking its privacy ledger)
 
+Auditors receive from every party its ledger.pub (the coordinator's is keys/ledger.pub here) and
+import it with `agencyfl audit keys import NAME KEY.pub`; from the coordinator, work/coordinator/ledger
+(its countersigned chain of round summaries); from each agency, its ledger folder.
+
 Never hand over: ca.key, server.key, node.key, ledger-signing.key, data files, ledgers' private parts.
 """
 

@@ -61,6 +61,7 @@ def demo(
             f"chain {'ok' if r.chain_ok and r.head_ok else 'BROKEN'}, signatures {'ok' if r.signatures_ok else 'BAD'}"
         )
     ledgers = " ".join(summary["ledgers"].values())
+    chain = summary.get("coordinator_ledger", "")
     out.print(f"""
 [bold]What happened[/] ({time.time() - start:.0f} s)
 - Each agency checked its file; malformed rows went to *.quarantine.csv beside it (see {data_dir}).
@@ -71,7 +72,8 @@ def demo(
   {"successfully" if ok else "and FOUND PROBLEMS"}.
 - The model and its card: {summary["model"]}
 
-Next: agencyfl audit report {ledgers}
+Next: agencyfl audit verify {ledgers} --coordinator {chain}
+      agencyfl audit report {ledgers} --coordinator {chain} --format html --out report.html
       agencyfl evaluate --model {summary["model"]} --spec {result.spec} --data {result.test}""")
     if not ok:
         raise typer.Exit(int(ExitCode.LEDGER_UNVERIFIED))
