@@ -35,6 +35,7 @@ class ExitCode(IntEnum):
     ROUND_MISSING = 14
     EPSILON_MISMATCH = 15
     PRIVACY_CLAIM_REFUTED = 16
+    FAIRNESS_GAP_EXCEEDED = 17
 
 
 HELP: dict[ExitCode, str] = {
@@ -69,6 +70,7 @@ HELP: dict[ExitCode, str] = {
     ExitCode.PRIVACY_CLAIM_REFUTED: (
         "`audit attack`: the empirical lower bound on epsilon exceeds the claimed epsilon (the claim is false)."
     ),
+    ExitCode.FAIRNESS_GAP_EXCEEDED: "`audit fairness`: a gap between groups exceeds the spec's tolerance.",
 }
 
 FINDING_CODES: dict[str, ExitCode] = {

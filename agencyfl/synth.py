@@ -218,6 +218,12 @@ delta = 1e-5
 max_grad_norm = 1.0
 budget = {budget}
 
+[fairness]
+attributes = ["region_type", "disability", "head_age"]
+bands = {{ head_age = [40, 65] }}
+max_tpr_gap = 0.10
+max_fpr_gap = 0.10
+
 {agencies}
 """
 

@@ -44,7 +44,11 @@ def main() -> None:
         for agency in args.agencies.split(","):
             for setting in [{"epsilon": 1.0}, {"epsilon": 3.0}, {"epsilon": 8.0}, {"non_private": True}]:
                 result = run_canary_audit(
-                    model, fed.agency_files[agency], runs=args.runs, seed=args.seed, **setting  # type: ignore[arg-type]
+                    model,
+                    fed.agency_files[agency],
+                    runs=args.runs,
+                    seed=args.seed,
+                    **setting,  # type: ignore[arg-type]
                 )
                 claim = "none (non-private)" if result.epsilon_claimed is None else f"{result.epsilon_claimed:g}"
                 lo, hi = result.accuracy_interval

@@ -116,8 +116,16 @@ class AgencyClient(NumPyClient):
         return [new - old for new, old in zip(reply.arrays, parameters, strict=True)], weight, metrics
 
     def evaluate(self, parameters: list[np.ndarray], config: dict[str, Scalar]) -> tuple[float, int, dict[str, Scalar]]:
-        """Histograms of the validation split's scores under ``parameters``."""
+        """Histograms of the validation split's scores under ``parameters``, and the fairness counts."""
+        from clients.rounds import fairness_round
+
         metrics = _evaluation_metrics(self.site, parameters)
+        fairness = fairness_round(self.site, parameters, str(config.get("job", "")))
+        metrics |= {
+            "fairness-status": fairness.status,
+            "fairness-reason": fairness.reason or "",
+            "fairness-counts": fairness.counts.astype(np.float64).tobytes(),
+        }
         return 0.0, int(metrics["eval-examples"]), metrics
 
 

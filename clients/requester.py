@@ -21,6 +21,7 @@ import tenseal as ts
 from federation.encoding import FeatureEncoder
 from federation.errors import AgencyflError
 from federation.proto import scoring_pb2, scoring_pb2_grpc
+from federation.reasons import top_reasons
 from federation.spec import parse_spec
 from federation.table import load_table
 from privacy.he import decrypt_vector, encrypt_columns, new_private_context, parameter_set, public_bytes
@@ -159,20 +160,6 @@ class ScoringClient:
         self.channel.close()
 
 
-def _reasons(
-    contrib: np.ndarray, eligible: np.ndarray, encoder: FeatureEncoder, labels: dict[str, str], k: int
-) -> list[str]:
-    features = list(dict.fromkeys(c.feature for c in encoder.columns))
-    index = {f: [i for i, c in enumerate(encoder.columns) if c.feature == f] for f in features}
-    per_feature = np.stack([contrib[:, index[f]].sum(1) for f in features], 1)
-    out = []
-    for row, yes in zip(per_feature, eligible, strict=True):
-        signed = row if yes else -row
-        order = [i for i in np.argsort(-signed) if signed[i] > 1e-6][:k]
-        out.append("; ".join(f"{labels[features[i]]} ({'+' if row[i] > 0 else ''}{row[i]:.2f})" for i in order))
-    return out
-
-
 def score_file(
     client: ScoringClient,
     data: Path,
@@ -206,7 +193,8 @@ def score_file(
     )
     if contrib_parts:
         labels = {f.name: client.spec.schema.plain_label(f.name) for f in client.spec.schema.features}
-        result["reasons"] = _reasons(np.concatenate(contrib_parts), eligible, client.encoder, labels, settings.reasons)
+        contrib = np.concatenate(contrib_parts)
+        result["reasons"] = top_reasons(contrib, eligible, client.encoder, labels, settings.reasons)
     out.parent.mkdir(parents=True, exist_ok=True)
     result.to_csv(out, index=False)
     return {

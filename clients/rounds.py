@@ -16,11 +16,12 @@ import torch
 from clients.site import AgencySite, load_local_data, site_spec
 from clients.trainer import dp_sgd, noise_generator, steps_per_epoch
 from federation.encoding import FeatureEncoder
+from federation.fairness import count_groups, layout, sensitivity
 from federation.metrics import score_histograms
 from federation.model import build_model, model_from_arrays, model_to_arrays, predict_proba
 from federation.spec import FederationSpec
-from privacy.accounting import StepRecord, accountant_for, calibrate_noise, epsilon_for
-from privacy.budget import check_round
+from privacy.accounting import StepRecord, accountant_for, epsilon_for
+from privacy.budget import check_round, job_noise_multiplier, planned_release
 from privacy.ledger import LedgerEvent, now_utc, spend_records
 
 
@@ -72,7 +73,7 @@ def train_round(site: AgencySite, request: TrainRequest, seed: int | None = None
     data = load_local_data(site, loaded)
     q = spec.training.sample_rate
     steps = spec.training.local_epochs * steps_per_epoch(q)
-    sigma = calibrate_noise(spec.privacy.epsilon, spec.privacy.delta, q, steps * request.rounds)
+    sigma = job_noise_multiplier(spec, steps * request.rounds)  # leaves room for a noisy fairness release
     planned = StepRecord(sigma, q, steps)
 
     def refuse(reason: str) -> TrainReply:
@@ -132,7 +133,7 @@ def _event(
     site: AgencySite,
     spec: FederationSpec,
     request: TrainRequest,
-    kind: Literal["round", "refusal"],
+    kind: Literal["round", "refusal", "release"],
     record: StepRecord,
     job_eps: float,
     life_eps: float,
@@ -146,7 +147,7 @@ def _event(
         round=request.round,
         noise_multiplier=record.noise_multiplier,
         sample_rate=record.sample_rate,
-        steps=record.steps if kind == "round" else 0,
+        steps=0 if kind == "refusal" else record.steps,
         max_grad_norm=spec.privacy.max_grad_norm,
         delta=spec.privacy.delta,
         epsilon_job=job_eps,
@@ -180,3 +181,64 @@ def evaluate_round(site: AgencySite, arrays: list[np.ndarray]) -> EvaluateReply:
     scores = predict_proba(model, data.x_val) if len(data.y_val) else np.zeros(0)
     pos, neg, brier = score_histograms(scores, data.y_val)
     return EvaluateReply(site.agency, len(data.y_val), pos, neg, brier)
+
+
+@dataclass(frozen=True)
+class FairnessReply:
+    """The fairness counts an agency releases (``federation.fairness`` layout), or why it sent none."""
+
+    agency: str
+    status: Literal["exact", "noised", "refused", "none"]
+    counts: np.ndarray
+    reason: str | None = None
+
+
+def _gaussian(shape: tuple[int, ...], std: float, generator: torch.Generator) -> np.ndarray:
+    """Gaussian noise drawn as Opacus' secure mode does: four draws, summed and halved (threat model)."""
+    total = torch.zeros(shape, dtype=torch.float64)
+    for _ in range(4):
+        total += torch.normal(0.0, std, size=shape, generator=generator, dtype=torch.float64)
+    return (total / 2).numpy()
+
+
+def fairness_round(site: AgencySite, arrays: list[np.ndarray], job: str, seed: int | None = None) -> FairnessReply:
+    """Per-group counts of the validation split under ``arrays``, noised and accounted when the spec says so.
+
+    With ``[fairness] noise_multiplier > 0`` the release is budget-checked like a training round (the
+    job's noise was calibrated to leave room for it), Gaussian noise of std ``noise_multiplier *
+    sensitivity`` is added, and a ``release`` entry goes into the ledger; a release that would cross a
+    cap is refused and recorded, and no counts leave.
+    """
+    torch.set_num_threads(1)
+    loaded = site_spec(site)
+    spec = loaded.spec
+    if spec.fairness is None:
+        return FairnessReply(site.agency, "none", np.zeros(0))
+    data = load_local_data(site, loaded)
+    lay = layout(spec.fairness, spec.schema)
+    model = build_model(spec.model, FeatureEncoder(spec.schema).width)
+    model_from_arrays(model, arrays)
+    scores = predict_proba(model, data.x_val) if len(data.y_val) else np.zeros(0)
+    counts = count_groups(scores, data.y_val, data.val_groups, lay, spec.fairness.threshold)
+    release = planned_release(spec)
+    if release is None:
+        return FairnessReply(site.agency, "exact", counts)
+    ledger = site.open_ledger()
+    events = ledger.events()
+    request = TrainRequest(job, 0, 0, loaded.sha256, [])
+    decision = check_round(events, job, release, spec.privacy.delta, spec.privacy.epsilon, spec.privacy.budget)
+    if not decision.allowed:
+        job_eps = epsilon_for(spend_records(events, job), spec.privacy.delta)
+        life_eps = epsilon_for(spend_records(events), spec.privacy.delta)
+        reason = f"fairness release refused: {decision.reason}"
+        ledger.append(_event(site, spec, request, "refusal", release, job_eps, life_eps, data.fingerprint, reason))
+        return FairnessReply(site.agency, "refused", np.zeros(0), reason)
+    noised = counts + _gaussian(
+        counts.shape, release.noise_multiplier * sensitivity(spec.fairness), noise_generator(seed)
+    )
+    event = _event(
+        site, spec, request, "release", release, decision.epsilon_job_after, decision.epsilon_lifetime_after,
+        data.fingerprint, None,
+    )  # fmt: skip
+    ledger.append(event)
+    return FairnessReply(site.agency, "noised", noised)

@@ -7,7 +7,7 @@ the ledger signing key is created under ``home/keys`` on first use and never tra
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +15,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict
 
 from federation.encoding import FeatureEncoder
+from federation.fairness import group_labels
 from federation.spec import LoadedSpec, load_spec
 from federation.table import load_table, validation_mask
 from privacy.keys import load_or_create_signing_key
@@ -57,6 +58,7 @@ class LocalData:
     y_val: np.ndarray
     fingerprint: str
     quarantined: int
+    val_groups: dict[str, np.ndarray] = field(default_factory=dict)  # fairness groups of validation rows
 
 
 _CACHE: dict[tuple[str, int, int, str], LocalData] = {}
@@ -76,7 +78,10 @@ def load_local_data(site: AgencySite, loaded: LoadedSpec) -> LocalData:
         x = FeatureEncoder(spec.schema).encode(frame)
         y = frame[spec.schema.label].to_numpy(dtype=np.float32)
         val = validation_mask(frame[spec.schema.id], spec.training.validation_fraction, spec.federation.name)
-        _CACHE[key] = LocalData(x[~val], y[~val], x[val], y[val], check.fingerprint, len(check.quarantined))
+        groups = {}
+        if spec.fairness is not None:
+            groups = {a: g[val] for a, g in group_labels(frame, spec.fairness, spec.schema).items()}
+        _CACHE[key] = LocalData(x[~val], y[~val], x[val], y[val], check.fingerprint, len(check.quarantined), groups)
     return _CACHE[key]
 
 

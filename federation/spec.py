@@ -185,6 +185,47 @@ class SecureAggregationSection(_Frozen):
     max_weight: Annotated[int, Field(ge=1, le=10_000_000)] = 100_000
 
 
+class FairnessSection(_Frozen):
+    """Groups whose outcomes are compared, and the gaps tolerated between them.
+
+    ``attributes`` are schema features (numeric ones need ``bands``: the edges, e.g. ``head_age =
+    [40, 65]`` gives <40, 40-65, >=65); a missing value is its own group. Rates are taken at
+    ``threshold``; a gap is judged only between groups with at least ``min_group_size`` rows in the
+    metric's denominator. ``max_tpr_gap`` bounds the gap in coverage of the eligible (one minus the
+    miss rate); ``None`` leaves a gap reported but unjudged. ``noise_multiplier > 0`` adds Gaussian
+    noise to the released counts and records the release in the agency's ledger (it is then part of
+    the job's epsilon). ``mitigation = "group-thresholds"`` chooses per-group thresholds on
+    ``mitigation_attribute`` (default: the first attribute) that equalise coverage (off by default).
+    """
+
+    attributes: Annotated[list[Annotated[str, Field(pattern=_NAME)]], Field(min_length=1)]
+    bands: dict[str, Annotated[list[float], Field(min_length=1)]] = Field(default_factory=dict)
+    threshold: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.5
+    max_tpr_gap: Annotated[float, Field(ge=0.0, le=1.0)] | None = 0.1
+    max_fpr_gap: Annotated[float, Field(ge=0.0, le=1.0)] | None = 0.1
+    max_selection_gap: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    min_group_size: Annotated[int, Field(ge=1)] = 30
+    noise_multiplier: Annotated[float, Field(ge=0.0, le=1000.0)] = 0.0
+    mitigation: Literal["none", "group-thresholds"] = "none"
+    mitigation_attribute: Annotated[str, Field(pattern=_NAME)] | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FairnessSection:
+        dupes = sorted({a for a in self.attributes if self.attributes.count(a) > 1})
+        if dupes:
+            raise ValueError(f"attributes repeat {dupes!r}")
+        for name, edges in self.bands.items():
+            if name not in self.attributes:
+                raise ValueError(f"bands given for {name!r}, which is not among the attributes")
+            if edges != sorted(set(edges)):
+                raise ValueError(f"bands of {name!r} must increase strictly (got {edges!r})")
+        if self.mitigation_attribute is not None and self.mitigation_attribute not in self.attributes:
+            raise ValueError(f"mitigation_attribute {self.mitigation_attribute!r} is not among the attributes")
+        if self.mitigation == "group-thresholds" and self.mitigation_attribute is None:
+            return self.model_copy(update={"mitigation_attribute": self.attributes[0]})
+        return self
+
+
 class AgencySection(_Frozen):
     """One agency; ``data`` is a path on that agency's side (relative paths: to the spec file)."""
 
@@ -201,6 +242,7 @@ class FederationSpec(_Frozen):
     training: TrainingSection = Field(default_factory=TrainingSection)
     privacy: PrivacySection
     secure_aggregation: SecureAggregationSection = Field(default_factory=SecureAggregationSection)
+    fairness: FairnessSection | None = None
     agencies: Annotated[list[AgencySection], Field(min_length=1)]
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
@@ -216,6 +258,15 @@ class FederationSpec(_Frozen):
                 f"training.min_agencies ({self.training.min_agencies!r}) exceeds the number of "
                 f"agencies ({len(self.agencies)})"
             )
+        if self.fairness is not None:
+            known = {f.name: f.type for f in self.schema_.features}
+            for name in self.fairness.attributes:
+                if name not in known:
+                    raise ValueError(f"fairness attribute {name!r} is not a schema feature")
+                if known[name] == "numeric" and name not in self.fairness.bands:
+                    raise ValueError(f"fairness attribute {name!r} is numeric: give its bands, e.g. {name} = [40, 65]")
+                if known[name] != "numeric" and name in self.fairness.bands:
+                    raise ValueError(f"fairness attribute {name!r} is {known[name]}: it takes no bands")
         return self
 
     @property

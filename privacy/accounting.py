@@ -79,11 +79,15 @@ MAX_NOISE_MULTIPLIER = 100.0  # beyond this no model learns anything; refuse ins
 
 
 @lru_cache(maxsize=256)
-def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+def calibrate_noise(
+    target_epsilon: float, delta: float, sample_rate: float, steps: int, also: tuple[StepRecord, ...] = ()
+) -> float:
     """The noise multiplier for ``steps`` steps at ``sample_rate`` to reach at most ``target_epsilon``.
 
-    Opacus' binary search returns the upper end of its bracket, i.e. the larger (safer) sigma; the
-    result is checked again here so an overshoot can never pass silently.
+    ``also`` are other mechanisms the same job will run (a noisy fairness release): the steps' noise
+    is then calibrated so that everything together stays within the target. Opacus' binary search
+    (used when ``also`` is empty) returns the upper end of its bracket, i.e. the larger (safer) sigma;
+    ours does the same. The result is checked again so an overshoot can never pass silently.
 
     Raises
     ------
@@ -92,7 +96,7 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
     """
     with warnings.catch_warnings():  # at sigma 100 the optimal RDP order is the largest: a loose bound, fine here
         warnings.simplefilter("ignore", UserWarning)
-        floor = epsilon_for([StepRecord(MAX_NOISE_MULTIPLIER, sample_rate, steps)], delta)
+        floor = epsilon_for([StepRecord(MAX_NOISE_MULTIPLIER, sample_rate, steps), *also], delta)
     if floor > target_epsilon:  # checked first: Opacus' own search takes ~40 s to give up
         raise ValueError(
             f"epsilon {target_epsilon:g} cannot be met with {steps} steps at sample rate {sample_rate:g}: "
@@ -100,17 +104,34 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
         )
     with warnings.catch_warnings():  # Opacus' search visits sigmas whose optimal order is the largest: fine
         warnings.simplefilter("ignore", UserWarning)
-        sigma = float(
-            get_noise_multiplier(
-                target_epsilon=target_epsilon,
-                target_delta=delta,
-                sample_rate=sample_rate,
-                steps=steps,
-                accountant="rdp",
-                epsilon_tolerance=0.005,
+        if also:
+            sigma = _bisect_sigma(target_epsilon, delta, sample_rate, steps, also)
+        else:
+            sigma = float(
+                get_noise_multiplier(
+                    target_epsilon=target_epsilon,
+                    target_delta=delta,
+                    sample_rate=sample_rate,
+                    steps=steps,
+                    accountant="rdp",
+                    epsilon_tolerance=0.005,
+                )
             )
-        )
-    achieved = epsilon_for([StepRecord(sigma, sample_rate, steps)], delta)
+    achieved = epsilon_for([StepRecord(sigma, sample_rate, steps), *also], delta)
     if achieved > target_epsilon:  # pragma: no cover - guards a change in Opacus' search
         raise ValueError(f"calibration overshot: epsilon {achieved} > target {target_epsilon}")
     return sigma
+
+
+def _bisect_sigma(target: float, delta: float, q: float, steps: int, also: tuple[StepRecord, ...]) -> float:
+    """The smallest sigma (to within 0.5% of epsilon) whose composition with ``also`` meets ``target``."""
+    low, high = 0.0, MAX_NOISE_MULTIPLIER  # epsilon falls as sigma grows; keep high feasible
+    while high - low > 1e-4:
+        mid = (low + high) / 2
+        if mid > 0 and epsilon_for([StepRecord(mid, q, steps), *also], delta) <= target:
+            high = mid
+        else:
+            low = mid
+        if high < MAX_NOISE_MULTIPLIER and target - epsilon_for([StepRecord(high, q, steps), *also], delta) < 0.005:
+            break
+    return high

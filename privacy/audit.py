@@ -140,7 +140,7 @@ def audit_ledger(directory: str | Path, public_key: Ed25519PublicKey | None = No
                 "reason": e.reason,
             }
         )
-        if e.kind != "round":
+        if e.kind == "refusal":
             continue
         if not (
             math.isclose(life, e.epsilon_lifetime, rel_tol=_AGREE, abs_tol=_AGREE)

@@ -6,9 +6,29 @@ Validate first, then commit: a refused round trains nothing and spends nothing.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from privacy.accounting import StepRecord, epsilon_for
+from privacy.accounting import StepRecord, calibrate_noise, epsilon_for
 from privacy.ledger import LedgerEvent, spend_records
+
+if TYPE_CHECKING:
+    from federation.spec import FederationSpec
+
+
+def planned_release(spec: FederationSpec) -> StepRecord | None:
+    """The job's noisy fairness release, if the spec asks for one (one Gaussian release, q = 1)."""
+    fairness = spec.fairness
+    if fairness is None or fairness.noise_multiplier <= 0:
+        return None
+    return StepRecord(fairness.noise_multiplier, 1.0, 1)
+
+
+def job_noise_multiplier(spec: FederationSpec, steps: int) -> float:
+    """DP-SGD noise for a job of ``steps`` steps, leaving room in the per-job epsilon for its release."""
+    release = planned_release(spec)
+    return calibrate_noise(
+        spec.privacy.epsilon, spec.privacy.delta, spec.training.sample_rate, steps, (release,) if release else ()
+    )
 
 
 @dataclass(frozen=True)

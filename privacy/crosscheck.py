@@ -26,7 +26,8 @@ def _agency_side(ledgers: Mapping[str, Iterable[LedgerEvent]]) -> dict[Key, list
     side: dict[Key, list[float]] = defaultdict(list)
     for agency, events in ledgers.items():
         for e in events:
-            side[(agency, e.job, e.round, "trained" if e.kind == "round" else "refused")].append(e.epsilon_job)
+            if e.kind != "release":  # releases are not rounds: the coordinator's chain records rounds only
+                side[(agency, e.job, e.round, "trained" if e.kind == "round" else "refused")].append(e.epsilon_job)
     return side
 
 

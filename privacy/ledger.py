@@ -45,11 +45,15 @@ PUBLIC_KEY_FILE = "ledger.pub"
 
 
 class LedgerEvent(BaseModel):
-    """What happened in one round for one agency: a DP-SGD spend, or a refusal that spent nothing."""
+    """What happened for one agency: a DP-SGD round, a refusal that spent nothing, or a noisy release.
+
+    ``release`` is a Gaussian-noised release of counts (the fairness evaluation): ``steps`` releases at
+    ``noise_multiplier`` with ``sample_rate`` 1, accounted by the same RDP accountant as training.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    kind: Literal["round", "refusal"]
+    kind: Literal["round", "refusal", "release"]
     agency: str
     job: str
     round: int
@@ -68,7 +72,7 @@ class LedgerEvent(BaseModel):
 
     def step_record(self) -> StepRecord:
         """The accountant's view of this event (no steps for a refusal)."""
-        steps = self.steps if self.kind == "round" else 0
+        steps = 0 if self.kind == "refusal" else self.steps
         return StepRecord(self.noise_multiplier, self.sample_rate, steps)
 
 
@@ -344,4 +348,4 @@ class Ledger(Generic[EventT]):
 
 def spend_records(events: list[LedgerEvent], job: str | None = None) -> list[StepRecord]:
     """The accountant's records of ``events`` (only those of ``job`` when given)."""
-    return [e.step_record() for e in events if e.kind == "round" and (job is None or e.job == job)]
+    return [e.step_record() for e in events if e.kind != "refusal" and (job is None or e.job == job)]

@@ -29,7 +29,7 @@ from privacy.coordinator_ledger import AgencyReport, RoundSummary, open_coordina
 from privacy.ledger import now_utc
 from server.registry import checkpoint_dir, latest_checkpoint, register_model, save_checkpoint
 from server.secure_aggregation import AgencySecAggPlus, FastPollGrid
-from server.strategy import AgencyFedAvg, EventSink, JobPlan, RoundClosed
+from server.strategy import AgencyFedAvg, EventSink, JobPlan, RoundClosed, RunLog
 
 
 def new_job_id() -> str:
@@ -205,6 +205,7 @@ def run_job(
         "secure_aggregation": secure,
         "model_sha256": weights_sha256(strategy.weights),
         "coordinator_ledger": str(settings.ledger_dir),
+        **fairness_card(settings.loaded, log),
     }
     path = register_model(settings.workdir / "registry", settings.loaded, strategy.weights, card)
     summary["model"] = str(path)
@@ -212,6 +213,33 @@ def run_job(
     (settings.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     sink({"type": "done", "model": str(path)})
     return summary
+
+
+def fairness_card(loaded: LoadedSpec, log: RunLog) -> dict[str, Any]:
+    """The card's fairness table (and mitigation thresholds) from the pooled counts, if the spec asks."""
+    from federation.fairness import fairness_table, group_thresholds, layout, mitigated_counts
+
+    section = loaded.spec.fairness
+    if section is None:
+        return {}
+    if log.fairness_counts is None:
+        return {"fairness": None, "fairness_release": log.fairness_status}
+    lay = layout(section, loaded.spec.schema)
+    table = fairness_table(log.fairness_counts, section, lay)
+    noised = "noised counts, accounted in each agency's ledger"
+    table["release"] = noised if section.noise_multiplier else "exact counts"
+    table["agencies"] = log.fairness_status
+    card: dict[str, Any] = {"fairness": table}
+    if lay.mitigation_attribute:
+        thresholds = group_thresholds(log.fairness_counts, lay, section.threshold)
+        after = fairness_table(mitigated_counts(log.fairness_counts, lay, thresholds), section, lay)
+        card["mitigation"] = {
+            "method": "group-thresholds",
+            "attribute": lay.mitigation_attribute,
+            "thresholds": thresholds,
+            "after": after["attributes"][lay.mitigation_attribute],
+        }
+    return card
 
 
 def make_server_app(settings: ServerSettings, on_event: EventSink | None = None) -> ServerApp:

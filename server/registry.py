@@ -18,8 +18,10 @@ from federation.encoding import FeatureEncoder
 from federation.errors import ModelError
 from federation.model import build_model, model_from_arrays
 from federation.spec import LoadedSpec, parse_spec
+from server.model_card import render_html, render_markdown
 
 MODEL_FILE, CARD_FILE, SPEC_FILE = "model.npz", "card.json", "spec.toml"
+CARD_MD, CARD_HTML = "card.md", "card.html"  # the card for people, rendered from card.json
 
 
 def code_version() -> str:
@@ -66,6 +68,8 @@ def register_model(root: Path, loaded: LoadedSpec, arrays: list[np.ndarray], car
         **card,
     }
     (target / CARD_FILE).write_text(json.dumps(full, indent=2), encoding="utf-8")
+    (target / CARD_MD).write_text(render_markdown(full), encoding="utf-8")
+    (target / CARD_HTML).write_text(render_html(full), encoding="utf-8")
     return target
 
 

@@ -59,6 +59,8 @@ class RunLog:
     agencies: dict[str, AgencyRecord] = field(default_factory=dict)
     rounds: list[dict[str, Any]] = field(default_factory=list)
     aggregated_rounds: int = 0
+    fairness_counts: np.ndarray | None = None  # pooled over the agencies that released them
+    fairness_status: dict[str, str] = field(default_factory=dict)  # agency -> exact | noised | refused: ...
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,7 @@ class AgencyFedAvg(FedAvg):
         self.log = RunLog()
         self._round_info: dict[int, dict[str, Any]] = {}  # what each round's replies said, by job round
         self.on_fit_config_fn = self._fit_config
+        self.on_evaluate_config_fn = lambda server_round: {"job": self.plan.job}
 
     def job_round(self, server_round: int) -> int:
         """The round number within the job (runs resumed from a checkpoint start past 1)."""
@@ -235,7 +238,23 @@ class AgencyFedAvg(FedAvg):
         for failure in failures:
             self.on_event({"type": "error", "round": self.job_round(server_round), "reason": _failure_reason(failure)})
         entry = self._record_evaluation(self.job_round(server_round), [res.metrics for _, res in results])
+        self._pool_fairness([res.metrics for _, res in results])
         return (None, {}) if entry is None else (float(entry["brier"]), {"auc": float(entry["auc"])})
+
+    def _pool_fairness(self, replies: list[dict[str, Scalar]]) -> None:
+        """Add up the fairness counts the agencies released (exact or noised); note who sent none and why."""
+        for m in replies:
+            status = str(m.get("fairness-status", "none"))
+            if status == "none":
+                continue
+            agency = str(m["agency"])
+            if status in {"exact", "noised"}:
+                counts = np.frombuffer(m["fairness-counts"], dtype=np.float64)  # type: ignore[arg-type]
+                pooled = self.log.fairness_counts
+                self.log.fairness_counts = counts.copy() if pooled is None else pooled + counts
+                self.log.fairness_status[agency] = status
+            else:
+                self.log.fairness_status[agency] = f"{status}: {str(m.get('fairness-reason', ''))}"
 
     def _record_evaluation(self, model_round: int, replies: list[dict[str, Scalar]]) -> dict[str, Any] | None:
         if not replies:

@@ -297,3 +297,87 @@ def audit_attack(
     else:
         out.print(f"[red]{HELP[code]}[/]")
     raise typer.Exit(int(code))
+
+
+# ---------------------------------------------------------------- fairness
+@audit_app.command("fairness")
+def audit_fairness(
+    model: Annotated[Path, typer.Option("--model", help="A registered model folder")],
+    data: Annotated[
+        Path | None, typer.Option("--data", help="Compute the table on this labelled file instead of the card's")
+    ] = None,
+    fmt: Annotated[
+        ReportFormat, typer.Option("--format", help="table (people), json (scripts) or html (a file to open)")
+    ] = ReportFormat.table,
+    out_file: Annotated[Path | None, typer.Option("--out", help="Where --format html writes the table")] = None,
+) -> None:
+    """The fairness table (rates per group with intervals, gaps against the spec's tolerances); exit 17 on a fail."""
+    from federation.errors import ModelError
+    from server.model_card import fairness_markdown, markdown_to_html
+    from server.registry import RegisteredModel
+
+    if fmt is ReportFormat.html and out_file is None:
+        err.print("[bold red]error:[/] --format html needs --out FILE")
+        raise typer.Exit(int(ExitCode.USAGE))
+    with errors_to_exit():
+        registered = RegisteredModel(model)
+        if registered.spec.fairness is None:
+            raise ModelError(f"{model}: the model's spec has no [fairness] section, so there is no table")
+        mitigation = registered.card.get("mitigation")
+        if data is None:
+            table, after, source = registered.card.get("fairness"), None, "the agencies' validation splits"
+            if table is None:
+                raise ModelError(
+                    f"{model}: no agency released fairness counts ({registered.card.get('fairness_release')})"
+                )
+        else:
+            from agencyfl.local_evaluation import evaluate_local
+
+            result = evaluate_local(model, data)
+            table, after, source = result.fairness, result.fairness_mitigated, str(data)
+    assert table is not None
+    code = ExitCode.OK if table["passed"] else ExitCode.FAIRNESS_GAP_EXCEEDED
+    if fmt is ReportFormat.json:
+        emit_json(
+            {"model": str(model), "source": source, "exit_code": int(code), "fairness": table,
+             "mitigation": mitigation, "with_group_thresholds": after}
+        )  # fmt: skip
+        raise typer.Exit(int(code))
+    shown_mitigation = mitigation if data is None else None
+    markdown = f"# Fairness: {registered.card.get('model_version')}\n\n" + fairness_markdown(
+        table, shown_mitigation, source
+    )
+    if after is not None:
+        markdown += "\n## With the per-group thresholds\n\n" + fairness_markdown(after, None, source)
+    if fmt is ReportFormat.html:
+        assert out_file is not None
+        out_file.write_text(markdown_to_html(markdown, f"Fairness: {registered.card.get('model_version')}"))
+        out.print(f"fairness table written to {out_file} ({'pass' if code is ExitCode.OK else 'FAIL'})")
+        raise typer.Exit(int(code))
+    _print_fairness(table, source)
+    if after is not None:
+        out.print("[bold]with the per-group thresholds[/]")
+        _print_fairness(after, source)
+    raise typer.Exit(int(code))
+
+
+def _print_fairness(table: dict[str, Any], source: str) -> None:
+    from server.model_card import GAP_HEAD, GROUP_HEAD, fairness_rows
+
+    out.print(f"fairness at threshold {table['threshold']:g} on {source} ({table.get('release', '')})")
+    for attribute, groups, gaps in fairness_rows(table):
+        group_table = Table(*GROUP_HEAD, title=attribute)
+        for row in groups:
+            group_table.add_row(*row)
+        out.print(group_table)
+        gap_table = Table(*GAP_HEAD)
+        for row in gaps:
+            colour = {"pass": "green", "FAIL": "red"}.get(row[-1], "yellow")
+            gap_table.add_row(*row[:-1], f"[{colour}]{row[-1]}[/]")
+        out.print(gap_table)
+    verdict = (
+        "[green]pass: every judged gap is within tolerance[/]"
+        if table["passed"]
+        else "[red]FAIL: " + "; ".join(table["failures"]) + "[/]"
+    )
+    out.print(verdict)

@@ -119,31 +119,10 @@ def run(
 
 # ---------------------------------------------------------------- evaluate
 def evaluate_file(model: Path, spec: Path, data: Path) -> dict[str, Any]:
-    from federation.encoding import FeatureEncoder
-    from federation.errors import ModelError
-    from federation.metrics import exact_metrics
-    from federation.model import predict_proba
-    from federation.spec import load_spec
-    from federation.table import load_table
-    from server.registry import RegisteredModel
+    """Metrics of a registered model on a labelled file (see ``agencyfl.local_evaluation``)."""
+    from agencyfl.local_evaluation import evaluate_local
 
-    registered = RegisteredModel(model)
-    loaded = load_spec(spec)
-    encoder = FeatureEncoder(loaded.spec.schema)
-    if encoder.names != registered.encoder.names:
-        raise ModelError(f"the spec's features do not match the model's inputs ({registered.directory})")
-    check = load_table(data, loaded.spec.schema)
-    scores = predict_proba(registered.model, encoder.encode(check.valid))
-    metrics = exact_metrics(scores, check.valid[loaded.spec.schema.label].to_numpy())
-    return {
-        "model": str(model),
-        "model_version": registered.card.get("model_version"),
-        "data": str(data),
-        "rows": check.total,
-        "scored": len(check.valid),
-        "quarantined": len(check.quarantined),
-        **metrics.as_dict(),
-    }
+    return evaluate_local(model, data, spec).report
 
 
 @app.command("evaluate")
@@ -151,11 +130,21 @@ def evaluate(
     model: Annotated[Path, typer.Option(help="A registered model folder")],
     spec: Annotated[Path, typer.Option(help="The federation spec (TOML)")],
     data: Annotated[Path, typer.Option(help="A labelled CSV or Parquet file")],
+    out_file: Annotated[
+        Path | None, typer.Option("--out", help="Write each household's score, decision and reasons (CSV)")
+    ] = None,
     fmt: FormatOpt = Format.table,
 ) -> None:
-    """Score a local labelled file and print AUC, accuracy and Brier score."""
+    """Score a local labelled file: AUC, accuracy, Brier score, the fairness table, and reasons per household."""
+    from agencyfl.local_evaluation import evaluate_local
+
     with errors_to_exit():
-        report = evaluate_file(model, spec, data)
+        result = evaluate_local(model, data, spec)
+    report = {**result.report, "fairness": result.fairness, "fairness_mitigated": result.fairness_mitigated}
+    if out_file is not None:
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        result.decisions.to_csv(out_file, index=False)
+        report["out"] = str(out_file)
     if fmt is Format.json:
         emit_json(report)
         return
@@ -163,3 +152,9 @@ def evaluate(
         f"{report['model_version']} on {data}: AUC {report['auc']:.4f}, accuracy {report['accuracy']:.4f}, "
         f"Brier {report['brier']:.4f} ({report['scored']} rows scored, {report['quarantined']} quarantined)"
     )
+    if result.fairness is not None:
+        verdict = "pass" if result.fairness["passed"] else "FAIL: " + "; ".join(result.fairness["failures"])
+        out.print(f"fairness at threshold {result.fairness['threshold']:g}: {verdict}")
+        out.print(f"  (the table: agencyfl audit fairness --model {model} --data {data})")
+    if out_file is not None:
+        out.print(f"decisions with reasons: {out_file}")
