@@ -179,7 +179,7 @@ def test_spec_errors_name_the_field(small_fed_spec_text: str, fairness: str, mes
 @pytest.fixture()
 def small_fed_spec_text(small_fed: SynthResult) -> str:
     """The synthetic spec without its own [fairness] section."""
-    return re.sub(r"\[fairness\]\n(?:[^\[].*\n|\n)*", "", small_fed.spec.read_text())
+    return re.sub(r"\[fairness\]\n(?:[^\[\n].*\n|\n)*", "", small_fed.spec.read_text())
 
 
 def test_sensitivity_value() -> None:
