@@ -239,8 +239,13 @@ class SynthResult:
     label_rates: dict[str, float]
 
 
-def population(households: int, seed: int) -> pd.DataFrame:
-    """The full (true) population: every field known, the verified label ``eligible``."""
+def population(households: int, seed: int, rural_income_noise: float = 0.0) -> pd.DataFrame:
+    """The full (true) population: every field known, the verified label ``eligible``.
+
+    ``rural_income_noise`` plants a recording disparity for fairness experiments: rural households'
+    recorded income carries extra log-normal error of that sigma (farm income estimated, not
+    documented), while their eligibility still follows their true income.
+    """
     rng = np.random.default_rng(seed)
     n = households
     district = rng.integers(0, 6, n)
@@ -282,6 +287,8 @@ def population(households: int, seed: int) -> pd.DataFrame:
     label = truth ^ flip
     # Declared income: measurement noise, and 10% of households under-report by a third.
     declared = income_pc * rng.lognormal(0, 0.1, n) * np.where(rng.random(n) < 0.1, 0.67, 1.0)
+    if rural_income_noise > 0:  # drawn last: without it the population is exactly as before
+        declared = declared * np.where(rural, rng.lognormal(0, rural_income_noise, n), 1.0)
 
     return pd.DataFrame(
         {
@@ -372,6 +379,8 @@ def synthesize(
     epsilon: float = 3.0,
     budget: float = 10.0,
     test_fraction: float = 0.2,
+    rural_income_noise: float = 0.0,
+    test_views: bool = False,
 ) -> SynthResult:
     """Write four agency files, a held-out ``test.csv`` and ``federation.toml`` into ``out``.
 
@@ -387,13 +396,18 @@ def synthesize(
         Malformed rows appended to each agency file (to see the quarantine at work).
     rounds, epsilon, budget
         Written into the spec.
+    rural_income_noise
+        A planted disparity (see ``population``); 0 plants none.
+    test_views
+        Also write ``test-views/AGENCY.csv``: the held-out households each agency would hold, as it
+        would record them (fields it lacks empty): a held-out set from the agencies' own distribution.
     """
     if households < 200:
         raise ValueError(f"households must be at least 200 (got {households!r})")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed + 7919)
-    pop = population(households, seed)
+    pop = population(households, seed, rural_income_noise)
     held_out = rng.random(len(pop)) < test_fraction
     test, pool = pop.loc[held_out], pop.loc[~held_out].reset_index(drop=True)
     member = _membership(pool, rng)
@@ -415,6 +429,14 @@ def synthesize(
     test_path = out / "test.csv"
     test_view.to_csv(test_path, index=False)
     rows["test"] = len(test_view)
+    if test_views:  # after everything else: the same seed gives the same files with or without them
+        views_rng = np.random.default_rng(seed + 104729)
+        test_pool = test.reset_index(drop=True)
+        test_member = _membership(test_pool, views_rng)
+        (out / "test-views").mkdir(exist_ok=True)
+        for agency in AGENCIES:
+            view = _agency_view(test_pool.loc[test_member[agency]], agency, views_rng)
+            view.to_csv(out / "test-views" / f"{agency}.csv", index=False)
     rates["test"] = float(test["eligible"].mean())
 
     agencies = "\n".join(f'[[agencies]]\nname = "{a}"\ndata = "{a}.csv"\n' for a in AGENCIES)

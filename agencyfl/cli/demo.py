@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Annotated
@@ -52,7 +53,17 @@ def demo(
         "  (higher than the pooled validation AUC: test rows have every field, while each agency's\n"
         "   validation rows lack the fields that agency does not hold)"
     )
-    out.rule("4. the auditor's report")
+    out.rule("4. fairness across groups (pooled validation counts; the model card)")
+    card = json.loads((Path(summary["model"]) / "card.json").read_text())
+    fairness = card.get("fairness")
+    if fairness:
+        for attribute, block in fairness["attributes"].items():
+            tpr = block["gaps"]["tpr"]
+            shown = "not judged" if tpr["gap"] is None else f"{tpr['gap']:.3f} ({' vs '.join(tpr['groups'])})"
+            verdict = {True: "pass", False: "FAIL", None: "-"}[tpr["passed"]]
+            out.print(f"  {attribute:<12} coverage gap {shown}, tolerance {tpr['tolerance']}: {verdict}")
+        out.print(f"  model card: {Path(summary['model']) / 'card.md'} (and card.html)")
+    out.rule("5. the auditor's report")
     rows = audit_rows([Path(p) for p in summary["ledgers"].values()])
     ok = all(r.verified and r.within_budget for r in rows)
     for r in rows:
@@ -72,7 +83,8 @@ def demo(
   {"successfully" if ok else "and FOUND PROBLEMS"}.
 - The model and its card: {summary["model"]}
 
-Next: agencyfl audit verify {ledgers} --coordinator {chain}
+Next: agencyfl audit fairness --model {summary["model"]}
+      agencyfl audit verify {ledgers} --coordinator {chain}
       agencyfl audit report {ledgers} --coordinator {chain} --format html --out report.html
       agencyfl evaluate --model {summary["model"]} --spec {result.spec} --data {result.test}""")
     if not ok:
