@@ -122,7 +122,7 @@ def run_canary_audit(
     from clients.trainer import dp_sgd, noise_generator, steps_per_epoch
     from federation.model import build_model
     from federation.table import load_table, validation_mask
-    from privacy.accounting import calibrate_noise
+    from privacy.budget import job_noise_multiplier
     from privacy.empirical import guess_and_bound
     from server.registry import RegisteredModel
 
@@ -139,7 +139,8 @@ def run_canary_audit(
     q = spec.training.sample_rate
     steps = spec.training.rounds * spec.training.local_epochs * steps_per_epoch(q)
     target = spec.privacy.epsilon if epsilon is None else epsilon
-    sigma = 0.0 if non_private else calibrate_noise(target, spec.privacy.delta, q, steps)
+    recipe = spec.model_copy(update={"privacy": spec.privacy.model_copy(update={"epsilon": target})})
+    sigma = 0.0 if non_private else job_noise_multiplier(recipe, steps)  # as agencies calibrate it
     claimed = claim if claim is not None else (None if non_private else target)
     clip = 1e12 if non_private else spec.privacy.max_grad_norm
     master = np.random.default_rng(secrets.randbits(64) if seed is None else seed)
@@ -181,13 +182,6 @@ def run_canary_audit(
         steps=steps,
         runs=runs,
         magnitude=magnitude,
-        canaries=outcome.canaries,
-        guesses=outcome.guesses,
-        correct=outcome.correct,
-        accuracy=outcome.accuracy,
-        accuracy_interval=outcome.accuracy_interval,
-        confidence=confidence,
-        epsilon_lower_bound=outcome.epsilon_lower_bound,
-        epsilon_interval=outcome.epsilon_interval,
+        **asdict(outcome),
         seconds=time.monotonic() - start,
     )
