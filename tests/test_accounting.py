@@ -11,7 +11,14 @@ from torch import nn
 
 from agencyfl.synth import SynthResult
 from clients.trainer import dp_sgd, noise_generator
-from privacy.accounting import StepRecord, accountant_for, calibrate_noise, epsilon_for, epsilon_prv
+from privacy.accounting import (
+    MAX_NOISE_MULTIPLIER,
+    StepRecord,
+    accountant_for,
+    calibrate_noise,
+    epsilon_for,
+    epsilon_prv,
+)
 from privacy.ledger import verify_ledger
 
 
@@ -32,6 +39,10 @@ def test_nothing_spent_is_zero() -> None:
     steps=st.integers(1, 3000),
 )
 def test_calibration_never_overshoots(target: float, q: float, steps: int) -> None:
+    if epsilon_for([StepRecord(MAX_NOISE_MULTIPLIER, q, steps)], 1e-5) > target:
+        with pytest.raises(ValueError, match="cannot be met"):  # infeasible: refused, never overshot
+            calibrate_noise(target, 1e-5, q, steps)
+        return
     sigma = calibrate_noise(target, 1e-5, q, steps)
     achieved = epsilon_for([StepRecord(sigma, q, steps)], 1e-5)
     assert achieved <= target
@@ -153,3 +164,18 @@ def test_composition_across_process_restarts_and_jobs_equals_one_accountant(
     assert events[-1].epsilon_job == pytest.approx(
         epsilon_for([e.step_record() for e in events if e.job == "job-b"], 1e-5), rel=1e-9
     )
+
+
+@settings(max_examples=15, deadline=None)
+@given(target=st.floats(1.0, 8.0), release=st.floats(2.0, 50.0), steps=st.integers(50, 1000))
+def test_calibration_with_a_planned_release_never_overshoots(target: float, release: float, steps: int) -> None:
+    # The job's DP-SGD noise leaves room for a noisy fairness release: both together meet the target.
+    also = (StepRecord(release, 1.0, 1),)
+    if epsilon_for([StepRecord(MAX_NOISE_MULTIPLIER, 0.02, steps), *also], 1e-5) > target:
+        with pytest.raises(ValueError, match="cannot be met"):
+            calibrate_noise(target, 1e-5, 0.02, steps, also)
+        return
+    sigma = calibrate_noise(target, 1e-5, 0.02, steps, also)
+    achieved = epsilon_for([StepRecord(sigma, 0.02, steps), *also], 1e-5)
+    assert target - 0.05 < achieved <= target
+    assert sigma >= calibrate_noise(target, 1e-5, 0.02, steps)  # a release can only cost training noise
