@@ -72,7 +72,8 @@ def epsilon_prv(records: Iterable[StepRecord], delta: float, eps_error: float = 
         return 0.0
     accountant = PRVAccountant()
     accountant.history = history
-    return float(accountant.get_epsilon(delta=delta, eps_error=eps_error))
+    with np.errstate(divide="ignore"):  # a release (q = 1) takes log(1 - q) = -inf in Opacus' PRV domain: handled
+        return float(accountant.get_epsilon(delta=delta, eps_error=eps_error))
 
 
 MAX_NOISE_MULTIPLIER = 100.0  # beyond this no model learns anything; refuse instead
