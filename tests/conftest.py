@@ -1,16 +1,37 @@
-"""Shared fixtures: a small synthetic federation written once per session."""
+"""Shared fixtures: one synthetic population and one trained federation per session.
+
+Training a federation is the expensive step (15-30 s on 2 cores), so every test that only *reads* a
+trained federation shares ``trained``. A test that writes to it (tampering, a second job, more
+spending) works on ``copy_of_trained``: its own copy of the workdir, so no test depends on another's
+side effects or on the order tests run in (the suite runs in random order with pytest-randomly).
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
+from typer.testing import CliRunner  # noqa: E402
+
+from agencyfl.cli import app  # noqa: E402
 from agencyfl.synth import SynthResult, synthesize  # noqa: E402
 from federation.spec import LoadedSpec, load_spec  # noqa: E402
+
+AGENCIES = ["civil-affairs", "hrss", "tax", "environment"]
+
+
+def invoke(*args: object) -> Any:
+    """Run an agencyfl command in process (typer's CliRunner); exceptions propagate."""
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.fixture(scope="session")
@@ -27,3 +48,69 @@ def small_spec(small_fed: SynthResult) -> LoadedSpec:
 def write_spec(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+@dataclass(frozen=True)
+class TrainedFederation:
+    """A finished federation: its spec, workdir, the run's JSON summary and an auditor's keyring.
+
+    Read-only: tests that change anything use ``copy_of_trained``.
+    """
+
+    spec: Path
+    work: Path
+    summary: dict[str, Any]
+    keyring: Path
+
+    @property
+    def model(self) -> Path:
+        return Path(self.summary["model"])
+
+    @property
+    def chain(self) -> Path:
+        """The coordinator's countersigned chain of round summaries."""
+        return self.work / "coordinator" / "ledger"
+
+    @property
+    def ledgers(self) -> list[Path]:
+        return [self.work / "agencies" / agency / "ledger" for agency in self.summary["agencies"]]
+
+    def ledger(self, agency: str) -> Path:
+        return self.work / "agencies" / agency / "ledger"
+
+
+def _train(spec: Path, work: Path) -> TrainedFederation:
+    result = invoke("run", "--spec", spec, "--workdir", work, "--format", "json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    keyring = work / "keyring"
+    for agency in summary["agencies"]:
+        exported = work / f"{agency}.pub"
+        key = work / "agencies" / agency / "keys" / "ledger-signing.key"
+        assert invoke("audit", "keys", "export", key, "--out", exported).exit_code == 0
+        assert invoke("audit", "keys", "import", agency, exported, "--keyring", keyring).exit_code == 0
+    coordinator_pub = work / "coordinator.pub"
+    key = work / "coordinator" / "keys" / "ledger-signing.key"
+    assert invoke("audit", "keys", "export", key, "--out", coordinator_pub).exit_code == 0
+    assert invoke("audit", "keys", "import", "coordinator", coordinator_pub, "--keyring", keyring).exit_code == 0
+    return TrainedFederation(spec=spec, work=work, summary=summary, keyring=keyring)
+
+
+@pytest.fixture(scope="session")
+def trained(small_fed: SynthResult, tmp_path_factory: pytest.TempPathFactory) -> TrainedFederation:
+    """One real federation (simulation engine, 4 agencies, 3 rounds at epsilon 3, lifetime budget 10),
+    with fairness counts released under Gaussian noise (accounted) and group-threshold mitigation on."""
+    text = small_fed.spec.read_text()
+    text = re.sub(r"(\[fairness\]\n)", r'\1noise_multiplier = 5.0\nmitigation = "group-thresholds"\n', text)
+    spec = small_fed.spec.parent / "trained.toml"
+    spec.write_text(text)
+    return _train(spec, tmp_path_factory.mktemp("trained"))
+
+
+@pytest.fixture()
+def copy_of_trained(trained: TrainedFederation, tmp_path: Path) -> TrainedFederation:
+    """This test's own copy of the trained federation's workdir (ledgers, chain, registry, keys)."""
+    work = tmp_path / "work"
+    shutil.copytree(trained.work, work, symlinks=True)
+    summary = json.loads(json.dumps(trained.summary).replace(str(trained.work), str(work)))
+    return TrainedFederation(spec=trained.spec, work=work, summary=summary, keyring=work / "keyring")
