@@ -10,50 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from typer.testing import CliRunner
+from conftest import TrainedFederation, invoke
 
-from agencyfl.cli import app
 from agencyfl.exit_codes import ExitCode
-from agencyfl.synth import SynthResult
 from privacy.coordinator_ledger import RoundSummary
 from privacy.keys import generate_signing_key, load_signing_key
 from privacy.ledger import HEAD_FILE, LEDGER_FILE, Ledger, LedgerEvent, verify_ledger
-
-runner = CliRunner()
-
-
-def invoke(*args: object) -> Any:
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-
-
-@pytest.fixture(scope="module")
-def audited(small_fed: SynthResult, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """A real 3-round federation, and an auditor's keyring made from the keys the parties exported."""
-    work = tmp_path_factory.mktemp("audit-work")
-    result = invoke("run", "--spec", small_fed.spec, "--workdir", work, "--format", "json")
-    assert result.exit_code == 0, result.output
-    summary = json.loads(result.stdout)
-    keyring = work / "keyring"
-    for agency, ledger in summary["ledgers"].items():
-        exported = work / f"{agency}.pub"
-        assert invoke("audit", "keys", "export", Path(ledger).parent / "keys" / "ledger-signing.key", "--out", exported)
-        assert invoke("audit", "keys", "import", agency, exported, "--keyring", keyring).exit_code == 0
-    coordinator_pub = work / "coordinator.pub"
-    invoke("audit", "keys", "export", work / "coordinator" / "keys" / "ledger-signing.key", "--out", coordinator_pub)
-    assert invoke("audit", "keys", "import", "coordinator", coordinator_pub, "--keyring", keyring).exit_code == 0
-    return {"summary": summary, "work": work, "keyring": keyring, "chain": work / "coordinator" / "ledger"}
-
-
-def copy_of(audited: dict[str, Any], tmp_path: Path) -> tuple[list[Path], Path]:
-    """A copy of every ledger and of the coordinator's chain, to tamper with."""
-    ledgers = []
-    for agency, ledger in audited["summary"]["ledgers"].items():
-        target = tmp_path / agency / "ledger"
-        shutil.copytree(ledger, target)
-        ledgers.append(target)
-    chain = tmp_path / "coordinator-ledger"
-    shutil.copytree(audited["chain"], chain)
-    return ledgers, chain
 
 
 def verify(ledgers: list[Path], chain: Path, keyring: Path) -> tuple[int, dict[str, Any]]:
@@ -65,54 +27,53 @@ def lines(ledger: Path) -> list[bytes]:
     return (ledger / LEDGER_FILE).read_bytes().splitlines(keepends=True)
 
 
-def test_clean_federation_verifies_and_chains_agree(audited: dict[str, Any]) -> None:
-    ledgers = [Path(p) for p in audited["summary"]["ledgers"].values()]
-    code, report = verify(ledgers, audited["chain"], audited["keyring"])
+def test_clean_federation_verifies_and_chains_agree(trained: TrainedFederation) -> None:
+    code, report = verify(trained.ledgers, trained.chain, trained.keyring)
     assert code == 0, report
     assert report["coordinator"]["verified"] and report["coordinator"]["rounds"] == 3
     assert report["cross_check"] == [] and report["notes"] == []
-    chain = verify_ledger(audited["chain"], event_type=RoundSummary).events
+    chain = verify_ledger(trained.chain, event_type=RoundSummary).events
     assert [e.round for e in chain] == [1, 2, 3] and all(e.aggregated for e in chain)
-    assert {a.agency for a in chain[0].agencies} == set(audited["summary"]["ledgers"])
-    card = json.loads((Path(audited["summary"]["model"]) / "card.json").read_text())
+    assert {a.agency for a in chain[0].agencies} == set(trained.summary["agencies"])
+    card = json.loads((trained.model / "card.json").read_text())
     assert card["model_sha256"] == chain[-1].model_sha256  # the registered model is the countersigned one
-    table = invoke("audit", "verify", *ledgers, "--coordinator", audited["chain"], "--keyring", audited["keyring"])
-    assert "every chain verified and agrees" in table.stdout
+    table = invoke("audit", "verify", *trained.ledgers, "--coordinator", trained.chain, "--keyring", trained.keyring)
+    assert table.exit_code == 0 and "every chain verified and agrees" in table.stdout
 
 
-def test_byte_flip_exits_5(audited: dict[str, Any], tmp_path: Path) -> None:
-    ledgers, chain = copy_of(audited, tmp_path)
+def test_byte_flip_exits_5(copy_of_trained: TrainedFederation) -> None:
+    ledgers, chain = copy_of_trained.ledgers, copy_of_trained.chain
     data = bytearray((ledgers[0] / LEDGER_FILE).read_bytes())
     data[150] ^= 0x02
     (ledgers[0] / LEDGER_FILE).write_bytes(bytes(data))
-    code, report = verify(ledgers, chain, audited["keyring"])
+    code, report = verify(ledgers, chain, copy_of_trained.keyring)
     assert code == ExitCode.LEDGER_UNVERIFIED
     assert report["agencies"][0]["findings"][0]["kind"] == "altered"
 
 
-def test_deleted_entry_exits_11(audited: dict[str, Any], tmp_path: Path) -> None:
-    ledgers, chain = copy_of(audited, tmp_path)
+def test_deleted_entry_exits_11(copy_of_trained: TrainedFederation) -> None:
+    ledgers, chain = copy_of_trained.ledgers, copy_of_trained.chain
     kept = lines(ledgers[1])
     del kept[1]
     (ledgers[1] / LEDGER_FILE).write_bytes(b"".join(kept))
-    code, _ = verify(ledgers, chain, audited["keyring"])
+    code, _ = verify(ledgers, chain, copy_of_trained.keyring)
     assert code == ExitCode.LEDGER_ENTRY_DELETED
 
 
-def test_reordered_entries_exit_12(audited: dict[str, Any], tmp_path: Path) -> None:
-    ledgers, chain = copy_of(audited, tmp_path)
+def test_reordered_entries_exit_12(copy_of_trained: TrainedFederation) -> None:
+    ledgers, chain = copy_of_trained.ledgers, copy_of_trained.chain
     kept = lines(chain)
     kept[0], kept[1] = kept[1], kept[0]
     (chain / LEDGER_FILE).write_bytes(b"".join(kept))
-    code, report = verify(ledgers, chain, audited["keyring"])
+    code, report = verify(ledgers, chain, copy_of_trained.keyring)
     assert code == ExitCode.LEDGER_REORDERED
     assert not report["coordinator"]["verified"]
 
 
-def test_truncation_exits_13(audited: dict[str, Any], tmp_path: Path) -> None:
-    ledgers, chain = copy_of(audited, tmp_path)
+def test_truncation_exits_13(copy_of_trained: TrainedFederation) -> None:
+    ledgers, chain = copy_of_trained.ledgers, copy_of_trained.chain
     (ledgers[2] / LEDGER_FILE).write_bytes(b"".join(lines(ledgers[2])[:-1]))
-    code, _ = verify(ledgers, chain, audited["keyring"])
+    code, _ = verify(ledgers, chain, copy_of_trained.keyring)
     assert code == ExitCode.LEDGER_TRUNCATED
 
 
@@ -125,59 +86,65 @@ def resign(ledger_dir: Path, key_path: Path, events: list[Any], event_type: type
         ledger.append(event)
 
 
-def test_agency_that_rewrites_its_ledger_without_a_round_exits_14(audited: dict[str, Any], tmp_path: Path) -> None:
+def test_agency_that_rewrites_its_ledger_without_a_round_exits_14(copy_of_trained: TrainedFederation) -> None:
     # The agency holds its key, so its own chain verifies; only the coordinator's countersignature shows the gap.
-    ledgers, chain = copy_of(audited, tmp_path)
+    ledgers, chain = copy_of_trained.ledgers, copy_of_trained.chain
     agency = ledgers[3].parent.name
-    key = Path(audited["summary"]["ledgers"][agency]).parent / "keys" / "ledger-signing.key"
+    key = copy_of_trained.work / "agencies" / agency / "keys" / "ledger-signing.key"
     events = verify_ledger(ledgers[3]).events
-    resign(ledgers[3], key, events[:-1], LedgerEvent)
+    last_round = max(i for i, e in enumerate(events) if e.kind == "round")
+    resign(ledgers[3], key, events[:last_round], LedgerEvent)  # round 3 and what followed it, gone
     assert verify_ledger(ledgers[3]).ok
-    code, report = verify(ledgers, chain, audited["keyring"])
+    code, report = verify(ledgers, chain, copy_of_trained.keyring)
     assert code == ExitCode.ROUND_MISSING, report
     assert report["cross_check"] == [
         {
             "party": agency,
             "kind": "missing",
-            "message": f"the coordinator records round 3 of {events[-1].job} (trained); the agency's ledger does not",
+            "message": f"the coordinator records round 3 of {events[last_round].job} (trained); "
+            "the agency's ledger does not",
         }
     ]
 
 
-def test_coordinator_that_changes_an_epsilon_exits_15(audited: dict[str, Any], tmp_path: Path) -> None:
-    ledgers, chain = copy_of(audited, tmp_path)
+def test_coordinator_that_changes_an_epsilon_exits_15(copy_of_trained: TrainedFederation) -> None:
+    ledgers, chain = copy_of_trained.ledgers, copy_of_trained.chain
     entries = verify_ledger(chain, event_type=RoundSummary).events
     first = entries[0]
     changed = first.model_copy(
         update={"agencies": [first.agencies[0].model_copy(update={"epsilon_job": 0.5}), *first.agencies[1:]]}
     )
-    key = audited["work"] / "coordinator" / "keys" / "ledger-signing.key"
+    key = copy_of_trained.work / "coordinator" / "keys" / "ledger-signing.key"
     resign(chain, key, [changed, *entries[1:]], RoundSummary)
-    code, report = verify(ledgers, chain, audited["keyring"])
+    code, report = verify(ledgers, chain, copy_of_trained.keyring)
     assert code == ExitCode.EPSILON_MISMATCH
     assert [c["party"] for c in report["cross_check"]] == [first.agencies[0].agency]
 
 
-def test_ledger_resigned_by_a_key_the_auditor_does_not_hold_exits_5(audited: dict[str, Any], tmp_path: Path) -> None:
+def test_ledger_resigned_by_a_key_the_auditor_does_not_hold_exits_5(
+    copy_of_trained: TrainedFederation, tmp_path: Path
+) -> None:
     # Replacing ledger.pub with the forger's key fools a check against the folder, not the keyring.
-    ledgers, chain = copy_of(audited, tmp_path)
+    ledgers, chain = copy_of_trained.ledgers, copy_of_trained.chain
     events = verify_ledger(ledgers[0]).events
     (ledgers[0] / "ledger.pub").unlink()
     generate_signing_key(tmp_path / "forger.key")
     resign(ledgers[0], tmp_path / "forger.key", events, LedgerEvent)
     assert invoke("audit", "verify", *ledgers, "--coordinator", chain).exit_code == 0  # folder keys only
-    code, report = verify(ledgers, chain, audited["keyring"])
+    code, report = verify(ledgers, chain, copy_of_trained.keyring)
     assert code == ExitCode.LEDGER_UNVERIFIED
     assert report["agencies"][0]["signatures_ok"] is False
 
 
-def test_keyring_refuses_to_replace_a_key(audited: dict[str, Any], tmp_path: Path) -> None:
+def test_keyring_refuses_to_replace_a_key(copy_of_trained: TrainedFederation, tmp_path: Path) -> None:
     generate_signing_key(tmp_path / "other.key")
     invoke("audit", "keys", "export", tmp_path / "other.key", "--out", tmp_path / "other.pub")
-    result = invoke("audit", "keys", "import", "tax", tmp_path / "other.pub", "--keyring", audited["keyring"])
+    result = invoke("audit", "keys", "import", "tax", tmp_path / "other.pub", "--keyring", copy_of_trained.keyring)
     assert result.exit_code == ExitCode.LEDGER_UNVERIFIED and "different key" in result.stderr
-    listed = json.loads(invoke("audit", "keys", "list", "--keyring", audited["keyring"], "--format", "json").stdout)
-    assert set(listed) == {*audited["summary"]["ledgers"], "coordinator"}
+    listed = json.loads(
+        invoke("audit", "keys", "list", "--keyring", copy_of_trained.keyring, "--format", "json").stdout
+    )
+    assert set(listed) == {*copy_of_trained.summary["agencies"], "coordinator"}
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -194,12 +161,12 @@ CHROMIUM_FLAGS = [
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
-def test_html_report_renders_in_a_headless_browser(audited: dict[str, Any], tmp_path: Path) -> None:
-    ledgers, chain = copy_of(audited, tmp_path)
+def test_html_report_renders_in_a_headless_browser(copy_of_trained: TrainedFederation, tmp_path: Path) -> None:
+    ledgers, chain = copy_of_trained.ledgers, copy_of_trained.chain
     page = tmp_path / "report.html"
     result = invoke(
-        "audit", "report", *ledgers, "--coordinator", chain, "--keyring", audited["keyring"],
-        "--registry", audited["work"] / "registry", "--format", "html", "--out", page,
+        "audit", "report", *ledgers, "--coordinator", chain, "--keyring", copy_of_trained.keyring,
+        "--registry", copy_of_trained.work / "registry", "--format", "html", "--out", page,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     html = page.read_text()
@@ -211,7 +178,7 @@ def test_html_report_renders_in_a_headless_browser(audited: dict[str, Any], tmp_
         capture_output=True, text=True, timeout=120, check=True,
     ).stdout  # fmt: skip
     assert "All ledgers verified, no cap exceeded." in dom
-    for agency in audited["summary"]["ledgers"]:
+    for agency in copy_of_trained.summary["agencies"]:
         assert f'data-agency="{agency}"' in dom
     assert dom.count("<svg") == 4 and "lifetime budget" in dom
     assert "NOT IN CHAIN" not in dom and ">yes</td>" in dom  # the model version is countersigned

@@ -5,19 +5,15 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
+from conftest import TrainedFederation, invoke
 from scipy import stats
-from typer.testing import CliRunner
 
-from agencyfl.cli import app
 from agencyfl.exit_codes import ExitCode
 from agencyfl.synth import SynthResult
 from privacy.empirical import clopper_pearson, epsilon_lower_bound, guess_and_bound, p_value
-
-runner = CliRunner()
 
 
 def test_p_value_is_the_binomial_tail_without_delta() -> None:
@@ -62,16 +58,10 @@ def test_the_bound_is_valid_for_a_mechanism_that_is_exactly_epsilon_dp(epsilon: 
     assert np.median(bounds) > 0.3 * epsilon  # and not vacuous: the game finds much of the true epsilon
 
 
-def invoke(*args: object) -> Any:
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-
-
-@pytest.fixture(scope="module")
-def model_dir(small_fed: SynthResult, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    work = tmp_path_factory.mktemp("attack-work")
-    result = invoke("run", "--spec", small_fed.spec, "--workdir", work, "--format", "json")
-    assert result.exit_code == 0, result.output
-    return Path(json.loads(result.stdout)["model"])
+@pytest.fixture()
+def model_dir(trained: TrainedFederation) -> Path:
+    """The session's trained model (the attack reads its folder and writes nothing there)."""
+    return trained.model
 
 
 def test_the_attack_finds_leakage_without_dp_and_none_beyond_the_claim_with_it(

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from typer.testing import CliRunner
+from conftest import TrainedFederation, invoke
 
-from agencyfl.cli import app
 from agencyfl.exit_codes import ExitCode
 from agencyfl.synth import SynthResult
 from clients.rounds import fairness_round
@@ -22,12 +21,6 @@ from federation.model import build_model
 from federation.reasons import contributions
 from federation.spec import ModelSection, load_spec
 from privacy.ledger import verify_ledger
-
-runner = CliRunner()
-
-
-def invoke(*args: object) -> Any:
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
 def with_fairness(small_fed: SynthResult, extra: str, name: str) -> Path:
@@ -38,36 +31,24 @@ def with_fairness(small_fed: SynthResult, extra: str, name: str) -> Path:
     return spec
 
 
-@pytest.fixture(scope="module")
-def noised(small_fed: SynthResult, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    spec = with_fairness(small_fed, 'noise_multiplier = 5.0\nmitigation = "group-thresholds"', "fair.toml")
-    work = tmp_path_factory.mktemp("fair-work")
-    result = invoke("run", "--spec", spec, "--workdir", work, "--format", "json")
-    assert result.exit_code == 0, result.output
-    summary = json.loads(result.stdout)
-    return {"summary": summary, "spec": spec, "work": work, "model": Path(summary["model"])}
-
-
-def test_noised_release_is_accounted_and_verifies(noised: dict[str, Any]) -> None:
-    for ledger in noised["summary"]["ledgers"].values():
+def test_noised_release_is_accounted_and_verifies(trained: TrainedFederation) -> None:
+    for ledger in trained.summary["ledgers"].values():
         events = verify_ledger(ledger).events
         assert [e.kind for e in events] == ["round", "round", "round", "release"]
         release = events[-1]
         assert release.noise_multiplier == 5.0 and release.sample_rate == 1.0 and release.steps == 1
         assert events[-2].epsilon_job < release.epsilon_job <= 3.0  # the release fits in the job's epsilon
-    ledgers = list(noised["summary"]["ledgers"].values())
-    chain = noised["work"] / "coordinator" / "ledger"
-    verified = invoke("audit", "verify", *ledgers, "--coordinator", chain, "--format", "json")
+    verified = invoke("audit", "verify", *trained.ledgers, "--coordinator", trained.chain, "--format", "json")
     assert verified.exit_code == 0, verified.stdout  # releases recomputed; the cross-check compares rounds only
-    card = json.loads((noised["model"] / "card.json").read_text())
+    card = json.loads((trained.model / "card.json").read_text())
     assert card["fairness"]["release"].startswith("noised counts")
     assert set(card["fairness"]["agencies"].values()) == {"noised"}
 
 
-def test_card_ships_as_markdown_and_html_with_the_fairness_table(noised: dict[str, Any]) -> None:
-    card = json.loads((noised["model"] / "card.json").read_text())
-    markdown = (noised["model"] / "card.md").read_text()
-    html = (noised["model"] / "card.html").read_text()
+def test_card_ships_as_markdown_and_html_with_the_fairness_table(trained: TrainedFederation) -> None:
+    card = json.loads((trained.model / "card.json").read_text())
+    markdown = (trained.model / "card.md").read_text()
+    html = (trained.model / "card.html").read_text()
     for text in (markdown, html):
         assert "Intended use" in text and "Known limitations" in text and "region_type" in text
         for agency in card["agencies"]:
@@ -77,32 +58,56 @@ def test_card_ships_as_markdown_and_html_with_the_fairness_table(noised: dict[st
     assert mitigation["attribute"] == "region_type" and set(mitigation["thresholds"]) == {"urban", "rural", "unknown"}
 
 
-def test_audit_fairness_reports_pass_or_fail_with_its_exit_code(noised: dict[str, Any], tmp_path: Path) -> None:
-    result = invoke("audit", "fairness", "--model", noised["model"], "--format", "json")
+def test_audit_fairness_reports_pass_or_fail_with_its_exit_code(trained: TrainedFederation, tmp_path: Path) -> None:
+    result = invoke("audit", "fairness", "--model", trained.model, "--format", "json")
     report = json.loads(result.stdout)
     assert result.exit_code == (ExitCode.OK if report["fairness"]["passed"] else ExitCode.FAIRNESS_GAP_EXCEEDED)
     gaps = report["fairness"]["attributes"]["region_type"]["gaps"]["tpr"]
     assert gaps["tolerance"] == 0.1 and (gaps["passed"] is None or gaps["passed"] == (gaps["gap"] <= 0.1))
-    table = invoke("audit", "fairness", "--model", noised["model"])
+    table = invoke("audit", "fairness", "--model", trained.model)
     assert "coverage of eligible" in table.stdout and ("pass" in table.stdout or "FAIL" in table.stdout)
     page = tmp_path / "fairness.html"
-    html = invoke("audit", "fairness", "--model", noised["model"], "--format", "html", "--out", page)
+    html = invoke("audit", "fairness", "--model", trained.model, "--format", "html", "--out", page)
     assert html.exit_code == result.exit_code and "<table>" in page.read_text()
 
 
-def test_a_strict_tolerance_fails_and_a_loose_one_passes(small_fed: SynthResult, noised: dict[str, Any]) -> None:
-    # The same model judged on the held-out file: the tolerance in the spec decides the exit code.
-    result = invoke("audit", "fairness", "--model", noised["model"], "--data", small_fed.test, "--format", "json")
-    report = json.loads(result.stdout)
-    failures = report["fairness"]["failures"]
-    assert (result.exit_code == ExitCode.FAIRNESS_GAP_EXCEEDED) == bool(failures)
-    assert report["with_group_thresholds"] is not None  # the card's thresholds applied to the file
+def with_tolerance(model: Path, target: Path, gap: float) -> Path:
+    """A copy of the registered model whose spec sets every fairness tolerance to ``gap``."""
+    shutil.copytree(model, target)
+    spec = target / "spec.toml"
+    text = re.sub(r"max_(tpr|fpr)_gap = [0-9.]+\n", "", spec.read_text())
+    text = text.replace(
+        "[fairness]\n", f"[fairness]\nmax_tpr_gap = {gap}\nmax_fpr_gap = {gap}\nmax_selection_gap = {gap}\n"
+    )
+    spec.write_text(text)
+    return target
 
 
-def test_evaluate_writes_decisions_with_reasons(noised: dict[str, Any], small_fed: SynthResult, tmp_path: Path) -> None:
+def test_a_strict_tolerance_fails_and_a_loose_one_passes(
+    small_fed: SynthResult, trained: TrainedFederation, tmp_path: Path
+) -> None:
+    # The same model judged on the held-out file: only the tolerance in its spec differs, and decides the exit code.
+    verdicts = {}
+    for name, gap in [("strict", 0.0), ("loose", 1.0)]:
+        model = with_tolerance(trained.model, tmp_path / name, gap)
+        result = invoke("audit", "fairness", "--model", model, "--data", small_fed.test, "--format", "json")
+        report = json.loads(result.stdout)
+        assert report["with_group_thresholds"] is not None  # the card's thresholds applied to the file
+        gaps = report["fairness"]["attributes"]["region_type"]["gaps"]["tpr"]
+        assert gaps["tolerance"] == gap and gaps["gap"] is not None  # groups large enough to judge
+        verdicts[name] = (result.exit_code, report["fairness"]["failures"])
+    strict_code, strict_failures = verdicts["strict"]
+    assert strict_code == ExitCode.FAIRNESS_GAP_EXCEEDED and strict_failures
+    assert any("region_type: tpr gap" in f for f in strict_failures)
+    assert verdicts["loose"] == (ExitCode.OK, [])
+
+
+def test_evaluate_writes_decisions_with_reasons(
+    trained: TrainedFederation, small_fed: SynthResult, tmp_path: Path
+) -> None:
     out = tmp_path / "decisions.csv"
     result = invoke(
-        "evaluate", "--model", noised["model"], "--spec", noised["spec"], "--data", small_fed.test, "--out", out,
+        "evaluate", "--model", trained.model, "--spec", trained.spec, "--data", small_fed.test, "--out", out,
         "--format", "json",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -110,7 +115,7 @@ def test_evaluate_writes_decisions_with_reasons(noised: dict[str, Any], small_fe
     decisions = pd.read_csv(out)
     assert len(decisions) == report["scored"] and report["group_thresholds"]
     assert set(decisions["decision"]) <= {"eligible", "not eligible"}
-    schema = load_spec(noised["spec"]).spec.schema
+    schema = load_spec(trained.spec).spec.schema
     labels = [schema.plain_label(f.name) for f in schema.features]
     reasons = decisions["reasons"].dropna()
     assert len(reasons) > 0.9 * len(decisions)

@@ -27,6 +27,7 @@ def demo(
     ),
     households: Annotated[int, typer.Option(help="Population size")] = 20000,
     seed: Annotated[int, typer.Option(help="Random seed")] = 0,
+    rounds: Annotated[int, typer.Option(min=1, help="Federated rounds (the spec's [training] rounds)")] = 10,
 ) -> None:
     """Synthesize four agencies' data, train under DP, evaluate, and audit the ledgers."""
     from agencyfl.synth import synthesize
@@ -34,7 +35,7 @@ def demo(
     start = time.time()
     data_dir = workdir / "data"
     out.rule("1. four agencies' records (synthetic)")
-    result = synthesize(data_dir, households=households, seed=seed, dirty_rows=6)
+    result = synthesize(data_dir, households=households, seed=seed, dirty_rows=6, rounds=rounds)
     for name, path in result.agency_files.items():
         out.print(f"  {name:<14} {result.rows[name]:>6} households  eligible {result.label_rates[name]:.1%}  {path}")
     out.print(f"  held-out test file: {result.test} ({result.rows['test']} households); spec: {result.spec}")
