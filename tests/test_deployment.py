@@ -1,7 +1,16 @@
 """The deployment engine for real: a SuperLink and four SuperNodes as processes, TLS, node auth, SecAgg+.
 
-One deployment (coordinator + 4 agencies on loopback) is shared by the module; each test runs its own
-job of 3 rounds against it (the agencies' lifetime budget of 10 fits three jobs at epsilon 3).
+One deployment (coordinator + 4 agencies on loopback) is shared by the module, and one 3-round job
+(epsilon 3 of each agency's lifetime budget of 10) serves several checks, because a deployment round
+costs about a minute on 2 cores (a fresh ClientApp process per message, four SecAgg+ hops):
+
+- round 1 trains over TLS with authenticated nodes and secure aggregation;
+- hrss's SuperNode is stopped as round 2 starts (a SecAgg+ dropout: round 2 goes ahead with the three
+  others, the spec's minimum) and started again (it rejoins);
+- the SuperLink is killed right after round 2 aggregates (a crash), started again on the same
+  database, and ``coordinator train --resume`` finishes round 3 from the checkpoint, with hrss back.
+
+Each test below asserts one part of that story; the refusal of strangers' nodes needs no job.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -126,23 +136,6 @@ def test_private_keys_are_owner_only(deployment: Deployment) -> None:
         assert (keys / "node.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
 
 
-def test_train_over_tls_with_authenticated_nodes_and_secure_aggregation(deployment: Deployment) -> None:
-    status = deployment.status()
-    assert status["running"] and {a["status"] for a in status["agencies"]} == {"online"}
-    result = cli("coordinator", "train", "--dir", deployment.coord, "--spec", deployment.spec, "--format", "json")
-    assert result.exit_code == 0, result.output
-    summary = json.loads(result.stdout)
-    assert summary["rounds_aggregated"] == 3 and summary["flower"]["status"] == "finished:completed"
-    assert summary["metrics"]["auc"] > 0.75
-    card = json.loads((Path(summary["model"]) / "card.json").read_text())
-    assert card["secure_aggregation"] is True
-    for agency in AGENCIES:
-        assert deployment.ledger_rounds(agency, summary["job"]) == [1, 2, 3]
-        assert verify_ledger(deployment.home(agency) / "ledger").ok
-    jobs = {j["job"]: j for j in deployment.status()["jobs"]}
-    assert jobs[summary["job"]]["rounds_evaluated"] == 3 and jobs[summary["job"]]["model"] == summary["model"]
-
-
 def test_unregistered_key_and_plaintext_node_are_refused(deployment: Deployment, tmp_path: Path) -> None:
     keys = tmp_path / "intruder-keys"
     assert cli("steward", "keys", "--out", keys, "--agency", "tax").exit_code == 0
@@ -183,55 +176,78 @@ def _checkpoints(deployment: Deployment) -> list[Path]:
     return sorted((deployment.coord / "work" / "registry").glob("*/checkpoints/*/round-*.npz"))
 
 
-def test_agency_killed_mid_round_rejoins_and_its_ledger_is_exact(deployment: Deployment) -> None:
-    before = set(_checkpoints(deployment))
+@dataclass
+class JobStory:
+    """What happened to the module's one job: the crashed first run, then the resumed one."""
+
+    job: str
+    crashed_returncode: int
+    crashed_stderr: str
+    resumed: dict[str, Any]
+
+
+@pytest.fixture(scope="module")
+def story(deployment: Deployment) -> JobStory:
+    """Run the module's job: hrss drops out in round 2 and rejoins; the SuperLink crashes after round 2."""
     proc = deployment.train_process()
     try:
-        wait_for(lambda: len(set(_checkpoints(deployment)) - before) >= 1, 400, "round 1 to aggregate")
+        wait_for(lambda: len(_checkpoints(deployment)) >= 1, 400, "round 1 to aggregate")
         assert cli("steward", "stop", "--home", deployment.home("hrss")).exit_code == 0  # killed with its ClientApp
         time.sleep(5)
         restarted = deployment.start_steward("hrss")
         assert restarted.exit_code == 0, restarted.output
-        stdout, stderr = proc.communicate(timeout=900)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, stderr
-    summary = json.loads(stdout)
-    job = summary["job"]
-    assert summary["rounds_aggregated"] == 3  # round 2 went ahead with three agencies (the minimum)
-    hrss = deployment.ledger_rounds("hrss", job)
-    assert hrss == sorted(set(hrss)) and 3 in hrss and 1 in hrss  # back for round 3; nothing counted twice
-    assert summary["agencies"]["hrss"]["rounds_trained"] <= len(hrss)
-    for agency in AGENCIES:
-        assert verify_ledger(deployment.home(agency) / "ledger").ok
-        if agency != "hrss":
-            assert deployment.ledger_rounds(agency, job) == [1, 2, 3]
-    audit = cli("audit", "report", *[deployment.home(a) / "ledger" for a in AGENCIES], "--format", "json")
-    assert audit.exit_code == 0, audit.output
-
-
-def test_coordinator_killed_mid_run_resumes_from_its_checkpoint(deployment: Deployment) -> None:
-    before = set(_checkpoints(deployment))
-    proc = deployment.train_process()
-    try:
-        wait_for(lambda: len(set(_checkpoints(deployment)) - before) >= 1, 400, "round 1 to aggregate")
+        wait_for(lambda: len(_checkpoints(deployment)) >= 2, 400, "round 2 to aggregate")
         pid = int((deployment.coord / "run" / "superlink.pid").read_text())
         os.killpg(pid, signal.SIGKILL)  # a crash, not a clean stop
-        _, stderr = proc.communicate(timeout=120)
+        _, crashed_stderr = proc.communicate(timeout=120)
     finally:
         proc.kill()
-    assert proc.returncode == ExitCode.DEPLOYMENT_FAILED, stderr
-    job = next(iter(set(_checkpoints(deployment)) - before)).parent.name
+    job = _checkpoints(deployment)[-1].parent.name
     assert cli("coordinator", "start", "--dir", deployment.coord).exit_code == 0  # same database, same nodes
     wait_for(lambda: {a["status"] for a in deployment.status()["agencies"]} == {"online"}, 120, "agencies to reconnect")
     resumed = cli(
         "coordinator", "train", "--dir", deployment.coord, "--spec", deployment.spec, "--resume", "--format", "json"
     )
     assert resumed.exit_code == 0, resumed.output
-    summary = json.loads(resumed.stdout)
-    assert summary["job"] == job and summary["rounds_aggregated"] == 3
-    assert [h["round"] for h in summary["history"]][0] >= 1  # started past round 1, from the checkpoint
+    return JobStory(job, proc.returncode, crashed_stderr, json.loads(resumed.stdout))
+
+
+def test_train_over_tls_with_authenticated_nodes_and_secure_aggregation(
+    deployment: Deployment, story: JobStory
+) -> None:
+    summary = story.resumed
+    assert summary["job"] == story.job
+    assert summary["rounds_aggregated"] == 3 and summary["flower"]["status"] == "finished:completed"
+    assert summary["metrics"]["auc"] > 0.75
+    card = json.loads((Path(summary["model"]) / "card.json").read_text())
+    assert card["secure_aggregation"] is True
     for agency in AGENCIES:
-        rounds = deployment.ledger_rounds(agency, job)
-        assert rounds == sorted(set(rounds)) and rounds[0] == 1 and rounds[-1] == 3  # each round spent once
         assert verify_ledger(deployment.home(agency) / "ledger").ok
+    jobs = {j["job"]: j for j in deployment.status()["jobs"]}
+    assert jobs[story.job]["rounds_evaluated"] == 3 and jobs[story.job]["model"] == summary["model"]
+    status = deployment.status()
+    assert status["running"] and {a["status"] for a in status["agencies"]} == {"online"}
+
+
+def test_agency_killed_mid_round_rejoins_and_its_ledger_is_exact(deployment: Deployment, story: JobStory) -> None:
+    summary = story.resumed
+    hrss = deployment.ledger_rounds("hrss", story.job)
+    assert hrss == sorted(set(hrss)) and 1 in hrss  # nothing counted twice
+    assert 3 in hrss  # it rejoined: round 3, after its restart and the coordinator's
+    assert summary["agencies"]["hrss"]["rounds_trained"] <= len(hrss)
+    for agency in AGENCIES:
+        if agency != "hrss":
+            assert deployment.ledger_rounds(agency, story.job) == [1, 2, 3]  # round 2 went ahead without hrss
+    audit = cli("audit", "report", *[deployment.home(a) / "ledger" for a in AGENCIES], "--format", "json")
+    assert audit.exit_code == 0, audit.output
+
+
+def test_coordinator_killed_mid_run_resumes_from_its_checkpoint(deployment: Deployment, story: JobStory) -> None:
+    assert story.crashed_returncode == ExitCode.DEPLOYMENT_FAILED, story.crashed_stderr
+    assert "the SuperLink stopped" in story.crashed_stderr
+    summary = story.resumed
+    assert summary["job"] == story.job and summary["rounds_aggregated"] == 3
+    assert [h["round"] for h in summary["history"]][0] >= 2  # started past round 2, from the checkpoint
+    for agency in AGENCIES:
+        rounds = deployment.ledger_rounds(agency, story.job)
+        assert rounds == sorted(set(rounds)) and rounds[0] == 1 and rounds[-1] == 3  # each round spent once
