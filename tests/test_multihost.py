@@ -1,9 +1,10 @@
 """The federation across network namespaces: the SuperLink in one, each agency in its own, linked by veth pairs.
 
 Every daemon is started with the agencyfl commands inside its namespace (``ip netns exec``), so the
-agencies reach the coordinator only over their own link and TLS checks the address they dial. One
-agency's link is cut in the middle of round 2 and restored: the round goes ahead with the others
-(the spec's minimum is 3) and the agency takes part again afterwards. Namespaces are removed after.
+agencies reach the coordinator only over their own link and TLS checks the address they dial. The
+smallest job that shows a cut link and a rejoin: 2 rounds; hrss's only link is cut as round 1 starts
+and stays down longer than a SecAgg+ stage may wait, so round 1 goes ahead with the other three (the
+spec's minimum); the link comes back and hrss trains round 2. Namespaces are removed after.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from privacy.ledger import verify_ledger
 
 AGENCIES = ["civil-affairs", "hrss", "tax", "environment"]
 PORT = 19493
+STAGE_TIMEOUT = 60.0  # seconds a SecAgg+ stage waits for an agency (spec); a fit stage needs ~20-40 s here
 TAG = f"afl{os.getpid() % 10000}"
 
 
@@ -81,9 +83,10 @@ def ledger_rounds(home: Path, job: str) -> list[int]:
 
 
 def test_federation_across_namespaces_survives_a_cut_link(namespaces: dict[str, str], tmp_path: Path) -> None:
-    data = synthesize(tmp_path / "data", households=4000, seed=9, rounds=3)
-    text = data.spec.read_text().replace("rounds = 3\n", "rounds = 3\nmin_agencies = 3\n")
-    data.spec.write_text(text.replace("[privacy]", "[secure_aggregation]\ntimeout = 60.0\n\n[privacy]"))
+    data = synthesize(tmp_path / "data", households=4000, seed=9, rounds=2)
+    text = data.spec.read_text().replace("rounds = 2\n", "rounds = 2\nmin_agencies = 3\n")
+    assert "min_agencies = 3" in text
+    data.spec.write_text(text.replace("[privacy]", f"[secure_aggregation]\ntimeout = {STAGE_TIMEOUT}\n\n[privacy]"))
     coord = tmp_path / "coord"
     hosts = [arg for i in range(len(AGENCIES)) for arg in ("--host", coord_ip(i))]
     cns = namespaces["coord"]
@@ -113,26 +116,25 @@ def test_federation_across_namespaces_survives_a_cut_link(namespaces: dict[str, 
         )
         try:
             deadline = time.monotonic() + 400
-            while not list((coord / "work" / "registry").glob("*/checkpoints/*/round-0001.npz")):
-                assert time.monotonic() < deadline and train.poll() is None, "round 1 did not aggregate"
-                time.sleep(0.5)
+            while not list((coord / "work" / "runs").glob("*/events.jsonl")):  # the ServerApp is about to send
+                assert time.monotonic() < deadline and train.poll() is None, "the job did not start"
+                time.sleep(0.2)
             link = f"{TAG}c{AGENCIES.index('hrss')}"
             sh("ip", "link", "set", link, "down", ns=cns)  # hrss's only link to the coordinator
-            time.sleep(20)
+            time.sleep(STAGE_TIMEOUT + 10)  # longer than a SecAgg+ stage waits: hrss drops out of round 1
             sh("ip", "link", "set", link, "up", ns=cns)
             stdout, stderr = train.communicate(timeout=900)
         finally:
             train.kill()
         assert train.returncode == 0, stderr
         summary = json.loads(stdout)
-        assert summary["rounds_aggregated"] == 3 and summary["metrics"]["auc"] > 0.7
+        assert summary["rounds_aggregated"] == 2 and summary["metrics"]["auc"] > 0.7
         job = summary["job"]
         for agency in AGENCIES:
             rounds = ledger_rounds(homes[agency], job)
-            assert rounds == sorted(set(rounds)) and rounds[0] == 1, (agency, rounds)  # nothing counted twice
             assert verify_ledger(homes[agency] / "ledger").ok
-            if agency != "hrss":
-                assert rounds == [1, 2, 3]
+            assert rounds == ([2] if agency == "hrss" else [1, 2]), (agency, rounds)  # cut off, then back
+        assert summary["agencies"]["hrss"]["rounds_trained"] == 1
     finally:
         for agency in AGENCIES:
             sh(sys.executable, "-m", "agencyfl", "steward", "stop", "--home", str(homes[agency]), check=False)
