@@ -26,47 +26,21 @@ import hashlib
 import json
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from agencyfl.daemons import executable, flower_env, running_pid, start_daemon, stop_daemon, strip_ansi, wait_until
 from federation.errors import DeploymentError, FederationError
+from federation.flower_app import APP_PYPROJECT
 from federation.pki import issue_server_certificate, make_ca, make_node_key
 from privacy.keys import generate_signing_key, public_pem
 
 CONNECTION = "agencyfl"  # the SuperLink connection's name in DIR/flwr/config.toml
 DEFAULT_PORT = 9093
-
-APP_PYPROJECT = """\
-# The Flower app the coordinator submits. Its components are imported from the agencyfl installed on
-# each host, so the coordinator ships no code to the agencies (runtime installation is off).
-[build-system]
-requires = ["hatchling"]
-build-backend = "hatchling.build"
-
-[project]
-name = "agencyfl-job"
-version = "1.0.0"
-dependencies = []
-
-[tool.flwr.app]
-publisher = "agencyfl"
-
-[tool.flwr.app.components]
-serverapp = "server.app:app"
-clientapp = "clients.app:app"
-
-[tool.flwr.app.config]
-spec = ""
-workdir = ""
-job = ""
-resume = false
-connect-timeout = 600.0
-ledger-key = ""
-"""
 
 HANDOUT = """\
 agencyfl deployment of {name}: what to hand over, and nothing else
@@ -429,8 +403,9 @@ def start_steward(
             "keys": keys.resolve(),
         }.items()
     )
+    pin_app(site.root, first_start_only=True)
     cmd = [
-        executable("flower-supernode"),
+        sys.executable, "-m", "clients.supernode", "--home", str(site.root),  # flower-supernode behind the app pin
         "--superlink", superlink,
         "--root-certificates", str(root_cert.resolve()),
         "--auth-supernode-private-key", str((keys / "node.key").resolve()),
@@ -454,6 +429,60 @@ def start_steward(
         stop_daemon(site.pid_file)
         raise
     return pid
+
+
+def pin_app(home: Path, first_start_only: bool = False) -> dict[str, Any]:
+    """Pin this installation's Flower app as the only one the agency's SuperNode runs.
+
+    With ``first_start_only`` (``steward start``): pin if nothing is pinned yet; if a different app
+    is pinned (agencyfl was upgraded), refuse until the steward re-pins with ``steward pin``.
+    Returns the pin and the digest it replaced (None if none or unchanged).
+    """
+    from clients.supernode import pin_installed_app, read_pin
+    from federation.flower_app import pinned_digest
+
+    previous = read_pin(home)
+    installed = pinned_digest()
+    if first_start_only and previous is not None:
+        if previous.digest != installed:
+            raise DeploymentError(
+                f"the app pinned in {home} (digest {previous.digest[:16]}..., agencyfl {previous.agencyfl_version}) "
+                f"is not this installation's ({installed[:16]}...): check the upgrade, then run "
+                f"`agencyfl steward pin --home {home}`"
+            )
+        return {"pin": asdict(previous), "replaced": None}
+    pin = pin_installed_app(home)
+    replaced = previous.digest if previous is not None and previous.digest != pin.digest else None
+    return {"pin": asdict(pin), "replaced": replaced}
+
+
+def steward_status(home: Path) -> dict[str, Any]:
+    """The agency's own view: its SuperNode, the pinned app, refused runs and each job's releases."""
+    from clients.supernode import read_pin, refused_runs
+    from privacy.ledger import verify_ledger
+
+    site = StewardHome(home.resolve())
+    pin = read_pin(site.root)
+    verified = verify_ledger(site.root / "ledger") if (site.root / "ledger").exists() else None
+    jobs: dict[str, dict[str, Any]] = {}
+    for event in verified.events if verified is not None else []:
+        if event.kind not in ("round", "release", "refusal"):
+            continue
+        job = jobs.setdefault(event.job, {"job": event.job, "rounds": 0, "releases": 0, "refusals": 0})
+        job[{"round": "rounds", "release": "releases", "refusal": "refusals"}[event.kind]] += 1
+        if event.kind != "refusal":
+            job["epsilon_job"] = event.epsilon_job
+        job["epsilon_lifetime"] = event.epsilon_lifetime
+    return {
+        "home": str(site.root),
+        "running": running_pid(site.pid_file) is not None,
+        "pid": running_pid(site.pid_file),
+        "pinned_app": asdict(pin) if pin is not None else None,
+        "refused_runs": refused_runs(site.root),
+        "ledger_verified": None if verified is None else verified.ok,
+        "jobs": list(jobs.values()),
+        "log": str(site.log),
+    }
 
 
 def stop_steward(home: Path) -> bool:

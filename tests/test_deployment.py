@@ -27,11 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from flwr.common.constant import ErrorCode
 from typer.testing import CliRunner
 
 from agencyfl.cli import app
 from agencyfl.exit_codes import ExitCode
 from agencyfl.synth import synthesize
+from clients.supernode import refused_runs
 from privacy.ledger import verify_ledger
 
 AGENCIES = ["civil-affairs", "hrss", "tax", "environment"]
@@ -170,6 +172,96 @@ def test_unregistered_key_and_plaintext_node_are_refused(deployment: Deployment,
     assert plaintext.returncode != 0
     status = deployment.status()
     assert status["running"] and {a["status"] for a in status["agencies"]} == {"online"}
+
+
+STRANGER_CLIENT = """
+from pathlib import Path
+from flwr.app import Context, Message, RecordDict, ConfigRecord
+from flwr.clientapp import ClientApp
+
+app = ClientApp()
+
+
+@app.query()
+def steal(msg: Message, context: Context) -> Message:
+    data = Path(str(context.node_config["data"])).read_text()[:200]
+    key = (Path(str(context.node_config["keys"])) / "ledger-signing.key").read_bytes()[:16]
+    Path(MARKER).write_text(data + repr(key))  # evidence the stranger's code ran at an agency
+    return Message(RecordDict({"loot": ConfigRecord({"rows": data})}), reply_to=msg)
+"""
+
+STRANGER_SERVER = """
+import json
+from pathlib import Path
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context) -> None:
+    nodes = list(grid.get_node_ids())
+    asks = [Message(RecordDict({"q": ConfigRecord({"x": 1})}), dst_node_id=n, message_type="query") for n in nodes]
+    replies = list(grid.send_and_receive(asks, timeout=90))
+    seen = [{"error": r.has_error(), "code": r.error.code if r.has_error() else None} for r in replies]
+    Path(REPLIES).write_text(json.dumps({"nodes": len(nodes), "replies": seen}))
+"""
+
+STRANGER_PYPROJECT = """
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "stranger-app"
+version = "1.0.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "stranger"
+
+[tool.flwr.app.components]
+serverapp = "stranger_server:app"
+clientapp = "stranger_client:app"
+"""
+
+
+def test_a_strangers_app_never_runs_at_an_agency(deployment: Deployment, tmp_path: Path) -> None:
+    """Holding only the SuperLink's address and ca.crt, a stranger submits its own app: every agency refuses it
+    before storing it (no ClientApp of it starts), answers with Flower's FAB-verification error, and logs it."""
+    app_dir, marker, replies = tmp_path / "stranger-app", tmp_path / "stolen.txt", tmp_path / "replies.json"
+    app_dir.mkdir()
+    (app_dir / "pyproject.toml").write_text(STRANGER_PYPROJECT)
+    (app_dir / "stranger_client.py").write_text(f"MARKER = {str(marker)!r}\n" + STRANGER_CLIENT)
+    (app_dir / "stranger_server.py").write_text(f"REPLIES = {str(replies)!r}\n" + STRANGER_SERVER)
+    home = tmp_path / "flwr"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        '[superlink]\ndefault = "target"\n\n[superlink.target]\n'
+        f'address = "127.0.0.1:{deployment.port}"\nroot-certificates = "{deployment.coord / "tls" / "ca.crt"}"\n'
+    )
+    ledgers = {a: (deployment.home(a) / "ledger" / "ledger.jsonl") for a in AGENCIES}
+    before = {a: p.read_bytes() if p.exists() else b"" for a, p in ledgers.items()}
+    refused_before = {a: len(refused_runs(deployment.home(a))) for a in AGENCIES}
+    submitted = subprocess.run(
+        ["flwr", "run", str(app_dir), "target", "--format", "json"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "FLWR_HOME": str(home)},
+    )  # fmt: skip
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr  # open-source Flower accepts the run
+    wait_for(replies.exists, 240, "the stranger's ServerApp to collect its replies")
+    answer = json.loads(replies.read_text())
+    assert answer["nodes"] == 4 and len(answer["replies"]) == 4
+    assert all(r["error"] and r["code"] == ErrorCode.INVALID_FAB for r in answer["replies"])  # only the refusal
+    assert not marker.exists()  # no code of the stranger's ran at any agency
+    for agency in AGENCIES:
+        refusals = refused_runs(deployment.home(agency))
+        assert len(refusals) == refused_before[agency] + 1, (agency, refusals)
+        assert "files the agencyfl app never has" in refusals[-1]["reason"]
+        after = ledgers[agency].read_bytes() if ledgers[agency].exists() else b""
+        assert after == before[agency]  # nothing spent, nothing recorded
+        status = cli("steward", "status", "--home", deployment.home(agency), "--format", "json")
+        assert status.exit_code == 0 and json.loads(status.stdout)["refused_runs"][-1] == refusals[-1]
 
 
 def _checkpoints(deployment: Deployment) -> list[Path]:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from agencyfl.cli.common import (
     Format,
@@ -137,6 +138,53 @@ def steward_start(
     out.print(
         f"SuperNode running (pid {pid}), connected to {superlink}; ledger {report['ledger']}; log {report['log']}"
     )
+
+
+@steward_app.command("pin")
+def steward_pin(
+    home: Annotated[Path, typer.Option(help="The agency's home folder (as `steward start --home`)")],
+    fmt: FormatOpt = Format.table,
+) -> None:
+    """Pin this installation's Flower app: the only app this agency's SuperNode will run (after an upgrade too)."""
+    from agencyfl.deployment import pin_app
+
+    with errors_to_exit():
+        answer = pin_app(home.resolve())
+    if fmt is Format.json:
+        emit_json(answer)
+        return
+    pin = answer["pin"]
+    out.print(f"pinned app {pin['digest']} (agencyfl {pin['agencyfl_version']}, flwr {pin['flwr_version']})")
+    if answer["replaced"]:
+        out.print(f"replaced the earlier pin {answer['replaced']}; restart the SuperNode (`steward stop`, `start`)")
+
+
+@steward_app.command("status")
+def steward_status(
+    home: Annotated[Path, typer.Option(help="The agency's home folder (as `steward start --home`)")],
+    fmt: FormatOpt = Format.table,
+) -> None:
+    """The SuperNode, the pinned app, the runs it refused, and what each job released from this agency."""
+    from agencyfl.deployment import steward_status as status
+
+    with errors_to_exit():
+        report = status(home)
+    if fmt is Format.json:
+        emit_json(report)
+        return
+    out.print(f"SuperNode: {'running (pid ' + str(report['pid']) + ')' if report['running'] else 'not running'}")
+    pin = report["pinned_app"]
+    out.print(f"pinned app: {pin['digest']} (agencyfl {pin['agencyfl_version']})" if pin else "pinned app: none")
+    out.print(f"refused runs: {len(report['refused_runs'])}")
+    for refusal in report["refused_runs"][-5:]:
+        out.print(f"  {refusal['time']}  run {refusal['run_id']}: {escape(refusal['reason'])}")
+    verified = {None: "no ledger yet", True: "verified", False: "DOES NOT VERIFY"}[report["ledger_verified"]]
+    out.print(f"ledger: {verified}")
+    for job in report["jobs"]:
+        out.print(
+            f"  {job['job']}: {job['rounds']} rounds, {job['releases']} releases, {job['refusals']} refusals, "
+            f"epsilon {job.get('epsilon_job', 0.0):.3f} (lifetime {job['epsilon_lifetime']:.3f})"
+        )
 
 
 @steward_app.command("stop")
