@@ -1,10 +1,13 @@
 """The federation across network namespaces: the SuperLink in one, each agency in its own, linked by veth pairs.
 
 Every daemon is started with the agencyfl commands inside its namespace (``ip netns exec``), so the
-agencies reach the coordinator only over their own link and TLS checks the address they dial. The
-smallest job that shows a cut link and a rejoin: 2 rounds; hrss's only link is cut as round 1 starts
-and stays down longer than a SecAgg+ stage may wait, so round 1 goes ahead with the other three (the
-spec's minimum); the link comes back and hrss trains round 2. Namespaces are removed after.
+agencies reach the coordinator only over their own link and TLS checks the address they dial.
+hrss's only link is cut as round 1 starts and stays down longer than a SecAgg+ stage may wait, so
+round 1 goes ahead with the other three (the spec's minimum); then the link comes back. That long a
+cut also outlasts Flower's heartbeat patience (60 s), so the SuperLink marks hrss offline until its
+SuperNode's retried heartbeat gets through (up to ~25 s after the link returns): round 2 may start
+before that, so the smallest job that surely shows the rejoin has 3 rounds, hrss training round 3.
+Namespaces are removed after.
 """
 
 from __future__ import annotations
@@ -83,8 +86,8 @@ def ledger_rounds(home: Path, job: str) -> list[int]:
 
 
 def test_federation_across_namespaces_survives_a_cut_link(namespaces: dict[str, str], tmp_path: Path) -> None:
-    data = synthesize(tmp_path / "data", households=4000, seed=9, rounds=2)
-    text = data.spec.read_text().replace("rounds = 2\n", "rounds = 2\nmin_agencies = 3\n")
+    data = synthesize(tmp_path / "data", households=8000, seed=9, rounds=3)
+    text = data.spec.read_text().replace("rounds = 3\n", "rounds = 3\nmin_agencies = 3\n")
     assert "min_agencies = 3" in text
     data.spec.write_text(text.replace("[privacy]", f"[secure_aggregation]\ntimeout = {STAGE_TIMEOUT}\n\n[privacy]"))
     coord = tmp_path / "coord"
@@ -128,13 +131,17 @@ def test_federation_across_namespaces_survives_a_cut_link(namespaces: dict[str, 
             train.kill()
         assert train.returncode == 0, stderr
         summary = json.loads(stdout)
-        assert summary["rounds_aggregated"] == 2 and summary["metrics"]["auc"] > 0.7
+        assert summary["rounds_aggregated"] == 3 and summary["metrics"]["auc"] > 0.7
         job = summary["job"]
         for agency in AGENCIES:
             rounds = ledger_rounds(homes[agency], job)
             assert verify_ledger(homes[agency] / "ledger").ok
-            assert rounds == ([2] if agency == "hrss" else [1, 2]), (agency, rounds)  # cut off, then back
-        assert summary["agencies"]["hrss"]["rounds_trained"] == 1
+            assert rounds == sorted(set(rounds)), (agency, rounds)  # nothing counted twice
+            if agency == "hrss":
+                assert 1 not in rounds and 3 in rounds, rounds  # cut off in round 1, back by round 3
+            else:
+                assert rounds == [1, 2, 3], (agency, rounds)
+        assert 1 <= summary["agencies"]["hrss"]["rounds_trained"] <= 2
     finally:
         for agency in AGENCIES:
             sh(sys.executable, "-m", "agencyfl", "steward", "stop", "--home", str(homes[agency]), check=False)
