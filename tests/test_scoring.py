@@ -137,8 +137,9 @@ def test_streaming_scores_many_batches(served: Any) -> None:
         assert np.abs(got - model.plaintext_logits(block)).max() < 1e-4
 
 
-def good_request(served: Any) -> None:
-    client = ScoringClient(served["address"], token=served["token"])
+def good_request(served: Any, client: ScoringClient | None = None) -> None:
+    """A legitimate request still succeeds (with ``client``'s registered context, or a new one)."""
+    client = client or ScoringClient(served["address"], token=served["token"])
     logits, _ = client.score_encoded(
         np.zeros((3, len(client.encoder.names)), np.float32), False, "eligibility-identification"
     )
@@ -201,11 +202,11 @@ def test_each_refusal_has_its_status_and_the_service_stays_up(served: Any) -> No
     ]
     for method, request, status in cases:
         assert call(served, method, request) == status, (method, status)
-        good_request(served)
+        good_request(served, client)  # one client: a new one per case would exceed the token's context quota
     assert (
         call(served, "GetModelInfo", scoring_pb2.ModelInfoRequest(), token="forged") == grpc.StatusCode.UNAUTHENTICATED
     )
-    good_request(served)
+    good_request(served, client)
 
 
 def test_fuzzed_payloads_never_crash_or_hang_the_service(served: Any) -> None:

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
+import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from agencyfl.exit_codes import exit_code_for
+from agencyfl.exit_codes import ExitCode, exit_code_for
 from federation.errors import AgencyflError
 
 app = typer.Typer(
@@ -49,11 +52,37 @@ def emit_json(obj: Any) -> None:
     typer.echo(json.dumps(obj, indent=2, default=str))
 
 
+def one_line(text: object) -> str:
+    """``text`` as one line of plain text for the console: newlines folded, Rich markup escaped.
+
+    Messages quote what users typed (agency names, paths, spec values, pattern errors such as
+    ``[a-z0-9-]``); unescaped, Rich would read them as markup and garble or crash on them.
+    """
+    return escape(" ".join(str(text).split()))
+
+
+def fail(message: object, code: ExitCode) -> NoReturn:
+    """Print ``error: message`` (one line, escaped) on stderr and exit with ``code``."""
+    err.print(f"[bold red]error:[/] {one_line(message)}", markup=True, highlight=False)
+    raise typer.Exit(int(code))
+
+
 @contextmanager
 def errors_to_exit() -> Iterator[None]:
-    """Domain errors become one line on stderr and their exit code."""
+    """Domain errors become one line on stderr and their exit code; so do file-system errors.
+
+    Anything else is a bug: one line and exit 1 (``AGENCYFL_DEBUG=1`` shows the traceback).
+    """
     try:
         yield
+    except (typer.Exit, click.exceptions.ClickException, click.exceptions.Abort, KeyboardInterrupt):
+        raise
     except AgencyflError as exc:
-        err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
-        raise typer.Exit(int(exit_code_for(exc))) from None
+        fail(exc, exit_code_for(exc))
+    except OSError as exc:
+        where = f" {exc.filename!s}" if exc.filename else ""
+        fail(f"cannot use{where}: {exc.strerror or exc.__class__.__name__}", ExitCode.DATA_UNUSABLE)
+    except Exception as exc:
+        if os.environ.get("AGENCYFL_DEBUG"):
+            raise
+        fail(f"internal error ({exc.__class__.__name__}: {exc}); please report it", ExitCode.INTERNAL_ERROR)

@@ -13,6 +13,7 @@ from agencyfl.cli.common import (
     FormatOpt,
     emit_json,
     errors_to_exit,
+    one_line,
     out,
     steward_app,
 )
@@ -62,9 +63,9 @@ def steward_check(
         f"[bold]{agency}[/]: {check.total} rows read, {len(check.valid)} valid, {len(check.quarantined)} quarantined"
     )
     if check.quarantine_path:
-        out.print(f"quarantine file: {check.quarantine_path} (row number and reason for each)")
+        out.print(f"quarantine file: {one_line(check.quarantine_path)} (row number and reason for each)")
         for reason, count in sorted(reasons.items(), key=lambda kv: -kv[1]):
-            out.print(f"  {count:>5}  {reason}")
+            out.print(f"  {count:>5}  {one_line(reason)}")
     if check.absent_columns:
         out.print(f"columns not in the file (treated as unknown): {', '.join(check.absent_columns)}")
     if report["label_rate"] is not None:
@@ -133,7 +134,7 @@ def steward_start(
         return
     out.print(f"{agency}: {check.total} rows, {len(check.valid)} valid, {len(check.quarantined)} quarantined")
     if check.quarantine_path:
-        out.print(f"quarantine file: {check.quarantine_path}")
+        out.print(f"quarantine file: {one_line(check.quarantine_path)}")
     out.print(
         f"SuperNode running (pid {pid}), connected to {superlink}; ledger {report['ledger']}; log {report['log']}"
     )
