@@ -310,7 +310,8 @@ def test_model_info_sends_what_a_requester_needs_and_not_the_spec(hardened: Any,
         assert agency.data.encode() not in wire and agency.name.encode() not in wire
     assert b"[privacy]" not in wire and b"epsilon" not in wire
     assert json.loads(info.schema_json)["id"] == spec.schema_.id
-    assert json.loads(info.decision_json)["threshold"] == pytest.approx(spec.fairness.threshold if spec.fairness else 0.5)
+    threshold = spec.fairness.threshold if spec.fairness else 0.5
+    assert json.loads(info.decision_json)["threshold"] == pytest.approx(threshold)
 
 
 @pytest.mark.parametrize("attribute", ["region_type", "head_age"])
@@ -341,7 +342,7 @@ def test_score_applies_the_cards_group_thresholds_as_evaluate_does(
             ["score", "--server", f"127.0.0.1:{port}", "--data", str(small_fed.test), "--out", str(tmp_path / "c.csv")]
             + ["--threshold", "0.5"],
         )
-        assert cli.exit_code == ExitCode.SCORING_REFUSED and "per-group thresholds" in cli.stderr
+        assert cli.exit_code == ExitCode.USAGE and "per-group thresholds" in cli.stderr
         assert not (tmp_path / "c.csv").exists()
     finally:
         server.stop(0)
@@ -380,7 +381,13 @@ def test_a_model_without_a_known_parameter_set_exits_9(small_fed: SynthResult, t
 
 @pytest.mark.parametrize(
     "given",
-    [["--tls-cert"], ["--tls-key"], ["--tls-client-ca"], ["--tls-cert", "--tls-client-ca"], ["--tls-key", "--tls-client-ca"]],
+    [
+        ["--tls-cert"],
+        ["--tls-key"],
+        ["--tls-client-ca"],
+        ["--tls-cert", "--tls-client-ca"],
+        ["--tls-key", "--tls-client-ca"],
+    ],
 )
 def test_serve_refuses_an_incomplete_tls_option_set(hardened: Any, tmp_path: Path, given: list[str]) -> None:
     pem = tmp_path / "x.pem"

@@ -63,8 +63,8 @@ def init(
             }
         )
         return
-    out.print(f"coordinator folder: {cdir.root}  (SuperLink address {settings['address']})")
-    out.print((cdir.root / "HANDOUT.txt").read_text())
+    out.print(f"coordinator folder: {one_line(cdir.root)}  (SuperLink address {one_line(settings['address'])})")
+    out.print((cdir.root / "HANDOUT.txt").read_text(), markup=False)
 
 
 @coordinator_app.command("start")
@@ -79,7 +79,7 @@ def start(cdir_path: DirOpt = None, fmt: FormatOpt = Format.table) -> None:
     if fmt is Format.json:
         emit_json(report)
     else:
-        out.print(f"SuperLink running (pid {pid}) at {report['address']}; log: {cdir.log}")
+        out.print(f"SuperLink running (pid {pid}) at {one_line(report['address'])}; log: {one_line(cdir.log)}")
 
 
 @coordinator_app.command("stop")
@@ -110,7 +110,7 @@ def register(
     if fmt is Format.json:
         emit_json(entry)
     else:
-        out.print(f"registered {agency}: node {entry['node_id']}, key sha256 {entry['key_sha256'][:16]}…")
+        out.print(f"registered {one_line(agency)}: node {entry['node_id']}, key sha256 {entry['key_sha256'][:16]}…")
 
 
 @coordinator_app.command("train")
@@ -163,7 +163,7 @@ def status(cdir_path: DirOpt = None, fmt: FormatOpt = Format.table) -> None:
         emit_json(report)
         return
     state = f"running (pid {report['superlink_pid']})" if report["running"] else "stopped"
-    out.print(f"SuperLink {report['address']}: {state}")
+    out.print(f"SuperLink {one_line(report['address'])}: {state}")
     agencies = Table("agency", "node", "status")
     for row in report["agencies"]:
         agencies.add_row(row["agency"], row["node_id"], row["status"])

@@ -114,6 +114,12 @@ def score(
     with errors_to_exit():
         client = ScoringClient(server, token=token, root_cert=root)
         try:
+            if threshold is not None and client.rule.thresholds:
+                fail(
+                    f"--threshold would undo this model's per-group thresholds on {client.rule.attribute!r} "
+                    "(its model card's mitigation); leave it out to apply the card's rule",
+                    ExitCode.USAGE,
+                )
             progress = Progress(
                 TextColumn("encrypted scoring"),
                 BarColumn(),

@@ -89,8 +89,10 @@ def steward_keys(
     if fmt is Format.json:
         emit_json({k: str(v) for k, v in paths.items()})
         return
-    out.print(f"keys written to {out_dir} (private keys are readable by their owner only)")
-    out.print(f"hand to the coordinator: {paths['node_pub']}  (and {paths['ledger_pub']} for auditors)")
+    out.print(f"keys written to {one_line(out_dir)} (private keys are readable by their owner only)")
+    out.print(
+        f"hand to the coordinator: {one_line(paths['node_pub'])}  (and {one_line(paths['ledger_pub'])} for auditors)"
+    )
     out.print("never hand over: node.key, ledger-signing.key")
 
 
@@ -136,7 +138,8 @@ def steward_start(
     if check.quarantine_path:
         out.print(f"quarantine file: {one_line(check.quarantine_path)}")
     out.print(
-        f"SuperNode running (pid {pid}), connected to {superlink}; ledger {report['ledger']}; log {report['log']}"
+        f"SuperNode running (pid {pid}), connected to {one_line(superlink)}; "
+        f"ledger {one_line(report['ledger'])}; log {one_line(report['log'])}"
     )
 
 

@@ -18,6 +18,7 @@ from agencyfl.cli.common import (
     err,
     errors_to_exit,
     fail,
+    one_line,
     out,
 )
 from agencyfl.exit_codes import ExitCode
@@ -154,12 +155,13 @@ def evaluate(
         emit_json(report)
         return
     out.print(
-        f"{report['model_version']} on {data}: AUC {report['auc']:.4f}, accuracy {report['accuracy']:.4f}, "
+        f"{one_line(report['model_version'])} on {one_line(data)}: "
+        f"AUC {report['auc']:.4f}, accuracy {report['accuracy']:.4f}, "
         f"Brier {report['brier']:.4f} ({report['scored']} rows scored, {report['quarantined']} quarantined)"
     )
     if result.fairness is not None:
         verdict = "pass" if result.fairness["passed"] else "FAIL: " + "; ".join(result.fairness["failures"])
-        out.print(f"fairness at threshold {result.fairness['threshold']:g}: {verdict}")
-        out.print(f"  (the table: agencyfl audit fairness --model {model} --data {data})")
+        out.print(f"fairness at threshold {result.fairness['threshold']:g}: {one_line(verdict)}")
+        out.print(f"  (the table: agencyfl audit fairness --model {one_line(model)} --data {one_line(data)})")
     if out_file is not None:
-        out.print(f"decisions with reasons: {out_file}")
+        out.print(f"decisions with reasons: {one_line(out_file)}")
