@@ -6,7 +6,8 @@ as long as it likes. So the interceptor here, which runs on the server's polling
 call's headers alone,
 
 1. authenticates the bearer token (scoring methods; health checks are public) and refuses an
-   unknown, expired or revoked token with UNAUTHENTICATED without reading the request;
+   unknown, expired or revoked token with UNAUTHENTICATED without reading the request; the health
+   check is answered at once with the server's overall status, without waiting for its request;
 2. admits the call only if its holder has fewer than ``Limits.calls_per_token`` calls in flight and
    the server fewer than ``Limits.scoring_calls`` (``public_calls`` for health checks); otherwise
    RESOURCE_EXHAUSTED, at once. The worker pool has exactly ``scoring_calls + public_calls`` threads,
@@ -38,6 +39,7 @@ from server.tokens import TokenStore, token_hash
 log = logging.getLogger("agencyfl.scoring")
 
 PUBLIC_PREFIX = "/grpc.health.v1.Health/"
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 
 
 @dataclass(frozen=True)
@@ -173,6 +175,15 @@ def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, details: str
     return grpc.stream_unary_rpc_method_handler(refuse, handler.request_deserializer, handler.response_serializer)
 
 
+def _instant(handler: grpc.RpcMethodHandler, answer: Callable[[grpc.ServicerContext], Any]) -> grpc.RpcMethodHandler:
+    """A handler that replies at once, without waiting for the request (which it does not need)."""
+
+    def reply(request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
+        return answer(context)
+
+    return grpc.stream_unary_rpc_method_handler(reply, handler.request_deserializer, handler.response_serializer)
+
+
 class Admission(grpc.ServerInterceptor):  # type: ignore[misc]
     """Authenticate, admit and time-bound every call (see the module docstring).
 
@@ -182,11 +193,21 @@ class Admission(grpc.ServerInterceptor):  # type: ignore[misc]
         The token registry; None admits everyone as one anonymous holder (``--insecure-no-auth``).
     limits
         Concurrency and time limits.
+    instant
+        Unary methods answered at once without reading their request, by method name (the health
+        check: its reply is the server's overall status, so a caller that never sends the request
+        holds no thread and the check can never be starved).
     """
 
-    def __init__(self, tokens: TokenStore | None, limits: Limits) -> None:
+    def __init__(
+        self,
+        tokens: TokenStore | None,
+        limits: Limits,
+        instant: dict[str, Callable[[grpc.ServicerContext], Any]] | None = None,
+    ) -> None:
         self.tokens = tokens
         self.limits = limits
+        self.instant = instant or {}
         self.watchdog = Watchdog()
         self._lock = threading.Lock()
         self._per_holder: dict[str, int] = {}
@@ -257,6 +278,9 @@ class Admission(grpc.ServerInterceptor):  # type: ignore[misc]
         handler = continuation(handler_call_details)
         if handler is None:
             return None
+        answer = self.instant.get(str(handler_call_details.method))
+        if answer is not None:
+            return _instant(handler, answer)
         public = str(handler_call_details.method).startswith(PUBLIC_PREFIX)
         holder = None if public else self._authenticate(handler_call_details.invocation_metadata)
         if not public and holder is None:

@@ -36,7 +36,7 @@ from privacy.he import (
     evaluate_row,
     load_public_context,
 )
-from server.admission import Admission, Holder, Limits, current_holder
+from server.admission import HEALTH_CHECK, Admission, Holder, Limits, current_holder
 from server.registry import RegisteredModel
 from server.tokens import TokenStore
 
@@ -298,7 +298,13 @@ def start_server(
     """
     limits = limits or Limits()
     service = ScoringService(model_dir, limits)
-    admission = Admission(tokens, limits)
+    health_servicer = health.HealthServicer()
+
+    def overall_health(context: grpc.ServicerContext) -> Any:
+        # The overall status ("" service): every service here shares it, and the request is not needed.
+        return health_servicer.Check(health_pb2.HealthCheckRequest(service=""), context)
+
+    admission = Admission(tokens, limits, instant={HEALTH_CHECK: overall_health})
     options: list[tuple[str, int]] = [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -312,7 +318,6 @@ def start_server(
         maximum_concurrent_rpcs=4 * limits.workers,
     )
     scoring_pb2_grpc.add_ScoringServicer_to_server(service, server)
-    health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     address = f"{host}:{port}"
     if tls:

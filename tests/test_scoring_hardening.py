@@ -126,10 +126,11 @@ def test_unauthenticated_slow_loris_calls_and_raw_connections_starve_nothing(har
     channels = [grpc.insecure_channel(hardened["address"]) for _ in range(4)]
     try:
         # 12 calls without a token that never finish sending (3 per scoring method, more than all workers),
-        # 2 health checks that never send their request, 8 TCP connections stuck in the HTTP/2 preface.
+        # 8 health checks that never send their request (more than the public cap), 8 TCP connections
+        # stuck in the HTTP/2 preface.
         methods = ["ScoreBatch", "RegisterContext", "GetModelInfo", "ScoreStream"]
         unauth = [slow_loris(channels[i % 4], SERVICE + methods[i % 4], release) for i in range(12)]
-        public = [slow_loris(channels[i], "/grpc.health.v1.Health/Check", release) for i in range(2)]
+        public = [slow_loris(channels[i % 4], "/grpc.health.v1.Health/Check", release) for i in range(8)]
         host, port = hardened["address"].rsplit(":", 1)
         for _ in range(8):
             sock = socket.create_connection((host, int(port)))
@@ -141,8 +142,19 @@ def test_unauthenticated_slow_loris_calls_and_raw_connections_starve_nothing(har
         assert time.perf_counter() - t < 2.0
         times = legit_answers_quickly(hardened["address"], hardened["tokens"].issue("street-office"))
         assert times["model_info"] < 1.0 and times["health"] < 1.0 and times["score"] < 3.0, times
-        for future in public:  # a health check whose request never comes is cut at the read deadline
-            assert future.exception(timeout=5).code() == grpc.StatusCode.CANCELLED
+        for future in public:  # a health check is answered without waiting for its request
+            reply = health_pb2.HealthCheckResponse.FromString(future.result(timeout=1))
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        watch = channels[0].stream_stream("/grpc.health.v1.Health/Watch", lambda b: b, lambda b: b)
+        watchers = [watch(never_sends(release), timeout=30) for _ in range(LIMITS.public_calls + 2)]
+        times = legit_answers_quickly(hardened["address"], hardened["tokens"].issue("street-office"))
+        assert times["model_info"] < 1.0 and times["health"] < 1.0 and times["score"] < 3.0, times
+        codes = []
+        for w in watchers:  # health watches that never send: capped, then cut at the read deadline
+            with pytest.raises(grpc.RpcError) as caught:
+                list(w)
+            codes.append(caught.value.code().name)
+        assert sorted(codes) == ["CANCELLED"] * LIMITS.public_calls + ["RESOURCE_EXHAUSTED"] * 2
     finally:
         release.set()
         for sock in sockets:
