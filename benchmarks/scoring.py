@@ -239,6 +239,9 @@ def main() -> None:
             "decisions_differing_outside_band": int((decided != (ref >= 0.5))[outside].sum()),
         }
         client = ScoringClient(address, token=tokens["office"])
+        start = time.perf_counter()
+        client.score_encoded(x, False, PURPOSE)  # the same pipeline without reasons (no contributions)
+        results["logistic"]["no_reasons_per_second"] = len(x) / (time.perf_counter() - start)  # type: ignore[index]
         batch = x[: client.info.max_batch]
         request = scoring_pb2.ScoreRequest(
             purpose=PURPOSE,
@@ -307,6 +310,11 @@ def main() -> None:
     attack_counts = loud["attack"]
     rows = [
         ["`agencyfl score` path (score_file) households/s, logistic N=8192", f"{lg['per_second']:.0f}", ">= 20,000"],
+        [
+            "the same pipeline without reasons (score_encoded, no contributions) households/s",
+            f"{lg['no_reasons_per_second']:.0f}",
+            "",
+        ],
         ["one ciphertext per household (.dot) households/s", f"{base:.1f}", ""],
         ["ratio score path / per-household", f"{lg['per_second'] / base:.0f}", ">= 250"],
         [f"MLP 40-16-x^2-1 households/s (score_file, {mlp_row['parameter_set']})", f"{mlp_row['per_second']:.0f}", ""],
