@@ -38,6 +38,8 @@ from server.tokens import TokenStore, token_hash
 
 log = logging.getLogger("agencyfl.scoring")
 
+__all__ = ["ANONYMOUS", "Admission", "Holder", "Limits", "Watchdog", "current_holder"]
+
 PUBLIC_PREFIX = "/grpc.health.v1.Health/"
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 

@@ -19,6 +19,8 @@ from pathlib import Path
 from federation.errors import AgencyflError, DataFileError
 from federation.files import write_private_text
 
+__all__ = ["DEFAULT_PURPOSE", "TokenError", "TokenRecord", "TokenStore", "token_hash"]
+
 DEFAULT_PURPOSE = "eligibility-identification"
 DEFAULT_DAYS = 30.0
 

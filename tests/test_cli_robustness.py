@@ -103,6 +103,28 @@ def test_an_unwritable_quarantine_target_leaves_no_copy_of_the_records(small_fed
     assert not any((data.parent / "tax.quarantine.csv").iterdir())
 
 
+def test_evaluate_writes_its_decisions_file_0600(fuzz_world: dict[str, str], tmp_path: Path) -> None:
+    out = tmp_path / "decisions.csv"
+    old = os.umask(0o022)
+    try:
+        result = run(
+            "evaluate",
+            "--model",
+            fuzz_world["model"],
+            "--spec",
+            fuzz_world["spec"],
+            "--data",
+            fuzz_world["data"],
+            "--out",
+            out,
+        )
+    finally:
+        os.umask(old)
+    assert result.exit_code == 0, result.output
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600 and len(out.read_text().splitlines()) > 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["decisions.csv"]
+
+
 # ---------------------------------------------------------------- arbitrary text in every text option
 @pytest.fixture(scope="module")
 def fuzz_world(small_fed: SynthResult, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
