@@ -420,3 +420,61 @@ def test_decisions_file_is_private(hardened: Any, small_fed: SynthResult, tmp_pa
     score_file(client, data, tmp_path / "decisions.csv", ScoreSettings())
     assert (tmp_path / "decisions.csv").stat().st_mode & 0o777 == 0o600
     assert [p.name for p in tmp_path.iterdir() if re.search(r"\.tmp$", p.name)] == []
+
+
+class _SlowScoring(ScoringService):
+    """The real service, 0.3 s slower per batch, recording when each ScoreBatch ran."""
+
+    def __init__(self, model: Path) -> None:
+        super().__init__(model)
+        self.calls: list[tuple[float, float]] = []
+
+    def ScoreBatch(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        start = time.perf_counter()
+        time.sleep(0.3)
+        reply = super().ScoreBatch(request, context)
+        self.calls.append((start, time.perf_counter()))
+        return reply
+
+
+def test_score_file_encrypts_the_next_batch_while_the_server_scores(
+    small_fed: SynthResult, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from concurrent import futures
+
+    import clients.requester as requester
+    from server.admission import Admission
+
+    model = register(small_fed, tmp_path, {"agencies": []})
+    service = _SlowScoring(model)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=4),
+        interceptors=[Admission(None, Limits())],
+        options=[("grpc.max_receive_message_length", 1 << 26), ("grpc.max_send_message_length", 1 << 26)],
+    )
+    scoring_pb2_grpc.add_ScoringServicer_to_server(service, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    encryptions: list[tuple[float, float]] = []
+    real = requester.encrypt_columns
+
+    def timed(ctx: Any, x: np.ndarray) -> list[bytes]:  # the real encryption, timed
+        start = time.perf_counter()
+        out = real(ctx, x)
+        encryptions.append((start, time.perf_counter()))
+        return out
+
+    monkeypatch.setattr(requester, "encrypt_columns", timed)
+    frame = pd.read_csv(small_fed.test, dtype=str)
+    copies = [frame.assign(household_id=frame["household_id"] + f"-{k}") for k in range(-(-9000 // len(frame)))]
+    data = tmp_path / "many.csv"
+    pd.concat(copies).head(9000).to_csv(data, index=False)
+    try:
+        client = ScoringClient(f"127.0.0.1:{port}")
+        report = score_file(client, data, tmp_path / "out.csv", ScoreSettings())
+        assert report["scored"] == 9000 and len(service.calls) == 3 == len(encryptions)  # one pass, 3 batches
+        # batches 2 and 3 were encrypted while the server was scoring batches 1 and 2
+        for (enc_start, enc_end), (call_start, call_end) in zip(encryptions[1:], service.calls[:-1], strict=True):
+            assert enc_start < call_end and enc_end > call_start
+    finally:
+        server.stop(0)
