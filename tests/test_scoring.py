@@ -212,7 +212,7 @@ def test_fuzzed_payloads_never_crash_or_hang_the_service(served: Any) -> None:
     """1,000 mutated ScoreBatch requests and 200 random contexts against the shared server.
 
     Slow on purpose (40-70 s on 2 shared cores, measured before and after issue 12): each request
-    carries one full-size ciphertext per model input (40 x ~130 kB) that the server must parse, and a
+    carries one full-size ciphertext per model input (40 x ~235 kB) that the server must parse, and a
     fuzz run needs many of them to reach TenSEAL's parser paths; fewer would test less.
     """
     rng = np.random.default_rng(0)
