@@ -97,8 +97,13 @@ _BY_ERROR: list[tuple[type[AgencyflError], ExitCode]] = [
 def _scoring_codes() -> list[tuple[type[AgencyflError], ExitCode]]:
     from clients.requester import ScoringError
     from privacy.he import HEError
+    from server.tokens import TokenError
 
-    return [(ScoringError, ExitCode.SCORING_REFUSED), (HEError, ExitCode.SCORING_REFUSED)]
+    return [
+        (ScoringError, ExitCode.SCORING_REFUSED),
+        (HEError, ExitCode.SCORING_REFUSED),
+        (TokenError, ExitCode.USAGE),
+    ]
 
 
 def exit_code_for(error: AgencyflError) -> ExitCode:

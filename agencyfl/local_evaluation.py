@@ -34,8 +34,9 @@ def evaluate_local(model: Path, data: Path, spec: Path | None = None, review_ban
     ModelError, SpecError, DataFileError
         Unreadable model, spec that does not match it, unusable data file.
     """
+    from federation.decision import DecisionRule
     from federation.encoding import FeatureEncoder
-    from federation.fairness import count_groups, decide, fairness_table, group_labels, layout
+    from federation.fairness import count_groups, fairness_table, group_labels, layout
     from federation.metrics import exact_metrics
     from federation.model import predict_proba
     from federation.reasons import contributions, top_reasons
@@ -55,12 +56,13 @@ def evaluate_local(model: Path, data: Path, spec: Path | None = None, review_ban
     scores = predict_proba(registered.model, x)
     metrics = exact_metrics(scores, y)
     section = registered.spec.fairness
-    threshold = section.threshold if section else 0.5
-    mitigation = registered.card.get("mitigation")
+    # The one decision rule `agencyfl score` applies too: the card's per-group thresholds, if any.
+    rule = DecisionRule.for_model(registered.spec, registered.card)
+    threshold = rule.threshold
+    thresholds = rule.thresholds or None
     groups = group_labels(frame, section, loaded_spec.schema) if section else {}
-    thresholds = mitigation["thresholds"] if mitigation else None
-    mitigation_groups = groups.get(mitigation["attribute"]) if mitigation else None
-    eligible = decide(scores, mitigation_groups, threshold, thresholds)
+    decided_now = rule.decide(scores, frame, loaded_spec.schema, review_band)
+    eligible = decided_now.eligible
     labels = {f.name: loaded_spec.schema.plain_label(f.name) for f in loaded_spec.schema.features}
     decisions = pd.DataFrame(
         {
@@ -68,7 +70,7 @@ def evaluate_local(model: Path, data: Path, spec: Path | None = None, review_ban
             "label": y,
             "score": np.round(scores, 6),
             "decision": np.where(eligible, "eligible", "not eligible"),
-            "review": np.abs(scores - threshold) <= review_band,
+            "review": decided_now.review,
             "reasons": top_reasons(contributions(registered.model, x), eligible, encoder, labels),
         }
     )
@@ -77,11 +79,11 @@ def evaluate_local(model: Path, data: Path, spec: Path | None = None, review_ban
         lay = layout(section, loaded_spec.schema)
         fairness = fairness_table(count_groups(scores, y, groups, lay, threshold), section, lay)
         fairness["release"] = f"exact counts on {data.name}"
-        if mitigation is not None and thresholds is not None and mitigation_groups is not None:
-            decided = decide(scores, mitigation_groups, threshold, thresholds).astype(float)
+        if thresholds is not None and rule.attribute is not None:
+            decided = eligible.astype(float)
             # counts at per-group thresholds: count_groups on the decisions themselves (threshold 0.5)
             mitigated = fairness_table(count_groups(decided, y, groups, lay, 0.5), section, lay)
-            mitigated["release"] = f"exact counts on {data.name}, per-group thresholds on {mitigation['attribute']}"
+            mitigated["release"] = f"exact counts on {data.name}, per-group thresholds on {rule.attribute}"
     report = {
         "model": str(model),
         "model_version": registered.card.get("model_version"),

@@ -17,12 +17,15 @@ import grpc
 import numpy as np
 import pandas as pd
 import tenseal as ts
+from pydantic import ValidationError
 
+from federation.decision import DecisionRule
 from federation.encoding import FeatureEncoder
-from federation.errors import AgencyflError
+from federation.errors import AgencyflError, DataFileError
+from federation.files import write_private_csv
 from federation.proto import scoring_pb2, scoring_pb2_grpc
 from federation.reasons import top_reasons
-from federation.spec import parse_spec
+from federation.spec import SchemaSection
 from federation.table import load_table
 from privacy.he import decrypt_vector, encrypt_columns, new_private_context, parameter_set, public_bytes
 
@@ -35,10 +38,15 @@ class ScoringError(AgencyflError):
 
 @dataclass(frozen=True)
 class ScoreSettings:
-    """How decisions are made from scores (all applied locally)."""
+    """How decisions are made from scores (all applied locally).
 
-    threshold: float = 0.5
-    review_band: float = 0.1  # scores within threshold +- band are flagged for a person to review
+    ``threshold`` None applies the model's own rule (``ModelInfo.decision_json``: the spec's threshold
+    and the model card's per-group thresholds); a number replaces the threshold of a model that has no
+    per-group thresholds (for one that has, it is refused: it would silently undo the mitigation).
+    """
+
+    threshold: float | None = None
+    review_band: float = 0.1  # scores within the household's threshold +- band are flagged for review
     reasons: int = 3
     purpose: str = "eligibility-identification"
 
@@ -66,19 +74,22 @@ class ScoringClient:
         self.stub = scoring_pb2_grpc.ScoringStub(self.channel)
         self.metadata = [("authorization", f"Bearer {token}")] if token else []
         self.info = self._call(self.stub.GetModelInfo, scoring_pb2.ModelInfoRequest())
-        self.spec = parse_spec(self.info.spec_toml, source=f"{address} model info")
-        self.encoder = FeatureEncoder(self.spec.schema)
+        try:
+            self.schema = SchemaSection.model_validate_json(self.info.schema_json)
+            self.rule = DecisionRule.model_validate_json(self.info.decision_json)
+        except ValidationError as exc:
+            raise ScoringError(f"the server at {address} sent model info this requester cannot read ({exc})") from None
+        self.encoder = FeatureEncoder(self.schema)
         if self.encoder.names != list(self.info.inputs):
-            raise ScoringError("the server's model inputs do not match its own spec")
-        chosen = next(
-            p
-            for p in (parameter_set(n) for n in ("n8192-d1", "n8192-d3", "n16384-d3"))
-            if any(
-                s.poly_modulus_degree == p.poly_modulus_degree
-                and list(s.coeff_mod_bit_sizes) == list(p.coeff_mod_bit_sizes)
-                for s in self.info.parameter_sets
+            raise ScoringError("the server's model inputs do not match its own schema")
+        offered = {(s.poly_modulus_degree, tuple(s.coeff_mod_bit_sizes)) for s in self.info.parameter_sets}
+        known = (parameter_set(n) for n in ("n8192-d1", "n8192-d3", "n16384-d3"))
+        chosen = next((p for p in known if (p.poly_modulus_degree, p.coeff_mod_bit_sizes) in offered), None)
+        if chosen is None:
+            raise ScoringError(
+                f"the server at {address} offers no CKKS parameter set this requester knows "
+                f"(offered: {sorted(offered)!r})"
             )
-        )
         self.params = chosen
         self.context = new_private_context(chosen, relin_keys=chosen.depth > 1)
         # Galois keys (about 19 MB, sent once) let single households be scored in one ciphertext.
@@ -96,15 +107,37 @@ class ScoringClient:
         except grpc.RpcError as exc:
             raise ScoringError(f"scoring server: {exc.code().name}: {exc.details()}") from None
 
+    def rule_for(self, settings: ScoreSettings) -> DecisionRule:
+        """The decision rule ``settings`` ask for: the model's own, or another single threshold.
+
+        Raises
+        ------
+        ScoringError
+            A threshold is given for a model whose card sets per-group thresholds.
+        """
+        if settings.threshold is None:
+            return self.rule
+        if self.rule.thresholds:
+            raise ScoringError(
+                f"this model's card sets per-group thresholds on {self.rule.attribute!r}; a single threshold "
+                "would undo that mitigation (leave the threshold out to apply the card's)"
+            )
+        return self.rule.with_threshold(settings.threshold)
+
     def score_encoded(
-        self, x: np.ndarray, want_contributions: bool, purpose: str
+        self,
+        x: np.ndarray,
+        want_contributions: bool,
+        purpose: str,
+        on_progress: Callable[[int, int], None] | None = None,
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """Logits (and per-input contributions) for encoded rows, in batches of the slot count.
 
         Pipelined: while the server evaluates batch k (a gRPC call waiting in a helper thread, which
-        releases the GIL), this thread encrypts batch k+1. Encryption stays in this process: TenSEAL
-        encrypts with the secret key (symmetric, ~10x cheaper than public-key encryption), and the
-        secret key is not handed to any other process.
+        releases the GIL), this thread encrypts batch k+1 and then decrypts batch k. Encryption stays
+        in this process: TenSEAL encrypts with the secret key (symmetric, ~10x cheaper than public-key
+        encryption), and the secret key is not handed to any other process. ``on_progress(done,
+        total)`` is called as each batch is decrypted.
         """
         if self.row_packing and len(x) == 1 and not want_contributions:
             return self._score_row(x[0], purpose), None
@@ -123,12 +156,17 @@ class ScoringClient:
             )
             return self._call(self.stub.ScoreBatch, request)
 
+        done = [0]
+
         def collect(block: np.ndarray, reply: Any) -> None:
             logits.append(decrypt_vector(self.context, reply.logits, len(block)))
             if reply.contributions:
                 contributions.append(
                     np.stack([decrypt_vector(self.context, c, len(block)) for c in reply.contributions], 1)
                 )
+            done[0] += len(block)
+            if on_progress:
+                on_progress(done[0], len(x))
 
         with ThreadPoolExecutor(max_workers=1) as rpc:
             in_flight: tuple[np.ndarray, Future[Any]] | None = None
@@ -139,6 +177,8 @@ class ScoringClient:
                 in_flight = (block, rpc.submit(send, block, columns))
             if in_flight is not None:
                 collect(in_flight[0], in_flight[1].result())
+        if not logits:
+            return np.zeros(0), None
         return np.concatenate(logits), (np.concatenate(contributions) if contributions else None)
 
     def _score_row(self, row: np.ndarray, purpose: str) -> np.ndarray:
@@ -167,44 +207,50 @@ def score_file(
     settings: ScoreSettings,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, object]:
-    """Score every valid row of ``data`` and write decisions to ``out`` (CSV); bad rows are quarantined."""
-    check = load_table(data, client.spec.schema, require_label=False)
+    """Score every valid row of ``data`` and write decisions to ``out`` (CSV, 0600); bad rows are quarantined.
+
+    This is ``agencyfl score``: one pipelined pass over all rows (``ScoringClient.score_encoded``:
+    batch k+1 is encrypted while the server evaluates batch k), then the model's decision rule
+    (``federation.decision``: the card's per-group thresholds when it has them), applied here.
+
+    Raises
+    ------
+    ScoringError, DataFileError, HEError
+        The server refused, the file is unusable, or a ciphertext could not be made or read.
+    """
+    rule = client.rule_for(settings)
+    check = load_table(data, client.schema, require_label=False)
     x = client.encoder.encode(check.valid)
     want = bool(client.info.contributions)
-    step = int(client.info.max_batch)
-    logits_parts, contrib_parts = [], []
-    for start in range(0, len(x), step):
-        lg, ct = client.score_encoded(x[start : start + step], want, settings.purpose)
-        logits_parts.append(lg)
-        if ct is not None:
-            contrib_parts.append(ct)
-        if on_progress:
-            on_progress(min(start + step, len(x)), len(x))
-    logits = np.concatenate(logits_parts) if logits_parts else np.zeros(0)
+    logits, contrib = client.score_encoded(x, want, settings.purpose, on_progress)
     score = 1.0 / (1.0 + np.exp(-logits))
-    eligible = score >= settings.threshold
+    decided = rule.decide(score, check.valid, client.schema, settings.review_band)
     result = pd.DataFrame(
         {
-            client.spec.schema.id: check.valid[client.spec.schema.id],
-            "decision": np.where(eligible, "eligible", "not eligible"),
+            client.schema.id: check.valid[client.schema.id],
+            "decision": np.where(decided.eligible, "eligible", "not eligible"),
             "score": np.round(score, 6),
-            "review": np.abs(score - settings.threshold) <= settings.review_band,
+            "review": decided.review,
         }
     )
-    if contrib_parts:
-        labels = {f.name: client.spec.schema.plain_label(f.name) for f in client.spec.schema.features}
-        contrib = np.concatenate(contrib_parts)
-        result["reasons"] = top_reasons(contrib, eligible, client.encoder, labels, settings.reasons)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    result.to_csv(out, index=False)
+    if contrib is not None:
+        labels = {f.name: client.schema.plain_label(f.name) for f in client.schema.features}
+        result["reasons"] = top_reasons(contrib, decided.eligible, client.encoder, labels, settings.reasons)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataFileError(f"cannot make the folder of {str(out)!r}: {exc.strerror}") from None
+    write_private_csv(out, result)
     return {
         "data": str(data),
         "out": str(out),
         "rows": check.total,
         "scored": len(result),
         "quarantined": len(check.quarantined),
-        "eligible": int(eligible.sum()),
-        "review": int(result["review"].sum()),
+        "eligible": int(decided.eligible.sum()),
+        "review": int(decided.review.sum()),
+        "threshold": rule.threshold,
+        "group_thresholds": rule.thresholds or None,
         "model_version": client.info.model_version,
         "parameter_set": client.params.name,
     }

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from federation.errors import DataFileError
+from federation.files import write_private_csv
 from federation.spec import BooleanFeature, CategoricalFeature, NumericFeature, SchemaSection
 
 _TRUE = {"1", "true", "yes", "t", "y"}
@@ -181,7 +181,8 @@ def load_table(
     Raises
     ------
     DataFileError
-        If the file is missing, empty, not a table or lacks required columns.
+        If the file is missing, empty, not a table or lacks required columns, or the quarantine file
+        cannot be written (no partial or temporary copy is left behind).
     """
     path = Path(path)
     try:
@@ -194,12 +195,15 @@ def load_table(
     if write_quarantine:
         target = quarantine_path_for(path)
         if len(result.quarantined):
-            tmp = target.with_suffix(f".{os.getpid()}.tmp")  # concurrent checks of one file
-            result.quarantined.to_csv(tmp, index=False)
-            tmp.replace(target)
+            # Full rows of the agency's data: 0600, atomic, no temporary copy left on failure.
+            write_private_csv(target, result.quarantined)
             result.quarantine_path = target
         elif target.exists():
-            target.unlink()
+            try:
+                target.unlink()
+            except OSError as exc:
+                stale = f"cannot remove the stale quarantine file {str(target)!r}: {exc.strerror}"
+                raise DataFileError(stale) from None
     return result
 
 

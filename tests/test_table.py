@@ -69,6 +69,31 @@ def test_clean_file_removes_a_stale_quarantine(tmp_path: Path) -> None:
     assert not quarantine_path_for(path).exists() and result.quarantine_path is None
 
 
+def test_quarantine_file_is_0600_and_atomic_whatever_the_umask(tmp_path: Path) -> None:
+    import os
+
+    path = write(tmp_path, "h1,1,abc,employed,\nh2,0,100,employed,\n")
+    path.chmod(0o600)
+    old = os.umask(0o022)
+    try:
+        result = load_table(path, SCHEMA)
+    finally:
+        os.umask(old)
+    target = quarantine_path_for(path)
+    assert result.quarantine_path == target and (target.stat().st_mode & 0o777) == 0o600
+    assert "abc" in target.read_text()  # full rows: as sensitive as the data
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.csv", "d.quarantine.csv"]
+
+
+def test_an_unwritable_quarantine_target_raises_and_leaves_no_records_behind(tmp_path: Path) -> None:
+    path = write(tmp_path, "h1,1,abc,employed,\n")
+    quarantine_path_for(path).mkdir()  # a folder where the file goes: the rename fails
+    with pytest.raises(DataFileError, match="cannot write"):
+        load_table(path, SCHEMA)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.csv", "d.quarantine.csv"]
+    assert list(quarantine_path_for(path).iterdir()) == []
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [

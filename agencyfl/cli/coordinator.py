@@ -1,4 +1,7 @@
-"""`agencyfl coordinator init|start|register|train|status|stop`: the deployment engine's coordinator side."""
+"""`agencyfl coordinator init|start|register|train|status|stop`: the deployment engine's coordinator side.
+
+Also the scoring service's tokens: `issue-token`, `revoke-token` and `tokens` (the registry, for auditors).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from agencyfl.cli.common import Format, FormatOpt, coordinator_app, emit_json, err, errors_to_exit, out
+from agencyfl.cli.common import Format, FormatOpt, coordinator_app, emit_json, err, errors_to_exit, one_line, out
 
 DirOpt = Annotated[
     Path | None,
@@ -60,8 +63,8 @@ def init(
             }
         )
         return
-    out.print(f"coordinator folder: {cdir.root}  (SuperLink address {settings['address']})")
-    out.print((cdir.root / "HANDOUT.txt").read_text())
+    out.print(f"coordinator folder: {one_line(cdir.root)}  (SuperLink address {one_line(settings['address'])})")
+    out.print((cdir.root / "HANDOUT.txt").read_text(), markup=False)
 
 
 @coordinator_app.command("start")
@@ -76,7 +79,7 @@ def start(cdir_path: DirOpt = None, fmt: FormatOpt = Format.table) -> None:
     if fmt is Format.json:
         emit_json(report)
     else:
-        out.print(f"SuperLink running (pid {pid}) at {report['address']}; log: {cdir.log}")
+        out.print(f"SuperLink running (pid {pid}) at {one_line(report['address'])}; log: {one_line(cdir.log)}")
 
 
 @coordinator_app.command("stop")
@@ -107,7 +110,7 @@ def register(
     if fmt is Format.json:
         emit_json(entry)
     else:
-        out.print(f"registered {agency}: node {entry['node_id']}, key sha256 {entry['key_sha256'][:16]}…")
+        out.print(f"registered {one_line(agency)}: node {entry['node_id']}, key sha256 {entry['key_sha256'][:16]}…")
 
 
 @coordinator_app.command("train")
@@ -160,7 +163,7 @@ def status(cdir_path: DirOpt = None, fmt: FormatOpt = Format.table) -> None:
         emit_json(report)
         return
     state = f"running (pid {report['superlink_pid']})" if report["running"] else "stopped"
-    out.print(f"SuperLink {report['address']}: {state}")
+    out.print(f"SuperLink {one_line(report['address'])}: {state}")
     agencies = Table("agency", "node", "status")
     for row in report["agencies"]:
         agencies.add_row(row["agency"], row["node_id"], row["status"])
@@ -177,3 +180,69 @@ def status(cdir_path: DirOpt = None, fmt: FormatOpt = Format.table) -> None:
             job["model"] or "",
         )
     out.print(jobs)
+
+
+# ---------------------------------------------------------------- scoring tokens
+TokensOpt = Annotated[Path, typer.Option(help="The token file `agencyfl serve --tokens` reads")]
+
+
+@coordinator_app.command("issue-token")
+def issue_token(
+    tokens: TokensOpt,
+    requester: Annotated[str, typer.Option(help="Who the token is for (e.g. a street office)")],
+    purpose: Annotated[
+        list[str] | None,
+        typer.Option(help="A purpose the token may score for (repeat; default eligibility-identification)"),
+    ] = None,
+    days: Annotated[float, typer.Option(help="Days until the token expires")] = 30.0,
+    fmt: FormatOpt = Format.table,
+) -> None:
+    """Issue a bearer token for named purposes and an expiry; prints it once (only its hash is stored)."""
+    from server.tokens import DEFAULT_PURPOSE, TokenStore
+
+    with errors_to_exit():
+        store = TokenStore(tokens)
+        token = store.issue(requester, purpose or [DEFAULT_PURPOSE], days)
+        record = store.lookup(token)
+    assert record is not None
+    if fmt is Format.json:
+        emit_json({**record.as_dict(), "token": token})
+        return
+    err.print(
+        f"token {record.id} for {one_line(repr(requester))}, purposes {one_line(list(record.purposes))}, "
+        f"expires {record.expires} (shown once; store it like a password):"
+    )
+    typer.echo(token)
+
+
+@coordinator_app.command("revoke-token")
+def revoke_token(
+    tokens: TokensOpt,
+    token_id: Annotated[str, typer.Option("--id", help="The token's id (from `issue-token` or `tokens`)")],
+    fmt: FormatOpt = Format.table,
+) -> None:
+    """Revoke a token: a serving process refuses it from its next call on."""
+    from server.tokens import TokenStore
+
+    with errors_to_exit():
+        record = TokenStore(tokens).revoke(token_id)
+    if fmt is Format.json:
+        emit_json(record.as_dict())
+    else:
+        out.print(f"token {record.id} of {one_line(repr(record.requester))} revoked at {record.revoked}")
+
+
+@coordinator_app.command("tokens")
+def list_tokens(tokens: TokensOpt, fmt: FormatOpt = Format.table) -> None:
+    """The token registry for auditors: id, requester, purposes, issued, expires, state (never the tokens)."""
+    from server.tokens import TokenStore
+
+    with errors_to_exit():
+        records = TokenStore(tokens).records()
+    if fmt is Format.json:
+        emit_json([r.as_dict() for r in records])
+        return
+    table = Table("id", "requester", "purposes", "issued", "expires", "state")
+    for r in records:
+        table.add_row(r.id, one_line(r.requester), one_line(", ".join(r.purposes)), r.issued, r.expires, r.state())
+    out.print(table)

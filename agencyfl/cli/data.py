@@ -14,6 +14,7 @@ from agencyfl.cli.common import (
     data_app,
     emit_json,
     err,
+    one_line,
     out,
 )
 from agencyfl.exit_codes import ExitCode
@@ -45,6 +46,6 @@ def synth(
         return
     table = Table("file", "rows", "eligible share", title=f"synthetic population (seed {seed})")
     for name, path in files.items():
-        table.add_row(path, str(result.rows[name]), f"{result.label_rates[name]:.1%}")
+        table.add_row(one_line(path), str(result.rows[name]), f"{result.label_rates[name]:.1%}")
     out.print(table)
-    out.print(f"spec: {result.spec}")
+    out.print(f"spec: {one_line(result.spec)}")

@@ -14,6 +14,7 @@ from agencyfl.cli.common import (
     FormatOpt,
     emit_json,
     errors_to_exit,
+    one_line,
     out,
     steward_app,
 )
@@ -63,9 +64,9 @@ def steward_check(
         f"[bold]{agency}[/]: {check.total} rows read, {len(check.valid)} valid, {len(check.quarantined)} quarantined"
     )
     if check.quarantine_path:
-        out.print(f"quarantine file: {check.quarantine_path} (row number and reason for each)")
+        out.print(f"quarantine file: {one_line(check.quarantine_path)} (row number and reason for each)")
         for reason, count in sorted(reasons.items(), key=lambda kv: -kv[1]):
-            out.print(f"  {count:>5}  {reason}")
+            out.print(f"  {count:>5}  {one_line(reason)}")
     if check.absent_columns:
         out.print(f"columns not in the file (treated as unknown): {', '.join(check.absent_columns)}")
     if report["label_rate"] is not None:
@@ -89,8 +90,10 @@ def steward_keys(
     if fmt is Format.json:
         emit_json({k: str(v) for k, v in paths.items()})
         return
-    out.print(f"keys written to {out_dir} (private keys are readable by their owner only)")
-    out.print(f"hand to the coordinator: {paths['node_pub']}  (and {paths['ledger_pub']} for auditors)")
+    out.print(f"keys written to {one_line(out_dir)} (private keys are readable by their owner only)")
+    out.print(
+        f"hand to the coordinator: {one_line(paths['node_pub'])}  (and {one_line(paths['ledger_pub'])} for auditors)"
+    )
     out.print("never hand over: node.key, ledger-signing.key")
 
 
@@ -134,9 +137,10 @@ def steward_start(
         return
     out.print(f"{agency}: {check.total} rows, {len(check.valid)} valid, {len(check.quarantined)} quarantined")
     if check.quarantine_path:
-        out.print(f"quarantine file: {check.quarantine_path}")
+        out.print(f"quarantine file: {one_line(check.quarantine_path)}")
     out.print(
-        f"SuperNode running (pid {pid}), connected to {superlink}; ledger {report['ledger']}; log {report['log']}"
+        f"SuperNode running (pid {pid}), connected to {one_line(superlink)}; "
+        f"ledger {one_line(report['ledger'])}; log {one_line(report['log'])}"
     )
 
 

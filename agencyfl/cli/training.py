@@ -17,8 +17,11 @@ from agencyfl.cli.common import (
     emit_json,
     err,
     errors_to_exit,
+    fail,
+    one_line,
     out,
 )
+from agencyfl.exit_codes import ExitCode
 
 
 # ---------------------------------------------------------------- run
@@ -109,6 +112,8 @@ def run(
     fmt: FormatOpt = Format.table,
 ) -> None:
     """Run the whole federation on this machine (Flower simulation engine, in process)."""
+    if workdir.exists() and not workdir.is_dir():
+        fail(f"--workdir {str(workdir)!r} is a file, not a folder", ExitCode.USAGE)
     with errors_to_exit():
         summary = run_with_progress(spec, workdir, quiet=fmt is Format.json)
     if fmt is Format.json:
@@ -137,24 +142,26 @@ def evaluate(
 ) -> None:
     """Score a local labelled file: AUC, accuracy, Brier score, the fairness table, and reasons per household."""
     from agencyfl.local_evaluation import evaluate_local
+    from federation.files import write_private_csv
 
     with errors_to_exit():
         result = evaluate_local(model, data, spec)
-    report = {**result.report, "fairness": result.fairness, "fairness_mitigated": result.fairness_mitigated}
-    if out_file is not None:
-        out_file.parent.mkdir(parents=True, exist_ok=True)
-        result.decisions.to_csv(out_file, index=False)
-        report["out"] = str(out_file)
+        report = {**result.report, "fairness": result.fairness, "fairness_mitigated": result.fairness_mitigated}
+        if out_file is not None:  # household records: 0600, atomic
+            out_file.parent.mkdir(parents=True, exist_ok=True)
+            write_private_csv(out_file, result.decisions)
+            report["out"] = str(out_file)
     if fmt is Format.json:
         emit_json(report)
         return
     out.print(
-        f"{report['model_version']} on {data}: AUC {report['auc']:.4f}, accuracy {report['accuracy']:.4f}, "
+        f"{one_line(report['model_version'])} on {one_line(data)}: "
+        f"AUC {report['auc']:.4f}, accuracy {report['accuracy']:.4f}, "
         f"Brier {report['brier']:.4f} ({report['scored']} rows scored, {report['quarantined']} quarantined)"
     )
     if result.fairness is not None:
         verdict = "pass" if result.fairness["passed"] else "FAIL: " + "; ".join(result.fairness["failures"])
-        out.print(f"fairness at threshold {result.fairness['threshold']:g}: {verdict}")
-        out.print(f"  (the table: agencyfl audit fairness --model {model} --data {data})")
+        out.print(f"fairness at threshold {result.fairness['threshold']:g}: {one_line(verdict)}")
+        out.print(f"  (the table: agencyfl audit fairness --model {one_line(model)} --data {one_line(data)})")
     if out_file is not None:
-        out.print(f"decisions with reasons: {out_file}")
+        out.print(f"decisions with reasons: {one_line(out_file)}")

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x66\x65\x64\x65ration/proto/scoring.proto\x12\x13\x61gencyfl.scoring.v1\"\x12\n\x10ModelInfoRequest\"c\n\x0cHEParameters\x12\x1b\n\x13poly_modulus_degree\x18\x01 \x01(\r\x12\x1b\n\x13\x63oeff_mod_bit_sizes\x18\x02 \x03(\r\x12\x19\n\x11global_scale_bits\x18\x03 \x01(\r\"\xc9\x01\n\tModelInfo\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x0f\n\x07purpose\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0e\n\x06inputs\x18\x04 \x03(\t\x12\x39\n\x0eparameter_sets\x18\x05 \x03(\x0b\x32!.agencyfl.scoring.v1.HEParameters\x12\x11\n\tmax_batch\x18\x06 \x01(\r\x12\x11\n\tspec_toml\x18\x07 \x01(\t\x12\x15\n\rcontributions\x18\x08 \x01(\x08\"0\n\x16RegisterContextRequest\x12\x16\n\x0epublic_context\x18\x01 \x01(\x0c\"/\n\x14RegisterContextReply\x12\x17\n\x0fkey_fingerprint\x18\x01 \x01(\t\"\x90\x01\n\x0cScoreRequest\x12\x0f\n\x07purpose\x18\x01 \x01(\t\x12\x17\n\x0fkey_fingerprint\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\r\x12\x17\n\x0f\x66\x65\x61ture_columns\x18\x04 \x03(\x0c\x12\x1a\n\x12want_contributions\x18\x05 \x01(\x08\x12\x12\n\nrow_packed\x18\x06 \x01(\x08\"Y\n\nScoreReply\x12\x0e\n\x06logits\x18\x01 \x01(\x0c\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x15\n\rcontributions\x18\x04 \x03(\x0c\x32\xf4\x02\n\x07Scoring\x12U\n\x0cGetModelInfo\x12%.agencyfl.scoring.v1.ModelInfoRequest\x1a\x1e.agencyfl.scoring.v1.ModelInfo\x12i\n\x0fRegisterContext\x12+.agencyfl.scoring.v1.RegisterContextRequest\x1a).agencyfl.scoring.v1.RegisterContextReply\x12P\n\nScoreBatch\x12!.agencyfl.scoring.v1.ScoreRequest\x1a\x1f.agencyfl.scoring.v1.ScoreReply\x12U\n\x0bScoreStream\x12!.agencyfl.scoring.v1.ScoreRequest\x1a\x1f.agencyfl.scoring.v1.ScoreReply(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x66\x65\x64\x65ration/proto/scoring.proto\x12\x13\x61gencyfl.scoring.v1\"\x12\n\x10ModelInfoRequest\"c\n\x0cHEParameters\x12\x1b\n\x13poly_modulus_degree\x18\x01 \x01(\r\x12\x1b\n\x13\x63oeff_mod_bit_sizes\x18\x02 \x03(\r\x12\x19\n\x11global_scale_bits\x18\x03 \x01(\r\"\xf3\x01\n\tModelInfo\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x0f\n\x07purpose\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0e\n\x06inputs\x18\x04 \x03(\t\x12\x39\n\x0eparameter_sets\x18\x05 \x03(\x0b\x32!.agencyfl.scoring.v1.HEParameters\x12\x11\n\tmax_batch\x18\x06 \x01(\r\x12\x15\n\rcontributions\x18\x08 \x01(\x08\x12\x13\n\x0bschema_json\x18\t \x01(\t\x12\x15\n\rdecision_json\x18\n \x01(\tJ\x04\x08\x07\x10\x08R\tspec_toml\"0\n\x16RegisterContextRequest\x12\x16\n\x0epublic_context\x18\x01 \x01(\x0c\"/\n\x14RegisterContextReply\x12\x17\n\x0fkey_fingerprint\x18\x01 \x01(\t\"\x90\x01\n\x0cScoreRequest\x12\x0f\n\x07purpose\x18\x01 \x01(\t\x12\x17\n\x0fkey_fingerprint\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\r\x12\x17\n\x0f\x66\x65\x61ture_columns\x18\x04 \x03(\x0c\x12\x1a\n\x12want_contributions\x18\x05 \x01(\x08\x12\x12\n\nrow_packed\x18\x06 \x01(\x08\"Y\n\nScoreReply\x12\x0e\n\x06logits\x18\x01 \x01(\x0c\x12\r\n\x05\x63ount\x18\x02 \x01(\r\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x15\n\rcontributions\x18\x04 \x03(\x0c\x32\xf4\x02\n\x07Scoring\x12U\n\x0cGetModelInfo\x12%.agencyfl.scoring.v1.ModelInfoRequest\x1a\x1e.agencyfl.scoring.v1.ModelInfo\x12i\n\x0fRegisterContext\x12+.agencyfl.scoring.v1.RegisterContextRequest\x1a).agencyfl.scoring.v1.RegisterContextReply\x12P\n\nScoreBatch\x12!.agencyfl.scoring.v1.ScoreRequest\x1a\x1f.agencyfl.scoring.v1.ScoreReply\x12U\n\x0bScoreStream\x12!.agencyfl.scoring.v1.ScoreRequest\x1a\x1f.agencyfl.scoring.v1.ScoreReply(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,15 +36,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HEPARAMETERS']._serialized_start=75
   _globals['_HEPARAMETERS']._serialized_end=174
   _globals['_MODELINFO']._serialized_start=177
-  _globals['_MODELINFO']._serialized_end=378
-  _globals['_REGISTERCONTEXTREQUEST']._serialized_start=380
-  _globals['_REGISTERCONTEXTREQUEST']._serialized_end=428
-  _globals['_REGISTERCONTEXTREPLY']._serialized_start=430
-  _globals['_REGISTERCONTEXTREPLY']._serialized_end=477
-  _globals['_SCOREREQUEST']._serialized_start=480
-  _globals['_SCOREREQUEST']._serialized_end=624
-  _globals['_SCOREREPLY']._serialized_start=626
-  _globals['_SCOREREPLY']._serialized_end=715
-  _globals['_SCORING']._serialized_start=718
-  _globals['_SCORING']._serialized_end=1090
+  _globals['_MODELINFO']._serialized_end=420
+  _globals['_REGISTERCONTEXTREQUEST']._serialized_start=422
+  _globals['_REGISTERCONTEXTREQUEST']._serialized_end=470
+  _globals['_REGISTERCONTEXTREPLY']._serialized_start=472
+  _globals['_REGISTERCONTEXTREPLY']._serialized_end=519
+  _globals['_SCOREREQUEST']._serialized_start=522
+  _globals['_SCOREREQUEST']._serialized_end=666
+  _globals['_SCOREREPLY']._serialized_start=668
+  _globals['_SCOREREPLY']._serialized_end=757
+  _globals['_SCORING']._serialized_start=760
+  _globals['_SCORING']._serialized_end=1132
 # @@protoc_insertion_point(module_scope)

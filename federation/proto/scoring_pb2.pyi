@@ -21,24 +21,26 @@ class HEParameters(_message.Message):
     def __init__(self, poly_modulus_degree: _Optional[int] = ..., coeff_mod_bit_sizes: _Optional[_Iterable[int]] = ..., global_scale_bits: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_version", "purpose", "kind", "inputs", "parameter_sets", "max_batch", "spec_toml", "contributions")
+    __slots__ = ("model_version", "purpose", "kind", "inputs", "parameter_sets", "max_batch", "contributions", "schema_json", "decision_json")
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     PURPOSE_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     PARAMETER_SETS_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
-    SPEC_TOML_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTIONS_FIELD_NUMBER: _ClassVar[int]
+    SCHEMA_JSON_FIELD_NUMBER: _ClassVar[int]
+    DECISION_JSON_FIELD_NUMBER: _ClassVar[int]
     model_version: str
     purpose: str
     kind: str
     inputs: _containers.RepeatedScalarFieldContainer[str]
     parameter_sets: _containers.RepeatedCompositeFieldContainer[HEParameters]
     max_batch: int
-    spec_toml: str
     contributions: bool
-    def __init__(self, model_version: _Optional[str] = ..., purpose: _Optional[str] = ..., kind: _Optional[str] = ..., inputs: _Optional[_Iterable[str]] = ..., parameter_sets: _Optional[_Iterable[_Union[HEParameters, _Mapping]]] = ..., max_batch: _Optional[int] = ..., spec_toml: _Optional[str] = ..., contributions: _Optional[bool] = ...) -> None: ...
+    schema_json: str
+    decision_json: str
+    def __init__(self, model_version: _Optional[str] = ..., purpose: _Optional[str] = ..., kind: _Optional[str] = ..., inputs: _Optional[_Iterable[str]] = ..., parameter_sets: _Optional[_Iterable[_Union[HEParameters, _Mapping]]] = ..., max_batch: _Optional[int] = ..., contributions: _Optional[bool] = ..., schema_json: _Optional[str] = ..., decision_json: _Optional[str] = ...) -> None: ...
 
 class RegisterContextRequest(_message.Message):
     __slots__ = ("public_context",)
