@@ -50,6 +50,8 @@ The coordinator gives each agency:
   1. {ca}                (the CA certificate: the agency's SuperNode checks the SuperLink with it)
   2. the SuperLink address: {address}
   3. the federation spec file (the agencies' copies must be byte-identical: its SHA-256 is checked)
+  4. {coordinator_key}    (the coordinator's public ledger key: an agency accepts only the job
+                          plans it signed; `steward start --coordinator-key`)
 
 Each agency gives the coordinator:
   1. its node.pub        (from `agencyfl steward keys --out KEYS`; register it with
@@ -150,7 +152,9 @@ def init_coordinator(out: Path, name: str, hosts: list[str], port: int, bind: st
     cdir.work.mkdir(exist_ok=True)
     settings = {"name": name, "address": address, "bind": bind, "port": port, "hosts": hosts}
     cdir.settings_file.write_text(json.dumps(settings, indent=2))
-    (cdir.root / "HANDOUT.txt").write_text(HANDOUT.format(name=name, ca=ca_crt, address=address))
+    (cdir.root / "HANDOUT.txt").write_text(
+        HANDOUT.format(name=name, ca=ca_crt, address=address, coordinator_key=cdir.root / "keys" / "ledger.pub")
+    )
     return cdir
 
 
@@ -385,14 +389,19 @@ def start_steward(
     root_cert: Path,
     keys: Path,
     home: Path,
+    coordinator_key: Path,
     timeout: float = 90.0,
 ) -> int:
     """Start the agency's SuperNode detached and wait until the SuperLink has accepted it.
 
+    ``coordinator_key`` is the coordinator's ledger public key (its ``keys/ledger.pub``): the agency
+    accepts only job plans it signed. It is kept as ``HOME/coordinator.pub``; a different key later is
+    refused (the steward removes the old one after checking the new one with the coordinator).
     The caller checks the data first. Raises DeploymentError quoting Flower's reason if the node is
     refused (unregistered key, TLS failure) or does not connect within ``timeout``.
     """
     site = StewardHome(home.resolve())
+    trusted_key = keep_coordinator_key(site.root, coordinator_key)
     node_config = " ".join(
         f"{k}='{v}'"
         for k, v in {
@@ -401,6 +410,7 @@ def start_steward(
             "data": data.resolve(),
             "home": site.root,
             "keys": keys.resolve(),
+            "coordinator_key": trusted_key,
         }.items()
     )
     pin_app(site.root, first_start_only=True)
@@ -429,6 +439,25 @@ def start_steward(
         stop_daemon(site.pid_file)
         raise
     return pid
+
+
+def keep_coordinator_key(home: Path, source: Path) -> Path:
+    """Keep the coordinator's public ledger key as ``HOME/coordinator.pub``; refuse a different one later."""
+    from privacy.keys import load_public_key
+
+    try:
+        key = public_pem(load_public_key(source))
+    except (OSError, ValueError) as exc:
+        raise DeploymentError(f"{source}: not the coordinator's public key (its keys/ledger.pub): {exc}") from exc
+    kept = home / "coordinator.pub"
+    if kept.exists() and kept.read_bytes() != key:
+        raise DeploymentError(
+            f"{source} is not the coordinator key this agency kept ({kept}); if the coordinator really changed "
+            f"its key, check the new one with it and remove {kept}"
+        )
+    home.mkdir(parents=True, exist_ok=True)
+    kept.write_bytes(key)
+    return kept
 
 
 def pin_app(home: Path, first_start_only: bool = False) -> dict[str, Any]:

@@ -175,6 +175,7 @@ def base_values(path: tuple[str, ...], world: dict[str, str]) -> dict[str, str]:
         "key": "missing.key",
         "keys": "missing-keys",
         "home": "missing-home",
+        "coordinator_key": "missing-coordinator.pub",
         "tokens": "tokens.json",
         "out": "out.csv",
         "out_file": "out.file",

@@ -79,6 +79,7 @@ class Deployment:
         return cli(
             "steward", "start", "--agency", agency, "--spec", self.spec, "--data", self.data.agency_files[agency],
             "--superlink", f"127.0.0.1:{self.port}", "--root-cert", self.coord / "tls" / "ca.crt", "--keys", keys,
+            "--coordinator-key", self.coord / "keys" / "ledger.pub",
             "--format", "json",
         )  # fmt: skip
 
@@ -144,7 +145,7 @@ def test_unregistered_key_and_plaintext_node_are_refused(deployment: Deployment,
     refused = cli(
         "steward", "start", "--agency", "tax", "--spec", deployment.spec, "--data", deployment.data.agency_files["tax"],
         "--superlink", f"127.0.0.1:{deployment.port}", "--root-cert", deployment.coord / "tls" / "ca.crt",
-        "--keys", keys, "--home", tmp_path / "intruder",
+        "--keys", keys, "--home", tmp_path / "intruder", "--coordinator-key", deployment.coord / "keys" / "ledger.pub",
     )  # fmt: skip
     assert refused.exit_code == ExitCode.DEPLOYMENT_FAILED
     assert "2004" in refused.stderr or "activate" in refused.stderr, refused.stderr

@@ -104,6 +104,7 @@ def test_federation_across_namespaces_survives_a_cut_link(namespaces: dict[str, 
             agencyfl(
                 "steward", "start", "--agency", agency, "--spec", data.spec, "--data", data.agency_files[agency],
                 "--superlink", f"{coord_ip(i)}:{PORT}", "--root-cert", coord / "tls" / "ca.crt", "--keys", keys,
+                "--coordinator-key", coord / "keys" / "ledger.pub",
                 ns=namespaces[agency],
             )  # fmt: skip
         # Each agency reaches the SuperLink over its own link only.

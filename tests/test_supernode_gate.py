@@ -22,6 +22,7 @@ from agencyfl.exit_codes import ExitCode
 from agencyfl.synth import SynthResult
 from clients.supernode import PIN_FILE, AppGate, read_pin, refused_runs
 from federation.flower_app import APP_PYPROJECT, AppRefused, app_digest, build_app_fab, pinned_digest
+from privacy.keys import generate_signing_key
 
 # SHA-256 of the source of the Flower 1.41.0 functions clients.supernode relies on. If an upgrade
 # changes them, the gate may no longer sit where it did: re-read them, re-check the gate, update here.
@@ -113,10 +114,12 @@ def test_start_refuses_a_pin_that_is_not_the_installed_app(small_fed: SynthResul
     pin_file = tmp_path / PIN_FILE
     pin_file.write_text(pin_file.read_text().replace(pinned_digest(), "0" * 64))
     (tmp_path / "keys").mkdir()
+    generate_signing_key(tmp_path / "coordinator.key")
+    assert invoke("audit", "keys", "export", tmp_path / "coordinator.key", "--out", tmp_path / "c.pub").exit_code == 0
     result = invoke(
         "steward", "start", "--agency", "tax", "--spec", small_fed.spec, "--data", small_fed.agency_files["tax"],
         "--superlink", "127.0.0.1:1", "--root-cert", tmp_path / "ca.crt", "--keys", tmp_path / "keys",
-        "--home", tmp_path,
+        "--home", tmp_path, "--coordinator-key", tmp_path / "c.pub",
     )  # fmt: skip
     assert result.exit_code == ExitCode.DEPLOYMENT_FAILED and "steward pin --home" in result.stderr
     assert not (tmp_path / "run" / "supernode.pid").exists()  # nothing was started

@@ -105,6 +105,9 @@ def steward_start(
     superlink: Annotated[str, typer.Option(help="The coordinator's SuperLink as HOST:PORT")],
     root_cert: Annotated[Path, typer.Option(help="The coordinator's CA certificate (ca.crt)")],
     keys: Annotated[Path, typer.Option(help="The folder made by `steward keys`")],
+    coordinator_key: Annotated[
+        Path, typer.Option(help="The coordinator's public ledger key (its keys/ledger.pub): jobs must be signed by it")
+    ],
     home: Annotated[
         Path | None, typer.Option(help="Where the ledger, log and PID go (default: the keys folder's parent)")
     ] = None,
@@ -120,7 +123,7 @@ def steward_start(
         loaded = load_spec(spec)
         loaded.spec.agency(agency)
         check = load_table(data, loaded.spec.schema)
-        pid = start_steward(agency, spec, data, superlink, root_cert, keys, site_home)
+        pid = start_steward(agency, spec, data, superlink, root_cert, keys, site_home, coordinator_key)
     report = {
         "agency": agency,
         "pid": pid,
