@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from agencyfl.daemons import executable, flower_env, running_pid, start_daemon, stop_daemon, strip_ansi, wait_until
-from federation.errors import DeploymentError, FederationError
+from federation.errors import DeploymentError, FederationError, LedgerError
 from federation.flower_app import APP_PYPROJECT
 from federation.pki import issue_server_certificate, make_ca, make_node_key
 from privacy.keys import generate_signing_key, public_pem
@@ -447,7 +447,7 @@ def keep_coordinator_key(home: Path, source: Path) -> Path:
 
     try:
         key = public_pem(load_public_key(source))
-    except (OSError, ValueError) as exc:
+    except LedgerError as exc:
         raise DeploymentError(f"{source}: not the coordinator's public key (its keys/ledger.pub): {exc}") from exc
     kept = home / "coordinator.pub"
     if kept.exists() and kept.read_bytes() != key:
