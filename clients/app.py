@@ -18,6 +18,7 @@ the three SecAgg+ key-exchange messages need no torch.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +34,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
 if TYPE_CHECKING:
+    from clients.admission import LedgerRecord
     from clients.site import AgencySite
 
 SiteResolver = Callable[[Context], "AgencySite"]
@@ -63,6 +65,19 @@ def histogram_from_bytes(data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype=np.int64).astype(float)
 
 
+def coordinator_record(config: dict[str, Scalar], agency: str) -> LedgerRecord | None:
+    """The coordinator's record of ``agency``'s ledger from a fit config (``ledger-records``, JSON)."""
+    from clients.admission import LedgerRecord
+
+    raw = config.get("ledger-records")
+    if not isinstance(raw, str) or not raw:
+        return None
+    entry = json.loads(raw).get(agency)
+    if not isinstance(entry, dict):
+        return None
+    return LedgerRecord(str(entry.get("origin", "")), float(entry.get("epsilon_lifetime", 0.0)))
+
+
 def _evaluation_metrics(site: AgencySite, arrays: list[np.ndarray]) -> dict[str, Scalar]:
     from clients.rounds import evaluate_round
 
@@ -85,11 +100,14 @@ class AgencyClient(NumPyClient):
     def fit(
         self, parameters: list[np.ndarray], config: dict[str, Scalar]
     ) -> tuple[list[np.ndarray], int, dict[str, Scalar]]:
-        """Train one round; return the update, its weight (rows; 0 if refused) and the round's metrics."""
+        """Train one round; return the update, its weight (rows; 0 if refused) and the round's metrics.
+
+        A refused round is answered with the refusal alone (status, reason, the ledger's epsilons and
+        origin): nothing computed from records, not even validation histograms.
+        """
         from clients.rounds import TrainRequest, train_round
 
         logging.getLogger("flwr").setLevel(logging.WARNING)  # Opacus may lower it
-        metrics = _evaluation_metrics(self.site, parameters)  # the global model this round starts from
         reply = train_round(
             self.site,
             TrainRequest(
@@ -98,20 +116,25 @@ class AgencyClient(NumPyClient):
                 rounds=int(config["rounds"]),
                 spec_sha256=str(config["spec-sha256"]),
                 arrays=parameters,
+                epsilon=float(config["epsilon"]) if "epsilon" in config else None,
+                known=coordinator_record(config, self.site.agency),
             ),
         )
-        metrics |= {
+        metrics: dict[str, Scalar] = {
+            "agency": reply.agency,
             "status": reply.status,
             "reason": reply.reason or "",
             "dataset": reply.dataset,
             "epsilon-job": reply.epsilon_job,
             "epsilon-lifetime": reply.epsilon_lifetime,
+            "ledger-origin": reply.origin,
             "steps": reply.steps,
             "noise-multiplier": reply.noise_multiplier,
             "rows": reply.num_examples,
         }
         if reply.status != "trained":
             return [np.zeros_like(p) for p in parameters], 0, metrics
+        metrics |= _evaluation_metrics(self.site, parameters)  # the global model this round started from
         weight = min(reply.num_examples, int(config["max-weight"]))
         return [new - old for new, old in zip(reply.arrays, parameters, strict=True)], weight, metrics
 

@@ -1,8 +1,10 @@
 """What an agency does when asked to train or evaluate: the logic behind the Flower ClientApp.
 
 Kept free of Flower types so it can be tested directly. Order in ``train_round``: verify the ledger,
-compute the epsilon the round would leave, refuse (recording the refusal, spending nothing, training
-nothing) or train and append the spend. Validate first, then commit.
+admit the request (``clients.admission``: the job's plan from the agency's own spec, the round's
+place in the job, the coordinator's record of this ledger), compute the epsilon the round would
+leave, refuse (recording the refusal, spending nothing, training nothing, answering with the refusal
+alone) or train and append the spend. Validate first, then commit.
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ from typing import Literal
 import numpy as np
 import torch
 
+from clients.admission import LedgerRecord, admit
 from clients.site import AgencySite, load_local_data, site_spec
 from clients.trainer import dp_sgd, noise_generator, steps_per_epoch
 from federation.encoding import FeatureEncoder
 from federation.fairness import count_groups, layout, sensitivity
 from federation.metrics import score_histograms
 from federation.model import build_model, model_from_arrays, model_to_arrays, predict_proba
+from federation.plan import JobPlan
 from federation.spec import FederationSpec
 from privacy.accounting import StepRecord, accountant_for, epsilon_for
 from privacy.budget import check_round, job_noise_multiplier, planned_release
@@ -34,6 +38,18 @@ class TrainRequest:
     rounds: int
     spec_sha256: str
     arrays: list[np.ndarray]
+    epsilon: float | None = None  # the per-job epsilon the coordinator plans (None: not stated)
+    known: LedgerRecord | None = None  # the coordinator's record of this agency's ledger
+
+    def plan(self, loaded_epsilon: float, federation: str) -> JobPlan:
+        """The plan as the coordinator states it (what it leaves unstated is taken as the agency's)."""
+        return JobPlan(
+            federation=federation,
+            job=self.job,
+            spec_sha256=self.spec_sha256,
+            rounds=self.rounds,
+            epsilon=loaded_epsilon if self.epsilon is None else self.epsilon,
+        )
 
 
 @dataclass
@@ -51,6 +67,7 @@ class TrainReply:
     steps: int = 0
     loss: float = float("nan")
     dataset: str = ""
+    origin: str = ""  # the origin (genesis hash) of the agency's ledger
 
 
 def train_round(site: AgencySite, request: TrainRequest, seed: int | None = None) -> TrainReply:
@@ -70,30 +87,31 @@ def train_round(site: AgencySite, request: TrainRequest, seed: int | None = None
     spec = loaded.spec
     ledger = site.open_ledger()
     events = ledger.events()  # verifies the chain; fails closed
-    data = load_local_data(site, loaded)
+    origin = ledger.origin()
     q = spec.training.sample_rate
-    steps = spec.training.local_epochs * steps_per_epoch(q)
-    sigma = job_noise_multiplier(spec, steps * request.rounds)  # leaves room for a noisy fairness release
-    planned = StepRecord(sigma, q, steps)
+    steps = spec.training.local_epochs * steps_per_epoch(q)  # from the agency's spec, never the coordinator's
 
-    def refuse(reason: str) -> TrainReply:
+    def refuse(reason: str, planned: StepRecord) -> TrainReply:
         spent = spend_records(events)
         job_eps = epsilon_for(spend_records(events, request.job), spec.privacy.delta)
         life_eps = epsilon_for(spent, spec.privacy.delta)
-        ledger.append(_event(site, spec, request, "refusal", planned, job_eps, life_eps, data.fingerprint, reason))
-        return TrainReply(
-            site.agency, "refused", reason, epsilon_job=job_eps, epsilon_lifetime=life_eps, dataset=data.fingerprint
-        )
+        ledger.append(_event(site, spec, request, "refusal", planned, job_eps, life_eps, "", reason))
+        # the refusal alone: no fingerprint, no row count, nothing computed from records
+        return TrainReply(site.agency, "refused", reason, epsilon_job=job_eps, epsilon_lifetime=life_eps, origin=origin)
 
-    if request.spec_sha256 != loaded.sha256:
-        return refuse("the coordinator's spec differs from this agency's copy (sha256 mismatch)")
-    if any(e.kind == "round" and e.job == request.job and e.round == request.round for e in events):
-        return refuse(f"round {request.round} of job {request.job} was already trained here")
+    nothing = StepRecord(0.0, q, 0)
+    claimed = request.plan(spec.privacy.epsilon, spec.federation.name)
+    reason = admit(loaded, events, origin, claimed, request.round, request.arrays, steps, request.known)
+    if reason is not None:
+        return refuse(reason, nothing)
+    sigma = job_noise_multiplier(spec, steps * spec.training.rounds)  # leaves room for the planned releases
+    planned = StepRecord(sigma, q, steps)
+    data = load_local_data(site, loaded)
     if len(data.y_train) == 0:
-        return refuse("no valid training rows")
+        return refuse("no valid training rows", planned)
     decision = check_round(events, request.job, planned, spec.privacy.delta, spec.privacy.epsilon, spec.privacy.budget)
     if not decision.allowed:
-        return refuse(decision.reason or "budget")
+        return refuse(decision.reason or "budget", planned)
 
     model = build_model(spec.model, FeatureEncoder(spec.schema).width)
     model_from_arrays(model, request.arrays)
@@ -126,6 +144,7 @@ def train_round(site: AgencySite, request: TrainRequest, seed: int | None = None
         result.steps,
         result.mean_loss,
         data.fingerprint,
+        origin,
     )
 
 
@@ -157,6 +176,7 @@ def _event(
         dataset=fingerprint,
         time=now_utc(),
         reason=reason,
+        federation=spec.federation.name,
     )
 
 

@@ -33,6 +33,8 @@ class AgencyReport(BaseModel):
     epsilon_lifetime: float
     dataset: str
     reason: str | None = None
+    origin: str = ""  # the origin (genesis hash) of the agency's ledger, as it reported it ("" before it did)
+    accepted: bool = True  # False: the coordinator refused this reply (ledger restarted, epsilon went down)
 
 
 class RoundSummary(BaseModel):
@@ -49,6 +51,11 @@ class RoundSummary(BaseModel):
     agencies: list[AgencyReport]
     model_sha256: str  # the global model after this round
     time: str
+
+    @property
+    def party(self) -> str:
+        """Whose ledger this event belongs in: the coordinator's."""
+        return "coordinator"
 
 
 def weights_sha256(arrays: Sequence[np.ndarray]) -> str:
@@ -67,4 +74,4 @@ def weights_sha256(arrays: Sequence[np.ndarray]) -> str:
 
 def open_coordinator_ledger(directory: Path, signing_key_path: Path) -> Ledger[RoundSummary]:
     """The coordinator's chain at ``directory``, signed with the key at ``signing_key_path`` (made on first use)."""
-    return Ledger(directory, load_or_create_signing_key(signing_key_path), RoundSummary)
+    return Ledger(directory, load_or_create_signing_key(signing_key_path), RoundSummary, party="coordinator")

@@ -5,8 +5,11 @@ or a ``refusal`` entry; the coordinator writes the agency's reply (``trained`` o
 epsilon it reported). The two are compared as multisets keyed by (agency, job, round, outcome), so a
 round replayed after a coordinator crash (refused by the agency, recorded twice by both) still matches.
 
-Only jobs the coordinator's chain knows are compared in the agency-to-coordinator direction: a
-ledger may also hold jobs run under another coordinator, which this chain cannot vouch for.
+Rounds are compared for the jobs the coordinator's chain knows. A job an agency's ledger records for
+the chain's federation (entries carry the spec's federation name) that the chain lacks entirely is a
+``rollback`` finding (``unknown_jobs``): the chain was cut back, or the job was hidden from it. Jobs of
+other federations, and entries written before ledgers recorded the federation, cannot be vouched for
+by this chain and are not compared.
 """
 
 from __future__ import annotations
@@ -76,4 +79,38 @@ def cross_check(ledgers: Mapping[str, Iterable[LedgerEvent]], chain: list[RoundS
             if abs(a - c) > _AGREE * max(1.0, abs(a)):
                 message = f"{what}: the agency recorded epsilon {a:.6f}, the coordinator {c:.6f}"
                 findings.append((agency, Finding("epsilon", message)))
+    return findings
+
+
+def unknown_jobs(
+    ledgers: Mapping[str, Iterable[LedgerEvent]], chain: list[RoundSummary], federation: str | None
+) -> list[tuple[str, Finding]]:
+    """Jobs an agency's ledger records for ``federation`` (the chain's) that the chain does not know.
+
+    Parameters
+    ----------
+    ledgers
+        Each agency's verified events, by agency name.
+    chain
+        The coordinator's verified round summaries.
+    federation
+        The chain's federation name (None: the chain is empty, every job of the ledgers is unknown
+        unless its entries name no federation).
+    """
+    known = {entry.job for entry in chain}
+    findings: list[tuple[str, Finding]] = []
+    for agency, events in ledgers.items():
+        missing: dict[str, int] = {}
+        for e in events:
+            if e.federation is None or e.job in known or e.kind != "round":
+                continue
+            if federation is not None and e.federation != federation:
+                continue
+            missing[e.job] = missing.get(e.job, 0) + 1
+        for job, rounds in missing.items():
+            message = (
+                f"the agency's ledger records {rounds} trained round(s) of job {job}; the coordinator's chain "
+                "has no entry of that job (rolled back, or the job was run without it)"
+            )
+            findings.append((agency, Finding("rollback", message)))
     return findings

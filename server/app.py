@@ -84,6 +84,27 @@ def _wait_for_agencies(grid: Grid | FastPollGrid, want: int, need: int, timeout:
     return count
 
 
+def known_ledgers(settings: ServerSettings) -> dict[str, dict[str, Any]]:
+    """Per agency, the origin of its ledger and the last lifetime epsilon it reported, from the chain.
+
+    Only replies the coordinator accepted count, so a restarted ledger never replaces the record.
+
+    Raises
+    ------
+    LedgerError
+        If the coordinator's chain does not verify.
+    """
+    known: dict[str, dict[str, Any]] = {}
+    if not settings.ledger_dir.exists():
+        return known
+    chain = open_coordinator_ledger(settings.ledger_dir, settings.signing_key_path).events()
+    for entry in chain:
+        for report in entry.agencies:
+            if report.accepted and report.origin:
+                known[report.agency] = {"origin": report.origin, "epsilon_lifetime": report.epsilon_lifetime}
+    return known
+
+
 def countersigner(settings: ServerSettings) -> RoundClosed:
     """Append each closed round's summary to the coordinator's signed chain."""
     ledger = open_coordinator_ledger(settings.ledger_dir, settings.signing_key_path)
@@ -135,7 +156,12 @@ def run_job(
     )
     strategy = AgencyFedAvg(
         JobPlan(
-            settings.job, spec.training.rounds, settings.loaded.sha256, spec.secure_aggregation.max_weight, first_round
+            settings.job,
+            spec.training.rounds,
+            settings.loaded.sha256,
+            spec.secure_aggregation.max_weight,
+            first_round,
+            spec.privacy.epsilon,
         ),
         weights,
         velocity=velocity,
@@ -147,6 +173,7 @@ def run_job(
         on_event=sink,
         checkpoint=lambda r, w, v: save_checkpoint(settings.checkpoints, r, w, v),
         round_closed=countersigner(settings),
+        known=known_ledgers(settings),
     )
     remaining = spec.training.rounds - first_round + 1
     sink({"type": "start", "job": settings.job, "rounds": spec.training.rounds, "first_round": first_round})

@@ -73,7 +73,7 @@ def test_a_job_cannot_run_more_rounds_than_it_was_calibrated_for(small_fed: Synt
     for r in (1, 2):
         assert train_round(site, TrainRequest("j", r, 2, sha, arrays), seed=r).status == "trained"
     extra = train_round(site, TrainRequest("j", 3, 2, sha, arrays), seed=3)
-    assert extra.status == "refused" and "per-job cap" in (extra.reason or "")
+    assert extra.status == "refused" and "outside the job's plan of 2 rounds" in (extra.reason or "")
 
 
 def test_replayed_round_and_foreign_spec_are_refused(small_fed: SynthResult, tmp_path: Path) -> None:
