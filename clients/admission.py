@@ -77,6 +77,18 @@ def admit(
     own = JobPlan.from_spec(loaded, claimed.job)
     if (reason := own.mismatch(claimed)) is not None:
         return reason
+    if known is not None:  # the ledger first: a restarted one refuses everything
+        if known.origin and origin and known.origin != origin:
+            return (
+                f"the coordinator's chain records this agency's ledger as {known.origin[:12]}, this ledger is "
+                f"{origin[:12]}: the ledger was restarted or replaced (restore it)"
+            )
+        lifetime = epsilon_for(spend_records(events), events[-1].delta) if events else 0.0
+        if lifetime + _AGREE * max(1.0, lifetime) < known.epsilon_lifetime:
+            return (
+                f"the coordinator's chain records a lifetime epsilon of {known.epsilon_lifetime:.4f} for this "
+                f"agency, its ledger holds {lifetime:.4f}: entries are missing (restore the ledger)"
+            )
     if steps <= 0:
         return f"the round would take {steps} DP-SGD steps: nothing to train"
     if not 1 <= round_ <= own.rounds:
@@ -89,16 +101,4 @@ def admit(
             return f"job {claimed.job} is new to this agency: it must start at round 1, not {round_}"
         if not _same_arrays(arrays, initial_arrays(loaded)):
             return f"round 1 of job {claimed.job} does not start from the spec's initial model"
-    if known is not None:
-        if known.origin and origin and known.origin != origin:
-            return (
-                f"the coordinator's chain records this agency's ledger as {known.origin[:12]}, this ledger is "
-                f"{origin[:12]}: the ledger was restarted or replaced (restore it)"
-            )
-        lifetime = epsilon_for(spend_records(events), events[-1].delta) if events else 0.0
-        if lifetime + _AGREE * max(1.0, lifetime) < known.epsilon_lifetime:
-            return (
-                f"the coordinator's chain records a lifetime epsilon of {known.epsilon_lifetime:.4f} for this "
-                f"agency, its ledger holds {lifetime:.4f}: entries are missing (restore the ledger)"
-            )
     return None
