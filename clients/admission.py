@@ -43,6 +43,24 @@ def _same_arrays(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> bool:
     return len(a) == len(b) and all(x.shape == y.shape and np.array_equal(x, y) for x, y in zip(a, b, strict=True))
 
 
+def _check_record(events: list[LedgerEvent], origin: str, known: LedgerRecord | None) -> str | None:
+    """Why the coordinator's record of this agency's ledger contradicts the ledger, or None."""
+    if known is None:
+        return None
+    if known.origin and origin and known.origin != origin:
+        return (
+            f"the coordinator's chain records this agency's ledger as {known.origin[:12]}, this ledger is "
+            f"{origin[:12]}: the ledger was restarted or replaced (restore it)"
+        )
+    lifetime = epsilon_for(spend_records(events), events[-1].delta) if events else 0.0
+    if lifetime + _AGREE * max(1.0, lifetime) < known.epsilon_lifetime:
+        return (
+            f"the coordinator's chain records a lifetime epsilon of {known.epsilon_lifetime:.4f} for this "
+            f"agency, its ledger holds {lifetime:.4f}: entries are missing (restore the ledger)"
+        )
+    return None
+
+
 def admit(
     loaded: LoadedSpec,
     events: list[LedgerEvent],
@@ -77,18 +95,8 @@ def admit(
     own = JobPlan.from_spec(loaded, claimed.job)
     if (reason := own.mismatch(claimed)) is not None:
         return reason
-    if known is not None:  # the ledger first: a restarted one refuses everything
-        if known.origin and origin and known.origin != origin:
-            return (
-                f"the coordinator's chain records this agency's ledger as {known.origin[:12]}, this ledger is "
-                f"{origin[:12]}: the ledger was restarted or replaced (restore it)"
-            )
-        lifetime = epsilon_for(spend_records(events), events[-1].delta) if events else 0.0
-        if lifetime + _AGREE * max(1.0, lifetime) < known.epsilon_lifetime:
-            return (
-                f"the coordinator's chain records a lifetime epsilon of {known.epsilon_lifetime:.4f} for this "
-                f"agency, its ledger holds {lifetime:.4f}: entries are missing (restore the ledger)"
-            )
+    if (reason := _check_record(events, origin, known)) is not None:  # the ledger first
+        return reason
     if steps <= 0:
         return f"the round would take {steps} DP-SGD steps: nothing to train"
     if not 1 <= round_ <= own.rounds:
@@ -101,4 +109,29 @@ def admit(
             return f"job {claimed.job} is new to this agency: it must start at round 1, not {round_}"
         if not _same_arrays(arrays, initial_arrays(loaded)):
             return f"round 1 of job {claimed.job} does not start from the spec's initial model"
+    return None
+
+
+def admit_release(
+    loaded: LoadedSpec,
+    events: list[LedgerEvent],
+    origin: str,
+    claimed: JobPlan,
+    known: LedgerRecord | None = None,
+) -> str | None:
+    """Why this agency must refuse the final evaluation of ``claimed``'s job, or None to go on.
+
+    A job's final releases are made once, and only for a job this agency trained in: anything else
+    would be an evaluation channel outside the job's plan.
+    """
+    own = JobPlan.from_spec(loaded, claimed.job)
+    if (reason := own.mismatch(claimed)) is not None:
+        return reason
+    if (reason := _check_record(events, origin, known)) is not None:
+        return reason
+    if not any(e.kind == "round" and e.job == claimed.job for e in events):
+        return f"this agency did not train in job {claimed.job}: nothing of it to evaluate"
+    final = own.rounds + 1
+    if any(e.kind == "release" and e.job == claimed.job and e.round == final for e in events):
+        return f"the final evaluation of job {claimed.job} was already released"
     return None

@@ -119,8 +119,10 @@ def calibrate_noise(
     Raises
     ------
     ValueError
-        If the target cannot be met (budget too small for the planned steps).
+        If the target cannot be met (budget too small for the planned steps), or ``steps`` is not positive.
     """
+    if steps <= 0:  # at once: a search over zero steps never converges
+        raise ValueError(f"steps must be positive to calibrate noise (got {steps!r})")
     with warnings.catch_warnings():  # at sigma 100 the optimal RDP order is the largest: a loose bound, fine here
         warnings.simplefilter("ignore", UserWarning)
         floor = epsilon_for([StepRecord(MAX_NOISE_MULTIPLIER, sample_rate, steps), *also], delta)

@@ -63,8 +63,9 @@ class Genesis(BaseModel):
 class LedgerEvent(BaseModel):
     """What happened for one agency: a DP-SGD round, a refusal that spent nothing, or a noisy release.
 
-    ``release`` is a Gaussian-noised release of counts (the fairness evaluation): ``steps`` releases at
-    ``noise_multiplier`` with ``sample_rate`` 1, accounted by the same RDP accountant as training.
+    ``release`` is a Gaussian-noised release of counts (validation histograms, ``release="evaluation"``,
+    or fairness counts, ``release="fairness"``): ``steps`` releases at ``noise_multiplier`` with
+    ``sample_rate`` 1, accounted by the same RDP accountant as training.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -86,6 +87,7 @@ class LedgerEvent(BaseModel):
     time: str
     reason: str | None = None
     federation: str | None = None  # the spec's federation name (None in entries written before it was recorded)
+    release: Literal["evaluation", "fairness"] | None = None  # what a release released (None: older fairness)
 
     @property
     def party(self) -> str:

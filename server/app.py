@@ -29,7 +29,7 @@ from privacy.coordinator_ledger import AgencyReport, RoundSummary, open_coordina
 from privacy.ledger import now_utc
 from server.registry import checkpoint_dir, latest_checkpoint, register_model, save_checkpoint
 from server.secure_aggregation import AgencySecAggPlus, FastPollGrid
-from server.strategy import AgencyFedAvg, EventSink, JobPlan, RoundClosed, RunLog
+from server.strategy import AgencyFedAvg, EventSink, JobPlan, ReleasesClosed, RoundClosed, RunLog
 
 
 def new_job_id() -> str:
@@ -127,6 +127,29 @@ def countersigner(settings: ServerSettings) -> RoundClosed:
     return close
 
 
+def release_countersigner(settings: ServerSettings) -> ReleasesClosed:
+    """Append the final evaluation's record (which agency released what) to the coordinator's chain."""
+    ledger = open_coordinator_ledger(settings.ledger_dir, settings.signing_key_path)
+    spec = settings.loaded.spec
+
+    def close(final_round: int, reports: list[dict[str, Any]], weights: list[Any]) -> None:
+        ledger.append(
+            RoundSummary(
+                kind="evaluation",
+                federation=spec.federation.name,
+                job=settings.job,
+                round=final_round,
+                spec_sha256=settings.loaded.sha256,
+                aggregated=False,
+                agencies=[AgencyReport.model_validate(r) for r in reports],
+                model_sha256=weights_sha256(weights),
+                time=now_utc(),
+            )
+        )
+
+    return close
+
+
 def run_job(
     grid: Grid, context: Context, settings: ServerSettings, on_event: EventSink | None = None
 ) -> dict[str, Any]:
@@ -174,6 +197,7 @@ def run_job(
         checkpoint=lambda r, w, v: save_checkpoint(settings.checkpoints, r, w, v),
         round_closed=countersigner(settings),
         known=known_ledgers(settings),
+        releases_closed=release_countersigner(settings),
     )
     remaining = spec.training.rounds - first_round + 1
     sink({"type": "start", "job": settings.job, "rounds": spec.training.rounds, "first_round": first_round})

@@ -22,7 +22,8 @@ from clients.trainer import dp_sgd, noise_generator
 from federation.encoding import FeatureEncoder
 from federation.model import build_model, model_to_arrays
 from federation.spec import load_spec
-from privacy.accounting import epsilon_for
+from privacy.accounting import StepRecord, epsilon_for
+from privacy.budget import evaluation_release, planned_releases
 from privacy.ledger import spend_records, verify_ledger
 
 
@@ -44,13 +45,18 @@ def initial(site: AgencySite) -> list[np.ndarray]:
 
 
 def test_budget_spans_jobs_and_a_refused_round_changes_nothing(small_fed: SynthResult, tmp_path: Path) -> None:
-    site, sha = make_site(small_fed, tmp_path, budget=3.2)
+    site, sha = make_site(small_fed, tmp_path, budget=3.0)
     arrays = initial(site)
     for r in (1, 2):
         reply = train_round(site, TrainRequest("job-1", r, 2, sha, arrays), seed=r)
         assert reply.status == "trained" and reply.steps == 50
         assert not all(np.array_equal(a, b) for a, b in zip(reply.arrays, arrays, strict=True))
-    assert reply.epsilon_job == pytest.approx(3.0, abs=0.02) and reply.epsilon_job <= 3.0
+    # two rounds and their two evaluation releases; the job's plan keeps room for its final releases
+    spec = load_spec(site.spec_path).spec
+    spent = [StepRecord(reply.noise_multiplier, 0.02, 50), evaluation_release(spec)] * 2
+    assert reply.epsilon_job == pytest.approx(epsilon_for(spent, 1e-5), rel=1e-9)
+    whole_job = [StepRecord(reply.noise_multiplier, 0.02, 100), *planned_releases(spec)]
+    assert epsilon_for(whole_job, 1e-5) == pytest.approx(3.0, abs=0.02) and epsilon_for(whole_job, 1e-5) <= 3.0
 
     ledger_before = (site.ledger_dir / "ledger.jsonl").read_bytes()
     arrays_before = [a.copy() for a in arrays]
@@ -63,7 +69,7 @@ def test_budget_spans_jobs_and_a_refused_round_changes_nothing(small_fed: SynthR
     assert check.ok
     after = (site.ledger_dir / "ledger.jsonl").read_bytes()
     assert after.startswith(ledger_before)  # nothing rewritten; one refusal entry appended
-    assert [e.kind for e in check.events] == ["round", "round", "refusal"]
+    assert [e.kind for e in check.events] == ["release", "round", "release", "round", "refusal"]
     assert epsilon_for(spend_records(check.events), 1e-5) == pytest.approx(reply.epsilon_lifetime)
 
 
