@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +47,28 @@ class AgencySite(BaseModel):
     def signing_key_path(self) -> Path:
         """The agency's ledger signing key (secret; owner-only permissions)."""
         return (self.keys_dir or self.home / "keys") / "ledger-signing.key"
+
+    @property
+    def salt_path(self) -> Path:
+        """Beside the signing key: the secret salt of the validation split (who is in it stays secret)."""
+        return self.signing_key_path.with_name("validation-salt")
+
+    def validation_salt(self) -> str:
+        """The salt of the agency's validation split, 32 random bytes made on first use (owner-only file).
+
+        With a public salt (the federation's name, before) anyone could compute which households are
+        in the split, and so whom an evaluation release concerns.
+        """
+        path = self.salt_path
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                return path.read_text().strip()
+            with os.fdopen(fd, "w") as handle:
+                handle.write(secrets.token_hex(32))
+        return path.read_text().strip()
 
     @property
     def origin_path(self) -> Path:
@@ -123,17 +146,19 @@ _CACHE: dict[tuple[str, int, int, str], LocalData] = {}
 def load_local_data(site: AgencySite, loaded: LoadedSpec) -> LocalData:
     """Load, validate (bad rows to quarantine), encode and split the site's data.
 
-    Cached per process while the file and spec are unchanged, since each round asks for it again.
+    The split hashes each id with the agency's secret salt (``AgencySite.validation_salt``). Cached
+    per process while the file and spec are unchanged, since each round asks for it again.
     """
     stat = os.stat(site.data_path)
-    key = (str(site.data_path), stat.st_mtime_ns, stat.st_size, loaded.sha256)
+    salt = site.validation_salt()
+    key = (str(site.data_path), stat.st_mtime_ns, stat.st_size, loaded.sha256 + salt)
     if key not in _CACHE:
         spec = loaded.spec
         check = load_table(site.data_path, spec.schema)
         frame: pd.DataFrame = check.valid
         x = FeatureEncoder(spec.schema).encode(frame)
         y = frame[spec.schema.label].to_numpy(dtype=np.float32)
-        val = validation_mask(frame[spec.schema.id], spec.training.validation_fraction, spec.federation.name)
+        val = validation_mask(frame[spec.schema.id], spec.training.validation_fraction, salt)
         groups = {}
         if spec.fairness is not None:
             groups = {a: g[val] for a, g in group_labels(frame, spec.fairness, spec.schema).items()}

@@ -169,14 +169,14 @@ def test_a_fresh_home_is_refused_by_the_agency_and_recorded_by_the_coordinator(
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     hrss = summary["agencies"]["hrss"]
-    assert hrss["rounds_trained"] == 0 and hrss["refusals"] == 3
+    assert hrss["rounds_trained"] == 0 and hrss["refusals"] == 4  # 3 rounds and the final evaluation
     assert "restarted or replaced" in hrss["last_reason"]
     assert all(summary["agencies"][a]["rounds_trained"] == 3 for a in ("tax", "civil-affairs", "environment"))
     new_ledger = verify_ledger(fed.ledger("hrss"))
-    assert [e.kind for e in new_ledger.events] == ["refusal"] * 3  # spent nothing
+    assert [e.kind for e in new_ledger.events] == ["refusal"] * 4  # spent nothing, released nothing
     chain = verify_ledger(fed.chain, event_type=RoundSummary).events
     refused = [r for e in chain if e.job == summary["job"] for r in e.agencies if r.agency == "hrss"]
-    assert len(refused) == 3 and not any(r.accepted for r in refused)
+    assert len(refused) == 4 and not any(r.accepted for r in refused) and not any(r.releases for r in refused)
     code, report = verify(fed, fed.ledgers, "--coordinator", fed.chain)
     assert code == ExitCode.LEDGER_RESTARTED, report
 
