@@ -144,7 +144,9 @@ def train_round(site: AgencySite, request: TrainRequest, seed: int | None = None
     )
     taken = StepRecord(sigma, q, result.steps)
     job_eps = epsilon_for([*job_release, taken], spec.privacy.delta)
-    life_eps = float(accountant.get_epsilon(delta=spec.privacy.delta))
+    # the same arithmetic as accountant.get_epsilon over the same history, with each mechanism's RDP cached
+    # (Opacus recomputes every entry's RDP curve: linear in the ledger's length per round, and slow)
+    life_eps = epsilon_for([*after_release, taken], spec.privacy.delta)
     ledger.append(_event(site, spec, request, "round", taken, job_eps, life_eps, data.fingerprint, None))
     return TrainReply(
         site.agency,
