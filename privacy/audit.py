@@ -393,7 +393,13 @@ def audit_federation(
             findings.append(Finding("party", f"the coordinator's chain names {check.party!r} as its party"))
         jobs = list(dict.fromkeys(e.job for e in check.events))
         chain_audit = CoordinatorAudit(
-            str(coordinator), check.key_id, not findings, jobs, len(check.events), findings, check.events
+            str(coordinator),
+            check.key_id,
+            not findings,
+            jobs,
+            sum(e.kind == "round" for e in check.events),  # round entries (not the final evaluations')
+            findings,
+            check.events,
         )
         cross = cross_check({row.agency: row.events for row in rows}, check.events)
         cross += _restarts(rows, check.events)
