@@ -162,6 +162,35 @@ class AgencyClient(NumPyClient):
         return 0.0, 1, metrics
 
 
+def check_unmask(configs: Any, site: AgencySite) -> None:
+    """Refuse to hand over key shares when fewer agencies' masked updates would be summed than is safe.
+
+    In SecAgg+'s unmask stage the coordinator names the agencies whose masked updates it holds
+    (``active``); unmasking the sum of fewer than three (or the spec's ``min_agencies``) would reveal
+    an update, or let each of two agencies subtract its own. The coordinator's own check
+    (``server.secure_aggregation``) is not taken on trust.
+
+    Raises
+    ------
+    PermissionError
+        If the unmask stage names too few active agencies.
+    """
+    from flwr.common.secure_aggregation.secaggplus_constants import Stage
+
+    from federation.spec import load_spec
+
+    if configs.get(Key.STAGE) != Stage.UNMASK:
+        return
+    spec = load_spec(site.spec_path).spec
+    need = max(3, spec.training.min_agencies)
+    active = list(configs.get(Key.ACTIVE_NODE_ID_LIST, []))
+    if len(active) < need:
+        raise PermissionError(
+            f"secure aggregation would unmask the sum of {len(active)} agencies' updates; this agency's spec "
+            f"requires at least {need}: refusing to send key shares"
+        )
+
+
 def _requires_secure_aggregation(site: AgencySite) -> bool:
     from federation.spec import load_spec
 
@@ -179,6 +208,7 @@ def make_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clien
             return call_next(msg, context)
         configs: Any = msg.content.config_records.get(RECORD_KEY_CONFIGS)
         if configs is not None and Key.STAGE in configs:
+            check_unmask(configs, resolve_site(context))
             reply: Message = secaggplus_mod(msg, context, call_next)
             return reply
         if _requires_secure_aggregation(resolve_site(context)):

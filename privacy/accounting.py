@@ -87,13 +87,27 @@ class RdpTally:
         return float(eps)
 
 
+def _merged(records: Iterable[StepRecord]) -> list[tuple[float, float, int]]:
+    """The history with the steps of each distinct mechanism added up (composition commutes).
+
+    Opacus' PRV accountant builds one privacy random variable per history entry: a ledger of 8,000
+    rounds of one mechanism is one mechanism run 8,000 x steps times, not 8,000 of them.
+    """
+    steps: dict[tuple[float, float], int] = {}
+    for r in records:
+        if r.steps > 0:
+            key = (r.noise_multiplier, r.sample_rate)
+            steps[key] = steps.get(key, 0) + r.steps
+    return [(sigma, q, n) for (sigma, q), n in steps.items()]
+
+
 def epsilon_prv(records: Iterable[StepRecord], delta: float, eps_error: float = 0.01) -> float:
     """Epsilon by the PRV accountant (Gopi, Lee, Wutschitz 2021): tighter than RDP, for reporting.
 
     Enforcement uses RDP (``epsilon_for``): its bound is the larger, so refusing by it is the safe
     side, and it is exact arithmetic where PRV is a numerical estimate with error ``eps_error``.
     """
-    history = [(r.noise_multiplier, r.sample_rate, r.steps) for r in records if r.steps > 0]
+    history = _merged(records)
     if not history:
         return 0.0
     accountant = PRVAccountant()
