@@ -3,8 +3,9 @@
 Built on Flower's legacy ``NumPyClient`` because SecAgg+ (``secaggplus_mod``) exists only there in
 Flower 1.41. A fit reply carries the agency's *update* (new weights minus the global weights; zeros
 with weight 0 when it refuses), so secure aggregation sums small numbers that quantise well, and
-the validation histograms of the global model it received (evaluation folded into training, one
-message per round instead of two).
+the Gaussian-noised validation histograms of the global model it received, accounted in the ledger
+before the reply (evaluation folded into training, one message per round instead of two). A refused
+request is answered with the refusal alone.
 
 The agency, not the coordinator, decides whether its update may travel unmasked: when its copy of
 the spec turns secure aggregation on, a plain fit request is refused.
