@@ -36,6 +36,10 @@ class ExitCode(IntEnum):
     EPSILON_MISMATCH = 15
     PRIVACY_CLAIM_REFUTED = 16
     FAIRNESS_GAP_EXCEEDED = 17
+    LEDGER_HEADLESS = 18
+    LEDGER_PARTY_MISMATCH = 19
+    LEDGER_RESTARTED = 20
+    CHAIN_ROLLED_BACK = 21
 
 
 HELP: dict[ExitCode, str] = {
@@ -71,6 +75,21 @@ HELP: dict[ExitCode, str] = {
         "`audit attack`: the empirical lower bound on epsilon exceeds the claimed epsilon (the claim is false)."
     ),
     ExitCode.FAIRNESS_GAP_EXCEEDED: "`audit fairness`: a gap between groups exceeds the spec's tolerance.",
+    ExitCode.LEDGER_HEADLESS: (
+        "`audit verify`: a ledger is absent, empty or has no signed head, so nothing proves its spend (not zero)."
+    ),
+    ExitCode.LEDGER_PARTY_MISMATCH: (
+        "`audit verify`: a ledger is not bound to its party: an agency without a ledger, two ledgers of one "
+        "agency, or a ledger signed with another party's key."
+    ),
+    ExitCode.LEDGER_RESTARTED: (
+        "`audit verify`: an agency's ledger begins elsewhere than the coordinator's chain recorded (restarted or "
+        "replaced), or the coordinator refused a reply for that reason."
+    ),
+    ExitCode.CHAIN_ROLLED_BACK: (
+        "`audit verify`: the coordinator's chain lacks a job the agencies record for its federation, or a "
+        "registered model (the chain was rolled back)."
+    ),
 }
 
 FINDING_CODES: dict[str, ExitCode] = {
@@ -78,6 +97,10 @@ FINDING_CODES: dict[str, ExitCode] = {
     "deleted": ExitCode.LEDGER_ENTRY_DELETED,
     "reordered": ExitCode.LEDGER_REORDERED,
     "truncated": ExitCode.LEDGER_TRUNCATED,
+    "headless": ExitCode.LEDGER_HEADLESS,
+    "party": ExitCode.LEDGER_PARTY_MISMATCH,
+    "restarted": ExitCode.LEDGER_RESTARTED,
+    "rollback": ExitCode.CHAIN_ROLLED_BACK,
     "missing": ExitCode.ROUND_MISSING,
     "epsilon": ExitCode.EPSILON_MISMATCH,
     "overspend": ExitCode.BUDGET_EXCEEDED,

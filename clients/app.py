@@ -18,6 +18,7 @@ the three SecAgg+ key-exchange messages need no torch.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +34,8 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
 if TYPE_CHECKING:
+    from clients.admission import LedgerRecord
+    from clients.rounds import EvaluationRelease, TrainRequest
     from clients.site import AgencySite
 
 SiteResolver = Callable[[Context], "AgencySite"]
@@ -53,26 +56,49 @@ def site_from_node_config(context: Context) -> AgencySite:
     )
 
 
-def histogram_bytes(values: list[int]) -> bytes:
-    """Histogram counts as bytes (legacy metrics hold scalars only)."""
-    return np.asarray(values, dtype=np.int64).tobytes()
+def histogram_bytes(values: np.ndarray | list[float]) -> bytes:
+    """Histogram counts as bytes (legacy metrics hold scalars only); float64, since releases are noised."""
+    return np.asarray(values, dtype=np.float64).tobytes()
 
 
 def histogram_from_bytes(data: bytes) -> np.ndarray:
     """The inverse of ``histogram_bytes``."""
-    return np.frombuffer(data, dtype=np.int64).astype(float)
+    return np.frombuffer(data, dtype=np.float64).astype(float)
 
 
-def _evaluation_metrics(site: AgencySite, arrays: list[np.ndarray]) -> dict[str, Scalar]:
-    from clients.rounds import evaluate_round
+def coordinator_record(config: dict[str, Scalar], agency: str) -> LedgerRecord | None:
+    """The coordinator's record of ``agency``'s ledger from a fit config (``ledger-records``, JSON)."""
+    from clients.admission import LedgerRecord
 
-    reply = evaluate_round(site, arrays)
+    raw = config.get("ledger-records")
+    if not isinstance(raw, str) or not raw:
+        return None
+    entry = json.loads(raw).get(agency)
+    if not isinstance(entry, dict):
+        return None
+    return LedgerRecord(str(entry.get("origin", "")), float(entry.get("epsilon_lifetime", 0.0)))
+
+
+def plan_request(config: dict[str, Scalar], agency: str, arrays: list[np.ndarray]) -> TrainRequest:
+    """The coordinator's request as a fit or evaluate config states it."""
+    from clients.rounds import TrainRequest
+
+    return TrainRequest(
+        job=str(config["job"]),
+        round=int(config.get("round", 0)),
+        rounds=int(config["rounds"]),
+        spec_sha256=str(config["spec-sha256"]),
+        arrays=arrays,
+        epsilon=float(config["epsilon"]) if "epsilon" in config else None,
+        known=coordinator_record(config, agency),
+    )
+
+
+def _released(evaluation: EvaluationRelease) -> dict[str, Scalar]:
     return {
-        "agency": reply.agency,
-        "eval-examples": reply.num_examples,
-        "hist-pos": histogram_bytes(reply.hist_pos),
-        "hist-neg": histogram_bytes(reply.hist_neg),
-        "brier-sum": reply.brier_sum,
+        "hist-pos": histogram_bytes(evaluation.hist_pos),
+        "hist-neg": histogram_bytes(evaluation.hist_neg),
+        "brier-sum": evaluation.brier_sum,
     }
 
 
@@ -85,48 +111,55 @@ class AgencyClient(NumPyClient):
     def fit(
         self, parameters: list[np.ndarray], config: dict[str, Scalar]
     ) -> tuple[list[np.ndarray], int, dict[str, Scalar]]:
-        """Train one round; return the update, its weight (rows; 0 if refused) and the round's metrics."""
-        from clients.rounds import TrainRequest, train_round
+        """Train one round; return the update, its weight (rows; 0 if refused) and the round's metrics.
+
+        A refused round is answered with the refusal alone (status, reason, the ledger's epsilons and
+        origin): nothing computed from records, not even validation histograms.
+        """
+        from clients.rounds import train_round
 
         logging.getLogger("flwr").setLevel(logging.WARNING)  # Opacus may lower it
-        metrics = _evaluation_metrics(self.site, parameters)  # the global model this round starts from
-        reply = train_round(
-            self.site,
-            TrainRequest(
-                job=str(config["job"]),
-                round=int(config["round"]),
-                rounds=int(config["rounds"]),
-                spec_sha256=str(config["spec-sha256"]),
-                arrays=parameters,
-            ),
-        )
-        metrics |= {
+        reply = train_round(self.site, plan_request(config, self.site.agency, parameters))
+        metrics: dict[str, Scalar] = {
+            "agency": reply.agency,
             "status": reply.status,
             "reason": reply.reason or "",
             "dataset": reply.dataset,
             "epsilon-job": reply.epsilon_job,
             "epsilon-lifetime": reply.epsilon_lifetime,
+            "ledger-origin": reply.origin,
             "steps": reply.steps,
             "noise-multiplier": reply.noise_multiplier,
-            "rows": reply.num_examples,
         }
-        if reply.status != "trained":
+        if reply.status != "trained" or reply.evaluation is None:
             return [np.zeros_like(p) for p in parameters], 0, metrics
+        metrics |= _released(reply.evaluation)  # the global model this round started from, noised and accounted
         weight = min(reply.num_examples, int(config["max-weight"]))
         return [new - old for new, old in zip(reply.arrays, parameters, strict=True)], weight, metrics
 
     def evaluate(self, parameters: list[np.ndarray], config: dict[str, Scalar]) -> tuple[float, int, dict[str, Scalar]]:
-        """Histograms of the validation split's scores under ``parameters``, and the fairness counts."""
-        from clients.rounds import fairness_round
+        """The final model's noised validation histograms and fairness counts, or the refusal alone."""
+        from clients.rounds import release_round
 
-        metrics = _evaluation_metrics(self.site, parameters)
-        fairness = fairness_round(self.site, parameters, str(config.get("job", "")))
-        metrics |= {
-            "fairness-status": fairness.status,
-            "fairness-reason": fairness.reason or "",
-            "fairness-counts": fairness.counts.astype(np.float64).tobytes(),
+        reply = release_round(self.site, plan_request(config, self.site.agency, parameters))
+        metrics: dict[str, Scalar] = {
+            "agency": reply.agency,
+            "status": reply.status,
+            "reason": reply.reason or "",
+            "epsilon-job": reply.epsilon_job,
+            "epsilon-lifetime": reply.epsilon_lifetime,
+            "ledger-origin": reply.origin,
         }
-        return 0.0, int(metrics["eval-examples"]), metrics
+        if reply.status != "released" or reply.evaluation is None:
+            return 0.0, 0, metrics
+        metrics |= _released(reply.evaluation)
+        if reply.fairness is not None and reply.fairness.status != "none":
+            metrics |= {
+                "fairness-status": reply.fairness.status,
+                "fairness-reason": reply.fairness.reason or "",
+                "fairness-counts": reply.fairness.counts.astype(np.float64).tobytes(),
+            }
+        return 0.0, 1, metrics
 
 
 def _requires_secure_aggregation(site: AgencySite) -> bool:

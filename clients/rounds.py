@@ -1,8 +1,10 @@
 """What an agency does when asked to train or evaluate: the logic behind the Flower ClientApp.
 
 Kept free of Flower types so it can be tested directly. Order in ``train_round``: verify the ledger,
-compute the epsilon the round would leave, refuse (recording the refusal, spending nothing, training
-nothing) or train and append the spend. Validate first, then commit.
+admit the request (``clients.admission``: the job's plan from the agency's own spec, the round's
+place in the job, the coordinator's record of this ledger), compute the epsilon the round would
+leave, refuse (recording the refusal, spending nothing, training nothing, answering with the refusal
+alone) or train and append the spend. Validate first, then commit.
 """
 
 from __future__ import annotations
@@ -13,15 +15,17 @@ from typing import Literal
 import numpy as np
 import torch
 
-from clients.site import AgencySite, load_local_data, site_spec
+from clients.admission import LedgerRecord, admit, admit_release
+from clients.site import AgencySite, LocalData, load_local_data, site_spec
 from clients.trainer import dp_sgd, noise_generator, steps_per_epoch
 from federation.encoding import FeatureEncoder
 from federation.fairness import count_groups, layout, sensitivity
 from federation.metrics import score_histograms
 from federation.model import build_model, model_from_arrays, model_to_arrays, predict_proba
-from federation.spec import FederationSpec
+from federation.plan import JobPlan
+from federation.spec import FederationSpec, LoadedSpec
 from privacy.accounting import StepRecord, accountant_for, epsilon_for
-from privacy.budget import check_round, job_noise_multiplier, planned_release
+from privacy.budget import check_round, evaluation_release, job_noise_multiplier, planned_release
 from privacy.ledger import LedgerEvent, now_utc, spend_records
 
 
@@ -34,6 +38,18 @@ class TrainRequest:
     rounds: int
     spec_sha256: str
     arrays: list[np.ndarray]
+    epsilon: float | None = None  # the per-job epsilon the coordinator plans (None: not stated)
+    known: LedgerRecord | None = None  # the coordinator's record of this agency's ledger
+
+    def plan(self, loaded_epsilon: float, federation: str) -> JobPlan:
+        """The plan as the coordinator states it (what it leaves unstated is taken as the agency's)."""
+        return JobPlan(
+            federation=federation,
+            job=self.job,
+            spec_sha256=self.spec_sha256,
+            rounds=self.rounds,
+            epsilon=loaded_epsilon if self.epsilon is None else self.epsilon,
+        )
 
 
 @dataclass
@@ -51,6 +67,8 @@ class TrainReply:
     steps: int = 0
     loss: float = float("nan")
     dataset: str = ""
+    origin: str = ""  # the origin (genesis hash) of the agency's ledger
+    evaluation: EvaluationRelease | None = None  # the noised validation metrics of the model received
 
 
 def train_round(site: AgencySite, request: TrainRequest, seed: int | None = None) -> TrainReply:
@@ -70,34 +88,48 @@ def train_round(site: AgencySite, request: TrainRequest, seed: int | None = None
     spec = loaded.spec
     ledger = site.open_ledger()
     events = ledger.events()  # verifies the chain; fails closed
-    data = load_local_data(site, loaded)
+    origin = ledger.origin()
     q = spec.training.sample_rate
-    steps = spec.training.local_epochs * steps_per_epoch(q)
-    sigma = job_noise_multiplier(spec, steps * request.rounds)  # leaves room for a noisy fairness release
-    planned = StepRecord(sigma, q, steps)
+    steps = spec.training.local_epochs * steps_per_epoch(q)  # from the agency's spec, never the coordinator's
 
-    def refuse(reason: str) -> TrainReply:
+    def refuse(reason: str, planned: StepRecord) -> TrainReply:
         spent = spend_records(events)
         job_eps = epsilon_for(spend_records(events, request.job), spec.privacy.delta)
         life_eps = epsilon_for(spent, spec.privacy.delta)
-        ledger.append(_event(site, spec, request, "refusal", planned, job_eps, life_eps, data.fingerprint, reason))
-        return TrainReply(
-            site.agency, "refused", reason, epsilon_job=job_eps, epsilon_lifetime=life_eps, dataset=data.fingerprint
-        )
+        ledger.append(_event(site, spec, request, "refusal", planned, job_eps, life_eps, "", reason))
+        # the refusal alone: no fingerprint, no row count, nothing computed from records
+        return TrainReply(site.agency, "refused", reason, epsilon_job=job_eps, epsilon_lifetime=life_eps, origin=origin)
 
-    if request.spec_sha256 != loaded.sha256:
-        return refuse("the coordinator's spec differs from this agency's copy (sha256 mismatch)")
-    if any(e.kind == "round" and e.job == request.job and e.round == request.round for e in events):
-        return refuse(f"round {request.round} of job {request.job} was already trained here")
+    nothing = StepRecord(0.0, q, 0)
+    claimed = request.plan(spec.privacy.epsilon, spec.federation.name)
+    reason = admit(loaded, events, origin, claimed, request.round, request.arrays, steps, request.known)
+    if reason is not None:
+        return refuse(reason, nothing)
+    sigma = job_noise_multiplier(spec, steps * spec.training.rounds)  # leaves room for the planned releases
+    planned = StepRecord(sigma, q, steps)
+    data = load_local_data(site, loaded)
     if len(data.y_train) == 0:
-        return refuse("no valid training rows")
-    decision = check_round(events, request.job, planned, spec.privacy.delta, spec.privacy.epsilon, spec.privacy.budget)
+        return refuse("no valid training rows", planned)
+    release = evaluation_release(spec)  # the validation metrics of the model this round starts from
+    decision = check_round(
+        events, request.job, planned, spec.privacy.delta, spec.privacy.epsilon, spec.privacy.budget, (release,)
+    )
     if not decision.allowed:
-        return refuse(decision.reason or "budget")
+        return refuse(decision.reason or "budget", planned)
 
+    generator = noise_generator(seed)
+    evaluation = evaluation_release_of(loaded, data, request.arrays, generator)
+    after_release = [*spend_records(events), release]
+    job_release = [*spend_records(events, request.job), release]
+    ledger.append(  # accounted before it is sent
+        _event(
+            site, spec, request, "release", release, epsilon_for(job_release, spec.privacy.delta),
+            epsilon_for(after_release, spec.privacy.delta), data.fingerprint, None, "evaluation",
+        )
+    )  # fmt: skip
     model = build_model(spec.model, FeatureEncoder(spec.schema).width)
     model_from_arrays(model, request.arrays)
-    accountant = accountant_for(spend_records(events))  # the one accountant of this dataset
+    accountant = accountant_for(after_release)  # the one accountant of this dataset
     result = dp_sgd(
         model,
         data.x_train,
@@ -108,11 +140,13 @@ def train_round(site: AgencySite, request: TrainRequest, seed: int | None = None
         learning_rate=spec.training.learning_rate,
         steps=steps,
         accountant=accountant,
-        generator=noise_generator(seed),
+        generator=generator,
     )
     taken = StepRecord(sigma, q, result.steps)
-    job_eps = epsilon_for([*spend_records(events, request.job), taken], spec.privacy.delta)
-    life_eps = float(accountant.get_epsilon(delta=spec.privacy.delta))
+    job_eps = epsilon_for([*job_release, taken], spec.privacy.delta)
+    # the same arithmetic as accountant.get_epsilon over the same history, with each mechanism's RDP cached
+    # (Opacus recomputes every entry's RDP curve: linear in the ledger's length per round, and slow)
+    life_eps = epsilon_for([*after_release, taken], spec.privacy.delta)
     ledger.append(_event(site, spec, request, "round", taken, job_eps, life_eps, data.fingerprint, None))
     return TrainReply(
         site.agency,
@@ -126,6 +160,8 @@ def train_round(site: AgencySite, request: TrainRequest, seed: int | None = None
         result.steps,
         result.mean_loss,
         data.fingerprint,
+        origin,
+        evaluation,
     )
 
 
@@ -139,6 +175,7 @@ def _event(
     life_eps: float,
     fingerprint: str,
     reason: str | None,
+    release: Literal["evaluation", "fairness"] | None = None,
 ) -> LedgerEvent:
     return LedgerEvent(
         kind=kind,
@@ -157,7 +194,43 @@ def _event(
         dataset=fingerprint,
         time=now_utc(),
         reason=reason,
+        federation=spec.federation.name,
+        release=release,
     )
+
+
+EVALUATION_SENSITIVITY = float(np.sqrt(2.0))
+"""L2 sensitivity of one evaluation release under adding or removing one household: its validation
+row adds 1 to one bin of one of the two histograms, and at most 1 to the squared-error sum."""
+
+
+@dataclass(frozen=True)
+class EvaluationRelease:
+    """A noised release of the validation split's score histograms (``[evaluation] bins`` per label)."""
+
+    hist_pos: np.ndarray
+    hist_neg: np.ndarray
+    brier_sum: float
+
+
+def evaluation_release_of(
+    loaded: LoadedSpec, data: LocalData, arrays: list[np.ndarray], generator: torch.Generator
+) -> EvaluationRelease:
+    """Histograms and squared-error sum of the validation split under ``arrays``, Gaussian-noised.
+
+    Noise std ``[evaluation] noise_multiplier * sqrt(2)`` on every count and on the sum: the Gaussian
+    mechanism at that noise multiplier whatever model ``arrays`` is (the sensitivity bound holds for
+    any model, also one crafted to isolate a household). The caller accounts it before it is sent.
+    """
+    spec = loaded.spec
+    bins = spec.evaluation.bins
+    model = build_model(spec.model, FeatureEncoder(spec.schema).width)
+    model_from_arrays(model, arrays)
+    scores = predict_proba(model, data.x_val) if len(data.y_val) else np.zeros(0)
+    pos, neg, brier = score_histograms(scores, data.y_val, bins)
+    exact = np.asarray([*pos, *neg, brier], dtype=np.float64)
+    noised = exact + _gaussian(exact.shape, spec.evaluation.noise_multiplier * EVALUATION_SENSITIVITY, generator)
+    return EvaluationRelease(noised[:bins], noised[bins : 2 * bins], float(noised[-1]))
 
 
 @dataclass(frozen=True)
@@ -172,7 +245,7 @@ class EvaluateReply:
 
 
 def evaluate_round(site: AgencySite, arrays: list[np.ndarray]) -> EvaluateReply:
-    """Score the site's validation split with ``arrays``; only aggregates are returned."""
+    """Exact validation aggregates, for the agency's own use only: never sent (see ``release_round``)."""
     torch.set_num_threads(1)
     loaded = site_spec(site)
     data = load_local_data(site, loaded)
@@ -188,7 +261,7 @@ class FairnessReply:
     """The fairness counts an agency releases (``federation.fairness`` layout), or why it sent none."""
 
     agency: str
-    status: Literal["exact", "noised", "refused", "none"]
+    status: Literal["noised", "refused", "none"]
     counts: np.ndarray
     reason: str | None = None
 
@@ -202,30 +275,29 @@ def _gaussian(shape: tuple[int, ...], std: float, generator: torch.Generator) ->
 
 
 def fairness_round(site: AgencySite, arrays: list[np.ndarray], job: str, seed: int | None = None) -> FairnessReply:
-    """Per-group counts of the validation split under ``arrays``, noised and accounted when the spec says so.
+    """Per-group counts of the validation split under ``arrays``, noised and accounted.
 
-    With ``[fairness] noise_multiplier > 0`` the release is budget-checked like a training round (the
-    job's noise was calibrated to leave room for it), Gaussian noise of std ``noise_multiplier *
-    sensitivity`` is added, and a ``release`` entry goes into the ledger; a release that would cross a
-    cap is refused and recorded, and no counts leave.
+    The release is budget-checked like a training round (the job's noise was calibrated to leave room
+    for it), Gaussian noise of std ``noise_multiplier * sensitivity`` is added, and a ``release``
+    entry goes into the ledger before the counts are returned; a release that would cross a cap is
+    refused and recorded, and no counts leave. With ``[fairness] noise_multiplier = 0`` nothing is
+    released: exact counts never leave an agency. The caller admits the request first
+    (``release_round``).
     """
     torch.set_num_threads(1)
     loaded = site_spec(site)
     spec = loaded.spec
     if spec.fairness is None:
         return FairnessReply(site.agency, "none", np.zeros(0))
-    data = load_local_data(site, loaded)
-    lay = layout(spec.fairness, spec.schema)
-    model = build_model(spec.model, FeatureEncoder(spec.schema).width)
-    model_from_arrays(model, arrays)
-    scores = predict_proba(model, data.x_val) if len(data.y_val) else np.zeros(0)
-    counts = count_groups(scores, data.y_val, data.val_groups, lay, spec.fairness.threshold)
     release = planned_release(spec)
     if release is None:
-        return FairnessReply(site.agency, "exact", counts)
+        return FairnessReply(
+            site.agency, "refused", np.zeros(0), "exact counts are not released: set [fairness] noise_multiplier > 0"
+        )
     ledger = site.open_ledger()
     events = ledger.events()
-    request = TrainRequest(job, 0, 0, loaded.sha256, [])
+    request = TrainRequest(job, spec.training.rounds + 1, spec.training.rounds, loaded.sha256, [])
+    data = load_local_data(site, loaded)
     decision = check_round(events, job, release, spec.privacy.delta, spec.privacy.epsilon, spec.privacy.budget)
     if not decision.allowed:
         job_eps = epsilon_for(spend_records(events, job), spec.privacy.delta)
@@ -233,12 +305,80 @@ def fairness_round(site: AgencySite, arrays: list[np.ndarray], job: str, seed: i
         reason = f"fairness release refused: {decision.reason}"
         ledger.append(_event(site, spec, request, "refusal", release, job_eps, life_eps, data.fingerprint, reason))
         return FairnessReply(site.agency, "refused", np.zeros(0), reason)
+    lay = layout(spec.fairness, spec.schema)
+    model = build_model(spec.model, FeatureEncoder(spec.schema).width)
+    model_from_arrays(model, arrays)
+    scores = predict_proba(model, data.x_val) if len(data.y_val) else np.zeros(0)
+    counts = count_groups(scores, data.y_val, data.val_groups, lay, spec.fairness.threshold)
     noised = counts + _gaussian(
         counts.shape, release.noise_multiplier * sensitivity(spec.fairness), noise_generator(seed)
     )
     event = _event(
         site, spec, request, "release", release, decision.epsilon_job_after, decision.epsilon_lifetime_after,
-        data.fingerprint, None,
+        data.fingerprint, None, "fairness",
     )  # fmt: skip
     ledger.append(event)
     return FairnessReply(site.agency, "noised", noised)
+
+
+@dataclass
+class ReleaseReply:
+    """The agency's answer to the final evaluation of a job: its noised releases, or the refusal alone."""
+
+    agency: str
+    status: Literal["released", "refused"]
+    reason: str | None = None
+    evaluation: EvaluationRelease | None = None
+    fairness: FairnessReply | None = None
+    epsilon_job: float = 0.0
+    epsilon_lifetime: float = 0.0
+    origin: str = ""
+
+
+def release_round(site: AgencySite, request: TrainRequest, seed: int | None = None) -> ReleaseReply:
+    """The final model's evaluation (and fairness counts) for job ``request.job``, as accounted releases.
+
+    Admitted like a round (``clients.admission.admit_release``: the job's plan from the agency's
+    spec, the coordinator's record of its ledger, a job this agency trained in, once per job), then
+    budget-checked for all its releases together; each is noised and entered in the ledger before
+    anything is returned. A refusal is recorded and answered alone.
+    """
+    torch.set_num_threads(1)
+    loaded = site_spec(site)
+    spec = loaded.spec
+    ledger = site.open_ledger()
+    events = ledger.events()
+    origin = ledger.origin()
+    final = TrainRequest(request.job, spec.training.rounds + 1, request.rounds, request.spec_sha256, [])
+    evaluation = evaluation_release(spec)
+    fairness = planned_release(spec) if spec.fairness is not None else None
+
+    def refuse(reason: str) -> ReleaseReply:
+        job_eps = epsilon_for(spend_records(events, request.job), spec.privacy.delta)
+        life_eps = epsilon_for(spend_records(events), spec.privacy.delta)
+        ledger.append(_event(site, spec, final, "refusal", evaluation, job_eps, life_eps, "", reason))
+        return ReleaseReply(
+            site.agency, "refused", reason, epsilon_job=job_eps, epsilon_lifetime=life_eps, origin=origin
+        )
+
+    claimed = request.plan(spec.privacy.epsilon, spec.federation.name)
+    reason = admit_release(loaded, events, origin, claimed, request.known)
+    if reason is not None:
+        return refuse(reason)
+    decision = check_round(
+        events, request.job, evaluation, spec.privacy.delta, spec.privacy.epsilon, spec.privacy.budget,
+        (fairness,) if fairness else (),
+    )  # fmt: skip
+    if not decision.allowed:
+        return refuse(f"final evaluation refused: {decision.reason}")
+    data = load_local_data(site, loaded)
+    released = evaluation_release_of(loaded, data, request.arrays, noise_generator(seed))
+    job_after = epsilon_for([*spend_records(events, request.job), evaluation], spec.privacy.delta)
+    life_after = epsilon_for([*spend_records(events), evaluation], spec.privacy.delta)
+    ledger.append(
+        _event(site, spec, final, "release", evaluation, job_after, life_after, data.fingerprint, None, "evaluation")
+    )
+    counts = fairness_round(site, request.arrays, request.job, None if seed is None else seed + 1)
+    if counts.status == "noised":
+        job_after, life_after = decision.epsilon_job_after, decision.epsilon_lifetime_after
+    return ReleaseReply(site.agency, "released", None, released, counts, job_after, life_after, origin)

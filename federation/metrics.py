@@ -30,29 +30,35 @@ class Metrics:
         return asdict(self)
 
 
-def score_histograms(scores: np.ndarray, labels: np.ndarray) -> tuple[list[int], list[int], float]:
-    """Per-label histograms of ``scores`` in [0, 1] over ``BINS`` equal bins, and the squared-error sum."""
-    idx = np.clip((np.asarray(scores) * BINS).astype(int), 0, BINS - 1)
+def score_histograms(scores: np.ndarray, labels: np.ndarray, bins: int = BINS) -> tuple[list[int], list[int], float]:
+    """Per-label histograms of ``scores`` in [0, 1] over ``bins`` equal bins, and the squared-error sum."""
+    idx = np.clip((np.asarray(scores) * bins).astype(int), 0, bins - 1)
     labels = np.asarray(labels).astype(bool)
-    pos = np.bincount(idx[labels], minlength=BINS)
-    neg = np.bincount(idx[~labels], minlength=BINS)
+    pos = np.bincount(idx[labels], minlength=bins)
+    neg = np.bincount(idx[~labels], minlength=bins)
     brier_sum = float(np.sum((np.asarray(scores) - labels) ** 2))
     return pos.astype(int).tolist(), neg.astype(int).tolist(), brier_sum
 
 
 def metrics_from_histograms(pos: np.ndarray, neg: np.ndarray, brier_sum: float) -> Metrics:
-    """Pooled metrics from summed histograms (see ``score_histograms``)."""
-    pos, neg = np.asarray(pos, dtype=np.float64), np.asarray(neg, dtype=np.float64)
+    """Pooled metrics from summed histograms (see ``score_histograms``; any even number of bins).
+
+    Noised histograms (DP releases) are clipped at zero first: post-processing, no privacy cost.
+    """
+    pos = np.clip(np.asarray(pos, dtype=np.float64), 0.0, None)
+    neg = np.clip(np.asarray(neg, dtype=np.float64), 0.0, None)
+    brier_sum = max(0.0, float(brier_sum))
     n_pos, n_neg = pos.sum(), neg.sum()
-    n = int(n_pos + n_neg)
-    if n == 0:
+    n = int(round(n_pos + n_neg))
+    if n == 0 or n_pos + n_neg <= 0:
         return Metrics(float("nan"), float("nan"), float("nan"), 0, 0)
     # P(score_pos > score_neg) + 0.5 P(tie), ties = same bin.
     neg_below = np.cumsum(neg) - neg
     auc = float((pos * (neg_below + 0.5 * neg)).sum() / (n_pos * n_neg)) if n_pos and n_neg else float("nan")
-    half = BINS // 2
+    half = len(pos) // 2
     correct = pos[half:].sum() + neg[:half].sum()
-    return Metrics(auc, float(correct / n), float(brier_sum / n), n, int(n_pos))
+    total = n_pos + n_neg
+    return Metrics(auc, float(correct / total), float(min(1.0, brier_sum / total)), n, int(round(n_pos)))
 
 
 def exact_metrics(scores: np.ndarray, labels: np.ndarray) -> Metrics:

@@ -150,7 +150,7 @@ class TrainingSection(_Frozen):
     sample_rate: Annotated[float, Field(gt=0.0, le=0.5)] = 0.02
     learning_rate: Annotated[float, Field(gt=0.0, le=100.0)] = 2.0
     validation_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
-    min_agencies: Annotated[int, Field(ge=1)] = 2
+    min_agencies: Annotated[int, Field(ge=1)] = 2  # 3 when secure aggregation is on (``FederationSpec``)
     server_learning_rate: Annotated[float, Field(gt=0.0, le=10.0)] = 1.0
     server_momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
     seed: int = 0
@@ -159,10 +159,10 @@ class TrainingSection(_Frozen):
 class PrivacySection(_Frozen):
     """Per-agency DP: ``epsilon`` per job, ``budget`` over the dataset's lifetime (both at ``delta``)."""
 
-    epsilon: Annotated[float, Field(gt=0.0, le=100.0)]
+    epsilon: Annotated[float, Field(gt=0.0, le=100.0, allow_inf_nan=False)]
     delta: Annotated[float, Field(gt=0.0, lt=1e-2)] = 1e-5
-    max_grad_norm: Annotated[float, Field(gt=0.0)] = 1.0
-    budget: Annotated[float, Field(gt=0.0)]
+    max_grad_norm: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] = 1.0
+    budget: Annotated[float, Field(gt=0.0, allow_inf_nan=False)]
     accountant: Literal["rdp"] = "rdp"
 
     @model_validator(mode="after")
@@ -185,6 +185,28 @@ class SecureAggregationSection(_Frozen):
     max_weight: Annotated[int, Field(ge=1, le=10_000_000)] = 100_000
 
 
+class EvaluationSection(_Frozen):
+    """How an agency releases the validation metrics of a model: Gaussian-noised score histograms.
+
+    Each release is ``bins`` per-label histogram counts and the squared-error sum of the agency's
+    validation split, with Gaussian noise of std ``noise_multiplier * sqrt(2)`` on each (one
+    household moves one count by 1 and the sum by at most 1: L2 sensitivity sqrt(2)). A job makes
+    ``rounds + 1`` of them (one per round for the model it starts from, one for the final model),
+    accounted in the agency's ledger inside the job's epsilon. ``bins`` is even, so that 0.5 is a bin
+    edge and accuracy at 0.5 needs no interpolation.
+    """
+
+    noise_multiplier: Annotated[float, Field(gt=0.0, le=1000.0, allow_inf_nan=False)] = 10.0
+    bins: Annotated[int, Field(ge=2, le=1000)] = 20
+
+    @field_validator("bins")
+    @classmethod
+    def _even(cls, value: int) -> int:
+        if value % 2:
+            raise ValueError(f"bins must be even, so that 0.5 is a bin edge (got {value!r})")
+        return value
+
+
 class FairnessSection(_Frozen):
     """Groups whose outcomes are compared, and the gaps tolerated between them.
 
@@ -194,7 +216,8 @@ class FairnessSection(_Frozen):
     metric's denominator. ``max_tpr_gap`` bounds the gap in coverage of the eligible (one minus the
     miss rate); ``None`` leaves a gap reported but unjudged. ``noise_multiplier > 0`` adds Gaussian
     noise to the released counts and records the release in the agency's ledger (it is then part of
-    the job's epsilon). ``mitigation = "group-thresholds"`` chooses per-group thresholds on
+    the job's epsilon); ``noise_multiplier = 0`` releases nothing (exact counts never leave an agency).
+    ``mitigation = "group-thresholds"`` chooses per-group thresholds on
     ``mitigation_attribute`` (default: the first attribute) that equalise coverage (off by default).
     """
 
@@ -205,7 +228,7 @@ class FairnessSection(_Frozen):
     max_fpr_gap: Annotated[float, Field(ge=0.0, le=1.0)] | None = 0.1
     max_selection_gap: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     min_group_size: Annotated[int, Field(ge=1)] = 30
-    noise_multiplier: Annotated[float, Field(ge=0.0, le=1000.0)] = 0.0
+    noise_multiplier: Annotated[float, Field(ge=0.0, le=1000.0, allow_inf_nan=False)] = 5.0
     mitigation: Literal["none", "group-thresholds"] = "none"
     mitigation_attribute: Annotated[str, Field(pattern=_NAME)] | None = None
 
@@ -242,6 +265,7 @@ class FederationSpec(_Frozen):
     training: TrainingSection = Field(default_factory=TrainingSection)
     privacy: PrivacySection
     secure_aggregation: SecureAggregationSection = Field(default_factory=SecureAggregationSection)
+    evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
     fairness: FairnessSection | None = None
     agencies: Annotated[list[AgencySection], Field(min_length=1)]
 
@@ -258,6 +282,18 @@ class FederationSpec(_Frozen):
                 f"training.min_agencies ({self.training.min_agencies!r}) exceeds the number of "
                 f"agencies ({len(self.agencies)})"
             )
+        if self.secure_aggregation.enabled and self.training.min_agencies < min(3, len(self.agencies)):
+            if "min_agencies" in self.training.model_fields_set:
+                raise ValueError(
+                    f"training.min_agencies ({self.training.min_agencies!r}) must be at least 3 with secure "
+                    "aggregation: the sum of one update is that update, and of two, each agency can subtract its own"
+                )
+            # not set: with secure aggregation the default is 3 (agencies also refuse to unmask fewer)
+            training = self.training.model_copy(update={"min_agencies": 3})
+            return self.model_copy(update={"training": training})._check_fairness()
+        return self._check_fairness()
+
+    def _check_fairness(self) -> FederationSpec:
         if self.fairness is not None:
             known = {f.name: f.type for f in self.schema_.features}
             for name in self.fairness.attributes:

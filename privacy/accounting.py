@@ -61,6 +61,32 @@ def epsilon_for(records: Iterable[StepRecord], delta: float) -> float:
     return float(eps)
 
 
+class RdpTally:
+    """A running composition: add records one at a time, read epsilon at any point.
+
+    The same arithmetic as ``epsilon_for`` (RDP adds up per order), kept as one vector, so that an
+    auditor's epsilon after every ledger entry costs one addition per entry, not a recomputation of
+    the whole prefix (linear instead of quadratic in the ledger's length).
+    """
+
+    def __init__(self) -> None:
+        self._rdp = np.zeros(len(RDPAccountant.DEFAULT_ALPHAS))
+        self._spent = False
+
+    def add(self, record: StepRecord) -> None:
+        """Compose ``record`` in."""
+        if record.steps > 0:
+            self._rdp = self._rdp + record.steps * _rdp_per_step(record.sample_rate, record.noise_multiplier)
+            self._spent = True
+
+    def epsilon(self, delta: float) -> float:
+        """Epsilon at ``delta`` of everything added so far (0.0 when nothing was spent)."""
+        if not self._spent:
+            return 0.0
+        eps, _ = get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=self._rdp, delta=delta)
+        return float(eps)
+
+
 def epsilon_prv(records: Iterable[StepRecord], delta: float, eps_error: float = 0.01) -> float:
     """Epsilon by the PRV accountant (Gopi, Lee, Wutschitz 2021): tighter than RDP, for reporting.
 
@@ -93,8 +119,10 @@ def calibrate_noise(
     Raises
     ------
     ValueError
-        If the target cannot be met (budget too small for the planned steps).
+        If the target cannot be met (budget too small for the planned steps), or ``steps`` is not positive.
     """
+    if steps <= 0:  # at once: a search over zero steps never converges
+        raise ValueError(f"steps must be positive to calibrate noise (got {steps!r})")
     with warnings.catch_warnings():  # at sigma 100 the optimal RDP order is the largest: a loose bound, fine here
         warnings.simplefilter("ignore", UserWarning)
         floor = epsilon_for([StepRecord(MAX_NOISE_MULTIPLIER, sample_rate, steps), *also], delta)

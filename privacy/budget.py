@@ -5,6 +5,7 @@ Validate first, then commit: a refused round trains nothing and spends nothing.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -23,11 +24,22 @@ def planned_release(spec: FederationSpec) -> StepRecord | None:
     return StepRecord(fairness.noise_multiplier, 1.0, 1)
 
 
+def evaluation_release(spec: FederationSpec, count: int = 1) -> StepRecord:
+    """``count`` noisy releases of validation histograms (``[evaluation]``; Gaussian, q = 1)."""
+    return StepRecord(spec.evaluation.noise_multiplier, 1.0, count)
+
+
+def planned_releases(spec: FederationSpec) -> tuple[StepRecord, ...]:
+    """Every release a job of ``spec`` makes besides DP-SGD: ``rounds + 1`` evaluations, the fairness counts."""
+    fairness = planned_release(spec)
+    evaluations = evaluation_release(spec, spec.training.rounds + 1)
+    return (evaluations, fairness) if fairness else (evaluations,)
+
+
 def job_noise_multiplier(spec: FederationSpec, steps: int) -> float:
-    """DP-SGD noise for a job of ``steps`` steps, leaving room in the per-job epsilon for its release."""
-    release = planned_release(spec)
+    """DP-SGD noise for a job of ``steps`` steps, leaving room in the per-job epsilon for its releases."""
     return calibrate_noise(
-        spec.privacy.epsilon, spec.privacy.delta, spec.training.sample_rate, steps, (release,) if release else ()
+        spec.privacy.epsilon, spec.privacy.delta, spec.training.sample_rate, steps, planned_releases(spec)
     )
 
 
@@ -48,6 +60,7 @@ def check_round(
     delta: float,
     job_cap: float,
     lifetime_cap: float,
+    also: Sequence[StepRecord] = (),
 ) -> BudgetDecision:
     """Decide whether ``planned`` steps may run, given everything the ledger already holds.
 
@@ -61,9 +74,11 @@ def check_round(
         The round's mechanism: noise multiplier, sample rate and number of steps.
     delta, job_cap, lifetime_cap
         The (epsilon, delta) caps per job and over the dataset's lifetime.
+    also
+        Other mechanisms the same request runs (the evaluation release of a fit round): decided together.
     """
-    job_eps = epsilon_for([*spend_records(events, job), planned], delta)
-    life_eps = epsilon_for([*spend_records(events), planned], delta)
+    job_eps = epsilon_for([*spend_records(events, job), planned, *also], delta)
+    life_eps = epsilon_for([*spend_records(events), planned, *also], delta)
     reasons = []
     if job_eps > job_cap:
         reasons.append(f"epsilon for this job would reach {job_eps:.3f} > per-job cap {job_cap:g}")

@@ -1,4 +1,4 @@
-"""The coordinator's countersigned chain: one signed entry per round it ran.
+"""The coordinator's countersigned chain: one signed entry per round it ran, and one for the final releases.
 
 Each entry records what the coordinator saw in a round: which agencies answered, whether each trained
 or refused, the epsilon each reported, its dataset fingerprint, and the SHA-256 of the global model
@@ -28,11 +28,14 @@ class AgencyReport(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     agency: str
-    status: Literal["trained", "refused"]
+    status: Literal["trained", "refused", "released"]
     epsilon_job: float
     epsilon_lifetime: float
     dataset: str
     reason: str | None = None
+    origin: str = ""  # the origin (genesis hash) of the agency's ledger, as it reported it ("" before it did)
+    accepted: bool = True  # False: the coordinator refused this reply (ledger restarted, epsilon went down)
+    releases: list[Literal["evaluation", "fairness"]] = []  # the noised releases the reply carried
 
 
 class RoundSummary(BaseModel):
@@ -40,7 +43,7 @@ class RoundSummary(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    kind: Literal["round"] = "round"
+    kind: Literal["round", "evaluation"] = "round"  # evaluation: the final releases, after the last round
     federation: str
     job: str
     round: int
@@ -49,6 +52,11 @@ class RoundSummary(BaseModel):
     agencies: list[AgencyReport]
     model_sha256: str  # the global model after this round
     time: str
+
+    @property
+    def party(self) -> str:
+        """Whose ledger this event belongs in: the coordinator's."""
+        return "coordinator"
 
 
 def weights_sha256(arrays: Sequence[np.ndarray]) -> str:
@@ -67,4 +75,4 @@ def weights_sha256(arrays: Sequence[np.ndarray]) -> str:
 
 def open_coordinator_ledger(directory: Path, signing_key_path: Path) -> Ledger[RoundSummary]:
     """The coordinator's chain at ``directory``, signed with the key at ``signing_key_path`` (made on first use)."""
-    return Ledger(directory, load_or_create_signing_key(signing_key_path), RoundSummary)
+    return Ledger(directory, load_or_create_signing_key(signing_key_path), RoundSummary, party="coordinator")

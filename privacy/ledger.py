@@ -4,7 +4,11 @@ Layout of a ledger folder (it lives in the agency's domain):
 
 - ``ledger.jsonl``: one JSON entry per line. Each entry holds an event, ``seq`` (0, 1, ...), ``prev``
   (the previous entry's hash, 64 zeros for the first), ``hash`` (SHA-256 of the canonical JSON of
-  everything else) and ``sig`` (the agency's Ed25519 signature of the hash).
+  everything else) and ``sig`` (the agency's Ed25519 signature of the hash). Entry 0 is the signed
+  genesis (``Genesis``): the party the ledger belongs to and the fingerprint of its key. Its hash, the
+  ledger's *origin*, is what the coordinator records of each agency's ledger. Ledgers written before
+  the genesis existed ("legacy") start with an event; they still verify, and their origin is the
+  hash of their first entry.
 - ``head.json``: the signed sequence number and hash of the last entry, so that cutting entries off
   the end is detected too.
 - ``ledger.pub``: the agency's public key (PEM), for auditors.
@@ -44,11 +48,24 @@ HEAD_FILE = "head.json"
 PUBLIC_KEY_FILE = "ledger.pub"
 
 
+class Genesis(BaseModel):
+    """Entry 0 of a ledger: whose it is. Deterministic (no time, no nonce), so that rewriting a ledger
+    with the same key and party keeps its origin, and a new key or a new party gives a new one."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["genesis"] = "genesis"
+    party: str
+    key_id: str
+    format: int = 2
+
+
 class LedgerEvent(BaseModel):
     """What happened for one agency: a DP-SGD round, a refusal that spent nothing, or a noisy release.
 
-    ``release`` is a Gaussian-noised release of counts (the fairness evaluation): ``steps`` releases at
-    ``noise_multiplier`` with ``sample_rate`` 1, accounted by the same RDP accountant as training.
+    ``release`` is a Gaussian-noised release of counts (validation histograms, ``release="evaluation"``,
+    or fairness counts, ``release="fairness"``): ``steps`` releases at ``noise_multiplier`` with
+    ``sample_rate`` 1, accounted by the same RDP accountant as training.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -69,6 +86,13 @@ class LedgerEvent(BaseModel):
     dataset: str
     time: str
     reason: str | None = None
+    federation: str | None = None  # the spec's federation name (None in entries written before it was recorded)
+    release: Literal["evaluation", "fairness"] | None = None  # what a release released (None: older fairness)
+
+    @property
+    def party(self) -> str:
+        """Whose ledger this event belongs in."""
+        return self.agency
 
     def step_record(self) -> StepRecord:
         """The accountant's view of this event (no steps for a refusal)."""
@@ -76,10 +100,27 @@ class LedgerEvent(BaseModel):
         return StepRecord(self.noise_multiplier, self.sample_rate, steps)
 
 
-FindingKind = Literal["altered", "deleted", "reordered", "truncated", "missing", "epsilon", "overspend"]
+FindingKind = Literal[
+    "altered",
+    "deleted",
+    "reordered",
+    "truncated",
+    "headless",
+    "party",
+    "restarted",
+    "rollback",
+    "missing",
+    "epsilon",
+    "overspend",
+]
 """What an audit can find, most serious first (``audit verify`` exits with the first kind's code):
 altered (bytes changed, bad signature, unreadable, wrong key), deleted (an entry taken out of the middle),
-reordered, truncated (entries cut off the end), missing (a round one chain records and the other does not),
+reordered, truncated (entries cut off the end), headless (no ledger, an empty one, or no signed head:
+nothing anchors it, so "zero spend" would be unverifiable), party (a ledger not bound to its party: a
+missing agency, a duplicate, a ledger signed with another party's key or naming another party),
+restarted (a ledger whose origin differs from the one the coordinator recorded for that agency, or whose
+lifetime epsilon went down), rollback (the coordinator's chain lacks a job the agencies record for its
+federation, or a registered model), missing (a round one chain records and the other does not),
 epsilon (a recorded epsilon that disagrees with the recomputation or with the coordinator's record),
 overspend (a cap crossed)."""
 
@@ -88,6 +129,10 @@ FINDING_ORDER: tuple[FindingKind, ...] = (
     "deleted",
     "reordered",
     "truncated",
+    "headless",
+    "party",
+    "restarted",
+    "rollback",
     "missing",
     "epsilon",
     "overspend",
@@ -133,6 +178,23 @@ class LedgerVerification(Generic[EventT]):
     signatures_ok: bool = True
     head_ok: bool = True
     key_id: str = ""
+    genesis: Genesis | None = None
+    origin: str = ""  # hash of entry 0 (the genesis; a legacy ledger's first event)
+    last_seq: int = -1
+    last_hash: str = GENESIS
+
+    @property
+    def legacy(self) -> bool:
+        """A ledger with entries but no genesis (written before genesis entries existed)."""
+        return self.genesis is None and self.last_seq >= 0
+
+    @property
+    def party(self) -> str | None:
+        """The party the ledger's signed content names (genesis, else its first event), if any."""
+        if self.genesis is not None:
+            return self.genesis.party
+        first = self.events[0] if self.events else None
+        return str(getattr(first, "party", "")) or None if first is not None else None
 
     @property
     def problems(self) -> list[str]:
@@ -147,7 +209,7 @@ class LedgerVerification(Generic[EventT]):
     def fail(self, kind: FindingKind, message: str) -> None:
         """Record a finding (and which part of the check it broke)."""
         self.findings.append(Finding(kind, message))
-        if kind == "truncated":
+        if kind in {"truncated", "headless"}:
             self.head_ok = False
         elif kind in {"deleted", "reordered"}:
             self.chain_ok = False
@@ -158,7 +220,9 @@ def verify_ledger(
     public_key: Ed25519PublicKey | None = None,
     event_type: type[EventT] = LedgerEvent,  # type: ignore[assignment]
 ) -> LedgerVerification[EventT]:
-    """Check a ledger folder: every line parses, hashes chain, signatures and head verify.
+    """Check a ledger folder: every line parses, hashes chain, signatures, genesis and head verify.
+
+    One pass over the file (linear in its length).
 
     Parameters
     ----------
@@ -173,7 +237,8 @@ def verify_ledger(
     -------
     LedgerVerification
         With every finding, classified: byte flips and bad signatures ("altered"), entries taken out
-        ("deleted"), moved ("reordered") or cut off the end ("truncated").
+        ("deleted"), moved ("reordered") or cut off the end ("truncated"), and a ledger that is absent,
+        empty or has no signed head ("headless").
     """
     directory = Path(directory)
     result: LedgerVerification[EventT] = LedgerVerification(directory=directory)
@@ -187,7 +252,10 @@ def verify_ledger(
     result.key_id = key_id(public_key)
     path = directory / LEDGER_FILE
     if not path.exists():
-        result.fail("truncated", f"no {LEDGER_FILE} in {str(directory)!r}")
+        if (directory / HEAD_FILE).exists():
+            result.fail("truncated", f"no {LEDGER_FILE} in {str(directory)!r}, but its {HEAD_FILE} records entries")
+        else:
+            result.fail("headless", f"no {LEDGER_FILE} in {str(directory)!r}: no signed genesis, nothing to verify")
         return result
     prev, last_seq = GENESIS, -1
     seqs: list[int] = []
@@ -195,14 +263,19 @@ def verify_ledger(
     raw = path.read_bytes()
     if raw and not raw.endswith(b"\n"):
         result.fail("truncated", "the last line is incomplete (truncated file)")
-    for number, line in enumerate(raw.splitlines(), start=1):
+    lines = raw.splitlines()
+    for number, line in enumerate(lines, start=1):
         try:
             entry = json.loads(line)
+            if not isinstance(entry, dict):
+                raise TypeError(f"a JSON {type(entry).__name__}, not an object")
             body = {k: v for k, v in entry.items() if k not in {"hash", "sig"}}
             seq, claimed, sig = int(entry["seq"]), str(entry["hash"]), bytes.fromhex(entry["sig"])
-            event = event_type.model_validate({k: v for k, v in body.items() if k not in {"seq", "prev"}})
+            content = {k: v for k, v in body.items() if k not in {"seq", "prev"}}
+            genesis = Genesis.model_validate(content) if content.get("kind") == "genesis" else None
+            event = None if genesis is not None else event_type.model_validate(content)
         except (ValueError, KeyError, TypeError, ValidationError) as exc:
-            if number == len(raw.splitlines()) and not raw.endswith(b"\n"):
+            if number == len(lines) and not raw.endswith(b"\n"):
                 continue  # the cut-off last line, reported above
             result.chain_ok = False
             result.fail("altered", f"line {number}: unreadable entry ({exc.__class__.__name__})")
@@ -221,11 +294,26 @@ def verify_ledger(
         except (InvalidSignature, ValueError):
             result.signatures_ok = False
             result.fail("altered", f"line {number}: signature does not verify")
+        if seq == 0:
+            result.origin = claimed
+        if genesis is not None:
+            if seq != 0:
+                result.chain_ok = False
+                result.fail("altered", f"line {number}: a genesis entry at seq {seq} (only entry 0 may be one)")
+            elif genesis.key_id != result.key_id:
+                result.fail("party", f"the genesis names key {genesis.key_id}, the ledger is signed by {result.key_id}")
+            else:
+                result.genesis = genesis
+        elif event is not None:
+            result.events.append(event)
         prev, last_seq = claimed, seq
         seqs.append(seq)
-        result.events.append(event)
+    result.last_seq, result.last_hash = last_seq, prev
     if out_of_order:
         _classify_sequence(seqs, out_of_order, result)
+    if last_seq < 0:
+        result.fail("headless", f"{LEDGER_FILE} in {str(directory)!r} is empty: no signed genesis, nothing to verify")
+        return result
     _verify_head(directory, public_key, last_seq, prev, result)
     return result
 
@@ -245,8 +333,7 @@ def _verify_head(
 ) -> None:
     head_path = directory / HEAD_FILE
     if not head_path.exists():
-        if last_seq >= 0:
-            result.fail("truncated", f"{HEAD_FILE} is missing")
+        result.fail("headless", f"{HEAD_FILE} is missing: nothing signed says where the ledger ends")
         return
     try:
         head = json.loads(head_path.read_bytes())
@@ -271,7 +358,10 @@ class Ledger(Generic[EventT]):
     """A signed chain, opened for appending with its owner's signing key.
 
     Reading through ``events()`` verifies first and fails closed: an agency never trains on a
-    ledger it cannot verify, since its spend would then be unknown.
+    ledger it cannot verify, since its spend would then be unknown. The first append (or
+    ``ensure_genesis``) writes the signed genesis. Verification is remembered per process while the
+    file is unchanged, so appends in one process verify only what they add (the whole file is read
+    once per process: linear, not quadratic, in the number of entries).
 
     Parameters
     ----------
@@ -281,6 +371,8 @@ class Ledger(Generic[EventT]):
         The owner's Ed25519 key; the folder's ``ledger.pub`` must be its public half.
     event_type
         The entries' event model (default ``LedgerEvent``, an agency's spend).
+    party
+        Whose ledger it is, written into the genesis (default: the first event's ``party``).
     """
 
     def __init__(
@@ -288,11 +380,13 @@ class Ledger(Generic[EventT]):
         directory: str | Path,
         signing_key: Ed25519PrivateKey,
         event_type: type[EventT] = LedgerEvent,  # type: ignore[assignment]
+        party: str | None = None,
     ) -> None:
         self.event_type = event_type
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self._key = signing_key
+        self.party = party
         pub = self.directory / PUBLIC_KEY_FILE
         pem = public_pem(signing_key.public_key())
         if not pub.exists():
@@ -305,6 +399,41 @@ class Ledger(Generic[EventT]):
         """The ledger file."""
         return self.directory / LEDGER_FILE
 
+    def _stat(self) -> tuple[int, int, int, int] | None:
+        try:
+            st = self.path.stat()
+            head = (self.directory / HEAD_FILE).stat()
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns, head.st_mtime_ns)
+
+    def verification(self) -> LedgerVerification[EventT]:
+        """The verified state of the ledger (empty for a fresh folder).
+
+        Raises
+        ------
+        LedgerError
+            If the ledger does not verify, or its file is gone while its head says it had entries.
+        """
+        cache_key = (str(self.directory.resolve()), key_id(self._key.public_key()), self.event_type.__name__)
+        stat = self._stat()
+        cached = _VERIFIED.get(cache_key)
+        if cached is not None and stat is not None and cached[0] == stat:
+            return cached[1]
+        if not self.path.exists():
+            if (self.directory / HEAD_FILE).exists():
+                raise LedgerError(
+                    f"ledger {str(self.directory)!r} does not verify: {LEDGER_FILE} is missing but {HEAD_FILE} "
+                    "records signed entries (restore the ledger; a new one would reset the budget)"
+                )
+            return LedgerVerification(directory=self.directory, key_id=key_id(self._key.public_key()))
+        check = verify_ledger(self.directory, self._key.public_key(), self.event_type)
+        if not check.ok:
+            raise LedgerError(f"ledger {str(self.directory)!r} does not verify: {check.problems[0]}")
+        if stat is not None:
+            _VERIFIED[cache_key] = (stat, check)
+        return check
+
     def events(self) -> list[EventT]:
         """All events, after verifying the whole ledger.
 
@@ -313,37 +442,69 @@ class Ledger(Generic[EventT]):
         LedgerError
             If the ledger does not verify.
         """
-        if not self.path.exists():
-            return []
-        check = verify_ledger(self.directory, self._key.public_key(), self.event_type)
-        if not check.ok:
-            raise LedgerError(f"ledger {str(self.directory)!r} does not verify: {check.problems[0]}")
-        return check.events
+        return list(self.verification().events)
 
-    def append(self, event: EventT) -> str:
-        """Append ``event`` (chained, signed, fsynced) and move the head; returns the entry hash."""
+    def origin(self) -> str:
+        """The hash of entry 0 (the genesis), or "" for a ledger with no entries yet."""
+        return self.verification().origin
+
+    def ensure_genesis(self, party: str | None = None) -> str:
+        """Write the signed genesis if the ledger has no entries yet; returns the ledger's origin."""
         with open(self.directory / ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            events = self.events()
-            prev = GENESIS
-            if events:
-                prev = json.loads(self.path.read_bytes().splitlines()[-1])["hash"]
-            body = {"seq": len(events), "prev": prev, **event.model_dump()}
-            digest = _entry_hash(body)
-            entry = {**body, "hash": digest, "sig": self._key.sign(bytes.fromhex(digest)).hex()}
-            with self.path.open("ab") as handle:
-                handle.write(_canonical(entry) + b"\n")
-                handle.flush()
-                os.fsync(handle.fileno())
-            head = {
-                "seq": body["seq"],
-                "hash": digest,
-                "sig": self._key.sign(_head_message(body["seq"], digest)).hex(),
-            }
-            tmp = self.directory / (HEAD_FILE + ".tmp")
-            tmp.write_bytes(_canonical(head))
-            tmp.replace(self.directory / HEAD_FILE)
+            check = self.verification()
+            if check.last_seq >= 0:
+                return check.origin
+            owner = party or self.party
+            if not owner:
+                raise LedgerError(f"ledger {str(self.directory)!r}: a genesis needs the party it belongs to")
+            genesis = Genesis(party=owner, key_id=key_id(self._key.public_key()))
+            return self._write(check, genesis.model_dump(), None)
+
+    def append(self, event: EventT) -> str:
+        """Append ``event`` (chained, signed, fsynced) and move the head; returns the entry hash.
+
+        A ledger with no entries gets its genesis first (party: the ledger's, else ``event.party``).
+        """
+        if self.verification().last_seq < 0:
+            self.ensure_genesis(self.party or str(getattr(event, "party", "")) or None)
+        with open(self.directory / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return self._write(self.verification(), event.model_dump(), event)
+
+    def _write(self, check: LedgerVerification[EventT], content: dict[str, Any], event: EventT | None) -> str:
+        """Append one entry after ``check`` (the current verified state); the caller holds the lock."""
+        seq = check.last_seq + 1
+        body = {"seq": seq, "prev": check.last_hash if seq else GENESIS, **content}
+        digest = _entry_hash(body)
+        entry = {**body, "hash": digest, "sig": self._key.sign(bytes.fromhex(digest)).hex()}
+        with self.path.open("ab") as handle:
+            handle.write(_canonical(entry) + b"\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        head = {"seq": seq, "hash": digest, "sig": self._key.sign(_head_message(seq, digest)).hex()}
+        tmp = self.directory / (HEAD_FILE + ".tmp")
+        tmp.write_bytes(_canonical(head))
+        tmp.replace(self.directory / HEAD_FILE)
+        updated: LedgerVerification[EventT] = LedgerVerification(
+            directory=check.directory,
+            events=[*check.events, *([event] if event is not None else [])],
+            key_id=check.key_id,
+            genesis=check.genesis if event is not None else Genesis.model_validate(content),
+            origin=check.origin or digest,
+            last_seq=seq,
+            last_hash=digest,
+        )
+        stat = self._stat()
+        if stat is not None:
+            cache_key = (str(self.directory.resolve()), check.key_id, self.event_type.__name__)
+            _VERIFIED[cache_key] = (stat, updated)
         return digest
+
+
+_VERIFIED: dict[tuple[str, str, str], tuple[tuple[int, int, int, int], LedgerVerification[Any]]] = {}
+"""Per process: the last verified state of each open ledger, by (folder, key, event type), with the
+file's identity, size and times when it was verified (any change means a full re-verification)."""
 
 
 def spend_records(events: list[LedgerEvent], job: str | None = None) -> list[StepRecord]:

@@ -29,7 +29,7 @@ from privacy.coordinator_ledger import AgencyReport, RoundSummary, open_coordina
 from privacy.ledger import now_utc
 from server.registry import checkpoint_dir, latest_checkpoint, register_model, save_checkpoint
 from server.secure_aggregation import AgencySecAggPlus, FastPollGrid
-from server.strategy import AgencyFedAvg, EventSink, JobPlan, RoundClosed, RunLog
+from server.strategy import AgencyFedAvg, EventSink, JobPlan, ReleasesClosed, RoundClosed, RunLog
 
 
 def new_job_id() -> str:
@@ -84,6 +84,27 @@ def _wait_for_agencies(grid: Grid | FastPollGrid, want: int, need: int, timeout:
     return count
 
 
+def known_ledgers(settings: ServerSettings) -> dict[str, dict[str, Any]]:
+    """Per agency, the origin of its ledger and the last lifetime epsilon it reported, from the chain.
+
+    Only replies the coordinator accepted count, so a restarted ledger never replaces the record.
+
+    Raises
+    ------
+    LedgerError
+        If the coordinator's chain does not verify.
+    """
+    known: dict[str, dict[str, Any]] = {}
+    if not settings.ledger_dir.exists():
+        return known
+    chain = open_coordinator_ledger(settings.ledger_dir, settings.signing_key_path).events()
+    for entry in chain:
+        for report in entry.agencies:
+            if report.accepted and report.origin:
+                known[report.agency] = {"origin": report.origin, "epsilon_lifetime": report.epsilon_lifetime}
+    return known
+
+
 def countersigner(settings: ServerSettings) -> RoundClosed:
     """Append each closed round's summary to the coordinator's signed chain."""
     ledger = open_coordinator_ledger(settings.ledger_dir, settings.signing_key_path)
@@ -97,6 +118,29 @@ def countersigner(settings: ServerSettings) -> RoundClosed:
                 round=job_round,
                 spec_sha256=settings.loaded.sha256,
                 aggregated=aggregated,
+                agencies=[AgencyReport.model_validate(r) for r in reports],
+                model_sha256=weights_sha256(weights),
+                time=now_utc(),
+            )
+        )
+
+    return close
+
+
+def release_countersigner(settings: ServerSettings) -> ReleasesClosed:
+    """Append the final evaluation's record (which agency released what) to the coordinator's chain."""
+    ledger = open_coordinator_ledger(settings.ledger_dir, settings.signing_key_path)
+    spec = settings.loaded.spec
+
+    def close(final_round: int, reports: list[dict[str, Any]], weights: list[Any]) -> None:
+        ledger.append(
+            RoundSummary(
+                kind="evaluation",
+                federation=spec.federation.name,
+                job=settings.job,
+                round=final_round,
+                spec_sha256=settings.loaded.sha256,
+                aggregated=False,
                 agencies=[AgencyReport.model_validate(r) for r in reports],
                 model_sha256=weights_sha256(weights),
                 time=now_utc(),
@@ -135,7 +179,12 @@ def run_job(
     )
     strategy = AgencyFedAvg(
         JobPlan(
-            settings.job, spec.training.rounds, settings.loaded.sha256, spec.secure_aggregation.max_weight, first_round
+            settings.job,
+            spec.training.rounds,
+            settings.loaded.sha256,
+            spec.secure_aggregation.max_weight,
+            first_round,
+            spec.privacy.epsilon,
         ),
         weights,
         velocity=velocity,
@@ -147,6 +196,8 @@ def run_job(
         on_event=sink,
         checkpoint=lambda r, w, v: save_checkpoint(settings.checkpoints, r, w, v),
         round_closed=countersigner(settings),
+        known=known_ledgers(settings),
+        releases_closed=release_countersigner(settings),
     )
     remaining = spec.training.rounds - first_round + 1
     sink({"type": "start", "job": settings.job, "rounds": spec.training.rounds, "first_round": first_round})

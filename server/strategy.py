@@ -13,6 +13,7 @@ Built on Flower's legacy ``FedAvg`` (SecAgg+ needs the legacy workflow in Flower
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,7 @@ from federation.metrics import metrics_from_histograms
 EventSink = Callable[[dict[str, Any]], None]
 Checkpoint = Callable[[int, list[np.ndarray], list[np.ndarray]], object]
 RoundClosed = Callable[[int, list[dict[str, Any]], list[np.ndarray], bool], object]
+ReleasesClosed = Callable[[int, list[dict[str, Any]], list[np.ndarray]], object]
 
 
 @dataclass
@@ -72,6 +74,7 @@ class JobPlan:
     spec_sha256: str
     max_weight: int
     first_round: int = 1  # > 1 when resuming from a checkpoint
+    epsilon: float | None = None  # the per-job epsilon of the spec (agencies check it against their own)
 
 
 class AgencyFedAvg(FedAvg):
@@ -95,6 +98,13 @@ class AgencyFedAvg(FedAvg):
         Called after every round that got replies, aggregated or not, with (round, the agencies'
         reports, the global weights after the round, whether it aggregated): the coordinator's
         countersigned chain.
+    known
+        The coordinator's chain's record of each agency's ledger (``origin``, ``epsilon_lifetime``):
+        sent to the agencies, which refuse a round when their ledger disagrees, and checked against
+        every reply: a reply from a restarted ledger, or with a lower lifetime epsilon, is refused.
+    releases_closed
+        Called after the final evaluation with (its round, the agencies' reports, the final weights):
+        the coordinator's chain records which releases each agency sent.
     """
 
     def __init__(
@@ -111,6 +121,8 @@ class AgencyFedAvg(FedAvg):
         on_event: EventSink | None = None,
         checkpoint: Checkpoint | None = None,
         round_closed: RoundClosed | None = None,
+        known: dict[str, dict[str, Any]] | None = None,
+        releases_closed: ReleasesClosed | None = None,
     ) -> None:
         super().__init__(
             fraction_fit=1.0,
@@ -134,21 +146,45 @@ class AgencyFedAvg(FedAvg):
         self._reports: dict[int, list[dict[str, Any]]] = {}  # each round's replies, by job round
         self.log = RunLog()
         self._round_info: dict[int, dict[str, Any]] = {}  # what each round's replies said, by job round
+        self.known: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (known or {}).items()}
+        self.releases_closed = releases_closed or (lambda r, reports, w: None)
         self.on_fit_config_fn = self._fit_config
-        self.on_evaluate_config_fn = lambda server_round: {"job": self.plan.job}
+        self.on_evaluate_config_fn = self._evaluate_config
 
     def job_round(self, server_round: int) -> int:
         """The round number within the job (runs resumed from a checkpoint start past 1)."""
         return self.plan.first_round + server_round - 1
 
     def _fit_config(self, server_round: int) -> dict[str, Scalar]:
-        return {
+        config: dict[str, Scalar] = {
             "job": self.plan.job,
             "round": self.job_round(server_round),
             "rounds": self.plan.rounds,
             "spec-sha256": self.plan.spec_sha256,
             "max-weight": self.plan.max_weight,
+            "ledger-records": json.dumps(self.known, sort_keys=True),
         }
+        if self.plan.epsilon is not None:
+            config["epsilon"] = self.plan.epsilon
+        return config
+
+    def _evaluate_config(self, server_round: int) -> dict[str, Scalar]:
+        config = self._fit_config(server_round)
+        config.pop("max-weight")
+        config["round"] = self.plan.rounds + 1  # the final releases come after the last round
+        return config
+
+    def _judge(self, agency: str, origin: str, epsilon_lifetime: float) -> str | None:
+        """Why a reply from ``agency`` must be refused (its ledger restarted, its epsilon went down), or None."""
+        known = self.known.get(agency)
+        if known is None:
+            return None
+        if known.get("origin") and origin and known["origin"] != origin:
+            return f"ledger restarted: the chain records origin {str(known['origin'])[:12]}, the reply {origin[:12]}"
+        before = float(known.get("epsilon_lifetime", 0.0))
+        if epsilon_lifetime + 1e-9 * max(1.0, before) < before:
+            return f"lifetime epsilon went down: {epsilon_lifetime:.4f} < {before:.4f} recorded before"
+        return None
 
     def _agency(self, name: str) -> AgencyRecord:
         return self.log.agencies.setdefault(name, AgencyRecord())
@@ -163,20 +199,35 @@ class AgencyFedAvg(FedAvg):
         reports = self._reports[job_round] = []
         for _, res in results:
             m = res.metrics
+            agency, origin = str(m["agency"]), str(m.get("ledger-origin", ""))
+            epsilon_lifetime = float(m["epsilon-lifetime"])
+            judged = self._judge(agency, origin, epsilon_lifetime)
+            rejection = judged if m["status"] == "trained" else None
             reports.append(
                 {
-                    "agency": str(m["agency"]),
+                    "agency": agency,
                     "status": str(m["status"]),
                     "epsilon_job": float(m["epsilon-job"]),
-                    "epsilon_lifetime": float(m["epsilon-lifetime"]),
+                    "epsilon_lifetime": epsilon_lifetime,
                     "dataset": str(m["dataset"]),
-                    "reason": str(m["reason"]) if m.get("reason") else None,
+                    "reason": rejection or (str(m["reason"]) if m.get("reason") else None),
+                    "origin": origin,
+                    "accepted": judged is None,
+                    "releases": ["evaluation"] if "hist-pos" in m else [],
                 }
             )
-            record = self._agency(str(m["agency"]))
+            record = self._agency(agency)
             record.epsilon_job = float(m["epsilon-job"])
-            record.epsilon_lifetime = float(m["epsilon-lifetime"])
+            record.epsilon_lifetime = epsilon_lifetime
             record.dataset = str(m["dataset"])
+            if rejection is not None:
+                res.num_examples = 0  # left out of the average (under SecAgg+ the agency refuses itself)
+                record.refusals += 1
+                record.last_reason = rejection
+                self.on_event({"type": "rejected", "round": job_round, "agency": agency, "reason": rejection})
+                continue
+            if origin and judged is None:
+                self.known[agency] = {"origin": origin, "epsilon_lifetime": epsilon_lifetime}
             if m["status"] == "trained":
                 record.rounds_trained += 1
                 trained += 1
@@ -226,19 +277,53 @@ class AgencyFedAvg(FedAvg):
     def configure_evaluate(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, EvaluateIns]]:
-        """Evaluate only the final model: earlier ones are evaluated by the next round's fit replies."""
+        """Evaluate only the final model: earlier ones are evaluated by the next round's fit replies.
+
+        A job that never aggregated a model asks for nothing (every release spends budget).
+        """
         if self.job_round(server_round) < self.plan.rounds:
+            return []
+        if self.log.aggregated_rounds == 0 and self.plan.first_round == 1:
             return []
         return super().configure_evaluate(server_round, parameters, client_manager)
 
     def aggregate_evaluate(
         self, server_round: int, results: list[tuple[ClientProxy, EvaluateRes]], failures: list[Any]
     ) -> tuple[float | None, dict[str, Scalar]]:
-        """Pool the final model's validation histograms."""
+        """Pool the final model's validation histograms; record each agency's releases (or refusal)."""
+        final = self.plan.rounds + 1
         for failure in failures:
-            self.on_event({"type": "error", "round": self.job_round(server_round), "reason": _failure_reason(failure)})
-        entry = self._record_evaluation(self.job_round(server_round), [res.metrics for _, res in results])
-        self._pool_fairness([res.metrics for _, res in results])
+            self.on_event({"type": "error", "round": final, "reason": _failure_reason(failure)})
+        replies = [res.metrics for _, res in results]
+        reports = []
+        for m in replies:
+            agency, origin = str(m["agency"]), str(m.get("ledger-origin", ""))
+            judged = self._judge(agency, origin, float(m["epsilon-lifetime"]))
+            released = [name for name, key in (("evaluation", "hist-pos"), ("fairness", "fairness-counts")) if key in m]
+            reports.append(
+                {
+                    "agency": agency,
+                    "status": str(m["status"]),
+                    "epsilon_job": float(m["epsilon-job"]),
+                    "epsilon_lifetime": float(m["epsilon-lifetime"]),
+                    "dataset": "",
+                    "reason": judged or (str(m["reason"]) if m.get("reason") else None),
+                    "origin": origin,
+                    "accepted": judged is None,
+                    "releases": released,
+                }
+            )
+            record = self._agency(agency)
+            record.epsilon_job = float(m["epsilon-job"])  # after the final releases: the job's whole spend
+            record.epsilon_lifetime = float(m["epsilon-lifetime"])
+            if m["status"] != "released":
+                record.refusals += 1
+                record.last_reason = str(m["reason"])
+                self.on_event({"type": "refusal", "round": final, "agency": agency, "reason": m["reason"]})
+        self.releases_closed(final, reports, self.weights)
+        accepted = [m for m, r in zip(replies, reports, strict=True) if r["accepted"]]
+        entry = self._record_evaluation(self.job_round(server_round), accepted)
+        self._pool_fairness(accepted)
         return (None, {}) if entry is None else (float(entry["brier"]), {"auc": float(entry["auc"])})
 
     def _pool_fairness(self, replies: list[dict[str, Scalar]]) -> None:
@@ -257,6 +342,7 @@ class AgencyFedAvg(FedAvg):
                 self.log.fairness_status[agency] = f"{status}: {str(m.get('fairness-reason', ''))}"
 
     def _record_evaluation(self, model_round: int, replies: list[dict[str, Scalar]]) -> dict[str, Any] | None:
+        replies = [m for m in replies if "hist-pos" in m]  # refusals carry no evaluation
         if not replies:
             return None
         pos = np.sum([histogram_from_bytes(m["hist-pos"]) for m in replies], axis=0)  # type: ignore[arg-type]

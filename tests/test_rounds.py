@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,11 @@ from clients.sampling import SamplingError, poisson_batches, require_poisson
 from clients.site import AgencySite
 from clients.trainer import dp_sgd, noise_generator
 from federation.encoding import FeatureEncoder
+from federation.errors import LedgerError
 from federation.model import build_model, model_to_arrays
 from federation.spec import load_spec
-from privacy.accounting import epsilon_for
+from privacy.accounting import StepRecord, epsilon_for
+from privacy.budget import evaluation_release, planned_releases
 from privacy.ledger import spend_records, verify_ledger
 
 
@@ -44,13 +47,18 @@ def initial(site: AgencySite) -> list[np.ndarray]:
 
 
 def test_budget_spans_jobs_and_a_refused_round_changes_nothing(small_fed: SynthResult, tmp_path: Path) -> None:
-    site, sha = make_site(small_fed, tmp_path, budget=3.2)
+    site, sha = make_site(small_fed, tmp_path, budget=3.0)
     arrays = initial(site)
     for r in (1, 2):
         reply = train_round(site, TrainRequest("job-1", r, 2, sha, arrays), seed=r)
         assert reply.status == "trained" and reply.steps == 50
         assert not all(np.array_equal(a, b) for a, b in zip(reply.arrays, arrays, strict=True))
-    assert reply.epsilon_job == pytest.approx(3.0, abs=0.02) and reply.epsilon_job <= 3.0
+    # two rounds and their two evaluation releases; the job's plan keeps room for its final releases
+    spec = load_spec(site.spec_path).spec
+    spent = [StepRecord(reply.noise_multiplier, 0.02, 50), evaluation_release(spec)] * 2
+    assert reply.epsilon_job == pytest.approx(epsilon_for(spent, 1e-5), rel=1e-9)
+    whole_job = [StepRecord(reply.noise_multiplier, 0.02, 100), *planned_releases(spec)]
+    assert epsilon_for(whole_job, 1e-5) == pytest.approx(3.0, abs=0.02) and epsilon_for(whole_job, 1e-5) <= 3.0
 
     ledger_before = (site.ledger_dir / "ledger.jsonl").read_bytes()
     arrays_before = [a.copy() for a in arrays]
@@ -63,7 +71,7 @@ def test_budget_spans_jobs_and_a_refused_round_changes_nothing(small_fed: SynthR
     assert check.ok
     after = (site.ledger_dir / "ledger.jsonl").read_bytes()
     assert after.startswith(ledger_before)  # nothing rewritten; one refusal entry appended
-    assert [e.kind for e in check.events] == ["round", "round", "refusal"]
+    assert [e.kind for e in check.events] == ["release", "round", "release", "round", "refusal"]
     assert epsilon_for(spend_records(check.events), 1e-5) == pytest.approx(reply.epsilon_lifetime)
 
 
@@ -73,7 +81,7 @@ def test_a_job_cannot_run_more_rounds_than_it_was_calibrated_for(small_fed: Synt
     for r in (1, 2):
         assert train_round(site, TrainRequest("j", r, 2, sha, arrays), seed=r).status == "trained"
     extra = train_round(site, TrainRequest("j", 3, 2, sha, arrays), seed=3)
-    assert extra.status == "refused" and "per-job cap" in (extra.reason or "")
+    assert extra.status == "refused" and "outside the job's plan of 2 rounds" in (extra.reason or "")
 
 
 def test_replayed_round_and_foreign_spec_are_refused(small_fed: SynthResult, tmp_path: Path) -> None:
@@ -204,3 +212,117 @@ def test_the_he_friendly_mlp_trains_under_dp(small_fed: SynthResult, tmp_path: P
     reply = train_round(site, TrainRequest("j", 1, 2, loaded.sha256, initial(site)), seed=1)
     assert reply.status == "trained" and reply.steps == 50 and len(reply.arrays) == 4
     assert all(np.isfinite(a).all() for a in reply.arrays)
+
+
+# ---------------------------------------------------------------- issue 11 item 7: the plan is the agency's
+def test_the_coordinator_cannot_choose_the_number_of_rounds(small_fed: SynthResult, tmp_path: Path) -> None:
+    # rounds=1 would calibrate the noise for one round and put the whole job budget into it
+    site, sha = make_site(small_fed, tmp_path, rounds=2)
+    reply = train_round(site, TrainRequest("j", 1, 1, sha, initial(site)), seed=1)
+    assert (
+        reply.status == "refused" and reply.reason == "the coordinator's plan says rounds 1; this agency's spec says 2"
+    )
+    assert reply.arrays == [] and reply.steps == 0 and reply.evaluation is None
+    claimed_epsilon = train_round(site, TrainRequest("j", 1, 2, sha, initial(site), epsilon=30.0), seed=1)
+    assert claimed_epsilon.status == "refused" and "epsilon 30.0" in (claimed_epsilon.reason or "")
+    events = verify_ledger(site.ledger_dir).events
+    assert [e.kind for e in events] == ["refusal", "refusal"] and epsilon_for(spend_records(events), 1e-5) == 0.0
+
+
+def test_fresh_job_ids_cannot_carry_a_trained_model_past_the_per_job_cap(
+    small_fed: SynthResult, tmp_path: Path
+) -> None:
+    site, sha = make_site(small_fed, tmp_path, budget=10.0, rounds=2)
+    trained = initial(site)
+    for r in (1, 2):
+        reply = train_round(site, TrainRequest("j", r, 2, sha, trained), seed=r)
+        assert reply.status == "trained"
+        trained = reply.arrays
+    # The coordinator goes on training the same model under new job ids, each with a fresh per-job cap.
+    later = train_round(site, TrainRequest("k", 2, 2, sha, trained), seed=3)
+    assert later.status == "refused" and "must start at round 1, not 2" in (later.reason or "")
+    restart = train_round(site, TrainRequest("k", 1, 2, sha, trained), seed=4)
+    assert restart.status == "refused" and "does not start from the spec's initial model" in (restart.reason or "")
+    events = verify_ledger(site.ledger_dir).events
+    assert {e.job for e in events if e.kind in {"round", "release"}} == {"j"}
+    cap = load_spec(site.spec_path).spec.privacy.epsilon
+    assert epsilon_for(spend_records(events, "j"), 1e-5) <= cap  # this model's spend stays within one job's cap
+    # a genuine new job starts from the spec's initial model and is accepted
+    assert train_round(site, TrainRequest("k", 1, 2, sha, initial(site)), seed=5).status == "trained"
+
+
+def test_zero_planned_steps_are_refused_at_once(small_fed: SynthResult, tmp_path: Path) -> None:
+    import time
+
+    from privacy.accounting import calibrate_noise
+
+    site, sha = make_site(small_fed, tmp_path, rounds=2)
+    start = time.monotonic()
+    reply = train_round(site, TrainRequest("j", 1, 0, sha, initial(site)), seed=1)  # used to hang the ClientApp
+    assert reply.status == "refused" and "rounds 0" in (reply.reason or "")
+    with pytest.raises(ValueError, match="steps must be positive"):
+        calibrate_noise(3.0, 1e-5, 0.02, 0)
+    assert time.monotonic() - start < 10.0
+
+
+# ---------------------------------------------------------------- issue 11 item 3: the agency's side of a reset
+def trained_site(fed: SynthResult, tmp_path: Path) -> tuple[AgencySite, str]:
+    site, sha = make_site(fed, tmp_path, rounds=2)
+    assert train_round(site, TrainRequest("j", 1, 2, sha, initial(site)), seed=1).status == "trained"
+    return site, sha
+
+
+def test_a_deleted_ledger_file_with_its_head_kept_is_not_a_fresh_budget(small_fed: SynthResult, tmp_path: Path) -> None:
+    site, sha = trained_site(small_fed, tmp_path)
+    (site.ledger_dir / "ledger.jsonl").unlink()
+    with pytest.raises(LedgerError, match="records signed entries"):
+        train_round(site, TrainRequest("j2", 1, 2, sha, initial(site)), seed=2)
+    assert not (site.ledger_dir / "ledger.jsonl").exists()  # nothing written, nothing trained
+
+
+def test_a_renamed_ledger_folder_is_not_a_fresh_budget(small_fed: SynthResult, tmp_path: Path) -> None:
+    site, sha = trained_site(small_fed, tmp_path)
+    site.ledger_dir.rename(site.ledger_dir.with_name("ledger.old"))
+    with pytest.raises(LedgerError, match="key began ledger"):
+        train_round(site, TrainRequest("j2", 1, 2, sha, initial(site)), seed=2)
+    assert not (site.ledger_dir / "ledger.jsonl").exists()
+
+
+def test_a_ledger_swapped_for_another_of_the_same_key_is_refused(small_fed: SynthResult, tmp_path: Path) -> None:
+    from privacy.keys import load_signing_key
+    from privacy.ledger import Ledger
+
+    site, sha = trained_site(small_fed, tmp_path)
+    shutil.rmtree(site.ledger_dir)
+    Ledger(site.ledger_dir, load_signing_key(site.signing_key_path), party="environment").ensure_genesis()
+    with pytest.raises(LedgerError, match="belongs to 'environment'"):
+        train_round(site, TrainRequest("j2", 1, 2, sha, initial(site)), seed=2)
+
+
+def test_an_empty_ledger_file_is_not_a_fresh_budget(small_fed: SynthResult, tmp_path: Path) -> None:
+    site, sha = trained_site(small_fed, tmp_path)
+    (site.ledger_dir / "ledger.jsonl").write_bytes(b"")
+    (site.ledger_dir / "head.json").unlink()
+    with pytest.raises(LedgerError, match="does not verify"):
+        train_round(site, TrainRequest("j2", 1, 2, sha, initial(site)), seed=2)
+
+
+def test_the_validation_split_is_the_agencys_secret(small_fed: SynthResult, tmp_path: Path) -> None:
+    # The split used to be salted with the public federation name: anyone could tell who is in it.
+    from clients.site import load_local_data
+    from federation.table import load_table, validation_mask
+
+    site, _ = make_site(small_fed, tmp_path)
+    other = site.model_copy(update={"home": tmp_path / "other-home"})
+    loaded = load_spec(site.spec_path)
+    frame = load_table(site.data_path, loaded.spec.schema, write_quarantine=False).valid
+    ids = frame[loaded.spec.schema.id]
+    public = validation_mask(ids, loaded.spec.training.validation_fraction, loaded.spec.federation.name)
+    x = FeatureEncoder(loaded.spec.schema).encode(frame)
+    mine, theirs = load_local_data(site, loaded), load_local_data(other, loaded)
+    for data in (mine, theirs):  # neither split is the one the public salt gives
+        assert data.x_val.shape != x[public].shape or not np.array_equal(data.x_val, x[public])
+    assert mine.x_val.shape != theirs.x_val.shape or not np.array_equal(mine.x_val, theirs.x_val)
+    assert (site.salt_path.stat().st_mode & 0o777) == 0o600 and len(site.validation_salt()) == 64
+    assert site.validation_salt() != other.validation_salt()
+    assert abs(len(mine.y_val) / len(x) - loaded.spec.training.validation_fraction) < 0.03  # still a 20 % split

@@ -37,6 +37,16 @@ KeyringOpt = Annotated[
 ]
 
 
+SpecOpt = Annotated[
+    Path | None,
+    typer.Option("--spec", help="The federation spec: every agency it names must have exactly one ledger"),
+]
+RegistryOpt = Annotated[
+    Path | None,
+    typer.Option("--registry", help="Registry folder: every registered model must be in the coordinator's chain"),
+]
+
+
 class ReportFormat(StrEnum):
     """Output format of `audit report`."""
 
@@ -52,11 +62,21 @@ def audit_rows(ledgers: list[Path]) -> list[AgencyAudit]:
     return [audit_ledger(path) for path in ledgers]
 
 
-def _federation_audit(ledgers: list[Path], coordinator: Path | None, keyring: Path | None) -> FederationAudit:
+def _federation_audit(
+    ledgers: list[Path],
+    coordinator: Path | None,
+    keyring: Path | None,
+    spec: Path | None = None,
+    registry: Path | None = None,
+) -> FederationAudit:
+    from federation.spec import load_spec
     from privacy.audit import audit_federation
+    from server.registry import list_models
 
     with errors_to_exit():
-        return audit_federation(ledgers, coordinator, keyring)
+        expected = [a.name for a in load_spec(spec).spec.agencies] if spec is not None else None
+        models = list_models(registry) if registry is not None else None
+        return audit_federation(ledgers, coordinator, keyring, expected, models)
 
 
 def _audit_json(audit: FederationAudit, code: ExitCode) -> dict[str, Any]:
@@ -87,15 +107,20 @@ def audit_report(
     out_file: Annotated[Path | None, typer.Option("--out", help="Where --format html writes the report")] = None,
     coordinator: CoordinatorOpt = None,
     registry: Annotated[
-        Path | None, typer.Option("--registry", help="Registry folder: list model versions with their epsilon")
+        Path | None,
+        typer.Option(
+            "--registry",
+            help="Registry folder: list model versions with their epsilon (each must be in the coordinator's chain)",
+        ),
     ] = None,
     keyring: KeyringOpt = None,
+    spec: SpecOpt = None,
 ) -> None:
     """Verify ledgers and report each agency's spend against its caps (exit 0 only if all is well)."""
     if fmt is ReportFormat.html and out_file is None:
         err.print("[bold red]error:[/] --format html needs --out FILE")
         raise typer.Exit(int(ExitCode.USAGE))
-    audit = _federation_audit(ledgers, coordinator, keyring)
+    audit = _federation_audit(ledgers, coordinator, keyring, spec, registry)
     rows = audit.agencies
     worst = audit.worst()
     code = ExitCode.OK
@@ -156,15 +181,19 @@ def audit_verify(
     ledgers: LedgersArg,
     coordinator: CoordinatorOpt = None,
     keyring: KeyringOpt = None,
+    spec: SpecOpt = None,
+    registry: RegistryOpt = None,
     fmt: FormatOpt = Format.table,
 ) -> None:
-    """Verify every chain against the keyring and cross-check agencies with the coordinator.
+    """Verify every chain against the keyring, bind ledgers to parties, cross-check with the coordinator.
 
     Exits with the code of the most serious finding: 5 altered or badly signed, 11 an entry deleted,
-    12 reordered, 13 truncated, 14 a round one side records and the other not, 15 a changed epsilon,
-    6 a cap crossed.
+    12 reordered, 13 truncated, 18 a ledger absent, empty or without a head, 19 a ledger not bound to its
+    party (missing, duplicate, another party's key), 20 a ledger restarted, 21 the coordinator's chain
+    rolled back (a job or a registered model it lacks), 14 a round one side records and the other not,
+    15 a changed epsilon, 6 a cap crossed.
     """
-    audit = _federation_audit(ledgers, coordinator, keyring)
+    audit = _federation_audit(ledgers, coordinator, keyring, spec, registry)
     worst = audit.worst()
     code = FINDING_CODES[worst] if worst else ExitCode.OK
     if fmt is Format.json:
