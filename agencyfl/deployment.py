@@ -487,6 +487,7 @@ def pin_app(home: Path, first_start_only: bool = False) -> dict[str, Any]:
 
 def steward_status(home: Path) -> dict[str, Any]:
     """The agency's own view: its SuperNode, the pinned app, refused runs and each job's releases."""
+    from clients.signed_plan import refused_requests
     from clients.supernode import read_pin, refused_runs
     from privacy.ledger import verify_ledger
 
@@ -508,6 +509,7 @@ def steward_status(home: Path) -> dict[str, Any]:
         "pid": running_pid(site.pid_file),
         "pinned_app": asdict(pin) if pin is not None else None,
         "refused_runs": refused_runs(site.root),
+        "refused_requests": refused_requests(site.root),
         "ledger_verified": None if verified is None else verified.ok,
         "jobs": list(jobs.values()),
         "log": str(site.log),

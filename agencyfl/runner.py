@@ -20,21 +20,31 @@ from clients.site import AgencySite
 from federation.errors import FederationError
 from federation.spec import LoadedSpec, load_spec
 from federation.table import load_table
+from privacy.keys import load_or_create_signing_key, public_pem
 from server.app import ServerSettings, make_server_app, new_job_id
 from server.strategy import EventSink
 
 
-def agency_sites(loaded: LoadedSpec, workdir: Path) -> list[AgencySite]:
-    """One site per agency of the spec, homes under ``workdir/agencies``."""
+def agency_sites(loaded: LoadedSpec, workdir: Path, coordinator_key: Path | None = None) -> list[AgencySite]:
+    """One site per agency of the spec, homes under ``workdir/agencies``, trusting ``coordinator_key``."""
     return [
         AgencySite(
             agency=a.name,
             spec_path=loaded.path,
             data_path=loaded.data_path(a.name),
             home=(workdir / "agencies" / a.name).resolve(),
+            coordinator_key=coordinator_key,
         )
         for a in loaded.spec.agencies
     ]
+
+
+def coordinator_public_key(settings: ServerSettings) -> Path:
+    """The coordinator's public ledger key beside its signing key (made on first use): the agencies' trust anchor."""
+    key = load_or_create_signing_key(settings.signing_key_path)
+    public = settings.signing_key_path.with_name("ledger.pub")
+    public.write_bytes(public_pem(key.public_key()))
+    return public
 
 
 def run_federation(spec_path: str | Path, workdir: str | Path, on_event: EventSink | None = None) -> dict[str, Any]:
@@ -52,10 +62,10 @@ def run_federation(spec_path: str | Path, workdir: str | Path, on_event: EventSi
     """
     loaded = load_spec(spec_path)
     workdir = Path(workdir).resolve()
-    sites = agency_sites(loaded, workdir)
+    settings = ServerSettings(loaded=loaded, workdir=workdir, job=new_job_id(), min_available=len(loaded.spec.agencies))
+    sites = agency_sites(loaded, workdir, coordinator_public_key(settings))
     for site in sites:
         load_table(site.data_path, loaded.spec.schema)
-    settings = ServerSettings(loaded=loaded, workdir=workdir, job=new_job_id(), min_available=len(sites))
     server_app = make_server_app(settings, on_event)
     client_app = make_client_app(lambda ctx: sites[int(ctx.node_config["partition-id"])])
 

@@ -54,7 +54,22 @@ def site_from_node_config(context: Context) -> AgencySite:
         data_path=Path(str(cfg["data"])),
         home=Path(str(cfg["home"])),
         keys_dir=Path(str(cfg["keys"])) if cfg.get("keys") else None,
+        coordinator_key=Path(str(cfg["coordinator_key"])) if cfg.get("coordinator_key") else None,
     )
+
+
+def unsigned_refusal(site: AgencySite, kind: str, config: dict[str, Scalar]) -> dict[str, Scalar] | None:
+    """The refusal alone, if the job's plan is not signed by the coordinator (logged at the agency)."""
+    from clients.signed_plan import record_refused_request, unsigned_reason
+
+    reason = unsigned_reason(site, config)
+    if reason is None:
+        return None
+    record_refused_request(site, kind, config, reason)
+    return {
+        "agency": site.agency, "status": "refused", "reason": reason, "dataset": "", "epsilon-job": 0.0,
+        "epsilon-lifetime": 0.0, "ledger-origin": "", "steps": 0, "noise-multiplier": 0.0,
+    }  # fmt: skip
 
 
 def histogram_bytes(values: np.ndarray | list[float]) -> bytes:
@@ -120,6 +135,8 @@ class AgencyClient(NumPyClient):
         from clients.rounds import train_round
 
         logging.getLogger("flwr").setLevel(logging.WARNING)  # Opacus may lower it
+        if (refusal := unsigned_refusal(self.site, "fit", config)) is not None:
+            return [np.zeros_like(p) for p in parameters], 0, refusal
         reply = train_round(self.site, plan_request(config, self.site.agency, parameters))
         metrics: dict[str, Scalar] = {
             "agency": reply.agency,
@@ -142,6 +159,8 @@ class AgencyClient(NumPyClient):
         """The final model's noised validation histograms and fairness counts, or the refusal alone."""
         from clients.rounds import release_round
 
+        if (refusal := unsigned_refusal(self.site, "evaluate", config)) is not None:
+            return 0.0, 0, refusal
         reply = release_round(self.site, plan_request(config, self.site.agency, parameters))
         metrics: dict[str, Scalar] = {
             "agency": reply.agency,

@@ -37,6 +37,7 @@ class AgencySite(BaseModel):
     data_path: Path
     home: Path
     keys_dir: Path | None = None  # default: home/keys
+    coordinator_key: Path | None = None  # the coordinator's public ledger key; None: every job plan is refused
 
     @property
     def ledger_dir(self) -> Path:

@@ -23,10 +23,10 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from clients.refusal_log import append_entry, now, read_entries
 from federation.flower_app import AppRefused, app_digest, pinned_digest
 
 PIN_FILE = "trusted-app.json"
@@ -44,10 +44,6 @@ class PinnedApp:
     pinned_at: str
 
 
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
 def read_pin(home: Path) -> PinnedApp | None:
     """The app pinned in ``home``, or None if none is (or the file is unreadable)."""
     try:
@@ -60,7 +56,7 @@ def pin_installed_app(home: Path) -> PinnedApp:
     """Pin this installation's app in ``home`` (first start, or after the steward checked an upgrade)."""
     from importlib.metadata import version
 
-    pin = PinnedApp(pinned_digest(), version("agencyfl"), version("flwr"), _now())
+    pin = PinnedApp(pinned_digest(), version("agencyfl"), version("flwr"), now())
     home.mkdir(parents=True, exist_ok=True)
     partial = home / (PIN_FILE + ".partial")
     partial.write_text(json.dumps(asdict(pin), indent=2) + "\n")
@@ -70,19 +66,7 @@ def pin_installed_app(home: Path) -> PinnedApp:
 
 def refused_runs(home: Path) -> list[dict[str, Any]]:
     """Every run this agency's SuperNode refused, oldest first."""
-    try:
-        lines = (home / REFUSALS_FILE).read_text().splitlines()
-    except OSError:
-        return []
-    found = []
-    for line in lines:
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(entry, dict):
-            found.append(entry)
-    return found
+    return read_entries(home / REFUSALS_FILE)
 
 
 class AppGate:
@@ -112,9 +96,10 @@ class AppGate:
                 return  # Flower asks again for every message of a refused run
             if run is not None:
                 self._refused.add(run)
-            entry = {"time": _now(), "run_id": run, "fab_hash_claimed": claimed_hash, "digest": digest}
-            with (self.home / REFUSALS_FILE).open("a") as fh:
-                fh.write(json.dumps({**entry, "reason": reason}) + "\n")
+            append_entry(
+                self.home / REFUSALS_FILE,
+                {"time": now(), "run_id": run, "fab_hash_claimed": claimed_hash, "digest": digest, "reason": reason},
+            )
 
 
 def install_gate(gate: AppGate) -> None:

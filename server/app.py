@@ -24,9 +24,12 @@ from flwr.serverapp import Grid, ServerApp
 from federation.encoding import FeatureEncoder
 from federation.errors import FederationError
 from federation.model import build_model, model_to_arrays
+from federation.plan import JobPlan as SignedJobPlan
 from federation.spec import LoadedSpec, load_spec
 from privacy.coordinator_ledger import AgencyReport, RoundSummary, open_coordinator_ledger, weights_sha256
+from privacy.keys import load_or_create_signing_key
 from privacy.ledger import now_utc
+from privacy.plan_signature import sign_plan
 from server.registry import checkpoint_dir, latest_checkpoint, register_model, save_checkpoint
 from server.secure_aggregation import AgencySecAggPlus, FastPollGrid
 from server.strategy import AgencyFedAvg, EventSink, JobPlan, ReleasesClosed, RoundClosed, RunLog
@@ -150,6 +153,12 @@ def release_countersigner(settings: ServerSettings) -> ReleasesClosed:
     return close
 
 
+def signed_plan(settings: ServerSettings) -> str:
+    """The coordinator's signature over this job's plan: what tells an agency the coordinator started it."""
+    plan = SignedJobPlan.from_spec(settings.loaded, settings.job)
+    return sign_plan(plan.signed_bytes(), load_or_create_signing_key(settings.signing_key_path))
+
+
 def run_job(
     grid: Grid, context: Context, settings: ServerSettings, on_event: EventSink | None = None
 ) -> dict[str, Any]:
@@ -185,6 +194,7 @@ def run_job(
             spec.secure_aggregation.max_weight,
             first_round,
             spec.privacy.epsilon,
+            signed_plan(settings),
         ),
         weights,
         velocity=velocity,

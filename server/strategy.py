@@ -75,6 +75,7 @@ class JobPlan:
     max_weight: int
     first_round: int = 1  # > 1 when resuming from a checkpoint
     epsilon: float | None = None  # the per-job epsilon of the spec (agencies check it against their own)
+    signature: str = ""  # the coordinator's signature over the job's plan (privacy.plan_signature)
 
 
 class AgencyFedAvg(FedAvg):
@@ -163,6 +164,7 @@ class AgencyFedAvg(FedAvg):
             "spec-sha256": self.plan.spec_sha256,
             "max-weight": self.plan.max_weight,
             "ledger-records": json.dumps(self.known, sort_keys=True),
+            "plan-signature": self.plan.signature,
         }
         if self.plan.epsilon is not None:
             config["epsilon"] = self.plan.epsilon

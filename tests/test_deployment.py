@@ -31,9 +31,13 @@ from flwr.common.constant import ErrorCode
 from typer.testing import CliRunner
 
 from agencyfl.cli import app
+from agencyfl.daemons import strip_ansi
 from agencyfl.exit_codes import ExitCode
 from agencyfl.synth import synthesize
+from clients.signed_plan import refused_requests
 from clients.supernode import refused_runs
+from federation.flower_app import APP_PYPROJECT
+from privacy.keys import generate_signing_key
 from privacy.ledger import verify_ledger
 
 AGENCIES = ["civil-affairs", "hrss", "tax", "environment"]
@@ -228,6 +232,56 @@ clientapp = "stranger_client:app"
 """
 
 
+def stranger_flwr_home(deployment: Deployment, tmp_path: Path) -> Path:
+    """A Flower CLI home that knows only what every agency is handed: the SuperLink's address and ca.crt."""
+    home = tmp_path / "flwr"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        '[superlink]\ndefault = "target"\n\n[superlink.target]\n'
+        f'address = "127.0.0.1:{deployment.port}"\nroot-certificates = "{deployment.coord / "tls" / "ca.crt"}"\n'
+    )
+    return home
+
+
+def test_our_own_app_started_by_a_stranger_spends_nothing(deployment: Deployment, tmp_path: Path) -> None:
+    """The stranger rebuilds our public app (it passes every app pin) and starts it with a job and a ledger key
+    of its own: every agency refuses every request of that job (the plan is not signed by the coordinator's key
+    it holds), logs it, and its ledger does not change."""
+    app_dir = tmp_path / "agencyfl-app"
+    app_dir.mkdir()
+    (app_dir / "pyproject.toml").write_text(APP_PYPROJECT)
+    generate_signing_key(tmp_path / "stranger.key")
+    home = stranger_flwr_home(deployment, tmp_path)
+    job = "job-of-a-stranger"
+    overrides = (
+        f"spec='{deployment.spec.resolve()}' workdir='{tmp_path / 'work'}' job='{job}' resume=false "
+        f"ledger-key='{tmp_path / 'stranger.key'}'"
+    )
+    ledgers = {a: (deployment.home(a) / "ledger" / "ledger.jsonl") for a in AGENCIES}
+    before = {a: p.read_bytes() if p.exists() else b"" for a, p in ledgers.items()}
+    env = {**os.environ, "FLWR_HOME": str(home)}
+    submitted = subprocess.run(
+        ["flwr", "run", str(app_dir), "target", "--run-config", overrides, "--format", "json"],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    run_id = json.loads(strip_ansi(submitted.stdout))["run-id"]
+
+    def refused_everywhere() -> bool:
+        return all(any(e["job"] == job for e in refused_requests(deployment.home(a))) for a in AGENCIES)
+
+    try:
+        wait_for(refused_everywhere, 240, "every agency to refuse the stranger's job")
+    finally:
+        subprocess.run(["flwr", "stop", str(run_id), "target"], capture_output=True, timeout=120, env=env)
+    for agency in AGENCIES:
+        refusal = next(e for e in refused_requests(deployment.home(agency)) if e["job"] == job)
+        assert refusal["kind"] == "fit" and "not signed by the coordinator's key" in refusal["reason"]
+        after = ledgers[agency].read_bytes() if ledgers[agency].exists() else b""
+        assert after == before[agency]  # nothing spent, nothing recorded
+    assert not list((tmp_path / "work").glob("registry/*/v*"))  # and no model came of it
+
+
 def test_a_strangers_app_never_runs_at_an_agency(deployment: Deployment, tmp_path: Path) -> None:
     """Holding only the SuperLink's address and ca.crt, a stranger submits its own app: every agency refuses it
     before storing it (no ClientApp of it starts), answers with Flower's FAB-verification error, and logs it."""
@@ -236,12 +290,7 @@ def test_a_strangers_app_never_runs_at_an_agency(deployment: Deployment, tmp_pat
     (app_dir / "pyproject.toml").write_text(STRANGER_PYPROJECT)
     (app_dir / "stranger_client.py").write_text(f"MARKER = {str(marker)!r}\n" + STRANGER_CLIENT)
     (app_dir / "stranger_server.py").write_text(f"REPLIES = {str(replies)!r}\n" + STRANGER_SERVER)
-    home = tmp_path / "flwr"
-    home.mkdir()
-    (home / "config.toml").write_text(
-        '[superlink]\ndefault = "target"\n\n[superlink.target]\n'
-        f'address = "127.0.0.1:{deployment.port}"\nroot-certificates = "{deployment.coord / "tls" / "ca.crt"}"\n'
-    )
+    home = stranger_flwr_home(deployment, tmp_path)
     ledgers = {a: (deployment.home(a) / "ledger" / "ledger.jsonl") for a in AGENCIES}
     before = {a: p.read_bytes() if p.exists() else b"" for a, p in ledgers.items()}
     refused_before = {a: len(refused_runs(deployment.home(a))) for a in AGENCIES}

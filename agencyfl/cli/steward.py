@@ -185,6 +185,11 @@ def steward_status(
     out.print(f"refused runs: {len(report['refused_runs'])}")
     for refusal in report["refused_runs"][-5:]:
         out.print(f"  {refusal['time']}  run {refusal['run_id']}: {escape(refusal['reason'])}")
+    out.print(f"refused requests (job plan not signed by the coordinator): {len(report['refused_requests'])}")
+    for refusal in report["refused_requests"][-5:]:
+        out.print(
+            f"  {refusal['time']}  {refusal['kind']} of job {escape(refusal['job'])}: {escape(refusal['reason'])}"
+        )
     verified = {None: "no ledger yet", True: "verified", False: "DOES NOT VERIFY"}[report["ledger_verified"]]
     out.print(f"ledger: {verified}")
     for job in report["jobs"]:

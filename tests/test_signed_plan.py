@@ -1,0 +1,112 @@
+"""Issue 11 item 1: an agency answers only jobs whose plan the coordinator signed.
+
+The attacks go through the agency's real ClientApp client (``clients.app.AgencyClient``, what every
+Flower message reaches): a stranger running our own app with no signature, with a signature of its
+own key, or replaying the coordinator's signature of another job. Each is refused with the refusal
+alone, spends nothing and leaves the ledger as it was; the refusal is logged at the agency. The same
+attack through real daemons is in ``tests/test_deployment.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import invoke
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agencyfl.synth import SynthResult
+from clients.admission import initial_arrays
+from clients.app import AgencyClient, Scalar
+from clients.signed_plan import refused_requests
+from clients.site import AgencySite
+from federation.plan import JobPlan
+from federation.spec import LoadedSpec, load_spec
+from privacy.keys import generate_signing_key, public_pem
+from privacy.plan_signature import CONFIG_KEY, plan_signature_problem, sign_plan
+
+
+@dataclass(frozen=True)
+class Agency:
+    site: AgencySite
+    loaded: LoadedSpec
+    coordinator: Ed25519PrivateKey
+    stranger: Ed25519PrivateKey
+
+    def signed(self, job: str, key: Ed25519PrivateKey | None = None) -> str:
+        return sign_plan(JobPlan.from_spec(self.loaded, job).signed_bytes(), key or self.coordinator)
+
+    def config(self, job: str, signature: str | None) -> dict[str, Scalar]:
+        spec = self.loaded.spec
+        config: dict[str, Scalar] = {
+            "job": job, "round": 1, "rounds": spec.training.rounds, "spec-sha256": self.loaded.sha256,
+            "max-weight": 100000, "epsilon": spec.privacy.epsilon,
+        }  # fmt: skip
+        if signature is not None:
+            config[CONFIG_KEY] = signature
+        return config
+
+
+@pytest.fixture()
+def agency(small_fed: SynthResult, tmp_path: Path) -> Agency:
+    coordinator = generate_signing_key(tmp_path / "coordinator.key")
+    (tmp_path / "coordinator.pub").write_bytes(public_pem(coordinator.public_key()))
+    loaded = load_spec(small_fed.spec)
+    site = AgencySite(
+        agency="tax", spec_path=small_fed.spec, data_path=loaded.data_path("tax"), home=tmp_path / "tax",
+        coordinator_key=tmp_path / "coordinator.pub",
+    )  # fmt: skip
+    return Agency(site, loaded, coordinator, generate_signing_key(tmp_path / "stranger.key"))
+
+
+def ledger_bytes(site: AgencySite) -> bytes:
+    path = site.ledger_dir / "ledger.jsonl"
+    return path.read_bytes() if path.exists() else b""
+
+
+@pytest.mark.parametrize("attack", ["unsigned", "stranger's key", "another job's signature", "garbage"])
+def test_a_job_the_coordinator_did_not_sign_is_refused_and_spends_nothing(agency: Agency, attack: str) -> None:
+    site = agency.site
+    signature = {
+        "unsigned": None,
+        "stranger's key": agency.signed("job-x", agency.stranger),
+        "another job's signature": agency.signed("job-the-coordinator-ran"),
+        "garbage": "!!not base64!!",
+    }[attack]
+    arrays = initial_arrays(agency.loaded)
+    before = ledger_bytes(site)
+    client = AgencyClient(site)
+    update, weight, metrics = client.fit(arrays, agency.config("job-x", signature))
+    assert metrics["status"] == "refused" and weight == 0
+    assert "not signed" in str(metrics["reason"])
+    assert not any(key.startswith("hist") or key in {"brier-sum", "rows"} for key in metrics)  # the refusal alone
+    assert metrics["dataset"] == "" and all(not np.any(u) for u in update)
+    _, count, evaluated = client.evaluate(arrays, agency.config("job-x", signature))
+    assert evaluated["status"] == "refused" and count == 0 and "hist-pos" not in evaluated
+    assert ledger_bytes(site) == before  # nothing spent, nothing recorded in the ledger
+    logged = refused_requests(site.home)
+    assert [e["kind"] for e in logged] == ["fit", "evaluate"] and logged[0]["job"] == "job-x"
+    status = invoke("steward", "status", "--home", site.home, "--format", "json")
+    assert status.exit_code == 0 and json.loads(status.stdout)["refused_requests"] == logged
+
+
+def test_the_coordinators_signature_admits_the_round(agency: Agency) -> None:
+    site = agency.site
+    arrays = initial_arrays(agency.loaded)
+    _, weight, metrics = AgencyClient(site).fit(arrays, agency.config("job-1", agency.signed("job-1")))
+    assert metrics["status"] == "trained" and weight > 0 and "hist-pos" in metrics
+    assert refused_requests(site.home) == []
+
+
+def test_no_coordinator_key_means_no_job(agency: Agency) -> None:
+    # failing closed: an agency that was not handed the coordinator's key cannot tell who started a job
+    plan = JobPlan.from_spec(agency.loaded, "j")
+    good = agency.signed("j")
+    assert plan_signature_problem(plan.signed_bytes(), good, None) is not None
+    site = agency.site
+    assert plan_signature_problem(plan.signed_bytes(), good, site.coordinator_key) is None
+    tampered = plan.model_copy(update={"rounds": 1})  # the plan that would put the whole budget in one round
+    assert plan_signature_problem(tampered.signed_bytes(), good, site.coordinator_key) is not None
