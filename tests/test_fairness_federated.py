@@ -34,12 +34,15 @@ def with_fairness(small_fed: SynthResult, extra: str, name: str) -> Path:
 def test_noised_release_is_accounted_and_verifies(trained: TrainedFederation) -> None:
     for ledger in trained.summary["ledgers"].values():
         events = verify_ledger(ledger).events
-        assert [e.kind for e in events] == ["round", "round", "round", "release"]
+        # each round: the noised evaluation of the model it starts from, then the round; at the end the
+        # final model's evaluation and the fairness counts
+        assert [e.kind for e in events] == ["release", "round"] * 3 + ["release", "release"]
+        assert [e.release for e in events if e.kind == "release"] == ["evaluation"] * 4 + ["fairness"]
         release = events[-1]
         assert release.noise_multiplier == 5.0 and release.sample_rate == 1.0 and release.steps == 1
         assert events[-2].epsilon_job < release.epsilon_job <= 3.0  # the release fits in the job's epsilon
     verified = invoke("audit", "verify", *trained.ledgers, "--coordinator", trained.chain, "--format", "json")
-    assert verified.exit_code == 0, verified.stdout  # releases recomputed; the cross-check compares rounds only
+    assert verified.exit_code == 0, verified.stdout  # releases recomputed, and cross-checked with the chain
     card = json.loads((trained.model / "card.json").read_text())
     assert card["fairness"]["release"].startswith("noised counts")
     assert set(card["fairness"]["agencies"].values()) == {"noised"}
