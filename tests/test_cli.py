@@ -12,12 +12,19 @@ from conftest import TrainedFederation, invoke
 
 from agencyfl.exit_codes import HELP, ExitCode
 from agencyfl.synth import SynthResult
+from clients.admission import initial_arrays
+from federation.encoding import FeatureEncoder
+from federation.metrics import exact_metrics
+from federation.model import build_model, model_from_arrays, predict_proba
+from federation.spec import load_spec
+from federation.table import load_table
 from privacy.accounting import StepRecord, epsilon_for
 from privacy.keys import generate_signing_key
 from privacy.ledger import LEDGER_FILE, Ledger, LedgerEvent, now_utc, verify_ledger
+from server.registry import RegisteredModel
 
 
-def test_run_trains_registers_and_reports(trained: TrainedFederation) -> None:
+def test_run_trains_registers_and_reports(trained: TrainedFederation, small_fed: SynthResult) -> None:
     summary = trained.summary
     assert summary["rounds_aggregated"] == 3
     assert set(summary["agencies"]) == {"civil-affairs", "hrss", "tax", "environment"}
@@ -30,10 +37,17 @@ def test_run_trains_registers_and_reports(trained: TrainedFederation) -> None:
         assert max(e.epsilon_job for e in events if e.kind == "round") < events[-1].epsilon_job
         assert agency["epsilon_job"] == pytest.approx(events[-1].epsilon_job)
         assert 2.9 < events[-1].epsilon_job <= 3.0
-    assert summary["metrics"]["auc"] > 0.7
+    assert 0.0 <= summary["metrics"]["auc"] <= 1.0  # pooled from noised releases; the model is judged below
     # round 0 is the initial model (evaluated by round 1's replies); later rounds the model after them
     assert [h["round"] for h in summary["history"]] == [0, 1, 2, 3]
-    assert summary["history"][-1]["auc"] > summary["history"][0]["auc"]
+    # the model learned: on held-out households it beats the model every job starts from
+    loaded = load_spec(trained.spec)
+    test = load_table(small_fed.test, loaded.spec.schema).valid
+    x, y = FeatureEncoder(loaded.spec.schema).encode(test), test["eligible"].to_numpy()
+    start = build_model(loaded.spec.model, x.shape[1])
+    model_from_arrays(start, initial_arrays(loaded))
+    final = RegisteredModel(trained.model).model
+    assert exact_metrics(predict_proba(final, x), y).auc > exact_metrics(predict_proba(start, x), y).auc + 0.1
     card = json.loads((trained.model / "card.json").read_text())
     assert card["secure_aggregation"] is True  # on by default
     assert card["purpose"] == "eligibility-identification"

@@ -360,7 +360,11 @@ def test_train_over_tls_with_authenticated_nodes_and_secure_aggregation(
     summary = story.resumed
     assert summary["job"] == story.job
     assert summary["rounds_aggregated"] == 3 and summary["flower"]["status"] == "finished:completed"
-    assert summary["metrics"]["auc"] > 0.75
+    held_out = cli(
+        "evaluate", "--model", summary["model"], "--spec", deployment.spec, "--data", deployment.data.test,
+        "--format", "json",
+    )  # fmt: skip  # the pooled validation AUC is a noised release: judge the model on held-out households
+    assert held_out.exit_code == 0 and json.loads(held_out.stdout)["auc"] > 0.75
     card = json.loads((Path(summary["model"]) / "card.json").read_text())
     assert card["secure_aggregation"] is True
     for agency in AGENCIES:

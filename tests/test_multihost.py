@@ -2,11 +2,13 @@
 
 Every daemon is started with the agencyfl commands inside its namespace (``ip netns exec``), so the
 agencies reach the coordinator only over their own link and TLS checks the address they dial.
-hrss's only link is cut as round 1 starts and stays down longer than a SecAgg+ stage may wait, so
-round 1 goes ahead with the other three (the spec's minimum); then the link comes back. That long a
-cut also outlasts Flower's heartbeat patience (60 s), so the SuperLink marks hrss offline until its
-SuperNode's retried heartbeat gets through (up to ~25 s after the link returns): round 2 may start
-before that, so the smallest job that surely shows the rejoin has 3 rounds, hrss training round 3.
+hrss trains round 1; its only link is cut as round 2 starts and stays down longer than a SecAgg+
+stage may wait, so round 2 goes ahead with the other three (the spec's minimum); then the link comes
+back and hrss's SuperNode rejoins the federation (online at the SuperLink again). That long a cut
+outlasts Flower's heartbeat patience (60 s), so the SuperLink marks hrss offline until its retried
+heartbeat gets through, up to ~25 s after the link returns: whether hrss is back in time to be
+sampled for round 3 is a race, so the test asserts the rejoin at the SuperLink, not a round 3 entry.
+(hrss could not rejoin a job it missed round 1 of: an agency starts a job only at round 1.)
 Namespaces are removed after.
 """
 
@@ -120,29 +122,40 @@ def test_federation_across_namespaces_survives_a_cut_link(namespaces: dict[str, 
         )
         try:
             deadline = time.monotonic() + 400
-            while not list((coord / "work" / "runs").glob("*/events.jsonl")):  # the ServerApp is about to send
-                assert time.monotonic() < deadline and train.poll() is None, "the job did not start"
+            while not list((coord / "work" / "registry").glob("*/checkpoints/*/round-0001.npz")):
+                assert time.monotonic() < deadline and train.poll() is None, "round 1 did not aggregate"
                 time.sleep(0.2)
             link = f"{TAG}c{AGENCIES.index('hrss')}"
             sh("ip", "link", "set", link, "down", ns=cns)  # hrss's only link to the coordinator
-            time.sleep(STAGE_TIMEOUT + 10)  # longer than a SecAgg+ stage waits: hrss drops out of round 1
+            time.sleep(STAGE_TIMEOUT + 5)  # longer than a SecAgg+ stage waits: hrss drops out of round 2
             sh("ip", "link", "set", link, "up", ns=cns)
             stdout, stderr = train.communicate(timeout=900)
         finally:
             train.kill()
         assert train.returncode == 0, stderr
         summary = json.loads(stdout)
-        assert summary["rounds_aggregated"] == 3 and summary["metrics"]["auc"] > 0.7
+        assert summary["rounds_aggregated"] == 3
+        # the model, on held-out households (the pooled validation AUC is a noised release)
+        held_out = agencyfl("evaluate", "--model", summary["model"], "--spec", data.spec, "--data", data.test, ns=cns)
+        assert held_out["auc"] > 0.75
         job = summary["job"]
         for agency in AGENCIES:
             rounds = ledger_rounds(homes[agency], job)
             assert verify_ledger(homes[agency] / "ledger").ok
             assert rounds == sorted(set(rounds)), (agency, rounds)  # nothing counted twice
             if agency == "hrss":
-                assert 1 not in rounds and 3 in rounds, rounds  # cut off in round 1, back by round 3
+                assert 1 in rounds and 2 not in rounds, rounds  # cut off in round 2
             else:
                 assert rounds == [1, 2, 3], (agency, rounds)
-        assert 1 <= summary["agencies"]["hrss"]["rounds_trained"] <= 2
+
+        def hrss_online() -> bool:
+            status = agencyfl("coordinator", "status", "--dir", coord, ns=cns)
+            return {a["agency"]: a["status"] for a in status["agencies"]}["hrss"] == "online"
+
+        deadline = time.monotonic() + 90
+        while not hrss_online():  # rejoined over the restored link
+            assert time.monotonic() < deadline, "hrss did not rejoin the federation"
+            time.sleep(2)
     finally:
         for agency in AGENCIES:
             sh(sys.executable, "-m", "agencyfl", "steward", "stop", "--home", str(homes[agency]), check=False)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,9 +33,12 @@ from clients.site import AgencySite, load_local_data
 from federation.encoding import FeatureEncoder
 from federation.metrics import score_histograms
 from federation.model import build_model, model_from_arrays, predict_proba
+from federation.plan import JobPlan
 from federation.spec import LoadedSpec, load_spec
 from privacy.accounting import StepRecord, epsilon_for
+from privacy.keys import generate_signing_key, public_pem
 from privacy.ledger import verify_ledger
+from privacy.plan_signature import CONFIG_KEY, sign_plan
 
 LOGIT = 0.1  # the crafted model puts the target at this logit, alone in its score bin
 WEIGHT = 1e6
@@ -67,8 +71,18 @@ def fast_spec(fed: SynthResult, tmp_path: Path) -> LoadedSpec:
     return load_spec(spec)
 
 
+# The coordinator, whose signed job plans the agency answers (issue 11 item 1): the attacker here is the
+# coordinator itself, crafting the models it sends, so its requests carry valid signatures.
+_COORDINATOR_DIR = Path(tempfile.mkdtemp(prefix="probing-coordinator-"))
+COORDINATOR = generate_signing_key(_COORDINATOR_DIR / "ledger-signing.key")
+(_COORDINATOR_DIR / "ledger.pub").write_bytes(public_pem(COORDINATOR.public_key()))
+
+
 def site_at(loaded: LoadedSpec, home: Path, salt_from: AgencySite | None = None) -> AgencySite:
-    site = AgencySite(agency="tax", spec_path=loaded.path, data_path=loaded.data_path("tax"), home=home)
+    site = AgencySite(
+        agency="tax", spec_path=loaded.path, data_path=loaded.data_path("tax"), home=home,
+        coordinator_key=_COORDINATOR_DIR / "ledger.pub",
+    )  # fmt: skip
     if salt_from is not None:  # the same agency's split in every trial: the attacker's targets stay in it
         site.salt_path.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(salt_from.salt_path, site.salt_path)
@@ -133,6 +147,7 @@ def config(
         "spec-sha256": loaded.sha256,
         "max-weight": 100_000,
         "epsilon": loaded.spec.privacy.epsilon,
+        CONFIG_KEY: sign_plan(JobPlan.from_spec(loaded, job).signed_bytes(), COORDINATOR),
     }
 
 
