@@ -339,7 +339,7 @@ def story(deployment: Deployment) -> JobStory:
         restarted = deployment.start_steward("hrss")
         assert restarted.exit_code == 0, restarted.output
         wait_for(lambda: len(_checkpoints(deployment)) >= 2, 400, "round 2 to aggregate")
-        pid = int((deployment.coord / "run" / "superlink.pid").read_text())
+        pid = int((deployment.coord / "run" / "superlink.pid").read_text().split()[0])
         os.killpg(pid, signal.SIGKILL)  # a crash, not a clean stop
         _, crashed_stderr = proc.communicate(timeout=120)
     finally:
