@@ -44,27 +44,55 @@ def start_daemon(cmd: list[str], log: Path, pid_file: Path, env: dict[str, str])
         proc = subprocess.Popen(
             cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
         )
-    pid_file.write_text(f"{proc.pid}\n")
+    pid_file.write_text(f"{proc.pid} {_start_ticks(proc.pid)}\n")  # the start time tells PID reuse apart
     return proc.pid
 
 
-def running_pid(pid_file: Path) -> int | None:
-    """The recorded PID if that process is alive (zombies count as dead)."""
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of ``/proc/PID/stat`` after the command name (state first), or None."""
     try:
-        pid = int(pid_file.read_text().strip())
-    except (OSError, ValueError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _start_ticks(pid: int) -> str:
+    """When the process started (clock ticks since boot; proc(5) field 22), or "" where /proc has none."""
+    fields = _proc_stat(pid)
+    return fields[19] if fields is not None and len(fields) > 19 else ""
+
+
+def _looks_like_a_daemon(pid: int) -> bool:
+    """For a PID file without a start time (older agencyfl): is it one of the daemons agencyfl starts?"""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+    except OSError:
+        return False
+    return any(name in cmdline for name in (b"flower-superlink", b"flower-supernode", b"clients.supernode"))
+
+
+def running_pid(pid_file: Path) -> int | None:
+    """The recorded PID if it is still the daemon that was started (zombies and reused PIDs count as dead)."""
+    try:
+        recorded = pid_file.read_text().split()
+        pid = int(recorded[0])
+    except (OSError, ValueError, IndexError):
         return None
     try:
         os.kill(pid, 0)
     except OSError:
         return None
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
+    fields = _proc_stat(pid)
+    if fields is None:
         return pid
-    if state == "Z":
+    if fields[0] == "Z":
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)  # reap it if it is our child
+        return None
+    started = recorded[1] if len(recorded) > 1 else None
+    if started is not None and started != _start_ticks(pid):
+        return None  # the daemon died and another process now has its PID: never signal that one
+    if started is None and not _looks_like_a_daemon(pid):
         return None
     return pid
 
@@ -72,7 +100,8 @@ def running_pid(pid_file: Path) -> int | None:
 def stop_daemon(pid_file: Path, grace: float = 5.0) -> bool:
     """Stop the recorded daemon and its process group (TERM, then KILL after ``grace`` s).
 
-    Returns False if nothing was running.
+    Returns False if nothing was running, or if the recorded PID now belongs to another process
+    (it is left alone).
     """
     pid = running_pid(pid_file)
     if pid is None:

@@ -4,7 +4,8 @@ Coordinator folder (``coordinator init --out DIR``)::
 
     DIR/coordinator.json      address, bind host and port
     DIR/tls/                  ca.crt (hand to every agency), ca.key, server.pem, server.key
-    DIR/keys/                 the coordinator's ledger signing key (ledger-signing.key, ledger.pub)
+    DIR/keys/                 the coordinator's ledger signing key (ledger-signing.key, ledger.pub) and the
+                              secret its SuperLink and SuperExec share (superexec.secret)
     DIR/app/pyproject.toml    the Flower app submitted for each run (components come from the
                               installed agencyfl: no code is shipped to the agencies)
     DIR/flwr/                 FLWR_HOME of the coordinator's Flower CLI (connection "agencyfl")
@@ -24,6 +25,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -62,7 +65,7 @@ Auditors receive from every party its ledger.pub (the coordinator's is keys/ledg
 import it with `agencyfl audit keys import NAME KEY.pub`; from the coordinator, work/coordinator/ledger
 (its countersigned chain of round summaries); from each agency, its ledger folder.
 
-Never hand over: ca.key, server.key, node.key, ledger-signing.key, data files, ledgers' private parts.
+Never hand over: ca.key, server.key, superexec.secret, node.key, ledger-signing.key, data files, ledgers' private parts.
 """
 
 
@@ -95,6 +98,24 @@ class CoordinatorDir:
     @property
     def log(self) -> Path:
         return self.root / "logs" / "superlink.log"
+
+    @property
+    def superexec_pid_file(self) -> Path:
+        return self.root / "run" / "superexec.pid"
+
+    @property
+    def superexec_log(self) -> Path:
+        return self.root / "logs" / "superexec.log"
+
+    @property
+    def superexec_secret(self) -> Path:
+        """The secret the SuperLink and its SuperExec share (owner-only; never handed to anyone)."""
+        return self.root / "keys" / "superexec.secret"
+
+    @property
+    def refused_runs_file(self) -> Path:
+        """Runs of another app than agencyfl's that the SuperExec did not launch."""
+        return self.root / "refused-runs.jsonl"
 
     @property
     def agencies_file(self) -> Path:
@@ -140,6 +161,7 @@ def init_coordinator(out: Path, name: str, hosts: list[str], port: int, bind: st
     issue_server_certificate(ca_crt, ca_key, cdir.tls, hosts)
     key = generate_signing_key(cdir.root / "keys" / "ledger-signing.key")
     (cdir.root / "keys" / "ledger.pub").write_bytes(public_pem(key.public_key()))
+    _superexec_secret(cdir)
     (cdir.root / "app").mkdir(parents=True, exist_ok=True)
     (cdir.root / "app" / "pyproject.toml").write_text(APP_PYPROJECT)
     address = f"{hosts[0]}:{port}"
@@ -167,8 +189,10 @@ def _port_open(host: str, port: int) -> bool:
 
 
 def start_coordinator(cdir: CoordinatorDir, timeout: float = 60.0) -> int:
-    """Start the SuperLink detached: TLS, SuperNode authentication, persisted state, no runtime installs."""
+    """Start the SuperLink detached (TLS, SuperNode authentication, persisted state, no runtime installs,
+    ServerApps launched only by its own SuperExec, which runs nothing but the agencyfl app)."""
     settings = cdir.settings()
+    secret = _superexec_secret(cdir)
     cmd = [
         executable("flower-superlink"),
         "--ssl-ca-certfile", str(cdir.tls / "ca.crt"),
@@ -177,6 +201,8 @@ def start_coordinator(cdir: CoordinatorDir, timeout: float = 60.0) -> int:
         "--enable-supernode-auth",
         "--database", str(cdir.root / "state" / "superlink.db"),
         "--disable-runtime-dependency-installation",
+        "--isolation", "process",  # ServerApps run only where our SuperExec launches them
+        "--superexec-auth-secret-file", str(secret),
         "--host", str(settings["bind"]),
         "--port", str(settings["port"]),
     ]  # fmt: skip
@@ -189,11 +215,46 @@ def start_coordinator(cdir: CoordinatorDir, timeout: float = 60.0) -> int:
         "the SuperLink",
         cdir.log,
     )
+    stop_daemon(cdir.superexec_pid_file)  # after a crash: a fresh SuperExec, and no orphaned ServerApp
+    start_superexec(cdir)
     return pid
 
 
+def superexec_command(cdir: CoordinatorDir, gated: bool = True) -> list[str]:
+    """The SuperExec beside the SuperLink: ours (only the agencyfl app) or, ``gated=False``, Flower's own."""
+    settings = cdir.settings()
+    probe = "127.0.0.1" if settings["bind"] in ("0.0.0.0", "::") else str(settings["bind"])
+    flower = [
+        "--runtime-api-address", f"{probe}:{settings['port']}",
+        "--root-certificates", str(cdir.tls / "ca.crt"),
+        "--superexec-auth-secret-file", str(_superexec_secret(cdir)),
+    ]  # fmt: skip
+    if not gated:
+        return [executable("flower-superexec"), *flower]
+    return [sys.executable, "-m", "server.superexec", "--refusals", str(cdir.refused_runs_file), *flower]
+
+
+def start_superexec(cdir: CoordinatorDir) -> int:
+    """Start the coordinator's SuperExec detached (it launches the ServerApp of each agencyfl run)."""
+    return start_daemon(
+        superexec_command(cdir), cdir.superexec_log, cdir.superexec_pid_file, flower_env(cdir.flwr_home)
+    )
+
+
+def _superexec_secret(cdir: CoordinatorDir) -> Path:
+    """The shared SuperExec secret (32 random bytes, 0600), made on first start."""
+    path = cdir.superexec_secret
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(secrets.token_bytes(32))
+    return path
+
+
 def stop_coordinator(cdir: CoordinatorDir) -> bool:
-    """Stop the SuperLink (and the ServerApp it runs); False if it was not running."""
+    """Stop the SuperExec (and the ServerApp it runs) and the SuperLink; False if the SuperLink was not running."""
+    stop_daemon(cdir.superexec_pid_file)
     return stop_daemon(cdir.pid_file)
 
 

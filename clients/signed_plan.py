@@ -16,9 +16,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from clients.refusal_log import append_entry, now, read_entries
 from clients.site import AgencySite, site_spec
 from federation.plan import JobPlan
+from federation.refusal_log import append_entry, now, read_entries
 from privacy.plan_signature import CONFIG_KEY, plan_signature_problem
 
 REFUSED_REQUESTS = "refused-requests.jsonl"

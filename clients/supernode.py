@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from clients.refusal_log import append_entry, now, read_entries
 from federation.flower_app import AppRefused, app_digest, pinned_digest
+from federation.refusal_log import append_entry, now, read_entries
 
 PIN_FILE = "trusted-app.json"
 REFUSALS_FILE = "refused-runs.jsonl"

@@ -31,14 +31,17 @@ from flwr.common.constant import ErrorCode
 from typer.testing import CliRunner
 
 from agencyfl.cli import app
-from agencyfl.daemons import strip_ansi
+from agencyfl.daemons import start_daemon, stop_daemon, strip_ansi
+from agencyfl.deployment import CoordinatorDir, start_superexec, superexec_command
 from agencyfl.exit_codes import ExitCode
 from agencyfl.synth import synthesize
 from clients.signed_plan import refused_requests
 from clients.supernode import refused_runs
 from federation.flower_app import APP_PYPROJECT
+from federation.refusal_log import read_entries
 from privacy.keys import generate_signing_key
 from privacy.ledger import verify_ledger
+from server.superexec import pinned_fab_hash
 
 AGENCIES = ["civil-affairs", "hrss", "tax", "environment"]
 runner = CliRunner()
@@ -282,31 +285,67 @@ def test_our_own_app_started_by_a_stranger_spends_nothing(deployment: Deployment
     assert not list((tmp_path / "work").glob("registry/*/v*"))  # and no model came of it
 
 
-def test_a_strangers_app_never_runs_at_an_agency(deployment: Deployment, tmp_path: Path) -> None:
-    """Holding only the SuperLink's address and ca.crt, a stranger submits its own app: every agency refuses it
-    before storing it (no ClientApp of it starts), answers with Flower's FAB-verification error, and logs it."""
+def stranger_app(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A Flower app whose ClientApp would copy an agency's data and key; where its evidence would appear."""
     app_dir, marker, replies = tmp_path / "stranger-app", tmp_path / "stolen.txt", tmp_path / "replies.json"
     app_dir.mkdir()
     (app_dir / "pyproject.toml").write_text(STRANGER_PYPROJECT)
     (app_dir / "stranger_client.py").write_text(f"MARKER = {str(marker)!r}\n" + STRANGER_CLIENT)
     (app_dir / "stranger_server.py").write_text(f"REPLIES = {str(replies)!r}\n" + STRANGER_SERVER)
-    home = stranger_flwr_home(deployment, tmp_path)
-    ledgers = {a: (deployment.home(a) / "ledger" / "ledger.jsonl") for a in AGENCIES}
-    before = {a: p.read_bytes() if p.exists() else b"" for a, p in ledgers.items()}
-    refused_before = {a: len(refused_runs(deployment.home(a))) for a in AGENCIES}
+    return app_dir, marker, replies
+
+
+def flwr_run(app_dir: Path, home: Path) -> int:
     submitted = subprocess.run(
         ["flwr", "run", str(app_dir), "target", "--format", "json"],
         capture_output=True, text=True, timeout=120, env={**os.environ, "FLWR_HOME": str(home)},
     )  # fmt: skip
-    assert submitted.returncode == 0, submitted.stdout + submitted.stderr  # open-source Flower accepts the run
-    wait_for(replies.exists, 240, "the stranger's ServerApp to collect its replies")
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr  # open-source Flower accepts any run
+    return int(json.loads(strip_ansi(submitted.stdout))["run-id"])
+
+
+def test_a_strangers_app_never_runs_on_the_coordinator_host(deployment: Deployment, tmp_path: Path) -> None:
+    """Holding only the SuperLink's address and ca.crt, a stranger submits its own app: the coordinator's
+    SuperExec does not launch its ServerApp (so it sends nothing to any agency) and records the run."""
+    app_dir, marker, replies = stranger_app(tmp_path)
+    home = stranger_flwr_home(deployment, tmp_path)
+    run_id = flwr_run(app_dir, home)
+    refused = deployment.coord / "refused-runs.jsonl"
+    wait_for(lambda: any(e["run_id"] == run_id for e in read_entries(refused)), 120, "the SuperExec to refuse")
+    entry = next(e for e in read_entries(refused) if e["run_id"] == run_id)
+    assert entry["reason"] == "not the agencyfl app" and entry["fab_hash"] != pinned_fab_hash()
+    time.sleep(5)  # a launched ServerApp would have written its replies by now
+    assert not replies.exists() and not marker.exists()
+    subprocess.run(["flwr", "stop", str(run_id), "target"], capture_output=True, timeout=120,
+                   env={**os.environ, "FLWR_HOME": str(home)})  # fmt: skip
+
+
+def test_a_curious_coordinators_app_never_runs_at_an_agency(deployment: Deployment, tmp_path: Path) -> None:
+    """The coordinator itself (it holds the SuperExec secret) swaps in Flower's own SuperExec and runs an app
+    of its own: every agency refuses it before storing it (no ClientApp of it starts), answers with Flower's
+    FAB-verification error, logs it, and spends nothing."""
+    app_dir, marker, replies = stranger_app(tmp_path)
+    home = stranger_flwr_home(deployment, tmp_path)
+    cdir = CoordinatorDir(deployment.coord)
+    ledgers = {a: (deployment.home(a) / "ledger" / "ledger.jsonl") for a in AGENCIES}
+    before = {a: p.read_bytes() if p.exists() else b"" for a, p in ledgers.items()}
+    refused_before = {a: len(refused_runs(deployment.home(a))) for a in AGENCIES}
+    stop_daemon(cdir.superexec_pid_file)
+    ungated = tmp_path / "ungated.pid"
+    start_daemon(superexec_command(cdir, gated=False), tmp_path / "ungated.log", ungated, dict(os.environ))
+    try:
+        run_id = flwr_run(app_dir, home)
+        wait_for(replies.exists, 240, "the coordinator's own ServerApp to collect its replies")
+    finally:
+        stop_daemon(ungated)
+        start_superexec(cdir)
     answer = json.loads(replies.read_text())
     assert answer["nodes"] == 4 and len(answer["replies"]) == 4
     assert all(r["error"] and r["code"] == ErrorCode.INVALID_FAB for r in answer["replies"])  # only the refusal
-    assert not marker.exists()  # no code of the stranger's ran at any agency
+    assert not marker.exists()  # no code of it ran at any agency
     for agency in AGENCIES:
         refusals = refused_runs(deployment.home(agency))
-        assert len(refusals) == refused_before[agency] + 1, (agency, refusals)
+        assert len(refusals) == refused_before[agency] + 1 and refusals[-1]["run_id"] == run_id, (agency, refusals)
         assert "files the agencyfl app never has" in refusals[-1]["reason"]
         after = ledgers[agency].read_bytes() if ledgers[agency].exists() else b""
         assert after == before[agency]  # nothing spent, nothing recorded
@@ -339,7 +378,7 @@ def story(deployment: Deployment) -> JobStory:
         restarted = deployment.start_steward("hrss")
         assert restarted.exit_code == 0, restarted.output
         wait_for(lambda: len(_checkpoints(deployment)) >= 2, 400, "round 2 to aggregate")
-        pid = int((deployment.coord / "run" / "superlink.pid").read_text())
+        pid = int((deployment.coord / "run" / "superlink.pid").read_text().split()[0])
         os.killpg(pid, signal.SIGKILL)  # a crash, not a clean stop
         _, crashed_stderr = proc.communicate(timeout=120)
     finally:

@@ -8,39 +8,58 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import importlib
 import io
 import json
 import zipfile
 from pathlib import Path
 
-import flwr.supernode.start_client_internal as sci
 import pytest
 from conftest import invoke
-from flwr.cli.build import build_fab_from_files
+from flwr.cli.build import build_fab_from_disk, build_fab_from_files
 
 from agencyfl.exit_codes import ExitCode
 from agencyfl.synth import SynthResult
 from clients.supernode import PIN_FILE, AppGate, read_pin, refused_runs
 from federation.flower_app import APP_PYPROJECT, AppRefused, app_digest, build_app_fab, pinned_digest
 from privacy.keys import generate_signing_key
+from server.superexec import pinned_fab_hash
 
-# SHA-256 of the source of the Flower 1.41.0 functions clients.supernode relies on. If an upgrade
-# changes them, the gate may no longer sit where it did: re-read them, re-check the gate, update here.
+# SHA-256 of the source of the Flower 1.41.0 code the two gates rely on (clients.supernode at the
+# agency, server.superexec at the coordinator). If an upgrade changes it, a gate may no longer sit where
+# it did: re-read the code, re-check the gate, update here.
 FLOWER_SOURCES = {
-    "start_client_internal": "1689ad636bd5386d906306f83c7de991b523780f50a2134358608e84769cc51c",
-    "_pull_and_store_message": "234b741865b0adf475fa0d6d9c8764ee499afa47383ac664a237708e9afe9734",
-    "_verify_fab": "9cd83091a0b6f2d5b54a42efff719f70a4bdf255800a37bb593680ee3d240c9e",
+    "flwr.supernode.start_client_internal": {
+        "start_client_internal": "1689ad636bd5386d906306f83c7de991b523780f50a2134358608e84769cc51c",
+        "_pull_and_store_message": "234b741865b0adf475fa0d6d9c8764ee499afa47383ac664a237708e9afe9734",
+        "_verify_fab": "9cd83091a0b6f2d5b54a42efff719f70a4bdf255800a37bb593680ee3d240c9e",
+    },
+    "flwr.supercore.superexec.run_superexec": {
+        "run_superexec": "03d363749a0fb2b51f0cbdcf59f2cfd1ef4dab6a448535815b3884b0b3b03310",
+    },
+    "flwr.supercore.superexec.plugin.base_exec_plugin": {
+        "BaseExecPlugin": "dcf3b3f0cf5df2f17af5c35020be4b85a2d707e3564165f2cf1d12b2f7164f39",
+    },
 }
 
 
-def test_the_flower_internals_the_gate_patches_are_unchanged() -> None:
-    source = Path(sci.__file__).read_text()
+@pytest.mark.parametrize("module", sorted(FLOWER_SOURCES))
+def test_the_flower_internals_the_gates_patch_are_unchanged(module: str) -> None:
+    source = Path(str(importlib.import_module(module).__file__)).read_text()
     found = {
         node.name: hashlib.sha256(str(ast.get_source_segment(source, node)).encode()).hexdigest()
         for node in ast.parse(source).body
-        if isinstance(node, ast.FunctionDef) and node.name in FLOWER_SOURCES
+        if isinstance(node, ast.FunctionDef | ast.ClassDef) and node.name in FLOWER_SOURCES[module]
     }
-    assert found == FLOWER_SOURCES
+    assert found == FLOWER_SOURCES[module]
+
+
+def test_the_coordinators_superexec_pins_the_app_flwr_run_submits(tmp_path: Path) -> None:
+    # what `flwr run` builds from the coordinator's app folder is the FAB whose hash the SuperExec launches
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "pyproject.toml").write_text(APP_PYPROJECT)
+    assert hashlib.sha256(build_fab_from_disk(app)).hexdigest() == pinned_fab_hash()
 
 
 def fab_with(files: dict[str, bytes]) -> bytes:

@@ -1,0 +1,61 @@
+"""Issue 11 item 3, the coordinator's side: a reply from a ledger that restarted, or whose lifetime epsilon went
+down since the coordinator's chain last recorded it, is refused and left out of the average.
+
+Driven through the strategy's public Flower entry point (``aggregate_fit``) with replies as Flower
+delivers them; without secure aggregation, so the average shows whose update was used.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+
+from server.strategy import AgencyFedAvg, JobPlan
+
+KNOWN = {
+    "tax": {"origin": "a" * 64, "epsilon_lifetime": 2.0},
+    "hrss": {"origin": "b" * 64, "epsilon_lifetime": 2.0},
+    "environment": {"origin": "c" * 64, "epsilon_lifetime": 2.0},
+}
+
+
+def reply(agency: str, update: float, origin: str, epsilon_lifetime: float) -> tuple[Any, FitRes]:
+    metrics = {
+        "agency": agency, "status": "trained", "reason": "", "dataset": "d" * 64, "epsilon-job": 1.0,
+        "epsilon-lifetime": epsilon_lifetime, "ledger-origin": origin, "steps": 20, "noise-multiplier": 1.0,
+    }  # fmt: skip
+    params = ndarrays_to_parameters([np.full(2, update)])
+    return None, FitRes(Status(Code.OK, ""), params, 100, metrics)
+
+
+@pytest.mark.parametrize(
+    ("origin", "epsilon", "why"),
+    [("a" * 64, 1.5, "lifetime epsilon went down"), ("f" * 64, 2.5, "ledger restarted")],
+)
+def test_a_reply_from_a_reset_ledger_is_refused_and_left_out(origin: str, epsilon: float, why: str) -> None:
+    closed: list[tuple[int, list[dict[str, Any]], bool]] = []
+    strategy = AgencyFedAvg(
+        JobPlan("job", 3, "s" * 64, 100000),
+        [np.zeros(2)],
+        min_agencies=2,
+        min_available=3,
+        secure=False,
+        known=KNOWN,
+        round_closed=lambda r, reports, weights, aggregated: closed.append((r, reports, aggregated)),
+    )
+    results = [
+        reply("tax", 100.0, origin, epsilon),
+        reply("hrss", 1.0, "b" * 64, 2.2),
+        reply("environment", 3.0, "c" * 64, 2.3),
+    ]
+    parameters, _ = strategy.aggregate_fit(1, results, [])
+    assert parameters is not None
+    assert np.allclose(parameters_to_ndarrays(parameters)[0], 2.0)  # the mean of hrss and environment only
+    ((_, reports, aggregated),) = closed
+    tax = next(r for r in reports if r["agency"] == "tax")
+    assert aggregated and tax["accepted"] is False and why in tax["reason"]
+    assert all(r["accepted"] for r in reports if r["agency"] != "tax")
+    assert strategy.log.agencies["tax"].refusals == 1 and strategy.log.agencies["tax"].rounds_trained == 0
