@@ -31,7 +31,7 @@ import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Generic, Literal
+from typing import Any, Generic, Literal, get_args
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -124,19 +124,7 @@ federation, or a registered model), missing (a round one chain records and the o
 epsilon (a recorded epsilon that disagrees with the recomputation or with the coordinator's record),
 overspend (a cap crossed)."""
 
-FINDING_ORDER: tuple[FindingKind, ...] = (
-    "altered",
-    "deleted",
-    "reordered",
-    "truncated",
-    "headless",
-    "party",
-    "restarted",
-    "rollback",
-    "missing",
-    "epsilon",
-    "overspend",
-)
+FINDING_ORDER: tuple[FindingKind, ...] = get_args(FindingKind)
 
 
 @dataclass(frozen=True)

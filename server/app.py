@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from flwr.app import Context
 from flwr.server import LegacyContext, ServerConfig
@@ -111,44 +111,40 @@ def known_ledgers(settings: ServerSettings) -> dict[str, dict[str, Any]]:
 def countersigner(settings: ServerSettings) -> RoundClosed:
     """Append each closed round's summary to the coordinator's signed chain."""
     ledger = open_coordinator_ledger(settings.ledger_dir, settings.signing_key_path)
-    spec = settings.loaded.spec
 
     def close(job_round: int, reports: list[dict[str, Any]], weights: list[Any], aggregated: bool) -> None:
-        ledger.append(
-            RoundSummary(
-                federation=spec.federation.name,
-                job=settings.job,
-                round=job_round,
-                spec_sha256=settings.loaded.sha256,
-                aggregated=aggregated,
-                agencies=[AgencyReport.model_validate(r) for r in reports],
-                model_sha256=weights_sha256(weights),
-                time=now_utc(),
-            )
-        )
+        ledger.append(_round_summary(settings, "round", job_round, reports, weights, aggregated))
 
     return close
+
+
+def _round_summary(
+    settings: ServerSettings,
+    kind: Literal["round", "evaluation"],
+    job_round: int,
+    reports: list[dict[str, Any]],
+    weights: list[Any],
+    aggregated: bool,
+) -> RoundSummary:
+    return RoundSummary(
+        kind=kind,
+        federation=settings.loaded.spec.federation.name,
+        job=settings.job,
+        round=job_round,
+        spec_sha256=settings.loaded.sha256,
+        aggregated=aggregated,
+        agencies=[AgencyReport.model_validate(r) for r in reports],
+        model_sha256=weights_sha256(weights),
+        time=now_utc(),
+    )
 
 
 def release_countersigner(settings: ServerSettings) -> ReleasesClosed:
     """Append the final evaluation's record (which agency released what) to the coordinator's chain."""
     ledger = open_coordinator_ledger(settings.ledger_dir, settings.signing_key_path)
-    spec = settings.loaded.spec
 
     def close(final_round: int, reports: list[dict[str, Any]], weights: list[Any]) -> None:
-        ledger.append(
-            RoundSummary(
-                kind="evaluation",
-                federation=spec.federation.name,
-                job=settings.job,
-                round=final_round,
-                spec_sha256=settings.loaded.sha256,
-                aggregated=False,
-                agencies=[AgencyReport.model_validate(r) for r in reports],
-                model_sha256=weights_sha256(weights),
-                time=now_utc(),
-            )
-        )
+        ledger.append(_round_summary(settings, "evaluation", final_round, reports, weights, False))
 
     return close
 
