@@ -72,7 +72,7 @@ class Deployment:
         self.root = root
         data = synthesize(root / "data", households=4000, seed=5, rounds=3)
         text = data.spec.read_text()
-        text = text.replace("[privacy]", "[secure_aggregation]\ntimeout = 60.0\nmax_weight = 5000\n\n[privacy]")
+        text = text.replace("[privacy]", "[secure_aggregation]\ntimeout = 45.0\nmax_weight = 5000\n\n[privacy]")
         text = text.replace("rounds = 3\n", "rounds = 3\nmin_agencies = 3\n")
         data.spec.write_text(text)
         assert "min_agencies = 3" in text

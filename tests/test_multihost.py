@@ -6,8 +6,9 @@ hrss trains round 1; its only link is cut as round 2 starts and stays down longe
 stage may wait, so round 2 goes ahead with the other three (the spec's minimum); then the link comes
 back and hrss's SuperNode rejoins the federation (online at the SuperLink again). That long a cut
 outlasts Flower's heartbeat patience (60 s), so the SuperLink marks hrss offline until its retried
-heartbeat gets through, up to ~25 s after the link returns: whether hrss is back in time to be
-sampled for round 3 is a race, so the test asserts the rejoin at the SuperLink, not a round 3 entry.
+heartbeat gets through, up to ~25 s after the link returns: whether hrss would be back in time to be
+sampled for a third round is a race, so the test asserts the rejoin at the SuperLink, and 2 rounds
+are the smallest job that shows the cut.
 (hrss could not rejoin a job it missed round 1 of: an agency starts a job only at round 1.)
 Namespaces are removed after.
 """
@@ -31,7 +32,7 @@ from privacy.ledger import verify_ledger
 
 AGENCIES = ["civil-affairs", "hrss", "tax", "environment"]
 PORT = 19493
-STAGE_TIMEOUT = 60.0  # seconds a SecAgg+ stage waits for an agency (spec); a fit stage needs ~20-40 s here
+STAGE_TIMEOUT = 45.0  # seconds a SecAgg+ stage waits for an agency (spec); a fit stage needs ~20-40 s here
 TAG = f"afl{os.getpid() % 10000}"
 
 
@@ -88,8 +89,8 @@ def ledger_rounds(home: Path, job: str) -> list[int]:
 
 
 def test_federation_across_namespaces_survives_a_cut_link(namespaces: dict[str, str], tmp_path: Path) -> None:
-    data = synthesize(tmp_path / "data", households=8000, seed=9, rounds=3)
-    text = data.spec.read_text().replace("rounds = 3\n", "rounds = 3\nmin_agencies = 3\n")
+    data = synthesize(tmp_path / "data", households=8000, seed=9, rounds=2)
+    text = data.spec.read_text().replace("rounds = 2\n", "rounds = 2\nmin_agencies = 3\n")
     assert "min_agencies = 3" in text
     data.spec.write_text(text.replace("[privacy]", f"[secure_aggregation]\ntimeout = {STAGE_TIMEOUT}\n\n[privacy]"))
     coord = tmp_path / "coord"
@@ -134,7 +135,7 @@ def test_federation_across_namespaces_survives_a_cut_link(namespaces: dict[str, 
             train.kill()
         assert train.returncode == 0, stderr
         summary = json.loads(stdout)
-        assert summary["rounds_aggregated"] == 3
+        assert summary["rounds_aggregated"] == 2
         # the model, on held-out households (the pooled validation AUC is a noised release)
         held_out = agencyfl("evaluate", "--model", summary["model"], "--spec", data.spec, "--data", data.test, ns=cns)
         assert held_out["auc"] > 0.75
@@ -146,7 +147,7 @@ def test_federation_across_namespaces_survives_a_cut_link(namespaces: dict[str, 
             if agency == "hrss":
                 assert 1 in rounds and 2 not in rounds, rounds  # cut off in round 2
             else:
-                assert rounds == [1, 2, 3], (agency, rounds)
+                assert rounds == [1, 2], (agency, rounds)
 
         def hrss_online() -> bool:
             status = agencyfl("coordinator", "status", "--dir", coord, ns=cns)
