@@ -32,7 +32,7 @@ from privacy.ledger import verify_ledger
 
 AGENCIES = ["civil-affairs", "hrss", "tax", "environment"]
 PORT = 19493
-STAGE_TIMEOUT = 45.0  # seconds a SecAgg+ stage waits for an agency (spec); a fit stage needs ~20-40 s here
+STAGE_TIMEOUT = 45.0  # seconds a SecAgg+ stage waits for an agency (spec); a whole round takes ~50 s on 2 cores
 TAG = f"afl{os.getpid() % 10000}"
 
 
