@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from federation.errors import DeploymentError
+from agencyfl.federation.errors import DeploymentError
 
 
 def executable(name: str) -> str:
@@ -68,7 +68,7 @@ def _looks_like_a_daemon(pid: int) -> bool:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
     except OSError:
         return False
-    return any(name in cmdline for name in (b"flower-superlink", b"flower-supernode", b"clients.supernode"))
+    return any(name in cmdline for name in (b"flower-superlink", b"flower-supernode", b"agencyfl.clients.supernode"))
 
 
 def running_pid(pid_file: Path) -> int | None:

@@ -37,10 +37,10 @@ from pathlib import Path
 from typing import Any
 
 from agencyfl.daemons import executable, flower_env, running_pid, start_daemon, stop_daemon, strip_ansi, wait_until
-from federation.errors import DeploymentError, FederationError, LedgerError
-from federation.flower_app import APP_PYPROJECT
-from federation.pki import issue_server_certificate, make_ca, make_node_key
-from privacy.keys import generate_signing_key, public_pem
+from agencyfl.federation.errors import DeploymentError, FederationError, LedgerError
+from agencyfl.federation.flower_app import APP_PYPROJECT
+from agencyfl.federation.pki import issue_server_certificate, make_ca, make_node_key
+from agencyfl.privacy.keys import generate_signing_key, public_pem
 
 CONNECTION = "agencyfl"  # the SuperLink connection's name in DIR/flwr/config.toml
 DEFAULT_PORT = 9093
@@ -231,7 +231,7 @@ def superexec_command(cdir: CoordinatorDir, gated: bool = True) -> list[str]:
     ]  # fmt: skip
     if not gated:
         return [executable("flower-superexec"), *flower]
-    return [sys.executable, "-m", "server.superexec", "--refusals", str(cdir.refused_runs_file), *flower]
+    return [sys.executable, "-m", "agencyfl.server.superexec", "--refusals", str(cdir.refused_runs_file), *flower]
 
 
 def start_superexec(cdir: CoordinatorDir) -> int:
@@ -476,7 +476,7 @@ def start_steward(
     )
     pin_app(site.root, first_start_only=True)
     cmd = [
-        sys.executable, "-m", "clients.supernode", "--home", str(site.root),  # flower-supernode behind the app pin
+        sys.executable, "-m", "agencyfl.clients.supernode", "--home", str(site.root),  # behind the app pin
         "--superlink", superlink,
         "--root-certificates", str(root_cert.resolve()),
         "--auth-supernode-private-key", str((keys / "node.key").resolve()),
@@ -504,7 +504,7 @@ def start_steward(
 
 def keep_coordinator_key(home: Path, source: Path) -> Path:
     """Keep the coordinator's public ledger key as ``HOME/coordinator.pub``; refuse a different one later."""
-    from privacy.keys import load_public_key
+    from agencyfl.privacy.keys import load_public_key
 
     try:
         key = public_pem(load_public_key(source))
@@ -528,8 +528,8 @@ def pin_app(home: Path, first_start_only: bool = False) -> dict[str, Any]:
     is pinned (agencyfl was upgraded), refuse until the steward re-pins with ``steward pin``.
     Returns the pin and the digest it replaced (None if none or unchanged).
     """
-    from clients.supernode import pin_installed_app, read_pin
-    from federation.flower_app import pinned_digest
+    from agencyfl.clients.supernode import pin_installed_app, read_pin
+    from agencyfl.federation.flower_app import pinned_digest
 
     previous = read_pin(home)
     installed = pinned_digest()
@@ -548,9 +548,9 @@ def pin_app(home: Path, first_start_only: bool = False) -> dict[str, Any]:
 
 def steward_status(home: Path) -> dict[str, Any]:
     """The agency's own view: its SuperNode, the pinned app, refused runs and each job's releases."""
-    from clients.signed_plan import refused_requests
-    from clients.supernode import read_pin, refused_runs
-    from privacy.ledger import verify_ledger
+    from agencyfl.clients.signed_plan import refused_requests
+    from agencyfl.clients.supernode import read_pin, refused_runs
+    from agencyfl.privacy.ledger import verify_ledger
 
     site = StewardHome(home.resolve())
     pin = read_pin(site.root)

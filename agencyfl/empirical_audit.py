@@ -119,12 +119,12 @@ def run_canary_audit(
     import torch
     from opacus.accountants import RDPAccountant
 
-    from clients.trainer import dp_sgd, noise_generator, steps_per_epoch
-    from federation.model import build_model
-    from federation.table import load_table, validation_mask
-    from privacy.budget import job_noise_multiplier
-    from privacy.empirical import guess_and_bound
-    from server.registry import RegisteredModel
+    from agencyfl.clients.trainer import dp_sgd, noise_generator, steps_per_epoch
+    from agencyfl.federation.model import build_model
+    from agencyfl.federation.table import load_table, validation_mask
+    from agencyfl.privacy.budget import job_noise_multiplier
+    from agencyfl.privacy.empirical import guess_and_bound
+    from agencyfl.server.registry import RegisteredModel
 
     start = time.monotonic()
     torch.set_num_threads(1)

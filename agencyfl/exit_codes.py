@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import IntEnum
 
-from federation.errors import (
+from agencyfl.federation.errors import (
     AgencyflError,
     DataFileError,
     DeploymentError,
@@ -118,9 +118,9 @@ _BY_ERROR: list[tuple[type[AgencyflError], ExitCode]] = [
 
 
 def _scoring_codes() -> list[tuple[type[AgencyflError], ExitCode]]:
-    from clients.requester import ScoringError
-    from privacy.he import HEError
-    from server.tokens import TokenError
+    from agencyfl.clients.requester import ScoringError
+    from agencyfl.privacy.he import HEError
+    from agencyfl.server.tokens import TokenError
 
     return [
         (ScoringError, ExitCode.SCORING_REFUSED),

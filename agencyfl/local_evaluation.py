@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from federation.errors import ModelError
+from agencyfl.federation.errors import ModelError
 
 
 @dataclass
@@ -34,15 +34,15 @@ def evaluate_local(model: Path, data: Path, spec: Path | None = None, review_ban
     ModelError, SpecError, DataFileError
         Unreadable model, spec that does not match it, unusable data file.
     """
-    from federation.decision import DecisionRule
-    from federation.encoding import FeatureEncoder
-    from federation.fairness import count_groups, fairness_table, group_labels, layout
-    from federation.metrics import exact_metrics
-    from federation.model import predict_proba
-    from federation.reasons import contributions, top_reasons
-    from federation.spec import load_spec
-    from federation.table import load_table
-    from server.registry import RegisteredModel
+    from agencyfl.federation.decision import DecisionRule
+    from agencyfl.federation.encoding import FeatureEncoder
+    from agencyfl.federation.fairness import count_groups, fairness_table, group_labels, layout
+    from agencyfl.federation.metrics import exact_metrics
+    from agencyfl.federation.model import predict_proba
+    from agencyfl.federation.reasons import contributions, top_reasons
+    from agencyfl.federation.spec import load_spec
+    from agencyfl.federation.table import load_table
+    from agencyfl.server.registry import RegisteredModel
 
     registered = RegisteredModel(model)
     loaded_spec = load_spec(spec).spec if spec is not None else registered.spec

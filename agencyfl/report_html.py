@@ -13,7 +13,7 @@ from html import escape
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from privacy.audit import AgencyAudit, FederationAudit
+    from agencyfl.privacy.audit import AgencyAudit, FederationAudit
 
 _STYLE = """
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:2rem auto;max-width:70rem;color:#1b1b1b}

@@ -15,14 +15,14 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from clients.app import make_client_app
-from clients.site import AgencySite
-from federation.errors import FederationError
-from federation.spec import LoadedSpec, load_spec
-from federation.table import load_table
-from privacy.keys import load_or_create_signing_key, public_pem
-from server.app import ServerSettings, make_server_app, new_job_id
-from server.strategy import EventSink
+from agencyfl.clients.app import make_client_app
+from agencyfl.clients.site import AgencySite
+from agencyfl.federation.errors import FederationError
+from agencyfl.federation.spec import LoadedSpec, load_spec
+from agencyfl.federation.table import load_table
+from agencyfl.privacy.keys import load_or_create_signing_key, public_pem
+from agencyfl.server.app import ServerSettings, make_server_app, new_job_id
+from agencyfl.server.strategy import EventSink
 
 
 def agency_sites(loaded: LoadedSpec, workdir: Path, coordinator_key: Path | None = None) -> list[AgencySite]:

@@ -97,6 +97,8 @@ def main() -> None:
     os.environ["PYTHONPATH"] = f"{lib}:{os.environ.get('PYTHONPATH', '')}"  # the daemons inherit it
     sys.path.insert(0, str(lib))
 
+    from agencyfl.clients.rounds import TrainRequest, train_round
+    from agencyfl.clients.site import AgencySite
     from agencyfl.deployment import (
         follow_run,
         init_coordinator,
@@ -108,12 +110,10 @@ def main() -> None:
         stop_steward,
         submit_run,
     )
+    from agencyfl.federation.encoding import FeatureEncoder
+    from agencyfl.federation.model import build_model, model_to_arrays
+    from agencyfl.federation.spec import load_spec
     from agencyfl.synth import synthesize
-    from clients.rounds import TrainRequest, train_round
-    from clients.site import AgencySite
-    from federation.encoding import FeatureEncoder
-    from federation.model import build_model, model_to_arrays
-    from federation.spec import load_spec
 
     data = synthesize(root / "data", households=args.households, seed=11, rounds=args.rounds, budget=100.0)
     base = data.spec.read_text()

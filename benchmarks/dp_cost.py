@@ -22,13 +22,13 @@ from opacus.accountants import RDPAccountant
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from agencyfl.clients.trainer import dp_sgd, noise_generator, plain_sgd, steps_per_epoch  # noqa: E402
+from agencyfl.federation.encoding import FeatureEncoder  # noqa: E402
+from agencyfl.federation.model import build_model  # noqa: E402
+from agencyfl.federation.spec import ModelSection, load_spec  # noqa: E402
+from agencyfl.federation.table import load_table  # noqa: E402
 from agencyfl.synth import synthesize  # noqa: E402
 from benchmarks._common import table, write_results  # noqa: E402
-from clients.trainer import dp_sgd, noise_generator, plain_sgd, steps_per_epoch  # noqa: E402
-from federation.encoding import FeatureEncoder  # noqa: E402
-from federation.model import build_model  # noqa: E402
-from federation.spec import ModelSection, load_spec  # noqa: E402
-from federation.table import load_table  # noqa: E402
 
 
 def epoch_times(x: np.ndarray, y: np.ndarray, model: ModelSection, q: float, repeats: int) -> tuple[float, float]:

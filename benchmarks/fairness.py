@@ -28,11 +28,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from agencyfl.federation.metrics import exact_metrics  # noqa: E402
 from agencyfl.local_evaluation import evaluate_local  # noqa: E402
 from agencyfl.runner import run_federation  # noqa: E402
 from agencyfl.synth import synthesize  # noqa: E402
 from benchmarks._common import table, write_results  # noqa: E402
-from federation.metrics import exact_metrics  # noqa: E402
 
 
 def by_region(decisions: Any, regions: np.ndarray, eligible: np.ndarray) -> dict[str, dict[str, float]]:

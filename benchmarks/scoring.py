@@ -32,18 +32,18 @@ import tenseal as ts
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from agencyfl.clients.requester import ScoreSettings, ScoringClient, score_file  # noqa: E402
+from agencyfl.federation.encoding import FeatureEncoder  # noqa: E402
+from agencyfl.federation.model import build_model, model_to_arrays  # noqa: E402
+from agencyfl.federation.proto import scoring_pb2, scoring_pb2_grpc  # noqa: E402
+from agencyfl.federation.spec import load_spec, parse_spec  # noqa: E402
+from agencyfl.federation.table import load_table  # noqa: E402
+from agencyfl.privacy.he import encrypt_columns  # noqa: E402
+from agencyfl.server.registry import RegisteredModel, register_model  # noqa: E402
+from agencyfl.server.scoring import he_model  # noqa: E402
+from agencyfl.server.tokens import TokenStore  # noqa: E402
 from agencyfl.synth import synthesize  # noqa: E402
 from benchmarks._common import table, write_results  # noqa: E402
-from clients.requester import ScoreSettings, ScoringClient, score_file  # noqa: E402
-from federation.encoding import FeatureEncoder  # noqa: E402
-from federation.model import build_model, model_to_arrays  # noqa: E402
-from federation.proto import scoring_pb2, scoring_pb2_grpc  # noqa: E402
-from federation.spec import load_spec, parse_spec  # noqa: E402
-from federation.table import load_table  # noqa: E402
-from privacy.he import encrypt_columns  # noqa: E402
-from server.registry import RegisteredModel, register_model  # noqa: E402
-from server.scoring import he_model  # noqa: E402
-from server.tokens import TokenStore  # noqa: E402
 
 PURPOSE = "eligibility-identification"
 SERVICE = "/agencyfl.scoring.v1.Scoring/"
@@ -232,7 +232,7 @@ def main() -> None:
         outside = np.abs(ref - 0.5) > 1e-3
         decided = pd.read_csv(work / "decisions.csv")["decision"].eq("eligible").to_numpy()
         results["logistic"] = {
-            "path": "clients.requester.score_file (agencyfl score)",
+            "path": "agencyfl.clients.requester.score_file (agencyfl score)",
             "seconds": elapsed,
             "per_second": report["scored"] / elapsed,
             "max_abs_score_error": float(np.abs(score - ref).max()),  # scores are written rounded to 1e-6

@@ -25,17 +25,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from agencyfl.clients.rounds import TrainRequest, train_round  # noqa: E402
+from agencyfl.clients.site import AgencySite  # noqa: E402
+from agencyfl.federation.encoding import FeatureEncoder  # noqa: E402
+from agencyfl.federation.metrics import exact_metrics  # noqa: E402
+from agencyfl.federation.model import build_model, model_from_arrays, model_to_arrays, predict_proba  # noqa: E402
+from agencyfl.federation.spec import LoadedSpec, load_spec  # noqa: E402
+from agencyfl.federation.table import load_table  # noqa: E402
 from agencyfl.runner import run_federation  # noqa: E402
+from agencyfl.server.registry import RegisteredModel  # noqa: E402
 from agencyfl.synth import synthesize  # noqa: E402
 from benchmarks._common import table, write_results  # noqa: E402
-from clients.rounds import TrainRequest, train_round  # noqa: E402
-from clients.site import AgencySite  # noqa: E402
-from federation.encoding import FeatureEncoder  # noqa: E402
-from federation.metrics import exact_metrics  # noqa: E402
-from federation.model import build_model, model_from_arrays, model_to_arrays, predict_proba  # noqa: E402
-from federation.spec import LoadedSpec, load_spec  # noqa: E402
-from federation.table import load_table  # noqa: E402
-from server.registry import RegisteredModel  # noqa: E402
 
 EPSILONS = (1.0, 3.0, 8.0)
 

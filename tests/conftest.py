@@ -23,8 +23,8 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 from typer.testing import CliRunner  # noqa: E402
 
 from agencyfl.cli import app  # noqa: E402
+from agencyfl.federation.spec import LoadedSpec, load_spec  # noqa: E402
 from agencyfl.synth import SynthResult, synthesize  # noqa: E402
-from federation.spec import LoadedSpec, load_spec  # noqa: E402
 
 AGENCIES = ["civil-affairs", "hrss", "tax", "environment"]
 

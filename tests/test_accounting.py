@@ -9,9 +9,8 @@ from hypothesis import strategies as st
 from opacus.accountants import RDPAccountant
 from torch import nn
 
-from agencyfl.synth import SynthResult
-from clients.trainer import dp_sgd, noise_generator
-from privacy.accounting import (
+from agencyfl.clients.trainer import dp_sgd, noise_generator
+from agencyfl.privacy.accounting import (
     MAX_NOISE_MULTIPLIER,
     StepRecord,
     accountant_for,
@@ -19,7 +18,8 @@ from privacy.accounting import (
     epsilon_for,
     epsilon_prv,
 )
-from privacy.ledger import verify_ledger
+from agencyfl.privacy.ledger import verify_ledger
+from agencyfl.synth import SynthResult
 
 
 def test_opacus_reference_value() -> None:
@@ -123,11 +123,11 @@ ROUND_IN_A_FRESH_PROCESS = """
 import sys
 from pathlib import Path
 import numpy as np
-from clients.rounds import TrainRequest, train_round
-from clients.site import AgencySite
-from federation.encoding import FeatureEncoder
-from federation.model import build_model, model_to_arrays
-from federation.spec import load_spec
+from agencyfl.clients.rounds import TrainRequest, train_round
+from agencyfl.clients.site import AgencySite
+from agencyfl.federation.encoding import FeatureEncoder
+from agencyfl.federation.model import build_model, model_to_arrays
+from agencyfl.federation.spec import load_spec
 
 spec_path, home, job, round_ = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 loaded = load_spec(spec_path)

@@ -13,9 +13,9 @@ import pytest
 from conftest import TrainedFederation, invoke
 
 from agencyfl.exit_codes import ExitCode
-from privacy.coordinator_ledger import RoundSummary
-from privacy.keys import generate_signing_key, load_signing_key
-from privacy.ledger import HEAD_FILE, LEDGER_FILE, Ledger, LedgerEvent, verify_ledger
+from agencyfl.privacy.coordinator_ledger import RoundSummary
+from agencyfl.privacy.keys import generate_signing_key, load_signing_key
+from agencyfl.privacy.ledger import HEAD_FILE, LEDGER_FILE, Ledger, LedgerEvent, verify_ledger
 
 
 def verify(ledgers: list[Path], chain: Path, keyring: Path) -> tuple[int, dict[str, Any]]:

@@ -10,18 +10,18 @@ from pathlib import Path
 import pytest
 from conftest import TrainedFederation, invoke
 
+from agencyfl.clients.admission import initial_arrays
 from agencyfl.exit_codes import HELP, ExitCode
+from agencyfl.federation.encoding import FeatureEncoder
+from agencyfl.federation.metrics import exact_metrics
+from agencyfl.federation.model import build_model, model_from_arrays, predict_proba
+from agencyfl.federation.spec import load_spec
+from agencyfl.federation.table import load_table
+from agencyfl.privacy.accounting import StepRecord, epsilon_for
+from agencyfl.privacy.keys import generate_signing_key
+from agencyfl.privacy.ledger import LEDGER_FILE, Ledger, LedgerEvent, now_utc, verify_ledger
+from agencyfl.server.registry import RegisteredModel
 from agencyfl.synth import SynthResult
-from clients.admission import initial_arrays
-from federation.encoding import FeatureEncoder
-from federation.metrics import exact_metrics
-from federation.model import build_model, model_from_arrays, predict_proba
-from federation.spec import load_spec
-from federation.table import load_table
-from privacy.accounting import StepRecord, epsilon_for
-from privacy.keys import generate_signing_key
-from privacy.ledger import LEDGER_FILE, Ledger, LedgerEvent, now_utc, verify_ledger
-from server.registry import RegisteredModel
 
 
 def test_run_trains_registers_and_reports(trained: TrainedFederation, small_fed: SynthResult) -> None:

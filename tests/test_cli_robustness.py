@@ -22,11 +22,11 @@ from typer.testing import CliRunner
 
 from agencyfl.cli import app
 from agencyfl.exit_codes import HELP, ExitCode
+from agencyfl.federation.encoding import FeatureEncoder
+from agencyfl.federation.model import build_model, model_to_arrays
+from agencyfl.federation.spec import load_spec
+from agencyfl.server.registry import register_model
 from agencyfl.synth import SynthResult
-from federation.encoding import FeatureEncoder
-from federation.model import build_model, model_to_arrays
-from federation.spec import load_spec
-from server.registry import register_model
 
 DOCUMENTED = {int(code) for code in HELP} - {int(ExitCode.INTERNAL_ERROR)}
 

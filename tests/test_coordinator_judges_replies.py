@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 
-from server.strategy import AgencyFedAvg, JobPlan
+from agencyfl.server.strategy import AgencyFedAvg, JobPlan
 
 KNOWN = {
     "tax": {"origin": "a" * 64, "epsilon_lifetime": 2.0},

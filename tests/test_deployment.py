@@ -31,17 +31,17 @@ from flwr.common.constant import ErrorCode
 from typer.testing import CliRunner
 
 from agencyfl.cli import app
+from agencyfl.clients.signed_plan import refused_requests
+from agencyfl.clients.supernode import refused_runs
 from agencyfl.daemons import start_daemon, stop_daemon, strip_ansi
 from agencyfl.deployment import CoordinatorDir, start_superexec, superexec_command
 from agencyfl.exit_codes import ExitCode
+from agencyfl.federation.flower_app import APP_PYPROJECT
+from agencyfl.federation.refusal_log import read_entries
+from agencyfl.privacy.keys import generate_signing_key
+from agencyfl.privacy.ledger import verify_ledger
+from agencyfl.server.superexec import pinned_fab_hash
 from agencyfl.synth import synthesize
-from clients.signed_plan import refused_requests
-from clients.supernode import refused_runs
-from federation.flower_app import APP_PYPROJECT
-from federation.refusal_log import read_entries
-from privacy.keys import generate_signing_key
-from privacy.ledger import verify_ledger
-from server.superexec import pinned_fab_hash
 
 AGENCIES = ["civil-affairs", "hrss", "tax", "environment"]
 runner = CliRunner()

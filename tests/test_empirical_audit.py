@@ -12,8 +12,8 @@ from conftest import TrainedFederation, invoke
 from scipy import stats
 
 from agencyfl.exit_codes import ExitCode
+from agencyfl.privacy.empirical import clopper_pearson, epsilon_lower_bound, guess_and_bound, p_value
 from agencyfl.synth import SynthResult
-from privacy.empirical import clopper_pearson, epsilon_lower_bound, guess_and_bound, p_value
 
 
 def test_p_value_is_the_binomial_tail_without_delta() -> None:

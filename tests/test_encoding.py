@@ -3,8 +3,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from federation.encoding import FeatureEncoder
-from federation.spec import parse_spec
+from agencyfl.federation.encoding import FeatureEncoder
+from agencyfl.federation.spec import parse_spec
 from tests.test_spec import MINIMAL
 
 

@@ -11,9 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agencyfl.synth import SynthResult
-from federation.errors import SpecError
-from federation.fairness import (
+from agencyfl.federation.errors import SpecError
+from agencyfl.federation.fairness import (
     HIST_BINS,
     count_groups,
     decide,
@@ -26,7 +25,8 @@ from federation.fairness import (
     sensitivity,
     wilson,
 )
-from federation.spec import FairnessSection, SchemaSection, parse_spec
+from agencyfl.federation.spec import FairnessSection, SchemaSection, parse_spec
+from agencyfl.synth import SynthResult
 
 SCHEMA = SchemaSection.model_validate(
     {

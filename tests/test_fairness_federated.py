@@ -13,14 +13,14 @@ import pytest
 import torch
 from conftest import TrainedFederation, invoke
 
+from agencyfl.clients.rounds import fairness_round
+from agencyfl.clients.site import AgencySite
 from agencyfl.exit_codes import ExitCode
+from agencyfl.federation.model import build_model
+from agencyfl.federation.reasons import contributions
+from agencyfl.federation.spec import ModelSection, load_spec
+from agencyfl.privacy.ledger import verify_ledger
 from agencyfl.synth import SynthResult
-from clients.rounds import fairness_round
-from clients.site import AgencySite
-from federation.model import build_model
-from federation.reasons import contributions
-from federation.spec import ModelSection, load_spec
-from privacy.ledger import verify_ledger
 
 
 def with_fairness(small_fed: SynthResult, extra: str, name: str) -> Path:

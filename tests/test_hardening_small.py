@@ -13,12 +13,12 @@ from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agencyfl.clients.app import check_unmask
+from agencyfl.clients.site import AgencySite
+from agencyfl.federation.errors import SpecError
+from agencyfl.federation.spec import load_spec, parse_spec
+from agencyfl.privacy.accounting import RdpTally, StepRecord, epsilon_for
 from agencyfl.synth import SynthResult
-from clients.app import check_unmask
-from clients.site import AgencySite
-from federation.errors import SpecError
-from federation.spec import load_spec, parse_spec
-from privacy.accounting import RdpTally, StepRecord, epsilon_for
 
 
 @pytest.mark.parametrize(

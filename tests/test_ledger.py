@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from federation.errors import LedgerError
-from privacy.audit import audit_ledger
-from privacy.ledger import HEAD_FILE, LEDGER_FILE, Ledger, LedgerEvent, now_utc, verify_ledger
+from agencyfl.federation.errors import LedgerError
+from agencyfl.privacy.audit import audit_ledger
+from agencyfl.privacy.ledger import HEAD_FILE, LEDGER_FILE, Ledger, LedgerEvent, now_utc, verify_ledger
 
 
 def event(round_: int, kind: str = "round", job: str = "j1", eps: float = 0.0, life: float = 0.0) -> LedgerEvent:

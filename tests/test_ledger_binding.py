@@ -15,9 +15,9 @@ from typing import Any
 from conftest import TrainedFederation, invoke
 
 from agencyfl.exit_codes import ExitCode
-from privacy.coordinator_ledger import RoundSummary
-from privacy.keys import load_signing_key
-from privacy.ledger import HEAD_FILE, LEDGER_FILE, Ledger, LedgerEvent, verify_ledger
+from agencyfl.privacy.coordinator_ledger import RoundSummary
+from agencyfl.privacy.keys import load_signing_key
+from agencyfl.privacy.ledger import HEAD_FILE, LEDGER_FILE, Ledger, LedgerEvent, verify_ledger
 
 
 def verify(fed: TrainedFederation, ledgers: list[Path], *extra: object) -> tuple[int, dict[str, Any]]:
@@ -183,10 +183,10 @@ def test_a_fresh_home_is_refused_by_the_agency_and_recorded_by_the_coordinator(
 
 def test_the_coordinator_refuses_a_reply_whose_lifetime_epsilon_went_down(copy_of_trained: TrainedFederation) -> None:
     """Keeps the key and its memory, but puts back an older (shorter) copy of ledger and head."""
-    from clients.rounds import TrainRequest, train_round
-    from clients.site import AgencySite
-    from federation.spec import load_spec
-    from server.app import ServerSettings, known_ledgers
+    from agencyfl.clients.rounds import TrainRequest, train_round
+    from agencyfl.clients.site import AgencySite
+    from agencyfl.federation.spec import load_spec
+    from agencyfl.server.app import ServerSettings, known_ledgers
 
     fed = copy_of_trained
     loaded = load_spec(fed.spec)
@@ -200,7 +200,7 @@ def test_the_coordinator_refuses_a_reply_whose_lifetime_epsilon_went_down(copy_o
     for event in events[:1]:  # an older copy: one round instead of three and the release
         older.append(event)
     site = AgencySite(agency="tax", spec_path=fed.spec, data_path=loaded.data_path("tax"), home=victim.parent)
-    from clients.admission import LedgerRecord, initial_arrays
+    from agencyfl.clients.admission import LedgerRecord, initial_arrays
 
     record = LedgerRecord(known["tax"]["origin"], known["tax"]["epsilon_lifetime"])
     before = (victim / LEDGER_FILE).read_bytes()
@@ -217,8 +217,8 @@ def test_old_ledgers_without_a_genesis_still_verify_with_a_note(tmp_path: Path) 
 
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from privacy.keys import public_pem
-    from privacy.ledger import GENESIS, now_utc
+    from agencyfl.privacy.keys import public_pem
+    from agencyfl.privacy.ledger import GENESIS, now_utc
 
     def canonical(obj: dict[str, Any]) -> bytes:
         return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from federation.metrics import exact_metrics, metrics_from_histograms, score_histograms
+from agencyfl.federation.metrics import exact_metrics, metrics_from_histograms, score_histograms
 
 
 def brute_auc(scores: np.ndarray, labels: np.ndarray) -> float:

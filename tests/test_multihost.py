@@ -27,8 +27,8 @@ from typing import Any
 
 import pytest
 
+from agencyfl.privacy.ledger import verify_ledger
 from agencyfl.synth import synthesize
-from privacy.ledger import verify_ledger
 
 AGENCIES = ["civil-affairs", "hrss", "tax", "environment"]
 PORT = 19493

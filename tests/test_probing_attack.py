@@ -26,19 +26,19 @@ import numpy as np
 import pytest
 from scipy.stats import beta
 
+from agencyfl.clients.admission import initial_arrays
+from agencyfl.clients.app import AgencyClient, histogram_from_bytes
+from agencyfl.clients.site import AgencySite, load_local_data
+from agencyfl.federation.encoding import FeatureEncoder
+from agencyfl.federation.metrics import score_histograms
+from agencyfl.federation.model import build_model, model_from_arrays, predict_proba
+from agencyfl.federation.plan import JobPlan
+from agencyfl.federation.spec import LoadedSpec, load_spec
+from agencyfl.privacy.accounting import StepRecord, epsilon_for
+from agencyfl.privacy.keys import generate_signing_key, public_pem
+from agencyfl.privacy.ledger import verify_ledger
+from agencyfl.privacy.plan_signature import CONFIG_KEY, sign_plan
 from agencyfl.synth import SynthResult
-from clients.admission import initial_arrays
-from clients.app import AgencyClient, histogram_from_bytes
-from clients.site import AgencySite, load_local_data
-from federation.encoding import FeatureEncoder
-from federation.metrics import score_histograms
-from federation.model import build_model, model_from_arrays, predict_proba
-from federation.plan import JobPlan
-from federation.spec import LoadedSpec, load_spec
-from privacy.accounting import StepRecord, epsilon_for
-from privacy.keys import generate_signing_key, public_pem
-from privacy.ledger import verify_ledger
-from privacy.plan_signature import CONFIG_KEY, sign_plan
 
 LOGIT = 0.1  # the crafted model puts the target at this logit, alone in its score bin
 WEIGHT = 1e6

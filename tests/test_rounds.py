@@ -15,18 +15,18 @@ from opacus.data_loader import DPDataLoader
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
 
+from agencyfl.clients.rounds import TrainRequest, evaluate_round, train_round
+from agencyfl.clients.sampling import SamplingError, poisson_batches, require_poisson
+from agencyfl.clients.site import AgencySite
+from agencyfl.clients.trainer import dp_sgd, noise_generator
+from agencyfl.federation.encoding import FeatureEncoder
+from agencyfl.federation.errors import LedgerError
+from agencyfl.federation.model import build_model, model_to_arrays
+from agencyfl.federation.spec import load_spec
+from agencyfl.privacy.accounting import StepRecord, epsilon_for
+from agencyfl.privacy.budget import evaluation_release, planned_releases
+from agencyfl.privacy.ledger import spend_records, verify_ledger
 from agencyfl.synth import SynthResult
-from clients.rounds import TrainRequest, evaluate_round, train_round
-from clients.sampling import SamplingError, poisson_batches, require_poisson
-from clients.site import AgencySite
-from clients.trainer import dp_sgd, noise_generator
-from federation.encoding import FeatureEncoder
-from federation.errors import LedgerError
-from federation.model import build_model, model_to_arrays
-from federation.spec import load_spec
-from privacy.accounting import StepRecord, epsilon_for
-from privacy.budget import evaluation_release, planned_releases
-from privacy.ledger import spend_records, verify_ledger
 
 
 def make_site(fed: SynthResult, tmp_path: Path, budget: float = 10.0, rounds: int = 2) -> tuple[AgencySite, str]:
@@ -254,7 +254,7 @@ def test_fresh_job_ids_cannot_carry_a_trained_model_past_the_per_job_cap(
 def test_zero_planned_steps_are_refused_at_once(small_fed: SynthResult, tmp_path: Path) -> None:
     import time
 
-    from privacy.accounting import calibrate_noise
+    from agencyfl.privacy.accounting import calibrate_noise
 
     site, sha = make_site(small_fed, tmp_path, rounds=2)
     start = time.monotonic()
@@ -289,8 +289,8 @@ def test_a_renamed_ledger_folder_is_not_a_fresh_budget(small_fed: SynthResult, t
 
 
 def test_a_ledger_swapped_for_another_of_the_same_key_is_refused(small_fed: SynthResult, tmp_path: Path) -> None:
-    from privacy.keys import load_signing_key
-    from privacy.ledger import Ledger
+    from agencyfl.privacy.keys import load_signing_key
+    from agencyfl.privacy.ledger import Ledger
 
     site, sha = trained_site(small_fed, tmp_path)
     shutil.rmtree(site.ledger_dir)
@@ -309,8 +309,8 @@ def test_an_empty_ledger_file_is_not_a_fresh_budget(small_fed: SynthResult, tmp_
 
 def test_the_validation_split_is_the_agencys_secret(small_fed: SynthResult, tmp_path: Path) -> None:
     # The split used to be salted with the public federation name: anyone could tell who is in it.
-    from clients.site import load_local_data
-    from federation.table import load_table, validation_mask
+    from agencyfl.clients.site import load_local_data
+    from agencyfl.federation.table import load_table, validation_mask
 
     site, _ = make_site(small_fed, tmp_path)
     other = site.model_copy(update={"home": tmp_path / "other-home"})

@@ -18,18 +18,18 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from typer.testing import CliRunner
 
 from agencyfl.cli import app
+from agencyfl.clients.requester import ScoreSettings, ScoringClient, ScoringError, score_file
 from agencyfl.exit_codes import ExitCode
+from agencyfl.federation.encoding import FeatureEncoder
+from agencyfl.federation.errors import ModelError
+from agencyfl.federation.model import build_model, model_to_arrays
+from agencyfl.federation.proto import scoring_pb2, scoring_pb2_grpc
+from agencyfl.federation.spec import load_spec
+from agencyfl.federation.table import load_table
+from agencyfl.privacy.he import encrypt_columns, new_private_context, parameter_set, public_bytes
+from agencyfl.server.registry import RegisteredModel, register_model
+from agencyfl.server.scoring import TokenStore, he_model, start_server
 from agencyfl.synth import SynthResult
-from clients.requester import ScoreSettings, ScoringClient, ScoringError, score_file
-from federation.encoding import FeatureEncoder
-from federation.errors import ModelError
-from federation.model import build_model, model_to_arrays
-from federation.proto import scoring_pb2, scoring_pb2_grpc
-from federation.spec import load_spec
-from federation.table import load_table
-from privacy.he import encrypt_columns, new_private_context, parameter_set, public_bytes
-from server.registry import RegisteredModel, register_model
-from server.scoring import TokenStore, he_model, start_server
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -275,15 +275,16 @@ GENERATED = ("scoring_pb2.py", "scoring_pb2.pyi", "scoring_pb2_grpc.py")
 def test_generated_grpc_code_is_reproducible(tmp_path: Path) -> None:
     """Regenerate every generated module (messages, type stubs, gRPC stubs) from the proto with
     grpc_tools, as the proto's header says, and compare each with the checked-in file."""
-    (tmp_path / "federation" / "proto").mkdir(parents=True)
-    shutil.copy(REPO / "federation" / "proto" / "scoring.proto", tmp_path / "federation" / "proto")
+    proto_dir = Path("agencyfl") / "federation" / "proto"
+    (tmp_path / proto_dir).mkdir(parents=True)
+    shutil.copy(REPO / proto_dir / "scoring.proto", tmp_path / proto_dir)
     command = [sys.executable, "-m", "grpc_tools.protoc", "-I.", "--python_out=.", "--pyi_out=.", "--grpc_python_out=."]
-    subprocess.run([*command, "federation/proto/scoring.proto"], cwd=tmp_path, check=True)
+    subprocess.run([*command, "agencyfl/federation/proto/scoring.proto"], cwd=tmp_path, check=True)
     for name in GENERATED:
-        fresh = tmp_path / "federation" / "proto" / name
+        fresh = tmp_path / proto_dir / name
         assert fresh.exists(), f"grpc_tools did not generate {name}"
-        checked_in = (REPO / "federation" / "proto" / name).read_text()
-        assert fresh.read_text() == checked_in, f"federation/proto/{name} differs from what grpc_tools generates"
+        checked_in = (REPO / proto_dir / name).read_text()
+        assert fresh.read_text() == checked_in, f"{proto_dir / name} differs from what grpc_tools generates"
 
 
 def _cert(subject: str, issuer_key: Any, issuer_name: Any, key: Any, ca: bool) -> bytes:

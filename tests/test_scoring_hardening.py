@@ -24,18 +24,18 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from typer.testing import CliRunner
 
 from agencyfl.cli import app
+from agencyfl.clients.requester import ScoreSettings, ScoringClient, ScoringError, score_file
 from agencyfl.exit_codes import ExitCode
+from agencyfl.federation.encoding import FeatureEncoder
+from agencyfl.federation.model import build_model, model_to_arrays
+from agencyfl.federation.proto import scoring_pb2, scoring_pb2_grpc
+from agencyfl.federation.spec import load_spec
 from agencyfl.local_evaluation import evaluate_local
+from agencyfl.privacy.he import encrypt_columns, new_private_context, parameter_set, public_bytes
+from agencyfl.server.admission import Limits
+from agencyfl.server.registry import register_model
+from agencyfl.server.scoring import MEMORY_PER_BYTE, ScoringService, TokenStore, start_server
 from agencyfl.synth import SynthResult
-from clients.requester import ScoreSettings, ScoringClient, ScoringError, score_file
-from federation.encoding import FeatureEncoder
-from federation.model import build_model, model_to_arrays
-from federation.proto import scoring_pb2, scoring_pb2_grpc
-from federation.spec import load_spec
-from privacy.he import encrypt_columns, new_private_context, parameter_set, public_bytes
-from server.admission import Limits
-from server.registry import register_model
-from server.scoring import MEMORY_PER_BYTE, ScoringService, TokenStore, start_server
 
 PURPOSE = "eligibility-identification"
 SERVICE = "/agencyfl.scoring.v1.Scoring/"
@@ -265,7 +265,7 @@ def test_contexts_are_deduplicated_by_key_and_quota_and_budget_hold(small_fed: S
 
 
 def tokens_hash(token: str) -> str:
-    from server.tokens import token_hash
+    from agencyfl.server.tokens import token_hash
 
     return token_hash(token)
 
@@ -442,8 +442,8 @@ def test_score_file_encrypts_the_next_batch_while_the_server_scores(
 ) -> None:
     from concurrent import futures
 
-    import clients.requester as requester
-    from server.admission import Admission
+    import agencyfl.clients.requester as requester
+    from agencyfl.server.admission import Admission
 
     model = register(small_fed, tmp_path, {"agencies": []})
     service = _SlowScoring(model)

@@ -18,15 +18,15 @@ import pytest
 from conftest import invoke
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from agencyfl.clients.admission import initial_arrays
+from agencyfl.clients.app import AgencyClient, Scalar
+from agencyfl.clients.signed_plan import refused_requests
+from agencyfl.clients.site import AgencySite
+from agencyfl.federation.plan import JobPlan
+from agencyfl.federation.spec import LoadedSpec, load_spec
+from agencyfl.privacy.keys import generate_signing_key, public_pem
+from agencyfl.privacy.plan_signature import CONFIG_KEY, plan_signature_problem, sign_plan
 from agencyfl.synth import SynthResult
-from clients.admission import initial_arrays
-from clients.app import AgencyClient, Scalar
-from clients.signed_plan import refused_requests
-from clients.site import AgencySite
-from federation.plan import JobPlan
-from federation.spec import LoadedSpec, load_spec
-from privacy.keys import generate_signing_key, public_pem
-from privacy.plan_signature import CONFIG_KEY, plan_signature_problem, sign_plan
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from federation.errors import SpecError
-from federation.spec import TrainingSection, load_spec, parse_spec
+from agencyfl.federation.errors import SpecError
+from agencyfl.federation.spec import TrainingSection, load_spec, parse_spec
 
 MINIMAL = """
 [federation]

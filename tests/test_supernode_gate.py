@@ -18,12 +18,12 @@ import pytest
 from conftest import invoke
 from flwr.cli.build import build_fab_from_disk, build_fab_from_files
 
+from agencyfl.clients.supernode import PIN_FILE, AppGate, read_pin, refused_runs
 from agencyfl.exit_codes import ExitCode
+from agencyfl.federation.flower_app import APP_PYPROJECT, AppRefused, app_digest, build_app_fab, pinned_digest
+from agencyfl.privacy.keys import generate_signing_key
+from agencyfl.server.superexec import pinned_fab_hash
 from agencyfl.synth import SynthResult
-from clients.supernode import PIN_FILE, AppGate, read_pin, refused_runs
-from federation.flower_app import APP_PYPROJECT, AppRefused, app_digest, build_app_fab, pinned_digest
-from privacy.keys import generate_signing_key
-from server.superexec import pinned_fab_hash
 
 # SHA-256 of the source of the Flower 1.41.0 code the two gates rely on (clients.supernode at the
 # agency, server.superexec at the coordinator). If an upgrade changes it, a gate may no longer sit where
@@ -76,7 +76,7 @@ def test_only_the_installed_app_has_the_pinned_digest() -> None:
             stored.writestr(info.filename, original.read(info))
     assert app_digest(repacked.getvalue()) == pinned_digest()
     # our pyproject pointing its ClientApp at other code is another app
-    evil = APP_PYPROJECT.replace('clientapp = "clients.app:app"', 'clientapp = "evil:app"')
+    evil = APP_PYPROJECT.replace('clientapp = "agencyfl.clients.app:app"', 'clientapp = "evil:app"')
     assert app_digest(fab_with({"pyproject.toml": evil.encode()})) != pinned_digest()
 
 

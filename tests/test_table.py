@@ -8,10 +8,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from federation.encoding import FeatureEncoder
-from federation.errors import DataFileError
-from federation.spec import parse_spec
-from federation.table import load_table, quarantine_path_for, validate_frame, validation_mask
+from agencyfl.federation.encoding import FeatureEncoder
+from agencyfl.federation.errors import DataFileError
+from agencyfl.federation.spec import parse_spec
+from agencyfl.federation.table import load_table, quarantine_path_for, validate_frame, validation_mask
 from tests.test_spec import MINIMAL
 
 SCHEMA = parse_spec(

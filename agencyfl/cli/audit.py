@@ -21,7 +21,7 @@ from agencyfl.cli.common import (
 from agencyfl.exit_codes import FINDING_CODES, HELP, ExitCode
 
 if TYPE_CHECKING:
-    from privacy.audit import AgencyAudit, FederationAudit
+    from agencyfl.privacy.audit import AgencyAudit, FederationAudit
 
 keys_app = typer.Typer(help="The auditor's keyring: public keys handed over as files.", no_args_is_help=True)
 audit_app.add_typer(keys_app, name="keys")
@@ -57,7 +57,7 @@ class ReportFormat(StrEnum):
 
 def audit_rows(ledgers: list[Path]) -> list[AgencyAudit]:
     """Audit each ledger against its own folder's key (the demo's quick check)."""
-    from privacy.audit import audit_ledger
+    from agencyfl.privacy.audit import audit_ledger
 
     return [audit_ledger(path) for path in ledgers]
 
@@ -69,9 +69,9 @@ def _federation_audit(
     spec: Path | None = None,
     registry: Path | None = None,
 ) -> FederationAudit:
-    from federation.spec import load_spec
-    from privacy.audit import audit_federation
-    from server.registry import list_models
+    from agencyfl.federation.spec import load_spec
+    from agencyfl.privacy.audit import audit_federation
+    from agencyfl.server.registry import list_models
 
     with errors_to_exit():
         expected = [a.name for a in load_spec(spec).spec.agencies] if spec is not None else None
@@ -133,7 +133,7 @@ def audit_report(
         raise typer.Exit(int(code))
     if fmt is ReportFormat.html:
         from agencyfl.report_html import render_report
-        from server.registry import list_models
+        from agencyfl.server.registry import list_models
 
         assert out_file is not None
         models = list_models(registry) if registry else []
@@ -236,7 +236,7 @@ def keys_import(
     fmt: FormatOpt = Format.table,
 ) -> None:
     """Add a party's public key to the keyring; compare the fingerprint with the party's out of band."""
-    from privacy.keys import import_public_key
+    from agencyfl.privacy.keys import import_public_key
 
     with errors_to_exit():
         fingerprint = import_public_key(keyring, party, key_file)
@@ -253,7 +253,7 @@ def keys_export(
     fmt: FormatOpt = Format.table,
 ) -> None:
     """Write the public half of a ledger signing key, to hand to auditors (the secret key stays)."""
-    from privacy.keys import export_public_key
+    from agencyfl.privacy.keys import export_public_key
 
     with errors_to_exit():
         fingerprint = export_public_key(key, out_file)
@@ -269,7 +269,7 @@ def keys_list(
     fmt: FormatOpt = Format.table,
 ) -> None:
     """List the keyring's parties and key fingerprints."""
-    from privacy.keys import keyring_parties
+    from agencyfl.privacy.keys import keyring_parties
 
     with errors_to_exit():
         parties = keyring_parties(keyring)
@@ -341,9 +341,9 @@ def audit_fairness(
     out_file: Annotated[Path | None, typer.Option("--out", help="Where --format html writes the table")] = None,
 ) -> None:
     """The fairness table (rates per group with intervals, gaps against the spec's tolerances); exit 17 on a fail."""
-    from federation.errors import ModelError
-    from server.model_card import fairness_markdown, markdown_to_html
-    from server.registry import RegisteredModel
+    from agencyfl.federation.errors import ModelError
+    from agencyfl.server.model_card import fairness_markdown, markdown_to_html
+    from agencyfl.server.registry import RegisteredModel
 
     if fmt is ReportFormat.html and out_file is None:
         err.print("[bold red]error:[/] --format html needs --out FILE")
@@ -391,7 +391,7 @@ def audit_fairness(
 
 
 def _print_fairness(table: dict[str, Any], source: str) -> None:
-    from server.model_card import GAP_HEAD, GROUP_HEAD, fairness_rows
+    from agencyfl.server.model_card import GAP_HEAD, GROUP_HEAD, fairness_rows
 
     out.print(f"fairness at threshold {table['threshold']:g} on {source} ({table.get('release', '')})")
     for attribute, groups, gaps in fairness_rows(table):

@@ -17,7 +17,7 @@ from rich.markup import escape
 from typer.core import TyperGroup
 
 from agencyfl.exit_codes import ExitCode, exit_code_for
-from federation.errors import AgencyflError
+from agencyfl.federation.errors import AgencyflError
 
 # Wide enough for the report tables when output goes to a file or a pipe (rich assumes 80 there).
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)

@@ -125,9 +125,9 @@ def train(
     """Start a training run on the deployment engine and follow it until it ends."""
     from agencyfl.cli.training import print_run, with_progress
     from agencyfl.deployment import events_size, follow_run, latest_unfinished_job, submit_run
-    from federation.errors import DeploymentError
-    from federation.spec import load_spec
-    from server.app import new_job_id
+    from agencyfl.federation.errors import DeploymentError
+    from agencyfl.federation.spec import load_spec
+    from agencyfl.server.app import new_job_id
 
     with errors_to_exit():
         cdir = _cdir(cdir_path)
@@ -198,7 +198,7 @@ def issue_token(
     fmt: FormatOpt = Format.table,
 ) -> None:
     """Issue a bearer token for named purposes and an expiry; prints it once (only its hash is stored)."""
-    from server.tokens import DEFAULT_PURPOSE, TokenStore
+    from agencyfl.server.tokens import DEFAULT_PURPOSE, TokenStore
 
     with errors_to_exit():
         store = TokenStore(tokens)
@@ -222,7 +222,7 @@ def revoke_token(
     fmt: FormatOpt = Format.table,
 ) -> None:
     """Revoke a token: a serving process refuses it from its next call on."""
-    from server.tokens import TokenStore
+    from agencyfl.server.tokens import TokenStore
 
     with errors_to_exit():
         record = TokenStore(tokens).revoke(token_id)
@@ -235,7 +235,7 @@ def revoke_token(
 @coordinator_app.command("tokens")
 def list_tokens(tokens: TokensOpt, fmt: FormatOpt = Format.table) -> None:
     """The token registry for auditors: id, requester, purposes, issued, expires, state (never the tokens)."""
-    from server.tokens import TokenStore
+    from agencyfl.server.tokens import TokenStore
 
     with errors_to_exit():
         records = TokenStore(tokens).records()

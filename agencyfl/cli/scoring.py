@@ -54,7 +54,7 @@ def serve(
     ] = None,
 ) -> None:
     """Serve a model for encrypted (CKKS) scoring over gRPC until interrupted."""
-    from server.scoring import TokenStore, start_server
+    from agencyfl.server.scoring import TokenStore, start_server
 
     if tokens is None and not insecure_no_auth:
         fail("give --tokens FILE (see `agencyfl coordinator issue-token`) or --insecure-no-auth", ExitCode.USAGE)
@@ -108,7 +108,7 @@ def score(
     fmt: FormatOpt = Format.table,
 ) -> None:
     """Score households under encryption: only ciphertexts leave this machine; decisions are made here."""
-    from clients.requester import ScoreSettings, ScoringClient, score_file
+    from agencyfl.clients.requester import ScoreSettings, ScoringClient, score_file
 
     root = _read_pem("--root-cert", root_cert) if root_cert else None
     with errors_to_exit():

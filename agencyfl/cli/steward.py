@@ -29,8 +29,8 @@ def steward_check(
     fmt: FormatOpt = Format.table,
 ) -> None:
     """Validate every row of a data file; bad rows go to NAME.quarantine.csv beside it."""
-    from federation.spec import load_spec
-    from federation.table import load_table
+    from agencyfl.federation.spec import load_spec
+    from agencyfl.federation.table import load_table
 
     with errors_to_exit():
         loaded = load_spec(spec)
@@ -115,8 +115,8 @@ def steward_start(
 ) -> None:
     """Check the data, then run this agency's Flower SuperNode (detached) against the coordinator."""
     from agencyfl.deployment import StewardHome, start_steward
-    from federation.spec import load_spec
-    from federation.table import load_table
+    from agencyfl.federation.spec import load_spec
+    from agencyfl.federation.table import load_table
 
     site_home = (home or keys.resolve().parent).resolve()
     with errors_to_exit():

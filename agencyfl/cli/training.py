@@ -26,8 +26,8 @@ from agencyfl.exit_codes import ExitCode
 
 # ---------------------------------------------------------------- run
 def run_with_progress(spec: Path, workdir: Path, quiet: bool) -> dict[str, Any]:
+    from agencyfl.federation.spec import load_spec
     from agencyfl.runner import run_federation
-    from federation.spec import load_spec
 
     rounds = load_spec(spec).spec.training.rounds
     return with_progress(
@@ -141,8 +141,8 @@ def evaluate(
     fmt: FormatOpt = Format.table,
 ) -> None:
     """Score a local labelled file: AUC, accuracy, Brier score, the fairness table, and reasons per household."""
+    from agencyfl.federation.files import write_private_csv
     from agencyfl.local_evaluation import evaluate_local
-    from federation.files import write_private_csv
 
     with errors_to_exit():
         result = evaluate_local(model, data, spec)

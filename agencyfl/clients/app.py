@@ -1,0 +1,241 @@
+"""The agency's Flower ClientApp: translates the coordinator's messages to ``clients.rounds`` calls.
+
+Built on Flower's legacy ``NumPyClient`` because SecAgg+ (``secaggplus_mod``) exists only there in
+Flower 1.41. A fit reply carries the agency's *update* (new weights minus the global weights; zeros
+with weight 0 when it refuses), so secure aggregation sums small numbers that quantise well, and
+the Gaussian-noised validation histograms of the global model it received, accounted in the ledger
+before the reply (evaluation folded into training, one message per round instead of two). A refused
+request is answered with the refusal alone.
+
+The agency, not the coordinator, decides whether its update may travel unmasked: when its copy of
+the spec turns secure aggregation on, a plain fit request is refused.
+
+``make_client_app(resolve_site)`` builds the app for any engine; ``resolve_site`` maps a node's
+context to its ``AgencySite``. The module-level ``app`` (the ``[tool.flwr.app]`` component) reads the
+site from the SuperNode's node config: ``agency``, ``spec``, ``data`` and ``home``. torch is imported
+only by the handlers that train or evaluate: every message starts a fresh process in deployment, and
+the three SecAgg+ key-exchange messages need no torch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from flwr.app import Context, Message
+from flwr.app.message_type import MessageType
+from flwr.client import Client, NumPyClient
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+
+if TYPE_CHECKING:
+    from agencyfl.clients.admission import LedgerRecord
+    from agencyfl.clients.rounds import EvaluationRelease, TrainRequest
+    from agencyfl.clients.site import AgencySite
+
+SiteResolver = Callable[[Context], "AgencySite"]
+Scalar = bool | bytes | float | int | str
+
+
+def site_from_node_config(context: Context) -> AgencySite:
+    """The site described by a SuperNode's ``--node-config``."""
+    from agencyfl.clients.site import AgencySite
+
+    cfg = context.node_config
+    return AgencySite(
+        agency=str(cfg["agency"]),
+        spec_path=Path(str(cfg["spec"])),
+        data_path=Path(str(cfg["data"])),
+        home=Path(str(cfg["home"])),
+        keys_dir=Path(str(cfg["keys"])) if cfg.get("keys") else None,
+        coordinator_key=Path(str(cfg["coordinator_key"])) if cfg.get("coordinator_key") else None,
+    )
+
+
+def unsigned_refusal(site: AgencySite, kind: str, config: dict[str, Scalar]) -> dict[str, Scalar] | None:
+    """The refusal alone, if the job's plan is not signed by the coordinator (logged at the agency)."""
+    from agencyfl.clients.signed_plan import record_refused_request, unsigned_reason
+
+    reason = unsigned_reason(site, config)
+    if reason is None:
+        return None
+    record_refused_request(site, kind, config, reason)
+    return {
+        "agency": site.agency, "status": "refused", "reason": reason, "dataset": "", "epsilon-job": 0.0,
+        "epsilon-lifetime": 0.0, "ledger-origin": "", "steps": 0, "noise-multiplier": 0.0,
+    }  # fmt: skip
+
+
+def histogram_bytes(values: np.ndarray | list[float]) -> bytes:
+    """Histogram counts as bytes (legacy metrics hold scalars only); float64, since releases are noised."""
+    return np.asarray(values, dtype=np.float64).tobytes()
+
+
+def histogram_from_bytes(data: bytes) -> np.ndarray:
+    """The inverse of ``histogram_bytes``."""
+    return np.frombuffer(data, dtype=np.float64).astype(float)
+
+
+def coordinator_record(config: dict[str, Scalar], agency: str) -> LedgerRecord | None:
+    """The coordinator's record of ``agency``'s ledger from a fit config (``ledger-records``, JSON)."""
+    from agencyfl.clients.admission import LedgerRecord
+
+    raw = config.get("ledger-records")
+    if not isinstance(raw, str) or not raw:
+        return None
+    entry = json.loads(raw).get(agency)
+    if not isinstance(entry, dict):
+        return None
+    return LedgerRecord(str(entry.get("origin", "")), float(entry.get("epsilon_lifetime", 0.0)))
+
+
+def plan_request(config: dict[str, Scalar], agency: str, arrays: list[np.ndarray]) -> TrainRequest:
+    """The coordinator's request as a fit or evaluate config states it."""
+    from agencyfl.clients.rounds import TrainRequest
+
+    return TrainRequest(
+        job=str(config["job"]),
+        round=int(config.get("round", 0)),
+        rounds=int(config["rounds"]),
+        spec_sha256=str(config["spec-sha256"]),
+        arrays=arrays,
+        epsilon=float(config["epsilon"]) if "epsilon" in config else None,
+        known=coordinator_record(config, agency),
+    )
+
+
+def _released(evaluation: EvaluationRelease) -> dict[str, Scalar]:
+    return {
+        "hist-pos": histogram_bytes(evaluation.hist_pos),
+        "hist-neg": histogram_bytes(evaluation.hist_neg),
+        "brier-sum": evaluation.brier_sum,
+    }
+
+
+class AgencyClient(NumPyClient):
+    """One agency's answers to fit (train one round) and evaluate (validation histograms)."""
+
+    def __init__(self, site: AgencySite) -> None:
+        self.site = site
+
+    def fit(
+        self, parameters: list[np.ndarray], config: dict[str, Scalar]
+    ) -> tuple[list[np.ndarray], int, dict[str, Scalar]]:
+        """Train one round; return the update, its weight (rows; 0 if refused) and the round's metrics.
+
+        A refused round is answered with the refusal alone (status, reason, the ledger's epsilons and
+        origin): nothing computed from records, not even validation histograms.
+        """
+        from agencyfl.clients.rounds import train_round
+
+        logging.getLogger("flwr").setLevel(logging.WARNING)  # Opacus may lower it
+        if (refusal := unsigned_refusal(self.site, "fit", config)) is not None:
+            return [np.zeros_like(p) for p in parameters], 0, refusal
+        reply = train_round(self.site, plan_request(config, self.site.agency, parameters))
+        metrics: dict[str, Scalar] = {
+            "agency": reply.agency,
+            "status": reply.status,
+            "reason": reply.reason or "",
+            "dataset": reply.dataset,
+            "epsilon-job": reply.epsilon_job,
+            "epsilon-lifetime": reply.epsilon_lifetime,
+            "ledger-origin": reply.origin,
+            "steps": reply.steps,
+            "noise-multiplier": reply.noise_multiplier,
+        }
+        if reply.status != "trained" or reply.evaluation is None:
+            return [np.zeros_like(p) for p in parameters], 0, metrics
+        metrics |= _released(reply.evaluation)  # the global model this round started from, noised and accounted
+        weight = min(reply.num_examples, int(config["max-weight"]))
+        return [new - old for new, old in zip(reply.arrays, parameters, strict=True)], weight, metrics
+
+    def evaluate(self, parameters: list[np.ndarray], config: dict[str, Scalar]) -> tuple[float, int, dict[str, Scalar]]:
+        """The final model's noised validation histograms and fairness counts, or the refusal alone."""
+        from agencyfl.clients.rounds import release_round
+
+        if (refusal := unsigned_refusal(self.site, "evaluate", config)) is not None:
+            return 0.0, 0, refusal
+        reply = release_round(self.site, plan_request(config, self.site.agency, parameters))
+        metrics: dict[str, Scalar] = {
+            "agency": reply.agency,
+            "status": reply.status,
+            "reason": reply.reason or "",
+            "epsilon-job": reply.epsilon_job,
+            "epsilon-lifetime": reply.epsilon_lifetime,
+            "ledger-origin": reply.origin,
+        }
+        if reply.status != "released" or reply.evaluation is None:
+            return 0.0, 0, metrics
+        metrics |= _released(reply.evaluation)
+        if reply.fairness is not None and reply.fairness.status != "none":
+            metrics |= {
+                "fairness-status": reply.fairness.status,
+                "fairness-reason": reply.fairness.reason or "",
+                "fairness-counts": reply.fairness.counts.astype(np.float64).tobytes(),
+            }
+        return 0.0, 1, metrics
+
+
+def check_unmask(configs: Any, site: AgencySite) -> None:
+    """Refuse to hand over key shares when fewer agencies' masked updates would be summed than is safe.
+
+    In SecAgg+'s unmask stage the coordinator names the agencies whose masked updates it holds
+    (``active``); unmasking the sum of fewer than three (or the spec's ``min_agencies``) would reveal
+    an update, or let each of two agencies subtract its own. The coordinator's own check
+    (``server.secure_aggregation``) is not taken on trust.
+
+    Raises
+    ------
+    PermissionError
+        If the unmask stage names too few active agencies.
+    """
+    from flwr.common.secure_aggregation.secaggplus_constants import Stage
+
+    from agencyfl.federation.spec import load_spec
+
+    if configs.get(Key.STAGE) != Stage.UNMASK:
+        return
+    spec = load_spec(site.spec_path).spec
+    need = max(3, spec.training.min_agencies)
+    active = list(configs.get(Key.ACTIVE_NODE_ID_LIST, []))
+    if len(active) < need:
+        raise PermissionError(
+            f"secure aggregation would unmask the sum of {len(active)} agencies' updates; this agency's spec "
+            f"requires at least {need}: refusing to send key shares"
+        )
+
+
+def _requires_secure_aggregation(site: AgencySite) -> bool:
+    from agencyfl.federation.spec import load_spec
+
+    return load_spec(site.spec_path).spec.secure_aggregation.enabled
+
+
+def make_client_app(resolve_site: SiteResolver = site_from_node_config) -> ClientApp:
+    """A ClientApp for the site ``resolve_site`` names, speaking SecAgg+ when the round does."""
+
+    def client_fn(context: Context) -> Client:
+        return AgencyClient(resolve_site(context)).to_client()
+
+    def secure_aggregation_gate(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        if msg.metadata.message_type != MessageType.TRAIN:
+            return call_next(msg, context)
+        configs: Any = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+        if configs is not None and Key.STAGE in configs:
+            check_unmask(configs, resolve_site(context))
+            reply: Message = secaggplus_mod(msg, context, call_next)
+            return reply
+        if _requires_secure_aggregation(resolve_site(context)):
+            raise PermissionError("this agency's spec requires secure aggregation; refusing to send an unmasked update")
+        return call_next(msg, context)
+
+    return ClientApp(client_fn=client_fn, mods=[secure_aggregation_gate])
+
+
+app = make_client_app()

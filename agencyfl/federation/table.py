@@ -1,0 +1,221 @@
+"""Load an agency's table (CSV or Parquet) and validate every row against the schema.
+
+A bad row (wrong type, out of range, unknown category, missing required value, duplicate id) is never
+dropped silently: it goes to a quarantine file beside the data with its row number and reason, and the
+input file is never modified. A file that is unusable as a whole raises ``DataFileError`` with one line.
+Training, ``steward check``, ``evaluate`` and scoring all use this one loader.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from agencyfl.federation.errors import DataFileError
+from agencyfl.federation.files import write_private_csv
+from agencyfl.federation.spec import BooleanFeature, CategoricalFeature, NumericFeature, SchemaSection
+
+_TRUE = {"1", "true", "yes", "t", "y"}
+_FALSE = {"0", "false", "no", "f", "n"}
+
+
+@dataclass
+class CheckResult:
+    """Outcome of validating a table.
+
+    Attributes
+    ----------
+    valid
+        The rows that passed, typed: id as str, label as 0/1 int, numeric and boolean features as
+        float (NaN when missing), categorical features as str (None when missing).
+    quarantined
+        The rows that failed: ``row`` (1-based data row, header not counted), the id as written,
+        ``reason``, then the row's original values.
+    absent_columns
+        Nullable feature columns the file does not have (treated as all missing).
+    """
+
+    valid: pd.DataFrame
+    quarantined: pd.DataFrame
+    absent_columns: list[str] = field(default_factory=list)
+    fingerprint: str = ""
+    quarantine_path: Path | None = None
+
+    @property
+    def total(self) -> int:
+        """Rows read."""
+        return len(self.valid) + len(self.quarantined)
+
+
+def _read_raw(path: Path) -> pd.DataFrame:
+    if not path.exists():
+        raise DataFileError(f"data file {str(path)!r} does not exist")
+    if not path.is_file():
+        raise DataFileError(f"data file {str(path)!r} is not a file")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in {".parquet", ".pq"}:
+            frame = pd.read_parquet(path)
+            frame = frame.astype("object").where(frame.notna(), "")
+            return frame.map(lambda v: "" if v is None else str(v))
+        if suffix in {".csv", ".txt", ""}:
+            return pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
+    except pd.errors.EmptyDataError as exc:
+        raise DataFileError(f"data file {str(path)!r} is empty") from exc
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise DataFileError(f"data file {str(path)!r} is not a readable table: {first}") from exc
+    raise DataFileError(f"data file {str(path)!r}: unsupported format {suffix!r} (use .csv or .parquet)")
+
+
+def validate_frame(raw: pd.DataFrame, schema: SchemaSection, require_label: bool = True) -> CheckResult:
+    """Validate a frame of strings (as read from a file) row by row.
+
+    Raises
+    ------
+    DataFileError
+        If required columns are missing or there are no rows.
+    """
+    raw = raw.copy()
+    raw.columns = [str(c).strip() for c in raw.columns]
+    required = [schema.id] + ([schema.label] if require_label else [])
+    required += [f.name for f in schema.features if not f.nullable]
+    missing_cols = [c for c in required if c not in raw.columns]
+    if missing_cols:
+        raise DataFileError(f"missing columns {missing_cols!r} (the file has {list(raw.columns)!r})")
+    if len(raw) == 0:
+        raise DataFileError("the table has a header but no rows")
+    absent = [f.name for f in schema.features if f.nullable and f.name not in raw.columns]
+    for name in absent:
+        raw[name] = ""
+    text = raw.astype(str).apply(lambda col: col.str.strip())
+    n = len(text)
+    reasons: list[list[str]] = [[] for _ in range(n)]
+
+    def flag(mask: np.ndarray, reason: str) -> None:
+        for i in np.flatnonzero(mask):
+            reasons[i].append(reason)
+
+    typed = pd.DataFrame(index=text.index)
+    ids = text[schema.id]
+    flag((ids == "").to_numpy(), f"missing {schema.id}")
+    duplicate = ids.duplicated(keep="first") & (ids != "")
+    for i in np.flatnonzero(duplicate.to_numpy()):
+        reasons[i].append(f"duplicate {schema.id} {ids.iloc[i]!r}")
+    typed[schema.id] = ids
+
+    if require_label:
+        labels = text[schema.label].str.lower()
+        is_true, is_false = labels.isin(_TRUE), labels.isin(_FALSE)
+        flag((labels == "").to_numpy(), f"missing {schema.label}")
+        bad = ~(is_true | is_false) & (labels != "")
+        for i in np.flatnonzero(bad.to_numpy()):
+            reasons[i].append(f"{schema.label} {text[schema.label].iloc[i]!r} is not 0/1")
+        typed[schema.label] = is_true.astype(int)
+
+    for f in schema.features:
+        col = text[f.name]
+        empty = (col == "").to_numpy()
+        if not f.nullable:
+            flag(empty, f"missing {f.name}")
+        if isinstance(f, NumericFeature):
+            values = pd.to_numeric(col.where(col != ""), errors="coerce").to_numpy(dtype=np.float64)
+            not_number = np.isnan(values) & ~empty
+            for i in np.flatnonzero(not_number | np.isinf(values)):
+                reasons[i].append(f"{f.name} {col.iloc[i]!r} is not a number")
+            with np.errstate(invalid="ignore"):
+                out = np.isfinite(values) & ((values < f.min) | (values > f.max))
+            for i in np.flatnonzero(out):
+                reasons[i].append(f"{f.name} {col.iloc[i]!r} outside [{f.min:g}, {f.max:g}]")
+            typed[f.name] = np.where(np.isfinite(values), values, np.nan)
+        elif isinstance(f, CategoricalFeature):
+            unknown = ~col.isin(f.categories).to_numpy() & ~empty
+            for i in np.flatnonzero(unknown):
+                reasons[i].append(f"{f.name} {col.iloc[i]!r} is not one of {f.categories!r}")
+            typed[f.name] = col.where(col != "", None).astype("object")
+        elif isinstance(f, BooleanFeature):
+            lower = col.str.lower()
+            t, fl = lower.isin(_TRUE).to_numpy(), lower.isin(_FALSE).to_numpy()
+            for i in np.flatnonzero(~(t | fl) & ~empty):
+                reasons[i].append(f"{f.name} {col.iloc[i]!r} is not true/false")
+            typed[f.name] = np.where(t, 1.0, np.where(fl, 0.0, math.nan))
+
+    bad_rows = np.array([bool(r) for r in reasons], dtype=bool)
+    valid = typed.loc[~bad_rows].reset_index(drop=True)
+    quarantined = text.loc[bad_rows].copy()
+    quarantined.insert(0, "reason", ["; ".join(r) for r, b in zip(reasons, bad_rows, strict=True) if b])
+    quarantined.insert(0, "row", np.flatnonzero(bad_rows) + 1)
+    return CheckResult(valid=valid, quarantined=quarantined.reset_index(drop=True), absent_columns=absent)
+
+
+def quarantine_path_for(path: Path) -> Path:
+    """Where the quarantine file of ``path`` goes: beside it, ``NAME.quarantine.csv``."""
+    return path.with_name(f"{path.stem}.quarantine.csv")
+
+
+def file_fingerprint(path: Path) -> str:
+    """SHA-256 of the file's bytes: the dataset fingerprint recorded in ledgers and model cards."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_table(
+    path: str | Path,
+    schema: SchemaSection,
+    require_label: bool = True,
+    write_quarantine: bool = True,
+) -> CheckResult:
+    """Load and validate a CSV or Parquet file; bad rows go to ``NAME.quarantine.csv`` beside it.
+
+    The input file is never modified. A quarantine file from an earlier check is replaced (or removed
+    when no row is bad now) so that it always describes the file as it is.
+
+    Raises
+    ------
+    DataFileError
+        If the file is missing, empty, not a table or lacks required columns, or the quarantine file
+        cannot be written (no partial or temporary copy is left behind).
+    """
+    path = Path(path)
+    try:
+        result = validate_frame(_read_raw(path), schema, require_label=require_label)
+    except DataFileError as exc:
+        if str(exc).startswith("data file"):
+            raise
+        raise DataFileError(f"data file {str(path)!r}: {exc}") from exc
+    result.fingerprint = file_fingerprint(path)
+    if write_quarantine:
+        target = quarantine_path_for(path)
+        if len(result.quarantined):
+            # Full rows of the agency's data: 0600, atomic, no temporary copy left on failure.
+            write_private_csv(target, result.quarantined)
+            result.quarantine_path = target
+        elif target.exists():
+            try:
+                target.unlink()
+            except OSError as exc:
+                stale = f"cannot remove the stale quarantine file {str(target)!r}: {exc.strerror}"
+                raise DataFileError(stale) from None
+    return result
+
+
+def validation_mask(ids: pd.Series, fraction: float, salt: str) -> np.ndarray:
+    """Deterministic split: True for rows in the validation split.
+
+    Hashing the id (not drawing random numbers) keeps a household on the same side in every round
+    and in every process, so the validation split is never trained on.
+    """
+
+    def bucket(value: str) -> int:
+        return int.from_bytes(hashlib.sha256(f"{salt}:{value}".encode()).digest()[:4], "big")
+
+    buckets = np.fromiter((bucket(v) for v in ids.astype(str)), dtype=np.uint64, count=len(ids))
+    return buckets < np.uint64(int(fraction * 2**32))
