@@ -9,9 +9,12 @@ from agencyfl.federation.errors import (
     DataFileError,
     DeploymentError,
     FederationError,
+    HEError,
     LedgerError,
     ModelError,
+    ScoringError,
     SpecError,
+    TokenError,
 )
 
 
@@ -114,24 +117,15 @@ _BY_ERROR: list[tuple[type[AgencyflError], ExitCode]] = [
     (FederationError, ExitCode.FEDERATION_FAILED),
     (DeploymentError, ExitCode.DEPLOYMENT_FAILED),
     (ModelError, ExitCode.MODEL_INVALID),
+    (ScoringError, ExitCode.SCORING_REFUSED),
+    (HEError, ExitCode.SCORING_REFUSED),
+    (TokenError, ExitCode.USAGE),
 ]
-
-
-def _scoring_codes() -> list[tuple[type[AgencyflError], ExitCode]]:
-    from agencyfl.clients.requester import ScoringError
-    from agencyfl.privacy.he import HEError
-    from agencyfl.server.tokens import TokenError
-
-    return [
-        (ScoringError, ExitCode.SCORING_REFUSED),
-        (HEError, ExitCode.SCORING_REFUSED),
-        (TokenError, ExitCode.USAGE),
-    ]
 
 
 def exit_code_for(error: AgencyflError) -> ExitCode:
     """The exit code for a domain error."""
-    for kind, code in [*_BY_ERROR, *_scoring_codes()]:
+    for kind, code in _BY_ERROR:
         if isinstance(error, kind):
             return code
     return ExitCode.INTERNAL_ERROR

@@ -163,7 +163,7 @@ def test_composition_across_process_restarts_and_jobs_equals_one_accountant(
             one.step(noise_multiplier=e.noise_multiplier, sample_rate=e.sample_rate)
     assert events[-1].epsilon_lifetime == pytest.approx(one.get_epsilon(1e-5), rel=1e-9)
     assert events[-1].epsilon_job == pytest.approx(
-        epsilon_for([e.step_record() for e in events if e.job == "job-b"], 1e-5), rel=1e-9
+        epsilon_for([r for e in events if e.job == "job-b" for r in e.step_records()], 1e-5), rel=1e-9
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -11,8 +12,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_wheel_has_agencyfl_as_its_only_top_level_name(tmp_path: Path) -> None:
+    source = tmp_path / "source"  # built from a copy: setuptools writes build/ beside the sources
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source)
+    shutil.copytree(REPO / "agencyfl", source / "agencyfl", ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(REPO)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", tmp_path, source],
         check=True,
         capture_output=True,
     )

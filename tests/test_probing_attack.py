@@ -27,9 +27,10 @@ import pytest
 from scipy.stats import beta
 
 from agencyfl.clients.admission import initial_arrays
-from agencyfl.clients.app import AgencyClient, histogram_from_bytes
+from agencyfl.clients.app import AgencyClient
 from agencyfl.clients.site import AgencySite, load_local_data
 from agencyfl.federation.encoding import FeatureEncoder
+from agencyfl.federation.messages import histogram_from_bytes
 from agencyfl.federation.metrics import score_histograms
 from agencyfl.federation.model import build_model, model_from_arrays, predict_proba
 from agencyfl.federation.plan import JobPlan

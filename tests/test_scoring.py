@@ -18,10 +18,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from typer.testing import CliRunner
 
 from agencyfl.cli import app
-from agencyfl.clients.requester import ScoreSettings, ScoringClient, ScoringError, score_file
+from agencyfl.clients.requester import ScoreSettings, ScoringClient, score_file
 from agencyfl.exit_codes import ExitCode
 from agencyfl.federation.encoding import FeatureEncoder
-from agencyfl.federation.errors import ModelError
+from agencyfl.federation.errors import ModelError, ScoringError
 from agencyfl.federation.model import build_model, model_to_arrays
 from agencyfl.federation.proto import scoring_pb2, scoring_pb2_grpc
 from agencyfl.federation.spec import load_spec

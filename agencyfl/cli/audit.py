@@ -90,6 +90,12 @@ def _audit_json(audit: FederationAudit, code: ExitCode) -> dict[str, Any]:
     }
 
 
+def _independent(figures: dict[str, float] | None) -> str:
+    if not figures:
+        return "-"
+    return f"{figures['dp_accounting_rdp']:.3f} / {figures['dp_accounting_pld']:.3f}"
+
+
 def _print_findings(audit: FederationAudit) -> None:
     for party, finding in audit.all_findings():
         out.print(f"[red]{party}: {finding.kind}: {finding.message}[/]")
@@ -145,6 +151,7 @@ def audit_report(
         "epsilon last job",
         "epsilon lifetime (RDP) / cap",
         "lifetime (PRV)",
+        "lifetime, dp_accounting RDP / PLD",
         "delta",
         "rounds (last job/all)",
         "refusals",
@@ -160,6 +167,7 @@ def audit_report(
             f"{r.epsilon_last_job:.3f}",
             f"{r.epsilon_lifetime:.3f} / {cap}",
             f"{r.epsilon_lifetime_prv:.3f}",
+            _independent(r.independent.get("epsilon_lifetime")),
             f"{r.delta:g}" if r.delta else "-",
             f"{r.rounds_last_job}/{r.rounds_total}",
             str(r.refusals),
@@ -168,7 +176,10 @@ def audit_report(
             "[green]ok[/]" if r.signatures_ok else "[red]BAD[/]",
         )
     out.print(table)
-    out.print("Caps are enforced with RDP (the larger, safe-side bound); PRV is the tighter estimate.")
+    out.print(
+        "Caps are enforced with RDP (the larger, safe-side bound); PRV is the tighter estimate. Every epsilon is "
+        "recomputed from the ledgers' mechanism events by Google's dp_accounting (RDP must agree, PLD not exceed)."
+    )
     _print_findings(audit)
     verdict = "all ledgers verified, no cap exceeded" if code is ExitCode.OK else HELP[code]
     out.print(("[green]" if code is ExitCode.OK else "[red]") + verdict + "[/]")

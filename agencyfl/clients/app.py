@@ -34,6 +34,8 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
+from agencyfl.federation.messages import histogram_bytes, histogram_from_bytes  # noqa: F401 (re-exported)
+
 if TYPE_CHECKING:
     from agencyfl.clients.admission import LedgerRecord
     from agencyfl.clients.rounds import EvaluationRelease, TrainRequest
@@ -70,16 +72,6 @@ def unsigned_refusal(site: AgencySite, kind: str, config: dict[str, Scalar]) -> 
         "agency": site.agency, "status": "refused", "reason": reason, "dataset": "", "epsilon-job": 0.0,
         "epsilon-lifetime": 0.0, "ledger-origin": "", "steps": 0, "noise-multiplier": 0.0,
     }  # fmt: skip
-
-
-def histogram_bytes(values: np.ndarray | list[float]) -> bytes:
-    """Histogram counts as bytes (legacy metrics hold scalars only); float64, since releases are noised."""
-    return np.asarray(values, dtype=np.float64).tobytes()
-
-
-def histogram_from_bytes(data: bytes) -> np.ndarray:
-    """The inverse of ``histogram_bytes``."""
-    return np.frombuffer(data, dtype=np.float64).astype(float)
 
 
 def coordinator_record(config: dict[str, Scalar], agency: str) -> LedgerRecord | None:

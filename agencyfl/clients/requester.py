@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from agencyfl.federation.decision import DecisionRule
 from agencyfl.federation.encoding import FeatureEncoder
-from agencyfl.federation.errors import AgencyflError, DataFileError
+from agencyfl.federation.errors import DataFileError, ScoringError
 from agencyfl.federation.files import write_private_csv
 from agencyfl.federation.proto import scoring_pb2, scoring_pb2_grpc
 from agencyfl.federation.reasons import top_reasons
@@ -30,10 +30,6 @@ from agencyfl.federation.table import load_table
 from agencyfl.privacy.he import decrypt_vector, encrypt_columns, new_private_context, parameter_set, public_bytes
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-
-
-class ScoringError(AgencyflError):
-    """The scoring server refused a request or could not be reached."""
 
 
 @dataclass(frozen=True)

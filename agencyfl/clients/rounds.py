@@ -26,6 +26,7 @@ from agencyfl.federation.plan import JobPlan
 from agencyfl.federation.spec import FederationSpec, LoadedSpec
 from agencyfl.privacy.accounting import StepRecord, accountant_for, epsilon_for
 from agencyfl.privacy.budget import check_round, evaluation_release, job_noise_multiplier, planned_release
+from agencyfl.privacy.events import EVENT_FORMAT, NEIGHBOURING, Mechanism, dp_sgd_steps, gaussian_releases
 from agencyfl.privacy.ledger import LedgerEvent, now_utc, spend_records
 
 
@@ -196,7 +197,21 @@ def _event(
         reason=reason,
         federation=spec.federation.name,
         release=release,
+        mechanism=None if kind == "refusal" or record.steps <= 0 else _mechanism(spec, kind, record, release),
+        mechanism_format=EVENT_FORMAT,
+        neighbouring=NEIGHBOURING,
     )
+
+
+def _mechanism(
+    spec: FederationSpec, kind: str, record: StepRecord, release: Literal["evaluation", "fairness"] | None
+) -> Mechanism:
+    """The mechanism an entry released, with its sensitivity and noise std (``privacy.events``)."""
+    if kind == "round":
+        return dp_sgd_steps(record.noise_multiplier, record.sample_rate, record.steps, spec.privacy.max_grad_norm)
+    if release == "fairness" and spec.fairness is not None:
+        return gaussian_releases(record.noise_multiplier, sensitivity(spec.fairness), record.steps)
+    return gaussian_releases(record.noise_multiplier, EVALUATION_SENSITIVITY, record.steps)
 
 
 EVALUATION_SENSITIVITY = float(np.sqrt(2.0))

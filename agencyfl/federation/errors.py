@@ -29,3 +29,18 @@ class FederationError(AgencyflError):
 
 class DeploymentError(AgencyflError):
     """A daemon (SuperLink, SuperNode) failed to start or was refused, or a deployment folder is incomplete."""
+
+
+class ScoringError(AgencyflError):
+    """The scoring server refused a request or could not be reached."""
+
+
+class HEError(AgencyflError):
+    """An HE context or ciphertext is unacceptable (secret key present, weak parameters, malformed)."""
+
+
+class TokenError(AgencyflError):
+    """A token operation was asked something wrong (unknown id, no purpose, bad validity): exit 2.
+
+    An unreadable registry file raises ``DataFileError`` (exit 4) instead.
+    """

@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
+from dp_accounting import dp_event as dpe
+from dp_accounting.mechanism_calibration import ExplicitBracketInterval, calibrate_dp_mechanism
+from dp_accounting.privacy_accountant import NeighboringRelation, PrivacyAccountant
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
-from opacus.accountants.utils import get_noise_multiplier
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,64 @@ def epsilon_prv(records: Iterable[StepRecord], delta: float, eps_error: float = 
 
 
 MAX_NOISE_MULTIPLIER = 100.0  # beyond this no model learns anything; refuse instead
+MIN_NOISE_MULTIPLIER = 0.01  # the lower end of the calibration bracket
+
+
+def records_of(event: dpe.DpEvent, count: int = 1) -> list[StepRecord]:
+    """A dp_accounting event as the enforcing accountant's records (Gaussian, Poisson-sampled Gaussian,
+    their compositions).
+
+    Raises
+    ------
+    ValueError
+        For any other event: the enforcing accountant does not analyse it.
+    """
+    if isinstance(event, dpe.NoOpDpEvent):
+        return []
+    if isinstance(event, dpe.GaussianDpEvent):
+        return [StepRecord(float(event.noise_multiplier), 1.0, count)]
+    if isinstance(event, dpe.PoissonSampledDpEvent) and isinstance(event.event, dpe.GaussianDpEvent):
+        return [StepRecord(float(event.event.noise_multiplier), float(event.sampling_probability), count)]
+    if isinstance(event, dpe.SelfComposedDpEvent):
+        return records_of(event.event, count * event.count)
+    if isinstance(event, dpe.ComposedDpEvent):
+        return [r for e in event.events for r in records_of(e, count)]
+    raise ValueError(f"the enforcing accountant does not analyse {type(event).__name__}")
+
+
+def dp_event_of(record: StepRecord) -> dpe.DpEvent:
+    """One record as a dp_accounting event (q = 1: no sampling)."""
+    gaussian = dpe.GaussianDpEvent(record.noise_multiplier)
+    step = gaussian if record.sample_rate >= 1.0 else dpe.PoissonSampledDpEvent(record.sample_rate, gaussian)
+    return dpe.SelfComposedDpEvent(step, record.steps)
+
+
+class EnforcingAccountant(PrivacyAccountant):  # type: ignore[misc]  # dp_accounting ships no type information
+    """The enforcing accountant (Opacus' RDP analysis, per-step curves cached) behind dp_accounting's
+    ``PrivacyAccountant`` interface, so that the library's calibration routine searches over exactly the
+    figure enforcement checks. Add or remove one household is its relation."""
+
+    def __init__(self) -> None:
+        super().__init__(NeighboringRelation.ADD_OR_REMOVE_ONE)
+        self._tally = RdpTally()
+
+    def _maybe_compose(
+        self, event: dpe.DpEvent, count: int, do_compose: bool
+    ) -> PrivacyAccountant.CompositionErrorDetails | None:
+        try:
+            records = records_of(event, count)
+        except ValueError as exc:
+            return PrivacyAccountant.CompositionErrorDetails(invalid_event=event, error_message=str(exc))
+        if do_compose:
+            for record in records:
+                self._tally.add(record)
+        return None
+
+    def get_epsilon(self, target_delta: float) -> float:
+        return self._tally.epsilon(target_delta)
+
+    def get_delta(self, target_epsilon: float) -> float:  # pragma: no cover - nothing asks for delta
+        raise NotImplementedError("agencyfl fixes delta per federation and accounts epsilon")
 
 
 @lru_cache(maxsize=256)
@@ -125,10 +185,11 @@ def calibrate_noise(
 ) -> float:
     """The noise multiplier for ``steps`` steps at ``sample_rate`` to reach at most ``target_epsilon``.
 
-    ``also`` are other mechanisms the same job will run (a noisy fairness release): the steps' noise
-    is then calibrated so that everything together stays within the target. Opacus' binary search
-    (used when ``also`` is empty) returns the upper end of its bracket, i.e. the larger (safer) sigma;
-    ours does the same. The result is checked again so an overshoot can never pass silently.
+    ``also`` are other mechanisms the same job will run (its noisy releases): the steps' noise is then
+    calibrated so that everything together stays within the target. The search is dp_accounting's
+    ``calibrate_dp_mechanism`` over the enforcing accountant (``EnforcingAccountant``): it returns a sigma
+    whose epsilon does not exceed the target. The result is checked again so an overshoot can never pass
+    silently.
 
     Raises
     ------
@@ -137,44 +198,31 @@ def calibrate_noise(
     """
     if steps <= 0:  # at once: a search over zero steps never converges
         raise ValueError(f"steps must be positive to calibrate noise (got {steps!r})")
+
+    def plan(sigma: float) -> list[StepRecord]:
+        return [StepRecord(sigma, sample_rate, steps), *also]
+
     with warnings.catch_warnings():  # at sigma 100 the optimal RDP order is the largest: a loose bound, fine here
         warnings.simplefilter("ignore", UserWarning)
-        floor = epsilon_for([StepRecord(MAX_NOISE_MULTIPLIER, sample_rate, steps), *also], delta)
-    if floor > target_epsilon:  # checked first: Opacus' own search takes ~40 s to give up
-        raise ValueError(
-            f"epsilon {target_epsilon:g} cannot be met with {steps} steps at sample rate {sample_rate:g}: "
-            f"even noise multiplier {MAX_NOISE_MULTIPLIER:g} gives {floor:.4g}"
-        )
-    with warnings.catch_warnings():  # Opacus' search visits sigmas whose optimal order is the largest: fine
-        warnings.simplefilter("ignore", UserWarning)
-        if also:
-            sigma = _bisect_sigma(target_epsilon, delta, sample_rate, steps, also)
-        else:
-            sigma = float(
-                get_noise_multiplier(
-                    target_epsilon=target_epsilon,
-                    target_delta=delta,
-                    sample_rate=sample_rate,
-                    steps=steps,
-                    accountant="rdp",
-                    epsilon_tolerance=0.005,
-                )
+        floor = epsilon_for(plan(MAX_NOISE_MULTIPLIER), delta)
+        if floor > target_epsilon:  # checked first: a search would only confirm it
+            raise ValueError(
+                f"epsilon {target_epsilon:g} cannot be met with {steps} steps at sample rate {sample_rate:g}: "
+                f"even noise multiplier {MAX_NOISE_MULTIPLIER:g} gives {floor:.4g}"
             )
-    achieved = epsilon_for([StepRecord(sigma, sample_rate, steps), *also], delta)
-    if achieved > target_epsilon:  # pragma: no cover - guards a change in Opacus' search
+        if epsilon_for(plan(MIN_NOISE_MULTIPLIER), delta) <= target_epsilon:
+            return MIN_NOISE_MULTIPLIER
+        sigma = float(
+            calibrate_dp_mechanism(
+                EnforcingAccountant,
+                lambda s: dpe.ComposedDpEvent([dp_event_of(r) for r in plan(s)]),
+                target_epsilon,
+                delta,
+                ExplicitBracketInterval(MIN_NOISE_MULTIPLIER, MAX_NOISE_MULTIPLIER),
+                tol=1e-3,  # in sigma: far inside the 0.005 of epsilon the plan may leave unspent
+            )
+        )
+        achieved = epsilon_for(plan(sigma), delta)
+    if achieved > target_epsilon:  # pragma: no cover - guards a change in dp_accounting's search
         raise ValueError(f"calibration overshot: epsilon {achieved} > target {target_epsilon}")
     return sigma
-
-
-def _bisect_sigma(target: float, delta: float, q: float, steps: int, also: tuple[StepRecord, ...]) -> float:
-    """The smallest sigma (to within 0.5% of epsilon) whose composition with ``also`` meets ``target``."""
-    low, high = 0.0, MAX_NOISE_MULTIPLIER  # epsilon falls as sigma grows; keep high feasible
-    while high - low > 1e-4:
-        mid = (low + high) / 2
-        if mid > 0 and epsilon_for([StepRecord(mid, q, steps), *also], delta) <= target:
-            high = mid
-        else:
-            low = mid
-        if high < MAX_NOISE_MULTIPLIER and target - epsilon_for([StepRecord(high, q, steps), *also], delta) < 0.005:
-            break
-    return high

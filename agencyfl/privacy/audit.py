@@ -21,9 +21,11 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from agencyfl.privacy.accounting import RdpTally, epsilon_for, epsilon_prv
+from agencyfl.privacy.accounting import RdpTally, StepRecord, epsilon_for, epsilon_prv
 from agencyfl.privacy.coordinator_ledger import RoundSummary
 from agencyfl.privacy.crosscheck import cross_check, unknown_jobs
+from agencyfl.privacy.events import UnaccountedMechanism, same_records
+from agencyfl.privacy.independent import recompute, relation_findings
 from agencyfl.privacy.keys import keyring_key, keyring_parties
 from agencyfl.privacy.ledger import (
     FINDING_ORDER,
@@ -31,7 +33,6 @@ from agencyfl.privacy.ledger import (
     Finding,
     FindingKind,
     LedgerEvent,
-    spend_records,
     verify_ledger,
 )
 
@@ -64,6 +65,8 @@ class AgencyAudit:
     legacy: bool = False  # entries but no genesis: written before ledgers had one
     findings: list[Finding] = field(default_factory=list)
     timeline: list[dict[str, Any]] = field(default_factory=list)  # every entry with recomputed epsilons
+    # each headline epsilon beside dp_accounting's RDP and PLD recomputation of it (``privacy.independent``)
+    independent: dict[str, dict[str, float]] = field(default_factory=dict)
     events: list[LedgerEvent] = field(default_factory=list, repr=False)
 
     @property
@@ -127,11 +130,23 @@ def audit_ledger(directory: str | Path, public_key: Ed25519PublicKey | None = No
     last_job = jobs[-1] if jobs else None
     delta = events[-1].delta if events else None
     lifetime, per_job = RdpTally(), dict[str, RdpTally]()  # running compositions: one addition per entry (linear)
+    audited: list[tuple[str, StepRecord]] = []  # what the tallies composed, by job
     for index, e in enumerate(events):
         tally = per_job.setdefault(e.job, RdpTally())
         if e.kind != "refusal":
-            lifetime.add(e.step_record())
-            tally.add(e.step_record())
+            try:
+                records = e.step_records()
+            except UnaccountedMechanism as exc:
+                findings.append(Finding("epsilon", f"entry {index}: {exc}; read off its flat fields instead"))
+                records = [e.flat_record()]
+            if e.mechanism is not None and not same_records(records, [e.flat_record()]):
+                findings.append(
+                    Finding("epsilon", f"entry {index}: its mechanism event disagrees with its flat fields")
+                )
+            for record in records:
+                lifetime.add(record)
+                tally.add(record)
+                audited.append((e.job, record))
         life = lifetime.epsilon(e.delta)
         job = tally.epsilon(e.delta)
         timeline.append(
@@ -168,8 +183,13 @@ def audit_ledger(directory: str | Path, public_key: Ed25519PublicKey | None = No
                     f"entry {index}: job {e.job} at epsilon {job:.4f} exceeds its per-job cap {e.epsilon_job_cap:g}",
                 )
             )
-    eps_job = epsilon_for(spend_records(events, last_job), delta) if last_job and delta else 0.0
-    eps_life = epsilon_for(spend_records(events), delta) if delta else 0.0
+    spent = [record for _, record in audited]
+    eps_job = epsilon_for([r for job, r in audited if job == last_job], delta) if last_job and delta else 0.0
+    eps_life = epsilon_for(spent, delta) if delta else 0.0
+    findings += relation_findings(events)
+    job_check = recompute([e for e in events if e.job == last_job], eps_job, delta)
+    life_check = recompute(events, eps_life, delta)
+    findings += job_check.findings(f"job {last_job}") + life_check.findings("lifetime")
     budget = events[-1].budget if events else None
     if budget is not None and eps_life > budget + _AGREE:
         findings.append(Finding("overspend", f"lifetime epsilon {eps_life:.4f} exceeds the budget {budget:g}"))
@@ -179,7 +199,7 @@ def audit_ledger(directory: str | Path, public_key: Ed25519PublicKey | None = No
         last_job=last_job,
         epsilon_last_job=eps_job,
         epsilon_lifetime=eps_life,
-        epsilon_lifetime_prv=epsilon_prv(spend_records(events), delta) if delta else 0.0,
+        epsilon_lifetime_prv=epsilon_prv(spent, delta) if delta else 0.0,
         budget=budget,
         epsilon_job_cap=events[-1].epsilon_job_cap if events else None,
         delta=delta,
@@ -196,6 +216,7 @@ def audit_ledger(directory: str | Path, public_key: Ed25519PublicKey | None = No
         legacy=check.legacy,
         findings=findings,
         timeline=timeline,
+        independent={"epsilon_last_job": vars(job_check), "epsilon_lifetime": vars(life_check)},
         events=events,
     )
 

@@ -15,11 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import tenseal as ts
 
-from agencyfl.federation.errors import AgencyflError
-
-
-class HEError(AgencyflError):
-    """An HE context or ciphertext is unacceptable (secret key present, weak parameters, malformed)."""
+from agencyfl.federation.errors import HEError
 
 
 @dataclass(frozen=True)

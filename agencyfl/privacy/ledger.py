@@ -40,6 +40,7 @@ from typing_extensions import TypeVar
 
 from agencyfl.federation.errors import LedgerError
 from agencyfl.privacy.accounting import StepRecord
+from agencyfl.privacy.events import Mechanism, step_records
 from agencyfl.privacy.keys import key_id, load_public_key, public_pem
 
 GENESIS = "0" * 64
@@ -88,16 +89,31 @@ class LedgerEvent(BaseModel):
     reason: str | None = None
     federation: str | None = None  # the spec's federation name (None in entries written before it was recorded)
     release: Literal["evaluation", "fairness"] | None = None  # what a release released (None: older fairness)
+    # Format 3 (``privacy.events``): the mechanism released, with sensitivity and noise both recorded, and the
+    # neighbouring relation the entry is analysed under. Entries written before (format 2 and older) have None:
+    # their mechanism is read off the flat fields above (Poisson-sampled Gaussian, or q = 1 for a release).
+    mechanism: Mechanism | None = None
+    mechanism_format: int | None = None
+    neighbouring: str | None = None  # a str, not a Literal: another relation must parse, to be reported
 
     @property
     def party(self) -> str:
         """Whose ledger this event belongs in."""
         return self.agency
 
-    def step_record(self) -> StepRecord:
-        """The accountant's view of this event (no steps for a refusal)."""
+    def flat_record(self) -> StepRecord:
+        """The mechanism as the flat fields state it (every format has them; no steps for a refusal)."""
         steps = 0 if self.kind == "refusal" else self.steps
         return StepRecord(self.noise_multiplier, self.sample_rate, steps)
+
+    def step_records(self) -> list[StepRecord]:
+        """The enforcing accountant's view of this entry: its mechanism event when recorded (format 3),
+        else the flat fields. A refusal spent nothing."""
+        if self.kind == "refusal":
+            return []
+        if self.mechanism is not None:
+            return step_records(self.mechanism)
+        return [self.flat_record()]
 
 
 FindingKind = Literal[
@@ -497,4 +513,4 @@ file's identity, size and times when it was verified (any change means a full re
 
 def spend_records(events: list[LedgerEvent], job: str | None = None) -> list[StepRecord]:
     """The accountant's records of ``events`` (only those of ``job`` when given)."""
-    return [e.step_record() for e in events if e.kind != "refusal" and (job is None or e.job == job)]
+    return [r for e in events if e.kind != "refusal" and (job is None or e.job == job) for r in e.step_records()]

@@ -25,12 +25,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from torch import nn
 
 from agencyfl.federation.decision import DecisionRule
-from agencyfl.federation.errors import ModelError
+from agencyfl.federation.errors import HEError, ModelError
 from agencyfl.federation.model import Square
 from agencyfl.federation.proto import scoring_pb2, scoring_pb2_grpc
 from agencyfl.privacy.he import (
     PARAMETER_SETS,
-    HEError,
     PlainModel,
     evaluate_columns,
     evaluate_row,

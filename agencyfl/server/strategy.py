@@ -32,7 +32,7 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 
-from agencyfl.clients.app import histogram_from_bytes
+from agencyfl.federation.messages import histogram_from_bytes
 from agencyfl.federation.metrics import metrics_from_histograms
 
 EventSink = Callable[[dict[str, Any]], None]

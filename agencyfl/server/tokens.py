@@ -16,20 +16,13 @@ import threading
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from agencyfl.federation.errors import AgencyflError, DataFileError
+from agencyfl.federation.errors import DataFileError, TokenError
 from agencyfl.federation.files import write_private_text
 
 __all__ = ["DEFAULT_PURPOSE", "TokenError", "TokenRecord", "TokenStore", "token_hash"]
 
 DEFAULT_PURPOSE = "eligibility-identification"
 DEFAULT_DAYS = 30.0
-
-
-class TokenError(AgencyflError):
-    """A token operation was asked something wrong (unknown id, no purpose, bad validity): exit 2.
-
-    An unreadable registry file raises ``DataFileError`` (exit 4) instead.
-    """
 
 
 def _now() -> dt.datetime:
