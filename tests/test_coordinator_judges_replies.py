@@ -13,20 +13,22 @@ import numpy as np
 import pytest
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 
+from agencyfl.federation.messages import LedgerRecord, TrainReport
+from agencyfl.privacy.coordinator_ledger import AgencyReport
 from agencyfl.server.strategy import AgencyFedAvg, JobPlan
 
 KNOWN = {
-    "tax": {"origin": "a" * 64, "epsilon_lifetime": 2.0},
-    "hrss": {"origin": "b" * 64, "epsilon_lifetime": 2.0},
-    "environment": {"origin": "c" * 64, "epsilon_lifetime": 2.0},
+    "tax": LedgerRecord(origin="a" * 64, epsilon_lifetime=2.0),
+    "hrss": LedgerRecord(origin="b" * 64, epsilon_lifetime=2.0),
+    "environment": LedgerRecord(origin="c" * 64, epsilon_lifetime=2.0),
 }
 
 
 def reply(agency: str, update: float, origin: str, epsilon_lifetime: float) -> tuple[Any, FitRes]:
-    metrics = {
-        "agency": agency, "status": "trained", "reason": "", "dataset": "d" * 64, "epsilon-job": 1.0,
-        "epsilon-lifetime": epsilon_lifetime, "ledger-origin": origin, "steps": 20, "noise-multiplier": 1.0,
-    }  # fmt: skip
+    metrics = TrainReport(
+        agency=agency, dataset="d" * 64, epsilon_job=1.0, epsilon_lifetime=epsilon_lifetime, origin=origin,
+        steps=20, noise_multiplier=1.0,
+    ).to_metrics()  # fmt: skip
     params = ndarrays_to_parameters([np.full(2, update)])
     return None, FitRes(Status(Code.OK, ""), params, 100, metrics)
 
@@ -36,7 +38,7 @@ def reply(agency: str, update: float, origin: str, epsilon_lifetime: float) -> t
     [("a" * 64, 1.5, "lifetime epsilon went down"), ("f" * 64, 2.5, "ledger restarted")],
 )
 def test_a_reply_from_a_reset_ledger_is_refused_and_left_out(origin: str, epsilon: float, why: str) -> None:
-    closed: list[tuple[int, list[dict[str, Any]], bool]] = []
+    closed: list[tuple[int, list[AgencyReport], bool]] = []
     strategy = AgencyFedAvg(
         JobPlan("job", 3, "s" * 64, 100000),
         [np.zeros(2)],
@@ -55,7 +57,7 @@ def test_a_reply_from_a_reset_ledger_is_refused_and_left_out(origin: str, epsilo
     assert parameters is not None
     assert np.allclose(parameters_to_ndarrays(parameters)[0], 2.0)  # the mean of hrss and environment only
     ((_, reports, aggregated),) = closed
-    tax = next(r for r in reports if r["agency"] == "tax")
-    assert aggregated and tax["accepted"] is False and why in tax["reason"]
-    assert all(r["accepted"] for r in reports if r["agency"] != "tax")
+    tax = next(r for r in reports if r.agency == "tax")
+    assert aggregated and tax.accepted is False and why in (tax.reason or "")
+    assert all(r.accepted for r in reports if r.agency != "tax")
     assert strategy.log.agencies["tax"].refusals == 1 and strategy.log.agencies["tax"].rounds_trained == 0

@@ -200,9 +200,9 @@ def test_the_coordinator_refuses_a_reply_whose_lifetime_epsilon_went_down(copy_o
     for event in events[:1]:  # an older copy: one round instead of three and the release
         older.append(event)
     site = AgencySite(agency="tax", spec_path=fed.spec, data_path=loaded.data_path("tax"), home=victim.parent)
-    from agencyfl.clients.admission import LedgerRecord, initial_arrays
+    from agencyfl.clients.admission import initial_arrays
 
-    record = LedgerRecord(known["tax"]["origin"], known["tax"]["epsilon_lifetime"])
+    record = known["tax"]
     before = (victim / LEDGER_FILE).read_bytes()
     reply = train_round(site, TrainRequest("job-next", 1, 3, loaded.sha256, initial_arrays(loaded), 3.0, record))
     assert reply.status == "refused" and "entries are missing" in (reply.reason or ""), reply.reason

@@ -30,7 +30,7 @@ from agencyfl.clients.admission import initial_arrays
 from agencyfl.clients.app import AgencyClient
 from agencyfl.clients.site import AgencySite, load_local_data
 from agencyfl.federation.encoding import FeatureEncoder
-from agencyfl.federation.messages import histogram_from_bytes
+from agencyfl.federation.messages import NoisedEvaluation, TrainReport
 from agencyfl.federation.metrics import score_histograms
 from agencyfl.federation.model import build_model, model_from_arrays, predict_proba
 from agencyfl.federation.plan import JobPlan
@@ -44,6 +44,8 @@ from agencyfl.synth import SynthResult
 LOGIT = 0.1  # the crafted model puts the target at this logit, alone in its score bin
 WEIGHT = 1e6
 TRIALS = 240  # refused requests (no training: cheap)
+# a refused request is answered with exactly these keys (federation.messages.Refusal)
+REFUSAL_KEYS = {"agency", "status", "reason", "epsilon-job", "epsilon-lifetime", "ledger-origin"}
 ACCEPTED_TRIALS = 100  # each trains two rounds at a fresh agency; enough to see the exact channel's 100 %
 DELTA = 1e-5
 
@@ -196,11 +198,10 @@ def test_refused_requests_give_the_attack_nothing(
         t = found[n % len(found)]
         _, weight, metrics = client.fit(t.arrays, refusals[n % len(refusals)](t, n))
         assert metrics["status"] == "refused" and weight == 0
-        assert not {"hist-pos", "hist-neg", "brier-sum", "rows"} & set(metrics) and metrics["dataset"] == ""
-        if "hist-pos" in metrics:  # what the attack would use if anything leaked
-            bins = loaded.spec.evaluation.bins
-            pos, neg = histogram_from_bytes(metrics["hist-pos"]), histogram_from_bytes(metrics["hist-neg"])  # type: ignore[arg-type]
-            g = guess(pos, neg, bins)
+        assert set(metrics) == REFUSAL_KEYS  # the refusal alone: no histograms, no dataset fingerprint
+        leaked = NoisedEvaluation.from_metrics(metrics)
+        if leaked is not None:  # what the attack would use if anything leaked
+            g = guess(np.asarray(leaked.hist_pos), np.asarray(leaked.hist_neg), loaded.spec.evaluation.bins)
         else:
             g = int(rng.integers(2))  # nothing to go on: a coin
         correct += g == t.label
@@ -227,8 +228,10 @@ def test_accepted_requests_are_bounded_by_the_accounted_release(
         client.fit(initial, config(loaded, "job", 1))
         _, weight, metrics = client.fit(t.arrays, config(loaded, "job", 2))
         assert metrics["status"] == "trained" and weight > 0
-        pos, neg = histogram_from_bytes(metrics["hist-pos"]), histogram_from_bytes(metrics["hist-neg"])  # type: ignore[arg-type]
-        correct += guess(pos, neg, bins) == t.label
+        report = TrainReport.from_metrics(metrics)
+        assert isinstance(report, TrainReport) and report.evaluation is not None
+        evaluation = report.evaluation
+        correct += guess(np.asarray(evaluation.hist_pos), np.asarray(evaluation.hist_neg), bins) == t.label
         events = verify_ledger(site.ledger_dir).events  # accounted before it was sent
         assert [(e.kind, e.release) for e in events] == [("release", "evaluation"), ("round", None)] * 2
     eps, bound = label_bound(loaded, 2)  # two releases of the target's row: rounds 1 and 2

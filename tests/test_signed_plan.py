@@ -19,9 +19,10 @@ from conftest import invoke
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agencyfl.clients.admission import initial_arrays
-from agencyfl.clients.app import AgencyClient, Scalar
+from agencyfl.clients.app import AgencyClient
 from agencyfl.clients.signed_plan import refused_requests
 from agencyfl.clients.site import AgencySite
+from agencyfl.federation.messages import Scalar
 from agencyfl.federation.plan import JobPlan
 from agencyfl.federation.spec import LoadedSpec, load_spec
 from agencyfl.privacy.keys import generate_signing_key, public_pem
@@ -83,7 +84,7 @@ def test_a_job_the_coordinator_did_not_sign_is_refused_and_spends_nothing(agency
     assert metrics["status"] == "refused" and weight == 0
     assert "not signed" in str(metrics["reason"])
     assert not any(key.startswith("hist") or key in {"brier-sum", "rows"} for key in metrics)  # the refusal alone
-    assert metrics["dataset"] == "" and all(not np.any(u) for u in update)
+    assert "dataset" not in metrics and all(not np.any(u) for u in update)
     _, count, evaluated = client.evaluate(arrays, agency.config("job-x", signature))
     assert evaluated["status"] == "refused" and count == 0 and "hist-pos" not in evaluated
     assert ledger_bytes(site) == before  # nothing spent, nothing recorded in the ledger
@@ -110,3 +111,20 @@ def test_no_coordinator_key_means_no_job(agency: Agency) -> None:
     assert plan_signature_problem(plan.signed_bytes(), good, site.coordinator_key) is None
     tampered = plan.model_copy(update={"rounds": 1})  # the plan that would put the whole budget in one round
     assert plan_signature_problem(tampered.signed_bytes(), good, site.coordinator_key) is not None
+
+
+@pytest.mark.parametrize("damage", ["rounds missing", "rounds not a number", "max-weight missing"])
+def test_a_signed_request_that_does_not_parse_is_refused_and_spends_nothing(agency: Agency, damage: str) -> None:
+    site = agency.site
+    config = agency.config("job-1", agency.signed("job-1"))
+    if damage == "rounds missing":
+        del config["rounds"]
+    elif damage == "rounds not a number":
+        config["rounds"] = "three"
+    else:
+        del config["max-weight"]
+    before = ledger_bytes(site)
+    _, weight, metrics = AgencyClient(site).fit(initial_arrays(agency.loaded), config)
+    assert metrics["status"] == "refused" and weight == 0 and "malformed RoundRequest" in str(metrics["reason"])
+    assert ledger_bytes(site) == before  # nothing read, nothing spent
+    assert [e["kind"] for e in refused_requests(site.home)] == ["fit"]

@@ -11,11 +11,11 @@ Issue 11 item 1 adds the coordinator's signature over the plan here (``JobPlan.s
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
 from agencyfl.federation.encoding import FeatureEncoder
+from agencyfl.federation.messages import LedgerRecord
 from agencyfl.federation.model import build_model, model_to_arrays
 from agencyfl.federation.plan import JobPlan
 from agencyfl.federation.spec import LoadedSpec
@@ -23,14 +23,6 @@ from agencyfl.privacy.accounting import epsilon_for
 from agencyfl.privacy.ledger import LedgerEvent, spend_records
 
 _AGREE = 1e-9
-
-
-@dataclass(frozen=True)
-class LedgerRecord:
-    """What the coordinator's chain last recorded of this agency's ledger."""
-
-    origin: str
-    epsilon_lifetime: float
 
 
 def initial_arrays(loaded: LoadedSpec) -> list[np.ndarray]:

@@ -19,7 +19,6 @@ the three SecAgg+ key-exchange messages need no torch.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -34,15 +33,22 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
-from agencyfl.federation.messages import histogram_bytes, histogram_from_bytes  # noqa: F401 (re-exported)
+from agencyfl.federation.messages import (
+    FairnessRelease,
+    MessageError,
+    NoisedEvaluation,
+    Refusal,
+    ReleaseReport,
+    RoundRequest,
+    Scalar,
+    TrainReport,
+)
 
 if TYPE_CHECKING:
-    from agencyfl.clients.admission import LedgerRecord
-    from agencyfl.clients.rounds import EvaluationRelease, TrainRequest
+    from agencyfl.clients.rounds import EvaluationRelease, FairnessReply, TrainRequest
     from agencyfl.clients.site import AgencySite
 
 SiteResolver = Callable[[Context], "AgencySite"]
-Scalar = bool | bytes | float | int | str
 
 
 def site_from_node_config(context: Context) -> AgencySite:
@@ -60,54 +66,52 @@ def site_from_node_config(context: Context) -> AgencySite:
     )
 
 
-def unsigned_refusal(site: AgencySite, kind: str, config: dict[str, Scalar]) -> dict[str, Scalar] | None:
-    """The refusal alone, if the job's plan is not signed by the coordinator (logged at the agency)."""
+def refusal_before_reading(site: AgencySite, kind: str, config: dict[str, Scalar]) -> Refusal | None:
+    """The refusal alone, if the request is not the coordinator's signed plan or cannot be read (logged)."""
     from agencyfl.clients.signed_plan import record_refused_request, unsigned_reason
 
     reason = unsigned_reason(site, config)
     if reason is None:
+        try:
+            if kind == "fit" and RoundRequest.from_config(config).max_weight is None:
+                reason = "malformed RoundRequest: a fit request states max-weight"
+        except MessageError as exc:
+            reason = str(exc)
+    if reason is None:
         return None
     record_refused_request(site, kind, config, reason)
-    return {
-        "agency": site.agency, "status": "refused", "reason": reason, "dataset": "", "epsilon-job": 0.0,
-        "epsilon-lifetime": 0.0, "ledger-origin": "", "steps": 0, "noise-multiplier": 0.0,
-    }  # fmt: skip
-
-
-def coordinator_record(config: dict[str, Scalar], agency: str) -> LedgerRecord | None:
-    """The coordinator's record of ``agency``'s ledger from a fit config (``ledger-records``, JSON)."""
-    from agencyfl.clients.admission import LedgerRecord
-
-    raw = config.get("ledger-records")
-    if not isinstance(raw, str) or not raw:
-        return None
-    entry = json.loads(raw).get(agency)
-    if not isinstance(entry, dict):
-        return None
-    return LedgerRecord(str(entry.get("origin", "")), float(entry.get("epsilon_lifetime", 0.0)))
+    return Refusal(agency=site.agency, reason=reason)
 
 
 def plan_request(config: dict[str, Scalar], agency: str, arrays: list[np.ndarray]) -> TrainRequest:
-    """The coordinator's request as a fit or evaluate config states it."""
+    """The coordinator's request as a fit or evaluate config states it, for ``clients.rounds``."""
     from agencyfl.clients.rounds import TrainRequest
 
+    request = RoundRequest.from_config(config)
     return TrainRequest(
-        job=str(config["job"]),
-        round=int(config.get("round", 0)),
-        rounds=int(config["rounds"]),
-        spec_sha256=str(config["spec-sha256"]),
+        job=request.job,
+        round=request.round,
+        rounds=request.rounds,
+        spec_sha256=request.spec_sha256,
         arrays=arrays,
-        epsilon=float(config["epsilon"]) if "epsilon" in config else None,
-        known=coordinator_record(config, agency),
+        epsilon=request.epsilon,
+        known=request.ledger_records.get(agency),
     )
 
 
-def _released(evaluation: EvaluationRelease) -> dict[str, Scalar]:
-    return {
-        "hist-pos": histogram_bytes(evaluation.hist_pos),
-        "hist-neg": histogram_bytes(evaluation.hist_neg),
-        "brier-sum": evaluation.brier_sum,
-    }
+def _noised(evaluation: EvaluationRelease | None) -> NoisedEvaluation | None:
+    if evaluation is None:
+        return None
+    return NoisedEvaluation(
+        hist_pos=tuple(map(float, evaluation.hist_pos)), hist_neg=tuple(map(float, evaluation.hist_neg)),
+        brier_sum=evaluation.brier_sum,
+    )  # fmt: skip
+
+
+def _fairness(reply: FairnessReply | None) -> FairnessRelease | None:
+    if reply is None or reply.status == "none":
+        return None
+    return FairnessRelease(status=reply.status, reason=reply.reason or "", counts=tuple(map(float, reply.counts)))
 
 
 class AgencyClient(NumPyClient):
@@ -119,7 +123,7 @@ class AgencyClient(NumPyClient):
     def fit(
         self, parameters: list[np.ndarray], config: dict[str, Scalar]
     ) -> tuple[list[np.ndarray], int, dict[str, Scalar]]:
-        """Train one round; return the update, its weight (rows; 0 if refused) and the round's metrics.
+        """Train one round; return the update, its weight (rows; 0 if refused) and the round's report.
 
         A refused round is answered with the refusal alone (status, reason, the ledger's epsilons and
         origin): nothing computed from records, not even validation histograms.
@@ -127,51 +131,39 @@ class AgencyClient(NumPyClient):
         from agencyfl.clients.rounds import train_round
 
         logging.getLogger("flwr").setLevel(logging.WARNING)  # Opacus may lower it
-        if (refusal := unsigned_refusal(self.site, "fit", config)) is not None:
-            return [np.zeros_like(p) for p in parameters], 0, refusal
+        nothing = [np.zeros_like(p) for p in parameters]
+        if (refusal := refusal_before_reading(self.site, "fit", config)) is not None:
+            return nothing, 0, refusal.to_metrics()
         reply = train_round(self.site, plan_request(config, self.site.agency, parameters))
-        metrics: dict[str, Scalar] = {
-            "agency": reply.agency,
-            "status": reply.status,
-            "reason": reply.reason or "",
-            "dataset": reply.dataset,
-            "epsilon-job": reply.epsilon_job,
-            "epsilon-lifetime": reply.epsilon_lifetime,
-            "ledger-origin": reply.origin,
-            "steps": reply.steps,
-            "noise-multiplier": reply.noise_multiplier,
-        }
         if reply.status != "trained" or reply.evaluation is None:
-            return [np.zeros_like(p) for p in parameters], 0, metrics
-        metrics |= _released(reply.evaluation)  # the global model this round started from, noised and accounted
-        weight = min(reply.num_examples, int(config["max-weight"]))
-        return [new - old for new, old in zip(reply.arrays, parameters, strict=True)], weight, metrics
+            refused = Refusal(agency=reply.agency, reason=reply.reason or "refused", epsilon_job=reply.epsilon_job,
+                              epsilon_lifetime=reply.epsilon_lifetime, origin=reply.origin)  # fmt: skip
+            return nothing, 0, refused.to_metrics()
+        report = TrainReport(
+            agency=reply.agency, dataset=reply.dataset, epsilon_job=reply.epsilon_job,
+            epsilon_lifetime=reply.epsilon_lifetime, origin=reply.origin, steps=reply.steps,
+            noise_multiplier=reply.noise_multiplier,
+            evaluation=_noised(reply.evaluation),  # the global model this round started from, noised and accounted
+        )  # fmt: skip
+        weight = min(reply.num_examples, RoundRequest.from_config(config).max_weight or 0)
+        return [new - old for new, old in zip(reply.arrays, parameters, strict=True)], weight, report.to_metrics()
 
     def evaluate(self, parameters: list[np.ndarray], config: dict[str, Scalar]) -> tuple[float, int, dict[str, Scalar]]:
         """The final model's noised validation histograms and fairness counts, or the refusal alone."""
         from agencyfl.clients.rounds import release_round
 
-        if (refusal := unsigned_refusal(self.site, "evaluate", config)) is not None:
-            return 0.0, 0, refusal
+        if (refusal := refusal_before_reading(self.site, "evaluate", config)) is not None:
+            return 0.0, 0, refusal.to_metrics()
         reply = release_round(self.site, plan_request(config, self.site.agency, parameters))
-        metrics: dict[str, Scalar] = {
-            "agency": reply.agency,
-            "status": reply.status,
-            "reason": reply.reason or "",
-            "epsilon-job": reply.epsilon_job,
-            "epsilon-lifetime": reply.epsilon_lifetime,
-            "ledger-origin": reply.origin,
-        }
         if reply.status != "released" or reply.evaluation is None:
-            return 0.0, 0, metrics
-        metrics |= _released(reply.evaluation)
-        if reply.fairness is not None and reply.fairness.status != "none":
-            metrics |= {
-                "fairness-status": reply.fairness.status,
-                "fairness-reason": reply.fairness.reason or "",
-                "fairness-counts": reply.fairness.counts.astype(np.float64).tobytes(),
-            }
-        return 0.0, 1, metrics
+            refused = Refusal(agency=reply.agency, reason=reply.reason or "refused", epsilon_job=reply.epsilon_job,
+                              epsilon_lifetime=reply.epsilon_lifetime, origin=reply.origin)  # fmt: skip
+            return 0.0, 0, refused.to_metrics()
+        report = ReleaseReport(
+            agency=reply.agency, epsilon_job=reply.epsilon_job, epsilon_lifetime=reply.epsilon_lifetime,
+            origin=reply.origin, evaluation=_noised(reply.evaluation), fairness=_fairness(reply.fairness),
+        )  # fmt: skip
+        return 0.0, 1, report.to_metrics()
 
 
 def check_unmask(configs: Any, site: AgencySite) -> None:

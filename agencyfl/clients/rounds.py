@@ -15,11 +15,12 @@ from typing import Literal
 import numpy as np
 import torch
 
-from agencyfl.clients.admission import LedgerRecord, admit, admit_release
+from agencyfl.clients.admission import admit, admit_release
 from agencyfl.clients.site import AgencySite, LocalData, load_local_data, site_spec
 from agencyfl.clients.trainer import dp_sgd, noise_generator, steps_per_epoch
 from agencyfl.federation.encoding import FeatureEncoder
 from agencyfl.federation.fairness import count_groups, layout, sensitivity
+from agencyfl.federation.messages import LedgerRecord
 from agencyfl.federation.metrics import score_histograms
 from agencyfl.federation.model import build_model, model_from_arrays, model_to_arrays, predict_proba
 from agencyfl.federation.plan import JobPlan

@@ -18,6 +18,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
+from agencyfl.federation.messages import Refusal, ReleaseReport, TrainReport
 from agencyfl.privacy.keys import load_or_create_signing_key
 from agencyfl.privacy.ledger import Ledger
 
@@ -36,6 +37,27 @@ class AgencyReport(BaseModel):
     origin: str = ""  # the origin (genesis hash) of the agency's ledger, as it reported it ("" before it did)
     accepted: bool = True  # False: the coordinator refused this reply (ledger restarted, epsilon went down)
     releases: list[Literal["evaluation", "fairness"]] = []  # the noised releases the reply carried
+
+    @classmethod
+    def of(cls, reply: TrainReport | ReleaseReport | Refusal, *, judged: str | None) -> AgencyReport:
+        """The record of ``reply``; ``judged``: why the coordinator refused it (None: accepted)."""
+        releases: list[Literal["evaluation", "fairness"]] = []
+        dataset = ""
+        if isinstance(reply, TrainReport):
+            dataset, releases = reply.dataset, ["evaluation"] if reply.evaluation else []
+        elif isinstance(reply, ReleaseReport):
+            releases = reply.releases
+        return cls(
+            agency=reply.agency,
+            status=reply.status,
+            epsilon_job=reply.epsilon_job,
+            epsilon_lifetime=reply.epsilon_lifetime,
+            dataset=dataset,
+            reason=judged or reply.reason or None,
+            origin=reply.origin,
+            accepted=judged is None,
+            releases=releases,
+        )
 
 
 class RoundSummary(BaseModel):

@@ -23,6 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from agencyfl.federation.encoding import FeatureEncoder
 from agencyfl.federation.errors import FederationError
+from agencyfl.federation.messages import LedgerRecord
 from agencyfl.federation.model import build_model, model_to_arrays
 from agencyfl.federation.plan import JobPlan as SignedJobPlan
 from agencyfl.federation.spec import LoadedSpec, load_spec
@@ -87,7 +88,7 @@ def _wait_for_agencies(grid: Grid | FastPollGrid, want: int, need: int, timeout:
     return count
 
 
-def known_ledgers(settings: ServerSettings) -> dict[str, dict[str, Any]]:
+def known_ledgers(settings: ServerSettings) -> dict[str, LedgerRecord]:
     """Per agency, the origin of its ledger and the last lifetime epsilon it reported, from the chain.
 
     Only replies the coordinator accepted count, so a restarted ledger never replaces the record.
@@ -97,14 +98,14 @@ def known_ledgers(settings: ServerSettings) -> dict[str, dict[str, Any]]:
     LedgerError
         If the coordinator's chain does not verify.
     """
-    known: dict[str, dict[str, Any]] = {}
+    known: dict[str, LedgerRecord] = {}
     if not settings.ledger_dir.exists():
         return known
     chain = open_coordinator_ledger(settings.ledger_dir, settings.signing_key_path).events()
     for entry in chain:
         for report in entry.agencies:
             if report.accepted and report.origin:
-                known[report.agency] = {"origin": report.origin, "epsilon_lifetime": report.epsilon_lifetime}
+                known[report.agency] = LedgerRecord(origin=report.origin, epsilon_lifetime=report.epsilon_lifetime)
     return known
 
 
@@ -112,7 +113,7 @@ def countersigner(settings: ServerSettings) -> RoundClosed:
     """Append each closed round's summary to the coordinator's signed chain."""
     ledger = open_coordinator_ledger(settings.ledger_dir, settings.signing_key_path)
 
-    def close(job_round: int, reports: list[dict[str, Any]], weights: list[Any], aggregated: bool) -> None:
+    def close(job_round: int, reports: list[AgencyReport], weights: list[Any], aggregated: bool) -> None:
         ledger.append(_round_summary(settings, "round", job_round, reports, weights, aggregated))
 
     return close
@@ -122,7 +123,7 @@ def _round_summary(
     settings: ServerSettings,
     kind: Literal["round", "evaluation"],
     job_round: int,
-    reports: list[dict[str, Any]],
+    reports: list[AgencyReport],
     weights: list[Any],
     aggregated: bool,
 ) -> RoundSummary:
@@ -133,7 +134,7 @@ def _round_summary(
         round=job_round,
         spec_sha256=settings.loaded.sha256,
         aggregated=aggregated,
-        agencies=[AgencyReport.model_validate(r) for r in reports],
+        agencies=reports,
         model_sha256=weights_sha256(weights),
         time=now_utc(),
     )
@@ -143,7 +144,7 @@ def release_countersigner(settings: ServerSettings) -> ReleasesClosed:
     """Append the final evaluation's record (which agency released what) to the coordinator's chain."""
     ledger = open_coordinator_ledger(settings.ledger_dir, settings.signing_key_path)
 
-    def close(final_round: int, reports: list[dict[str, Any]], weights: list[Any]) -> None:
+    def close(final_round: int, reports: list[AgencyReport], weights: list[Any]) -> None:
         ledger.append(_round_summary(settings, "evaluation", final_round, reports, weights, False))
 
     return close

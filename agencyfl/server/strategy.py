@@ -13,7 +13,6 @@ Built on Flower's legacy ``FedAvg`` (SecAgg+ needs the legacy workflow in Flower
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,13 +31,22 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 
-from agencyfl.federation.messages import histogram_from_bytes
+from agencyfl.federation.messages import (
+    LedgerRecord,
+    MessageError,
+    NoisedEvaluation,
+    Refusal,
+    ReleaseReport,
+    RoundRequest,
+    TrainReport,
+)
 from agencyfl.federation.metrics import metrics_from_histograms
+from agencyfl.privacy.coordinator_ledger import AgencyReport
 
 EventSink = Callable[[dict[str, Any]], None]
 Checkpoint = Callable[[int, list[np.ndarray], list[np.ndarray]], object]
-RoundClosed = Callable[[int, list[dict[str, Any]], list[np.ndarray], bool], object]
-ReleasesClosed = Callable[[int, list[dict[str, Any]], list[np.ndarray]], object]
+RoundClosed = Callable[[int, list[AgencyReport], list[np.ndarray], bool], object]
+ReleasesClosed = Callable[[int, list[AgencyReport], list[np.ndarray]], object]
 
 
 @dataclass
@@ -122,7 +130,7 @@ class AgencyFedAvg(FedAvg):
         on_event: EventSink | None = None,
         checkpoint: Checkpoint | None = None,
         round_closed: RoundClosed | None = None,
-        known: dict[str, dict[str, Any]] | None = None,
+        known: dict[str, LedgerRecord] | None = None,
         releases_closed: ReleasesClosed | None = None,
     ) -> None:
         super().__init__(
@@ -144,10 +152,10 @@ class AgencyFedAvg(FedAvg):
         self.on_event = on_event or (lambda event: None)
         self.checkpoint = checkpoint or (lambda r, w, v: None)
         self.round_closed = round_closed or (lambda r, reports, w, aggregated: None)
-        self._reports: dict[int, list[dict[str, Any]]] = {}  # each round's replies, by job round
+        self._reports: dict[int, list[AgencyReport]] = {}  # each round's replies, by job round
         self.log = RunLog()
         self._round_info: dict[int, dict[str, Any]] = {}  # what each round's replies said, by job round
-        self.known: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (known or {}).items()}
+        self.known: dict[str, LedgerRecord] = dict(known or {})
         self.releases_closed = releases_closed or (lambda r, reports, w: None)
         self.on_fit_config_fn = self._fit_config
         self.on_evaluate_config_fn = self._evaluate_config
@@ -156,34 +164,34 @@ class AgencyFedAvg(FedAvg):
         """The round number within the job (runs resumed from a checkpoint start past 1)."""
         return self.plan.first_round + server_round - 1
 
+    def _request(self, server_round: int) -> RoundRequest:
+        return RoundRequest(
+            job=self.plan.job,
+            round=self.job_round(server_round),
+            rounds=self.plan.rounds,
+            spec_sha256=self.plan.spec_sha256,
+            max_weight=self.plan.max_weight,
+            epsilon=self.plan.epsilon,
+            ledger_records=self.known,
+            plan_signature=self.plan.signature,
+        )
+
     def _fit_config(self, server_round: int) -> dict[str, Scalar]:
-        config: dict[str, Scalar] = {
-            "job": self.plan.job,
-            "round": self.job_round(server_round),
-            "rounds": self.plan.rounds,
-            "spec-sha256": self.plan.spec_sha256,
-            "max-weight": self.plan.max_weight,
-            "ledger-records": json.dumps(self.known, sort_keys=True),
-            "plan-signature": self.plan.signature,
-        }
-        if self.plan.epsilon is not None:
-            config["epsilon"] = self.plan.epsilon
-        return config
+        return self._request(server_round).to_config()
 
     def _evaluate_config(self, server_round: int) -> dict[str, Scalar]:
-        config = self._fit_config(server_round)
-        config.pop("max-weight")
-        config["round"] = self.plan.rounds + 1  # the final releases come after the last round
-        return config
+        # the final releases come after the last round; no update travels, so no weight cap
+        final = self._request(server_round).model_copy(update={"round": self.plan.rounds + 1, "max_weight": None})
+        return final.to_config()
 
     def _judge(self, agency: str, origin: str, epsilon_lifetime: float) -> str | None:
         """Why a reply from ``agency`` must be refused (its ledger restarted, its epsilon went down), or None."""
         known = self.known.get(agency)
         if known is None:
             return None
-        if known.get("origin") and origin and known["origin"] != origin:
-            return f"ledger restarted: the chain records origin {str(known['origin'])[:12]}, the reply {origin[:12]}"
-        before = float(known.get("epsilon_lifetime", 0.0))
+        if known.origin and origin and known.origin != origin:
+            return f"ledger restarted: the chain records origin {known.origin[:12]}, the reply {origin[:12]}"
+        before = known.epsilon_lifetime
         if epsilon_lifetime + 1e-9 * max(1.0, before) < before:
             return f"lifetime epsilon went down: {epsilon_lifetime:.4f} < {before:.4f} recorded before"
         return None
@@ -192,54 +200,51 @@ class AgencyFedAvg(FedAvg):
         return self.log.agencies.setdefault(name, AgencyRecord())
 
     def take_replies(self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list[Any]) -> int:
-        """Record the replies (spend, refusals, errors, evaluation); return how many agencies trained."""
+        """Record the replies (spend, refusals, errors, evaluation); return how many agencies trained.
+
+        A reply that does not parse counts as a failure and is left out of the average.
+        """
         job_round = self.job_round(server_round)
-        self._record_evaluation(job_round - 1, [res.metrics for _, res in results])
+        parsed: list[tuple[FitRes, TrainReport | Refusal]] = []
+        for proxy, res in results:
+            try:
+                parsed.append((res, TrainReport.from_metrics(res.metrics)))
+            except MessageError as exc:
+                res.num_examples = 0
+                failures = [*failures, f"a reply from node {getattr(proxy, 'cid', '?')}: {exc}"]
+        self._record_evaluation(job_round - 1, [(r.agency, r.evaluation) for _, r in parsed if r.status == "trained"])
         for failure in failures:
             self.on_event({"type": "error", "round": job_round, "reason": _failure_reason(failure)})
         trained = 0
         reports = self._reports[job_round] = []
-        for _, res in results:
-            m = res.metrics
-            agency, origin = str(m["agency"]), str(m.get("ledger-origin", ""))
-            epsilon_lifetime = float(m["epsilon-lifetime"])
-            judged = self._judge(agency, origin, epsilon_lifetime)
-            rejection = judged if m["status"] == "trained" else None
-            reports.append(
-                {
-                    "agency": agency,
-                    "status": str(m["status"]),
-                    "epsilon_job": float(m["epsilon-job"]),
-                    "epsilon_lifetime": epsilon_lifetime,
-                    "dataset": str(m["dataset"]),
-                    "reason": rejection or (str(m["reason"]) if m.get("reason") else None),
-                    "origin": origin,
-                    "accepted": judged is None,
-                    "releases": ["evaluation"] if "hist-pos" in m else [],
-                }
-            )
-            record = self._agency(agency)
-            record.epsilon_job = float(m["epsilon-job"])
-            record.epsilon_lifetime = epsilon_lifetime
-            record.dataset = str(m["dataset"])
+        for res, reply in parsed:
+            judged = self._judge(reply.agency, reply.origin, reply.epsilon_lifetime)
+            rejection = judged if reply.status == "trained" else None
+            report = AgencyReport.of(reply, judged=judged)
+            reports.append(report)
+            record = self._agency(reply.agency)
+            record.epsilon_job = reply.epsilon_job
+            record.epsilon_lifetime = reply.epsilon_lifetime
+            if isinstance(reply, TrainReport):
+                record.dataset = reply.dataset
             if rejection is not None:
                 res.num_examples = 0  # left out of the average (under SecAgg+ the agency refuses itself)
                 record.refusals += 1
                 record.last_reason = rejection
-                self.on_event({"type": "rejected", "round": job_round, "agency": agency, "reason": rejection})
+                self.on_event({"type": "rejected", "round": job_round, "agency": reply.agency, "reason": rejection})
                 continue
-            if origin and judged is None:
-                self.known[agency] = {"origin": origin, "epsilon_lifetime": epsilon_lifetime}
-            if m["status"] == "trained":
+            if reply.origin and judged is None:
+                self.known[reply.agency] = LedgerRecord(origin=reply.origin, epsilon_lifetime=reply.epsilon_lifetime)
+            if reply.status == "trained":
                 record.rounds_trained += 1
                 trained += 1
             else:
                 record.refusals += 1
-                record.last_reason = str(m["reason"])
-                self.on_event({"type": "refusal", "round": job_round, "agency": m["agency"], "reason": m["reason"]})
+                record.last_reason = reply.reason
+                self.on_event({"type": "refusal", "round": job_round, "agency": reply.agency, "reason": reply.reason})
         self._round_info[job_round] = {
             "trained": trained,
-            "refused": len(results) - trained,
+            "refused": len(parsed) - trained,
             "failed": len(failures),
             "epsilon": {k: v.epsilon_job for k, v in self.log.agencies.items()},
         }
@@ -294,69 +299,62 @@ class AgencyFedAvg(FedAvg):
     ) -> tuple[float | None, dict[str, Scalar]]:
         """Pool the final model's validation histograms; record each agency's releases (or refusal)."""
         final = self.plan.rounds + 1
+        replies: list[ReleaseReport | Refusal] = []
+        for proxy, res in results:
+            try:
+                replies.append(ReleaseReport.from_metrics(res.metrics))
+            except MessageError as exc:
+                failures = [*failures, f"a reply from node {getattr(proxy, 'cid', '?')}: {exc}"]
         for failure in failures:
             self.on_event({"type": "error", "round": final, "reason": _failure_reason(failure)})
-        replies = [res.metrics for _, res in results]
         reports = []
-        for m in replies:
-            agency, origin = str(m["agency"]), str(m.get("ledger-origin", ""))
-            judged = self._judge(agency, origin, float(m["epsilon-lifetime"]))
-            released = [name for name, key in (("evaluation", "hist-pos"), ("fairness", "fairness-counts")) if key in m]
-            reports.append(
-                {
-                    "agency": agency,
-                    "status": str(m["status"]),
-                    "epsilon_job": float(m["epsilon-job"]),
-                    "epsilon_lifetime": float(m["epsilon-lifetime"]),
-                    "dataset": "",
-                    "reason": judged or (str(m["reason"]) if m.get("reason") else None),
-                    "origin": origin,
-                    "accepted": judged is None,
-                    "releases": released,
-                }
-            )
-            record = self._agency(agency)
-            record.epsilon_job = float(m["epsilon-job"])  # after the final releases: the job's whole spend
-            record.epsilon_lifetime = float(m["epsilon-lifetime"])
-            if m["status"] != "released":
+        for reply in replies:
+            judged = self._judge(reply.agency, reply.origin, reply.epsilon_lifetime)
+            reports.append(AgencyReport.of(reply, judged=judged))
+            record = self._agency(reply.agency)
+            record.epsilon_job = reply.epsilon_job  # after the final releases: the job's whole spend
+            record.epsilon_lifetime = reply.epsilon_lifetime
+            if isinstance(reply, Refusal):
                 record.refusals += 1
-                record.last_reason = str(m["reason"])
-                self.on_event({"type": "refusal", "round": final, "agency": agency, "reason": m["reason"]})
+                record.last_reason = reply.reason
+                self.on_event({"type": "refusal", "round": final, "agency": reply.agency, "reason": reply.reason})
         self.releases_closed(final, reports, self.weights)
-        accepted = [m for m, r in zip(replies, reports, strict=True) if r["accepted"]]
-        entry = self._record_evaluation(self.job_round(server_round), accepted)
-        self._pool_fairness(accepted)
+        accepted = [r for r, report in zip(replies, reports, strict=True) if report.accepted]
+        released = [r for r in accepted if isinstance(r, ReleaseReport)]
+        entry = self._record_evaluation(self.job_round(server_round), [(r.agency, r.evaluation) for r in released])
+        self._pool_fairness(released)
         return (None, {}) if entry is None else (float(entry["brier"]), {"auc": float(entry["auc"])})
 
-    def _pool_fairness(self, replies: list[dict[str, Scalar]]) -> None:
-        """Add up the fairness counts the agencies released (exact or noised); note who sent none and why."""
-        for m in replies:
-            status = str(m.get("fairness-status", "none"))
-            if status == "none":
+    def _pool_fairness(self, replies: list[ReleaseReport]) -> None:
+        """Add up the fairness counts the agencies released; note who sent none and why."""
+        for reply in replies:
+            fairness = reply.fairness
+            if fairness is None:
                 continue
-            agency = str(m["agency"])
-            if status in {"exact", "noised"}:
-                counts = np.frombuffer(m["fairness-counts"], dtype=np.float64)  # type: ignore[arg-type]
+            if fairness.status == "noised":
+                counts = np.asarray(fairness.counts, dtype=np.float64)
                 pooled = self.log.fairness_counts
                 self.log.fairness_counts = counts.copy() if pooled is None else pooled + counts
-                self.log.fairness_status[agency] = status
+                self.log.fairness_status[reply.agency] = fairness.status
             else:
-                self.log.fairness_status[agency] = f"{status}: {str(m.get('fairness-reason', ''))}"
+                self.log.fairness_status[reply.agency] = f"{fairness.status}: {fairness.reason}"
 
-    def _record_evaluation(self, model_round: int, replies: list[dict[str, Scalar]]) -> dict[str, Any] | None:
-        replies = [m for m in replies if "hist-pos" in m]  # refusals carry no evaluation
-        if not replies:
+    def _record_evaluation(
+        self, model_round: int, releases: list[tuple[str, NoisedEvaluation | None]]
+    ) -> dict[str, Any] | None:
+        present = [(agency, e) for agency, e in releases if e is not None]  # refusals carry no evaluation
+        if not present:
             return None
-        pos = np.sum([histogram_from_bytes(m["hist-pos"]) for m in replies], axis=0)  # type: ignore[arg-type]
-        neg = np.sum([histogram_from_bytes(m["hist-neg"]) for m in replies], axis=0)  # type: ignore[arg-type]
-        brier = sum(float(m["brier-sum"]) for m in replies)
+        pos = np.sum([e.hist_pos for _, e in present], axis=0)
+        neg = np.sum([e.hist_neg for _, e in present], axis=0)
+        brier = sum(e.brier_sum for _, e in present)
         pooled = metrics_from_histograms(np.asarray(pos), np.asarray(neg), brier)
         entry = {
             "type": "round",
             "round": model_round,
             "trained": 0,
             # as of the last recorded round (0 before any: the initial model cost nothing)
-            "epsilon": {str(m["agency"]): self._agency(str(m["agency"])).epsilon_job for m in replies},
+            "epsilon": {agency: self._agency(agency).epsilon_job for agency, _ in present},
             **self._round_info.get(model_round, {}),
             **pooled.as_dict(),
         }
