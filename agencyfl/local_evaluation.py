@@ -57,7 +57,7 @@ def evaluate_local(model: Path, data: Path, spec: Path | None = None, review_ban
     metrics = exact_metrics(scores, y)
     section = registered.spec.fairness
     # The one decision rule `agencyfl score` applies too: the card's per-group thresholds, if any.
-    rule = DecisionRule.for_model(registered.spec, registered.card)
+    rule = DecisionRule.for_model(registered.spec, registered.card.mitigation)
     threshold = rule.threshold
     thresholds = rule.thresholds or None
     groups = group_labels(frame, section, loaded_spec.schema) if section else {}
@@ -86,7 +86,7 @@ def evaluate_local(model: Path, data: Path, spec: Path | None = None, review_ban
             mitigated["release"] = f"exact counts on {data.name}, per-group thresholds on {rule.attribute}"
     report = {
         "model": str(model),
-        "model_version": registered.card.get("model_version"),
+        "model_version": registered.card.model_version,
         "data": str(data),
         "rows": check.total,
         "scored": len(frame),

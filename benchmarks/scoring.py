@@ -39,7 +39,20 @@ from agencyfl.federation.proto import scoring_pb2, scoring_pb2_grpc  # noqa: E40
 from agencyfl.federation.spec import load_spec, parse_spec  # noqa: E402
 from agencyfl.federation.table import load_table  # noqa: E402
 from agencyfl.privacy.he import encrypt_columns  # noqa: E402
+from agencyfl.server.model_card import ModelCard  # noqa: E402
 from agencyfl.server.registry import RegisteredModel, register_model  # noqa: E402
+
+# the benchmark scores initial weights: a card without a federated job
+UNTRAINED = ModelCard(
+    job="untrained",
+    agencies=[],
+    metrics={},
+    metrics_source="none (initial weights)",
+    rounds_aggregated=0,
+    secure_aggregation=False,
+    model_sha256="",
+    coordinator_ledger="",
+)
 from agencyfl.server.scoring import he_model  # noqa: E402
 from agencyfl.server.tokens import TokenStore  # noqa: E402
 from agencyfl.synth import synthesize  # noqa: E402
@@ -205,7 +218,7 @@ def main() -> None:
     loaded = load_spec(pop.spec)
     enc = FeatureEncoder(loaded.spec.schema)
     logistic = register_model(
-        work / "reg", loaded, model_to_arrays(build_model(loaded.spec.model, enc.width, seed=1)), {}
+        work / "reg", loaded, model_to_arrays(build_model(loaded.spec.model, enc.width, seed=1)), UNTRAINED
     )
     mlp_text = loaded.text.replace(
         '[model]\nkind = "logistic"', '[model]\nkind = "mlp"\nhidden = [16]\nactivation = "square"'
@@ -214,7 +227,7 @@ def main() -> None:
     mlp_spec.write_text(mlp_text)
     mlp_loaded = load_spec(mlp_spec)
     mlp = register_model(
-        work / "reg", mlp_loaded, model_to_arrays(build_model(parse_spec(mlp_text).model, enc.width, seed=1)), {}
+        work / "reg", mlp_loaded, model_to_arrays(build_model(parse_spec(mlp_text).model, enc.width, seed=1)), UNTRAINED
     )
     test = load_table(pop.test, loaded.spec.schema, require_label=False).valid
     x = enc.encode(test)

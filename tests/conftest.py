@@ -24,6 +24,7 @@ from typer.testing import CliRunner  # noqa: E402
 
 from agencyfl.cli import app  # noqa: E402
 from agencyfl.federation.spec import LoadedSpec, load_spec  # noqa: E402
+from agencyfl.server.model_card import ModelCard
 from agencyfl.synth import SynthResult, synthesize  # noqa: E402
 
 AGENCIES = ["civil-affairs", "hrss", "tax", "environment"]
@@ -114,3 +115,12 @@ def copy_of_trained(trained: TrainedFederation, tmp_path: Path) -> TrainedFedera
     shutil.copytree(trained.work, work, symlinks=True)
     summary = json.loads(json.dumps(trained.summary).replace(str(trained.work), str(work)))
     return TrainedFederation(spec=trained.spec, work=work, summary=summary, keyring=work / "keyring")
+
+
+def untrained_card(**fields: Any) -> ModelCard:
+    """The card of a model registered without a federated job (scoring tests register initial weights)."""
+    base: dict[str, Any] = {
+        "job": "untrained", "agencies": [], "metrics": {}, "metrics_source": "none (initial weights)",
+        "rounds_aggregated": 0, "secure_aggregation": False, "model_sha256": "", "coordinator_ledger": "",
+    }  # fmt: skip
+    return ModelCard(**(base | fields))

@@ -16,6 +16,7 @@ from typing import Any
 import click
 import pytest
 import typer.main
+from conftest import untrained_card
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
@@ -131,7 +132,7 @@ def fuzz_world(small_fed: SynthResult, tmp_path_factory: pytest.TempPathFactory)
     root = tmp_path_factory.mktemp("fuzz")
     loaded = load_spec(small_fed.spec)
     model = build_model(loaded.spec.model, FeatureEncoder(loaded.spec.schema).width, seed=1)
-    registered = register_model(root / "registry", loaded, model_to_arrays(model), {"agencies": []})
+    registered = register_model(root / "registry", loaded, model_to_arrays(model), untrained_card())
     few = root / "few.csv"
     few.write_text("\n".join(small_fed.test.read_text().splitlines()[:30]) + "\n")
     return {"root": str(root), "spec": str(small_fed.spec), "model": str(registered), "data": str(few)}

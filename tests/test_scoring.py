@@ -14,6 +14,7 @@ import grpc
 import numpy as np
 import pytest
 import tenseal as ts
+from conftest import untrained_card
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from typer.testing import CliRunner
 
@@ -40,7 +41,7 @@ def register(small_fed: SynthResult, root: Path, model_toml: str, name: str) -> 
     spec.write_text(text)
     loaded = load_spec(spec)
     model = build_model(loaded.spec.model, FeatureEncoder(loaded.spec.schema).width, seed=5)
-    return register_model(root, loaded, model_to_arrays(model), {"agencies": []})
+    return register_model(root, loaded, model_to_arrays(model), untrained_card())
 
 
 @pytest.fixture(scope="module")
@@ -341,3 +342,15 @@ def test_mutual_tls_admits_a_client_certificate_and_refuses_none(served: Any) ->
             ScoringClient(f"localhost:{port}", root_cert=ca)  # no client certificate: handshake refused
     finally:
         server.stop(0)
+
+
+def test_a_card_that_is_not_a_model_card_is_refused_naming_the_field(small_fed: SynthResult, tmp_path: Path) -> None:
+    from agencyfl.federation.errors import ModelError
+
+    model = register(small_fed, tmp_path, '[model]\nkind = "logistic"', "carded")
+    card = json.loads((model / "card.json").read_text())
+    assert RegisteredModel(model).card.model_dump() == card  # the typed card is exactly card.json
+    card["agencies"] = [{"name": "tax", "epsilon": "a lot"}]  # hand-edited: the epsilon is not a number
+    (model / "card.json").write_text(json.dumps(card))
+    with pytest.raises(ModelError, match=r"card.json is not a model card \(agencies\.0\.epsilon"):
+        RegisteredModel(model)

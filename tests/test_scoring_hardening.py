@@ -20,6 +20,7 @@ import grpc
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import untrained_card
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from typer.testing import CliRunner
 
@@ -34,6 +35,7 @@ from agencyfl.federation.spec import load_spec
 from agencyfl.local_evaluation import evaluate_local
 from agencyfl.privacy.he import encrypt_columns, new_private_context, parameter_set, public_bytes
 from agencyfl.server.admission import Limits
+from agencyfl.server.model_card import ModelCard
 from agencyfl.server.registry import register_model
 from agencyfl.server.scoring import MEMORY_PER_BYTE, ScoringService, TokenStore, start_server
 from agencyfl.synth import SynthResult
@@ -43,7 +45,7 @@ SERVICE = "/agencyfl.scoring.v1.Scoring/"
 LIMITS = Limits(calls_per_token=2, scoring_calls=6, public_calls=4, read_timeout=1.0, call_timeout=4.0)
 
 
-def register(small_fed: SynthResult, root: Path, card: dict[str, Any], name: str = "logistic") -> Path:
+def register(small_fed: SynthResult, root: Path, card: ModelCard, name: str = "logistic") -> Path:
     spec = small_fed.spec.parent / f"{name}.toml"
     spec.write_text(small_fed.spec.read_text())
     loaded = load_spec(spec)
@@ -54,7 +56,7 @@ def register(small_fed: SynthResult, root: Path, card: dict[str, Any], name: str
 @pytest.fixture(scope="module")
 def hardened(small_fed: SynthResult, tmp_path_factory: pytest.TempPathFactory) -> Any:
     root = tmp_path_factory.mktemp("hardened")
-    model = register(small_fed, root, {"agencies": []})
+    model = register(small_fed, root, untrained_card())
     tokens = TokenStore(root / "tokens.json")
     server, port = start_server(model, 0, tokens, limits=LIMITS)
     yield {"model": model, "address": f"127.0.0.1:{port}", "tokens": tokens, "server": server}
@@ -233,7 +235,7 @@ def test_contexts_belong_to_the_token_that_registered_them(hardened: Any) -> Non
 
 
 def test_contexts_are_deduplicated_by_key_and_quota_and_budget_hold(small_fed: SynthResult, tmp_path: Path) -> None:
-    model = register(small_fed, tmp_path, {"agencies": []})
+    model = register(small_fed, tmp_path, untrained_card())
     tokens = TokenStore(tmp_path / "tokens.json")
     ctx = new_private_context(parameter_set("n8192-d1"))
     raw = public_bytes(ctx)
@@ -333,7 +335,7 @@ def test_score_applies_the_cards_group_thresholds_as_evaluate_does(
 ) -> None:
     groups = {"region_type": ["urban", "rural"], "head_age": ["<40", "40-65", ">=65"]}[attribute]
     cuts = dict(zip(groups, [0.35, 0.6, 0.5], strict=False))
-    card = {"agencies": [], "mitigation": {"attribute": attribute, "thresholds": cuts, "after": {}}}
+    card = untrained_card(mitigation={"attribute": attribute, "thresholds": cuts, "after": {}})
     model = register(small_fed, tmp_path, card, name=f"mitigated-{attribute}")
     server, port = start_server(model, 0, None)
     try:
@@ -377,7 +379,7 @@ class _OddParameters(scoring_pb2_grpc.ScoringServicer):
 def test_a_model_without_a_known_parameter_set_exits_9(small_fed: SynthResult, tmp_path: Path) -> None:
     from concurrent import futures
 
-    model = register(small_fed, tmp_path, {"agencies": []})
+    model = register(small_fed, tmp_path, untrained_card())
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     scoring_pb2_grpc.add_ScoringServicer_to_server(_OddParameters(model), server)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -446,7 +448,7 @@ def test_score_file_encrypts_the_next_batch_while_the_server_scores(
     import agencyfl.clients.requester as requester
     from agencyfl.server.admission import Admission
 
-    model = register(small_fed, tmp_path, {"agencies": []})
+    model = register(small_fed, tmp_path, untrained_card())
     service = _SlowScoring(model)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=4),

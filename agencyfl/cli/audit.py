@@ -363,13 +363,11 @@ def audit_fairness(
         registered = RegisteredModel(model)
         if registered.spec.fairness is None:
             raise ModelError(f"{model}: the model's spec has no [fairness] section, so there is no table")
-        mitigation = registered.card.get("mitigation")
+        mitigation = registered.card.mitigation
         if data is None:
-            table, after, source = registered.card.get("fairness"), None, "the agencies' validation splits"
+            table, after, source = registered.card.fairness, None, "the agencies' validation splits"
             if table is None:
-                raise ModelError(
-                    f"{model}: no agency released fairness counts ({registered.card.get('fairness_release')})"
-                )
+                raise ModelError(f"{model}: no agency released fairness counts ({registered.card.fairness_release})")
         else:
             from agencyfl.local_evaluation import evaluate_local
 
@@ -384,14 +382,12 @@ def audit_fairness(
         )  # fmt: skip
         raise typer.Exit(int(code))
     shown_mitigation = mitigation if data is None else None
-    markdown = f"# Fairness: {registered.card.get('model_version')}\n\n" + fairness_markdown(
-        table, shown_mitigation, source
-    )
+    markdown = f"# Fairness: {registered.card.model_version}\n\n" + fairness_markdown(table, shown_mitigation, source)
     if after is not None:
         markdown += "\n## With the per-group thresholds\n\n" + fairness_markdown(after, None, source)
     if fmt is ReportFormat.html:
         assert out_file is not None
-        out_file.write_text(markdown_to_html(markdown, f"Fairness: {registered.card.get('model_version')}"))
+        out_file.write_text(markdown_to_html(markdown, f"Fairness: {registered.card.model_version}"))
         out.print(f"fairness table written to {out_file} ({'pass' if code is ExitCode.OK else 'FAIL'})")
         raise typer.Exit(int(code))
     _print_fairness(table, source)

@@ -53,11 +53,10 @@ class DecisionRule(BaseModel):
     thresholds: dict[str, Annotated[float, Field(ge=0.0, le=1.0)]] = Field(default_factory=dict)
 
     @classmethod
-    def for_model(cls, spec: FederationSpec, card: dict[str, Any]) -> DecisionRule:
+    def for_model(cls, spec: FederationSpec, mitigation: dict[str, Any] | None) -> DecisionRule:
         """The rule of a registered model: its spec's threshold and its card's mitigation, if any."""
         section = spec.fairness
         threshold = section.threshold if section else 0.5
-        mitigation = card.get("mitigation")
         if not mitigation or section is None:
             return cls(threshold=threshold)
         attribute = str(mitigation["attribute"])

@@ -31,6 +31,7 @@ from agencyfl.privacy.coordinator_ledger import AgencyReport, RoundSummary, open
 from agencyfl.privacy.keys import load_or_create_signing_key
 from agencyfl.privacy.ledger import now_utc
 from agencyfl.privacy.plan_signature import sign_plan
+from agencyfl.server.model_card import CardAgency, ModelCard
 from agencyfl.server.registry import checkpoint_dir, latest_checkpoint, register_model, save_checkpoint
 from agencyfl.server.secure_aggregation import AgencySecAggPlus, FastPollGrid
 from agencyfl.server.strategy import AgencyFedAvg, EventSink, JobPlan, ReleasesClosed, RoundClosed, RunLog
@@ -156,45 +157,49 @@ def signed_plan(settings: ServerSettings) -> str:
     return sign_plan(plan.signed_bytes(), load_or_create_signing_key(settings.signing_key_path))
 
 
-def run_job(
-    grid: Grid, context: Context, settings: ServerSettings, on_event: EventSink | None = None
-) -> dict[str, Any]:
-    """Run the job's rounds on ``grid``, register the model and return the run summary.
+@dataclass(frozen=True)
+class JobStart:
+    """Where a job's run starts: the global model, the momentum buffer and the first round to run."""
 
-    Raises
-    ------
-    FederationError
-        If no round produced an aggregated model.
-    """
+    weights: list[Any]
+    velocity: list[Any] | None
+    first_round: int
+
+
+def start_job(settings: ServerSettings) -> JobStart:
+    """Phase 1: the spec's initial model (or the last checkpoint when resuming); the run folder."""
     spec = settings.loaded.spec
-    sink = on_event or (lambda event: None)
-    secure = spec.secure_aggregation.enabled
     model = build_model(spec.model, FeatureEncoder(spec.schema).width, seed=spec.training.seed)
-    weights, velocity, first_round = model_to_arrays(model), None, 1
+    start = JobStart(model_to_arrays(model), None, 1)
     last = latest_checkpoint(settings.checkpoints) if settings.resume else None
     if last is not None:
         done, weights, velocity = last
-        first_round = done + 1
+        start = JobStart(weights, velocity, done + 1)
     settings.run_dir.mkdir(parents=True, exist_ok=True)
     (settings.run_dir / "job.json").write_text(
         json.dumps({"job": settings.job, "spec": str(settings.loaded.path), "spec_sha256": settings.loaded.sha256})
     )
-    fast_grid = FastPollGrid(grid, spec.secure_aggregation.timeout)
-    connected = _wait_for_agencies(
-        fast_grid, settings.min_available, spec.training.min_agencies, settings.connect_timeout
-    )
+    return start
+
+
+def train_rounds(
+    grid: FastPollGrid, context: Context, settings: ServerSettings, start: JobStart, connected: int, sink: EventSink
+) -> AgencyFedAvg:
+    """Phase 3 (after waiting for the agencies): the job's rounds, then the final evaluation round.
+
+    Horizontal: Flower's workflow (SecAgg+ when the spec asks) over ``AgencyFedAvg``; the final
+    model's noised validation releases come in its last evaluate round.
+    """
+    spec = settings.loaded.spec
+    secure = spec.secure_aggregation.enabled
+    plan = JobPlan(
+        settings.job, spec.training.rounds, settings.loaded.sha256, spec.secure_aggregation.max_weight,
+        start.first_round, spec.privacy.epsilon, signed_plan(settings),
+    )  # fmt: skip
     strategy = AgencyFedAvg(
-        JobPlan(
-            settings.job,
-            spec.training.rounds,
-            settings.loaded.sha256,
-            spec.secure_aggregation.max_weight,
-            first_round,
-            spec.privacy.epsilon,
-            signed_plan(settings),
-        ),
-        weights,
-        velocity=velocity,
+        plan,
+        start.weights,
+        velocity=start.velocity,
         min_agencies=spec.training.min_agencies,
         min_available=min(connected, spec.training.min_agencies),
         secure=secure,
@@ -206,8 +211,8 @@ def run_job(
         known=known_ledgers(settings),
         releases_closed=release_countersigner(settings),
     )
-    remaining = spec.training.rounds - first_round + 1
-    sink({"type": "start", "job": settings.job, "rounds": spec.training.rounds, "first_round": first_round})
+    remaining = spec.training.rounds - start.first_round + 1
+    sink({"type": "start", "job": settings.job, "rounds": spec.training.rounds, "first_round": start.first_round})
     if remaining > 0:
         fit_workflow = (
             AgencySecAggPlus(
@@ -221,10 +226,15 @@ def run_job(
         )
         legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=remaining), strategy=strategy)
         logging.getLogger("flwr").setLevel(logging.WARNING)
-        DefaultWorkflow(fit_workflow=fit_workflow)(fast_grid, legacy)  # type: ignore[arg-type]
-    log = strategy.log
-    log.aggregated_rounds += first_round - 1  # rounds aggregated before a resume
-    summary: dict[str, Any] = {
+        DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)  # type: ignore[arg-type]
+    strategy.log.aggregated_rounds += start.first_round - 1  # rounds aggregated before a resume
+    return strategy
+
+
+def run_summary(settings: ServerSettings, log: RunLog) -> dict[str, Any]:
+    """The run's summary (``summary.json``): rounds, pooled metrics per round, what each agency reported."""
+    spec = settings.loaded.spec
+    return {
         "job": settings.job,
         "federation": spec.federation.name,
         "rounds_planned": spec.training.rounds,
@@ -236,39 +246,73 @@ def run_job(
         else {},
         "model": None,
     }
-    settings.run_dir.mkdir(parents=True, exist_ok=True)
-    if log.aggregated_rounds == 0:
+
+
+def card_of(settings: ServerSettings, log: RunLog, weights: list[Any], metrics: dict[str, float]) -> ModelCard:
+    """Phase 4a: the model card of the job's model, from what the agencies reported and released."""
+    spec = settings.loaded.spec
+    agencies = [
+        CardAgency(
+            name=name,
+            epsilon=rec.epsilon_job,
+            epsilon_lifetime=rec.epsilon_lifetime,
+            delta=spec.privacy.delta,
+            rounds_trained=rec.rounds_trained,
+            refusals=rec.refusals,
+            dataset_sha256=rec.dataset,
+        )  # fmt: skip
+        for name, rec in log.agencies.items()
+    ]
+    return ModelCard(
+        job=settings.job,
+        topology=spec.federation.topology,
+        agencies=agencies,
+        metrics=metrics,
+        metrics_source="federated validation splits (pooled score histograms)",
+        rounds_aggregated=log.aggregated_rounds,
+        secure_aggregation=spec.secure_aggregation.enabled,
+        model_sha256=weights_sha256(weights),
+        coordinator_ledger=str(settings.ledger_dir),
+        **fairness_card(settings.loaded, log),
+    )
+
+
+def register_job_model(settings: ServerSettings, card: ModelCard, weights: list[Any], summary: dict[str, Any]) -> Path:
+    """Phase 4b: the model into the registry, and the summary beside the run."""
+    path = register_model(settings.workdir / "registry", settings.loaded, weights, card)
+    summary["model"] = str(path)
+    summary["coordinator_ledger"] = str(settings.ledger_dir)
+    (settings.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return path
+
+
+def run_job(
+    grid: Grid, context: Context, settings: ServerSettings, on_event: EventSink | None = None
+) -> dict[str, Any]:
+    """Run the job's phases on ``grid`` (start, wait, train and evaluate, register); return the summary.
+
+    Raises
+    ------
+    FederationError
+        If too few agencies connect, or no round produced an aggregated model.
+    """
+    spec = settings.loaded.spec
+    sink = on_event or (lambda event: None)
+    start = start_job(settings)
+    fast_grid = FastPollGrid(grid, spec.secure_aggregation.timeout)
+    connected = _wait_for_agencies(
+        fast_grid, settings.min_available, spec.training.min_agencies, settings.connect_timeout
+    )
+    strategy = train_rounds(fast_grid, context, settings, start, connected, sink)
+    summary = run_summary(settings, strategy.log)
+    if strategy.log.aggregated_rounds == 0:
         (settings.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         raise FederationError(
             "no round aggregated a model (every round had too few trained updates); see "
             f"{settings.run_dir / 'summary.json'}"
         )
-    card = {
-        "job": settings.job,
-        "agencies": [
-            {
-                "name": name,
-                "epsilon": rec.epsilon_job,
-                "epsilon_lifetime": rec.epsilon_lifetime,
-                "delta": spec.privacy.delta,
-                "rounds_trained": rec.rounds_trained,
-                "refusals": rec.refusals,
-                "dataset_sha256": rec.dataset,
-            }
-            for name, rec in log.agencies.items()
-        ],
-        "metrics": summary["metrics"],
-        "metrics_source": "federated validation splits (pooled score histograms)",
-        "rounds_aggregated": log.aggregated_rounds,
-        "secure_aggregation": secure,
-        "model_sha256": weights_sha256(strategy.weights),
-        "coordinator_ledger": str(settings.ledger_dir),
-        **fairness_card(settings.loaded, log),
-    }
-    path = register_model(settings.workdir / "registry", settings.loaded, strategy.weights, card)
-    summary["model"] = str(path)
-    summary["coordinator_ledger"] = str(settings.ledger_dir)
-    (settings.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    card = card_of(settings, strategy.log, strategy.weights, summary["metrics"])
+    path = register_job_model(settings, card, strategy.weights, summary)
     sink({"type": "done", "model": str(path)})
     return summary
 

@@ -9,7 +9,9 @@ beside ``card.json``.
 from __future__ import annotations
 
 from html import escape
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
 
 INTENDED_USE = (
     "Screening support for {purpose}: the model ranks households for a caseworker's attention, to find "
@@ -28,6 +30,57 @@ LIMITATIONS = [
     "A gap within tolerance in the fairness table is judged only between groups with enough rows; small "
     "groups are reported with wide intervals and not judged.",
 ]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class CardAgency(_Frozen):
+    """One agency's part in a model: its data's fingerprint, its rounds and the privacy it spent."""
+
+    name: str
+    epsilon: float  # the job's epsilon, after the final releases
+    epsilon_lifetime: float
+    delta: float
+    rounds_trained: int
+    refusals: int
+    dataset_sha256: str
+
+
+class ModelCard(_Frozen):
+    """The registry's ``card.json``: what a registered model is, where it came from and what it cost.
+
+    The coordinator fills the training fields (``card_of`` in ``server.app``); ``register_model``
+    fills the registry's (version, spec, inputs, creation time, code version). Fairness tables stay
+    the dicts ``federation.fairness`` builds (their own layout, rendered below).
+    """
+
+    job: str
+    topology: Literal["horizontal", "vertical"] = "horizontal"
+    agencies: list[CardAgency]
+    metrics: dict[str, float]
+    metrics_source: str
+    rounds_aggregated: int
+    secure_aggregation: bool
+    model_sha256: str
+    coordinator_ledger: str
+    fairness: dict[str, Any] | None = None
+    fairness_release: dict[str, str] | None = None  # set when no agency released fairness counts: why
+    mitigation: dict[str, Any] | None = None
+    # filled by the registry
+    model_version: str = ""
+    federation: str = ""
+    purpose: str = ""
+    spec_sha256: str = ""
+    model: dict[str, Any] = {}
+    inputs: list[str] = []
+    created: str = ""
+    code_version: str = ""
+
+    def as_json(self) -> dict[str, Any]:
+        """The card as ``card.json`` holds it (``null`` where a model has no fairness table or mitigation)."""
+        return self.model_dump()
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -72,8 +125,9 @@ def _md_table(head: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def render_markdown(card: dict[str, Any]) -> str:
+def render_markdown(model_card: ModelCard) -> str:
     """The card as Markdown."""
+    card = model_card.as_json()
     purpose = card.get("purpose", "")
     metrics = card.get("metrics", {})
     parts = [
@@ -153,9 +207,9 @@ def _html_table(head: list[str], rows: list[list[str]]) -> str:
     return f"<table><tr>{th}</tr>{body}</table>"
 
 
-def render_html(card: dict[str, Any]) -> str:
+def render_html(card: ModelCard) -> str:
     """The card as one self-contained HTML page (the Markdown's content, laid out as tables)."""
-    return markdown_to_html(render_markdown(card), f"Model card: {card.get('model_version')}")
+    return markdown_to_html(render_markdown(card), f"Model card: {card.model_version}")
 
 
 def markdown_to_html(markdown: str, title: str) -> str:

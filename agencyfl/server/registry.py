@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
 from agencyfl.federation.encoding import FeatureEncoder
 from agencyfl.federation.errors import ModelError
 from agencyfl.federation.model import build_model, model_from_arrays
 from agencyfl.federation.spec import LoadedSpec, parse_spec
-from agencyfl.server.model_card import render_html, render_markdown
+from agencyfl.server.model_card import ModelCard, render_html, render_markdown
 
 MODEL_FILE, CARD_FILE, SPEC_FILE = "model.npz", "card.json", "spec.toml"
 CARD_MD, CARD_HTML = "card.md", "card.html"  # the card for people, rendered from card.json
@@ -42,8 +43,11 @@ def code_version() -> str:
     return f"{__version__}+{commit}" if commit else __version__
 
 
-def register_model(root: Path, loaded: LoadedSpec, arrays: list[np.ndarray], card: dict[str, Any]) -> Path:
-    """Save a model under the next free version of its federation; returns the version folder."""
+def register_model(root: Path, loaded: LoadedSpec, arrays: list[np.ndarray], card: ModelCard) -> Path:
+    """Save a model under the next free version of its federation; returns the version folder.
+
+    The registry fills the card's version, spec, inputs, creation time and code version.
+    """
     base = Path(root) / loaded.spec.federation.name
     base.mkdir(parents=True, exist_ok=True)
     version = len([p for p in base.iterdir() if p.is_dir() and p.name.startswith("v")]) + 1
@@ -56,18 +60,19 @@ def register_model(root: Path, loaded: LoadedSpec, arrays: list[np.ndarray], car
             version += 1
     np.savez(target / MODEL_FILE, *arrays)
     (target / SPEC_FILE).write_text(loaded.text, encoding="utf-8")
-    full = {
-        "model_version": f"{loaded.spec.federation.name}/{target.name}",
-        "federation": loaded.spec.federation.name,
-        "purpose": loaded.spec.federation.purpose,
-        "spec_sha256": loaded.sha256,
-        "model": loaded.spec.model.model_dump(),
-        "inputs": FeatureEncoder(loaded.spec.schema).names,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "code_version": code_version(),
-        **card,
-    }
-    (target / CARD_FILE).write_text(json.dumps(full, indent=2), encoding="utf-8")
+    full = card.model_copy(
+        update={
+            "model_version": f"{loaded.spec.federation.name}/{target.name}",
+            "federation": loaded.spec.federation.name,
+            "purpose": loaded.spec.federation.purpose,
+            "spec_sha256": loaded.sha256,
+            "model": loaded.spec.model.model_dump(),
+            "inputs": FeatureEncoder(loaded.spec.schema).names,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "code_version": code_version(),
+        }
+    )
+    (target / CARD_FILE).write_text(json.dumps(full.as_json(), indent=2), encoding="utf-8")
     (target / CARD_MD).write_text(render_markdown(full), encoding="utf-8")
     (target / CARD_HTML).write_text(render_html(full), encoding="utf-8")
     return target
@@ -79,10 +84,16 @@ class RegisteredModel:
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
         try:
-            self.card: dict[str, Any] = json.loads((self.directory / CARD_FILE).read_text())
+            self.card = ModelCard.model_validate_json((self.directory / CARD_FILE).read_text())
             spec_text = (self.directory / SPEC_FILE).read_text()
             with np.load(self.directory / MODEL_FILE) as npz:
                 arrays = [npz[f"arr_{i}"] for i in range(len(npz.files))]
+        except ValidationError as exc:
+            problem = exc.errors()[0]
+            where = ".".join(map(str, problem["loc"]))
+            raise ModelError(
+                f"{str(self.directory)!r}: card.json is not a model card ({where}: {problem['msg']})"
+            ) from None
         except (OSError, ValueError, KeyError) as exc:
             raise ModelError(f"{str(self.directory)!r} is not a registered model: {exc}") from exc
         self.spec = parse_spec(spec_text, source=str(self.directory / SPEC_FILE))

@@ -156,15 +156,17 @@ class ScoringService(scoring_pb2_grpc.ScoringServicer):
         self.registered = RegisteredModel(model_dir)
         self.model = he_model(self.registered)
         self.limits = limits or Limits()
-        self.purpose = str(self.registered.card.get("purpose", ""))
-        self.version = str(self.registered.card.get("model_version", ""))
+        self.purpose = self.registered.card.purpose
+        self.version = self.registered.card.model_version
         self.inputs = self.registered.encoder.names
         self.sets = [p for p in PARAMETER_SETS if p.depth >= self.model.depth]
         self.contexts = ContextStore(self.limits.contexts_per_token, self.limits.context_budget_bytes)
         # What a requester needs, no more: the schema to encode with and the decision rule (not the
         # spec, which names the agencies and where their data lives).
         self.schema_json = self.registered.spec.schema_.model_dump_json()
-        self.decision_json = DecisionRule.for_model(self.registered.spec, self.registered.card).model_dump_json()
+        self.decision_json = DecisionRule.for_model(
+            self.registered.spec, self.registered.card.mitigation
+        ).model_dump_json()
 
     def GetModelInfo(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802 (gRPC names)
         return scoring_pb2.ModelInfo(
