@@ -1,8 +1,9 @@
 """The auditor's report as one self-contained HTML file: plots inline (SVG), no scripts, no network.
 
 Sections: the verdict, each agency's spend (epsilon over its ledger entries, jobs marked, against its
-per-job cap and lifetime budget), refusals, the coordinator's chain and the cross-check, model versions
-with the epsilon behind each, and every finding.
+per-job cap and lifetime budget), its epsilons recomputed independently by Google's dp_accounting (RDP
+and PLD, beside ours) with any ``epsilon`` finding, refusals, the coordinator's chain and the
+cross-check, model versions with the epsilon behind each, and every finding.
 """
 
 from __future__ import annotations
@@ -12,8 +13,11 @@ import re
 from html import escape
 from typing import TYPE_CHECKING, Any
 
+from agencyfl.privacy.independent import RDP_TOLERANCE
+
 if TYPE_CHECKING:
     from agencyfl.privacy.audit import AgencyAudit, FederationAudit
+    from agencyfl.privacy.ledger import Finding
 
 _STYLE = """
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:2rem auto;max-width:70rem;color:#1b1b1b}
@@ -68,6 +72,43 @@ def spend_plot_svg(row: AgencyAudit) -> str:
     return svg[svg.index("<svg") :]  # drop the XML prolog: the SVG sits inside HTML
 
 
+def _finding_item(party: str, f: Finding) -> str:
+    return f'<li class="bad" data-kind="{f.kind}">{escape(party)}: {escape(f.kind)}: {escape(f.message)}</li>'
+
+
+_INDEPENDENT = (("epsilon_last_job", "last job"), ("epsilon_lifetime", "lifetime"))
+
+
+def _independent_table(row: AgencyAudit) -> str:
+    """Each headline epsilon beside dp_accounting's RDP and PLD recomputation, and the ``epsilon`` findings."""
+    cells = []
+    for key, label in _INDEPENDENT:
+        figures = row.independent.get(key)
+        if figures is None:
+            continue
+        what = f"{label} ({escape(row.last_job)})" if key == "epsilon_last_job" and row.last_job else label
+        cells.append(
+            f'<tr data-figure="{key}"><td>{what}</td><td>{figures["ours"]:.4f}</td>'
+            f"<td>{figures['dp_accounting_rdp']:.4f}</td><td>{figures['dp_accounting_pld']:.4f}</td></tr>"
+        )
+    table = (
+        '<table class="independent"><tr><th>epsilon</th><th>ours (RDP, enforced)</th><th>dp_accounting RDP</th>'
+        f"<th>dp_accounting PLD</th></tr>{''.join(cells)}</table>"
+        if cells
+        else "<p>Nothing to recompute.</p>"
+    )
+    findings = [f for f in row.findings if f.kind == "epsilon"]
+    verdict = (
+        f'<ul class="epsilon-findings">{"".join(_finding_item(row.agency, f) for f in findings)}</ul>'
+        if findings
+        else (
+            f'<p class="ok">Agrees: dp_accounting\'s RDP within {RDP_TOLERANCE:g} (relative) of ours, its PLD '
+            "(the tighter bound) not above ours.</p>"
+        )
+    )
+    return f"<h4>Independent recomputation (Google dp_accounting)</h4>{table}{verdict}"
+
+
 def _agency_section(row: AgencyAudit) -> str:
     refusals = [t for t in row.timeline if t["kind"] == "refusal"]
     refusal_rows = "".join(
@@ -82,7 +123,7 @@ def _agency_section(row: AgencyAudit) -> str:
     )
     return (
         f'<section class="agency" data-agency="{escape(row.agency)}"><h3>{escape(row.agency)}</h3>'
-        f"<figure>{spend_plot_svg(row)}</figure><h4>Refusals</h4>{refusal_table}</section>"
+        f"<figure>{spend_plot_svg(row)}</figure>{_independent_table(row)}<h4>Refusals</h4>{refusal_table}</section>"
     )
 
 
@@ -146,10 +187,7 @@ def render_report(audit: FederationAudit, models: list[dict[str, Any]], exit_cod
     """The whole report as an HTML document."""
     ok = exit_code == 0
     findings = audit.all_findings()
-    finding_items = "".join(
-        f'<li class="bad" data-kind="{f.kind}">{escape(party)}: {escape(f.kind)}: {escape(f.message)}</li>'
-        for party, f in findings
-    )
+    finding_items = "".join(_finding_item(party, f) for party, f in findings)
     notes = "".join(f'<li class="note">{escape(n)}</li>' for n in audit.notes)
     agencies = "".join(_agency_section(r) for r in audit.agencies)
     verdict_text = "All ledgers verified, no cap exceeded." if ok else f"Exit code {exit_code}: {verdict}"
@@ -159,7 +197,9 @@ def render_report(audit: FederationAudit, models: list[dict[str, Any]], exit_cod
 <h1>Privacy budget audit</h1>
 <p id="verdict" class="verdict {"ok" if ok else "bad"}">{escape(verdict_text)}</p>
 <p>Epsilon is recomputed from each ledger's recorded mechanisms by an RDP accountant (what enforcement
-uses: the larger, safe-side bound); PRV is the tighter numerical estimate, shown beside it.</p>
+uses: the larger, safe-side bound); PRV is the tighter numerical estimate, shown beside it. Each agency's
+epsilons are recomputed again by an accountant we did not write (Google's dp_accounting, RDP and PLD):
+a disagreement beyond the stated tolerances is an <code>epsilon</code> finding.</p>
 <h2>Agencies</h2>{_summary_table(audit)}
 <h2>Coordinator's countersigned chain</h2>{_coordinator_section(audit)}
 <h2>Model versions</h2>{_models_section(models, audit)}

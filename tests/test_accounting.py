@@ -6,14 +6,13 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from opacus.accountants import RDPAccountant
+from opacus.accountants import PRVAccountant, RDPAccountant
 from torch import nn
 
 from agencyfl.clients.trainer import dp_sgd, noise_generator
 from agencyfl.privacy.accounting import (
     MAX_NOISE_MULTIPLIER,
     StepRecord,
-    accountant_for,
     calibrate_noise,
     epsilon_for,
     epsilon_prv,
@@ -51,16 +50,16 @@ def test_calibration_never_overshoots(target: float, q: float, steps: int) -> No
 
 @pytest.mark.parametrize("rounds", [1, 3])
 def test_epsilon_after_rounds_equals_one_accountant_over_all_steps(rounds: int) -> None:
-    # Training restores the accountant from the ledger each round (a fresh process in deployment)
-    # and Opacus' optimizer hook adds that round's steps; the result must equal one accountant that
-    # saw every step of every round.
+    # Each round trains with a fresh accountant (a fresh process in deployment) whose Opacus optimizer
+    # hook counts that round's steps; the ledger records them, and the epsilon composed from the ledger
+    # must equal that of one accountant that saw every step of every round.
     q, steps, sigma = 0.05, 20, 1.1
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(200, 3)).astype(np.float32), (rng.random(200) < 0.5).astype(np.float32)
     ledger: list[StepRecord] = []
     continuous = RDPAccountant()
     for _ in range(rounds):
-        restored = accountant_for(ledger)
+        this_round = RDPAccountant()
         result = dp_sgd(
             nn.Sequential(nn.Linear(3, 1)),
             x,
@@ -70,15 +69,31 @@ def test_epsilon_after_rounds_equals_one_accountant_over_all_steps(rounds: int) 
             max_grad_norm=1.0,
             learning_rate=0.1,
             steps=steps,
-            accountant=restored,
+            accountant=this_round,
             generator=noise_generator(1),
         )
-        assert result.steps == steps
+        assert result.steps == steps and result.accountant is this_round
+        assert this_round.get_epsilon(1e-5) == pytest.approx(
+            epsilon_for([StepRecord(sigma, q, steps)], 1e-5), rel=1e-12
+        )
         ledger.append(StepRecord(sigma, q, result.steps))
         for _ in range(steps):
             continuous.step(noise_multiplier=sigma, sample_rate=q)
-        assert restored.get_epsilon(1e-5) == pytest.approx(continuous.get_epsilon(1e-5), rel=1e-12)
-    assert epsilon_for(ledger, 1e-5) == pytest.approx(continuous.get_epsilon(1e-5), rel=1e-12)
+        assert epsilon_for(ledger, 1e-5) == pytest.approx(continuous.get_epsilon(1e-5), rel=1e-12)
+
+
+def test_prv_is_opacus_prv_accountant_over_the_merged_history() -> None:
+    # epsilon_prv composes with Opacus' PRV building blocks instead of writing a history into a
+    # PRVAccountant: it must give the accountant's own figure for the same steps taken one by one
+    # (merged per mechanism, in the order the accountant merges consecutive steps).
+    records = [StepRecord(1.0, 0.02, 50), StepRecord(1.4, 0.02, 30), StepRecord(1.0, 0.02, 20), StepRecord(5.0, 1.0, 1)]
+    accountant = PRVAccountant()
+    for sigma, q, steps in [(1.0, 0.02, 70), (1.4, 0.02, 30), (5.0, 1.0, 1)]:
+        for _ in range(steps):
+            accountant.step(noise_multiplier=sigma, sample_rate=q)
+    with np.errstate(divide="ignore"):
+        expected = accountant.get_epsilon(delta=1e-5, eps_error=0.01)
+    assert epsilon_prv(records, 1e-5) == pytest.approx(expected, rel=1e-12)
 
 
 def test_composition_grows_with_rounds() -> None:

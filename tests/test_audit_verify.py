@@ -13,6 +13,7 @@ import pytest
 from conftest import TrainedFederation, invoke
 
 from agencyfl.exit_codes import ExitCode
+from agencyfl.privacy.audit import audit_ledger
 from agencyfl.privacy.coordinator_ledger import RoundSummary
 from agencyfl.privacy.keys import generate_signing_key, load_signing_key
 from agencyfl.privacy.ledger import HEAD_FILE, LEDGER_FILE, Ledger, LedgerEvent, verify_ledger
@@ -185,6 +186,18 @@ def test_html_report_renders_in_a_headless_browser(copy_of_trained: TrainedFeder
     for agency in copy_of_trained.summary["agencies"]:
         assert f'data-agency="{agency}"' in dom
     assert dom.count("<svg") == 4 and "lifetime budget" in dom
+    for ledger in ledgers:  # each agency's epsilons beside dp_accounting's RDP and PLD recomputation of them
+        row = audit_ledger(ledger)
+        section = dom[dom.index(f'<section class="agency" data-agency="{row.agency}"') :]
+        section = section[: section.index("</section>")]
+        assert "Independent recomputation (Google dp_accounting)" in section and "Agrees" in section
+        for key in ("epsilon_last_job", "epsilon_lifetime"):
+            figures = row.independent[key]
+            assert 0 < figures["dp_accounting_pld"] <= figures["ours"]
+            line = section[section.index(f'<tr data-figure="{key}">') :]
+            line = line[: line.index("</tr>")]
+            for name in ("ours", "dp_accounting_rdp", "dp_accounting_pld"):
+                assert f"<td>{figures[name]:.4f}</td>" in line, (row.agency, key, name, line)
     assert "NOT IN CHAIN" not in dom and ">yes</td>" in dom  # the model version is countersigned
     shot = tmp_path / "report.png"
     subprocess.run(

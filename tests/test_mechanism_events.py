@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from html import escape as html_escape
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from dp_accounting import dp_event as dpe
 
 from agencyfl.privacy.accounting import StepRecord, epsilon_for
-from agencyfl.privacy.audit import audit_ledger
+from agencyfl.privacy.audit import FederationAudit, audit_ledger
 from agencyfl.privacy.events import (
     NEIGHBOURING,
     Composed,
@@ -29,6 +30,7 @@ from agencyfl.privacy.events import (
 )
 from agencyfl.privacy.independent import PLD_SLACK, RDP_TOLERANCE, Recomputed
 from agencyfl.privacy.ledger import Ledger, LedgerEvent, verify_ledger
+from agencyfl.report_html import render_report
 from tests.conftest import TrainedFederation, invoke
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -148,6 +150,34 @@ def test_an_agency_signing_lies_into_its_own_ledger_is_caught(tmp_path: Path) ->
         )
     )
     assert any("does not analyse a laplace event" in f.message for f in unanalysed.findings)
+
+
+def test_the_html_report_shows_the_independent_recomputation_and_epsilon_findings(tmp_path: Path) -> None:
+    honest = audit_ledger(_ledger_of(tmp_path / "honest", _entry()))
+    lying = audit_ledger(_ledger_of(tmp_path / "relation", _entry(neighbouring="replace_one")))
+    lying.agency = "health"  # two sections to tell apart
+    html = render_report(FederationAudit([honest, lying], None, [], []), [], 5, "unverified")
+    sections = {
+        row.agency: html[html.index(f'<section class="agency" data-agency="{row.agency}"') :] for row in (honest, lying)
+    }
+    sections = {name: text[: text.index("</section>")] for name, text in sections.items()}
+    for row in (honest, lying):
+        section = sections[row.agency]
+        assert "Independent recomputation (Google dp_accounting)" in section
+        for key in ("epsilon_last_job", "epsilon_lifetime"):
+            figures = row.independent[key]
+            assert 0 < figures["dp_accounting_pld"] < figures["ours"]
+            line = section[section.index(f'<tr data-figure="{key}">') :]
+            line = line[: line.index("</tr>")]
+            cells = [f"<td>{figures[name]:.4f}</td>" for name in ("ours", "dp_accounting_rdp", "dp_accounting_pld")]
+            assert all(cell in line for cell in cells), (line, cells)
+    assert "j1" in sections["tax"] and '<p class="ok">Agrees' in sections["tax"]
+    assert 'data-kind="epsilon"' not in sections["tax"]
+    (finding,) = [f for f in lying.findings if f.kind == "epsilon"]
+    shown = f'<li class="bad" data-kind="epsilon">health: epsilon: {html_escape(finding.message)}</li>'
+    assert shown in sections["health"] and "Agrees" not in sections["health"]
+    findings = html[html.index('<ul id="findings">') :]
+    assert shown in findings[: findings.index("</ul>")]  # and in the report's list of every finding
 
 
 def test_disagreement_with_dp_accounting_is_a_finding() -> None:

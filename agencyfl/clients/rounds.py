@@ -14,6 +14,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+from opacus.accountants import RDPAccountant
 
 from agencyfl.clients.admission import admit, admit_release
 from agencyfl.clients.site import AgencySite, LocalData, load_local_data, site_spec
@@ -25,7 +26,7 @@ from agencyfl.federation.metrics import score_histograms
 from agencyfl.federation.model import build_model, model_from_arrays, model_to_arrays, predict_proba
 from agencyfl.federation.plan import JobPlan
 from agencyfl.federation.spec import FederationSpec, LoadedSpec
-from agencyfl.privacy.accounting import StepRecord, accountant_for, epsilon_for
+from agencyfl.privacy.accounting import StepRecord, epsilon_for
 from agencyfl.privacy.budget import check_round, evaluation_release, job_noise_multiplier, planned_release
 from agencyfl.privacy.events import EVENT_FORMAT, NEIGHBOURING, Mechanism, dp_sgd_steps, gaussian_releases
 from agencyfl.privacy.ledger import LedgerEvent, now_utc, spend_records
@@ -131,7 +132,7 @@ def train_round(site: AgencySite, request: TrainRequest, seed: int | None = None
     )  # fmt: skip
     model = build_model(spec.model, FeatureEncoder(spec.schema).width)
     model_from_arrays(model, request.arrays)
-    accountant = accountant_for(after_release)  # the one accountant of this dataset
+    accountant = RDPAccountant()  # counts this round's steps; the spend is composed from the ledger below
     result = dp_sgd(
         model,
         data.x_train,
@@ -146,8 +147,8 @@ def train_round(site: AgencySite, request: TrainRequest, seed: int | None = None
     )
     taken = StepRecord(sigma, q, result.steps)
     job_eps = epsilon_for([*job_release, taken], spec.privacy.delta)
-    # the same arithmetic as accountant.get_epsilon over the same history, with each mechanism's RDP cached
-    # (Opacus recomputes every entry's RDP curve: linear in the ledger's length per round, and slow)
+    # the same arithmetic as an Opacus RDPAccountant that saw every step of the ledger and this round, with
+    # each mechanism's RDP cached (Opacus recomputes every entry's RDP curve: linear in the ledger's length)
     life_eps = epsilon_for([*after_release, taken], spec.privacy.delta)
     ledger.append(_event(site, spec, request, "round", taken, job_eps, life_eps, data.fingerprint, None))
     return TrainReply(

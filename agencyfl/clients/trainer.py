@@ -1,10 +1,12 @@
 """Local DP-SGD with Opacus: Poisson sampling, per-sample clipping, Gaussian noise, one accountant.
 
-The accountant is restored from the agency's ledger before the round (``accountant_for``), so the
-one RDP accountant of this dataset sees every step of every round and job; Opacus' optimizer hook
-adds this round's steps to it. Batches are drawn by Opacus' ``UniformWithReplacementSampler``: each
-record joins each step's batch independently with probability ``sample_rate`` (Poisson sampling,
-what the RDP analysis assumes), and an empty batch still counts as a step.
+Opacus' optimizer hook records each step this run takes in the accountant it is given (a fresh one
+per round): the steps it counts are what the round writes to the agency's ledger, and the dataset's
+spend over every round and job is composed from the ledger (``privacy.accounting.epsilon_for``), not
+from an accountant restored into a previous state. Batches are drawn by Opacus'
+``UniformWithReplacementSampler``: each record joins each step's batch independently with probability
+``sample_rate`` (Poisson sampling, what the RDP analysis assumes), and an empty batch still counts as a
+step.
 """
 
 from __future__ import annotations
@@ -80,7 +82,8 @@ def dp_sgd(
     sample_rate
         Poisson sampling probability per record per step.
     accountant
-        The dataset's accountant (restored from its ledger); every step is recorded in it.
+        Every step of this run is recorded in it (Opacus' optimizer hook); the steps it gained are
+        ``DPRoundResult.steps``.
     generator
         Draws the batches and the noise.
     batches

@@ -1,10 +1,12 @@
 """DP-SGD privacy accounting: epsilon from recorded steps, and noise calibration.
 
 Every DP-SGD step an agency takes is recorded in its ledger as ``(noise_multiplier, sample_rate,
-steps)``; epsilon is always recomputed by ONE Opacus ``RDPAccountant`` over all those records, so
-composition across rounds, process restarts and jobs is exactly that of one accountant that saw
-every step (Mironov 2017, "Renyi Differential Privacy"; Mironov, Talwar, Zhang 2019 for the
-Poisson-subsampled Gaussian, which is the sampling the training loader uses).
+steps)``; epsilon is always recomputed from all those records by Opacus' RDP analysis (the pure
+functions ``compute_rdp`` and ``get_privacy_spent`` an Opacus ``RDPAccountant`` itself calls, on its
+orders), so composition across rounds, process restarts and jobs is exactly that of one accountant
+that saw every step (Mironov 2017, "Renyi Differential Privacy"; Mironov, Talwar, Zhang 2019 for the
+Poisson-subsampled Gaussian, which is the sampling the training loader uses). No accountant object is
+restored from the ledger: nothing here writes into an accountant's state.
 """
 
 from __future__ import annotations
@@ -18,7 +20,15 @@ import numpy as np
 from dp_accounting import dp_event as dpe
 from dp_accounting.mechanism_calibration import ExplicitBracketInterval, calibrate_dp_mechanism
 from dp_accounting.privacy_accountant import NeighboringRelation, PrivacyAccountant
-from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants import RDPAccountant
+from opacus.accountants.analysis.prv import (
+    Domain,
+    PoissonSubsampledGaussianPRV,
+    TruncatedPrivacyRandomVariable,
+    compose_heterogeneous,
+    compute_safe_domain_size,
+    discretize,
+)
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
 
@@ -29,13 +39,6 @@ class StepRecord:
     noise_multiplier: float
     sample_rate: float
     steps: int
-
-
-def accountant_for(records: Iterable[StepRecord]) -> RDPAccountant:
-    """An RDP accountant whose history is exactly ``records`` (restored, e.g., from a ledger)."""
-    accountant = RDPAccountant()
-    accountant.history = [(r.noise_multiplier, r.sample_rate, r.steps) for r in records if r.steps > 0]
-    return accountant
 
 
 @lru_cache(maxsize=1024)
@@ -90,10 +93,11 @@ class RdpTally:
 
 
 def _merged(records: Iterable[StepRecord]) -> list[tuple[float, float, int]]:
-    """The history with the steps of each distinct mechanism added up (composition commutes).
+    """``(noise_multiplier, sample_rate, steps)`` with the steps of each distinct mechanism added up
+    (composition commutes).
 
-    Opacus' PRV accountant builds one privacy random variable per history entry: a ledger of 8,000
-    rounds of one mechanism is one mechanism run 8,000 x steps times, not 8,000 of them.
+    The PRV composition builds one privacy random variable per entry: a ledger of 8,000 rounds of one
+    mechanism is one mechanism run 8,000 x steps times, not 8,000 of them.
     """
     steps: dict[tuple[float, float], int] = {}
     for r in records:
@@ -108,14 +112,28 @@ def epsilon_prv(records: Iterable[StepRecord], delta: float, eps_error: float = 
 
     Enforcement uses RDP (``epsilon_for``): its bound is the larger, so refusing by it is the safe
     side, and it is exact arithmetic where PRV is a numerical estimate with error ``eps_error``.
+
+    The computation of ``PRVAccountant.get_epsilon`` (Opacus 1.6) over the merged history, written with
+    the building blocks Opacus ships in ``opacus.accountants.analysis.prv`` instead of writing the
+    history into an accountant: the same safe domain (Gopi et al.), mesh, truncation, discretization,
+    FFT composition, and the upper end of the estimate's interval (a guarantee, not an estimate).
     """
     history = _merged(records)
     if not history:
         return 0.0
-    accountant = PRVAccountant()
-    accountant.history = history
+    delta_error = delta / 1000  # Opacus' default
+    prvs = [PoissonSubsampledGaussianPRV(q, sigma) for sigma, q, _ in history]
+    counts = [steps for _, _, steps in history]
     with np.errstate(divide="ignore"):  # a release (q = 1) takes log(1 - q) = -inf in Opacus' PRV domain: handled
-        return float(accountant.get_epsilon(delta=delta, eps_error=eps_error))
+        size = compute_safe_domain_size(
+            prvs=prvs, max_self_compositions=counts, eps_error=eps_error, delta_error=delta_error
+        )
+        mesh = eps_error / np.sqrt(sum(counts) * np.log(12 / delta_error) / 2)
+        domain = Domain.create_aligned(-size, size, mesh)
+        dprvs = [discretize(TruncatedPrivacyRandomVariable(prv, domain.t_min, domain.t_max), domain) for prv in prvs]
+        composed = compose_heterogeneous(dprvs=dprvs, num_self_compositions=counts)
+        _, _, upper = composed.compute_epsilon(delta, delta_error, eps_error)
+    return float(upper)
 
 
 MAX_NOISE_MULTIPLIER = 100.0  # beyond this no model learns anything; refuse instead
