@@ -443,3 +443,66 @@ def synthesize(
     spec = out / "federation.toml"
     spec.write_text(SPEC_TEMPLATE.format(seed=seed, rounds=rounds, epsilon=epsilon, budget=budget, agencies=agencies))
     return SynthResult(spec=spec, test=test_path, agency_files=files, rows=rows, label_rates=rates)
+
+
+BUREAUS: dict[str, tuple[int, ...]] = {
+    "civil-affairs-north": (0, 1),
+    "civil-affairs-central": (2, 3),
+    "civil-affairs-south": (4, 5),
+}
+"""The regional civil-affairs bureaus of ``synthesize_regional`` and the districts each serves (4, 5 are rural)."""
+
+
+def synthesize_regional(
+    out: str | Path,
+    households: int = 20000,
+    seed: int = 0,
+    dirty_rows: int = 0,
+    rounds: int = 10,
+    epsilon: float = 3.0,
+    budget: float = 10.0,
+    test_fraction: float = 0.2,
+) -> SynthResult:
+    """A horizontal federation of three civil-affairs bureaus of one city, each serving its own districts.
+
+    The same household model and file format as ``synthesize``; the difference is who holds the rows:
+    the bureaus are of one kind, so each records the same fields (those civil affairs records, the
+    others empty) about different households: the applicants (civil affairs' case files, as in
+    ``synthesize``) of the districts it serves (``BUREAUS``; the south bureau serves the two rural
+    counties, so its households differ from the others'). ``test.csv`` is held out from every
+    bureau, as in ``synthesize``. Parameters are those of ``synthesize``.
+    """
+    if households < 200:
+        raise ValueError(f"households must be at least 200 (got {households!r})")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed + 7919)
+    pop = population(households, seed)
+    held_out = rng.random(len(pop)) < test_fraction
+    test, pool = pop.loc[held_out], pop.loc[~held_out].reset_index(drop=True)
+    applicant = _membership(pool, rng)["civil-affairs"]
+    district = pool["_district"].to_numpy()
+
+    files: dict[str, Path] = {}
+    rows: dict[str, int] = {}
+    rates: dict[str, float] = {}
+    for bureau, districts in BUREAUS.items():
+        member = applicant & np.isin(district, districts)
+        view = _dirty(_agency_view(pool.loc[member], "civil-affairs", rng), dirty_rows, rng)
+        files[bureau] = out / f"{bureau}.csv"
+        view.to_csv(files[bureau], index=False)
+        rows[bureau] = len(view)
+        rates[bureau] = float(pool.loc[member, "eligible"].mean())
+    test_view = test[[c for c in test.columns if not c.startswith("_")]].copy()
+    for column in ("disability", "chronic_illness", "vehicle"):
+        test_view[column] = np.where(test_view[column], "true", "false")
+    test_path = out / "test.csv"
+    test_view.to_csv(test_path, index=False)
+    rows["test"] = len(test_view)
+    rates["test"] = float(test["eligible"].mean())
+
+    agencies = "\n".join(f'[[agencies]]\nname = "{b}"\ndata = "{b}.csv"\n' for b in BUREAUS)
+    text = SPEC_TEMPLATE.format(seed=seed, rounds=rounds, epsilon=epsilon, budget=budget, agencies=agencies)
+    spec = out / "federation.toml"
+    spec.write_text(text.replace("`agencyfl data synth`", "`agencyfl data synth --topology horizontal`", 1))
+    return SynthResult(spec=spec, test=test_path, agency_files=files, rows=rows, label_rates=rates)
