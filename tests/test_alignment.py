@@ -37,10 +37,12 @@ from agencyfl.alignment import (
     generate_key,
     hash_to_u,
     open_envelope,
+    parameter_fingerprint,
     prepare_ids,
     register_multiplications,
     seal,
 )
+from agencyfl.alignment.relay import send_text, send_values
 from agencyfl.federation.resident_id import check_character, normalize
 
 SALT = b"federation-salt-for-tests"
@@ -121,9 +123,20 @@ def test_the_worker_pool_blinds_exactly_as_one_process_does() -> None:
     key = generate_key()
     with Blinder(key, workers=2, batch_size=64) as pool, Blinder(key, workers=1) as inline:
         pooled, single = pool.blind(values), inline.blind(values)
+        streamed = pool.blind_batches(iter([values[:700], values[700:701], values[701:]]))
     assert np.array_equal(pooled, single)
+    assert np.array_equal(streamed, single)
     assert single[1499].tobytes() == blind(key, values[1499].tobytes())
-    assert pool.multiplications == inline.multiplications == 1500
+    assert pool.multiplications == 2 * inline.multiplications == 3000
+
+
+def test_all_cores_give_the_same_alignment_as_one() -> None:
+    register, rows, _ = population(seed=15, n=120)
+    keys = {name: generate_key() for name in ("civil-affairs", *AGENCIES)}
+    one = align_register(register, rows, salt=SALT, workers=1, blinding_keys=keys)
+    two = align_register(register, rows, salt=SALT, workers=2, batch_size=32, blinding_keys=keys)
+    for agency in AGENCIES:
+        assert np.array_equal(one.agencies[agency].positions, two.agencies[agency].positions)
 
 
 def test_a_small_order_point_is_refused() -> None:
@@ -347,6 +360,34 @@ def test_a_lying_agency_learns_only_positions_of_the_ids_it_blinded() -> None:
     assert result.view.query_sizes == {"curious": 30}  # every guess shows in what R sees
     with pytest.raises(ProtocolError, match="more than the 20 allowed"):
         align_register(register, {"curious": guesses}, salt=SALT, workers=1, max_rows={"curious": 20})
+
+
+def test_a_small_order_point_from_an_agency_is_refused_and_blamed_on_it() -> None:
+    r_keys, a_keys = PartyKeys.generate("civil-affairs"), PartyKeys.generate("hrss")
+    directory = {k.name: k.public() for k in (r_keys, a_keys)}
+    relay = Relay()
+    with RegisterHolder(r_keys, directory, salt=SALT, run="r", workers=1) as holder:
+        holder.send_parameters(relay, ["hrss"])
+        send_text(
+            relay,
+            parameter_fingerprint(SALT),
+            run="r",
+            sender=a_keys,
+            recipient=directory["civil-affairs"],
+            kind="parameters",
+        )
+        holder.check_parameters(relay, ["hrss"])
+        send_values(
+            relay,
+            np.zeros((2, 32), dtype=np.uint8),
+            run="r",
+            sender=a_keys,
+            recipient=directory["civil-affairs"],
+            kind="query",
+        )
+        with pytest.raises(ProtocolError, match="the query from hrss"):
+            holder.answer(relay, "hrss")
+    assert not [r for r in relay.records if r.kind == "response"]
 
 
 # --- duplicate check ------------------------------------------------------------------------------------

@@ -151,7 +151,7 @@ class RosterOwner(Party):
         """Blind ``peer``'s roster again and return it in its order (keeping it to match against)."""
         pair = self._pairs[peer]
         theirs = receive_values(transport, run=self.run, recipient=self.keys, sender=self._peer(peer), kind="roster")
-        pair.theirs_doubled = pair.blinder.blind(theirs)
+        pair.theirs_doubled = self._blind_received(pair.blinder, theirs, peer, "roster")
         send_values(
             transport,
             pair.theirs_doubled,

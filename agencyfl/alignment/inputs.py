@@ -7,7 +7,7 @@ nothing leaves the party until its input is known to be good. Only 32 bytes per 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,7 +15,7 @@ import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict
 
 from agencyfl.alignment.errors import DuplicateIdError
-from agencyfl.alignment.psi import DEFAULT_BATCH, VALUE_BYTES, Values, hash_to_u, sort_order
+from agencyfl.alignment.psi import DEFAULT_BATCH, VALUE_BYTES, Blinder, Values, as_values, hash_to_u, sort_order
 from agencyfl.federation.resident_id import InvalidResidentId, normalize
 
 _SHOWN = 5
@@ -53,6 +53,48 @@ class PreparedIds:
         return len(self.rows)
 
 
+def _batches(ids: Iterable[str], salt: bytes, batch_size: int) -> Iterator[tuple[bytes, list[int], list[Quarantined]]]:
+    source = iter(ids)
+    start = 0
+    while batch := list(itertools.islice(source, batch_size)):
+        hashed = bytearray()
+        kept: list[int] = []
+        quarantine: list[Quarantined] = []
+        for offset, raw in enumerate(batch):
+            try:
+                hashed += hash_to_u(salt, normalize(raw))
+            except InvalidResidentId as err:
+                quarantine.append(Quarantined(row=start + offset, reason=str(err)))
+            else:
+                kept.append(start + offset)
+        yield bytes(hashed), kept, quarantine
+        start += len(batch)
+
+
+class _Collector:
+    """Keeps what ``_batches`` yields while passing the hashes on (to a blinder)."""
+
+    def __init__(self, ids: Iterable[str], salt: bytes, batch_size: int) -> None:
+        self._source = _batches(ids, salt, batch_size)
+        self._hashes: list[bytes] = []
+        self._rows: list[int] = []
+        self._quarantine: list[Quarantined] = []
+
+    def __iter__(self) -> Iterator[Values]:
+        for hashed, kept, quarantine in self._source:
+            self._hashes.append(hashed)
+            self._rows.extend(kept)
+            self._quarantine.extend(quarantine)
+            yield as_values(hashed)
+
+    def result(self, party: str) -> PreparedIds:
+        prepared = PreparedIds(
+            as_values(b"".join(self._hashes)), np.asarray(self._rows, dtype=np.int64), tuple(self._quarantine)
+        )
+        _refuse_duplicates(prepared, party)
+        return prepared
+
+
 def prepare_ids(ids: Iterable[str], salt: bytes, *, party: str, batch_size: int = DEFAULT_BATCH) -> PreparedIds:
     """Normalize and hash ``ids`` (one per row), ``batch_size`` at a time.
 
@@ -72,28 +114,28 @@ def prepare_ids(ids: Iterable[str], salt: bytes, *, party: str, batch_size: int 
     DuplicateIdError
         If two rows normalize to the same id (the message names the rows, not the id).
     """
-    chunks: list[bytes] = []
-    rows: list[npt.NDArray[np.int64]] = []
-    quarantine: list[Quarantined] = []
-    source = iter(ids)
-    start = 0
-    while batch := list(itertools.islice(source, batch_size)):
-        hashed = bytearray()
-        kept: list[int] = []
-        for offset, raw in enumerate(batch):
-            try:
-                hashed += hash_to_u(salt, normalize(raw))
-            except InvalidResidentId as err:
-                quarantine.append(Quarantined(row=start + offset, reason=str(err)))
-            else:
-                kept.append(start + offset)
-        chunks.append(bytes(hashed))
-        rows.append(np.asarray(kept, dtype=np.int64))
-        start += len(batch)
-    hashes = np.frombuffer(b"".join(chunks), dtype=np.uint8).reshape(-1, VALUE_BYTES).copy()
-    prepared = PreparedIds(hashes, np.concatenate(rows) if rows else np.empty(0, np.int64), tuple(quarantine))
-    _refuse_duplicates(prepared, party)
-    return prepared
+    collector = _Collector(ids, salt, batch_size)
+    for _ in collector:
+        pass
+    return collector.result(party)
+
+
+def prepare_and_blind(
+    ids: Iterable[str], salt: bytes, blinder: Blinder, *, party: str, batch_size: int = DEFAULT_BATCH
+) -> tuple[PreparedIds, Values]:
+    """``prepare_ids`` and ``blinder.blind`` of the hashes, overlapped: batch k+1 is read while k is blinded.
+
+    Nothing leaves the party here; the duplicate check runs on the complete input before the caller
+    can send anything.
+
+    Raises
+    ------
+    DuplicateIdError
+        As ``prepare_ids``.
+    """
+    collector = _Collector(ids, salt, batch_size)
+    blinded = blinder.blind_batches(collector)
+    return collector.result(party), blinded
 
 
 def _refuse_duplicates(prepared: PreparedIds, party: str) -> None:

@@ -11,7 +11,7 @@ from types import TracebackType
 
 from agencyfl.alignment.errors import ParameterMismatchError, ProtocolError
 from agencyfl.alignment.inputs import PreparedIds, prepare_ids
-from agencyfl.alignment.psi import parameter_fingerprint
+from agencyfl.alignment.psi import Blinder, Values, parameter_fingerprint
 from agencyfl.alignment.relay import Transport, receive_text, send_text
 from agencyfl.alignment.sealed import PartyKeys, PartyPublicKeys
 
@@ -104,6 +104,13 @@ class Party:
         missing = sorted(set(peers) - self._checked)
         if missing:
             raise ParameterMismatchError(f"{self.keys.name}: parameters not yet compared with {missing}")
+
+    def _blind_received(self, blinder: Blinder, values: Values, sender: str, kind: str) -> Values:
+        """Blind values a counterpart sent; a value X25519 refuses (small order) is that sender's fault."""
+        try:
+            return blinder.blind(values)
+        except ProtocolError as err:
+            raise ProtocolError(f"the {kind} from {sender}: {err}") from err
 
     def _prepare(self, ids: Iterable[str]) -> PreparedIds:
         return prepare_ids(ids, self._salt, party=self.keys.name, batch_size=self.batch_size)

@@ -13,7 +13,7 @@ import hashlib
 import multiprocessing
 import os
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from types import TracebackType
 
@@ -28,8 +28,12 @@ CURVE = "X25519"
 HASH = "SHA-256"
 VALUE_BYTES = 32
 DEFAULT_BATCH = 16_384
-"""Values per worker task and per envelope: 0.6 s of one core, 512 KiB."""
+"""Ids read per batch and values per envelope (512 KiB): memory per batch stays bounded."""
 
+TASK_ROWS = 2048
+"""Values per worker task at most (about 80 ms of one core)."""
+_IN_FLIGHT = 4
+"""Tasks queued per worker: enough to cover the caller's work between submissions, and bounded."""
 _INLINE = 1024
 """Up to this many values are blinded in the calling process (40 ms): a pool would cost more than it saves."""
 
@@ -124,9 +128,9 @@ class Blinder:
     workers
         Processes to use, default ``os.cpu_count()``; ``1`` blinds in this process, without a pool.
     batch_size
-        At most this many values per task, default ``DEFAULT_BATCH`` (fewer when a call is small, so
-        every worker gets several tasks); at most ``2 * workers`` tasks are in flight, so memory
-        outside the input and output arrays stays bounded.
+        At most this many values per task, default ``DEFAULT_BATCH``; tasks are also at most
+        ``TASK_ROWS`` and at least four per worker. At most ``4 * workers`` tasks are in flight, so
+        memory outside the input and output arrays stays bounded.
     """
 
     def __init__(self, key: bytes, *, workers: int | None = None, batch_size: int = DEFAULT_BATCH) -> None:
@@ -166,8 +170,9 @@ class Blinder:
         return self._pool
 
     def _task_rows(self, n: int) -> int:
-        # At least four tasks per worker, so no core idles while another finishes a long last task.
-        return max(1, min(self.batch_size, -(-n // (4 * self.workers))))
+        # Short tasks (80 ms at most) and at least four per worker: when a call ends, no core idles long
+        # while another finishes its last task; a task's round trip costs well under 1 % of it.
+        return max(1, min(self.batch_size, TASK_ROWS, -(-n // (4 * self.workers))))
 
     def _chunks(self, values: Values, rows: int) -> Iterator[tuple[int, bytes]]:
         for start in range(0, len(values), rows):
@@ -196,12 +201,44 @@ class Blinder:
         self.multiplications += len(values)
         return out
 
+    def blind_batches(self, batches: Iterable[Values]) -> Values:
+        """``blind`` over batches as they arrive, concatenated in order.
+
+        The caller's iterator runs in this process while the workers blind earlier batches, so reading
+        and normalizing ids overlaps the multiplications instead of preceding them.
+
+        Raises
+        ------
+        ProtocolError
+            If a value is a point of small order.
+        """
+        if self.workers == 1:
+            parts = [self.blind(batch) for batch in batches]
+            return np.concatenate(parts) if parts else np.empty((0, VALUE_BYTES), dtype=np.uint8)
+        pool = self._executor()
+        pending: deque[Future[bytes]] = deque()
+        done: list[bytes] = []
+        count = 0
+        try:
+            for batch in batches:
+                count += len(batch)
+                step = self._task_rows(len(batch))
+                for start in range(0, len(batch), step):
+                    if len(pending) >= _IN_FLIGHT * self.workers:
+                        done.append(pending.popleft().result())
+                    pending.append(pool.submit(_worker_blind, batch[start : start + step].tobytes()))
+            done.extend(future.result() for future in pending)
+        except ValueError as err:
+            raise ProtocolError(f"a value is not usable as an X25519 u-coordinate: {err}") from err
+        self.multiplications += count
+        return as_values(b"".join(done))
+
     def _blind_in_pool(self, values: Values, out: Values) -> None:
         pool = self._executor()
         rows = self._task_rows(len(values))
         pending: deque[tuple[int, Future[bytes]]] = deque()
         for start, chunk in self._chunks(values, rows):
-            if len(pending) >= 2 * self.workers:
+            if len(pending) >= _IN_FLIGHT * self.workers:
                 done_at, future = pending.popleft()
                 out[done_at : done_at + rows] = as_values(future.result())
             pending.append((start, pool.submit(_worker_blind, chunk)))

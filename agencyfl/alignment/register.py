@@ -22,7 +22,7 @@ import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict
 
 from agencyfl.alignment.errors import EmptyIntersectionError, ProtocolError
-from agencyfl.alignment.inputs import Quarantined
+from agencyfl.alignment.inputs import Quarantined, prepare_and_blind
 from agencyfl.alignment.party import Party
 from agencyfl.alignment.psi import DEFAULT_BATCH, Blinder, Values, generate_key, match
 from agencyfl.alignment.records import AlignmentRecord, write_quarantine
@@ -176,9 +176,10 @@ class RegisterHolder(_Blinding):
             If two register entries normalize to the same id (nothing is sent).
         """
         self._require_checked(agencies)
-        register = self._prepare(register_ids)
+        register, blinded = prepare_and_blind(
+            register_ids, self._salt, self._blinder, party=self.keys.name, batch_size=self.batch_size
+        )
         self._register_size, self._quarantine = len(register), register.quarantine
-        blinded = self._blinder.blind(register.hashes)
         del register  # the hashes are not needed again: memory stays at one list of 32-byte values
         for agency in agencies:
             send_values(
@@ -211,7 +212,7 @@ class RegisterHolder(_Blinding):
             raise ProtocolError(f"{agency} sent {len(query)} rows, more than the {max_rows} allowed; not answered")
         send_values(
             transport,
-            self._blinder.blind(query),
+            self._blind_received(self._blinder, query, agency, "query"),
             run=self.run,
             sender=self.keys,
             recipient=self._peer(agency),
@@ -294,8 +295,9 @@ class RegisterAgency(_Blinding):
             If two rows normalize to the same id (nothing is sent).
         """
         self._require_checked([self.register])
-        prepared = self._prepare(ids)
-        blinded = self._blinder.blind(prepared.hashes)
+        prepared, blinded = prepare_and_blind(
+            ids, self._salt, self._blinder, party=self.keys.name, batch_size=self.batch_size
+        )
         self._rows, self._quarantine = prepared.rows, prepared.quarantine
         del prepared  # keep only row numbers: the hashes are not needed again
         send_values(
@@ -325,7 +327,7 @@ class RegisterAgency(_Blinding):
         response = receive_values(transport, run=self.run, recipient=self.keys, sender=holder, kind="response")
         if len(response) != len(self._rows):
             raise ProtocolError(f"{self.register} answered {len(response)} values for {len(self._rows)} rows")
-        doubled: Values = self._blinder.blind(register_list)
+        doubled: Values = self._blind_received(self._blinder, register_list, self.register, "register list")
         del register_list
         try:
             positions = match(response, doubled)
