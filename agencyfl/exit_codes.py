@@ -6,12 +6,15 @@ from enum import IntEnum
 
 from agencyfl.federation.errors import (
     AgencyflError,
+    AlignmentError,
     DataFileError,
     DeploymentError,
     FederationError,
     HEError,
     LedgerError,
+    MessageRejectedError,
     ModelError,
+    ProtocolError,
     ScoringError,
     SpecError,
     TokenError,
@@ -43,6 +46,8 @@ class ExitCode(IntEnum):
     LEDGER_PARTY_MISMATCH = 19
     LEDGER_RESTARTED = 20
     CHAIN_ROLLED_BACK = 21
+    ALIGNMENT_FAILED = 22
+    ALIGNMENT_REJECTED = 23
 
 
 HELP: dict[ExitCode, str] = {
@@ -93,6 +98,14 @@ HELP: dict[ExitCode, str] = {
         "`audit verify`: the coordinator's chain lacks a job the agencies record for its federation, or a "
         "registered model (the chain was rolled back)."
     ),
+    ExitCode.ALIGNMENT_FAILED: (
+        "`align` / `screen duplicates`: alignment stopped: no household in common (wrong inputs, or a salt that "
+        "differs on both sides), or a roster pair the spec cannot check."
+    ),
+    ExitCode.ALIGNMENT_REJECTED: (
+        "`align` / `screen duplicates`: a relayed message failed authentication or is malformed (tampered in "
+        "transit, or a party that does not follow the protocol); nothing was written."
+    ),
 }
 
 FINDING_CODES: dict[str, ExitCode] = {
@@ -120,6 +133,9 @@ _BY_ERROR: list[tuple[type[AgencyflError], ExitCode]] = [
     (ScoringError, ExitCode.SCORING_REFUSED),
     (HEError, ExitCode.SCORING_REFUSED),
     (TokenError, ExitCode.USAGE),
+    (MessageRejectedError, ExitCode.ALIGNMENT_REJECTED),
+    (ProtocolError, ExitCode.ALIGNMENT_REJECTED),
+    (AlignmentError, ExitCode.ALIGNMENT_FAILED),
 ]
 
 

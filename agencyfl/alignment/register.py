@@ -358,6 +358,7 @@ class RegisterAlignment:
     records: tuple[AlignmentRecord, ...]
     multiplications: int
     bytes_sent: int
+    holder_quarantine: tuple[Quarantined, ...] = ()  # the register's own invalid entries, for R's folder
 
 
 def align_register(
@@ -446,4 +447,5 @@ def align_register(
         records=(*holder.records(), *(r.record() for r in results.values())),
         multiplications=holder.multiplications + sum(a.multiplications for a in agencies.values()),
         bytes_sent=relay.bytes_sent(),
+        holder_quarantine=holder.quarantine,
     )

@@ -8,7 +8,16 @@ from __future__ import annotations
 
 import sys
 
-from agencyfl.cli import audit, coordinator, data, demo, scoring, steward, training  # noqa: F401 (registers commands)
+from agencyfl.cli import (  # noqa: F401 (registers commands)
+    alignment,
+    audit,
+    coordinator,
+    data,
+    demo,
+    scoring,
+    steward,
+    training,
+)
 from agencyfl.cli.common import Format, FormatOpt, app, emit_json, err, out
 from agencyfl.exit_codes import HELP
 

@@ -44,3 +44,27 @@ class TokenError(AgencyflError):
 
     An unreadable registry file raises ``DataFileError`` (exit 4) instead.
     """
+
+
+class AlignmentError(AgencyflError):
+    """Private alignment (register alignment or the duplicate check) stopped: exit 22 unless a subclass says."""
+
+
+class DuplicateIdError(AlignmentError, DataFileError):
+    """One party's input holds the same normalized resident id more than once (its rows are named): exit 4."""
+
+
+class ParameterMismatchError(AlignmentError, SpecError):
+    """Two parties' alignment parameters (salt, id format, curve, hash) differ; found before any blinding: exit 3."""
+
+
+class EmptyIntersectionError(AlignmentError):
+    """No row of a party matched: wrong inputs, wrong salt on both sides, or a counterpart that lied: exit 22."""
+
+
+class MessageRejectedError(AlignmentError):
+    """A relayed envelope failed authentication or decryption, or is not the message expected: exit 23."""
+
+
+class ProtocolError(AlignmentError):
+    """A counterpart's message is malformed (wrong length, repeated values, a small-order point, a cap): exit 23."""
