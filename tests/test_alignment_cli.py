@@ -107,6 +107,10 @@ def test_the_coordinators_record_of_runs_is_a_signed_chain(aligned: tuple[Path, 
     ledger.write_text(ledger.read_text().replace('"matched":', '"matched": 1 ,"x":', 1))
     with pytest.raises(LedgerError):
         runs(copy)
+    honest = invoke("audit", "runs", work / "coordinator" / "runs-ledger", "--format", "json")
+    assert honest.exit_code == 0 and [r["kind"] for r in json.loads(honest.stdout)["runs"]] == ["register-alignment"]
+    tampered = invoke("audit", "runs", copy / "coordinator" / "runs-ledger", "--format", "json")
+    assert tampered.exit_code == 5 and json.loads(tampered.stdout)["verified"] is False
 
 
 def test_the_duplicate_check_finds_every_planted_duplicate_and_nothing_else(

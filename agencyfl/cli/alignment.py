@@ -18,13 +18,14 @@ from agencyfl.cli.common import (
     FormatOpt,
     alignment_app,
     app,
+    audit_app,
     emit_json,
     errors_to_exit,
     fail,
     out,
     screen_app,
 )
-from agencyfl.exit_codes import ExitCode
+from agencyfl.exit_codes import FINDING_CODES, HELP, ExitCode
 
 SpecOpt = Annotated[Path, typer.Option("--spec", help="The vertical federation spec (federation.toml)")]
 RequesterOpt = Annotated[str, typer.Option("--requested-by", help="Who asks for the run (recorded in the chain)")]
@@ -142,3 +143,44 @@ def purge(
     for path in removed:
         out.print(f"removed {path}")
     out.print(f"{len(removed)} alignment output folder(s) removed")
+
+
+@audit_app.command("runs")
+def audit_runs(
+    chain: Annotated[Path, typer.Argument(help="The coordinator's runs chain (WORKDIR/coordinator/runs-ledger)")],
+    keyring: Annotated[
+        Path | None, typer.Option("--keyring", help="Verify with the keyring's 'coordinator' key, not the folder's")
+    ] = None,
+    fmt: FormatOpt = Format.table,
+) -> None:
+    """Every alignment and duplicate-check run the coordinator recorded: who asked, why, and the counts.
+
+    Verifies the signed chain first (exit 5, 11, 12, 13 or 18 as `audit verify` does).
+    """
+    from agencyfl.alignment.runs import ProtocolRun
+    from agencyfl.privacy.keys import keyring_key
+    from agencyfl.privacy.ledger import FINDING_ORDER, verify_ledger
+
+    with errors_to_exit():
+        key = keyring_key(keyring, "coordinator") if keyring else None
+        if keyring and key is None:
+            fail(f"the keyring {str(keyring)!r} holds no 'coordinator' key", ExitCode.USAGE)
+        check = verify_ledger(chain, key, ProtocolRun)
+    kinds = {f.kind for f in check.findings}
+    worst = next((k for k in FINDING_ORDER if k in kinds), None)
+    code = FINDING_CODES[worst] if worst else ExitCode.OK
+    if fmt is Format.json:
+        emit_json(
+            {"verified": check.ok, "key": check.key_id, "findings": [{"kind": f.kind, "message": f.message}
+             for f in check.findings], "runs": [e.model_dump() for e in check.events], "exit_code": int(code)}
+        )  # fmt: skip
+        raise typer.Exit(int(code))
+    table = Table("time", "kind", "run", "requested by", "purpose", "parties", "rows in", title="recorded runs")
+    for e in check.events:
+        rows = sum({c.party: c.own_rows for c in e.counts}.values())  # each party's input once
+        table.add_row(e.time, e.kind, e.run, e.requested_by, e.purpose, ", ".join(e.parties), f"{rows:,}")
+    out.print(table)
+    for f in check.findings:
+        out.print(f"[red]{f.kind}[/]: {f.message}")
+    out.print("[green]the chain verifies[/]" if code is ExitCode.OK else f"[red]exit {int(code)}: {HELP[code]}[/]")
+    raise typer.Exit(int(code))
