@@ -129,6 +129,7 @@ class _Holder(_Party):
         self.optimizer = BlockOptimizer(setup.optimizer, setup.learning_rate, block.width + extra)
         self._rng = rng
         self._mask: Vector | None = None
+        self.releases: list[Vector] = []  # its own DP releases (noisy scaled gradients), in order
         self._columns = [[c for c in _chunks(block.x[:, j], self.slots)] for j in range(block.width)]
 
     def _encrypt(self, v: Vector) -> list[bytes]:
@@ -170,6 +171,7 @@ class _Holder(_Party):
         self.received.append(Received("arbiter", "release", "masked-values", len(release), 8 * len(release), 0))
         noisy = np.asarray(release, dtype=np.float64) - self._mask
         self._mask = None
+        self.releases.append(noisy)
         self.weights = self._project(self.optimizer.step(self.weights, noisy))
         return noisy
 
