@@ -23,7 +23,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from agencyfl.alignment.errors import MessageRejectedError
 
 PROTOCOL = "agencyfl-alignment/1"
-MessageKind = Literal["parameters", "register", "query", "response", "roster", "roster-response"]
+MessageKind = Literal[
+    "parameters", "register", "query", "response", "roster", "roster-response", "partial-scores", "residuals"
+]
+"""What a message is; ``partial-scores`` and ``residuals`` are vertical training's (``docs/vertical.md``)."""
 _SUITE = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.CHACHA20_POLY1305)
 
 

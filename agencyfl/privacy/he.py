@@ -37,6 +37,7 @@ class ParameterSet:
 # Total coefficient bits stay within the 128-bit-security bounds (N=8192: 218, N=16384: 438).
 PARAMETER_SETS = (
     ParameterSet("n8192-d1", 8192, (60, 40, 60), 40, 1),
+    ParameterSet("n8192-d2", 8192, (60, 40, 40, 60), 40, 2),
     ParameterSet("n8192-d3", 8192, (50, 35, 35, 35, 50), 35, 3),
     ParameterSet("n16384-d3", 16384, (60, 40, 40, 40, 60), 40, 3),
 )

@@ -1,0 +1,201 @@
+"""Each agency's block of model inputs over the register positions, clipped, with its not-held input.
+
+An agency encodes only its own columns (``FeatureEncoder(spec.block_schema(agency))``), places each of
+its valid rows at the register position alignment gave it, and sets a "not held" input to 1 at every
+position it has no row for (all its other inputs are 0 there). Every row is clipped to L2 norm at most
+``CLIP`` (the block's declared bound), so one household moves a block's gradient by at most that norm
+times its residual (``docs/vertical.md``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+
+from agencyfl.alignment.register import POSITIONS_FILE
+from agencyfl.alignment.runs import read_ids
+from agencyfl.federation.encoding import FeatureEncoder
+from agencyfl.federation.errors import DataFileError
+from agencyfl.federation.spec import LoadedVerticalSpec
+from agencyfl.federation.table import load_table, validation_mask
+
+CLIP = 1.0
+"""Every household's block is clipped to this L2 norm (the indicator included)."""
+NOT_HELD = "not_held"
+VALIDATION_FRACTION = 0.2
+
+Matrix = npt.NDArray[np.float64]
+
+
+def clip_rows(x: Matrix, bound: float = CLIP) -> Matrix:
+    """``x`` with each row scaled down to L2 norm at most ``bound`` (rows within it unchanged)."""
+    norms = np.linalg.norm(x, axis=1)
+    scale = np.minimum(1.0, bound / np.maximum(norms, 1e-300))
+    return np.asarray(x * scale[:, None], dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class Block:
+    """One agency's inputs at every register position.
+
+    Attributes
+    ----------
+    agency
+        Whose block.
+    names
+        Input names: the encoder's columns, then ``not_held``.
+    x
+        ``[N, len(names)]``, each row of L2 norm at most ``CLIP``.
+    held
+        True at the positions the agency has a valid row for.
+    """
+
+    agency: str
+    names: tuple[str, ...]
+    x: Matrix
+    held: npt.NDArray[np.bool_]
+
+    @property
+    def width(self) -> int:
+        """Number of inputs (weights) of the block."""
+        return len(self.names)
+
+
+def place_block(agency: str, names: list[str], values: Matrix, positions: npt.NDArray[np.int64], size: int) -> Block:
+    """Put encoded rows at their register ``positions`` of a register of ``size``, add the not-held input, clip.
+
+    Raises
+    ------
+    ValueError
+        If a position is outside ``0 .. size - 1`` or repeats.
+    """
+    if len(values) != len(positions):
+        raise ValueError(f"{len(values)} rows but {len(positions)} positions")
+    if len(positions) and (positions.min() < 0 or positions.max() >= size):
+        raise ValueError(f"positions must lie in 0..{size - 1}")
+    if len(np.unique(positions)) != len(positions):
+        raise ValueError("a register position repeats")
+    x = np.zeros((size, len(names) + 1))
+    held = np.zeros(size, dtype=bool)
+    x[positions, :-1] = values
+    held[positions] = True
+    x[~held, -1] = 1.0
+    return Block(agency, (*names, NOT_HELD), clip_rows(x), held)
+
+
+def _valid_rows(quarantined: pd.DataFrame, total: int) -> npt.NDArray[np.int64]:
+    """File rows (0-based) of the rows that passed validation, in order."""
+    bad = np.zeros(total, dtype=bool)
+    if len(quarantined):
+        bad[quarantined["row"].to_numpy(dtype=np.int64) - 1] = True
+    return np.flatnonzero(~bad).astype(np.int64)
+
+
+def _register_rows(loaded: LoadedVerticalSpec, workdir: Path, total: int) -> npt.NDArray[np.int64]:
+    """Civil affairs' file rows in register order: its rows alignment did not quarantine."""
+    register = loaded.spec.label_agency.name
+    path = workdir / register / "alignment" / "alignment-quarantine.csv"
+    bad = np.zeros(total, dtype=bool)
+    if path.exists():
+        rows = pd.read_csv(path)["row"].to_numpy(dtype=np.int64)
+        bad[rows] = True
+    return np.flatnonzero(~bad).astype(np.int64)
+
+
+def register_size(loaded: LoadedVerticalSpec, workdir: Path) -> int:
+    """N, as alignment showed every party (``alignment-sizes.json`` at civil affairs)."""
+    import json
+
+    sizes = workdir / loaded.spec.label_agency.name / "alignment" / "alignment-sizes.json"
+    try:
+        return int(json.loads(sizes.read_text())["register_size"])
+    except (OSError, KeyError, ValueError) as exc:
+        raise DataFileError(f"no alignment sizes at {str(sizes)!r}: run alignment first ({exc})") from None
+
+
+def feature_block(loaded: LoadedVerticalSpec, agency: str, workdir: Path) -> Block:
+    """A non-label agency's block, from its own file and its own ``alignment-positions.csv``.
+
+    Raises
+    ------
+    DataFileError
+        If its file or its alignment output cannot be read.
+    """
+    spec = loaded.spec
+    encoder = FeatureEncoder(spec.block_schema(agency))
+    table = load_table(loaded.data_path(agency), spec.block_schema(agency), require_label=False, write_quarantine=False)
+    file_rows = _valid_rows(table.quarantined, table.total)
+    path = workdir / agency / "alignment" / POSITIONS_FILE
+    try:
+        aligned = pd.read_csv(path)
+    except OSError as exc:
+        raise DataFileError(f"cannot read {str(path)!r}: {exc.strerror or exc}") from None
+    position_of = dict(
+        zip(aligned["row"].to_numpy(dtype=np.int64), aligned["position"].to_numpy(dtype=np.int64), strict=True)
+    )
+    keep = np.array([r in position_of for r in file_rows], dtype=bool)
+    positions = np.array([position_of[r] for r in file_rows[keep]], dtype=np.int64)
+    values = encoder.encode(table.valid.loc[keep].reset_index(drop=True)).astype(np.float64)
+    return place_block(agency, encoder.names, values, positions, register_size(loaded, workdir))
+
+
+@dataclass(frozen=True)
+class LabelData:
+    """What only civil affairs holds besides its block: labels, who is assessed, its validation split.
+
+    Attributes
+    ----------
+    y
+        The label at each register position (0 where not assessed).
+    assessed
+        True where civil affairs has assessed the household.
+    validation
+        True at assessed positions held out for validation (never trained on).
+    """
+
+    y: Matrix
+    assessed: npt.NDArray[np.bool_]
+    validation: npt.NDArray[np.bool_]
+
+    @property
+    def train(self) -> npt.NDArray[np.bool_]:
+        """Positions whose residual enters the gradient: assessed and not held out."""
+        return np.asarray(self.assessed & ~self.validation)
+
+
+def label_block(loaded: LoadedVerticalSpec, workdir: Path) -> tuple[Block, LabelData]:
+    """Civil affairs' block and its labels over its register (its valid rows in file order).
+
+    Raises
+    ------
+    DataFileError
+        If its file cannot be read.
+    """
+    spec = loaded.spec
+    agency = spec.label_agency.name
+    path = loaded.data_path(agency)
+    schema = spec.block_schema(agency)
+    encoder = FeatureEncoder(schema)
+    table = load_table(path, schema, require_label=False, write_quarantine=False)
+    ids = np.array(list(read_ids(path, schema.id)), dtype=object)
+    labels = np.array([v.strip().lower() for v in read_ids(path, schema.label)], dtype=object)
+    register = _register_rows(loaded, workdir, len(ids))
+    size = register_size(loaded, workdir)
+    if len(register) != size:
+        raise DataFileError(f"{len(register)} register rows but alignment recorded {size}")
+    position_of_row = np.full(len(ids), -1, dtype=np.int64)
+    position_of_row[register] = np.arange(size)
+    file_rows = _valid_rows(table.quarantined, table.total)
+    keep = position_of_row[file_rows] >= 0
+    values = encoder.encode(table.valid.loc[keep].reset_index(drop=True)).astype(np.float64)
+    block = place_block(agency, encoder.names, values, position_of_row[file_rows[keep]], size)
+    reg_labels = labels[register]
+    is_true = np.isin(reg_labels, ["1", "true", "yes", "t", "y"])
+    is_false = np.isin(reg_labels, ["0", "false", "no", "f", "n"])
+    assessed = (is_true | is_false) & block.held
+    held_out = validation_mask(pd.Series(ids[register]), VALIDATION_FRACTION, f"{spec.federation.name}:vertical")
+    return block, LabelData(y=is_true.astype(np.float64), assessed=assessed, validation=assessed & held_out)

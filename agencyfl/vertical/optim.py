@@ -1,0 +1,62 @@
+"""The update each party applies to its own block after a DP release: Adam or plain GD, then projection.
+
+Both are post-processing of the noisy gradient. The encrypted protocol and the plaintext reference
+call the same functions, so that with the same noise they take the same steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+
+Vector = npt.NDArray[np.float64]
+OptimizerName = Literal["adam", "gd"]
+
+
+def project(w: Vector, bound: float) -> Vector:
+    """``w`` scaled down onto the L2 ball of radius ``bound``."""
+    norm = float(np.linalg.norm(w))
+    return w if norm <= bound else np.asarray(w * (bound / norm), dtype=np.float64)
+
+
+@dataclass
+class BlockOptimizer:
+    """One party's optimizer state for its own weights (Adam, Kingma and Ba 2015, or plain GD).
+
+    Parameters
+    ----------
+    name
+        ``"adam"`` or ``"gd"``.
+    learning_rate
+        Step size.
+    size
+        Number of weights.
+    """
+
+    name: OptimizerName
+    learning_rate: float
+    size: int
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    _m: Vector = field(init=False, repr=False)
+    _v: Vector = field(init=False, repr=False)
+    _t: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        self._m = np.zeros(self.size)
+        self._v = np.zeros(self.size)
+
+    def step(self, w: Vector, grad: Vector) -> Vector:
+        """The weights after one step on the noisy mean gradient ``grad`` (before projection)."""
+        if self.name == "gd":
+            return np.asarray(w - self.learning_rate * grad, dtype=np.float64)
+        self._t += 1
+        self._m = self.beta1 * self._m + (1 - self.beta1) * grad
+        self._v = self.beta2 * self._v + (1 - self.beta2) * grad * grad
+        m_hat = self._m / (1 - self.beta1**self._t)
+        v_hat = self._v / (1 - self.beta2**self._t)
+        return np.asarray(w - self.learning_rate * m_hat / (np.sqrt(v_hat) + self.eps), dtype=np.float64)

@@ -1,0 +1,72 @@
+"""The public plan of a vertical training job: bounds, sensitivity, noise and the accounting events."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from agencyfl.privacy.accounting import calibrate_noise
+from agencyfl.privacy.events import GaussianEvent, Mechanism, gaussian_releases
+
+
+class VerticalPlan(BaseModel):
+    """What every party agrees on before training (all of it public).
+
+    Parameters
+    ----------
+    agencies
+        K, the number of agencies (blocks); the intercept is one more release.
+    iterations
+        T, full-batch gradient steps (each one DP release).
+    epsilon, delta
+        The job's budget for those T releases (add or remove one household everywhere).
+    weight_bound
+        W: every block's weights are projected to L2 norm <= W and the intercept to |b| <= W.
+    optimizer, learning_rate
+        The post-processing step each party applies to its own block.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    agencies: int = Field(ge=2)
+    iterations: int = Field(ge=1)
+    epsilon: float = Field(gt=0, allow_inf_nan=False)
+    delta: float = Field(gt=0, lt=1)
+    weight_bound: float = Field(default=2.0, gt=0, allow_inf_nan=False)
+    optimizer: Literal["adam", "gd"] = "adam"
+    learning_rate: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+
+    @property
+    def score_bound(self) -> float:
+        """Z = (K + 1) W bounds |z_i| (each ||x_ik|| <= 1, ||w_k|| <= W, |b| <= W)."""
+        return (self.agencies + 1) * self.weight_bound
+
+    @property
+    def residual_bound(self) -> float:
+        """D = 0.5 + Z / 4 bounds the Taylor residual |0.5 + z/4 - y|."""
+        return 0.5 + self.score_bound / 4
+
+    @property
+    def sensitivity(self) -> float:
+        """L2 sensitivity of one iteration's joint release (K block gradients and sum(d)): sqrt(K + 1) D."""
+        return math.sqrt(self.agencies + 1) * self.residual_bound
+
+    @property
+    def noise_multiplier(self) -> float:
+        """Sigma for T releases (q = 1) at (epsilon, delta), by the enforcing accountant's calibration."""
+        return calibrate_noise(self.epsilon, self.delta, 1.0, self.iterations)
+
+    @property
+    def noise_std(self) -> float:
+        """Noise per coordinate of the summed gradient: sigma sqrt(K + 1) D."""
+        return self.noise_multiplier * self.sensitivity
+
+    def iteration_event(self) -> GaussianEvent:
+        """One iteration's release, as every agency's ledger records it."""
+        return GaussianEvent(sensitivity=self.sensitivity, std=self.noise_std)
+
+    def events(self) -> Mechanism:
+        """All T iterations: the mechanism of the whole job."""
+        return gaussian_releases(self.noise_multiplier, self.sensitivity, self.iterations)

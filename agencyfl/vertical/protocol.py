@@ -1,0 +1,327 @@
+"""The parties of vertical training, each holding only its own data and keys (``docs/vertical.md``).
+
+``FeatureHolder`` (an agency without the label), ``LabelHolder`` (civil affairs) and ``Arbiter`` (the
+coordinator, the CKKS key holder). Agency-to-agency messages are HPKE-sealed and signed
+(``alignment.sealed``); what reaches the arbiter are one-value ciphertexts of masked sums. Every party
+keeps a record of what it received (``Received``), for the tests to check what crossed in clear.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+import tenseal as ts
+
+from agencyfl.alignment.sealed import Envelope, MessageKind, PartyKeys, PartyPublicKeys, open_envelope, seal
+from agencyfl.federation.errors import HEError
+from agencyfl.privacy.he import ParameterSet, load_public_context, new_private_context, parameter_set, public_bytes
+from agencyfl.vertical.encoding import Block, LabelData
+from agencyfl.vertical.optim import BlockOptimizer, OptimizerName, Vector, project
+
+PARAMETERS = "n8192-d2"
+"""Residual (one level) then the gradient products (one level): depth 2."""
+MASK_BOUND = 2.0**16
+"""Masks are uniform on [-MASK_BOUND, MASK_BOUND]: within the 2^19 the last prime leaves at scale 2^40."""
+ROUNDING = 1e-6
+"""Decryptions are rounded to this (about the CKKS error) before they leave the arbiter."""
+
+Content = Literal["public-context", "sealed-ciphertexts", "gradient-ciphertexts", "masked-scores", "masked-values"]
+
+
+@dataclass(frozen=True)
+class Received:
+    """One message a party received: from whom, what kind, how large, and the most values any ciphertext in it
+    carries (``slots``; 0 for plaintext masked values)."""
+
+    sender: str
+    kind: str
+    content: Content
+    count: int
+    nbytes: int
+    slots: int
+
+
+@dataclass
+class GradientMessage:
+    """A party's masked gradient for the arbiter: one one-value ciphertext per weight of its block."""
+
+    sender: str
+    ciphertexts: list[bytes]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes on the wire."""
+        return sum(len(c) for c in self.ciphertexts)
+
+
+@dataclass(frozen=True)
+class HolderSetup:
+    """What every agency is given to take part: its own keys, the others' public keys, the run, the arbiter's
+    public context and the job's public optimizer settings."""
+
+    keys: PartyKeys
+    directory: dict[str, PartyPublicKeys]
+    run: str
+    public_context: bytes
+    label_holder: str
+    optimizer: OptimizerName = "adam"
+    learning_rate: float = 1.0
+    weight_bound: float = 2.0
+
+
+@dataclass
+class _Party:
+    name: str
+    keys: PartyKeys
+    directory: dict[str, PartyPublicKeys]
+    run: str
+    received: list[Received] = field(default_factory=list)
+    he_seconds: float = 0.0
+    sent_bytes: int = 0
+
+    def _seal(self, vectors: list[bytes], recipient: str, kind: MessageKind, rows: int) -> list[Envelope]:
+        envelopes = [
+            seal(v, run=self.run, sender=self.keys, recipient=self.directory[recipient], kind=kind,
+                 chunk=i, chunks=len(vectors), rows=rows)
+            for i, v in enumerate(vectors)
+        ]  # fmt: skip
+        self.sent_bytes += sum(e.size for e in envelopes)
+        return envelopes
+
+    def _open(self, envelopes: list[Envelope], sender: str, kind: MessageKind) -> list[bytes]:
+        payloads = [
+            open_envelope(e, recipient=self.keys, sender=self.directory[sender], run=self.run, kind=kind)
+            for e in envelopes
+        ]
+        self.received.append(
+            Received(sender, kind, "sealed-ciphertexts", len(envelopes), sum(e.size for e in envelopes), 0)
+        )
+        return payloads
+
+
+def _chunks(v: Vector, slots: int) -> list[list[float]]:
+    """``v`` zero-padded to whole ciphertexts of ``slots`` values: a rotate-and-sum then covers every slot."""
+    padded = np.zeros(math.ceil(len(v) / slots) * slots)
+    padded[: len(v)] = v
+    return [padded[i : i + slots].tolist() for i in range(0, len(padded), slots)]
+
+
+class _Holder(_Party):
+    """What every agency does with its own block: partial scores, masked gradients, its own step."""
+
+    def __init__(self, block: Block, setup: HolderSetup, rng: np.random.Generator, extra: int = 0) -> None:
+        super().__init__(block.agency, setup.keys, setup.directory, setup.run)
+        self.block = block
+        self.label_holder = setup.label_holder
+        public_context = setup.public_context
+        self.context, self.params = load_public_context(public_context, max_depth_needed=2)
+        if not self.context.has_galois_keys():
+            raise HEError("vertical training needs Galois keys in the arbiter's public context (rotate-and-sum)")
+        self.received.append(Received("arbiter", "context", "public-context", 1, len(public_context), 0))
+        self.slots = self.params.slots
+        self.weight_bound = setup.weight_bound
+        self.weights = np.zeros(block.width + extra)
+        self.optimizer = BlockOptimizer(setup.optimizer, setup.learning_rate, block.width + extra)
+        self._rng = rng
+        self._mask: Vector | None = None
+        self.releases: list[Vector] = []  # its own DP releases (noisy scaled gradients), in order
+        self._columns = [[c for c in _chunks(block.x[:, j], self.slots)] for j in range(block.width)]
+
+    def _encrypt(self, v: Vector) -> list[bytes]:
+        start = time.perf_counter()
+        cts = [ts.ckks_vector(self.context, c) for c in _chunks(v, self.slots)]
+        raw = [bytes(c.serialize()) for c in cts]
+        self.he_seconds += time.perf_counter() - start
+        return raw
+
+    def _extra_sums(self, residual: list[ts.CKKSVector]) -> list[ts.CKKSVector]:
+        return []
+
+    def masked_gradient(self, residual: list[bytes]) -> GradientMessage:
+        """``Enc(X^T d + r)``, one one-value ciphertext per weight, ``r`` this party's fresh mask."""
+        start = time.perf_counter()
+        enc_d = [ts.ckks_vector_from(self.context, r) for r in residual]
+        sums: list[ts.CKKSVector] = []
+        for j in range(self.block.width):
+            acc = enc_d[0] * self._columns[j][0]
+            for c in range(1, len(enc_d)):
+                acc = acc + enc_d[c] * self._columns[j][c]
+            sums.append(acc)
+        sums += self._extra_sums(enc_d)
+        self._mask = self._rng.uniform(-MASK_BOUND, MASK_BOUND, size=len(sums))
+        out: list[bytes] = []
+        for s, r in zip(sums, self._mask, strict=True):
+            first = np.zeros(self.slots)
+            first[0] = r  # masked before the rotate-and-sum: every slot then holds the masked total
+            out.append(bytes((s + first.tolist()).sum().serialize()))
+        self.he_seconds += time.perf_counter() - start
+        message = GradientMessage(self.name, out)
+        self.sent_bytes += message.nbytes
+        return message
+
+    def apply(self, release: list[float]) -> Vector:
+        """Remove the mask from the arbiter's release (the DP release), step and project; returns the release."""
+        if self._mask is None or len(release) != len(self._mask):
+            raise HEError(f"{self.name}: a release of {len(release)} values for no pending request of that size")
+        self.received.append(Received("arbiter", "release", "masked-values", len(release), 8 * len(release), 0))
+        noisy = np.asarray(release, dtype=np.float64) - self._mask
+        self._mask = None
+        self.releases.append(noisy)
+        self.weights = self._project(self.optimizer.step(self.weights, noisy))
+        return noisy
+
+    def _project(self, w: Vector) -> Vector:
+        return project(w, self.weight_bound)
+
+
+class FeatureHolder(_Holder):
+    """An agency without the label: its block, its weights, its keys; the arbiter's public context only."""
+
+    def partial_scores(self) -> list[Envelope]:
+        """``Enc(X_k w_k)`` over every register position, sealed to the label holder."""
+        raw = self._encrypt(self.block.x @ self.weights)
+        return self._seal(raw, self.label_holder, "partial-scores", len(self.block.x))
+
+    def open_residuals(self, envelopes: list[Envelope]) -> list[bytes]:
+        """The residual ciphertexts from the label holder's sealed message (still encrypted under A's key)."""
+        return self._open(envelopes, self.label_holder, "residuals")
+
+
+class LabelHolder(_Holder):
+    """Civil affairs: its block, labels, who is assessed, its validation split, and the intercept (last weight)."""
+
+    def __init__(self, block: Block, labels: LabelData, setup: HolderSetup, rng: np.random.Generator) -> None:
+        super().__init__(block, setup, rng, extra=1)
+        self.labels = labels
+        self.scale = 1.0 / len(block.x)  # public: the register size is known to every party after alignment
+        self._score_mask: Vector | None = None
+
+    def _extra_sums(self, residual: list[ts.CKKSVector]) -> list[ts.CKKSVector]:
+        acc = residual[0]
+        for c in residual[1:]:
+            acc = acc + c
+        return [acc]  # the intercept's gradient: sum(d), summed over slots by the same rotate-and-sum
+
+    def _project(self, w: Vector) -> Vector:
+        bound = self.weight_bound
+        return np.concatenate([project(w[:-1], bound), [float(np.clip(w[-1], -bound, bound))]])
+
+    def _scores(self, partials: dict[str, list[Envelope]]) -> list[ts.CKKSVector]:
+        own = self.block.x @ self.weights[:-1] + self.weights[-1]
+        opened = {k: self._open(v, k, "partial-scores") for k, v in partials.items()}
+        start = time.perf_counter()
+        total = [ts.ckks_vector(self.context, c) for c in _chunks(own, self.slots)]
+        for raw in opened.values():
+            total = [t + ts.ckks_vector_from(self.context, r) for t, r in zip(total, raw, strict=True)]
+        self.he_seconds += time.perf_counter() - start
+        return total
+
+    def residuals(self, partials: dict[str, list[Envelope]]) -> tuple[list[bytes], dict[str, list[Envelope]]]:
+        """``Enc(d) = Enc(z) * (m c / 4) + m c (0.5 - y)``: its own copy and one sealed copy per agency."""
+        z = self._scores(partials)
+        start = time.perf_counter()
+        m = self.labels.train.astype(np.float64)
+        slope = _chunks(m * self.scale / 4, self.slots)
+        offset = _chunks(m * self.scale * (0.5 - self.labels.y), self.slots)
+        raw = [bytes((c * s + o).serialize()) for c, s, o in zip(z, slope, offset, strict=True)]
+        self.he_seconds += time.perf_counter() - start
+        return raw, {k: self._seal(raw, k, "residuals", len(self.block.x)) for k in partials}
+
+    def masked_scores(self, partials: dict[str, list[Envelope]]) -> list[bytes]:
+        """``Enc(z * v + s)`` for the validation indicator v and a fresh uniform mask s, for the arbiter."""
+        z = self._scores(partials)
+        start = time.perf_counter()
+        v = _chunks(self.labels.validation.astype(np.float64), self.slots)
+        self._score_mask = self._rng.uniform(-MASK_BOUND, MASK_BOUND, size=len(v) * self.slots)
+        s = _chunks(self._score_mask, self.slots)
+        raw = [bytes((c * a + b).serialize()) for c, a, b in zip(z, v, s, strict=True)]
+        self.he_seconds += time.perf_counter() - start
+        self.sent_bytes += sum(len(r) for r in raw)
+        return raw
+
+    def unmask_scores(self, values: Vector) -> Vector:
+        """The model's scores (logits) of its own validation households, in register order of those positions."""
+        if self._score_mask is None:
+            raise HEError("no masked scores are pending")
+        self.received.append(Received("arbiter", "scores", "masked-values", len(values), 8 * len(values), 0))
+        z = values - self._score_mask[: len(values)]
+        self._score_mask = None
+        return np.asarray(z[: len(self.block.x)][self.labels.validation], dtype=np.float64)
+
+
+class Arbiter:
+    """The coordinator as CKKS key holder: adds fresh encrypted noise to masked gradients and decrypts.
+
+    Parameters
+    ----------
+    widths
+        Each party's number of weights (public: the job plan's), the only gradient sizes it accepts.
+    noise_std
+        Standard deviation of the noise per coordinate (on the scaled gradient).
+    rng
+        The generator of DP noise (inject a seeded one only to reproduce a run in tests).
+    params
+        The CKKS parameter set, default ``PARAMETERS``.
+    """
+
+    name = "arbiter"
+
+    def __init__(
+        self, widths: dict[str, int], noise_std: float, rng: np.random.Generator, params: str = PARAMETERS
+    ) -> None:
+        self.params: ParameterSet = parameter_set(params)
+        self._context = new_private_context(self.params)
+        self._context.generate_galois_keys()
+        self.widths = dict(widths)
+        self.noise_std = noise_std
+        self._rng = rng
+        self.received: list[Received] = []
+        self.he_seconds = 0.0
+        self.sent_bytes = 0
+
+    def public_context(self) -> bytes:
+        """The public context (public, Galois and relinearization keys; never the secret key)."""
+        return public_bytes(self._context)
+
+    def release(self, message: GradientMessage) -> list[float]:
+        """Noise under encryption, decrypt, round: the masked noised gradient, returned to its sender only.
+
+        Raises
+        ------
+        HEError
+            An unknown sender, a count other than the sender's width, or a ciphertext of more than one value.
+        """
+        width = self.widths.get(message.sender)
+        if width is None or len(message.ciphertexts) != width:
+            raise HEError(f"{message.sender!r} sent {len(message.ciphertexts)} values; its width is {width}")
+        start = time.perf_counter()
+        cts = [ts.ckks_vector_from(self._context, c) for c in message.ciphertexts]
+        sizes = [c.size() for c in cts]
+        self.received.append(
+            Received(message.sender, "gradient", "gradient-ciphertexts", width, message.nbytes, max(sizes))
+        )
+        if max(sizes) != 1:
+            raise HEError(f"{message.sender!r} sent a ciphertext of {max(sizes)} values; gradients carry one")
+        noise = self._rng.normal(0.0, self.noise_std, size=width)
+        out = [
+            round(float((c + ts.ckks_vector(self._context, [float(n)])).decrypt()[0]) / ROUNDING) * ROUNDING
+            for c, n in zip(cts, noise, strict=True)
+        ]
+        self.he_seconds += time.perf_counter() - start
+        self.sent_bytes += 8 * width
+        return out
+
+    def decrypt_masked_scores(self, sender: str, raw: list[bytes]) -> npt.NDArray[np.float64]:
+        """Decrypt the label holder's masked validation scores (uniformly masked at every slot)."""
+        cts = [ts.ckks_vector_from(self._context, r) for r in raw]
+        self.received.append(
+            Received(sender, "scores", "masked-scores", len(raw), sum(map(len, raw)), max(c.size() for c in cts))
+        )
+        values = np.concatenate([np.asarray(c.decrypt()) for c in cts])
+        self.sent_bytes += 8 * len(values)
+        return np.asarray(np.round(values / ROUNDING) * ROUNDING, dtype=np.float64)

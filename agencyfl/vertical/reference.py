@@ -1,0 +1,49 @@
+"""The same training in plaintext numpy: the oracle the encrypted protocol is tested against.
+
+Given the same noise generator, it draws the same noise in the same order as the arbiter (the
+non-label agencies in their order, then the label holder's block and the intercept) and takes the same
+steps (``optim``), so the two differ only by CKKS error and rounding.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from agencyfl.vertical.encoding import Block, LabelData
+from agencyfl.vertical.optim import BlockOptimizer, Vector, project
+from agencyfl.vertical.plan import VerticalPlan
+
+
+def residual(scores: Vector, labels: LabelData, scale: float) -> Vector:
+    """d = m c (0.5 + z/4 - y): the first-order Taylor residual at the training positions, times c."""
+    m = labels.train.astype(np.float64)
+    return np.asarray(m * scale * (0.5 + scores / 4 - labels.y), dtype=np.float64)
+
+
+def reference_train(
+    features: list[Block], label: Block, labels: LabelData, plan: VerticalPlan, rng: np.random.Generator
+) -> dict[str, Vector]:
+    """Each party's weights after ``plan.iterations`` steps (the label holder's last weight is the intercept)."""
+    blocks = [*features, label]
+    weights = {b.agency: np.zeros(b.width + (b is label)) for b in blocks}
+    optimizers = {b.agency: BlockOptimizer(plan.optimizer, plan.learning_rate, b.width + (b is label)) for b in blocks}
+    scale = 1.0 / len(label.x)
+    std = plan.noise_std * scale
+    for _ in range(plan.iterations):
+        w_label = weights[label.agency]
+        z = sum(b.x @ weights[b.agency] for b in features) + label.x @ w_label[:-1] + w_label[-1]
+        d = residual(np.asarray(z), labels, scale)
+        for b in blocks:
+            g = b.x.T @ d
+            if b is label:
+                g = np.concatenate([g, [d.sum()]])
+            noisy = g + rng.normal(0.0, std, size=len(g))
+            w = optimizers[b.agency].step(weights[b.agency], noisy)
+            if b is label:
+                w = np.concatenate(
+                    [project(w[:-1], plan.weight_bound), [np.clip(w[-1], -plan.weight_bound, plan.weight_bound)]]
+                )
+            else:
+                w = project(w, plan.weight_bound)
+            weights[b.agency] = w
+    return weights

@@ -1,0 +1,127 @@
+"""Vertical training under CKKS against its plaintext reference, and what each party received."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from dp_accounting.rdp import RdpAccountant
+
+from agencyfl.alignment.runs import align_from_spec, load_vertical
+from agencyfl.privacy.events import to_dp_event
+from agencyfl.synth_vertical import synthesize_vertical
+from agencyfl.vertical import (
+    Block,
+    LabelData,
+    VerticalPlan,
+    VerticalResult,
+    feature_block,
+    label_block,
+    place_block,
+    reference_train,
+    train_vertical,
+)
+
+FEATURES = ("hrss", "tax", "environment")
+PLAN = VerticalPlan(agencies=4, iterations=3, epsilon=3.0, delta=1e-5, optimizer="gd", learning_rate=20.0)
+
+
+@pytest.fixture(scope="module")
+def blocks(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Block], Block, LabelData]:
+    root = tmp_path_factory.mktemp("vertical")
+    synth = synthesize_vertical(root / "data", households=4000, seed=11)
+    loaded = load_vertical(synth.spec)
+    align_from_spec(loaded, root / "work")
+    label, labels = label_block(loaded, root / "work")
+    return [feature_block(loaded, a, root / "work") for a in FEATURES], label, labels
+
+
+@pytest.fixture(scope="module")
+def run(blocks: tuple[list[Block], Block, LabelData]) -> VerticalResult:
+    features, label, labels = blocks
+    return train_vertical(features, label, labels, PLAN, noise_rng=np.random.default_rng(7), mask_seed=1)
+
+
+def test_blocks_are_clipped_and_mark_what_is_not_held(blocks: tuple[list[Block], Block, LabelData]) -> None:
+    features, label, labels = blocks
+    for b in [*features, label]:
+        assert np.linalg.norm(b.x, axis=1).max() <= 1.0 + 1e-12
+        assert np.array_equal(b.x[:, -1] == 1.0, ~b.held)
+        assert not b.x[~b.held, :-1].any()
+    assert 0.55 < features[0].held.mean() < 0.8  # hrss knows about 69% of households
+    assert labels.validation.sum() > 0 and not (labels.validation & labels.train).any()
+
+
+def test_encrypted_weights_match_the_plaintext_reference(
+    blocks: tuple[list[Block], Block, LabelData], run: VerticalResult
+) -> None:
+    features, label, labels = blocks
+    reference = reference_train(features, label, labels, PLAN, np.random.default_rng(7))
+    for name, w in reference.items():
+        assert np.abs(run.weights[name] - w).max() < 1e-3, name
+    assert max(np.abs(w).max() for w in reference.values()) > 0.05  # it moved
+    assert 0.7 < run.validation_auc <= 1.0  # scored through the encrypted path
+
+
+def test_no_party_receives_per_household_plaintext(run: VerticalResult) -> None:
+    civil = run.parties["civil-affairs"]
+    for r in civil.received:
+        assert r.content in {"public-context", "sealed-ciphertexts", "masked-values"}
+        if r.content == "sealed-ciphertexts":
+            assert r.kind == "partial-scores" and r.sender in FEATURES
+    for name in FEATURES:
+        for r in run.parties[name].received:
+            assert r.content in {"public-context", "sealed-ciphertexts", "masked-values"}
+            assert r.sender in {"civil-affairs", "arbiter"}
+    arbiter = run.parties["arbiter"]
+    gradients = [r for r in arbiter.received if r.kind == "gradient"]
+    assert len(gradients) == 4 * PLAN.iterations
+    assert all(r.content == "gradient-ciphertexts" and r.slots == 1 for r in gradients)
+    others = [r for r in arbiter.received if r.kind != "gradient"]
+    assert [(r.sender, r.content) for r in others] == [("civil-affairs", "masked-scores")]  # validation, masked
+
+
+def test_households_not_assessed_contribute_nothing(
+    blocks: tuple[list[Block], Block, LabelData], run: VerticalResult
+) -> None:
+    features, label, labels = blocks
+    rng = np.random.default_rng(3)
+    outside = ~labels.train
+    x = features[1].x.copy()
+    x[outside] = rng.uniform(-1, 1, size=x[outside].shape) / np.sqrt(x.shape[1])  # tax's rows changed there
+    changed = [features[0], replace(features[1], x=x), features[2]]
+    again = train_vertical(changed, label, labels, PLAN, noise_rng=np.random.default_rng(7), validate=False)
+    for name, w in run.weights.items():
+        assert np.abs(again.weights[name] - w).max() < 1e-3, name
+
+
+def test_the_job_stays_within_its_epsilon(run: VerticalResult) -> None:
+    assert len(run.events) == PLAN.iterations
+    assert all(e == PLAN.iteration_event() for e in run.events)
+    assert PLAN.sensitivity == pytest.approx(np.sqrt(5) * (0.5 + 5 * 2.0 / 4))
+    accountant = RdpAccountant()
+    accountant.compose(to_dp_event(run.mechanism))
+    assert accountant.get_epsilon(PLAN.delta) <= PLAN.epsilon
+    assert accountant.get_epsilon(PLAN.delta) > 0.9 * PLAN.epsilon  # calibrated, not wasted
+
+
+def test_a_planted_sentinel_is_clipped_to_within_the_noise(blocks: tuple[list[Block], Block, LabelData]) -> None:
+    features, label, labels = blocks
+    hrss = features[0]
+    target = int(np.flatnonzero(labels.train & hrss.held)[0])
+    values = np.column_stack([hrss.x[hrss.held, :-1], np.zeros(hrss.held.sum())])
+    values[np.flatnonzero(hrss.held) == target, -1] = 1e9  # one household's huge planted value
+    planted = place_block("hrss", [*hrss.names[:-1], "sentinel"], values, np.flatnonzero(hrss.held), len(hrss.x))
+    assert np.linalg.norm(planted.x, axis=1).max() <= 1.0 + 1e-12
+    plan = PLAN.model_copy(update={"iterations": 1})
+    result = train_vertical(
+        [planted, *features[1:]], label, labels, plan, noise_rng=np.random.default_rng(5), validate=False
+    )
+    scale = 1.0 / len(label.x)
+    noise = np.random.default_rng(5).normal(0.0, plan.noise_std * scale, size=planted.width)  # the first draw
+    release = result.parties["hrss"].releases[0]
+    sentinel = planted.names.index("sentinel")
+    signal = release[sentinel] - noise[sentinel]
+    assert abs(signal) <= plan.residual_bound * scale + 1e-5  # one clipped household's residual at most
+    assert plan.residual_bound * scale < plan.noise_std * scale  # ... far inside the noise's scale
