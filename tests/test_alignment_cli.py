@@ -95,8 +95,15 @@ def test_no_party_keeps_and_the_coordinator_records_no_id(
     assert not (work / "civil-affairs" / "alignment" / "alignment-positions.csv").exists()
     (entry,) = [r for r in runs(work) if r.run == report["run"]]
     assert entry.kind == "register-alignment" and entry.parties[0] == "civil-affairs"
-    matched = {c.party: c.matched for c in entry.counts if c.party != "civil-affairs"}
-    assert matched == {a: report["agencies"][a]["matched"] for a in ("hrss", "tax", "environment")}
+    # the coordinator records what its relay saw, sizes, and no match or quarantine count
+    assert entry.sizes == {"civil-affairs": report["register"]["size"]} | {
+        a: report["agencies"][a]["rows"] for a in ("hrss", "tax", "environment")
+    }
+    assert "matched" not in entry.model_dump_json() and "quarantined" not in entry.model_dump_json()
+    own = json.loads((work / "hrss" / "alignment" / "alignment-record.json").read_text())  # the agency's own count
+    assert [r["matched"] for r in own] == [report["agencies"]["hrss"]["matched"]]
+    modes = {p.stat().st_mode & 0o777 for p in (work / "hrss" / "alignment").iterdir()}
+    assert modes == {0o600} and (work / "hrss" / "alignment").stat().st_mode & 0o777 == 0o700
 
 
 def test_the_coordinators_record_of_runs_is_a_signed_chain(aligned: tuple[Path, dict], tmp_path: Path) -> None:
@@ -104,7 +111,7 @@ def test_the_coordinators_record_of_runs_is_a_signed_chain(aligned: tuple[Path, 
     copy = tmp_path / "copy"
     shutil.copytree(work, copy)
     ledger = copy / "coordinator" / "runs-ledger" / "ledger.jsonl"
-    ledger.write_text(ledger.read_text().replace('"matched":', '"matched": 1 ,"x":', 1))
+    ledger.write_text(ledger.read_text().replace('"bytes_relayed":', '"bytes_relayed":1', 1))  # a changed figure
     with pytest.raises(LedgerError):
         runs(copy)
     honest = invoke("audit", "runs", work / "coordinator" / "runs-ledger", "--format", "json")
@@ -188,8 +195,68 @@ def test_outputs_are_removed_when_their_retention_ends(aligned: tuple[Path, dict
     later = datetime.now(UTC) + timedelta(days=31)  # the synthetic spec keeps them 30 days
     removed = purge_expired(work, now=later)
     assert {p.parent.name for p in removed} == {"civil-affairs", "hrss", "tax", "environment"}
-    assert not list(work.rglob("alignment-positions.csv"))
+    assert not list(work.rglob("alignment-positions.csv")) and not list(work.rglob("*/alignment"))
     assert (work / "coordinator" / "runs-ledger" / "ledger.jsonl").exists()  # the record of the run stays
     shutil.copytree(aligned[0], tmp_path / "again")
     done = invoke("alignment", "purge", "--workdir", tmp_path / "again", "--all", "--format", "json")
     assert done.exit_code == 0 and len(json.loads(done.stdout)["removed"]) == 4
+
+
+@pytest.mark.parametrize("damage", ["a file where an output folder goes", "a runs chain that does not verify"])
+def test_a_run_that_fails_late_leaves_nothing_and_records_nothing(
+    population: VerticalSynthResult, aligned: tuple[Path, dict], tmp_path: Path, damage: str
+) -> None:
+    work = tmp_path / "work"
+    shutil.copytree(aligned[0], work)
+    before = {p: p.read_bytes() for p in work.rglob("*") if p.is_file()}
+    if damage == "a file where an output folder goes":
+        shutil.rmtree(work / "tax")
+        (work / "tax").write_text("not a folder")
+        before = {p: p.read_bytes() for p in work.rglob("*") if p.is_file()}
+    else:
+        ledger = work / "coordinator" / "runs-ledger" / "ledger.jsonl"
+        ledger.write_text(ledger.read_text().replace('"register-alignment"', '"duplicate-check"', 1))
+        before = {p: p.read_bytes() for p in work.rglob("*") if p.is_file()}
+    done = invoke("align", "--spec", population.spec, "--workdir", work)
+    assert done.exit_code in {4, 5} and len(done.output.strip().splitlines()) == 1, done.output
+    after = {p: p.read_bytes() for p in work.rglob("*") if p.is_file()}
+    assert after == before  # the earlier run's outputs untouched, no staging folder left, no entry appended
+
+
+def test_bad_bytes_in_an_input_file_are_a_data_error_not_a_protocol_error(
+    population: VerticalSynthResult, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(population.spec.parent, data)
+    with (data / "environment.csv").open("ab") as fh:
+        fh.write(b"\xff\xfe not utf-8,1\n")
+    done = invoke("align", "--spec", data / "federation.toml", "--workdir", tmp_path / "work")
+    assert done.exit_code == 4 and "UTF-8" in done.output, done.output
+
+
+def test_every_roster_is_read_and_a_roster_nothing_conflicts_with_is_refused(
+    population: VerticalSynthResult, tmp_path: Path
+) -> None:
+    r = population.rosters
+    base = ("screen", "duplicates", "--spec", population.spec, "--out", tmp_path)
+    missing = invoke(*base, "--roster", f"mla-north={r['mla-north']}", "--roster", f"mla-south={tmp_path / 'gone.csv'}")
+    assert missing.exit_code == 4 and "gone.csv" in missing.output
+    text = population.spec.read_text().replace('exclusive = [["minimum-living-allowance", "special-hardship"]]', "")
+    (population.spec.parent / "no-exclusion.toml").write_text(text)
+    spec = population.spec.parent / "no-exclusion.toml"
+    pair = ("--roster", f"mla-north={r['mla-north']}", "--roster", f"special-hardship={r['special-hardship']}")
+    lonely = invoke("screen", "duplicates", "--spec", spec, "--out", tmp_path, *pair)
+    assert lonely.exit_code == 22 and "conflicts with none" in lonely.output
+    assert not list(tmp_path.rglob("duplicates-review.csv"))
+
+
+def test_purge_removes_only_the_files_a_run_wrote(aligned: tuple[Path, dict], tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    shutil.copytree(aligned[0], work)
+    note = work / "tax" / "alignment" / "steward-notes.txt"  # something the run did not write
+    note.write_text("keep me")
+    removed = purge_expired(work, now=datetime.now(UTC) + timedelta(days=31))
+    assert work / "tax" / "alignment" in removed and note.read_text() == "keep me"
+    assert sorted(p.name for p in (work / "tax" / "alignment").iterdir()) == ["steward-notes.txt"]
+    missing = invoke("alignment", "purge", "--workdir", tmp_path / "nowhere")
+    assert missing.exit_code == 4

@@ -81,7 +81,7 @@ def align(
 def duplicates(
     spec: SpecOpt,
     roster: Annotated[list[str], typer.Option("--roster", help="NAME=FILE, one per roster (at least two)")],
-    out_dir: Annotated[Path, typer.Option("--out", help="Owners' folders (OUT/<owner>/alignment/<roster>/)")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Owners' folders (OUT/<owner>/duplicates/<roster>/)")],
     requested_by: RequesterOpt = "coordinator",
     purpose: Annotated[str, typer.Option(help="Why the check runs (recorded)")] = "duplicate-coverage-review",
     fmt: FormatOpt = Format.table,
@@ -106,7 +106,7 @@ def duplicates(
     owners = {name: loaded.spec.roster(name).owner for name in rosters}
     per_roster = {
         name: {"owner": owners[name], "for_review": len(result.review[name]),
-               "quarantined": len(result.quarantine[name]), "output": str(out_dir / owners[name] / "alignment" / name)}
+               "quarantined": len(result.quarantine[name]), "output": str(out_dir / owners[name] / "duplicates" / name)}
         for name in rosters
     }  # fmt: skip
     report = {
@@ -177,7 +177,7 @@ def audit_runs(
         raise typer.Exit(int(code))
     table = Table("time", "kind", "run", "requested by", "purpose", "parties", "rows in", title="recorded runs")
     for e in check.events:
-        rows = sum({c.party: c.own_rows for c in e.counts}.values())  # each party's input once
+        rows = sum(e.sizes.values())
         table.add_row(e.time, e.kind, e.run, e.requested_by, e.purpose, ", ".join(e.parties), f"{rows:,}")
     out.print(table)
     for f in check.findings:
