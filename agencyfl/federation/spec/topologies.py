@@ -55,8 +55,9 @@ class AlignmentSection(_Frozen):
     character is wrong is quarantined, never matched). ``salt`` (hex, at least 16 bytes) separates this
     federation's domain: it is hashed with every id, so the same person gives unrelated values in
     another federation. It is a public parameter, not a key (the blinding keys are each party's own).
-    Alignment outputs are kept ``retention_days`` days (``agencyfl alignment purge`` deletes them after); blinding keys are drawn per run and never written. ``batch_size``
-    ids travel per message (default 65536).
+    Alignment outputs are kept ``retention_days`` days (``agencyfl alignment purge`` deletes them
+    after); blinding keys are drawn per run and never written. ``batch_size`` ids travel per message
+    (default 65536).
     """
 
     id_column: Annotated[str, Field(pattern=_NAME)] = "head_id"
