@@ -181,6 +181,8 @@ def base_values(path: tuple[str, ...], world: dict[str, str]) -> dict[str, str]:
         "out": "out.csv",
         "out_file": "out.file",
         "out_dir": "out-dir",
+        "workdir": "work-dir",
+        "roster": "mla-north=missing.csv",
         **SAFE,
     }
     if path in DEEP:
