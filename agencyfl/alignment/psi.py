@@ -1,8 +1,9 @@
 """Diffie-Hellman PSI over X25519: hashing ids into the prime-order group, blinding on all cores, matching.
 
 ``u(id)`` is the Montgomery u-coordinate of ``Elligator2(SHA-256(salt || id))`` with the cofactor
-cleared, a point of Curve25519's prime-order subgroup, and ``blind(k, u) = X25519(k, u)`` (RFC 7748). Blinding commutes, ``blind(a, blind(b, u)) == blind(b, blind(a, u))``, which is all DH-PSI
-needs (Huberman, Franklin and Hogg 1999). Values travel and are stored as one contiguous
+cleared, a point of Curve25519's prime-order subgroup, and ``blind(k, u) = X25519(k, u)`` (RFC 7748).
+Blinding commutes, ``blind(a, blind(b, u)) == blind(b, blind(a, u))``, which is all DH-PSI needs
+(Huberman, Franklin and Hogg 1999). Values travel and are stored as one contiguous
 ``uint8`` array of shape ``(n, 32)``, never as a Python object per id; matching sorts the 32-byte
 rows and searches them. ``docs/alignment.md`` is the design.
 """
@@ -119,7 +120,9 @@ def to_curve(digests: bytes) -> bytes:
         As ``edwards_to_u`` (a neutral element: probability about 2^-250 per digest).
     """
     step = VALUE_BYTES
-    return edwards_to_u(b"".join(crypto_core_ed25519_from_uniform(digests[i : i + step]) for i in range(0, len(digests), step)))
+    return edwards_to_u(
+        b"".join(crypto_core_ed25519_from_uniform(digests[i : i + step]) for i in range(0, len(digests), step))
+    )
 
 
 def hash_to_u(salt: bytes, resident_id: str) -> bytes:
