@@ -244,7 +244,10 @@ def test_the_workers_hash_and_blind_exactly_as_one_process_does() -> None:
     with Blinder(key, workers=2, batch_size=64) as pool, Blinder(key, workers=1) as inline:
         pooled, pooled_blinded = prepare_and_blind(ids, SALT, pool, party="p", batch_size=700)
         single, single_blinded = prepare_and_blind(ids, SALT, inline, party="p")
+    with Blinder(generate_key(), workers=2, batch_size=64) as hasher:
+        hashed = prepare_ids(ids, SALT, party="p", batch_size=700, pool=hasher)
     assert np.array_equal(pooled.hashes, prepare_ids(ids, SALT, party="p").hashes)
+    assert np.array_equal(hashed.hashes, pooled.hashes) and np.array_equal(hashed.rows, pooled.rows)
     assert np.array_equal(pooled.hashes, single.hashes) and np.array_equal(pooled_blinded, single_blinded)
     assert pooled.hashes[1499].tobytes() == hash_to_u(SALT, ids[1499])
     assert single_blinded[1499].tobytes() == blind(key, hash_to_u(SALT, ids[1499]))

@@ -326,6 +326,21 @@ class Blinder:
         blinded = b"".join(part[len(part) // 2 :] for part in done)
         return as_values(points), as_values(blinded)
 
+    def hash_batches(self, batches: Iterable[Values]) -> Values:
+        """``to_curve`` over batches of digests, in the workers (no blinding: the key is not used).
+
+        For a party that keeps its points to blind them more than once (a roster owner, once per pair).
+
+        Raises
+        ------
+        ValueError
+            As ``to_curve`` (never in practice). Errors of the caller's iterator propagate as they are.
+        """
+        if self.workers == 1:
+            return as_values(b"".join(to_curve(batch.tobytes()) for batch in batches))
+        done, _ = self._stream(batches, to_curve, counterpart=False)
+        return as_values(b"".join(done))
+
     def _stream(
         self, batches: Iterable[Values], task: Callable[[bytes], bytes], *, counterpart: bool
     ) -> tuple[list[bytes], int]:
