@@ -113,7 +113,7 @@ class Party:
             raise ProtocolError(f"the {kind} from {sender}: {err}") from err
 
     def _prepare(self, ids: Iterable[str]) -> PreparedIds:
-        # The hash into the group costs about half a multiplication: it runs on every core. The pool's
+        # The hash into the group costs about three quarters of a multiplication: it runs on every core. The pool's
         # key is never used (hash_batches does not blind) and is dropped with the pool.
         with Blinder(generate_key(), workers=self.workers, batch_size=self.batch_size) as pool:
             return prepare_ids(ids, self._salt, party=self.keys.name, batch_size=self.batch_size, pool=pool)

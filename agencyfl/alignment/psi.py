@@ -297,7 +297,7 @@ class Blinder:
     def hash_and_blind_batches(self, batches: Iterable[Values]) -> tuple[Values, Values]:
         """``to_curve`` and then ``blind`` over batches of the party's own digests, in the workers.
 
-        The hash into the group costs about half a multiplication (``docs/alignment.md``), so it runs on
+        The hash into the group costs about three quarters of a multiplication (``docs/alignment.md``), so it runs on
         every core with the party's first blinding of its own ids, overlapped, as ``blind_batches``.
 
         Parameters
