@@ -6,6 +6,7 @@ Small sets, every party in this process; the ids come from a small generator loc
 
 from __future__ import annotations
 
+import hashlib
 import random
 import re
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from nacl.bindings import crypto_core_ed25519_is_valid_point, crypto_sign_ed25519_pk_to_curve25519
 
 from agencyfl.alignment import (
     AlignmentError,
@@ -42,6 +44,8 @@ from agencyfl.alignment import (
     register_multiplications,
     seal,
 )
+from agencyfl.alignment.inputs import prepare_and_blind
+from agencyfl.alignment.psi import HASH, digest_id, edwards_to_u, to_curve
 from agencyfl.alignment.relay import send_text, send_values
 from agencyfl.federation.resident_id import check_character, normalize
 
@@ -137,6 +141,141 @@ def test_all_cores_give_the_same_alignment_as_one() -> None:
     two = align_register(register, rows, salt=SALT, workers=2, batch_size=32, blinding_keys=keys)
     for agency in AGENCIES:
         assert np.array_equal(one.agencies[agency].positions, two.agencies[agency].positions)
+
+
+# --- the hash into the group: an independent oracle in plain Python ints ------------------------------
+
+P = 2**255 - 19
+A = 486662
+ORDER = 2**252 + 27742317777372353535851937790883648493  # the prime order of the main subgroup (RFC 7748)
+
+
+def on_curve(u: bytes) -> bool:
+    """Whether ``u`` is the u-coordinate of a point of Curve25519 (not of its twist): the Legendre symbol."""
+    x = int.from_bytes(u, "little") & ((1 << 255) - 1)  # RFC 7748 ignores the top bit
+    return pow((x**3 + A * x * x + x) % P, (P - 1) // 2, P) == 1
+
+
+def ladder(k: int, u: bytes) -> tuple[int, int]:
+    """``[k]u`` in projective (X, Z) by the RFC 7748 Montgomery ladder, unclamped: Z == 0 is the neutral point."""
+    x1 = int.from_bytes(u, "little") & ((1 << 255) - 1)
+    x2, z2, x3, z3 = 1, 0, x1, 1
+    for t in reversed(range(k.bit_length())):
+        if (k >> t) & 1:
+            x2, x3, z2, z3 = x3, x2, z3, z2
+        a, b, c, d = (x2 + z2) % P, (x2 - z2) % P, (x3 + z3) % P, (x3 - z3) % P
+        da, cb, aa, bb = d * a % P, c * b % P, a * a % P, b * b % P
+        x3, z3 = (da + cb) ** 2 % P, x1 * (da - cb) ** 2 % P
+        e = (aa - bb) % P
+        x2, z2 = aa * bb % P, e * (aa + (A - 2) // 4 * e) % P
+        if (k >> t) & 1:
+            x2, x3, z2, z3 = x3, x2, z3, z2
+    return x2, z2
+
+
+def test_the_former_hash_leaks_a_twist_bit_that_blinding_keeps() -> None:
+    # The leak F2 of the review: SHA-256 used as a u-coordinate is on the twist about half the time, and
+    # X25519 keeps the side, so each blinded value shows one bit of the id's hash to anyone.
+    ids = make_ids(random.Random(21), 400)
+    old = [hashlib.sha256(SALT + resident_id.encode()).digest() for resident_id in ids]
+    key = generate_key()
+    sides = [on_curve(u) for u in old]
+    assert 0.4 < sides.count(False) / len(sides) < 0.6
+    assert [on_curve(blind(key, u)) for u in old] == sides
+
+
+def test_the_hash_puts_every_hashed_and_blinded_value_on_the_curve() -> None:
+    ids = make_ids(random.Random(21), 400)
+    points = prepare_ids(ids, SALT, party="p").hashes
+    a, b = generate_key(), generate_key()
+    with Blinder(a, workers=1) as blinder:
+        once = blinder.blind(points)
+    twice = [blind(b, v.tobytes()) for v in once]
+    assert all(on_curve(u.tobytes()) for u in points)
+    assert all(on_curve(v.tobytes()) for v in once)
+    assert all(on_curve(v) for v in twice)
+
+
+def test_the_hash_lands_in_the_prime_order_subgroup() -> None:
+    def in_subgroup(u: bytes) -> bool:
+        x, z = ladder(ORDER, u)
+        return z == 0 and x != 0  # [order] u is the neutral point: u has the prime order
+
+    ids = make_ids(random.Random(22), 32)
+    assert all(in_subgroup(hash_to_u(SALT, resident_id)) for resident_id in ids)
+    # A raw 32-byte u is in it with probability about 1/16 (1/8 of the curve, none of the twist).
+    raw = [hashlib.sha256(SALT + resident_id.encode()).digest() for resident_id in ids]
+    assert sum(in_subgroup(u) for u in raw) < len(raw) // 4
+
+
+def test_the_batch_conversion_is_libsodiums_and_refuses_the_neutral_point() -> None:
+    digests = b"".join(digest_id(SALT, x) for x in make_ids(random.Random(23), 300))
+    from nacl.bindings import crypto_core_ed25519_from_uniform
+
+    edwards = [crypto_core_ed25519_from_uniform(digests[i : i + 32]) for i in range(0, len(digests), 32)]
+    assert all(crypto_core_ed25519_is_valid_point(p) for p in edwards)  # libsodium: on the main subgroup
+    assert to_curve(digests) == b"".join(crypto_sign_ed25519_pk_to_curve25519(p) for p in edwards)
+    assert edwards_to_u(edwards[0]) == crypto_sign_ed25519_pk_to_curve25519(edwards[0])
+    assert edwards_to_u(b"") == b""
+    neutral = (1).to_bytes(32, "little")
+    with pytest.raises(ValueError, match="neutral"):
+        edwards_to_u(edwards[0] + neutral)
+
+
+def test_the_fingerprint_names_the_new_hash() -> None:
+    digest = hashlib.sha256(b"agencyfl/alignment/v1")
+    for part in (SALT, b"GB11643-1999", b"X25519", b"sha256-elligator2-ed25519-to-x25519"):
+        digest.update(len(part).to_bytes(8, "big") + part)
+    assert HASH == "sha256-elligator2-ed25519-to-x25519"
+    assert parameter_fingerprint(SALT) == digest.hexdigest()
+    assert parameter_fingerprint(SALT) != _fingerprint_with_hash(b"SHA-256")
+
+
+def _fingerprint_with_hash(name: bytes) -> str:
+    digest = hashlib.sha256(b"agencyfl/alignment/v1")
+    for part in (SALT, b"GB11643-1999", b"X25519", name):
+        digest.update(len(part).to_bytes(8, "big") + part)
+    return digest.hexdigest()
+
+
+def test_the_workers_hash_and_blind_exactly_as_one_process_does() -> None:
+    ids = make_ids(random.Random(24), 1500)
+    key = generate_key()
+    with Blinder(key, workers=2, batch_size=64) as pool, Blinder(key, workers=1) as inline:
+        pooled, pooled_blinded = prepare_and_blind(ids, SALT, pool, party="p", batch_size=700)
+        single, single_blinded = prepare_and_blind(ids, SALT, inline, party="p")
+    with Blinder(generate_key(), workers=2, batch_size=64) as hasher:
+        hashed = prepare_ids(ids, SALT, party="p", batch_size=700, pool=hasher)
+    assert np.array_equal(pooled.hashes, prepare_ids(ids, SALT, party="p").hashes)
+    assert np.array_equal(hashed.hashes, pooled.hashes) and np.array_equal(hashed.rows, pooled.rows)
+    assert np.array_equal(pooled.hashes, single.hashes) and np.array_equal(pooled_blinded, single_blinded)
+    assert pooled.hashes[1499].tobytes() == hash_to_u(SALT, ids[1499])
+    assert single_blinded[1499].tobytes() == blind(key, hash_to_u(SALT, ids[1499]))
+    assert pool.multiplications == inline.multiplications == 1500
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_an_error_reading_own_ids_propagates_and_is_no_protocol_error(workers: int) -> None:
+    def unreadable() -> Iterator[str]:
+        yield from make_ids(random.Random(25), 1200)
+        raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+
+    for stream in (
+        lambda blinder: prepare_and_blind(unreadable(), SALT, blinder, party="p", batch_size=500),
+        lambda blinder: blinder.blind_batches(as_batches(unreadable())),
+    ):
+        with Blinder(generate_key(), workers=workers) as blinder, pytest.raises(UnicodeDecodeError):
+            stream(blinder)
+
+
+def as_batches(ids: Iterator[str]) -> Iterator[np.ndarray]:
+    """The ids' points in batches of 500, as a caller streaming its own input would pass them."""
+    batch: list[str] = []
+    for resident_id in ids:
+        batch.append(resident_id)
+        if len(batch) == 500:
+            yield prepare_ids(batch, SALT, party="p").hashes
+            batch = []
 
 
 def test_a_small_order_point_is_refused() -> None:

@@ -1,8 +1,9 @@
-"""Diffie-Hellman PSI over X25519: hashing ids to the curve's line, blinding on all cores, matching.
+"""Diffie-Hellman PSI over X25519: hashing ids into the prime-order group, blinding on all cores, matching.
 
-``u(id) = SHA-256(salt || id)`` is an X25519 u-coordinate and ``blind(k, u) = X25519(k, u)``
-(RFC 7748). Blinding commutes, ``blind(a, blind(b, u)) == blind(b, blind(a, u))``, which is all DH-PSI
-needs (Huberman, Franklin and Hogg 1999). Values travel and are stored as one contiguous
+``u(id)`` is the Montgomery u-coordinate of ``Elligator2(SHA-256(salt || id))`` with the cofactor
+cleared, a point of Curve25519's prime-order subgroup, and ``blind(k, u) = X25519(k, u)`` (RFC 7748).
+Blinding commutes, ``blind(a, blind(b, u)) == blind(b, blind(a, u))``, which is all DH-PSI needs
+(Huberman, Franklin and Hogg 1999). Values travel and are stored as one contiguous
 ``uint8`` array of shape ``(n, 32)``, never as a Python object per id; matching sorts the 32-byte
 rows and searches them. ``docs/alignment.md`` is the design.
 """
@@ -13,25 +14,27 @@ import hashlib
 import multiprocessing
 import os
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from types import TracebackType
 
 import numpy as np
 import numpy.typing as npt
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from nacl.bindings import crypto_core_ed25519_from_uniform
 
 from agencyfl.alignment.errors import ProtocolError
 
 ID_FORMAT = "GB11643-1999"
 CURVE = "X25519"
-HASH = "SHA-256"
+HASH = "sha256-elligator2-ed25519-to-x25519"
+"""The hash's name in the parameter fingerprint: parameters of the former ``SHA-256`` hash do not match."""
 VALUE_BYTES = 32
 DEFAULT_BATCH = 16_384
 """Ids read per batch and values per envelope (512 KiB): memory per batch stays bounded."""
 
 TASK_ROWS = 2048
-"""Values per worker task at most (about 80 ms of one core)."""
+"""Values per worker task at most (about 80 ms of one core; 130 ms when the task also hashes)."""
 _IN_FLIGHT = 4
 """Tasks queued per worker: enough to cover the caller's work between submissions, and bounded."""
 _INLINE = 1024
@@ -61,9 +64,70 @@ def parameter_fingerprint(salt: bytes, id_format: str = ID_FORMAT, curve: str = 
     return digest.hexdigest()
 
 
-def hash_to_u(salt: bytes, resident_id: str) -> bytes:
-    """``SHA-256(salt || resident_id)``, the u-coordinate of a normalized id."""
+_P = 2**255 - 19
+_Y_MASK = (1 << 255) - 1  # an Ed25519 encoding's top bit is the sign of x
+
+
+def digest_id(salt: bytes, resident_id: str) -> bytes:
+    """``SHA-256(salt || resident_id)``: the uniform string that ``to_curve`` maps to a point."""
     return hashlib.sha256(salt + resident_id.encode("ascii")).digest()
+
+
+def edwards_to_u(points: bytes) -> bytes:
+    """Montgomery u-coordinates ``(1 + y) / (1 - y) mod p`` of concatenated 32-byte Ed25519 encodings.
+
+    RFC 7748 section 4.1 gives the birational map. One modular inversion serves the whole batch
+    (Montgomery's trick: prefix products, one ``pow(x, p - 2, p)``, then three multiplications per
+    point), so the conversion costs a few microseconds per point, not an inversion each.
+
+    Raises
+    ------
+    ValueError
+        If a point has ``y == 1`` (the neutral element, which has no u-coordinate), or the length is
+        not a whole number of 32-byte points.
+    """
+    if len(points) % VALUE_BYTES:
+        raise ValueError(f"{len(points)} bytes is not a whole number of {VALUE_BYTES}-byte points")
+    ys = [int.from_bytes(points[i : i + VALUE_BYTES], "little") & _Y_MASK for i in range(0, len(points), VALUE_BYTES)]
+    dens = [(1 - y) % _P for y in ys]
+    prefix = []
+    acc = 1
+    for den in dens:
+        prefix.append(acc)
+        acc = acc * den % _P
+    if acc == 0:
+        raise ValueError("a point is the neutral element (y == 1): it has no u-coordinate")
+    inv = pow(acc, _P - 2, _P)  # the inverse of the product of all denominators
+    out = [b""] * len(ys)
+    for i in range(len(ys) - 1, -1, -1):
+        out[i] = ((1 + ys[i]) * prefix[i] % _P * inv % _P).to_bytes(VALUE_BYTES, "little")
+        inv = inv * dens[i] % _P  # now the inverse of the product of the first i denominators
+    return b"".join(out)
+
+
+def to_curve(digests: bytes) -> bytes:
+    """The u-coordinates of concatenated 32-byte digests, each hashed into the prime-order subgroup.
+
+    libsodium's ``crypto_core_ed25519_from_uniform`` maps 32 bytes by Elligator 2 (RFC 9380 section
+    6.7.1; the top bit chooses the sign of x) to Edwards25519 and multiplies by the cofactor 8, so the
+    point is in the subgroup of prime order ``2^252 + ...``; ``edwards_to_u`` moves it to the Montgomery
+    form X25519 uses. A raw 32-byte u lies on the curve's quadratic twist for about half of all inputs,
+    and X25519 keeps that bit through blinding: a hash into the subgroup leaves nothing of the kind.
+
+    Raises
+    ------
+    ValueError
+        As ``edwards_to_u`` (a neutral element: probability about 2^-250 per digest).
+    """
+    step = VALUE_BYTES
+    return edwards_to_u(
+        b"".join(crypto_core_ed25519_from_uniform(digests[i : i + step]) for i in range(0, len(digests), step))
+    )
+
+
+def hash_to_u(salt: bytes, resident_id: str) -> bytes:
+    """``u(id)``: the u-coordinate of a normalized id, hashed into Curve25519's prime-order subgroup."""
+    return to_curve(digest_id(salt, resident_id))
 
 
 def generate_key() -> bytes:
@@ -101,6 +165,16 @@ def _init_worker(key: bytes) -> None:
 def _worker_blind(chunk: bytes) -> bytes:
     assert _WORKER_KEY is not None, "worker started without its key"
     return _blind_bytes(_WORKER_KEY, chunk)
+
+
+def _hash_and_blind_bytes(key: X25519PrivateKey, chunk: bytes) -> bytes:
+    points = to_curve(chunk)
+    return points + _blind_bytes(key, points)
+
+
+def _worker_hash_and_blind(chunk: bytes) -> bytes:
+    assert _WORKER_KEY is not None, "worker started without its key"
+    return _hash_and_blind_bytes(_WORKER_KEY, chunk)
 
 
 def as_values(data: bytes) -> Values:
@@ -160,7 +234,7 @@ class Blinder:
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:
             # fork: workers start in milliseconds and need no __main__ guard in the caller; they run only
-            # _worker_blind, which touches no lock another thread of the parent could hold.
+            # _worker_blind and _worker_hash_and_blind, which touch no lock another thread of the parent could hold.
             self._pool = ProcessPoolExecutor(
                 self.workers,
                 mp_context=multiprocessing.get_context("fork"),
@@ -170,7 +244,7 @@ class Blinder:
         return self._pool
 
     def _task_rows(self, n: int) -> int:
-        # Short tasks (80 ms at most) and at least four per worker: when a call ends, no core idles long
+        # Short tasks (130 ms at most) and at least four per worker: when a call ends, no core idles long
         # while another finishes its last task; a task's round trip costs well under 1 % of it.
         return max(1, min(self.batch_size, TASK_ROWS, -(-n // (4 * self.workers))))
 
@@ -205,7 +279,8 @@ class Blinder:
         """``blind`` over batches as they arrive, concatenated in order.
 
         The caller's iterator runs in this process while the workers blind earlier batches, so reading
-        and normalizing ids overlaps the multiplications instead of preceding them.
+        and normalizing ids overlaps the multiplications instead of preceding them. An error the
+        iterator raises (reading the party's own input) propagates as it is.
 
         Raises
         ------
@@ -215,23 +290,73 @@ class Blinder:
         if self.workers == 1:
             parts = [self.blind(batch) for batch in batches]
             return np.concatenate(parts) if parts else np.empty((0, VALUE_BYTES), dtype=np.uint8)
+        done, count = self._stream(batches, _worker_blind, counterpart=True)
+        self.multiplications += count
+        return as_values(b"".join(done))
+
+    def hash_and_blind_batches(self, batches: Iterable[Values]) -> tuple[Values, Values]:
+        """``to_curve`` and then ``blind`` over batches of the party's own digests, in the workers.
+
+        The hash into the group costs about three quarters of a multiplication (``docs/alignment.md``), so it runs on
+        every core with the party's first blinding of its own ids, overlapped, as ``blind_batches``.
+
+        Parameters
+        ----------
+        batches
+            ``digest_id`` values, ``(n, 32)`` per batch.
+
+        Returns
+        -------
+        tuple
+            The points ``u(id)`` and their blinded values, each ``(n, 32)``, in order.
+
+        Raises
+        ------
+        ValueError
+            As ``to_curve`` (never in practice). Errors of the caller's iterator propagate as they are.
+        """
+        if self.workers == 1:
+            key = X25519PrivateKey.from_private_bytes(self._key)
+            done = [_hash_and_blind_bytes(key, batch.tobytes()) for batch in batches]
+            count = sum(len(part) for part in done) // (2 * VALUE_BYTES)
+        else:
+            done, count = self._stream(batches, _worker_hash_and_blind, counterpart=False)
+        self.multiplications += count
+        points = b"".join(part[: len(part) // 2] for part in done)
+        blinded = b"".join(part[len(part) // 2 :] for part in done)
+        return as_values(points), as_values(blinded)
+
+    def hash_batches(self, batches: Iterable[Values]) -> Values:
+        """``to_curve`` over batches of digests, in the workers (no blinding: the key is not used).
+
+        For a party that keeps its points to blind them more than once (a roster owner, once per pair).
+
+        Raises
+        ------
+        ValueError
+            As ``to_curve`` (never in practice). Errors of the caller's iterator propagate as they are.
+        """
+        if self.workers == 1:
+            return as_values(b"".join(to_curve(batch.tobytes()) for batch in batches))
+        done, _ = self._stream(batches, to_curve, counterpart=False)
+        return as_values(b"".join(done))
+
+    def _stream(
+        self, batches: Iterable[Values], task: Callable[[bytes], bytes], *, counterpart: bool
+    ) -> tuple[list[bytes], int]:
         pool = self._executor()
         pending: deque[Future[bytes]] = deque()
         done: list[bytes] = []
         count = 0
-        try:
-            for batch in batches:
-                count += len(batch)
-                step = self._task_rows(len(batch))
-                for start in range(0, len(batch), step):
-                    if len(pending) >= _IN_FLIGHT * self.workers:
-                        done.append(pending.popleft().result())
-                    pending.append(pool.submit(_worker_blind, batch[start : start + step].tobytes()))
-            done.extend(future.result() for future in pending)
-        except ValueError as err:
-            raise ProtocolError(f"a value is not usable as an X25519 u-coordinate: {err}") from err
-        self.multiplications += count
-        return as_values(b"".join(done))
+        for batch in batches:  # not inside a try: the caller's reading errors are its own, not a protocol's
+            count += len(batch)
+            step = self._task_rows(len(batch))
+            for start in range(0, len(batch), step):
+                if len(pending) >= _IN_FLIGHT * self.workers:
+                    done.append(_result(pending.popleft(), counterpart))
+                pending.append(pool.submit(task, batch[start : start + step].tobytes()))
+        done.extend(_result(future, counterpart) for future in pending)
+        return done, count
 
     def _blind_in_pool(self, values: Values, out: Values) -> None:
         pool = self._executor()
@@ -244,6 +369,16 @@ class Blinder:
             pending.append((start, pool.submit(_worker_blind, chunk)))
         for done_at, future in pending:
             out[done_at : done_at + rows] = as_values(future.result())
+
+
+def _result(future: Future[bytes], counterpart: bool) -> bytes:
+    """A task's result; a ``ValueError`` from a counterpart's values is a ``ProtocolError``."""
+    if not counterpart:
+        return future.result()
+    try:
+        return future.result()
+    except ValueError as err:
+        raise ProtocolError(f"a value is not usable as an X25519 u-coordinate: {err}") from err
 
 
 def sort_order(values: Values) -> npt.NDArray[np.intp]:
