@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -22,6 +22,9 @@ from agencyfl.cli.common import (
     out,
 )
 from agencyfl.exit_codes import ExitCode
+
+if TYPE_CHECKING:
+    from agencyfl.federation.spec import LoadedVerticalSpec
 
 
 # ---------------------------------------------------------------- run
@@ -111,15 +114,52 @@ def run(
     workdir: Annotated[Path, typer.Option(help="Where ledgers, registry and run summaries go")] = Path("work"),
     fmt: FormatOpt = Format.table,
 ) -> None:
-    """Run the whole federation on this machine (Flower simulation engine, in process)."""
+    """Run the whole federation on this machine (Flower simulation engine, in process).
+
+    A vertical spec is aligned first, then trained with the encrypted protocol (docs/vertical.md),
+    every iteration accounted in every agency's ledger before it is released.
+    """
     if workdir.exists() and not workdir.is_dir():
         fail(f"--workdir {str(workdir)!r} is a file, not a folder", ExitCode.USAGE)
     with errors_to_exit():
+        vertical = _vertical_spec(spec)
+        if vertical is not None:
+            _run_vertical(vertical, workdir, fmt)
+            return
         summary = run_with_progress(spec, workdir, quiet=fmt is Format.json)
     if fmt is Format.json:
         emit_json(summary)
     else:
         print_run(summary)
+
+
+def _vertical_spec(spec: Path) -> LoadedVerticalSpec | None:
+    """The spec, if it is a valid vertical one (anything else takes the horizontal path and its errors)."""
+    from agencyfl.federation.errors import AgencyflError
+    from agencyfl.federation.spec import LoadedVerticalSpec, load_any_spec
+
+    try:
+        loaded = load_any_spec(spec)
+    except AgencyflError:
+        return None
+    return loaded if isinstance(loaded, LoadedVerticalSpec) else None
+
+
+def _run_vertical(loaded: LoadedVerticalSpec, workdir: Path, fmt: Format) -> None:
+    from agencyfl.vertical.job import run_vertical
+
+    columns = (TextColumn("iteration"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=True, disable=fmt is Format.json) as bar:
+        task = bar.add_task("train", total=loaded.spec.training.rounds)
+        summary = run_vertical(loaded, workdir, on_iteration=lambda done, _total: bar.update(task, completed=done))
+    if fmt is Format.json:
+        emit_json(summary)
+        return
+    out.print(f"job {summary['job']}: {summary['rounds_aggregated']} iterations, validation AUC "
+              f"{summary['metrics']['validation_auc']:.3f} (civil affairs' held-out assessed households)")  # fmt: skip
+    for name, row in summary["agencies"].items():
+        out.print(f"  {name:14} epsilon {row['epsilon_job']:.3f} (lifetime {row['epsilon_lifetime']:.3f}); "
+                  f"its block: {row['model_block']}")  # fmt: skip
 
 
 # ---------------------------------------------------------------- evaluate

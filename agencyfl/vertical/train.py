@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -75,6 +76,7 @@ def train_vertical(
     noise_rng: np.random.Generator | None = None,
     mask_seed: int | None = None,
     validate: bool = True,
+    before_release: Callable[[int], None] | None = None,
 ) -> VerticalResult:
     """Train with the encrypted protocol; each party holds only its own block and keys.
 
@@ -94,6 +96,9 @@ def train_vertical(
         makes CKKS error reproducible.
     validate
         Score the validation households through the encrypted path at the end (default True).
+    before_release
+        Called with the iteration number (from 1) before anything of that iteration is released: the
+        agencies' ledgers account it there, and a refusal (an exception) stops the job.
 
     Raises
     ------
@@ -125,13 +130,17 @@ def train_vertical(
     parties[civil.name] = civil
     parties[arbiter.name] = arbiter
     result = VerticalResult(weights={}, events=[], mechanism=plan.events(), parties=parties)
-    for _ in range(plan.iterations):
+    for iteration in range(1, plan.iterations + 1):
         start, he0, sent0 = time.perf_counter(), _he(parties), _sent(parties)
         partials = {h.name: h.partial_scores() for h in holders}
         own, sealed = civil.residuals(partials)
+        gradients = {h.name: h.masked_gradient(h.open_residuals(sealed[h.name])) for h in holders}
+        gradients[civil.name] = civil.masked_gradient(own)
+        if before_release is not None:  # accounted in every ledger before the arbiter releases anything
+            before_release(iteration)
         for h in holders:
-            h.apply(arbiter.release(h.masked_gradient(h.open_residuals(sealed[h.name]))))
-        civil.apply(arbiter.release(civil.masked_gradient(own)))
+            h.apply(arbiter.release(gradients[h.name]))
+        civil.apply(arbiter.release(gradients[civil.name]))
         result.events.append(plan.iteration_event())
         sent1 = _sent(parties)
         result.iterations.append(

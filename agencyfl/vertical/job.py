@@ -1,0 +1,214 @@
+"""A vertical job on one machine: align, then train, every iteration accounted in every agency's ledger first.
+
+``run_vertical`` is what ``agencyfl run --spec VERTICAL.toml`` runs. Each agency keeps its own folder,
+``WORKDIR/<agency>/``: its alignment output, its ledger (``ledger/``) and signing key (``keys/``), and
+its own block of the model (``model/weights.npy``); no single file holds the whole model.
+
+Before each iteration's releases every agency's ledger is checked (its per-job and lifetime caps, the
+spec's ``[privacy]``) and, only if every agency admits it, one ``release`` entry per agency records the
+iteration's Gaussian mechanism (``vertical-gradient``: sensitivity sqrt(K + 1) D, std sigma sqrt(K + 1) D,
+``docs/vertical.md``). An agency that would cross a cap records a refusal and the job stops: nothing
+more is released. Every agency's records influence every release (the residual mixes all blocks and
+the labels), so every ledger records every iteration.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from agencyfl.alignment.runs import align_from_spec
+from agencyfl.federation.errors import FederationError
+from agencyfl.federation.spec import LoadedVerticalSpec
+from agencyfl.privacy.accounting import StepRecord, epsilon_for
+from agencyfl.privacy.budget import check_round
+from agencyfl.privacy.events import EVENT_FORMAT, NEIGHBOURING
+from agencyfl.privacy.keys import load_or_create_signing_key
+from agencyfl.privacy.ledger import Ledger, LedgerEvent, now_utc, spend_records
+from agencyfl.vertical.encoding import feature_block, label_block
+from agencyfl.vertical.plan import VerticalPlan
+from agencyfl.vertical.train import VerticalResult, train_vertical
+
+
+class JobStopped(FederationError):
+    """An agency's ledger refused an iteration: the job stopped before releasing it (exit 7)."""
+
+
+@dataclass
+class AgencyLedgers:
+    """Every agency's own ledger, opened with its own key, for one vertical job."""
+
+    loaded: LoadedVerticalSpec
+    workdir: Path
+    job: str
+    plan: VerticalPlan
+
+    def __post_init__(self) -> None:
+        self.ledgers = {
+            a.name: Ledger(
+                self.workdir / a.name / "ledger",
+                load_or_create_signing_key(self.workdir / a.name / "keys" / "ledger-signing.key"),
+                party=a.name,
+            )
+            for a in self.loaded.spec.agencies
+        }
+
+    def _entry(
+        self,
+        agency: str,
+        iteration: int,
+        kind: Literal["release", "refusal"],
+        job_eps: float,
+        life_eps: float,
+        reason: str | None,
+    ) -> LedgerEvent:
+        spec, plan = self.loaded.spec, self.plan
+        return LedgerEvent(
+            kind=kind,
+            agency=agency,
+            job=self.job,
+            round=iteration,
+            noise_multiplier=plan.noise_multiplier,
+            sample_rate=1.0,
+            steps=0 if kind == "refusal" else 1,
+            max_grad_norm=plan.sensitivity,
+            delta=spec.privacy.delta,
+            epsilon_job=job_eps,
+            epsilon_lifetime=life_eps,
+            epsilon_job_cap=spec.privacy.epsilon,
+            budget=spec.privacy.budget,
+            dataset=self.loaded.sha256,
+            time=now_utc(),
+            reason=reason,
+            federation=spec.federation.name,
+            release=None if kind == "refusal" else "vertical-gradient",
+            mechanism=None if kind == "refusal" else plan.iteration_event(),
+            mechanism_format=EVENT_FORMAT,
+            neighbouring=NEIGHBOURING,
+        )
+
+    def account(self, iteration: int) -> None:
+        """Admit iteration ``iteration`` at every agency, recording it in each ledger before anything is released.
+
+        Raises
+        ------
+        JobStopped
+            If an agency's caps refuse it (its refusal is recorded; no ledger records the iteration).
+        """
+        spec = self.loaded.spec
+        planned = StepRecord(self.plan.noise_multiplier, 1.0, 1)
+        decisions = {}
+        for name, ledger in self.ledgers.items():
+            events = ledger.events()  # verifies: a ledger that does not verify stops the job
+            decisions[name] = (
+                events,
+                check_round(events, self.job, planned, spec.privacy.delta, spec.privacy.epsilon, spec.privacy.budget),
+            )
+        refused = {name: d for name, (_, d) in decisions.items() if not d.allowed}
+        if refused:
+            for name, (events, decision) in decisions.items():
+                if name in refused:
+                    job_eps = epsilon_for(spend_records(events, self.job), spec.privacy.delta)
+                    life_eps = epsilon_for(spend_records(events), spec.privacy.delta)
+                    reason = f"vertical iteration {iteration} refused: {decision.reason}"
+                    self.ledgers[name].append(self._entry(name, iteration, "refusal", job_eps, life_eps, reason))
+            first = next(iter(refused))
+            raise JobStopped(f"{first}'s ledger refused iteration {iteration}: {refused[first].reason}")
+        for name, (_, decision) in decisions.items():
+            entry = self._entry(
+                name, iteration, "release", decision.epsilon_job_after, decision.epsilon_lifetime_after, None
+            )
+            self.ledgers[name].append(entry)
+
+    def epsilons(self) -> dict[str, dict[str, Any]]:
+        """Each agency's job and lifetime epsilon, recomputed from its ledger."""
+        delta = self.loaded.spec.privacy.delta
+        out: dict[str, dict[str, Any]] = {}
+        for name, ledger in self.ledgers.items():
+            events = ledger.events()
+            out[name] = {
+                "epsilon_job": epsilon_for(spend_records(events, self.job), delta),
+                "epsilon_lifetime": epsilon_for(spend_records(events), delta),
+                "ledger": str(ledger.directory),
+            }
+        return out
+
+
+def new_vertical_job() -> str:
+    """A job id: UTC time and 4 random hex digits."""
+    return f"vjob-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}-{secrets.token_hex(2)}"
+
+
+def plan_of(loaded: LoadedVerticalSpec) -> VerticalPlan:
+    """The job's public plan from the spec: T = ``training.rounds`` iterations at the per-job epsilon."""
+    spec = loaded.spec
+    return VerticalPlan(
+        agencies=len(spec.agencies), iterations=spec.training.rounds, epsilon=spec.privacy.epsilon,
+        delta=spec.privacy.delta,
+    )  # fmt: skip
+
+
+def run_vertical(
+    loaded: LoadedVerticalSpec,
+    workdir: Path,
+    job: str | None = None,
+    on_iteration: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Align and train a vertical federation on this machine; returns the run summary (as horizontal runs).
+
+    Raises
+    ------
+    AlignmentError, DataFileError
+        If alignment fails (nothing trained).
+    JobStopped
+        If an agency's ledger refuses an iteration (what was released before stays accounted).
+    """
+    spec = loaded.spec
+    job = job or new_vertical_job()
+    alignment, _ = align_from_spec(loaded, workdir)
+    others = [a.name for a in spec.agencies if a.name != spec.label_agency.name]
+    features = [feature_block(loaded, name, workdir) for name in others]
+    label, labels = label_block(loaded, workdir)
+    plan = plan_of(loaded)
+    ledgers = AgencyLedgers(loaded, workdir, job, plan)
+
+    def account(iteration: int) -> None:
+        ledgers.account(iteration)
+        if on_iteration is not None:
+            on_iteration(iteration, plan.iterations)
+
+    result: VerticalResult = train_vertical(features, label, labels, plan, before_release=account)
+    models = {}
+    for name, weights in result.weights.items():
+        folder = workdir / name / "model"
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        np.save(folder / "weights.npy", weights)  # this agency's block only
+        models[name] = str(folder / "weights.npy")
+    epsilons = ledgers.epsilons()
+    summary: dict[str, Any] = {
+        "job": job,
+        "topology": "vertical",
+        "federation": spec.federation.name,
+        "rounds_planned": plan.iterations,
+        "rounds_aggregated": len(result.events),
+        "alignment": {"register": alignment.view.register_size,
+                      "matched": {n: a.matched for n, a in alignment.agencies.items()}},
+        "agencies": {name: {**epsilons[name], "model_block": models[name]} for name in epsilons},
+        "metrics": {"validation_auc": result.validation_auc},
+        "noise_multiplier": plan.noise_multiplier,
+        "sensitivity": plan.sensitivity,
+        "seconds_per_iteration": float(np.mean([i.seconds for i in result.iterations])),
+        "bytes_per_iteration": {k: float(np.mean([i.sent_bytes[k] for i in result.iterations]))
+                                for k in result.iterations[0].sent_bytes},
+        "model": {name: models[name] for name in models},
+    }  # fmt: skip
+    (workdir / "runs" / job).mkdir(parents=True, exist_ok=True)
+    (workdir / "runs" / job / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

@@ -1,0 +1,86 @@
+"""`agencyfl run --spec VERTICAL.toml`: align, then train, every iteration in every agency's ledger before release.
+
+The ledgers are the auditor's: they must verify, record one Gaussian mechanism event per iteration,
+agree with dp_accounting, and stop the job (with a recorded refusal) when a release would cross a cap.
+Each agency keeps only its own block of the model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import invoke
+
+from agencyfl.privacy.ledger import verify_ledger
+from agencyfl.synth_vertical import VerticalSynthResult, synthesize_vertical
+
+AGENCIES = ("civil-affairs", "hrss", "tax", "environment")
+
+
+@pytest.fixture(scope="module")
+def vertical(tmp_path_factory: pytest.TempPathFactory) -> tuple[VerticalSynthResult, Path, dict]:
+    population = synthesize_vertical(tmp_path_factory.mktemp("vjob") / "data", households=3000, seed=4, rounds=3)
+    text = population.spec.read_text()
+    population.spec.write_text(re.sub(r"budget = [0-9.]+", "budget = 4.0", text))  # room for one job, not two
+    work = population.spec.parent.parent / "work"
+    done = invoke("run", "--spec", population.spec, "--workdir", work, "--format", "json")
+    assert done.exit_code == 0, done.output
+    return population, work, json.loads(done.stdout)
+
+
+def test_every_iteration_is_in_every_ledger_and_within_the_job_cap(
+    vertical: tuple[VerticalSynthResult, Path, dict],
+) -> None:
+    _, work, summary = vertical
+    assert summary["topology"] == "vertical" and summary["rounds_aggregated"] == 3
+    for agency in AGENCIES:
+        check = verify_ledger(work / agency / "ledger")
+        assert check.ok, check.problems
+        releases = [e for e in check.events if e.kind == "release"]
+        assert [(e.release, e.round) for e in releases] == [("vertical-gradient", i) for i in (1, 2, 3)]
+        assert all(e.mechanism is not None and e.mechanism.type == "gaussian" for e in releases)
+        assert releases[-1].epsilon_job <= 3.0 + 1e-9
+        assert summary["agencies"][agency]["epsilon_job"] == pytest.approx(releases[-1].epsilon_job)
+    report = invoke("audit", "report", *(work / a / "ledger" for a in AGENCIES), "--format", "json")
+    assert report.exit_code == 0, report.output
+    for row in json.loads(report.stdout)["agencies"]:
+        figures = row["independent"]["epsilon_lifetime"]
+        assert figures["dp_accounting_rdp"] == pytest.approx(figures["ours"], rel=1e-2)
+        assert figures["dp_accounting_pld"] <= figures["ours"] + 1e-6
+
+
+def test_each_agency_keeps_only_its_own_block(vertical: tuple[VerticalSynthResult, Path, dict]) -> None:
+    population, work, summary = vertical
+    from agencyfl.federation.encoding import FeatureEncoder
+    from agencyfl.federation.spec import LoadedVerticalSpec, load_any_spec
+
+    loaded = load_any_spec(population.spec)
+    assert isinstance(loaded, LoadedVerticalSpec)
+    for agency in AGENCIES:
+        weights = np.load(work / agency / "model" / "weights.npy")
+        assert summary["agencies"][agency]["model_block"] == str(work / agency / "model" / "weights.npy")
+        # its own encoded inputs, its "not held" term, and (civil affairs) the intercept: nothing of another's
+        own = FeatureEncoder(loaded.spec.block_schema(agency)).width + 1 + (agency == "civil-affairs")
+        assert weights.shape == (own,)
+        assert np.linalg.norm(weights[: len(weights) - (agency == "civil-affairs")]) <= 2.0 + 1e-6  # the bound W
+
+
+def test_a_job_that_would_cross_the_lifetime_budget_stops_with_its_refusal_recorded(
+    vertical: tuple[VerticalSynthResult, Path, dict],
+) -> None:
+    population, work, _ = vertical
+    before = {a: len(verify_ledger(work / a / "ledger").events) for a in AGENCIES}
+    again = invoke("run", "--spec", population.spec, "--workdir", work)
+    assert again.exit_code == 7 and "refused iteration" in again.output, again.output
+    for agency in AGENCIES:
+        check = verify_ledger(work / agency / "ledger")
+        new = check.events[before[agency] :]
+        assert check.ok and new, agency
+        released = [e for e in new if e.kind == "release"]
+        assert all(e.epsilon_lifetime <= 4.0 + 1e-9 for e in released)  # nothing released past the budget
+    refusals = [e for a in AGENCIES for e in verify_ledger(work / a / "ledger").events if e.kind == "refusal"]
+    assert refusals and all("lifetime" in (e.reason or "") or "budget" in (e.reason or "") for e in refusals)
