@@ -6,7 +6,7 @@ import hashlib
 import re
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -20,12 +20,15 @@ def _resolve(spec_path: Path, raw: str) -> Path:
     return path if path.is_absolute() else (spec_path.parent / path).resolve()
 
 
-class LoadedSpec(BaseModel):
-    """A validated spec with where it came from and the hash that model cards cite."""
+SpecT = TypeVar("SpecT", FederationSpec, VerticalFederationSpec)
+
+
+class _Loaded(BaseModel, Generic[SpecT]):
+    """A validated spec with where it came from and the hash of its text (model cards cite it)."""
 
     model_config = ConfigDict(frozen=True)
 
-    spec: FederationSpec
+    spec: SpecT
     path: Path
     text: str
     sha256: str
@@ -39,23 +42,12 @@ class LoadedSpec(BaseModel):
         return _resolve(self.path, self.spec.roster(name).data)
 
 
-class LoadedVerticalSpec(BaseModel):
-    """A validated vertical spec with where it came from and the hash of its text."""
+class LoadedSpec(_Loaded[FederationSpec]):
+    """A validated horizontal spec, with its path, text and SHA-256."""
 
-    model_config = ConfigDict(frozen=True)
 
-    spec: VerticalFederationSpec
-    path: Path
-    text: str
-    sha256: str
-
-    def data_path(self, agency: str) -> Path:
-        """Absolute path of an agency's data file (relative paths are taken from the spec's folder)."""
-        return _resolve(self.path, self.spec.agency(agency).data)
-
-    def roster_path(self, name: str) -> Path:
-        """Absolute path of a roster's file (relative paths are taken from the spec's folder)."""
-        return _resolve(self.path, self.spec.roster(name).data)
+class LoadedVerticalSpec(_Loaded[VerticalFederationSpec]):
+    """A validated vertical spec, with its path, text and SHA-256."""
 
 
 def _format_errors(error: ValidationError) -> str:
