@@ -115,7 +115,20 @@ class AgencyAlignment:
 
 
 class _Blinding(Party):
-    _blinder: Blinder
+    def __init__(
+        self,
+        keys: PartyKeys,
+        directory: Mapping[str, PartyPublicKeys],
+        *,
+        salt: bytes,
+        run: str,
+        workers: int | None = None,
+        batch_size: int = DEFAULT_BATCH,
+        key: bytes | None = None,
+    ) -> None:
+        super().__init__(keys, directory, salt=salt, run=run, workers=workers, batch_size=batch_size)
+        # a fresh blinding key per party and run unless a test fixes one to recompute blinded values
+        self._blinder = Blinder(key or generate_key(), workers=workers, batch_size=batch_size)
 
     def close(self) -> None:
         """Stop the blinding workers."""
@@ -159,8 +172,7 @@ class RegisterHolder(_Blinding):
         batch_size: int = DEFAULT_BATCH,
         key: bytes | None = None,
     ) -> None:
-        super().__init__(keys, directory, salt=salt, run=run, workers=workers, batch_size=batch_size)
-        self._blinder = Blinder(key or generate_key(), workers=workers, batch_size=batch_size)
+        super().__init__(keys, directory, salt=salt, run=run, workers=workers, batch_size=batch_size, key=key)
         self._register_size = 0
         self._quarantine: tuple[Quarantined, ...] = ()
         self._query_sizes: dict[str, int] = {}
@@ -278,8 +290,7 @@ class RegisterAgency(_Blinding):
         batch_size: int = DEFAULT_BATCH,
         key: bytes | None = None,
     ) -> None:
-        super().__init__(keys, directory, salt=salt, run=run, workers=workers, batch_size=batch_size)
-        self._blinder = Blinder(key or generate_key(), workers=workers, batch_size=batch_size)
+        super().__init__(keys, directory, salt=salt, run=run, workers=workers, batch_size=batch_size, key=key)
         self.register = register
         self._rows: npt.NDArray[np.int64] | None = None
         self._quarantine: tuple[Quarantined, ...] = ()
