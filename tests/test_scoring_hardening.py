@@ -7,6 +7,8 @@ another's contexts, counters or order. Tests that need other limits start their 
 
 from __future__ import annotations
 
+import datetime as dt
+
 import json
 import re
 import socket
@@ -283,9 +285,10 @@ def test_tokens_are_bound_to_purposes_expire_and_can_be_revoked(hardened: Any, t
     right = ScoringClient(address, token=store.issue("office"))
     with pytest.raises(ScoringError, match="PERMISSION_DENIED"):
         right.score_encoded(np.zeros((1, len(right.encoder.names))), False, "marketing")
-    short = store.issue("temp-office", days=1.0 / 86400)  # one second
+    short = store.issue("temp-office", days=5.0 / 86400)  # five seconds
     ScoringClient(address, token=short)
-    time.sleep(1.2)
+    expires = dt.datetime.fromisoformat(next(r for r in store.records() if r.requester == "temp-office").expires)
+    time.sleep(max(0.0, (expires - dt.datetime.now(dt.timezone.utc)).total_seconds()) + 0.2)
     with pytest.raises(ScoringError, match="UNAUTHENTICATED"):
         ScoringClient(address, token=short)
     revoked = store.issue("leaving-office")

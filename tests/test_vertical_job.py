@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -70,9 +71,11 @@ def test_each_agency_keeps_only_its_own_block(vertical: tuple[VerticalSynthResul
 
 
 def test_a_job_that_would_cross_the_lifetime_budget_stops_with_its_refusal_recorded(
-    vertical: tuple[VerticalSynthResult, Path, dict],
+    vertical: tuple[VerticalSynthResult, Path, dict], tmp_path: Path
 ) -> None:
-    population, work, _ = vertical
+    population, shared, _ = vertical
+    work = tmp_path / "work"  # its own copy: the suite runs in random order and the other tests read the first job
+    shutil.copytree(shared, work)
     before = {a: len(verify_ledger(work / a / "ledger").events) for a in AGENCIES}
     again = invoke("run", "--spec", population.spec, "--workdir", work)
     assert again.exit_code == 7 and "refused iteration" in again.output, again.output

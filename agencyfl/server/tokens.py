@@ -157,7 +157,7 @@ class TokenStore:
             raise TokenError(f"validity must be more than 0 and at most 3660 days (got {days!r})")
         token = secrets.token_urlsafe(32)
         digest = token_hash(token)
-        now = _now()
+        now = _now().replace(microsecond=0)  # the file keeps whole seconds: truncate first, so validity is `days`
         with self._lock:
             self._reload()
             self._records[digest] = TokenRecord(
