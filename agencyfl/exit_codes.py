@@ -16,6 +16,7 @@ from agencyfl.federation.errors import (
     ModelError,
     ProtocolError,
     ScoringError,
+    ScreeningRefusedError,
     SpecError,
     TokenError,
 )
@@ -48,6 +49,7 @@ class ExitCode(IntEnum):
     CHAIN_ROLLED_BACK = 21
     ALIGNMENT_FAILED = 22
     ALIGNMENT_REJECTED = 23
+    SCREENING_REFUSED = 24
 
 
 HELP: dict[ExitCode, str] = {
@@ -106,6 +108,11 @@ HELP: dict[ExitCode, str] = {
         "`align` / `screen duplicates`: a relayed message failed authentication or is malformed (tampered in "
         "transit, or a party that does not follow the protocol); nothing was written."
     ),
+    ExitCode.SCREENING_REFUSED: (
+        "`screen eligible`: refused: the token is not active or not issued for the purpose, the model card does "
+        "not list the purpose, or an agency refused to explain so many households; nothing was scored or "
+        "disclosed, and the refusal is in the coordinator's uses ledger."
+    ),
 }
 
 FINDING_CODES: dict[str, ExitCode] = {
@@ -133,6 +140,7 @@ _BY_ERROR: list[tuple[type[AgencyflError], ExitCode]] = [
     (ScoringError, ExitCode.SCORING_REFUSED),
     (HEError, ExitCode.SCORING_REFUSED),
     (TokenError, ExitCode.USAGE),
+    (ScreeningRefusedError, ExitCode.SCREENING_REFUSED),
     (MessageRejectedError, ExitCode.ALIGNMENT_REJECTED),
     (ProtocolError, ExitCode.ALIGNMENT_REJECTED),
     (AlignmentError, ExitCode.ALIGNMENT_FAILED),

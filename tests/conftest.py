@@ -124,3 +124,45 @@ def untrained_card(**fields: Any) -> ModelCard:
         "rounds_aggregated": 0, "secure_aggregation": False, "model_sha256": "", "coordinator_ledger": "",
     }  # fmt: skip
     return ModelCard(**(base | fields))
+
+
+@dataclass(frozen=True)
+class VerticalJob:
+    """A vertical federation trained with ``agencyfl run``: its spec (beside the agencies' files), workdir, summary."""
+
+    spec: Path
+    work: Path
+    summary: dict[str, Any]
+
+    @property
+    def data(self) -> Path:
+        """The folder of the agencies' files, the rosters and ``truth/``."""
+        return self.spec.parent
+
+    @property
+    def model(self) -> Path:
+        """The registered model's folder."""
+        return Path(self.summary["registry"])
+
+
+@pytest.fixture(scope="session")
+def vertical_job(tmp_path_factory: pytest.TempPathFactory) -> VerticalJob:
+    """3,000 households, 3 iterations, a lifetime budget of 4 (room for one job of epsilon 3, not two)."""
+    from agencyfl.synth_vertical import synthesize_vertical
+
+    population = synthesize_vertical(tmp_path_factory.mktemp("vjob") / "data", households=3000, seed=4, rounds=3)
+    text = population.spec.read_text()
+    population.spec.write_text(re.sub(r"budget = [0-9.]+", "budget = 4.0", text))
+    work = population.spec.parent.parent / "work"
+    done = invoke("run", "--spec", population.spec, "--workdir", work, "--format", "json")
+    assert done.exit_code == 0, done.output
+    return VerticalJob(population.spec, work, json.loads(done.stdout))
+
+
+def copy_vertical(job: VerticalJob, into: Path) -> VerticalJob:
+    """A copy of the agencies' files and of the workdir, whose paths point into the copy."""
+    shutil.copytree(job.data, into / "data")
+    shutil.copytree(job.work, into / "work")
+    summary = json.loads(json.dumps(job.summary).replace(str(job.work), str(into / "work")))
+    (into / "work" / "federation.json").write_text(json.dumps({"spec": str(into / "data" / job.spec.name)}))
+    return VerticalJob(into / "data" / job.spec.name, into / "work", summary)

@@ -268,7 +268,9 @@ def test_our_own_app_started_by_a_stranger_spends_nothing(deployment: Deployment
         capture_output=True, text=True, timeout=120, env=env,
     )  # fmt: skip
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
-    run_id = json.loads(strip_ansi(submitted.stdout))["run-id"]
+    answer = json.loads(strip_ansi(submitted.stdout))
+    assert "run-id" in answer, answer
+    run_id = answer["run-id"]
 
     def refused_everywhere() -> bool:
         return all(any(e["job"] == job for e in refused_requests(deployment.home(a))) for a in AGENCIES)
@@ -301,7 +303,9 @@ def flwr_run(app_dir: Path, home: Path) -> int:
         capture_output=True, text=True, timeout=120, env={**os.environ, "FLWR_HOME": str(home)},
     )  # fmt: skip
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr  # open-source Flower accepts any run
-    return int(json.loads(strip_ansi(submitted.stdout))["run-id"])
+    answer = json.loads(strip_ansi(submitted.stdout))
+    assert "run-id" in answer, answer
+    return int(answer["run-id"])
 
 
 def test_a_strangers_app_never_runs_on_the_coordinator_host(deployment: Deployment, tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ another's contexts, counters or order. Tests that need other limits start their 
 from __future__ import annotations
 
 import datetime as dt
-
 import json
 import re
 import socket
@@ -288,7 +287,7 @@ def test_tokens_are_bound_to_purposes_expire_and_can_be_revoked(hardened: Any, t
     short = store.issue("temp-office", days=5.0 / 86400)  # five seconds
     ScoringClient(address, token=short)
     expires = dt.datetime.fromisoformat(next(r for r in store.records() if r.requester == "temp-office").expires)
-    time.sleep(max(0.0, (expires - dt.datetime.now(dt.timezone.utc)).total_seconds()) + 0.2)
+    time.sleep(max(0.0, (expires - dt.datetime.now(dt.UTC)).total_seconds()) + 0.2)
     with pytest.raises(ScoringError, match="UNAUTHENTICATED"):
         ScoringClient(address, token=short)
     revoked = store.issue("leaving-office")

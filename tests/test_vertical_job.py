@@ -8,33 +8,25 @@ Each agency keeps only its own block of the model.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import invoke
+from conftest import VerticalJob, invoke
 
 from agencyfl.privacy.ledger import verify_ledger
-from agencyfl.synth_vertical import VerticalSynthResult, synthesize_vertical
 
 AGENCIES = ("civil-affairs", "hrss", "tax", "environment")
 
 
 @pytest.fixture(scope="module")
-def vertical(tmp_path_factory: pytest.TempPathFactory) -> tuple[VerticalSynthResult, Path, dict]:
-    population = synthesize_vertical(tmp_path_factory.mktemp("vjob") / "data", households=3000, seed=4, rounds=3)
-    text = population.spec.read_text()
-    population.spec.write_text(re.sub(r"budget = [0-9.]+", "budget = 4.0", text))  # room for one job, not two
-    work = population.spec.parent.parent / "work"
-    done = invoke("run", "--spec", population.spec, "--workdir", work, "--format", "json")
-    assert done.exit_code == 0, done.output
-    return population, work, json.loads(done.stdout)
+def vertical(vertical_job: VerticalJob) -> tuple[VerticalJob, Path, dict]:
+    return vertical_job, vertical_job.work, vertical_job.summary
 
 
 def test_every_iteration_is_in_every_ledger_and_within_the_job_cap(
-    vertical: tuple[VerticalSynthResult, Path, dict],
+    vertical: tuple[VerticalJob, Path, dict],
 ) -> None:
     _, work, summary = vertical
     assert summary["topology"] == "vertical" and summary["rounds_aggregated"] == 3
@@ -54,7 +46,7 @@ def test_every_iteration_is_in_every_ledger_and_within_the_job_cap(
         assert figures["dp_accounting_pld"] <= figures["ours"] + 1e-6
 
 
-def test_each_agency_keeps_only_its_own_block(vertical: tuple[VerticalSynthResult, Path, dict]) -> None:
+def test_each_agency_keeps_only_its_own_block(vertical: tuple[VerticalJob, Path, dict]) -> None:
     population, work, summary = vertical
     from agencyfl.federation.encoding import FeatureEncoder
     from agencyfl.federation.spec import LoadedVerticalSpec, load_any_spec
@@ -71,7 +63,7 @@ def test_each_agency_keeps_only_its_own_block(vertical: tuple[VerticalSynthResul
 
 
 def test_a_job_that_would_cross_the_lifetime_budget_stops_with_its_refusal_recorded(
-    vertical: tuple[VerticalSynthResult, Path, dict], tmp_path: Path
+    vertical: tuple[VerticalJob, Path, dict], tmp_path: Path
 ) -> None:
     population, shared, _ = vertical
     work = tmp_path / "work"  # its own copy: the suite runs in random order and the other tests read the first job

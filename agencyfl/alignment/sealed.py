@@ -24,9 +24,19 @@ from agencyfl.alignment.errors import MessageRejectedError
 
 PROTOCOL = "agencyfl-alignment/1"
 MessageKind = Literal[
-    "parameters", "register", "query", "response", "roster", "roster-response", "partial-scores", "residuals"
+    "parameters",
+    "register",
+    "query",
+    "response",
+    "roster",
+    "roster-response",
+    "partial-scores",
+    "residuals",
+    "explain-request",
+    "explanations",
 ]
-"""What a message is; ``partial-scores`` and ``residuals`` are vertical training's (``docs/vertical.md``)."""
+"""What a message is; ``partial-scores`` and ``residuals`` are vertical training's (``docs/vertical.md``),
+``explain-request`` and ``explanations`` screening's reasons (``docs/screening.md``)."""
 _SUITE = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.CHACHA20_POLY1305)
 
 

@@ -15,6 +15,7 @@ from agencyfl.cli import (  # noqa: F401 (registers commands)
     data,
     demo,
     scoring,
+    screening,
     steward,
     training,
 )

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
-from agencyfl.federation.spec import FairnessSection, FederationSpec, SchemaSection
+from agencyfl.federation.spec import FairnessSection, FederationSpec, SchemaSection, VerticalFederationSpec
 
 __all__ = ["DecisionRule", "Decisions"]
 
@@ -53,7 +53,9 @@ class DecisionRule(BaseModel):
     thresholds: dict[str, Annotated[float, Field(ge=0.0, le=1.0)]] = Field(default_factory=dict)
 
     @classmethod
-    def for_model(cls, spec: FederationSpec, mitigation: dict[str, Any] | None) -> DecisionRule:
+    def for_model(
+        cls, spec: FederationSpec | VerticalFederationSpec, mitigation: dict[str, Any] | None
+    ) -> DecisionRule:
         """The rule of a registered model: its spec's threshold and its card's mitigation, if any."""
         section = spec.fairness
         threshold = section.threshold if section else 0.5

@@ -68,3 +68,7 @@ class MessageRejectedError(AlignmentError):
 
 class ProtocolError(AlignmentError):
     """A counterpart's message is malformed (wrong length, repeated values, a small-order point, a cap): exit 23."""
+
+
+class ScreeningRefusedError(AgencyflError):
+    """A screening or a disclosure of reasons was refused (token, purpose, or too many households): exit 24."""

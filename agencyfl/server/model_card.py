@@ -32,6 +32,13 @@ LIMITATIONS = [
 ]
 
 
+DISCLOSURE_TEXT = {
+    "none": "nothing (default)",
+    "agency": "its own contribution to the score, for households on a worklist (recorded in its ledger)",
+    "feature": "its inputs that moved the score most, for households on a worklist (recorded in its ledger)",
+}
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -68,6 +75,8 @@ class ModelCard(_Frozen):
     fairness: dict[str, Any] | None = None
     fairness_release: dict[str, str] | None = None  # set when no agency released fairness counts: why
     mitigation: dict[str, Any] | None = None
+    # vertical models: what each agency discloses for listed households (its spec's ``explain``)
+    disclosures: dict[str, Literal["none", "agency", "feature"]] = {}
     # filled by the registry
     model_version: str = ""
     federation: str = ""
@@ -171,6 +180,11 @@ def render_markdown(model_card: ModelCard) -> str:
         "",
     ]
     parts += [fairness_markdown(card.get("fairness"), card.get("mitigation"), "the agencies' validation splits")]
+    if card.get("disclosures"):
+        parts += ["## Reasons disclosed for listed households", "", _md_table(
+            ["agency", "discloses"],
+            [[name, DISCLOSURE_TEXT[level]] for name, level in card["disclosures"].items()],
+        ), ""]  # fmt: skip
     parts += ["## Known limitations", "", *[f"- {item}" for item in LIMITATIONS], ""]
     return "\n".join(parts)
 

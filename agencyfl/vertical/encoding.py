@@ -20,8 +20,10 @@ from agencyfl.alignment.register import POSITIONS_FILE
 from agencyfl.alignment.runs import read_ids
 from agencyfl.federation.encoding import FeatureEncoder
 from agencyfl.federation.errors import DataFileError
+from agencyfl.federation.resident_id import InvalidResidentId, normalize
 from agencyfl.federation.spec import LoadedVerticalSpec
 from agencyfl.federation.table import load_table, validation_mask
+from agencyfl.screening.outcomes import outcome_labels
 
 CLIP = 1.0
 """Every household's block is clipped to this L2 norm (the indicator included)."""
@@ -170,6 +172,9 @@ class LabelData:
 def label_block(loaded: LoadedVerticalSpec, workdir: Path) -> tuple[Block, LabelData]:
     """Civil affairs' block and its labels over its register (its valid rows in file order).
 
+    Review outcomes a caseworker recorded (``agencyfl screen record-outcome``) override the file's label:
+    confirmed eligible is 1, found not eligible is 0 (``screening.outcomes``).
+
     Raises
     ------
     DataFileError
@@ -196,6 +201,15 @@ def label_block(loaded: LoadedVerticalSpec, workdir: Path) -> tuple[Block, Label
     reg_labels = labels[register]
     is_true = np.isin(reg_labels, ["1", "true", "yes", "t", "y"])
     is_false = np.isin(reg_labels, ["0", "false", "no", "f", "n"])
+    confirmed = outcome_labels(workdir, agency)  # caseworkers' confirmed review outcomes override the file
+    if confirmed:
+        for position, raw in enumerate(ids[register]):
+            try:
+                label = confirmed.get(normalize(str(raw)))
+            except InvalidResidentId:
+                continue
+            if label is not None:
+                is_true[position], is_false[position] = label == 1, label == 0
     assessed = (is_true | is_false) & block.held
     held_out = validation_mask(pd.Series(ids[register]), VALIDATION_FRACTION, f"{spec.federation.name}:vertical")
     return block, LabelData(y=is_true.astype(np.float64), assessed=assessed, validation=assessed & held_out)

@@ -14,6 +14,7 @@ the labels), so every ledger records every iteration.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 from collections.abc import Callable
@@ -32,9 +33,13 @@ from agencyfl.privacy.budget import check_round
 from agencyfl.privacy.events import EVENT_FORMAT, NEIGHBOURING
 from agencyfl.privacy.keys import load_or_create_signing_key
 from agencyfl.privacy.ledger import Ledger, LedgerEvent, now_utc, spend_records
+from agencyfl.server.model_card import CardAgency, ModelCard
 from agencyfl.vertical.encoding import feature_block, label_block
+from agencyfl.vertical.model import INTERCEPT, register_vertical
 from agencyfl.vertical.plan import VerticalPlan
 from agencyfl.vertical.train import VerticalResult, train_vertical
+
+WORKDIR_SPEC = "federation.json"
 
 
 class JobStopped(FederationError):
@@ -155,6 +160,47 @@ def plan_of(loaded: LoadedVerticalSpec) -> VerticalPlan:
     )  # fmt: skip
 
 
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def vertical_card(
+    loaded: LoadedVerticalSpec,
+    workdir: Path,
+    job: str,
+    plan: VerticalPlan,
+    epsilons: dict[str, dict[str, Any]],
+    result: VerticalResult,
+    validation_households: int,
+) -> ModelCard:
+    """The model card of a vertical job (the registry fills version, spec and inputs)."""
+    spec = loaded.spec
+    agencies = [
+        CardAgency(
+            name=a.name, epsilon=epsilons[a.name]["epsilon_job"], epsilon_lifetime=epsilons[a.name]["epsilon_lifetime"],
+            delta=spec.privacy.delta, rounds_trained=len(result.events), refusals=0,
+            dataset_sha256=_file_sha256(loaded.data_path(a.name)),
+        )
+        for a in spec.agencies
+    ]  # fmt: skip
+    return ModelCard(
+        job=job,
+        topology="vertical",
+        agencies=agencies,
+        metrics={"auc": float(result.validation_auc), "n": float(validation_households)},
+        metrics_source=f"{spec.label_agency.name}'s validation households, scored through the encrypted path",
+        rounds_aggregated=len(result.events),
+        secure_aggregation=False,
+        model_sha256="",
+        coordinator_ledger=str(workdir / "coordinator" / "runs-ledger"),
+        disclosures={a.name: a.explain for a in spec.agencies},
+    )
+
+
 def run_vertical(
     loaded: LoadedVerticalSpec,
     workdir: Path,
@@ -189,9 +235,13 @@ def run_vertical(
     for name, weights in result.weights.items():
         folder = workdir / name / "model"
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        np.save(folder / "weights.npy", weights)  # this agency's block only
+        np.save(folder / "weights.npy", weights)  # this agency's block only (the latest job's)
         models[name] = str(folder / "weights.npy")
     epsilons = ledgers.epsilons()
+    inputs = {block.agency: list(block.names) for block in features}
+    inputs[label.agency] = [*label.names, INTERCEPT]
+    card = vertical_card(loaded, workdir, job, plan, epsilons, result, int(labels.validation.sum()))
+    version = register_vertical(workdir, loaded, result.weights, inputs, card)
     summary: dict[str, Any] = {
         "job": job,
         "topology": "vertical",
@@ -208,7 +258,11 @@ def run_vertical(
         "bytes_per_iteration": {k: float(np.mean([i.sent_bytes[k] for i in result.iterations]))
                                 for k in result.iterations[0].sent_bytes},
         "model": {name: models[name] for name in models},
+        "model_version": f"{spec.federation.name}/{version.name}",
+        "registry": str(version),
     }  # fmt: skip
+    # Which spec this workdir's parties were set up with: screening finds each party's files through it.
+    (workdir / WORKDIR_SPEC).write_text(json.dumps({"spec": str(loaded.path.resolve())}) + "\n")
     (workdir / "runs" / job).mkdir(parents=True, exist_ok=True)
     (workdir / "runs" / job / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -30,7 +30,14 @@ MASK_BOUND = 2.0**16
 ROUNDING = 1e-6
 """Decryptions are rounded to this (about the CKKS error) before they leave the arbiter."""
 
-Content = Literal["public-context", "sealed-ciphertexts", "gradient-ciphertexts", "masked-scores", "masked-values"]
+Content = Literal[
+    "public-context",
+    "sealed-ciphertexts",
+    "score-ciphertexts",
+    "gradient-ciphertexts",
+    "masked-scores",
+    "masked-values",
+]
 
 
 @dataclass(frozen=True)

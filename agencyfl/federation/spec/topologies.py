@@ -33,10 +33,17 @@ class VerticalAgencySection(AgencySection):
     ``features`` names the schema features in its file (disjoint from every other agency's; together
     the agencies hold every feature exactly once). ``label = true`` marks the one agency that holds the
     schema's label; in the eligibility use it is civil affairs, which also holds the household register.
+
+    ``explain`` is the agency's own choice of what it discloses for households on a screening's worklist
+    (``docs/screening.md``): ``none`` (default), ``agency`` (its own contribution to the score) or
+    ``feature`` (its inputs that moved the score most, with plain labels); ``explain_max`` caps the share
+    of the register it will explain in one screening (a request for more is refused).
     """
 
     features: Annotated[list[Annotated[str, Field(pattern=_NAME)]], Field(min_length=1)]
     label: bool = False
+    explain: Literal["none", "agency", "feature"] = "none"
+    explain_max: Annotated[float, Field(gt=0.0, le=1.0)] = 0.25
 
     @field_validator("features")
     @classmethod

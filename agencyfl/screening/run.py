@@ -1,0 +1,412 @@
+"""``agencyfl screen eligible`` with every party on one machine, each in its own role and folder.
+
+The coordinator checks the token and the purpose; alignment runs again (the agencies' files as they
+are today); civil affairs draws the screening's CKKS key; each agency scores its own block with its
+own part of the model and encrypts it under that key; the coordinator adds the ciphertexts; civil
+affairs decrypts, applies the model card's decision rule and writes the worklists. Agencies whose
+steward chose to ``explain`` disclose reasons for listed households only, each disclosure recorded
+in their own uses ledger first. Every use is recorded (``screening.records``). ``docs/screening.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+
+from agencyfl.alignment.runs import align_from_spec, read_ids
+from agencyfl.alignment.sealed import PartyKeys
+from agencyfl.federation.decision import DecisionRule
+from agencyfl.federation.errors import ModelError, ScreeningRefusedError
+from agencyfl.federation.fairness import group_labels
+from agencyfl.federation.resident_id import InvalidResidentId, normalize
+from agencyfl.federation.spec import LoadedVerticalSpec
+from agencyfl.federation.table import load_table
+from agencyfl.screening.outcomes import latest_outcomes
+from agencyfl.screening.protocol import (
+    Contributor,
+    Relay,
+    Requester,
+    open_positions,
+    open_reasons,
+    plain_labeller,
+    seal_positions,
+    seal_reasons,
+)
+from agencyfl.screening.records import COORDINATOR, ModelUse, now_iso, uses_ledger
+from agencyfl.screening.worklist import (
+    CATEGORIES,
+    COLUMNS,
+    PreviousWorklist,
+    categorize,
+    cause_of,
+    change_of,
+    read_worklist,
+    write_private_csv,
+)
+from agencyfl.server.tokens import TokenStore
+from agencyfl.vertical.encoding import Block, _register_rows, _valid_rows, feature_block, label_block
+from agencyfl.vertical.model import RegisteredVerticalModel, load_part
+
+ENROLLED_COLUMN = "enrolled"
+"""Civil affairs' column saying who receives the allowance now (1/0); it never leaves civil affairs."""
+BINS = 20
+Progress = Callable[[str], None]
+
+
+@dataclass
+class Parties:
+    """Every party's state for one screening (each object holds only its own party's data and keys)."""
+
+    requester: Requester
+    contributors: dict[str, Contributor]
+    relay: Relay = field(default_factory=Relay)
+
+
+def new_screening() -> str:
+    """A screening id: UTC time and 4 random hex digits."""
+    return f"scr-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}-{secrets.token_hex(2)}"
+
+
+def check_use(tokens_path: Path, token: str, purpose: str, model: RegisteredVerticalModel) -> tuple[str, str]:
+    """The coordinator's check before anything is scored; returns (token id, requester name).
+
+    Raises
+    ------
+    ScreeningRefusedError
+        The token is unknown, expired or revoked, not issued for ``purpose``, or the card does not list it.
+    """
+    record = TokenStore(tokens_path).lookup(token) if token else None
+    if record is None:
+        raise ScreeningRefusedError("the token is not active (unknown, expired or revoked)")
+    if purpose not in record.purposes:
+        raise ScreeningRefusedError(f"token {record.id} was issued for {list(record.purposes)!r}, not {purpose!r}")
+    if purpose != model.card.purpose:
+        raise ScreeningRefusedError(
+            f"model {model.version!r} is registered for purpose {model.card.purpose!r}, not {purpose!r}"
+        )
+    return record.id, record.requester
+
+
+def record_refusal(workdir: Path, model: RegisteredVerticalModel, screening: str, purpose: str, reason: str) -> None:
+    """A refused screening in the coordinator's uses ledger (nothing was scored)."""
+    uses_ledger(workdir, COORDINATOR).append(
+        ModelUse(kind="refusal", owner=COORDINATOR, screening=screening, federation=model.manifest.federation,
+                 model_version=model.version, purpose=purpose, requester=model.manifest.label_holder,
+                 time=now_iso(), reason=reason)
+    )  # fmt: skip
+
+
+def _check_spec(loaded: LoadedVerticalSpec, model: RegisteredVerticalModel) -> None:
+    if loaded.spec.federation.name != model.manifest.federation:
+        raise ModelError(f"model {model.version!r} is not of federation {loaded.spec.federation.name!r}")
+    if loaded.spec.feature_blocks() != model.loaded.spec.feature_blocks():
+        raise ModelError(f"model {model.version!r} was trained with other feature blocks than this spec declares")
+
+
+def score_register(
+    loaded: LoadedVerticalSpec, workdir: Path, model: RegisteredVerticalModel, screening: str, purpose: str
+) -> tuple[npt.NDArray[np.float64], Parties]:
+    """Every register position's logit, through the encrypted path (each party with its own part)."""
+    spec = loaded.spec
+    holder = spec.label_agency.name
+    blocks: dict[str, Block] = {
+        a.name: feature_block(loaded, a.name, workdir) for a in spec.agencies if a.name != holder
+    }
+    label, _ = label_block(loaded, workdir)
+    requester = Requester(label, load_part(workdir, holder, model.manifest))
+    contributors = {
+        name: Contributor(block, load_part(workdir, name, model.manifest)) for name, block in blocks.items()
+    }
+    parties = Parties(requester, contributors)
+    request = requester.request(screening, spec.federation.name, model.version, purpose)
+    parts = [c.partial_scores(request) for c in contributors.values()]
+    return requester.logits(parties.relay.sum(request, parts)), parties
+
+
+def register_frame(loaded: LoadedVerticalSpec, workdir: Path) -> pd.DataFrame:
+    """Civil affairs' register in register order: canonical id, enrolled, and its validated features."""
+    spec = loaded.spec
+    holder = spec.label_agency.name
+    path = loaded.data_path(holder)
+    schema = spec.block_schema(holder)
+    ids = list(read_ids(path, schema.id))
+    try:
+        enrolled_raw = list(read_ids(path, ENROLLED_COLUMN))
+    except Exception:
+        enrolled_raw = ["0"] * len(ids)  # no enrolment column: every household counts as not enrolled
+    register = _register_rows(loaded, workdir, len(ids))
+    table = load_table(path, schema, require_label=False, write_quarantine=False)
+    valid = _valid_rows(table.quarantined, table.total)
+    features = pd.DataFrame(index=range(len(ids)), columns=[f.name for f in schema.features], dtype=object)
+    features.iloc[valid] = table.valid[[f.name for f in schema.features]].to_numpy(dtype=object)
+    frame = features.iloc[register].reset_index(drop=True)
+
+    def canonical(raw: str) -> str:
+        try:
+            return normalize(raw)
+        except InvalidResidentId:
+            return raw.strip()
+
+    frame.insert(0, "household", [canonical(ids[r]) for r in register])
+    frame.insert(1, "enrolled", [enrolled_raw[r].strip().lower() in {"1", "true", "yes"} for r in register])
+    return frame
+
+
+def disclose(
+    workdir: Path,
+    loaded: LoadedVerticalSpec,
+    contributor: Contributor,
+    requester_keys: PartyKeys,
+    screening: str,
+    model_version: str,
+    purpose: str,
+    positions: list[int],
+) -> dict[int, str]:
+    """One agency's reasons for the listed ``positions``, at the level its own spec sets, recorded first.
+
+    Raises
+    ------
+    ScreeningRefusedError
+        If the agency does not explain, or the list exceeds its ``explain_max`` share of the register
+        (the refusal is recorded in its uses ledger; nothing is disclosed).
+    """
+    section = loaded.spec.agency(contributor.name)
+    level = section.explain
+    size = len(contributor.block.x)
+    own_keys = PartyKeys.generate(contributor.name)
+    sealed = seal_positions(requester_keys, own_keys.public(), screening, positions)  # R -> k through C
+    listed = open_positions(sealed, own_keys, requester_keys.public(), screening, size)
+    ledger = uses_ledger(workdir, contributor.name)
+    base = ModelUse(
+        kind="disclosure", owner=contributor.name, screening=screening, federation=loaded.spec.federation.name,
+        model_version=model_version, purpose=purpose, requester=loaded.spec.label_agency.name, time=now_iso(),
+        households=len(listed),
+    )  # fmt: skip
+    if level == "none" or len(listed) > section.explain_max * size:
+        reason = (
+            f"{contributor.name} does not disclose reasons (explain = 'none')"
+            if level == "none"
+            else f"{contributor.name} explains at most {section.explain_max:.0%} of the register "
+            f"({int(section.explain_max * size)} households); {len(listed)} were asked"
+        )
+        ledger.append(base.model_copy(update={"kind": "refusal", "reason": reason}))
+        raise ScreeningRefusedError(reason)
+    # recorded before anything is sent
+    ledger.append(base.model_copy(update={"level": level, "positions": listed}))
+    reasons = contributor.reasons(listed, level, plain_labeller(loaded.spec.schema_))
+    envelope = seal_reasons(own_keys, requester_keys.public(), screening, reasons)
+    return open_reasons(envelope, requester_keys, own_keys.public(), screening)
+
+
+def _histograms(scores: npt.NDArray[np.float64], frame: pd.DataFrame, loaded: LoadedVerticalSpec) -> dict[str, Any]:
+    edges = np.linspace(0.0, 1.0, BINS + 1)
+    out: dict[str, Any] = {"bins": edges.tolist(), "overall": np.histogram(scores, edges)[0].tolist(), "attributes": {}}
+    spec = loaded.spec
+    section = spec.fairness
+    if section is None:
+        return out
+    own = {f.name for f in spec.block_schema(spec.label_agency.name).features}
+    held = [a for a in section.attributes if a in own]
+    labels = group_labels(frame, section.model_copy(update={"attributes": held}), spec.schema_)
+    for name, groups in labels.items():
+        out["attributes"][name] = {
+            "label": spec.schema_.plain_label(name),
+            "groups": {str(g): np.histogram(scores[groups == g], edges)[0].tolist() for g in sorted(set(groups))},
+        }
+    return out
+
+
+def _sigmoid(z: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    return np.asarray(1.0 / (1.0 + np.exp(-z)), dtype=np.float64)
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with open(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+
+
+@dataclass(frozen=True)
+class ScreeningResult:
+    """What one screening produced: the report (``screening.json``), the files, and each listed household's row."""
+
+    report: dict[str, Any]
+    rows: list[dict[str, Any]]
+    files: dict[str, str]
+    scores: npt.NDArray[np.float64]
+    frame: pd.DataFrame
+
+
+def _previous_categories(
+    loaded: LoadedVerticalSpec, workdir: Path, previous: PreviousWorklist, current: RegisteredVerticalModel,
+    screening: str, purpose: str, frame: pd.DataFrame, band: float,
+) -> npt.NDArray[np.str_] | None:  # fmt: skip
+    """Today's categories under the previous worklist's model (None when that model is gone)."""
+    folder = workdir / "registry" / previous.model_version
+    if not previous.model_version or not (folder / "manifest.json").exists():
+        return None
+    old = RegisteredVerticalModel(folder)
+    logits, _ = score_register(loaded, workdir, old, screening, purpose)
+    scores = _sigmoid(logits)
+    rule = DecisionRule.for_model(old.loaded.spec, old.card.mitigation)
+    decisions = rule.decide(scores, frame, loaded.spec.schema_, band)
+    return categorize(scores, decisions.cutoff, frame["enrolled"].to_numpy(dtype=bool), band)
+
+
+def screen_eligible(
+    loaded: LoadedVerticalSpec,
+    workdir: Path,
+    model_dir: Path,
+    out: Path,
+    *,
+    token: str,
+    purpose: str | None = None,
+    tokens_path: Path | None = None,
+    since: Path | None = None,
+    review_band: float = 0.1,
+    realign: bool = True,
+    progress: Progress | None = None,
+) -> ScreeningResult:
+    """Screen civil affairs' whole register and write ``worklist.csv``, ``worklist.html`` and ``screening.json``.
+
+    Raises
+    ------
+    ScreeningRefusedError
+        Token or purpose refused (recorded in the coordinator's uses ledger; nothing scored).
+    ModelError
+        The model is not a registered vertical model of this federation, or a part fails its hash.
+    """
+    from agencyfl.screening.page import render_worklist_html
+
+    step = progress or (lambda _: None)
+    model = RegisteredVerticalModel(model_dir)
+    _check_spec(loaded, model)
+    purpose = purpose or model.card.purpose
+    screening = new_screening()
+    try:
+        token_id, token_holder = check_use(tokens_path or workdir / COORDINATOR / "tokens.json", token, purpose, model)
+    except ScreeningRefusedError as exc:
+        record_refusal(workdir, model, screening, purpose, str(exc))
+        raise
+    previous = read_worklist(since) if since is not None else None
+    spec = loaded.spec
+    holder = spec.label_agency.name
+    if realign:
+        step("aligning the agencies to the register")
+        align_from_spec(loaded, workdir, requested_by=holder)
+    step("scoring under encryption")
+    logits, parties = score_register(loaded, workdir, model, screening, purpose)
+    scores = _sigmoid(logits)
+    frame = register_frame(loaded, workdir)
+    enrolled = frame["enrolled"].to_numpy(dtype=bool)
+    rule = DecisionRule.for_model(model.loaded.spec, model.card.mitigation)
+    decisions = rule.decide(scores, frame, spec.schema_, review_band)
+    categories = categorize(scores, decisions.cutoff, enrolled, review_band)
+    listed = np.flatnonzero(categories != "")
+    counts: dict[str, int] = {c: int((categories == c).sum()) for c in CATEGORIES}
+
+    step("asking the agencies that chose to explain")
+    reasons: dict[int, list[dict[str, str]]] = {}
+    refusals: dict[str, str] = {}
+    requester_keys = PartyKeys.generate(holder)
+    for name, contributor in parties.contributors.items():
+        level = spec.agency(name).explain
+        if level == "none" or not len(listed):
+            continue
+        try:
+            given = disclose(workdir, loaded, contributor, requester_keys, screening, model.version, purpose,
+                             listed.tolist())  # fmt: skip
+        except ScreeningRefusedError as exc:
+            refusals[name] = str(exc)
+            continue
+        for position, text in given.items():
+            reasons.setdefault(position, []).append({"agency": name, "level": level, "text": text})
+
+    old_categories = None
+    same_model = previous is not None and previous.model_version == model.version
+    if previous is not None and not same_model:
+        step("re-scoring with the previous model, to tell facts from model changes")
+        old_categories = _previous_categories(loaded, workdir, previous, model, screening, purpose, frame, review_band)
+    outcomes = latest_outcomes(workdir, holder)
+    households = frame["household"].to_numpy(dtype=object)
+    rows: list[dict[str, Any]] = []
+    for p in listed:
+        household, category = str(households[p]), str(categories[p])
+        row: dict[str, Any] = {
+            "household": household, "position": int(p), "category": category, "score": round(float(scores[p]), 4),
+            "cutoff": float(decisions.cutoff[p]), "enrolled": bool(enrolled[p]), "change": None,
+            "previous_category": None, "cause": None, "review_status": outcomes.get(household),
+            "reasons": reasons.get(int(p), []), "model_version": model.version, "screening": screening,
+        }  # fmt: skip
+        if previous is not None:
+            row["change"] = change_of(household, category, previous)
+            row["previous_category"] = previous.categories.get(household)
+            if row["change"] != "unchanged":
+                old = None if old_categories is None else str(old_categories[p])
+                row["cause"] = cause_of(row["previous_category"] or "", category, old, same_model)
+            if row["previous_category"] is not None and row["review_status"] is None:
+                row["review_status"] = "open"
+        rows.append(row)
+    left: list[dict[str, Any]] = []
+    if previous is not None:
+        now_listed = {r["household"] for r in rows}
+        left = [
+            {"household": h, "previous_category": c, "review_status": outcomes.get(h, "open")}
+            for h, c in sorted(previous.categories.items())
+            if h not in now_listed
+        ]
+
+    step("recording the screening")
+    requester_use = ModelUse(
+        kind="screening", owner=holder, screening=screening, federation=spec.federation.name,
+        model_version=model.version, purpose=purpose, requester=holder, time=now_iso(), token_id=token_id,
+        households=len(scores), counts=dict(counts),
+    )  # fmt: skip
+    requester_entry = uses_ledger(workdir, holder).append(requester_use)
+    for name, contributor in parties.contributors.items():
+        uses_ledger(workdir, name).append(
+            ModelUse(kind="screening-contribution", owner=name, screening=screening, federation=spec.federation.name,
+                     model_version=model.version, purpose=purpose, requester=holder, time=now_iso(),
+                     households=len(contributor.block.x))
+        )  # fmt: skip
+    uses_ledger(workdir, COORDINATOR).append(
+        ModelUse(kind="screening", owner=COORDINATOR, screening=screening, federation=spec.federation.name,
+                 model_version=model.version, purpose=purpose, requester=holder, time=now_iso(), token_id=token_id,
+                 households=len(scores), requester_entry_sha256=requester_entry)
+    )  # fmt: skip
+
+    out.mkdir(parents=True, exist_ok=True, mode=0o700)
+    files = {"worklist_csv": str(out / "worklist.csv"), "worklist_html": str(out / "worklist.html"),
+             "report": str(out / "screening.json")}  # fmt: skip
+    csv_rows = [
+        {**r, "enrolled": int(r["enrolled"]), "reasons": " | ".join(x["text"] for x in r["reasons"])} for r in rows
+    ]
+    write_private_csv(out / "worklist.csv", csv_rows, COLUMNS)
+    changes = {k: sum(1 for r in rows if r["change"] == k) for k in ("new", "changed", "unchanged")}
+    report: dict[str, Any] = {
+        "screening": screening, "created": now_iso(), "federation": spec.federation.name, "purpose": purpose,
+        "model_version": model.version, "requester": holder, "token_id": token_id, "token_holder": token_holder,
+        "households_scored": len(scores), "threshold": rule.threshold, "review_band": review_band,
+        "counts": counts, "since": None if previous is None else {
+            "worklist": str(previous.path), "model_version": previous.model_version,
+            "screening": previous.screening, "changes": changes, "left": len(left)},
+        "left": left, "disclosures": {a.name: a.explain for a in spec.agencies if a.name != holder},
+        "explain_refused": refusals, "groups": _histograms(scores, frame, loaded), "labels": {},
+        "files": files, "bytes": {**{n: c.sent_bytes for n, c in parties.contributors.items()},
+                                  "coordinator": parties.relay.sent_bytes, holder: parties.requester.sent_bytes},
+        "ledgers": {"requester": str(workdir / holder / "uses-ledger"),
+                    "coordinator": str(workdir / COORDINATOR / "uses-ledger")},
+    }  # fmt: skip
+    _write_private(out / "worklist.html", render_worklist_html({**report, "rows": rows}))
+    _write_private(out / "screening.json", json.dumps(report, indent=2, default=str))
+    return ScreeningResult(report, rows, files, scores, frame)
