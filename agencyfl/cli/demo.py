@@ -1,9 +1,10 @@
-"""`agencyfl demo`: synthesize, train, evaluate and audit in one command."""
+"""`agencyfl demo`: the cross-agency flow (vertical, the default) or the regional bureaus' (horizontal)."""
 
 from __future__ import annotations
 
 import json
 import time
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -19,17 +20,41 @@ from agencyfl.cli.training import evaluate_file, print_run, run_with_progress
 from agencyfl.exit_codes import ExitCode
 
 
+class Topology(StrEnum):
+    """Which story the demo tells."""
+
+    vertical = "vertical"
+    horizontal = "horizontal"
+
+
 # ---------------------------------------------------------------- demo
 @app.command("demo")
 def demo(
     workdir: Annotated[Path, typer.Option(help="Folder for the demo's data, ledgers and models")] = Path(
         "agencyfl-demo"
     ),
-    households: Annotated[int, typer.Option(help="Population size")] = 20000,
+    households: Annotated[int, typer.Option(min=1000, help="Population size")] = 20000,
     seed: Annotated[int, typer.Option(help="Random seed")] = 0,
-    rounds: Annotated[int, typer.Option(min=1, help="Federated rounds (the spec's [training] rounds)")] = 10,
+    rounds: Annotated[
+        int | None,
+        typer.Option(min=1, help="Training rounds / iterations (default: 30 vertical, 10 horizontal)"),
+    ] = None,
+    topology: Annotated[
+        Topology, typer.Option(help="vertical: agencies hold different facts of the same households (the default)")
+    ] = Topology.vertical,
 ) -> None:
-    """Synthesize four agencies' data, train under DP, evaluate, and audit the ledgers."""
+    """The cross-agency story: split facts, private alignment, DP training under encryption, screening, audit.
+
+    ``--topology horizontal`` tells the regional bureaus' story instead (same schema, different households).
+    """
+    if topology is Topology.vertical:
+        from agencyfl.cli.demo_vertical import vertical_demo
+
+        told = vertical_demo(workdir, households, seed, rounds or 30)
+        if not told["uses_verified"]:
+            raise typer.Exit(int(ExitCode.LEDGER_UNVERIFIED))
+        return
+    rounds = rounds or 10
     from agencyfl.synth import synthesize
 
     start = time.time()

@@ -11,7 +11,6 @@ in their own uses ledger first. Every use is recorded (``screening.records``). `
 from __future__ import annotations
 
 import json
-import os
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from agencyfl.alignment.sealed import PartyKeys
 from agencyfl.federation.decision import DecisionRule
 from agencyfl.federation.errors import ModelError, ScreeningRefusedError
 from agencyfl.federation.fairness import group_labels
+from agencyfl.federation.files import write_private_csv, write_private_text
 from agencyfl.federation.resident_id import InvalidResidentId, normalize
 from agencyfl.federation.spec import LoadedVerticalSpec
 from agencyfl.federation.table import load_table
@@ -51,7 +51,6 @@ from agencyfl.screening.worklist import (
     cause_of,
     change_of,
     read_worklist,
-    write_private_csv,
 )
 from agencyfl.server.tokens import TokenStore
 from agencyfl.vertical.encoding import Block, _register_rows, _valid_rows, feature_block, label_block
@@ -230,12 +229,6 @@ def _sigmoid(z: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     return np.asarray(1.0 / (1.0 + np.exp(-z)), dtype=np.float64)
 
 
-def _write_private(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with open(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-
-
 @dataclass(frozen=True)
 class ScreeningResult:
     """What one screening produced: the report (``screening.json``), the files, and each listed household's row."""
@@ -391,7 +384,7 @@ def screen_eligible(
     csv_rows = [
         {**r, "enrolled": int(r["enrolled"]), "reasons": " | ".join(x["text"] for x in r["reasons"])} for r in rows
     ]
-    write_private_csv(out / "worklist.csv", csv_rows, COLUMNS)
+    write_private_csv(out / "worklist.csv", pd.DataFrame(csv_rows, columns=list(COLUMNS)))
     changes = {k: sum(1 for r in rows if r["change"] == k) for k in ("new", "changed", "unchanged")}
     report: dict[str, Any] = {
         "screening": screening, "created": now_iso(), "federation": spec.federation.name, "purpose": purpose,
@@ -407,6 +400,6 @@ def screen_eligible(
         "ledgers": {"requester": str(workdir / holder / "uses-ledger"),
                     "coordinator": str(workdir / COORDINATOR / "uses-ledger")},
     }  # fmt: skip
-    _write_private(out / "worklist.html", render_worklist_html({**report, "rows": rows}))
-    _write_private(out / "screening.json", json.dumps(report, indent=2, default=str))
+    write_private_text(out / "worklist.html", render_worklist_html({**report, "rows": rows}))
+    write_private_text(out / "screening.json", json.dumps(report, indent=2, default=str))
     return ScreeningResult(report, rows, files, scores, frame)

@@ -14,7 +14,6 @@ against a previous worklist (new, unchanged, changed) and says why it changed.
 from __future__ import annotations
 
 import csv
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -105,16 +104,3 @@ def cause_of(previous_category: str, category: str, old_model_category: str | No
     if old_model_category == previous_category:
         return "model"  # on today's facts the old model still says what it said
     return "facts and model"
-
-
-def write_private_csv(path: Path, rows: list[dict[str, object]], columns: tuple[str, ...]) -> None:
-    """Write a CSV readable by its owner only (created 0600, never world-readable even for a moment)."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with open(fd, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
-    tmp.replace(path)
