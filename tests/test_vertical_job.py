@@ -33,11 +33,14 @@ def test_every_iteration_is_in_every_ledger_and_within_the_job_cap(
     for agency in AGENCIES:
         check = verify_ledger(work / agency / "ledger")
         assert check.ok, check.problems
-        releases = [e for e in check.events if e.kind == "release"]
+        releases = [e for e in check.events if e.kind == "release" and e.release != "fairness"]
         assert [(e.release, e.round) for e in releases] == [("vertical-gradient", i) for i in (1, 2, 3)]
         assert all(e.mechanism is not None and e.mechanism.type == "gaussian" for e in releases)
         assert releases[-1].epsilon_job <= 3.0 + 1e-9
-        assert summary["agencies"][agency]["epsilon_job"] == pytest.approx(releases[-1].epsilon_job)
+        last = [e for e in check.events if e.kind == "release"][-1]  # the fairness counts' release ends the job
+        assert last.release == "fairness" and summary["agencies"][agency]["epsilon_job"] == pytest.approx(
+            last.epsilon_job
+        )
     report = invoke("audit", "report", *(work / a / "ledger" for a in AGENCIES), "--format", "json")
     assert report.exit_code == 0, report.output
     for row in json.loads(report.stdout)["agencies"]:
@@ -79,3 +82,27 @@ def test_a_job_that_would_cross_the_lifetime_budget_stops_with_its_refusal_recor
         assert all(e.epsilon_lifetime <= 4.0 + 1e-9 for e in released)  # nothing released past the budget
     refusals = [e for a in AGENCIES for e in verify_ledger(work / a / "ledger").events if e.kind == "refusal"]
     assert refusals and all("lifetime" in (e.reason or "") or "budget" in (e.reason or "") for e in refusals)
+
+
+def test_the_fairness_table_on_joined_records_is_a_noised_release_in_every_ledger(
+    vertical: tuple[VerticalJob, Path, dict],
+) -> None:
+    """Civil affairs counts its validation households' outcomes per group, scored through the encrypted path;
+    the noised counts depend on every agency's records, so every ledger records the release first."""
+    job, work, summary = vertical
+    card = json.loads((Path(summary["registry"]) / "card.json").read_text())
+    table = card["fairness"]
+    assert table["release"] == "noised counts, accounted in each agency's ledger"
+    assert set(table["attributes"]) == {"region_type", "disability", "head_age"}
+    groups = {g["group"]: g["n"] for g in table["attributes"]["region_type"]["groups"]}
+    assert set(groups) >= {"urban", "rural"} and groups.get("unknown", 0) < 0.05 * sum(groups.values())
+    validation = card["metrics"]["n"]
+    assert abs(sum(groups.values()) - validation) < 0.25 * validation  # noised counts of the validation split
+    for agency in AGENCIES:
+        events = verify_ledger(work / agency / "ledger").events
+        released = [e for e in events if e.kind == "release" and e.release == "fairness"]
+        assert len(released) == 1 and released[0].job == summary["job"]
+        assert released[0].mechanism is not None and released[0].mechanism.type == "gaussian"
+        assert released[0].mechanism.std / released[0].mechanism.sensitivity == pytest.approx(5.0)
+        assert released[0].epsilon_job <= 3.0 + 1e-9  # the iterations' noise was calibrated to leave room
+    assert (Path(summary["registry"]) / "card.md").read_text().count("### ") >= 3  # the table, for people

@@ -271,3 +271,32 @@ def decide(
         return scores >= threshold
     cut = np.array([thresholds.get(str(g), threshold) for g in groups])
     return scores >= cut
+
+
+def card_fields(
+    counts: np.ndarray | None, section: FairnessSection, schema: SchemaSection, status: Any
+) -> dict[str, Any]:
+    """The model card's ``fairness`` (and ``mitigation``) from pooled, released counts.
+
+    ``counts`` None means no counts were released; the card then says why (``status``). With
+    ``mitigation = "group-thresholds"`` the per-group thresholds are chosen on the released counts
+    (post-processing) and the table after them is reported beside.
+    """
+    if counts is None:
+        return {"fairness": None, "fairness_release": status}
+    lay = layout(section, schema)
+    table = fairness_table(counts, section, lay)
+    noised = "noised counts, accounted in each agency's ledger"
+    table["release"] = noised if section.noise_multiplier else "exact counts"
+    table["agencies"] = status
+    card: dict[str, Any] = {"fairness": table}
+    if lay.mitigation_attribute:
+        thresholds = group_thresholds(counts, lay, section.threshold)
+        after = fairness_table(mitigated_counts(counts, lay, thresholds), section, lay)
+        card["mitigation"] = {
+            "method": "group-thresholds",
+            "attribute": lay.mitigation_attribute,
+            "thresholds": thresholds,
+            "after": after["attributes"][lay.mitigation_attribute],
+        }
+    return card

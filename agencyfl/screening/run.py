@@ -22,15 +22,13 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-from agencyfl.alignment.runs import align_from_spec, read_ids
+from agencyfl.alignment.runs import align_from_spec
 from agencyfl.alignment.sealed import PartyKeys
 from agencyfl.federation.decision import DecisionRule
 from agencyfl.federation.errors import ModelError, ScreeningRefusedError
 from agencyfl.federation.fairness import group_labels
 from agencyfl.federation.files import write_private_csv, write_private_text
-from agencyfl.federation.resident_id import InvalidResidentId, normalize
 from agencyfl.federation.spec import LoadedVerticalSpec
-from agencyfl.federation.table import load_table
 from agencyfl.screening.outcomes import latest_outcomes
 from agencyfl.screening.protocol import (
     Contributor,
@@ -53,11 +51,9 @@ from agencyfl.screening.worklist import (
     read_worklist,
 )
 from agencyfl.server.tokens import TokenStore
-from agencyfl.vertical.encoding import Block, _register_rows, _valid_rows, feature_block, label_block
+from agencyfl.vertical.encoding import Block, feature_block, label_block, register_frame
 from agencyfl.vertical.model import RegisteredVerticalModel, load_part
 
-ENROLLED_COLUMN = "enrolled"
-"""Civil affairs' column saying who receives the allowance now (1/0); it never leaves civil affairs."""
 BINS = 20
 Progress = Callable[[str], None]
 
@@ -130,35 +126,6 @@ def score_register(
     request = requester.request(screening, spec.federation.name, model.version, purpose)
     parts = [c.partial_scores(request) for c in contributors.values()]
     return requester.logits(parties.relay.sum(request, parts)), parties
-
-
-def register_frame(loaded: LoadedVerticalSpec, workdir: Path) -> pd.DataFrame:
-    """Civil affairs' register in register order: canonical id, enrolled, and its validated features."""
-    spec = loaded.spec
-    holder = spec.label_agency.name
-    path = loaded.data_path(holder)
-    schema = spec.block_schema(holder)
-    ids = list(read_ids(path, schema.id))
-    try:
-        enrolled_raw = list(read_ids(path, ENROLLED_COLUMN))
-    except Exception:
-        enrolled_raw = ["0"] * len(ids)  # no enrolment column: every household counts as not enrolled
-    register = _register_rows(loaded, workdir, len(ids))
-    table = load_table(path, schema, require_label=False, write_quarantine=False)
-    valid = _valid_rows(table.quarantined, table.total)
-    features = pd.DataFrame(index=range(len(ids)), columns=[f.name for f in schema.features], dtype=object)
-    features.iloc[valid] = table.valid[[f.name for f in schema.features]].to_numpy(dtype=object)
-    frame = features.iloc[register].reset_index(drop=True)
-
-    def canonical(raw: str) -> str:
-        try:
-            return normalize(raw)
-        except InvalidResidentId:
-            return raw.strip()
-
-    frame.insert(0, "household", [canonical(ids[r]) for r in register])
-    frame.insert(1, "enrolled", [enrolled_raw[r].strip().lower() in {"1", "true", "yes"} for r in register])
-    return frame
 
 
 def disclose(

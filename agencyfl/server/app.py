@@ -319,29 +319,12 @@ def run_job(
 
 def fairness_card(loaded: LoadedSpec, log: RunLog) -> dict[str, Any]:
     """The card's fairness table (and mitigation thresholds) from the pooled counts, if the spec asks."""
-    from agencyfl.federation.fairness import fairness_table, group_thresholds, layout, mitigated_counts
+    from agencyfl.federation.fairness import card_fields
 
     section = loaded.spec.fairness
     if section is None:
         return {}
-    if log.fairness_counts is None:
-        return {"fairness": None, "fairness_release": log.fairness_status}
-    lay = layout(section, loaded.spec.schema)
-    table = fairness_table(log.fairness_counts, section, lay)
-    noised = "noised counts, accounted in each agency's ledger"
-    table["release"] = noised if section.noise_multiplier else "exact counts"
-    table["agencies"] = log.fairness_status
-    card: dict[str, Any] = {"fairness": table}
-    if lay.mitigation_attribute:
-        thresholds = group_thresholds(log.fairness_counts, lay, section.threshold)
-        after = fairness_table(mitigated_counts(log.fairness_counts, lay, thresholds), section, lay)
-        card["mitigation"] = {
-            "method": "group-thresholds",
-            "attribute": lay.mitigation_attribute,
-            "thresholds": thresholds,
-            "after": after["attributes"][lay.mitigation_attribute],
-        }
-    return card
+    return card_fields(log.fairness_counts, section, loaded.spec.schema, log.fairness_status)
 
 
 def make_server_app(settings: ServerSettings, on_event: EventSink | None = None) -> ServerApp:

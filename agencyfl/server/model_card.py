@@ -179,7 +179,8 @@ def render_markdown(model_card: ModelCard) -> str:
         "## Fairness",
         "",
     ]
-    parts += [fairness_markdown(card.get("fairness"), card.get("mitigation"), "the agencies' validation splits")]
+    source = card.get("metrics_source") if card.get("topology") == "vertical" else "the agencies' validation splits"
+    parts += [fairness_markdown(card.get("fairness"), card.get("mitigation"), str(source))]
     if card.get("disclosures"):
         parts += ["## Reasons disclosed for listed households", "", _md_table(
             ["agency", "discloses"],

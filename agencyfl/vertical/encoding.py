@@ -28,6 +28,8 @@ from agencyfl.screening.outcomes import outcome_labels
 CLIP = 1.0
 """Every household's block is clipped to this L2 norm (the indicator included)."""
 NOT_HELD = "not_held"
+ENROLLED_COLUMN = "enrolled"
+"""Civil affairs' column saying who receives the allowance now (1/0); it never leaves civil affairs."""
 VALIDATION_FRACTION = 0.2
 
 Matrix = npt.NDArray[np.float64]
@@ -213,3 +215,32 @@ def label_block(loaded: LoadedVerticalSpec, workdir: Path) -> tuple[Block, Label
     assessed = (is_true | is_false) & block.held
     held_out = validation_mask(pd.Series(ids[register]), VALIDATION_FRACTION, f"{spec.federation.name}:vertical")
     return block, LabelData(y=is_true.astype(np.float64), assessed=assessed, validation=assessed & held_out)
+
+
+def register_frame(loaded: LoadedVerticalSpec, workdir: Path) -> pd.DataFrame:
+    """Civil affairs' register in register order: canonical id, enrolled, and its validated features."""
+    spec = loaded.spec
+    holder = spec.label_agency.name
+    path = loaded.data_path(holder)
+    schema = spec.block_schema(holder)
+    ids = list(read_ids(path, schema.id))
+    try:
+        enrolled_raw = list(read_ids(path, ENROLLED_COLUMN))
+    except Exception:
+        enrolled_raw = ["0"] * len(ids)  # no enrolment column: every household counts as not enrolled
+    register = _register_rows(loaded, workdir, len(ids))
+    table = load_table(path, schema, require_label=False, write_quarantine=False)
+    valid = _valid_rows(table.quarantined, table.total)
+    features = pd.DataFrame(index=range(len(ids)), columns=[f.name for f in schema.features], dtype=object)
+    features.iloc[valid] = table.valid[[f.name for f in schema.features]].to_numpy(dtype=object)
+    frame = features.iloc[register].reset_index(drop=True)
+
+    def canonical(raw: str) -> str:
+        try:
+            return normalize(raw)
+        except InvalidResidentId:
+            return raw.strip()
+
+    frame.insert(0, "household", [canonical(ids[r]) for r in register])
+    frame.insert(1, "enrolled", [enrolled_raw[r].strip().lower() in {"1", "true", "yes"} for r in register])
+    return frame

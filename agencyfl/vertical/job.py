@@ -27,14 +27,16 @@ import numpy as np
 
 from agencyfl.alignment.runs import align_from_spec
 from agencyfl.federation.errors import FederationError
-from agencyfl.federation.spec import LoadedVerticalSpec
+from agencyfl.federation.fairness import card_fields, count_groups, group_labels, layout
+from agencyfl.federation.fairness import sensitivity as fairness_sensitivity
+from agencyfl.federation.spec import FairnessSection, LoadedVerticalSpec
 from agencyfl.privacy.accounting import StepRecord, epsilon_for
 from agencyfl.privacy.budget import check_round
-from agencyfl.privacy.events import EVENT_FORMAT, NEIGHBOURING
+from agencyfl.privacy.events import EVENT_FORMAT, NEIGHBOURING, GaussianEvent
 from agencyfl.privacy.keys import load_or_create_signing_key
 from agencyfl.privacy.ledger import Ledger, LedgerEvent, now_utc, spend_records
 from agencyfl.server.model_card import CardAgency, ModelCard
-from agencyfl.vertical.encoding import feature_block, label_block
+from agencyfl.vertical.encoding import LabelData, feature_block, label_block, register_frame
 from agencyfl.vertical.model import INTERCEPT, register_vertical
 from agencyfl.vertical.plan import VerticalPlan
 from agencyfl.vertical.train import VerticalResult, train_vertical
@@ -73,17 +75,22 @@ class AgencyLedgers:
         job_eps: float,
         life_eps: float,
         reason: str | None,
+        release: Literal["vertical-gradient", "fairness"] = "vertical-gradient",
     ) -> LedgerEvent:
         spec, plan = self.loaded.spec, self.plan
+        gradient = release == "vertical-gradient"
+        fairness = spec.fairness
+        noise = plan.noise_multiplier if gradient or fairness is None else fairness.noise_multiplier
+        mechanism = plan.iteration_event() if gradient or fairness is None else fairness_event(fairness)
         return LedgerEvent(
             kind=kind,
             agency=agency,
             job=self.job,
             round=iteration,
-            noise_multiplier=plan.noise_multiplier,
+            noise_multiplier=noise,
             sample_rate=1.0,
             steps=0 if kind == "refusal" else 1,
-            max_grad_norm=plan.sensitivity,
+            max_grad_norm=plan.sensitivity if gradient else mechanism.sensitivity,
             delta=spec.privacy.delta,
             epsilon_job=job_eps,
             epsilon_lifetime=life_eps,
@@ -93,42 +100,49 @@ class AgencyLedgers:
             time=now_utc(),
             reason=reason,
             federation=spec.federation.name,
-            release=None if kind == "refusal" else "vertical-gradient",
-            mechanism=None if kind == "refusal" else plan.iteration_event(),
+            release=None if kind == "refusal" else release,
+            mechanism=None if kind == "refusal" else mechanism,
             mechanism_format=EVENT_FORMAT,
             neighbouring=NEIGHBOURING,
         )
 
-    def account(self, iteration: int) -> None:
-        """Admit iteration ``iteration`` at every agency, recording it in each ledger before anything is released.
+    def account(self, iteration: int, release: Literal["vertical-gradient", "fairness"] = "vertical-gradient") -> None:
+        """Admit a release (iteration ``iteration``'s gradients, or the fairness counts) at every agency,
+        recording it in each ledger before anything is released.
 
         Raises
         ------
         JobStopped
-            If an agency's caps refuse it (its refusal is recorded; no ledger records the iteration).
+            If an agency's caps refuse it (its refusal is recorded; no ledger records the release).
         """
         spec = self.loaded.spec
-        planned = StepRecord(self.plan.noise_multiplier, 1.0, 1)
+        fairness = spec.fairness
+        if release == "fairness" and fairness is not None:
+            planned, what = StepRecord(fairness.noise_multiplier, 1.0, 1), "the fairness counts"
+        else:  # each release is checked as it comes (an entry's epsilon is what was spent up to it)
+            planned, what = StepRecord(self.plan.noise_multiplier, 1.0, 1), f"iteration {iteration}"
         decisions = {}
         for name, ledger in self.ledgers.items():
             events = ledger.events()  # verifies: a ledger that does not verify stops the job
             decisions[name] = (
                 events,
                 check_round(events, self.job, planned, spec.privacy.delta, spec.privacy.epsilon, spec.privacy.budget),
-            )
+            )  # fmt: skip
         refused = {name: d for name, (_, d) in decisions.items() if not d.allowed}
         if refused:
             for name, (events, decision) in decisions.items():
                 if name in refused:
                     job_eps = epsilon_for(spend_records(events, self.job), spec.privacy.delta)
                     life_eps = epsilon_for(spend_records(events), spec.privacy.delta)
-                    reason = f"vertical iteration {iteration} refused: {decision.reason}"
-                    self.ledgers[name].append(self._entry(name, iteration, "refusal", job_eps, life_eps, reason))
+                    reason = f"vertical {what} refused: {decision.reason}"
+                    self.ledgers[name].append(
+                        self._entry(name, iteration, "refusal", job_eps, life_eps, reason, release)
+                    )
             first = next(iter(refused))
-            raise JobStopped(f"{first}'s ledger refused iteration {iteration}: {refused[first].reason}")
+            raise JobStopped(f"{first}'s ledger refused {what}: {refused[first].reason}")
         for name, (_, decision) in decisions.items():
             entry = self._entry(
-                name, iteration, "release", decision.epsilon_job_after, decision.epsilon_lifetime_after, None
+                name, iteration, "release", decision.epsilon_job_after, decision.epsilon_lifetime_after, None, release
             )
             self.ledgers[name].append(entry)
 
@@ -151,13 +165,59 @@ def new_vertical_job() -> str:
     return f"vjob-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}-{secrets.token_hex(2)}"
 
 
+def fairness_event(section: FairnessSection) -> GaussianEvent:
+    """The fairness counts' release: one Gaussian mechanism on the flat counts (``federation.fairness``)."""
+    sens = fairness_sensitivity(section)
+    return GaussianEvent(sensitivity=sens, std=section.noise_multiplier * sens)
+
+
 def plan_of(loaded: LoadedVerticalSpec) -> VerticalPlan:
-    """The job's public plan from the spec: T = ``training.rounds`` iterations at the per-job epsilon."""
+    """The job's public plan from the spec: T = ``training.rounds`` iterations at the per-job epsilon,
+    with the fairness counts' release (when ``[fairness]`` noises them) inside the same epsilon."""
     spec = loaded.spec
+    fairness = spec.fairness
+    releases = (fairness.noise_multiplier,) if fairness is not None and fairness.noise_multiplier > 0 else ()
     return VerticalPlan(
         agencies=len(spec.agencies), iterations=spec.training.rounds, epsilon=spec.privacy.epsilon,
-        delta=spec.privacy.delta,
+        delta=spec.privacy.delta, releases=releases,
     )  # fmt: skip
+
+
+def release_fairness(
+    loaded: LoadedVerticalSpec, workdir: Path, ledgers: AgencyLedgers, result: VerticalResult, labels: LabelData,
+    rng: np.random.Generator | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """The card's fairness table from civil affairs' validation households, scored through the encrypted path.
+
+    Civil affairs counts, per group of the attributes it holds, the confusion cells at the threshold; the
+    counts depend on every agency's records (through the scores) and on its labels, so the Gaussian-noised
+    release is admitted by and recorded in every agency's ledger before it leaves civil affairs. With
+    ``noise_multiplier = 0`` nothing is released (exact counts never leave).
+    """
+    spec = loaded.spec
+    section = spec.fairness
+    if section is None:
+        return {}
+    if section.noise_multiplier == 0:
+        return card_fields(
+            None, section, spec.schema_, "exact counts are not released: set [fairness] noise_multiplier > 0"
+        )
+    own = {f.name for f in spec.block_schema(spec.label_agency.name).features}
+    absent = [a for a in section.attributes if a not in own]
+    if absent:
+        return card_fields(None, section, spec.schema_, f"{absent!r} are not held by {spec.label_agency.name}")
+    frame = register_frame(loaded, workdir).loc[labels.validation].reset_index(drop=True)
+    lay = layout(section, spec.schema_)
+    scores = 1 / (1 + np.exp(-result.validation_logits))
+    counts = count_groups(scores, labels.y[labels.validation], group_labels(frame, section, spec.schema_), lay,
+                          section.threshold)  # fmt: skip
+    try:
+        ledgers.account(len(result.events) + 1, release="fairness")
+    except JobStopped as exc:
+        return card_fields(None, section, spec.schema_, str(exc))
+    noise = rng if rng is not None else np.random.default_rng(secrets.randbits(128))
+    noisy = counts + noise.normal(0.0, fairness_event(section).std, size=counts.shape)
+    return card_fields(noisy, section, spec.schema_, {spec.label_agency.name: "released (noised)"})
 
 
 def _file_sha256(path: Path) -> str:
@@ -237,10 +297,12 @@ def run_vertical(
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         np.save(folder / "weights.npy", weights)  # this agency's block only (the latest job's)
         models[name] = str(folder / "weights.npy")
-    epsilons = ledgers.epsilons()
     inputs = {block.agency: list(block.names) for block in features}
     inputs[label.agency] = [*label.names, INTERCEPT]
+    fairness = release_fairness(loaded, workdir, ledgers, result, labels)
+    epsilons = ledgers.epsilons()
     card = vertical_card(loaded, workdir, job, plan, epsilons, result, int(labels.validation.sum()))
+    card = card.model_copy(update=fairness)
     version = register_vertical(workdir, loaded, result.weights, inputs, card)
     summary: dict[str, Any] = {
         "job": job,

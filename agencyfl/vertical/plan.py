@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from agencyfl.privacy.accounting import calibrate_noise
+from agencyfl.privacy.accounting import StepRecord, calibrate_noise
 from agencyfl.privacy.events import GaussianEvent, Mechanism, gaussian_releases
 
 
@@ -26,6 +26,9 @@ class VerticalPlan(BaseModel):
         W: every block's weights are projected to L2 norm <= W and the intercept to |b| <= W.
     optimizer, learning_rate
         The post-processing step each party applies to its own block.
+    releases
+        Noise multipliers of the job's other planned releases (one each, q = 1: the fairness counts):
+        the iterations' noise is calibrated so that everything together stays within epsilon.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -37,6 +40,7 @@ class VerticalPlan(BaseModel):
     weight_bound: float = Field(default=2.0, gt=0, allow_inf_nan=False)
     optimizer: Literal["adam", "gd"] = "adam"
     learning_rate: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+    releases: tuple[float, ...] = ()
 
     @property
     def score_bound(self) -> float:
@@ -56,7 +60,11 @@ class VerticalPlan(BaseModel):
     @property
     def noise_multiplier(self) -> float:
         """Sigma for T releases (q = 1) at (epsilon, delta), by the enforcing accountant's calibration."""
-        return calibrate_noise(self.epsilon, self.delta, 1.0, self.iterations)
+        return calibrate_noise(self.epsilon, self.delta, 1.0, self.iterations, also=self.planned_releases())
+
+    def planned_releases(self) -> tuple[StepRecord, ...]:
+        """The job's other releases as the accountant sees them."""
+        return tuple(StepRecord(nm, 1.0, 1) for nm in self.releases)
 
     @property
     def noise_std(self) -> float:

@@ -48,6 +48,8 @@ class VerticalResult:
         Per-iteration metrics.
     validation_auc
         AUC of the label holder's validation households, scored through the encrypted path.
+    validation_logits
+        The model's own scores (logits) of those households, in register order: the label holder's only.
     parties
         The party objects (their ``received`` records are what the tests inspect).
     """
@@ -57,6 +59,7 @@ class VerticalResult:
     mechanism: Mechanism
     iterations: list[IterationMetrics] = field(default_factory=list)
     validation_auc: float = float("nan")
+    validation_logits: Vector = field(default_factory=lambda: np.zeros(0))
     parties: dict[str, FeatureHolder | LabelHolder | Arbiter] = field(default_factory=dict)
 
 
@@ -156,4 +159,5 @@ def train_vertical(
         masked = civil.masked_scores(partials)
         scores = civil.unmask_scores(arbiter.decrypt_masked_scores(civil.name, masked))
         result.validation_auc = exact_metrics(1 / (1 + np.exp(-scores)), labels.y[labels.validation]).auc
+        result.validation_logits = scores
     return result
