@@ -183,8 +183,30 @@ def _models_section(models: list[dict[str, Any]], audit: FederationAudit) -> str
     )
 
 
-def render_report(audit: FederationAudit, models: list[dict[str, Any]], exit_code: int, verdict: str) -> str:
-    """The whole report as an HTML document."""
+def _uses_section(uses: dict[str, Any] | None) -> str:
+    if uses is None:
+        return "<p>No uses ledgers given (<code>--uses WORKDIR</code>).</p>"
+    rows = "".join(
+        f'<tr data-use="{escape(u["kind"])}"><td>{escape(u["time"])}</td><td>{escape(u["party"])}</td>'
+        f"<td>{escape(u['kind'])}</td><td>{escape(u['model_version'])}</td><td>{escape(u['purpose'])}</td>"
+        f"<td>{escape(u['screening'])}</td><td>{u['households']:,}</td></tr>"
+        for u in uses["uses"]
+    )
+    state = _status(uses["verified"], "every uses ledger verified", "FINDINGS BELOW")
+    return (
+        f"<p>{state}</p><table><tr><th>time</th><th>party</th><th>kind</th><th>model</th><th>purpose</th>"
+        f"<th>screening</th><th>households</th></tr>{rows}</table>"
+    )
+
+
+def render_report(
+    audit: FederationAudit,
+    models: list[dict[str, Any]],
+    exit_code: int,
+    verdict: str,
+    uses: dict[str, Any] | None = None,
+) -> str:
+    """The whole report as an HTML document (with every use of every model when ``uses`` is given)."""
     ok = exit_code == 0
     findings = audit.all_findings()
     finding_items = "".join(_finding_item(party, f) for party, f in findings)
@@ -203,6 +225,7 @@ a disagreement beyond the stated tolerances is an <code>epsilon</code> finding.<
 <h2>Agencies</h2>{_summary_table(audit)}
 <h2>Coordinator's countersigned chain</h2>{_coordinator_section(audit)}
 <h2>Model versions</h2>{_models_section(models, audit)}
+<h2>Every use of every model</h2>{_uses_section(uses)}
 <h2>Findings</h2>{f'<ul id="findings">{finding_items}</ul>' if findings else '<p id="findings">None.</p>'}
 {f"<ul>{notes}</ul>" if notes else ""}
 <h2>Spend over rounds and jobs</h2>{agencies}

@@ -172,7 +172,16 @@ def test_every_use_is_recorded_and_the_coordinator_commits_to_the_requesters_ent
         ("tax", "disclosure"),
         ("hrss", "screening-contribution"),
     }
-    copy = copy_vertical(job, tmp_path)  # the requester's ledger gone: the coordinator's commitment dangles
+    ledgers = [job.work / a / "ledger" for a in ("civil-affairs", "hrss", "tax", "environment")]
+    report = invoke("audit", "report", *ledgers, "--uses", job.work, "--format", "json")
+    assert report.exit_code == 0, report.output
+    in_report = json.loads(report.stdout)["uses"]
+    assert in_report["verified"] and len(in_report["uses"]) == len(listed)
+    page = tmp_path / "report.html"
+    html = invoke("audit", "report", *ledgers, "--uses", job.work, "--format", "html", "--out", page)
+    assert html.exit_code == 0, html.output
+    assert page.read_text().count('data-use="disclosure"') == 2  # tax and environment, each once
+    copy = copy_vertical(job, tmp_path / "copy")  # the requester's ledger gone: the coordinator's commitment dangles
     for path in (copy.work / HOLDER / "uses-ledger").iterdir():
         path.unlink()
     (copy.work / HOLDER / "uses-ledger").rmdir()

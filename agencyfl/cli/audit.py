@@ -121,12 +121,26 @@ def audit_report(
     ] = None,
     keyring: KeyringOpt = None,
     spec: SpecOpt = None,
+    uses_dir: Annotated[
+        Path | None,
+        typer.Option("--uses", help="A workdir whose uses ledgers to include: every use of every model"),
+    ] = None,
 ) -> None:
-    """Verify ledgers and report each agency's spend against its caps (exit 0 only if all is well)."""
+    """Verify ledgers and report each agency's spend against its caps (exit 0 only if all is well).
+
+    With ``--uses WORKDIR`` the report also lists every use of every model (screenings, contributions,
+    disclosures, refusals) from the parties' verified uses ledgers, as ``audit uses`` does.
+    """
     if fmt is ReportFormat.html and out_file is None:
         err.print("[bold red]error:[/] --format html needs --out FILE")
         raise typer.Exit(int(ExitCode.USAGE))
     audit = _federation_audit(ledgers, coordinator, keyring, spec, registry)
+    uses = None
+    if uses_dir is not None:
+        from agencyfl.screening.audit import audit_uses
+
+        with errors_to_exit():
+            uses = audit_uses(uses_dir, keyring)
     rows = audit.agencies
     worst = audit.worst()
     code = ExitCode.OK
@@ -134,8 +148,10 @@ def audit_report(
         code = ExitCode.BUDGET_EXCEEDED
     elif worst is not None:
         code = ExitCode.LEDGER_UNVERIFIED
+    if code is ExitCode.OK and uses is not None and uses.worst is not None:
+        code = FINDING_CODES[uses.worst]
     if fmt is ReportFormat.json:
-        emit_json(_audit_json(audit, code))
+        emit_json({**_audit_json(audit, code), **({"uses": uses.as_json()} if uses is not None else {})})
         raise typer.Exit(int(code))
     if fmt is ReportFormat.html:
         from agencyfl.report_html import render_report
@@ -143,7 +159,8 @@ def audit_report(
 
         assert out_file is not None
         models = list_models(registry) if registry else []
-        out_file.write_text(render_report(audit, models, int(code), HELP[code]), encoding="utf-8")
+        used = uses.as_json() if uses is not None else None
+        out_file.write_text(render_report(audit, models, int(code), HELP[code], used), encoding="utf-8")
         out.print(f"report written to {out_file} ({'all well' if code is ExitCode.OK else HELP[code]})")
         raise typer.Exit(int(code))
     table = Table(
@@ -181,6 +198,17 @@ def audit_report(
         "recomputed from the ledgers' mechanism events by Google's dp_accounting (RDP must agree, PLD not exceed)."
     )
     _print_findings(audit)
+    if uses is not None:
+        use_table = Table("model", "kind", "party", "count", title="every use of every model (uses ledgers)")
+        tally: dict[tuple[str, str, str], int] = {}
+        for party, use in uses.uses:
+            key = (use.model_version, use.kind, party)
+            tally[key] = tally.get(key, 0) + 1
+        for (model, kind, party), count in sorted(tally.items()):
+            use_table.add_row(model, kind, party, str(count))
+        out.print(use_table)
+        for party, finding in uses.findings:
+            out.print(f"[red]{party}: {finding.kind}: {finding.message}[/]")
     verdict = "all ledgers verified, no cap exceeded" if code is ExitCode.OK else HELP[code]
     out.print(("[green]" if code is ExitCode.OK else "[red]") + verdict + "[/]")
     raise typer.Exit(int(code))
