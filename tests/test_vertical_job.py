@@ -56,13 +56,15 @@ def test_each_agency_keeps_only_its_own_block(vertical: tuple[VerticalJob, Path,
 
     loaded = load_any_spec(population.spec)
     assert isinstance(loaded, LoadedVerticalSpec)
+    squared = 0.0
     for agency in AGENCIES:
         weights = np.load(work / agency / "model" / "weights.npy")
+        squared += float(weights @ weights)
         assert summary["agencies"][agency]["model_block"] == str(work / agency / "model" / "weights.npy")
         # its own encoded inputs, its "not held" term, and (civil affairs) the intercept: nothing of another's
         own = FeatureEncoder(loaded.spec.block_schema(agency)).width + 1 + (agency == "civil-affairs")
         assert weights.shape == (own,)
-        assert np.linalg.norm(weights[: len(weights) - (agency == "civil-affairs")]) <= 2.0 + 1e-6  # the bound W
+    assert np.sqrt(squared) <= 5.0 + 1e-6  # the joint bound W on every block and the intercept together
 
 
 def test_a_job_that_would_cross_the_lifetime_budget_stops_with_its_refusal_recorded(
@@ -95,8 +97,10 @@ def test_the_fairness_table_on_joined_records_is_a_noised_release_in_every_ledge
     assert table["release"] == "noised counts, accounted in each agency's ledger"
     assert set(table["attributes"]) == {"region_type", "disability", "head_age"}
     groups = {g["group"]: g["n"] for g in table["attributes"]["region_type"]["groups"]}
-    assert set(groups) >= {"urban", "rural"} and groups.get("unknown", 0) < 0.05 * sum(groups.values())
     validation = card["metrics"]["n"]
+    # civil affairs holds region_type for every household: "unknown" is noise only (a group's n sums four
+    # noised cells: std 2 x 5 x sqrt(3 + 1) = 20), not the bulk of the table as in the horizontal partial records
+    assert groups["urban"] + groups["rural"] > 0.6 * validation and groups.get("unknown", 0) < 4 * 20
     assert abs(sum(groups.values()) - validation) < 0.25 * validation  # noised counts of the validation split
     for agency in AGENCIES:
         events = verify_ledger(work / agency / "ledger").events

@@ -99,7 +99,11 @@ def test_households_not_assessed_contribute_nothing(
 def test_the_job_stays_within_its_epsilon(run: VerticalResult) -> None:
     assert len(run.events) == PLAN.iterations
     assert all(e == PLAN.iteration_event() for e in run.events)
-    assert PLAN.sensitivity == pytest.approx(np.sqrt(5) * (0.5 + 5 * 2.0 / 4))
+    # joint projection: |z| <= sqrt(K + 1) W (Cauchy-Schwarz over 4 blocks of norm <= 1 and the intercept)
+    assert PLAN.sensitivity == pytest.approx(np.sqrt(5) * (0.5 + np.sqrt(5) * PLAN.weight_bound / 4))
+    assert PLAN.model_copy(update={"projection": "block"}).sensitivity == pytest.approx(
+        np.sqrt(5) * (0.5 + 5 * PLAN.weight_bound / 4)
+    )
     accountant = RdpAccountant()
     accountant.compose(to_dp_event(run.mechanism))
     assert accountant.get_epsilon(PLAN.delta) <= PLAN.epsilon

@@ -22,6 +22,16 @@ def project(w: Vector, bound: float) -> Vector:
     return w if norm <= bound else np.asarray(w * (bound / norm), dtype=np.float64)
 
 
+def joint_scale(squared_norms: list[float], bound: float) -> float:
+    """The factor that puts the concatenated weights of every block back on the ball of radius ``bound``.
+
+    Each party contributes only the squared norm of its own block (a number computed from its DP releases:
+    post-processing), and each multiplies its own block by the same factor.
+    """
+    norm = float(np.sqrt(sum(squared_norms)))
+    return 1.0 if norm <= bound else bound / norm
+
+
 @dataclass
 class BlockOptimizer:
     """One party's optimizer state for its own weights (Adam, Kingma and Ba 2015, or plain GD).

@@ -22,8 +22,11 @@ class VerticalPlan(BaseModel):
         T, full-batch gradient steps (each one DP release).
     epsilon, delta
         The job's budget for those T releases (add or remove one household everywhere).
-    weight_bound
-        W: every block's weights are projected to L2 norm <= W and the intercept to |b| <= W.
+    weight_bound, projection
+        W. ``joint`` (default): after each step the whole weight vector (every block and the intercept) is
+        projected to L2 norm <= W, each party scaling its own block by the common factor computed from the
+        blocks' norms; then |z| <= sqrt(K + 1) W (Cauchy-Schwarz over the K blocks of norm <= 1 and the
+        intercept's input 1). ``block``: each block to norm <= W and |b| <= W; then |z| <= (K + 1) W.
     optimizer, learning_rate
         The post-processing step each party applies to its own block.
     releases
@@ -37,14 +40,17 @@ class VerticalPlan(BaseModel):
     iterations: int = Field(ge=1)
     epsilon: float = Field(gt=0, allow_inf_nan=False)
     delta: float = Field(gt=0, lt=1)
-    weight_bound: float = Field(default=2.0, gt=0, allow_inf_nan=False)
+    weight_bound: float = Field(default=5.0, gt=0, allow_inf_nan=False)
+    projection: Literal["joint", "block"] = "joint"
     optimizer: Literal["adam", "gd"] = "adam"
-    learning_rate: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+    learning_rate: float = Field(default=0.2, gt=0, allow_inf_nan=False)
     releases: tuple[float, ...] = ()
 
     @property
     def score_bound(self) -> float:
-        """Z = (K + 1) W bounds |z_i| (each ||x_ik|| <= 1, ||w_k|| <= W, |b| <= W)."""
+        """Z bounds |z_i|: sqrt(K + 1) W with the joint projection, (K + 1) W with per-block projection."""
+        if self.projection == "joint":
+            return math.sqrt(self.agencies + 1) * self.weight_bound
         return (self.agencies + 1) * self.weight_bound
 
     @property

@@ -78,7 +78,8 @@ class HolderSetup:
     label_holder: str
     optimizer: OptimizerName = "adam"
     learning_rate: float = 1.0
-    weight_bound: float = 2.0
+    weight_bound: float = 5.0
+    projection: Literal["joint", "block"] = "joint"
 
 
 @dataclass
@@ -132,6 +133,7 @@ class _Holder(_Party):
         self.received.append(Received("arbiter", "context", "public-context", 1, len(public_context), 0))
         self.slots = self.params.slots
         self.weight_bound = setup.weight_bound
+        self.projection = setup.projection
         self.weights = np.zeros(block.width + extra)
         self.optimizer = BlockOptimizer(setup.optimizer, setup.learning_rate, block.width + extra)
         self._rng = rng
@@ -179,8 +181,20 @@ class _Holder(_Party):
         noisy = np.asarray(release, dtype=np.float64) - self._mask
         self._mask = None
         self.releases.append(noisy)
-        self.weights = self._project(self.optimizer.step(self.weights, noisy))
+        stepped = self.optimizer.step(self.weights, noisy)
+        self.weights = stepped if self.projection == "joint" else self._project(stepped)
         return noisy
+
+    def squared_norm(self) -> float:
+        """The squared norm of its own block (all it tells the others for the joint projection)."""
+        self.sent_bytes += 8
+        return float(self.weights @ self.weights)
+
+    def rescale(self, factor: float) -> None:
+        """Multiply its own block by the common factor of the joint projection."""
+        if not 0.0 < factor <= 1.0:
+            raise HEError(f"{self.name}: a projection factor must lie in (0, 1], got {factor!r}")
+        self.weights = np.asarray(self.weights * factor, dtype=np.float64)
 
     def _project(self, w: Vector) -> Vector:
         return project(w, self.weight_bound)

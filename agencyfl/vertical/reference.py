@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from agencyfl.vertical.encoding import Block, LabelData
-from agencyfl.vertical.optim import BlockOptimizer, Vector, project
+from agencyfl.vertical.optim import BlockOptimizer, Vector, joint_scale, project
 from agencyfl.vertical.plan import VerticalPlan
 
 
@@ -39,6 +39,9 @@ def reference_train(
                 g = np.concatenate([g, [d.sum()]])
             noisy = g + rng.normal(0.0, std, size=len(g))
             w = optimizers[b.agency].step(weights[b.agency], noisy)
+            if plan.projection == "joint":
+                weights[b.agency] = w
+                continue
             if b is label:
                 w = np.concatenate(
                     [project(w[:-1], plan.weight_bound), [np.clip(w[-1], -plan.weight_bound, plan.weight_bound)]]
@@ -46,4 +49,7 @@ def reference_train(
             else:
                 w = project(w, plan.weight_bound)
             weights[b.agency] = w
+        if plan.projection == "joint":
+            factor = joint_scale([float(w @ w) for w in weights.values()], plan.weight_bound)
+            weights = {k: w * factor for k, w in weights.items()}
     return weights

@@ -17,7 +17,7 @@ from agencyfl.alignment.sealed import PartyKeys
 from agencyfl.federation.metrics import exact_metrics
 from agencyfl.privacy.events import GaussianEvent, Mechanism
 from agencyfl.vertical.encoding import Block, LabelData
-from agencyfl.vertical.optim import Vector
+from agencyfl.vertical.optim import Vector, joint_scale
 from agencyfl.vertical.plan import VerticalPlan
 from agencyfl.vertical.protocol import Arbiter, FeatureHolder, HolderSetup, LabelHolder
 
@@ -125,6 +125,7 @@ def train_vertical(
         return HolderSetup(
             keys=keys[name], directory=directory, run=run, public_context=context, label_holder=label.agency,
             optimizer=plan.optimizer, learning_rate=plan.learning_rate, weight_bound=plan.weight_bound,
+            projection=plan.projection,
         )  # fmt: skip
 
     holders = [FeatureHolder(b, setup(b.agency), rng) for b, rng in zip(features, rngs, strict=False)]
@@ -144,6 +145,10 @@ def train_vertical(
         for h in holders:
             h.apply(arbiter.release(gradients[h.name]))
         civil.apply(arbiter.release(gradients[civil.name]))
+        if plan.projection == "joint":  # each party tells its block's squared norm; all scale by one factor
+            factor = joint_scale([p.squared_norm() for p in [*holders, civil]], plan.weight_bound)
+            for p in [*holders, civil]:
+                p.rescale(factor)
         result.events.append(plan.iteration_event())
         sent1 = _sent(parties)
         result.iterations.append(
