@@ -183,6 +183,8 @@ def base_values(path: tuple[str, ...], world: dict[str, str]) -> dict[str, str]:
         "out_dir": "out-dir",
         "workdir": "work-dir",
         "roster": "mla-north=missing.csv",
+        "household": "51990219840302854X",
+        "outcome": "disagreed",
         **SAFE,
     }
     if path in DEEP:

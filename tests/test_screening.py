@@ -24,10 +24,10 @@ from agencyfl.federation.errors import ScreeningRefusedError
 from agencyfl.federation.spec import LoadedVerticalSpec, load_any_spec
 from agencyfl.privacy.ledger import verify_ledger
 from agencyfl.screening.records import ModelUse
-from agencyfl.screening.run import disclose, register_frame, score_register
+from agencyfl.screening.run import disclose, score_register
 from agencyfl.screening.worklist import categorize, cause_of
 from agencyfl.server.tokens import TokenStore
-from agencyfl.vertical.encoding import label_block
+from agencyfl.vertical.encoding import label_block, register_frame
 from agencyfl.vertical.model import RegisteredVerticalModel
 
 HOLDER = "civil-affairs"
@@ -209,6 +209,11 @@ def test_a_hostile_requester_is_refused_on_the_record_and_gets_nothing(
     assert not any((tmp_path / d).exists() for d in "abcd")  # nothing written
     refusals = [u for u in _uses(job.work, "coordinator") if u.kind == "refusal"]
     assert len(refusals) == 4 and all(u.reason for u in refusals)
+    # a known token's refusal names it and its holder, so the auditor can tell whose request it was
+    assert [u.requester for u in refusals[:2]] == ["someone", "someone"]
+    assert refusals[0].token_id == store.lookup(other).id  # type: ignore[union-attr]
+    assert refusals[2].token_id is not None and "revoked" in (refusals[2].reason or "")
+    assert refusals[3].token_id is None and refusals[3].requester == "(unknown token)"
     # reasons for the whole register: tax explains at most half of it, and says no on the record
     loaded = _loaded(job.spec)  # the copy keeps tax's explain = "agency", explain_max = 0.5
     _, parties = score_register(loaded, job.work, RegisteredVerticalModel(job.model), "scr-greedy", PURPOSE)

@@ -50,7 +50,7 @@ from agencyfl.screening.worklist import (
     change_of,
     read_worklist,
 )
-from agencyfl.server.tokens import TokenStore
+from agencyfl.server.tokens import TokenStore, token_hash
 from agencyfl.vertical.encoding import Block, feature_block, label_block, register_frame
 from agencyfl.vertical.model import RegisteredVerticalModel, load_part
 
@@ -72,32 +72,53 @@ def new_screening() -> str:
     return f"scr-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}-{secrets.token_hex(2)}"
 
 
+class TokenRefused(ScreeningRefusedError):
+    """A refusal of a known token: carries its id and holder, for the record."""
+
+    def __init__(self, message: str, token_id: str, holder: str) -> None:
+        super().__init__(message)
+        self.token_id, self.holder = token_id, holder
+
+
 def check_use(tokens_path: Path, token: str, purpose: str, model: RegisteredVerticalModel) -> tuple[str, str]:
     """The coordinator's check before anything is scored; returns (token id, requester name).
 
     Raises
     ------
     ScreeningRefusedError
-        The token is unknown, expired or revoked, not issued for ``purpose``, or the card does not list it.
+        The token is unknown, expired or revoked, not issued for ``purpose``, or the card does not list it
+        (``TokenRefused``, with the token's id and holder, when the token is known).
     """
-    record = TokenStore(tokens_path).lookup(token) if token else None
+    store = TokenStore(tokens_path)
+    record = store.lookup(token) if token else None
     if record is None:
+        known = next((r for r in store.records() if token and r.id == token_hash(token)[: len(r.id)]), None)
+        if known is not None:
+            raise TokenRefused(f"token {known.id} is {known.state()}", known.id, known.requester)
         raise ScreeningRefusedError("the token is not active (unknown, expired or revoked)")
     if purpose not in record.purposes:
-        raise ScreeningRefusedError(f"token {record.id} was issued for {list(record.purposes)!r}, not {purpose!r}")
-    if purpose != model.card.purpose:
-        raise ScreeningRefusedError(
-            f"model {model.version!r} is registered for purpose {model.card.purpose!r}, not {purpose!r}"
+        raise TokenRefused(
+            f"token {record.id} was issued for {list(record.purposes)!r}, not {purpose!r}", record.id, record.requester
         )
+    if purpose != model.card.purpose:
+        raise TokenRefused(
+            f"model {model.version!r} is registered for purpose {model.card.purpose!r}, not {purpose!r}",
+            record.id, record.requester,
+        )  # fmt: skip
     return record.id, record.requester
 
 
-def record_refusal(workdir: Path, model: RegisteredVerticalModel, screening: str, purpose: str, reason: str) -> None:
-    """A refused screening in the coordinator's uses ledger (nothing was scored)."""
+def record_refusal(
+    workdir: Path, model: RegisteredVerticalModel, screening: str, purpose: str, refusal: ScreeningRefusedError
+) -> None:
+    """A refused screening in the coordinator's uses ledger (nothing was scored), with the token's id and
+    holder when the token is known (the requester is then the token's holder)."""
     uses_ledger(workdir, COORDINATOR).append(
         ModelUse(kind="refusal", owner=COORDINATOR, screening=screening, federation=model.manifest.federation,
-                 model_version=model.version, purpose=purpose, requester=model.manifest.label_holder,
-                 time=now_iso(), reason=reason)
+                 model_version=model.version, purpose=purpose,
+                 requester=refusal.holder if isinstance(refusal, TokenRefused) else "(unknown token)",
+                 token_id=refusal.token_id if isinstance(refusal, TokenRefused) else None,
+                 time=now_iso(), reason=str(refusal))
     )  # fmt: skip
 
 
@@ -256,7 +277,7 @@ def screen_eligible(
     try:
         token_id, token_holder = check_use(tokens_path or workdir / COORDINATOR / "tokens.json", token, purpose, model)
     except ScreeningRefusedError as exc:
-        record_refusal(workdir, model, screening, purpose, str(exc))
+        record_refusal(workdir, model, screening, purpose, exc)
         raise
     previous = read_worklist(since) if since is not None else None
     spec = loaded.spec
