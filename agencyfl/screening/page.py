@@ -141,7 +141,7 @@ def _category_section(
             "<table><tr><th>household</th><th>score</th><th>cutoff</th><th>enrolled</th><th>group</th>"
             f"{head}<th>review</th><th>reasons</th></tr>{body}</table>"
         )
-        shown = "" if len(rows) == count else f" ({len(rows):,} listed here)"
+        shown = "" if len(rows) == count else f" ({len(rows):,} listed here; the full list is in worklist.csv)"
     else:
         table, shown = '<p class="empty">No households on this list.</p>', ""
     return (
@@ -155,7 +155,8 @@ def _since_section(report: dict[str, Any], rows: list[dict[str, Any]], labels: d
     since = report.get("since")
     if since is None:
         return '<p id="since">No comparison with a previous worklist.</p>'
-    changes = {c: sum(1 for r in rows if r.get("change") == c) for c in ("new", "changed", "unchanged")}
+    counted = since.get("changes")  # the whole list's (the page may show only its top rows)
+    changes = counted or {c: sum(1 for r in rows if r.get("change") == c) for c in ("new", "changed", "unchanged")}
     left = report.get("left") or []
     model_note = (
         f" The model changed since then (it was <code>{escape(str(since.get('model_version')))}</code>)."
@@ -238,6 +239,14 @@ def _plots(report: dict[str, Any]) -> str:
             f"{escape(str(spec.get('label', attribute)))}, as a share of each group's households.</figcaption>"
         )
     return "</figure>".join(figures) + "</figure>"
+
+
+def top_rows(rows: list[dict[str, Any]], per_category: int) -> list[dict[str, Any]]:
+    """The first ``per_category`` rows of each list in the page's order (the whole list stays in the CSV)."""
+    out: list[dict[str, Any]] = []
+    for key, *_ in _CATEGORIES:
+        out += sorted((r for r in rows if r["category"] == key), key=_ORDER[key])[:per_category]
+    return out
 
 
 def render_worklist_html(report: dict[str, Any]) -> str:

@@ -51,10 +51,12 @@ from agencyfl.screening.worklist import (
     read_worklist,
 )
 from agencyfl.server.tokens import TokenStore, token_hash
-from agencyfl.vertical.encoding import Block, feature_block, label_block, register_frame
+from agencyfl.vertical.encoding import Block, canonical_id, feature_block, label_block, register_frame
 from agencyfl.vertical.model import RegisteredVerticalModel, load_part
 
 BINS = 20
+PAGE_ROWS = 2000
+"""Rows per list on the worklist page (highest priority first); ``worklist.csv`` holds every row."""
 Progress = Callable[[str], None]
 
 
@@ -267,7 +269,7 @@ def screen_eligible(
     ModelError
         The model is not a registered vertical model of this federation, or a part fails its hash.
     """
-    from agencyfl.screening.page import render_worklist_html
+    from agencyfl.screening.page import render_worklist_html, top_rows
 
     step = progress or (lambda _: None)
     model = RegisteredVerticalModel(model_dir)
@@ -288,7 +290,7 @@ def screen_eligible(
     step("scoring under encryption")
     logits, parties = score_register(loaded, workdir, model, screening, purpose)
     scores = _sigmoid(logits)
-    frame = register_frame(loaded, workdir)
+    frame = register_frame(loaded, workdir, canonical=False)
     enrolled = frame["enrolled"].to_numpy(dtype=bool)
     rule = DecisionRule.for_model(model.loaded.spec, model.card.mitigation)
     decisions = rule.decide(scores, frame, spec.schema_, review_band)
@@ -322,7 +324,7 @@ def screen_eligible(
     households = frame["household"].to_numpy(dtype=object)
     rows: list[dict[str, Any]] = []
     for p in listed:
-        household, category = str(households[p]), str(categories[p])
+        household, category = canonical_id(str(households[p])), str(categories[p])
         row: dict[str, Any] = {
             "household": household, "position": int(p), "category": category, "score": round(float(scores[p]), 4),
             "cutoff": float(decisions.cutoff[p]), "enrolled": bool(enrolled[p]), "change": None,
@@ -388,6 +390,7 @@ def screen_eligible(
         "ledgers": {"requester": str(workdir / holder / "uses-ledger"),
                     "coordinator": str(workdir / COORDINATOR / "uses-ledger")},
     }  # fmt: skip
-    write_private_text(out / "worklist.html", render_worklist_html({**report, "rows": rows}))
+    page = {**report, "rows": top_rows(rows, PAGE_ROWS)}  # a page people read; the CSV has every row
+    write_private_text(out / "worklist.html", render_worklist_html(page))
     write_private_text(out / "screening.json", json.dumps(report, indent=2, default=str))
     return ScreeningResult(report, rows, files, scores, frame)

@@ -217,8 +217,20 @@ def label_block(loaded: LoadedVerticalSpec, workdir: Path) -> tuple[Block, Label
     return block, LabelData(y=is_true.astype(np.float64), assessed=assessed, validation=assessed & held_out)
 
 
-def register_frame(loaded: LoadedVerticalSpec, workdir: Path) -> pd.DataFrame:
-    """Civil affairs' register in register order: canonical id, enrolled, and its validated features."""
+def canonical_id(raw: str) -> str:
+    """A resident id in its canonical form (as written, stripped, when it is not a valid one)."""
+    try:
+        return normalize(raw)
+    except InvalidResidentId:
+        return raw.strip()
+
+
+def register_frame(loaded: LoadedVerticalSpec, workdir: Path, canonical: bool = True) -> pd.DataFrame:
+    """Civil affairs' register in register order: its id, enrolled, and its validated features.
+
+    ``canonical=False`` keeps each id as written (normalizing a million ids costs seconds; a screening
+    normalizes only the ids it lists).
+    """
     spec = loaded.spec
     holder = spec.label_agency.name
     path = loaded.data_path(holder)
@@ -235,12 +247,7 @@ def register_frame(loaded: LoadedVerticalSpec, workdir: Path) -> pd.DataFrame:
     features.iloc[valid] = table.valid[[f.name for f in schema.features]].to_numpy(dtype=object)
     frame = features.iloc[register].reset_index(drop=True)
 
-    def canonical(raw: str) -> str:
-        try:
-            return normalize(raw)
-        except InvalidResidentId:
-            return raw.strip()
-
-    frame.insert(0, "household", [canonical(ids[r]) for r in register])
+    written = [ids[r] for r in register]
+    frame.insert(0, "household", [canonical_id(i) for i in written] if canonical else written)
     frame.insert(1, "enrolled", [enrolled_raw[r].strip().lower() in {"1", "true", "yes"} for r in register])
     return frame
