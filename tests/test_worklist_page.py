@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from agencyfl.screening.page import render_worklist_html
+from agencyfl.screening.page import render_worklist_html, top_rows
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_FLAGS = [
@@ -294,3 +294,17 @@ def test_an_empty_worklist_says_so_per_category() -> None:
         assert "<table" not in section and '<span class="count">0</span>' in section
         assert shown.rows[category] == []
     assert "No comparison with a previous worklist." in html and 'id="left"' not in html
+
+
+def test_a_long_list_shows_its_first_rows_and_the_page_points_to_the_csv() -> None:
+    report = _report()
+    invites = [r for r in report["rows"] if r["category"] == "invite"]
+    assert len(invites) > 2
+    shown = top_rows(report["rows"], 2)
+    kept = [r for r in shown if r["category"] == "invite"]
+    assert [r["score"] for r in kept] == sorted((r["score"] for r in invites), reverse=True)[:2]  # highest first
+    html = render_worklist_html({**report, "rows": shown})
+    section = html[html.index('data-category="invite"') :]
+    section = section[: section.index("</section>")]
+    assert section.count("<tr data-household=") == 2
+    assert f"{report['counts']['invite']:,}</span> (2 listed here; the full list is in worklist.csv)" in section
