@@ -8,12 +8,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from agencyfl.federation.errors import ModelError
+
+if TYPE_CHECKING:
+    from agencyfl.federation.decision import DecisionRule
+    from agencyfl.federation.spec import FairnessSection, SchemaSection
+
+VERTICAL_MANIFEST = "manifest.json"
+"""What a vertical model's registry folder holds instead of weights (``agencyfl.vertical.model``)."""
 
 
 @dataclass
@@ -29,6 +36,9 @@ class LocalEvaluation:
 def evaluate_local(model: Path, data: Path, spec: Path | None = None, review_band: float = 0.1) -> LocalEvaluation:
     """Score ``data`` with the registered ``model`` (the spec must match the model's inputs).
 
+    A vertical model (its folder holds ``manifest.json``) scores a joined file of every agency's
+    columns (``agencyfl.vertical.evaluate``).
+
     Raises
     ------
     ModelError, SpecError, DataFileError
@@ -36,7 +46,6 @@ def evaluate_local(model: Path, data: Path, spec: Path | None = None, review_ban
     """
     from agencyfl.federation.decision import DecisionRule
     from agencyfl.federation.encoding import FeatureEncoder
-    from agencyfl.federation.fairness import count_groups, fairness_table, group_labels, layout
     from agencyfl.federation.metrics import exact_metrics
     from agencyfl.federation.model import predict_proba
     from agencyfl.federation.reasons import contributions, top_reasons
@@ -44,6 +53,10 @@ def evaluate_local(model: Path, data: Path, spec: Path | None = None, review_ban
     from agencyfl.federation.table import load_table
     from agencyfl.server.registry import RegisteredModel
 
+    if (Path(model) / VERTICAL_MANIFEST).is_file():  # a vertical model: its parts stay in the agencies' folders
+        from agencyfl.vertical.evaluate import evaluate_vertical
+
+        return evaluate_vertical(Path(model), Path(data), spec, review_band)
     registered = RegisteredModel(model)
     loaded_spec = load_spec(spec).spec if spec is not None else registered.spec
     encoder = FeatureEncoder(loaded_spec.schema)
@@ -60,7 +73,6 @@ def evaluate_local(model: Path, data: Path, spec: Path | None = None, review_ban
     rule = DecisionRule.for_model(registered.spec, registered.card.mitigation)
     threshold = rule.threshold
     thresholds = rule.thresholds or None
-    groups = group_labels(frame, section, loaded_spec.schema) if section else {}
     decided_now = rule.decide(scores, frame, loaded_spec.schema, review_band)
     eligible = decided_now.eligible
     labels = {f.name: loaded_spec.schema.plain_label(f.name) for f in loaded_spec.schema.features}
@@ -74,16 +86,7 @@ def evaluate_local(model: Path, data: Path, spec: Path | None = None, review_ban
             "reasons": top_reasons(contributions(registered.model, x), eligible, encoder, labels),
         }
     )
-    fairness = mitigated = None
-    if section is not None:
-        lay = layout(section, loaded_spec.schema)
-        fairness = fairness_table(count_groups(scores, y, groups, lay, threshold), section, lay)
-        fairness["release"] = f"exact counts on {data.name}"
-        if thresholds is not None and rule.attribute is not None:
-            decided = eligible.astype(float)
-            # counts at per-group thresholds: count_groups on the decisions themselves (threshold 0.5)
-            mitigated = fairness_table(count_groups(decided, y, groups, lay, 0.5), section, lay)
-            mitigated["release"] = f"exact counts on {data.name}, per-group thresholds on {rule.attribute}"
+    fairness, mitigated = fairness_on_file(scores, y, eligible, frame, section, loaded_spec.schema, rule, data)
     report = {
         "model": str(model),
         "model_version": registered.card.model_version,
@@ -98,3 +101,31 @@ def evaluate_local(model: Path, data: Path, spec: Path | None = None, review_ban
         "group_thresholds": thresholds,
     }
     return LocalEvaluation(report, decisions, fairness, mitigated)
+
+
+def fairness_on_file(
+    scores: np.ndarray,
+    y: np.ndarray,
+    eligible: np.ndarray,
+    frame: pd.DataFrame,
+    section: FairnessSection | None,
+    schema: SchemaSection,
+    rule: DecisionRule,
+    data: Path,
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The fairness table of a scored file (exact counts), and the same at the rule's per-group thresholds."""
+    from agencyfl.federation.fairness import count_groups, fairness_table, group_labels, layout
+
+    if section is None:
+        return None, None
+    groups = group_labels(frame, section, schema)
+    lay = layout(section, schema)
+    fairness = fairness_table(count_groups(scores, y, groups, lay, rule.threshold), section, lay)
+    fairness["release"] = f"exact counts on {data.name}"
+    mitigated = None
+    if rule.thresholds and rule.attribute is not None:
+        decided = eligible.astype(float)
+        # counts at per-group thresholds: count_groups on the decisions themselves (threshold 0.5)
+        mitigated = fairness_table(count_groups(decided, y, groups, lay, 0.5), section, lay)
+        mitigated["release"] = f"exact counts on {data.name}, per-group thresholds on {rule.attribute}"
+    return fairness, mitigated

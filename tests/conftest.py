@@ -28,6 +28,17 @@ from agencyfl.server.model_card import ModelCard
 from agencyfl.synth import SynthResult, synthesize  # noqa: E402
 
 AGENCIES = ["civil-affairs", "hrss", "tax", "environment"]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_FLAGS = [  # headless, and no background connections (this machine's network is closed)
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def invoke(*args: object) -> Any:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import TrainedFederation, invoke
+from conftest import CHROMIUM, CHROMIUM_FLAGS, TrainedFederation, invoke
 
 from agencyfl.exit_codes import ExitCode
 from agencyfl.privacy.audit import audit_ledger
@@ -150,19 +149,6 @@ def test_keyring_refuses_to_replace_a_key(copy_of_trained: TrainedFederation, tm
         invoke("audit", "keys", "list", "--keyring", copy_of_trained.keyring, "--format", "json").stdout
     )
     assert set(listed) == {*copy_of_trained.summary["agencies"], "coordinator"}
-
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")

@@ -112,15 +112,27 @@ def print_run(summary: dict[str, Any]) -> None:
 def run(
     spec: Annotated[Path, typer.Option(help="The federation spec (TOML)")],
     workdir: Annotated[Path, typer.Option(help="Where ledgers, registry and run summaries go")] = Path("work"),
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Vertical specs: print the job's releases, each agency's epsilon now and after, refusals and "
+            "bytes per iteration; align, train and record nothing",
+        ),
+    ] = False,
     fmt: FormatOpt = Format.table,
 ) -> None:
     """Run the whole federation on this machine (Flower simulation engine, in process).
 
     A vertical spec is aligned first, then trained with the encrypted protocol (docs/vertical.md),
-    every iteration accounted in every agency's ledger before it is released.
+    every iteration accounted in every agency's ledger before it is released. ``--dry-run`` (vertical
+    specs only; exit 2 for a horizontal one) shows what that would release and spend, writing nothing.
     """
     if workdir.exists() and not workdir.is_dir():
         fail(f"--workdir {str(workdir)!r} is a file, not a folder", ExitCode.USAGE)
+    if dry_run:
+        _dry_run(spec, workdir, fmt)
+        return
     with errors_to_exit():
         vertical = _vertical_spec(spec)
         if vertical is not None:
@@ -162,6 +174,83 @@ def _run_vertical(loaded: LoadedVerticalSpec, workdir: Path, fmt: Format) -> Non
                   f"its block: {row['model_block']}")  # fmt: skip
 
 
+def _dry_run(spec: Path, workdir: Path, fmt: Format) -> None:
+    from agencyfl.federation.spec import LoadedVerticalSpec, load_any_spec
+    from agencyfl.vertical.dry_run import dry_run
+
+    with errors_to_exit():
+        loaded = load_any_spec(spec)
+        if not isinstance(loaded, LoadedVerticalSpec):
+            fail(
+                f"--dry-run is for vertical specs; {str(spec)!r} is horizontal (its rounds' noise and spend are "
+                "checked round by round by each agency when it runs)",
+                ExitCode.USAGE,
+            )
+        report = dry_run(loaded, workdir)
+    if fmt is Format.json:
+        emit_json(report)
+        return
+    print_dry_run(report)
+
+
+def _kb(n: float) -> str:
+    return f"{n / 1000:,.1f} KB"
+
+
+def print_dry_run(report: dict[str, Any]) -> None:
+    """The dry run for people: the plan, the releases, one row per agency, the verdict."""
+    plan, releases, register = report["plan"], report["releases"], report["register"]
+    out.print(
+        f"[bold]dry run[/] of {one_line(report['federation'])}: nothing aligned, trained or recorded "
+        f"(workdir {one_line(report['workdir'])})"
+    )
+    out.print(
+        f"plan: K {plan['agencies']} agencies, T {plan['iterations']} iterations, epsilon {plan['epsilon']:g} "
+        f"delta {plan['delta']:g}, W {plan['weight_bound']:g} ({plan['projection']}), Z {plan['score_bound']:.3f}, "
+        f"D {plan['residual_bound']:.3f}, noise multiplier {plan['noise_multiplier']:.4f}"
+    )
+    kinds = " + ".join(
+        f"{r['count']} {r['release']} (Gaussian, sensitivity {r['sensitivity']:.4g}, std {r['std']:.4g})"
+        for r in releases["by_kind"]
+    )
+    out.print(f"releases: {releases['count']} = {kinds}; fairness: {one_line(releases['fairness'])}")
+    sizes = report["ciphertext_bytes"]
+    out.print(
+        f"register: {register['size']:,} households ({one_line(register['source'])}), "
+        f"{register['ciphertexts_per_vector']} ciphertext(s) per vector; ciphertexts measured: partial scores "
+        f"{_kb(sizes['partial_scores'])}, residuals {_kb(sizes['residuals'])}, gradient {_kb(sizes['gradient'])}"
+    )
+    table = Table(
+        "agency", "epsilon (this job)", "per-job cap", "lifetime now", "lifetime after the job", "budget", "verdict",
+        "sent per iteration",
+    )  # fmt: skip
+    for name, row in report["agencies"].items():
+        refused = row["refused"]
+        verdict = (
+            "[green]admits every release[/]"
+            if refused is None
+            else f"[red]refuses {refused['release']} {refused['iteration']}[/]"
+        )
+        table.add_row(
+            name, f"{row['epsilon_job_planned']:.3f}", f"{row['epsilon_job_cap']:g}",
+            f"{row['epsilon_lifetime_now']:.3f}", f"{row['epsilon_lifetime_planned']:.3f}", f"{row['budget']:g}",
+            verdict, _kb(row["bytes_per_iteration"]),
+        )  # fmt: skip
+    out.print(table)
+    out.print(f"arbiter sends {report['bytes_per_iteration']['arbiter']} bytes per iteration (masked noised values)")
+    stops = report["stops_at"]
+    if stops is None:
+        fairness = " (the fairness counts would be refused: no table on the card)" if report["fairness_refused"] else ""
+        out.print(f"[green]the job would run[/]: {releases['count']} releases admitted by every ledger{fairness}")
+    else:
+        spent = ", ".join(f"{one_line(n)} {r['epsilon_lifetime_after']:.3f}" for n, r in report["agencies"].items())
+        out.print(
+            f"[red]the job would stop before iteration {stops['iteration']}[/]: "
+            f"{one_line(', '.join(stops['refused_by']))} would refuse it ({one_line(stops['reason'])}); "
+            f"lifetime epsilon after the iterations released before: {spent}"
+        )
+
+
 # ---------------------------------------------------------------- evaluate
 def evaluate_file(model: Path, spec: Path, data: Path) -> dict[str, Any]:
     """Metrics of a registered model on a labelled file (see ``agencyfl.local_evaluation``)."""
@@ -180,7 +269,13 @@ def evaluate(
     ] = None,
     fmt: FormatOpt = Format.table,
 ) -> None:
-    """Score a local labelled file: AUC, accuracy, Brier score, the fairness table, and reasons per household."""
+    """Score a local labelled file: AUC, accuracy, Brier score, the fairness table, and reasons per household.
+
+    A vertical model (a folder WORKDIR/registry/FEDERATION/vNNNN made by ``agencyfl run``) scores a joined
+    file of every agency's columns with each agency's part read from its folder of that workdir, and adds
+    coverage of the eligible, mean score and eligible rate at the card's rule, overall and for the
+    households every agency holds (``agencyfl.vertical.evaluate``).
+    """
     from agencyfl.federation.files import write_private_csv
     from agencyfl.local_evaluation import evaluate_local
 
@@ -196,12 +291,41 @@ def evaluate(
         return
     out.print(
         f"{one_line(report['model_version'])} on {one_line(data)}: "
-        f"AUC {report['auc']:.4f}, accuracy {report['accuracy']:.4f}, "
-        f"Brier {report['brier']:.4f} ({report['scored']} rows scored, {report['quarantined']} quarantined)"
+        f"AUC {_share(report['auc'])}, accuracy {_share(report['accuracy'])}, "
+        f"Brier {_share(report['brier'])} ({report['scored']} rows scored, {report['quarantined']} quarantined)"
     )
+    vertical = report.get("topology") == "vertical"
+    if vertical:
+        print_vertical_figures(report)
     if result.fairness is not None:
         verdict = "pass" if result.fairness["passed"] else "FAIL: " + "; ".join(result.fairness["failures"])
         out.print(f"fairness at threshold {result.fairness['threshold']:g}: {one_line(verdict)}")
-        out.print(f"  (the table: agencyfl audit fairness --model {one_line(model)} --data {one_line(data)})")
+        if vertical:
+            out.print("  (the table: --format json, under fairness)")
+        else:
+            out.print(f"  (the table: agencyfl audit fairness --model {one_line(model)} --data {one_line(data)})")
     if out_file is not None:
-        out.print(f"decisions with reasons: {one_line(out_file)}")
+        what = "decisions (scores, decisions, who holds each household)" if vertical else "decisions with reasons"
+        out.print(f"{what}: {one_line(out_file)}")
+
+
+def _share(value: float | None) -> str:
+    """A figure to 4 decimals; None (undefined: e.g. no eligible household) as n/a."""
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def print_vertical_figures(report: dict[str, Any]) -> None:
+    """A vertical evaluation's figures at the decision rule, for all scored households and the complete ones."""
+    complete = report["complete"]
+    rule = f"threshold {report['threshold']:g}" + (" with per-group thresholds" if report["group_thresholds"] else "")
+    out.print(
+        f"at the card's rule ({rule}): coverage of the eligible {_share(report['coverage_of_eligible'])}, "
+        f"mean score {_share(report['mean_score'])}, eligible rate {_share(report['eligible_rate'])}"
+    )
+    out.print(
+        f"complete households (held by every agency, {complete['households']}): AUC {_share(complete['auc'])}, "
+        f"coverage of the eligible {_share(complete['coverage_of_eligible'])}, mean score "
+        f"{_share(complete['mean_score'])}, eligible rate {_share(complete['eligible_rate'])}"
+    )
+    held = ", ".join(f"{one_line(name)} {count}" for name, count in report["held"].items())
+    out.print(f"households each agency holds: {held}")

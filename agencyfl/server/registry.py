@@ -72,10 +72,15 @@ def register_model(root: Path, loaded: LoadedSpec, arrays: list[np.ndarray], car
             "code_version": code_version(),
         }
     )
-    (target / CARD_FILE).write_text(json.dumps(full.as_json(), indent=2), encoding="utf-8")
-    (target / CARD_MD).write_text(render_markdown(full), encoding="utf-8")
-    (target / CARD_HTML).write_text(render_html(full), encoding="utf-8")
+    write_card(target, full)
     return target
+
+
+def write_card(target: Path, card: ModelCard) -> None:
+    """The card in a registry folder: ``card.json`` and, for people, ``card.md`` and ``card.html``."""
+    (target / CARD_FILE).write_text(json.dumps(card.as_json(), indent=2), encoding="utf-8")
+    (target / CARD_MD).write_text(render_markdown(card), encoding="utf-8")
+    (target / CARD_HTML).write_text(render_html(card), encoding="utf-8")
 
 
 class RegisteredModel:

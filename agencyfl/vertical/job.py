@@ -14,7 +14,6 @@ the labels), so every ledger records every iteration.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import secrets
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from agencyfl.federation.errors import FederationError
 from agencyfl.federation.fairness import card_fields, count_groups, group_labels, layout
 from agencyfl.federation.fairness import sensitivity as fairness_sensitivity
 from agencyfl.federation.spec import FairnessSection, LoadedVerticalSpec
+from agencyfl.federation.table import file_fingerprint
 from agencyfl.privacy.accounting import StepRecord, epsilon_for
 from agencyfl.privacy.budget import check_round
 from agencyfl.privacy.events import EVENT_FORMAT, NEIGHBOURING, GaussianEvent
@@ -220,14 +220,6 @@ def release_fairness(
     return card_fields(noisy, section, spec.schema_, {spec.label_agency.name: "released (noised)"})
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def vertical_card(
     loaded: LoadedVerticalSpec,
     workdir: Path,
@@ -243,7 +235,7 @@ def vertical_card(
         CardAgency(
             name=a.name, epsilon=epsilons[a.name]["epsilon_job"], epsilon_lifetime=epsilons[a.name]["epsilon_lifetime"],
             delta=spec.privacy.delta, rounds_trained=len(result.events), refusals=0,
-            dataset_sha256=_file_sha256(loaded.data_path(a.name)),
+            dataset_sha256=file_fingerprint(loaded.data_path(a.name)),
         )
         for a in spec.agencies
     ]  # fmt: skip

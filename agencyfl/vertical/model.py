@@ -22,8 +22,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from agencyfl.federation.errors import ModelError
 from agencyfl.federation.spec import LoadedVerticalSpec, load_any_spec
-from agencyfl.server.model_card import ModelCard, render_html, render_markdown
-from agencyfl.server.registry import CARD_FILE, CARD_HTML, CARD_MD, SPEC_FILE, code_version
+from agencyfl.server.model_card import ModelCard
+from agencyfl.server.registry import CARD_FILE, SPEC_FILE, code_version, write_card
 
 MANIFEST_FILE = "manifest.json"
 INTERCEPT = "intercept"
@@ -109,9 +109,7 @@ def register_vertical(
             "code_version": code_version(),
         }
     )
-    (target / CARD_FILE).write_text(json.dumps(full.as_json(), indent=2), encoding="utf-8")
-    (target / CARD_MD).write_text(render_markdown(full), encoding="utf-8")
-    (target / CARD_HTML).write_text(render_html(full), encoding="utf-8")
+    write_card(target, full)
     return target
 
 
