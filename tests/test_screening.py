@@ -34,11 +34,13 @@ HOLDER = "civil-affairs"
 PURPOSE = "eligibility-identification"
 
 
-def _explaining(spec: Path) -> None:
-    """Tax explains its contribution, environment its top inputs; HRSS keeps the default (none)."""
+def _explaining(spec: Path, share: float = 1.0) -> None:
+    """Tax explains its contribution, environment its top inputs (for up to ``share`` of the register: the
+    3-iteration model's lists are long and vary with the DP noise); HRSS keeps the default (none)."""
     text = spec.read_text()
-    text = text.replace('name = "tax"\n', 'name = "tax"\nexplain = "agency"\nexplain_max = 0.5\n')
-    text = text.replace('name = "environment"\n', 'name = "environment"\nexplain = "feature"\nexplain_max = 0.5\n')
+    text = re.sub(r"\nexplain = .*\nexplain_max = .*\n", "\n", text)
+    text = text.replace('name = "tax"\n', f'name = "tax"\nexplain = "agency"\nexplain_max = {share}\n')
+    text = text.replace('name = "environment"\n', f'name = "environment"\nexplain = "feature"\nexplain_max = {share}\n')
     spec.write_text(text)
 
 
@@ -81,7 +83,9 @@ def screened(vertical_job: VerticalJob, tmp_path_factory: pytest.TempPathFactory
     done = _screen(job, out, _token(job.work))
     assert done.exit_code == 0, done.output
     assert _sha(job.data / f"{HOLDER}.csv") == register_before  # no command changes an enrolment
-    return job, json.loads(done.stdout), out
+    report = json.loads(done.stdout)
+    assert report["aligned_again"] is False  # no party's file changed since `agencyfl run` aligned
+    return job, report, out
 
 
 def test_the_encrypted_scores_are_the_models_and_only_the_requester_can_read_them(
@@ -215,7 +219,8 @@ def test_a_hostile_requester_is_refused_on_the_record_and_gets_nothing(
     assert refusals[2].token_id is not None and "revoked" in (refusals[2].reason or "")
     assert refusals[3].token_id is None and refusals[3].requester == "(unknown token)"
     # reasons for the whole register: tax explains at most half of it, and says no on the record
-    loaded = _loaded(job.spec)  # the copy keeps tax's explain = "agency", explain_max = 0.5
+    _explaining(job.spec, share=0.5)  # tax explains at most half of the register
+    loaded = _loaded(job.spec)
     _, parties = score_register(loaded, job.work, RegisteredVerticalModel(job.model), "scr-greedy", PURPOSE)
     from agencyfl.alignment.sealed import PartyKeys
 
@@ -268,6 +273,7 @@ def test_since_marks_changes_open_reviews_and_outcomes_become_labels(
     again = _screen(job, tmp_path / "next", token, "--since", first)
     assert again.exit_code == 0, again.output
     report = json.loads(again.stdout)
+    assert report["aligned_again"] is True  # civil affairs' file changed: the register is aligned again
     now = {r["household"]: r for r in _rows(tmp_path / "next" / "worklist.csv")}
     assert invited not in now  # enrolled with a high score: on no list
     left = json.loads((tmp_path / "next" / "screening.json").read_text())["left"]

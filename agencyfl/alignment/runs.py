@@ -43,11 +43,13 @@ from agencyfl.alignment.records import AlignmentRecord, write_quarantine
 from agencyfl.alignment.register import RegisterAlignment, align_register
 from agencyfl.federation.errors import AlignmentError, DataFileError, SpecError
 from agencyfl.federation.spec import LoadedVerticalSpec, load_any_spec
+from agencyfl.federation.table import file_fingerprint
 from agencyfl.privacy.keys import load_or_create_signing_key
 from agencyfl.privacy.ledger import Ledger
 
 RETENTION_FILE = "retention.json"
 RECORD_FILE = "alignment-record.json"
+INPUT_FILE = "alignment-input.json"
 REVIEW_FILE = "duplicates-review.csv"
 RUNS_LEDGER = Path("coordinator") / "runs-ledger"
 COORDINATOR_KEY = Path("coordinator") / "keys" / "ledger-signing.key"
@@ -200,6 +202,7 @@ def align_from_spec(
     column, register = spec.alignment.id_column, spec.label_agency.name
     others = [a.name for a in spec.agencies if a.name != register]
     chain = _chain(workdir)
+    fingerprints = {name: file_fingerprint(loaded.data_path(name)) for name in [register, *others]}
     inputs = {name: read_ids(loaded.data_path(name), column) for name in [register, *others]}
     run = f"align-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}-{secrets.token_hex(3)}"
     result = align_register(
@@ -221,14 +224,16 @@ def align_from_spec(
         def write(folder: Path) -> list[str]:
             alignment = result.agencies[name]
             positions = alignment.write(folder).name
-            return [positions, "alignment-quarantine.csv", _records(folder / RECORD_FILE, own.get(name, []))]
+            return [positions, "alignment-quarantine.csv", _records(folder / RECORD_FILE, own.get(name, [])),
+                    _input(folder, fingerprints[name], spec.alignment_sha256(), run)]  # fmt: skip
 
         return write
 
     def holder_files(folder: Path) -> list[str]:
         write_quarantine(folder / "alignment-quarantine.csv", result.holder_quarantine)
         sizes = _json(folder / "alignment-sizes.json", result.view.model_dump())
-        return [sizes, "alignment-quarantine.csv", _records(folder / RECORD_FILE, own.get(register, []))]
+        return [sizes, "alignment-quarantine.csv", _records(folder / RECORD_FILE, own.get(register, [])),
+                _input(folder, fingerprints[register], spec.alignment_sha256(), run)]  # fmt: skip
 
     event = ProtocolRun(
         kind="register-alignment", federation=spec.federation.name, run=run, requested_by=requested_by,
@@ -242,6 +247,29 @@ def align_from_spec(
         *((workdir / name / "alignment", agency_files(name)) for name in others),
     ])  # fmt: skip
     return result, event
+
+
+def _input(folder: Path, file_sha256: str, parameters_sha256: str, run: str) -> str:
+    """A party's note of what it aligned: its own file's SHA-256 and the parameters (``alignment_is_current``)."""
+    return _json(folder / INPUT_FILE, {"file_sha256": file_sha256, "parameters_sha256": parameters_sha256, "run": run})
+
+
+def alignment_is_current(loaded: LoadedVerticalSpec, workdir: Path) -> bool:
+    """Whether every party's alignment output was made from its file as it is now, with these parameters.
+
+    Each party checks only its own file against its own note; any missing note or output means no.
+    """
+    spec = loaded.spec
+    for agency in spec.agencies:
+        note = workdir / agency.name / "alignment" / INPUT_FILE
+        try:
+            recorded = json.loads(note.read_text())
+            current = file_fingerprint(loaded.data_path(agency.name))
+        except (OSError, ValueError):
+            return False
+        if recorded.get("file_sha256") != current or recorded.get("parameters_sha256") != spec.alignment_sha256():
+            return False
+    return True
 
 
 def _write_record_commit(

@@ -22,7 +22,7 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-from agencyfl.alignment.runs import align_from_spec
+from agencyfl.alignment.runs import align_from_spec, alignment_is_current
 from agencyfl.alignment.sealed import PartyKeys
 from agencyfl.federation.decision import DecisionRule
 from agencyfl.federation.errors import ModelError, ScreeningRefusedError
@@ -262,6 +262,10 @@ def screen_eligible(
 ) -> ScreeningResult:
     """Screen civil affairs' whole register and write ``worklist.csv``, ``worklist.html`` and ``screening.json``.
 
+    Alignment runs again first when any party's file changed since the last one (each party compares its
+    own file's SHA-256 with the note its alignment output keeps); ``realign=False`` skips that check, for a
+    caller that has just aligned.
+
     Raises
     ------
     ScreeningRefusedError
@@ -284,7 +288,8 @@ def screen_eligible(
     previous = read_worklist(since) if since is not None else None
     spec = loaded.spec
     holder = spec.label_agency.name
-    if realign:
+    aligned = realign and not alignment_is_current(loaded, workdir)  # a party's file changed: align again
+    if aligned:
         step("aligning the agencies to the register")
         align_from_spec(loaded, workdir, requested_by=holder)
     step("scoring under encryption")
@@ -380,6 +385,7 @@ def screen_eligible(
         "screening": screening, "created": now_iso(), "federation": spec.federation.name, "purpose": purpose,
         "model_version": model.version, "requester": holder, "token_id": token_id, "token_holder": token_holder,
         "households_scored": len(scores), "threshold": rule.threshold, "review_band": review_band,
+        "aligned_again": aligned,
         "counts": counts, "since": None if previous is None else {
             "worklist": str(previous.path), "model_version": previous.model_version,
             "screening": previous.screening, "changes": changes, "left": len(left)},
