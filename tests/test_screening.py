@@ -122,10 +122,16 @@ def test_worklists_are_private_follow_the_decision_rule_and_change_nothing(
     assert counts == report["counts"] and sum(counts.values()) > 0
     frame = register_frame(_loaded(job.spec), job.work)
     assert report["households_scored"] == len(frame)
+    band = report["review_band"]
+    checked = 0
     for row in rows:  # each row's category is the rule's, from its own score, cutoff and enrolment
-        got = categorize(np.array([float(row["score"])]), np.array([float(row["cutoff"])]),
-                         np.array([row["enrolled"] == "1"]), report["review_band"])[0]  # fmt: skip
+        score, cutoff = float(row["score"]), float(row["cutoff"])
+        if min(abs(score - edge) for edge in (cutoff - band, cutoff, cutoff + band)) < 1e-4:
+            continue  # the CSV rounds scores to 4 decimals: on a boundary the rounded score cannot tell
+        got = categorize(np.array([score]), np.array([cutoff]), np.array([row["enrolled"] == "1"]), band)[0]
         assert got == row["category"], row
+        checked += 1
+    assert checked > 0.95 * len(rows)
     assert all(r["enrolled"] == "0" for r in rows if r["category"] == "invite")
     assert all(r["enrolled"] == "1" for r in rows if r["category"] == "review-enrolment")
     enrolled = dict(zip(frame["household"], frame["enrolled"], strict=True))

@@ -103,7 +103,9 @@ def test_evaluate_a_vertical_model_on_the_joined_test_file(vertical_job: Vertica
 
     # coverage, mean score and eligible rate agree with the per-household file, overall and for complete households
     eligible = decisions["decision"].to_numpy() == "eligible"
-    assert (eligible == (decisions["score"].to_numpy() >= decisions["cutoff"].to_numpy())).all()
+    scores, cutoffs = decisions["score"].to_numpy(), decisions["cutoff"].to_numpy()
+    clear = np.abs(scores - cutoffs) > 1e-6  # the file rounds scores: a score on the cutoff cannot tell
+    assert clear.mean() > 0.95 and (eligible == (scores >= cutoffs))[clear].all()
     assert report["threshold"] == 0.5 and report["group_thresholds"] is None
     assert report["eligible"] == eligible.sum()
     assert report["eligible_rate"] == pytest.approx(eligible.mean(), abs=1e-12)
