@@ -137,6 +137,22 @@ def untrained_card(**fields: Any) -> ModelCard:
     return ModelCard(**(base | fields))
 
 
+def assert_page_is_drawn(page: Path, shot: Path, profile: Path) -> None:
+    """Screenshot ``page`` in headless Chromium: a tall picture, not blank."""
+    import subprocess
+
+    import matplotlib.image
+
+    assert CHROMIUM is not None
+    subprocess.run(
+        [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--screenshot={shot}",
+         "--window-size=1200,2400", page.as_uri()],
+        capture_output=True, timeout=120, check=True,
+    )  # fmt: skip
+    pixels = matplotlib.image.imread(shot)
+    assert pixels.shape[0] >= 2000 and pixels.std() > 0.05  # drawn, not blank
+
+
 @dataclass(frozen=True)
 class VerticalJob:
     """A vertical federation trained with ``agencyfl run``: its spec (beside the agencies' files), workdir, summary."""

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import CHROMIUM, CHROMIUM_FLAGS, TrainedFederation, invoke
+from conftest import CHROMIUM, CHROMIUM_FLAGS, TrainedFederation, assert_page_is_drawn, invoke
 
 from agencyfl.exit_codes import ExitCode
 from agencyfl.privacy.audit import audit_ledger
@@ -185,16 +185,7 @@ def test_html_report_renders_in_a_headless_browser(copy_of_trained: TrainedFeder
             for name in ("ours", "dp_accounting_rdp", "dp_accounting_pld"):
                 assert f"<td>{figures[name]:.4f}</td>" in line, (row.agency, key, name, line)
     assert "NOT IN CHAIN" not in dom and ">yes</td>" in dom  # the model version is countersigned
-    shot = tmp_path / "report.png"
-    subprocess.run(
-        [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--screenshot={shot}",
-         "--window-size=1200,2400", page.as_uri()],
-        capture_output=True, timeout=120, check=True,
-    )  # fmt: skip
-    import matplotlib.image
-
-    pixels = matplotlib.image.imread(shot)
-    assert pixels.shape[0] >= 2000 and pixels.std() > 0.05  # drawn, not blank
+    assert_page_is_drawn(page, tmp_path / "report.png", profile)
 
     (ledgers[0] / LEDGER_FILE).write_bytes(b"".join(lines(ledgers[0])[:-1]))
     tampered = invoke(

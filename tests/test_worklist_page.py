@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import CHROMIUM, CHROMIUM_FLAGS
+from conftest import CHROMIUM, CHROMIUM_FLAGS, assert_page_is_drawn
 
 from agencyfl.screening.page import render_worklist_html, top_rows
 
@@ -256,17 +256,7 @@ def test_worklist_page_renders_in_a_headless_browser(tmp_path: Path) -> None:
     for legend in ("urban (n=", "rural (n=", "yes (n=", "no (n=", "threshold 0.50"):
         assert legend in dom
 
-    shot = tmp_path / "worklist.png"
-    assert CHROMIUM is not None
-    subprocess.run(
-        [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--screenshot={shot}",
-         "--window-size=1200,2400", page.as_uri()],
-        capture_output=True, timeout=120, check=True,
-    )  # fmt: skip
-    import matplotlib.image
-
-    pixels = matplotlib.image.imread(shot)
-    assert pixels.shape[0] >= 2000 and pixels.std() > 0.05  # drawn, not blank
+    assert_page_is_drawn(page, tmp_path / "worklist.png", profile)
 
 
 def test_an_empty_worklist_says_so_per_category() -> None:

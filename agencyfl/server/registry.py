@@ -43,21 +43,25 @@ def code_version() -> str:
     return f"{__version__}+{commit}" if commit else __version__
 
 
-def register_model(root: Path, loaded: LoadedSpec, arrays: list[np.ndarray], card: ModelCard) -> Path:
-    """Save a model under the next free version of its federation; returns the version folder.
-
-    The registry fills the card's version, spec, inputs, creation time and code version.
-    """
-    base = Path(root) / loaded.spec.federation.name
+def next_version_folder(base: Path) -> Path:
+    """Create and return ``base/vNNNN``, the next free version (two registrations never share one)."""
     base.mkdir(parents=True, exist_ok=True)
     version = len([p for p in base.iterdir() if p.is_dir() and p.name.startswith("v")]) + 1
     while True:
         target = base / f"v{version:04d}"
         try:
             target.mkdir()
-            break
+            return target
         except FileExistsError:
             version += 1
+
+
+def register_model(root: Path, loaded: LoadedSpec, arrays: list[np.ndarray], card: ModelCard) -> Path:
+    """Save a model under the next free version of its federation; returns the version folder.
+
+    The registry fills the card's version, spec, inputs, creation time and code version.
+    """
+    target = next_version_folder(Path(root) / loaded.spec.federation.name)
     np.savez(target / MODEL_FILE, *arrays)
     (target / SPEC_FILE).write_text(loaded.text, encoding="utf-8")
     full = card.model_copy(

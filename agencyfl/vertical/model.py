@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from agencyfl.federation.errors import ModelError
 from agencyfl.federation.spec import LoadedVerticalSpec, load_any_spec
 from agencyfl.server.model_card import ModelCard
-from agencyfl.server.registry import CARD_FILE, SPEC_FILE, code_version, write_card
+from agencyfl.server.registry import CARD_FILE, SPEC_FILE, code_version, next_version_folder, write_card
 
 MANIFEST_FILE = "manifest.json"
 INTERCEPT = "intercept"
@@ -60,18 +60,6 @@ def _digest(weights: npt.NDArray[np.float64]) -> str:
     return hashlib.sha256(np.ascontiguousarray(weights, dtype="<f8").tobytes()).hexdigest()
 
 
-def _next_version(base: Path) -> Path:
-    base.mkdir(parents=True, exist_ok=True)
-    version = len([p for p in base.iterdir() if p.is_dir() and p.name.startswith("v")]) + 1
-    while True:
-        target = base / f"v{version:04d}"
-        try:
-            target.mkdir()
-            return target
-        except FileExistsError:
-            version += 1
-
-
 def register_vertical(
     workdir: Path,
     loaded: LoadedVerticalSpec,
@@ -81,7 +69,7 @@ def register_vertical(
 ) -> Path:
     """Save each agency's part in its own folder, the manifest and card in the registry; returns the version folder."""
     spec = loaded.spec
-    target = _next_version(workdir / "registry" / spec.federation.name)
+    target = next_version_folder(workdir / "registry" / spec.federation.name)
     version = f"{spec.federation.name}/{target.name}"
     parts = {}
     for agency, block in weights.items():
