@@ -292,14 +292,22 @@ def latest_unfinished_job(cdir: CoordinatorDir) -> str | None:
     return None
 
 
-def submit_run(cdir: CoordinatorDir, spec: Path, job: str, resume: bool) -> int:
-    """Submit a training run of ``spec`` to the SuperLink; returns Flower's run id."""
+def submit_run(
+    cdir: CoordinatorDir, spec: Path, job: str, resume: bool, task: str = "train", requested_by: str = ""
+) -> int:
+    """Submit a run of ``spec`` to the SuperLink (``task``: train, or align); returns Flower's run id."""
     overrides = (
-        f"spec='{spec.resolve()}' workdir='{cdir.work}' job='{job}' resume={'true' if resume else 'false'} "
+        f"task='{task}' spec='{spec.resolve()}' workdir='{cdir.work}' job='{job}' "
+        f"resume={'true' if resume else 'false'} requested-by='{_quote(requested_by)}' "
         f"ledger-key='{(cdir.root / 'keys' / 'ledger-signing.key').resolve()}'"
     )
     answer = cdir.flwr("run", str(cdir.root / "app"), CONNECTION, "--run-config", overrides)
     return int(answer["run-id"])
+
+
+def _quote(text: str) -> str:
+    """A value safe inside the run config's single quotes (Flower parses it as TOML)."""
+    return "".join(c for c in text if c.isprintable() and c not in "'\\")
 
 
 def run_state(cdir: CoordinatorDir, run_id: int) -> dict[str, Any]:
@@ -311,13 +319,10 @@ def run_state(cdir: CoordinatorDir, run_id: int) -> dict[str, Any]:
     return runs[0]
 
 
-def follow_run(
-    cdir: CoordinatorDir, run_id: int, job: str, on_event: Callable[[dict[str, Any]], None], offset: int = 0
+def _follow(
+    cdir: CoordinatorDir, run_id: int, job: str, on_event: Callable[[dict[str, Any]], None], offset: int
 ) -> dict[str, Any]:
-    """Relay the run's events until Flower reports it finished; returns the job summary.
-
-    Raises FederationError if the run ended without a registered model.
-    """
+    """Relay the run's events until Flower reports it finished; returns its summary (empty if none)."""
     events = cdir.work / "runs" / job / "events.jsonl"
     state: dict[str, Any] = {}
     while True:
@@ -335,11 +340,48 @@ def follow_run(
     summary_file = cdir.work / "runs" / job / "summary.json"
     summary: dict[str, Any] = json.loads(summary_file.read_text()) if summary_file.exists() else {}
     summary["flower"] = {k: state.get(k) for k in ("run-id", "status", "elapsed", "network-traffic")}
+    return summary
+
+
+def follow_run(
+    cdir: CoordinatorDir, run_id: int, job: str, on_event: Callable[[dict[str, Any]], None], offset: int = 0
+) -> dict[str, Any]:
+    """Relay the run's events until Flower reports it finished; returns the job summary.
+
+    Raises FederationError if the run ended without a registered model.
+    """
+    summary = _follow(cdir, run_id, job, on_event, offset)
     if summary.get("model") is None:
         raise FederationError(
-            f"run {run_id} ({state.get('status')}) registered no model; see {cdir.log} and {summary_file}"
+            f"run {run_id} ({summary['flower'].get('status')}) registered no model; see {cdir.log} and "
+            f"{cdir.work / 'runs' / job / 'summary.json'}"
         )
     return summary
+
+
+def follow_alignment(
+    cdir: CoordinatorDir, run_id: int, run: str, on_event: Callable[[dict[str, Any]], None]
+) -> dict[str, Any]:
+    """Follow a ``coordinator align`` run to its end; returns its summary.
+
+    Raises
+    ------
+    AgencyflError
+        The error a party refused or failed with (its own class, so its exit code), or DeploymentError
+        if the run ended without a summary.
+    """
+    from agencyfl.federation import errors
+
+    summary = _follow(cdir, run_id, run, on_event, 0)
+    if summary.get("status") == "recorded":
+        return summary
+    error = summary.get("error") or {}
+    kind = getattr(errors, str(error.get("class", "")), None)
+    if isinstance(kind, type) and issubclass(kind, errors.AgencyflError):
+        raise kind(str(error.get("message", "")))
+    raise DeploymentError(
+        f"alignment run {run_id} ({summary['flower'].get('status')}) recorded nothing; see {cdir.log}"
+    )
 
 
 def _relay(path: Path, offset: int, on_event: Callable[[dict[str, Any]], None]) -> int:
@@ -452,6 +494,7 @@ def start_steward(
     home: Path,
     coordinator_key: Path,
     timeout: float = 90.0,
+    peers: dict[str, Path] | None = None,
 ) -> int:
     """Start the agency's SuperNode detached and wait until the SuperLink has accepted it.
 
@@ -463,6 +506,7 @@ def start_steward(
     """
     site = StewardHome(home.resolve())
     trusted_key = keep_coordinator_key(site.root, coordinator_key)
+    keep_peer_keys(site.root, peers or {})
     node_config = " ".join(
         f"{k}='{v}'"
         for k, v in {
@@ -521,6 +565,21 @@ def keep_coordinator_key(home: Path, source: Path) -> Path:
     return kept
 
 
+def keep_peer_keys(home: Path, peers: dict[str, Path]) -> None:
+    """Keep other parties' ledger keys in ``HOME/peers/`` (``coordinator align`` accepts run keys they signed).
+
+    A different key later for the same party is refused: a key change is checked with that party first.
+    """
+    from agencyfl.clients.alignment_steps import peers_dir
+    from agencyfl.privacy.keys import import_public_key
+
+    for name, source in peers.items():
+        try:
+            import_public_key(peers_dir(home), name, source)
+        except LedgerError as exc:
+            raise DeploymentError(f"--peer-key {name}={source}: {exc}") from exc
+
+
 def pin_app(home: Path, first_start_only: bool = False) -> dict[str, Any]:
     """Pin this installation's Flower app as the only one the agency's SuperNode runs.
 
@@ -572,9 +631,26 @@ def steward_status(home: Path) -> dict[str, Any]:
         "refused_runs": refused_runs(site.root),
         "refused_requests": refused_requests(site.root),
         "ledger_verified": None if verified is None else verified.ok,
+        "alignment": _own_alignment(site.root),
         "jobs": list(jobs.values()),
         "log": str(site.log),
     }
+
+
+def _own_alignment(home: Path) -> dict[str, Any] | None:
+    """This party's last committed alignment, from its own folder: run, expiry and its own counts."""
+    folder = home / "alignment"
+    try:
+        retention = json.loads((folder / "retention.json").read_text())
+        records = json.loads((folder / "alignment-record.json").read_text())
+    except (OSError, ValueError):
+        return None
+    parts = []
+    for r in records:
+        matched = "" if r.get("matched") is None else f", {r['matched']:,} in it"
+        parts.append(f"{r['own_rows']:,} own rows against {r['counterpart']}'s {r['counterpart_rows']:,}{matched}")
+    return {"run": retention.get("run"), "expires": retention.get("expires"), "records": records,
+            "summary": "; ".join(parts) or "no counterpart"}  # fmt: skip
 
 
 def stop_steward(home: Path) -> bool:

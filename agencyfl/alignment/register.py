@@ -128,7 +128,8 @@ class _Blinding(Party):
     ) -> None:
         super().__init__(keys, directory, salt=salt, run=run, workers=workers, batch_size=batch_size)
         # a fresh blinding key per party and run unless a test fixes one to recompute blinded values
-        self._blinder = Blinder(key or generate_key(), workers=workers, batch_size=batch_size)
+        self._key = key or generate_key()
+        self._blinder = Blinder(self._key, workers=workers, batch_size=batch_size)
 
     def close(self) -> None:
         """Stop the blinding workers."""
@@ -138,6 +139,29 @@ class _Blinding(Party):
     def multiplications(self) -> int:
         """Scalar multiplications this party has done."""
         return self._blinder.multiplications
+
+
+class HolderState(BaseModel):
+    """What R carries from one deployment step to the next (the SuperNode's memory, never a file)."""
+
+    model_config = ConfigDict(frozen=True, ser_json_bytes="base64", val_json_bytes="base64")
+
+    key: bytes
+    checked: list[str]
+    register_size: int
+    quarantine: list[Quarantined]
+    query_sizes: dict[str, int]
+
+
+class AgencyState(BaseModel):
+    """What an agency carries from one deployment step to the next (the SuperNode's memory, never a file)."""
+
+    model_config = ConfigDict(frozen=True, ser_json_bytes="base64", val_json_bytes="base64")
+
+    key: bytes
+    checked: list[str]
+    rows: bytes  # int64 row numbers of its valid rows, in order
+    quarantine: list[Quarantined]
 
 
 class RegisterHolder(_Blinding):
@@ -239,6 +263,19 @@ class RegisterHolder(_Blinding):
         """The register's own invalid entries, with reasons."""
         return self._quarantine
 
+    def suspend(self) -> HolderState:
+        """This party's state between two steps of a deployment (``clients.alignment_steps``)."""
+        return HolderState(key=self._key, checked=sorted(self._checked), register_size=self._register_size,
+                           quarantine=list(self._quarantine), query_sizes=dict(self._query_sizes))  # fmt: skip
+
+    def resume(self, state: HolderState) -> None:
+        """Continue from ``suspend``'s state (in a new process, with the same run keys and blinding key)."""
+        if state.key != self._key:
+            raise ProtocolError(f"{self.keys.name}: resumed with another blinding key than the run's")
+        self._checked = set(state.checked)
+        self._register_size, self._quarantine = state.register_size, tuple(state.quarantine)
+        self._query_sizes = dict(state.query_sizes)
+
     def view(self) -> RegisterView:
         """What R learned: sizes only."""
         return RegisterView(
@@ -320,6 +357,19 @@ class RegisterAgency(_Blinding):
             kind="query",
             batch_size=self.batch_size,
         )
+
+    def suspend(self) -> AgencyState:
+        """This party's state between two steps of a deployment (``clients.alignment_steps``)."""
+        rows = b"" if self._rows is None else self._rows.astype(np.int64).tobytes()
+        return AgencyState(key=self._key, checked=sorted(self._checked), rows=rows, quarantine=list(self._quarantine))
+
+    def resume(self, state: AgencyState) -> None:
+        """Continue from ``suspend``'s state (in a new process, with the same run keys and blinding key)."""
+        if state.key != self._key:
+            raise ProtocolError(f"{self.keys.name}: resumed with another blinding key than the run's")
+        self._checked = set(state.checked)
+        self._rows = np.frombuffer(state.rows, dtype=np.int64).copy()
+        self._quarantine = tuple(state.quarantine)
 
     def finish(self, transport: Transport) -> AgencyAlignment:
         """Blind the register list, match its doubly blinded rows, and return row -> position.

@@ -79,6 +79,11 @@ class Relay:
         """Hand over the queued envelopes of ``kind`` from ``sender`` to ``recipient``."""
         return self._queues.pop((recipient, sender, kind), [])
 
+    def take_all(self, recipient: str) -> list[Envelope]:
+        """Hand over every envelope queued for ``recipient`` (each sender's and kind's in arrival order)."""
+        keys = [key for key in self._queues if key[0] == recipient]
+        return [envelope for key in keys for envelope in self._queues.pop(key)]
+
     @property
     def records(self) -> tuple[RelayRecord, ...]:
         """Every envelope seen, in order."""
@@ -93,6 +98,25 @@ class Relay:
         if self._transcript is None:
             raise ValueError("this relay keeps no transcript (Relay(keep_transcript=True))")
         return bytes(self._transcript)
+
+
+class StepTransport:
+    """One party's side of one step of a deployment: the envelopes the coordinator forwarded to it, and
+    those it posts (returned to the coordinator in its reply)."""
+
+    def __init__(self, inbound: list[Envelope]) -> None:
+        self._inbound = Relay()
+        for envelope in inbound:
+            self._inbound.post(envelope)
+        self.outbound: list[Envelope] = []
+
+    def post(self, envelope: Envelope) -> None:
+        """Keep ``envelope`` for the reply."""
+        self.outbound.append(envelope)
+
+    def take(self, recipient: str, sender: str, kind: MessageKind) -> list[Envelope]:
+        """The forwarded envelopes of ``kind`` from ``sender`` to ``recipient``."""
+        return self._inbound.take(recipient, sender, kind)
 
 
 def send_values(

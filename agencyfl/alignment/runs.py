@@ -39,8 +39,17 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 from agencyfl.alignment.duplicates import DuplicateCheck, check_duplicates, conflicting_pairs
+from agencyfl.alignment.errors import ProtocolError
+from agencyfl.alignment.inputs import Quarantined
 from agencyfl.alignment.records import AlignmentRecord, write_quarantine
-from agencyfl.alignment.register import RegisterAlignment, align_register
+from agencyfl.alignment.register import (
+    QUARANTINE_FILE,
+    SIZES_FILE,
+    AgencyAlignment,
+    RegisterAlignment,
+    RegisterView,
+    align_register,
+)
 from agencyfl.federation.errors import AlignmentError, DataFileError, SpecError
 from agencyfl.federation.spec import LoadedVerticalSpec, load_any_spec
 from agencyfl.federation.table import file_fingerprint
@@ -132,9 +141,12 @@ def read_ids(path: Path, column: str) -> Iterator[str]:
     return rows()
 
 
-def _chain(workdir: Path) -> Ledger[ProtocolRun]:
-    """The runs chain, verified now (LedgerError if it does not): a run never starts on a broken record."""
-    key = load_or_create_signing_key(workdir / COORDINATOR_KEY)
+def runs_chain(workdir: Path, key_path: Path | None = None) -> Ledger[ProtocolRun]:
+    """The runs chain, verified now (LedgerError if it does not): a run never starts on a broken record.
+
+    ``key_path`` is the coordinator's ledger signing key; default ``WORKDIR/coordinator/keys/`` (one machine).
+    """
+    key = load_or_create_signing_key(key_path or workdir / COORDINATOR_KEY)
     ledger = Ledger(workdir / RUNS_LEDGER, key, ProtocolRun, party="coordinator")
     ledger.events()
     return ledger
@@ -144,7 +156,53 @@ def runs(workdir: Path) -> list[ProtocolRun]:
     """Every run the coordinator recorded under ``workdir``, verified (LedgerError if the chain does not)."""
     if not (workdir / RUNS_LEDGER).exists():
         return []
-    return _chain(workdir).events()
+    return runs_chain(workdir).events()
+
+
+def staging_folder(final: Path, run: str) -> Path:
+    """Where a run's output for ``final`` is written before the run is recorded."""
+    return final.with_name(f".{final.name}.{run}")
+
+
+def stage(final: Path, run: str, created: datetime, expires: str, write: Callable[[Path], list[str]]) -> None:
+    """Write one party's output aside (0700 folder, 0600 files) with its ``retention.json``."""
+    final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    staging = staging_folder(final, run)
+    if staging.exists():
+        shutil.rmtree(staging)  # a step retried in the same run
+    staging.mkdir(mode=0o700)
+    files = write(staging)
+    record = {"run": run, "created": created.isoformat(timespec="seconds"), "expires": expires,
+              "files": [*files, RETENTION_FILE]}  # fmt: skip
+    (staging / RETENTION_FILE).write_text(json.dumps(record, indent=2))
+    for path in staging.iterdir():
+        path.chmod(0o600)
+
+
+def commit_staged(final: Path, run: str) -> None:
+    """Move a recorded run's output into place, replacing the previous run's.
+
+    Raises
+    ------
+    ProtocolError
+        If nothing was staged for this run (a commit without the steps before it).
+    """
+    staging = staging_folder(final, run)
+    if not staging.is_dir():
+        raise ProtocolError(f"no output of run {run} is staged at {str(final)!r}: nothing to commit")
+    if final.exists():
+        shutil.rmtree(final)  # the previous run's output of this party, superseded
+    staging.rename(final)
+
+
+def abandon_staged(final: Path, run: str) -> None:
+    """Remove a run's staged output (the run failed somewhere)."""
+    shutil.rmtree(staging_folder(final, run), ignore_errors=True)
+
+
+def expiry(now: datetime, days: int) -> str:
+    """When outputs made ``now`` stop being kept."""
+    return (now + timedelta(days=days)).isoformat(timespec="seconds")
 
 
 class _Staging:
@@ -152,30 +210,20 @@ class _Staging:
 
     def __init__(self, run: str, now: datetime, days: int) -> None:
         self.run, self.now = run, now
-        self.expires = (now + timedelta(days=days)).isoformat(timespec="seconds")
-        self.folders: dict[Path, Path] = {}  # final -> staging
+        self.expires = expiry(now, days)
+        self.finals: list[Path] = []
 
     def folder(self, final: Path, write: Callable[[Path], list[str]]) -> None:
-        final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        staging = final.with_name(f".{final.name}.{self.run}")
-        staging.mkdir(mode=0o700)
-        self.folders[final] = staging
-        files = write(staging)
-        record = {"run": self.run, "created": self.now.isoformat(timespec="seconds"), "expires": self.expires,
-                  "files": [*files, RETENTION_FILE]}  # fmt: skip
-        (staging / RETENTION_FILE).write_text(json.dumps(record, indent=2))
-        for path in staging.iterdir():
-            path.chmod(0o600)
+        self.finals.append(final)
+        stage(final, self.run, self.now, self.expires, write)
 
     def commit(self) -> None:
-        for final, staging in self.folders.items():
-            if final.exists():
-                shutil.rmtree(final)  # the previous run's output of this party, superseded
-            staging.rename(final)
+        for final in self.finals:
+            commit_staged(final, self.run)
 
     def abandon(self) -> None:
-        for staging in self.folders.values():
-            shutil.rmtree(staging, ignore_errors=True)
+        for final in self.finals:
+            abandon_staged(final, self.run)
 
 
 def _json(path: Path, obj: object) -> str:
@@ -201,7 +249,7 @@ def align_from_spec(
     spec = loaded.spec
     column, register = spec.alignment.id_column, spec.label_agency.name
     others = [a.name for a in spec.agencies if a.name != register]
-    chain = _chain(workdir)
+    chain = runs_chain(workdir)
     fingerprints = {name: file_fingerprint(loaded.data_path(name)) for name in [register, *others]}
     inputs = {name: read_ids(loaded.data_path(name), column) for name in [register, *others]}
     run = f"align-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}-{secrets.token_hex(3)}"
@@ -221,19 +269,15 @@ def align_from_spec(
         own.setdefault(record.party, []).append(record)
 
     def agency_files(name: str) -> Callable[[Path], list[str]]:
-        def write(folder: Path) -> list[str]:
-            alignment = result.agencies[name]
-            positions = alignment.write(folder).name
-            return [positions, "alignment-quarantine.csv", _records(folder / RECORD_FILE, own.get(name, [])),
-                    _input(folder, fingerprints[name], spec.alignment_sha256(), run)]  # fmt: skip
-
-        return write
+        return lambda folder: write_agency_files(
+            folder, result.agencies[name], own.get(name, []), fingerprints[name], spec.alignment_sha256(), run
+        )
 
     def holder_files(folder: Path) -> list[str]:
-        write_quarantine(folder / "alignment-quarantine.csv", result.holder_quarantine)
-        sizes = _json(folder / "alignment-sizes.json", result.view.model_dump())
-        return [sizes, "alignment-quarantine.csv", _records(folder / RECORD_FILE, own.get(register, [])),
-                _input(folder, fingerprints[register], spec.alignment_sha256(), run)]  # fmt: skip
+        return write_holder_files(
+            folder, result.holder_quarantine, result.view, own.get(register, []), fingerprints[register],
+            spec.alignment_sha256(), run,
+        )  # fmt: skip
 
     event = ProtocolRun(
         kind="register-alignment", federation=spec.federation.name, run=run, requested_by=requested_by,
@@ -247,6 +291,36 @@ def align_from_spec(
         *((workdir / name / "alignment", agency_files(name)) for name in others),
     ])  # fmt: skip
     return result, event
+
+
+def write_agency_files(
+    folder: Path,
+    alignment: AgencyAlignment,
+    records: list[AlignmentRecord],
+    file_sha256: str,
+    parameters_sha256: str,
+    run: str,
+) -> list[str]:
+    """An agency's output: its positions and quarantine, its record, its input note; returns the file names."""
+    positions = alignment.write(folder).name
+    return [positions, QUARANTINE_FILE, _records(folder / RECORD_FILE, records),
+            _input(folder, file_sha256, parameters_sha256, run)]  # fmt: skip
+
+
+def write_holder_files(
+    folder: Path,
+    quarantine: tuple[Quarantined, ...],
+    view: RegisterView,
+    records: list[AlignmentRecord],
+    file_sha256: str,
+    parameters_sha256: str,
+    run: str,
+) -> list[str]:
+    """Civil affairs' output: sizes, its quarantine, its record, its input note; returns the file names."""
+    write_quarantine(folder / QUARANTINE_FILE, quarantine)
+    sizes = _json(folder / SIZES_FILE, view.model_dump())
+    return [sizes, QUARANTINE_FILE, _records(folder / RECORD_FILE, records),
+            _input(folder, file_sha256, parameters_sha256, run)]  # fmt: skip
 
 
 def _input(folder: Path, file_sha256: str, parameters_sha256: str, run: str) -> str:
@@ -325,7 +399,7 @@ def duplicates_from_spec(
             f"roster {lonely[0]!r} ({sections[lonely[0]].programme}) conflicts with none of the other rosters given: "
             "nothing would be checked for it"
         )
-    chain = _chain(out)
+    chain = runs_chain(out)
     inputs = {name: read_ids(path, sections[name].id_column) for name, path in rosters.items()}
     run = f"dups-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}-{secrets.token_hex(3)}"
     result = check_duplicates(
@@ -346,9 +420,9 @@ def duplicates_from_spec(
                 writer = csv.writer(fh)
                 writer.writerow(["row", "other_roster", "other_programme", "action"])
                 writer.writerows((i.row, i.other_roster, i.other_programme, "review") for i in result.review[name])
-            write_quarantine(folder / "alignment-quarantine.csv", result.quarantine[name])
+            write_quarantine(folder / QUARANTINE_FILE, result.quarantine[name])
             mine = [r for r in result.records if r.party == name]
-            return [REVIEW_FILE, "alignment-quarantine.csv", _records(folder / RECORD_FILE, mine)]
+            return [REVIEW_FILE, QUARANTINE_FILE, _records(folder / RECORD_FILE, mine)]
 
         return write
 

@@ -53,7 +53,8 @@ class PartyPublicKeys(BaseModel):
 
 
 class PartyKeys:
-    """A party's secret keys. Never serialized: nothing here writes them out.
+    """A party's secret keys. Never written out: in a deployment ``private_bytes`` hands them to the
+    SuperNode's in-memory run state between steps (``clients.alignment_steps``), nothing else.
 
     Parameters
     ----------
@@ -74,6 +75,21 @@ class PartyKeys:
     def generate(cls, name: str) -> PartyKeys:
         """Fresh keys for ``name``."""
         return cls(name, X25519PrivateKey.generate(), Ed25519PrivateKey.generate())
+
+    @classmethod
+    def from_private_bytes(cls, name: str, private: bytes) -> PartyKeys:
+        """Keys from ``private_bytes`` (64 bytes: X25519 sealing, then Ed25519 signing)."""
+        if len(private) != 64:
+            raise MessageRejectedError(f"run keys of {name!r}: {len(private)} bytes, expected 64")
+        return cls(
+            name,
+            X25519PrivateKey.from_private_bytes(private[:32]),
+            Ed25519PrivateKey.from_private_bytes(private[32:]),
+        )
+
+    def private_bytes(self) -> bytes:
+        """The two raw secret keys (for the SuperNode's in-memory run state only)."""
+        return self._sealing.private_bytes_raw() + self._signing.private_bytes_raw()
 
     def public(self) -> PartyPublicKeys:
         """The public halves, to give to the other parties."""
@@ -211,3 +227,67 @@ def open_envelope(
         raise MessageRejectedError(
             f"{kind} chunk {envelope.chunk} from {sender.name!r} does not decrypt under its header"
         ) from err
+
+
+# ------------------------------------------------------------------ across hosts (``coordinator align``)
+_CERTIFICATE_DOMAIN = b"agencyfl alignment keys v1\n"  # never mistaken for a ledger entry or a plan signature
+_SIGNATURE_BYTES = 64
+
+
+def certificate_bytes(run: str, keys: PartyPublicKeys) -> bytes:
+    """What a party's ledger key signs to vouch for its run keys: the domain, run, name and both keys."""
+    body = json.dumps({"run": run, "name": keys.name}, sort_keys=True, separators=(",", ":")).encode()
+    return _CERTIFICATE_DOMAIN + body + b"\n" + keys.sealing + keys.signing
+
+
+def certify(run: str, keys: PartyPublicKeys, ledger_key: Ed25519PrivateKey) -> bytes:
+    """A certificate for ``keys``: the two raw public keys and the ledger key's signature (128 bytes)."""
+    return keys.sealing + keys.signing + ledger_key.sign(certificate_bytes(run, keys))
+
+
+def verify_certificate(run: str, name: str, certificate: bytes, ledger_key: Ed25519PublicKey) -> PartyPublicKeys:
+    """The run keys ``certificate`` vouches for, if ``name``'s ledger key signed them for this run.
+
+    Raises
+    ------
+    MessageRejectedError
+        If the certificate is malformed or not signed by ``ledger_key`` for this run and name.
+    """
+    if len(certificate) != 64 + _SIGNATURE_BYTES:
+        raise MessageRejectedError(f"the run keys of {name!r}: {len(certificate)} bytes, not a certificate")
+    keys = PartyPublicKeys(name=name, sealing=certificate[:32], signing=certificate[32:64])
+    try:
+        ledger_key.verify(certificate[64:], certificate_bytes(run, keys))
+    except InvalidSignature as err:
+        raise MessageRejectedError(
+            f"the run keys said to be {name!r}'s are not signed by the ledger key this party holds for it "
+            "(a substituted key, or the wrong peer key at `steward start --peer-key`)"
+        ) from err
+    return keys
+
+
+def pack(envelope: Envelope) -> bytes:
+    """An envelope as bytes for a Flower message: header length (4 bytes), header, signature, ciphertext."""
+    header = envelope.header()
+    return len(header).to_bytes(4, "big") + header + envelope.signature + envelope.ciphertext
+
+
+def unpack(data: bytes) -> Envelope:
+    """The envelope ``pack`` wrote.
+
+    Raises
+    ------
+    MessageRejectedError
+        If the bytes are not a packed envelope of this protocol.
+    """
+    try:
+        size = int.from_bytes(data[:4], "big")
+        fields = json.loads(data[4 : 4 + size])
+        if fields.pop("protocol") != PROTOCOL:
+            raise ValueError("another protocol")
+        rest = data[4 + size :]
+        if len(rest) < _SIGNATURE_BYTES:
+            raise ValueError("truncated")
+        return Envelope(**fields, signature=rest[:_SIGNATURE_BYTES], ciphertext=rest[_SIGNATURE_BYTES:])
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise MessageRejectedError(f"a relayed envelope is malformed ({exc.__class__.__name__})") from None

@@ -1,4 +1,4 @@
-"""`agencyfl coordinator init|start|register|train|status|stop`: the deployment engine's coordinator side.
+"""`agencyfl coordinator init|start|register|align|train|status|stop`: the deployment engine's coordinator side.
 
 Also the scoring service's tokens: `issue-token`, `revoke-token` and `tokens` (the registry, for auditors).
 """
@@ -6,6 +6,7 @@ Also the scoring service's tokens: `issue-token`, `revoke-token` and `tokens` (t
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -150,6 +151,59 @@ def train(
         emit_json(summary)
     else:
         print_run(summary)
+
+
+ALIGN_STEPS = ("keys", "parameters", "blind", "answer", "finish", "commit")
+
+
+@coordinator_app.command("align")
+def align(
+    spec: Annotated[Path, typer.Option(help="The vertical federation spec; each party holds the same file")],
+    requested_by: Annotated[str, typer.Option("--requested-by", help="Who asks (recorded in the chain)")] = "",
+    cdir_path: DirOpt = None,
+    fmt: FormatOpt = Format.table,
+) -> None:
+    """Align the agencies' households to civil affairs' register through their SuperNodes (private set intersection).
+
+    Each party runs its own side at its own host; the coordinator relays sealed messages and learns set
+    sizes only; each agency keeps its own register positions; the run is a signed entry of the runs chain.
+    """
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from agencyfl.alignment.runs import load_vertical
+    from agencyfl.deployment import follow_alignment, submit_run
+
+    with errors_to_exit():
+        cdir = _cdir(cdir_path)
+        load_vertical(spec)  # a horizontal or invalid spec is refused here, before anything is submitted
+        run = f"align-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{os.urandom(3).hex()}"
+        run_id = submit_run(cdir, spec, run, False, task="align", requested_by=requested_by or "coordinator")
+        progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+            TimeElapsedColumn(), console=err, disable=fmt is Format.json,
+        )  # fmt: skip
+        with progress:
+            bar = progress.add_task(f"run {run_id}: waiting for the parties", total=len(ALIGN_STEPS))
+
+            def on_event(event: dict[str, Any]) -> None:
+                if event.get("type") == "step" and event.get("step") in ALIGN_STEPS:
+                    done = ALIGN_STEPS.index(str(event["step"])) + 1
+                    progress.update(bar, completed=done, description=f"{event['step']} ({event['seconds']:.1f} s)")
+
+            summary = follow_alignment(cdir, run_id, run, on_event)
+    if fmt is Format.json:
+        emit_json(summary)
+        return
+    table = Table("party", "input rows (as the relay saw)", title=f"alignment {summary['run']}")
+    for party, rows in summary["sizes"].items():
+        table.add_row(one_line(party), f"{rows:,}")
+    out.print(table)
+    steps = ", ".join(f"{k} {v:.1f} s" for k, v in summary["seconds"].items())
+    out.print(
+        f"{summary['bytes_relayed'] / 1e6:.1f} MB relayed, sealed ({steps}); each agency keeps its own register "
+        f"positions (its `steward status`); outputs kept until {summary['expires']}; recorded in "
+        f"{one_line(summary['chain'])}"
+    )
 
 
 @coordinator_app.command("status")

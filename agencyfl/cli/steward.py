@@ -14,10 +14,12 @@ from agencyfl.cli.common import (
     FormatOpt,
     emit_json,
     errors_to_exit,
+    fail,
     one_line,
     out,
     steward_app,
 )
+from agencyfl.exit_codes import ExitCode
 
 
 # ---------------------------------------------------------------- steward
@@ -111,19 +113,38 @@ def steward_start(
     home: Annotated[
         Path | None, typer.Option(help="Where the ledger, log and PID go (default: the keys folder's parent)")
     ] = None,
+    peer_key: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--peer-key",
+            help="NAME=LEDGER.pub: another party's ledger key, checked out of band (vertical alignment; repeat)",
+        ),
+    ] = None,
     fmt: FormatOpt = Format.table,
 ) -> None:
     """Check the data, then run this agency's Flower SuperNode (detached) against the coordinator."""
     from agencyfl.deployment import StewardHome, start_steward
-    from agencyfl.federation.spec import load_spec
+    from agencyfl.federation.spec import LoadedVerticalSpec, load_any_spec
     from agencyfl.federation.table import load_table
 
     site_home = (home or keys.resolve().parent).resolve()
+    peers: dict[str, Path] = {}
+    for item in peer_key or []:
+        name, sep, file = item.partition("=")
+        if not sep or not name or not file:
+            fail(f"--peer-key takes NAME=FILE, got {item!r}", ExitCode.USAGE)
+        peers[name] = Path(file)
     with errors_to_exit():
-        loaded = load_spec(spec)
-        loaded.spec.agency(agency)
-        check = load_table(data, loaded.spec.schema)
-        pid = start_steward(agency, spec, data, superlink, root_cert, keys, site_home, coordinator_key)
+        loaded = load_any_spec(spec)
+        section = loaded.spec.agency(agency)
+        for name in peers:
+            loaded.spec.agency(name)  # a peer must be a party of this spec
+        if isinstance(loaded, LoadedVerticalSpec):  # its own block: the id, its features, the label if it holds it
+            schema = loaded.spec.block_schema(agency)
+            check = load_table(data, schema, require_label=bool(getattr(section, "label", False)))
+        else:
+            check = load_table(data, loaded.spec.schema)
+        pid = start_steward(agency, spec, data, superlink, root_cert, keys, site_home, coordinator_key, peers=peers)
     report = {
         "agency": agency,
         "pid": pid,
@@ -190,6 +211,9 @@ def steward_status(
         out.print(
             f"  {refusal['time']}  {refusal['kind']} of job {escape(refusal['job'])}: {escape(refusal['reason'])}"
         )
+    alignment = report["alignment"]
+    if alignment is not None:
+        out.print(f"alignment {alignment['run']}: {one_line(alignment['summary'])}; kept until {alignment['expires']}")
     verified = {None: "no ledger yet", True: "verified", False: "DOES NOT VERIFY"}[report["ledger_verified"]]
     out.print(f"ledger: {verified}")
     for job in report["jobs"]:

@@ -10,6 +10,9 @@ request is answered with the refusal alone.
 The agency, not the coordinator, decides whether its update may travel unmasked: when its copy of
 the spec turns secure aggregation on, a plain fit request is refused.
 
+A ``query.align`` message is a step of ``coordinator align`` (``clients.alignment_steps``), answered
+before any training code is reached.
+
 ``make_client_app(resolve_site)`` builds the app for any engine; ``resolve_site`` maps a node's
 context to its ``AgencySite``. The module-level ``app`` (the ``[tool.flwr.app]`` component) reads the
 site from the SuperNode's node config: ``agency``, ``spec``, ``data`` and ``home``. torch is imported
@@ -33,6 +36,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
+from agencyfl.alignment.remote import MESSAGE_TYPE as ALIGN_MESSAGE
 from agencyfl.federation.messages import (
     FairnessRelease,
     MessageError,
@@ -207,6 +211,13 @@ def make_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clien
     def client_fn(context: Context) -> Client:
         return AgencyClient(resolve_site(context)).to_client()
 
+    def alignment_steps(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        if msg.metadata.message_type != ALIGN_MESSAGE:
+            return call_next(msg, context)
+        from agencyfl.clients.alignment_steps import handle  # numpy and cryptography only: no torch
+
+        return handle(msg, context, resolve_site(context))
+
     def secure_aggregation_gate(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         if msg.metadata.message_type != MessageType.TRAIN:
             return call_next(msg, context)
@@ -219,7 +230,7 @@ def make_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clien
             raise PermissionError("this agency's spec requires secure aggregation; refusing to send an unmasked update")
         return call_next(msg, context)
 
-    return ClientApp(client_fn=client_fn, mods=[secure_aggregation_gate])
+    return ClientApp(client_fn=client_fn, mods=[alignment_steps, secure_aggregation_gate])
 
 
 app = make_client_app()

@@ -37,6 +37,8 @@ serverapp = "agencyfl.server.app:app"
 clientapp = "agencyfl.clients.app:app"
 
 [tool.flwr.app.config]
+task = "train"
+requested-by = ""
 spec = ""
 workdir = ""
 job = ""

@@ -2,7 +2,8 @@
 
 ``make_server_app(settings, on_event)`` builds the app for any engine and records the outcome in
 ``settings``' run folder (``summary.json``); the module-level ``app`` (the ``[tool.flwr.app]``
-component) reads its settings from the run config: ``spec`` and ``workdir``.
+component) reads its settings from the run config: ``spec`` and ``workdir``; with ``task = "align"`` it
+runs a vertical spec's register alignment instead (``server.alignment_run``, ``coordinator align``).
 """
 
 from __future__ import annotations
@@ -345,6 +346,9 @@ app = ServerApp()
 @app.main()
 def _deployment_main(grid: Grid, context: Context) -> None:
     cfg = context.run_config
+    if str(cfg.get("task", "train")) == "align":
+        _align(grid, cfg)
+        return
     loaded = load_spec(str(cfg["spec"]))
     settings = ServerSettings(
         loaded=loaded,
@@ -356,6 +360,22 @@ def _deployment_main(grid: Grid, context: Context) -> None:
         ledger_key=Path(str(cfg["ledger-key"])) if cfg.get("ledger-key") else None,
     )
     run_job(grid, context, settings, _events_to_file(settings.run_dir / "events.jsonl"))
+
+
+def _align(grid: Grid, cfg: Any) -> None:
+    """``coordinator align``: the register alignment of a vertical spec through the parties' SuperNodes."""
+    from agencyfl.alignment.runs import load_vertical
+    from agencyfl.server.alignment_run import AlignmentSettings, run_alignment
+
+    settings = AlignmentSettings(
+        loaded=load_vertical(Path(str(cfg["spec"]))),
+        workdir=Path(str(cfg.get("workdir", "."))),
+        run=str(cfg["job"]),
+        ledger_key=Path(str(cfg["ledger-key"])),
+        requested_by=str(cfg.get("requested-by") or "coordinator"),
+        connect_timeout=float(cfg.get("connect-timeout", 600.0)),
+    )
+    run_alignment(grid, settings, _events_to_file(settings.run_dir / "events.jsonl"))
 
 
 def _events_to_file(path: Path) -> EventSink:
