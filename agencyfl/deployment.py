@@ -61,6 +61,10 @@ Each agency gives the coordinator:
                           `agencyfl coordinator register --agency NAME node.pub`)
   2. its ledger.pub      (for auditors checking its privacy ledger)
 
+In a vertical federation the agencies also exchange ledger.pub files with the parties they align
+with (civil affairs with every agency; confirm each fingerprint out of band) and pass them to
+`steward start --peer-key NAME=ledger.pub`: a party accepts only run keys those keys signed.
+
 Auditors receive from every party its ledger.pub (the coordinator's is keys/ledger.pub here) and
 import it with `agencyfl audit keys import NAME KEY.pub`; from the coordinator, work/coordinator/ledger
 (its countersigned chain of round summaries); from each agency, its ledger folder.

@@ -101,12 +101,14 @@ HELP: dict[ExitCode, str] = {
         "registered model (the chain was rolled back)."
     ),
     ExitCode.ALIGNMENT_FAILED: (
-        "`align` / `screen duplicates`: alignment stopped: no household in common (wrong inputs, or a salt that "
-        "differs on both sides), or a roster pair the spec cannot check."
+        "`align` / `coordinator align` / `screen duplicates`: alignment stopped: no household in common (wrong "
+        "inputs, or a salt that differs on both sides), or a roster pair the spec cannot check."
     ),
     ExitCode.ALIGNMENT_REJECTED: (
-        "`align` / `screen duplicates`: a relayed message failed authentication or is malformed (tampered in "
-        "transit, or a party that does not follow the protocol); nothing was written."
+        "`align` / `coordinator align` / `screen duplicates`: a relayed message failed authentication or is "
+        "malformed (tampered in transit, or a party that does not follow the protocol), or a party refused the "
+        "run (a plan its coordinator key does not verify, another spec, run keys not signed by the peer key it "
+        "holds); nothing was written."
     ),
     ExitCode.SCREENING_REFUSED: (
         "`screen eligible`: refused: the token is not active or not issued for the purpose, the model card does "
