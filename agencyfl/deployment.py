@@ -239,10 +239,12 @@ def superexec_command(cdir: CoordinatorDir, gated: bool = True) -> list[str]:
 
 
 def start_superexec(cdir: CoordinatorDir) -> int:
-    """Start the coordinator's SuperExec detached (it launches the ServerApp of each agencyfl run)."""
-    return start_daemon(
-        superexec_command(cdir), cdir.superexec_log, cdir.superexec_pid_file, flower_env(cdir.flwr_home)
-    )
+    """Start the coordinator's SuperExec detached (it launches the ServerApp of each agencyfl run, which finds
+    the coordinator's folder, its key and secret through ``AGENCYFL_COORDINATOR_DIR``)."""
+    from agencyfl.server.run_authorization import ENV
+
+    env = {**flower_env(cdir.flwr_home), ENV: str(cdir.root.resolve())}
+    return start_daemon(superexec_command(cdir), cdir.superexec_log, cdir.superexec_pid_file, env)
 
 
 def _superexec_secret(cdir: CoordinatorDir) -> Path:
@@ -299,12 +301,16 @@ def latest_unfinished_job(cdir: CoordinatorDir) -> str | None:
 def submit_run(
     cdir: CoordinatorDir, spec: Path, job: str, resume: bool, task: str = "train", requested_by: str = ""
 ) -> int:
-    """Submit a run of ``spec`` to the SuperLink (``task``: train, or align); returns Flower's run id."""
-    overrides = (
-        f"task='{task}' spec='{spec.resolve()}' workdir='{cdir.work}' job='{job}' "
-        f"resume={'true' if resume else 'false'} requested-by='{_quote(requested_by)}' "
-        f"ledger-key='{(cdir.root / 'keys' / 'ledger-signing.key').resolve()}'"
-    )
+    """Submit a run of ``spec`` to the SuperLink (``task``: train, or align), authorized by this coordinator
+    (``server.run_authorization``); returns Flower's run id."""
+    from agencyfl.server.run_authorization import authorize
+
+    fields = {"task": task, "spec": str(spec.resolve()), "job": job, "resume": "true" if resume else "false",
+              "requested-by": _quote(requested_by)}  # fmt: skip
+    if any("'" in value or "\\" in value for value in fields.values()):
+        raise DeploymentError(f"a path or name with a quote or backslash cannot be passed to Flower: {fields}")
+    overrides = " ".join(f"{k}='{v}'" for k, v in fields.items() if k != "resume")
+    overrides += f" resume={fields['resume']} authorization='{authorize(_superexec_secret(cdir), fields)}'"
     answer = cdir.flwr("run", str(cdir.root / "app"), CONNECTION, "--run-config", overrides)
     return int(answer["run-id"])
 

@@ -151,6 +151,7 @@ def test_the_duplicate_check_finds_every_planted_duplicate_and_nothing_else(
         ("horizontal spec", 3, "horizontal spec"),
         ("duplicate id in a file", 4, "duplicate resident ids"),
         ("no household in common", 22, "none of"),
+        ("a query longer than the agency declared", 23, "more than the 100 allowed"),
     ],
 )
 def test_bad_inputs_are_refused_with_their_exit_code_and_nothing_is_written(
@@ -161,6 +162,10 @@ def test_bad_inputs_are_refused_with_their_exit_code_and_nothing_is_written(
     spec = data / "federation.toml"
     if abuse == "horizontal spec":
         spec = small_fed.spec  # type: ignore[attr-defined]
+    elif abuse == "a query longer than the agency declared":  # guessed ids added: each one a membership test
+        text = spec.read_text()
+        start = text.index('name = "tax"')
+        spec.write_text(text[:start] + 'max_rows = 100\n' + text[start:])
     elif abuse == "duplicate id in a file":
         lines = (data / "tax.csv").read_text().splitlines()
         (data / "tax.csv").write_text("\n".join([*lines, lines[1]]) + "\n")  # a careless steward's repeated row

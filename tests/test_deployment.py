@@ -38,7 +38,6 @@ from agencyfl.deployment import CoordinatorDir, start_superexec, superexec_comma
 from agencyfl.exit_codes import ExitCode
 from agencyfl.federation.flower_app import APP_PYPROJECT
 from agencyfl.federation.refusal_log import read_entries
-from agencyfl.privacy.keys import generate_signing_key
 from agencyfl.privacy.ledger import verify_ledger
 from agencyfl.server.superexec import pinned_fab_hash
 from agencyfl.synth import synthesize
@@ -249,19 +248,19 @@ def stranger_flwr_home(deployment: Deployment, tmp_path: Path) -> Path:
     return home
 
 
-def test_our_own_app_started_by_a_stranger_spends_nothing(deployment: Deployment, tmp_path: Path) -> None:
-    """The stranger rebuilds our public app (it passes every app pin) and starts it with a job and a ledger key
-    of its own: every agency refuses every request of that job (the plan is not signed by the coordinator's key
-    it holds), logs it, and its ledger does not change."""
+def test_our_own_app_started_by_a_stranger_does_nothing(deployment: Deployment, tmp_path: Path) -> None:
+    """The stranger rebuilds our public app (it passes every app pin) and starts it with a run config naming the
+    coordinator's own ledger key and work folder. The coordinator's ServerApp takes neither from a run config,
+    finds no authorization of the coordinator's CLI, records the refusal and sends nothing: no agency is asked
+    anything, nothing is signed, spent or registered."""
     app_dir = tmp_path / "agencyfl-app"
     app_dir.mkdir()
     (app_dir / "pyproject.toml").write_text(APP_PYPROJECT)
-    generate_signing_key(tmp_path / "stranger.key")
     home = stranger_flwr_home(deployment, tmp_path)
     job = "job-of-a-stranger"
     overrides = (
-        f"spec='{deployment.spec.resolve()}' workdir='{tmp_path / 'work'}' job='{job}' resume=false "
-        f"ledger-key='{tmp_path / 'stranger.key'}'"
+        f"spec='{deployment.spec.resolve()}' workdir='{deployment.coord / 'work'}' job='{job}' resume=false "
+        f"ledger-key='{deployment.coord / 'keys' / 'ledger-signing.key'}' authorization='1.00.forged'"
     )
     ledgers = {a: (deployment.home(a) / "ledger" / "ledger.jsonl") for a in AGENCIES}
     before = {a: p.read_bytes() if p.exists() else b"" for a, p in ledgers.items()}
@@ -273,21 +272,22 @@ def test_our_own_app_started_by_a_stranger_spends_nothing(deployment: Deployment
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
     answer = json.loads(strip_ansi(submitted.stdout))
     assert "run-id" in answer, answer
-    run_id = answer["run-id"]
+    refused = deployment.coord / "refused-runs.jsonl"
 
-    def refused_everywhere() -> bool:
-        return all(any(e["job"] == job for e in refused_requests(deployment.home(a))) for a in AGENCIES)
+    def refused_by_the_coordinator() -> bool:
+        return any(e.get("job") == job for e in read_entries(refused))
 
     try:
-        wait_for(refused_everywhere, 240, "every agency to refuse the stranger's job")
+        wait_for(refused_by_the_coordinator, 240, "the coordinator's ServerApp to refuse the stranger's run")
     finally:
-        subprocess.run(["flwr", "stop", str(run_id), "target"], capture_output=True, timeout=120, env=env)
+        subprocess.run(["flwr", "stop", str(answer["run-id"]), "target"], capture_output=True, timeout=120, env=env)
+    entry = next(e for e in read_entries(refused) if e.get("job") == job)
+    assert "not submitted by this coordinator" in entry["reason"]
     for agency in AGENCIES:
-        refusal = next(e for e in refused_requests(deployment.home(agency)) if e["job"] == job)
-        assert refusal["kind"] == "fit" and "not signed by the coordinator's key" in refusal["reason"]
+        assert not [e for e in refused_requests(deployment.home(agency)) if e["job"] == job]  # nothing reached it
         after = ledgers[agency].read_bytes() if ledgers[agency].exists() else b""
         assert after == before[agency]  # nothing spent, nothing recorded
-    assert not list((tmp_path / "work").glob("registry/*/v*"))  # and no model came of it
+    assert not (deployment.coord / "work" / "runs" / job).exists()  # no job was started
 
 
 def stranger_app(tmp_path: Path) -> tuple[Path, Path, Path]:

@@ -28,7 +28,7 @@ from agencyfl.clients.signed_plan import refused_requests
 from agencyfl.daemons import strip_ansi
 from agencyfl.exit_codes import ExitCode
 from agencyfl.federation.flower_app import APP_PYPROJECT
-from agencyfl.privacy.keys import generate_signing_key
+from agencyfl.federation.refusal_log import read_entries
 from agencyfl.synth_vertical import VerticalSynthResult, synthesize_vertical
 
 PARTIES = ["civil-affairs", "hrss", "tax", "environment"]
@@ -151,15 +151,16 @@ def test_the_coordinator_keeps_no_id_and_records_the_run_in_its_signed_chain(
         assert not list(folder.parent.glob(".alignment.*"))  # nothing left staged
 
 
-def test_a_stranger_starting_our_app_to_align_gets_refusals_and_nothing_changes(
+def test_a_stranger_starting_our_app_to_align_is_refused_by_the_coordinator_and_nothing_changes(
     deployment: VerticalDeployment, aligned: dict[str, Any], tmp_path: Path
 ) -> None:
-    """Our app is public and passes every pin; a stranger's alignment plan is signed by its own key, not the
-    coordinator's: every party refuses it at the first step, before reading an id, and logs it."""
+    """Our app is public and passes every pin. A stranger who starts it to align, naming the coordinator's real
+    ledger key, gets nothing signed: the ServerApp takes the key from the coordinator's folder and acts only on
+    runs the coordinator's CLI authorized; the parties are asked nothing (the parties' own check of the signed
+    plan is ``test_alignment_steps.py``)."""
     app_dir = tmp_path / "agencyfl-app"
     app_dir.mkdir()
     (app_dir / "pyproject.toml").write_text(APP_PYPROJECT)
-    generate_signing_key(tmp_path / "stranger.key")
     home = tmp_path / "flwr"
     home.mkdir()
     (home / "config.toml").write_text(
@@ -168,9 +169,10 @@ def test_a_stranger_starting_our_app_to_align_gets_refusals_and_nothing_changes(
     )
     run = "align-of-a-stranger"
     before = {p: positions(deployment.home(p)) for p in OTHERS}
+    chain_before = deployment.chain()
     overrides = (
-        f"task='align' spec='{deployment.spec.resolve()}' workdir='{tmp_path / 'work'}' job='{run}' "
-        f"ledger-key='{tmp_path / 'stranger.key'}'"
+        f"task='align' spec='{deployment.spec.resolve()}' job='{run}' "
+        f"ledger-key='{deployment.coord / 'keys' / 'ledger-signing.key'}' workdir='{deployment.coord / 'work'}'"
     )
     env = {**os.environ, "FLWR_HOME": str(home)}
     submitted = subprocess.run(
@@ -179,18 +181,17 @@ def test_a_stranger_starting_our_app_to_align_gets_refusals_and_nothing_changes(
     )  # fmt: skip
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
     assert "run-id" in json.loads(strip_ansi(submitted.stdout))
-    summary = tmp_path / "work" / "runs" / run / "summary.json"
+    refused = deployment.coord / "refused-runs.jsonl"
     start = time.monotonic()
-    while not summary.exists():
-        assert time.monotonic() - start < 240, "the stranger's run did not end"
+    while not any(e.get("job") == run for e in read_entries(refused)):
+        assert time.monotonic() - start < 240, "the coordinator did not refuse the stranger's run"
         time.sleep(0.5)
-    outcome = json.loads(summary.read_text())
-    assert outcome["status"] == "failed" and outcome["error"]["class"] == "MessageRejectedError"
+    (entry,) = [e for e in read_entries(refused) if e.get("job") == run]
+    assert "not submitted by this coordinator" in entry["reason"]
     for party in PARTIES:
-        (refusal,) = [e for e in refused_requests(deployment.home(party)) if e["job"] == run]
-        assert refusal["kind"] == "align:keys" and "not signed by the coordinator's key" in refusal["reason"]
+        assert not [e for e in refused_requests(deployment.home(party)) if e["job"] == run]  # asked nothing
     assert {p: positions(deployment.home(p)) for p in OTHERS} == before
-    assert runs_chain(tmp_path / "work", tmp_path / "stranger.key").events() == []  # no run recorded
+    assert deployment.chain() == chain_before and not (deployment.coord / "work" / "runs" / run).exists()
 
 
 def test_a_party_failing_mid_run_leaves_every_output_and_the_chain_as_they_were(

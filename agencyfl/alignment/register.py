@@ -243,9 +243,9 @@ class RegisterHolder(_Blinding):
             If the query exceeds ``max_rows``, or holds a value of small order.
         """
         self._require_checked([agency])
-        query = receive_values(transport, run=self.run, recipient=self.keys, sender=self._peer(agency), kind="query")
-        if max_rows is not None and len(query) > max_rows:
-            raise ProtocolError(f"{agency} sent {len(query)} rows, more than the {max_rows} allowed; not answered")
+        query = receive_values(
+            transport, run=self.run, recipient=self.keys, sender=self._peer(agency), kind="query", max_rows=max_rows
+        )
         send_values(
             transport,
             self._blind_received(self._blinder, query, agency, "query"),

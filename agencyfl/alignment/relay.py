@@ -149,21 +149,31 @@ def send_values(
 
 
 def receive_values(
-    transport: Transport, *, run: str, recipient: PartyKeys, sender: PartyPublicKeys, kind: MessageKind
+    transport: Transport,
+    *,
+    run: str,
+    recipient: PartyKeys,
+    sender: PartyPublicKeys,
+    kind: MessageKind,
+    max_rows: int | None = None,
 ) -> Values:
     """Collect, check and decrypt one message of 32-byte values sent with ``send_values``.
+
+    ``max_rows``: refuse a message whose header states more values, before decrypting any of it.
 
     Raises
     ------
     MessageRejectedError
         If a chunk fails authentication, or chunks are missing, repeated or out of order.
     ProtocolError
-        If the values do not add up to the row count the sender signed.
+        If the values do not add up to the row count the sender signed, or exceed ``max_rows``.
     """
     envelopes = transport.take(recipient.name, sender.name, kind)
     if not envelopes:
         raise MessageRejectedError(f"no {kind} message from {sender.name!r} to {recipient.name!r}")
     first = envelopes[0]
+    if max_rows is not None and first.rows > max_rows:
+        raise ProtocolError(f"{sender.name} sent {first.rows} rows, more than the {max_rows} allowed; not answered")
     layout = [(e.chunk, e.chunks, e.rows) for e in envelopes]
     if layout != [(i, first.chunks, first.rows) for i in range(first.chunks)]:
         raise MessageRejectedError(

@@ -261,6 +261,7 @@ def align_from_spec(
         run=run,
         workers=workers,
         batch_size=spec.alignment.batch_size,
+        max_rows={a.name: a.max_rows for a in spec.agencies if a.max_rows is not None},
     )
     now = datetime.now(UTC)
     staging = _Staging(run, now, spec.alignment.retention_days)

@@ -221,8 +221,8 @@ class _Party:
         if not isinstance(role, RegisterHolder):
             raise ProtocolError(f"{self.site.agency} is not the register holder: it answers no query")
         try:
-            for peer in self.peers:
-                role.answer(transport, peer)
+            for peer in self.peers:  # each row is a membership test: the spec may cap an agency's query
+                role.answer(transport, peer, max_rows=self.spec.agency(peer).max_rows)
             view, quarantine, records = role.view(), role.quarantine, role.records()
         finally:
             role.close()

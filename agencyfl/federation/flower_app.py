@@ -40,11 +40,10 @@ clientapp = "agencyfl.clients.app:app"
 task = "train"
 requested-by = ""
 spec = ""
-workdir = ""
 job = ""
 resume = false
 connect-timeout = 600.0
-ledger-key = ""
+authorization = ""
 """
 
 # What a FAB of this app may hold: Flower's build writes the pyproject and a manifest, nothing else.

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -341,37 +343,57 @@ def make_server_app(settings: ServerSettings, on_event: EventSink | None = None)
 
 
 app = ServerApp()
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,79}")  # a job or alignment run id: a safe folder name
 
 
 @app.main()
 def _deployment_main(grid: Grid, context: Context) -> None:
+    """The deployment's ServerApp: acts only on a run the coordinator's CLI authorized (``run_authorization``).
+
+    The ledger key and the work folder come from the coordinator's folder (its SuperExec's environment),
+    never from the run config, which anyone who reaches the SuperLink can write.
+    """
+    from agencyfl.federation.refusal_log import append_entry
+    from agencyfl.federation.refusal_log import now as timestamp
+    from agencyfl.server.run_authorization import ENV, refusal
+
     cfg = context.run_config
+    coordinator = Path(os.environ.get(ENV, ""))
+    job = str(cfg.get("job") or "")
+    if not os.environ.get(ENV):
+        raise FederationError(f"this ServerApp runs only under the coordinator's SuperExec (${ENV} is not set)")
+    reason = refusal(coordinator, cfg) if RUN_ID.fullmatch(job) else f"the run id {job[:80]!r} is not a safe name"
+    if reason is not None:
+        append_entry(coordinator / "refused-runs.jsonl",
+                     {"time": timestamp(), "run_id": context.run_id, "job": job[:80], "reason": reason})  # fmt: skip
+        return
+    workdir, ledger_key = coordinator / "work", coordinator / "keys" / "ledger-signing.key"
     if str(cfg.get("task", "train")) == "align":
-        _align(grid, cfg)
+        _align(grid, cfg, workdir, ledger_key)
         return
     loaded = load_spec(str(cfg["spec"]))
     settings = ServerSettings(
         loaded=loaded,
-        workdir=Path(str(cfg.get("workdir", "."))),
-        job=str(cfg.get("job") or new_job_id()),
+        workdir=workdir,
+        job=job,
         min_available=len(loaded.spec.agencies),
         connect_timeout=float(cfg.get("connect-timeout", 600.0)),
         resume=bool(cfg.get("resume", False)),
-        ledger_key=Path(str(cfg["ledger-key"])) if cfg.get("ledger-key") else None,
+        ledger_key=ledger_key,
     )
     run_job(grid, context, settings, _events_to_file(settings.run_dir / "events.jsonl"))
 
 
-def _align(grid: Grid, cfg: Any) -> None:
+def _align(grid: Grid, cfg: Any, workdir: Path, ledger_key: Path) -> None:
     """``coordinator align``: the register alignment of a vertical spec through the parties' SuperNodes."""
     from agencyfl.alignment.runs import load_vertical
     from agencyfl.server.alignment_run import AlignmentSettings, run_alignment
 
     settings = AlignmentSettings(
         loaded=load_vertical(Path(str(cfg["spec"]))),
-        workdir=Path(str(cfg.get("workdir", "."))),
+        workdir=workdir,
         run=str(cfg["job"]),
-        ledger_key=Path(str(cfg["ledger-key"])),
+        ledger_key=ledger_key,
         requested_by=str(cfg.get("requested-by") or "coordinator"),
         connect_timeout=float(cfg.get("connect-timeout", 600.0)),
     )

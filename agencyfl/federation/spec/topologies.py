@@ -38,10 +38,15 @@ class VerticalAgencySection(AgencySection):
     (``docs/screening.md``): ``none`` (default), ``agency`` (its own contribution to the score) or
     ``feature`` (its inputs that moved the score most, with plain labels); ``explain_max`` caps the share
     of the register it will explain in one screening (a request for more is refused).
+
+    ``max_rows`` (optional) is the most rows the agency may put into alignment, e.g. its declared row
+    count: each row is one membership test against the register, so civil affairs refuses a longer
+    query before decrypting it (``docs/alignment.md``, "What a party that lies can do").
     """
 
     features: Annotated[list[Annotated[str, Field(pattern=_NAME)]], Field(min_length=1)]
     label: bool = False
+    max_rows: Annotated[int, Field(ge=1)] | None = None
     explain: Literal["none", "agency", "feature"] = "none"
     explain_max: Annotated[float, Field(gt=0.0, le=1.0)] = 0.25
 
