@@ -516,7 +516,7 @@ def start_steward(
     """
     site = StewardHome(home.resolve())
     trusted_key = keep_coordinator_key(site.root, coordinator_key)
-    keep_peer_keys(site.root, peers or {})
+    keep_peer_keys(site.root, peers or {}, own=keys / "ledger-signing.key")
     node_config = " ".join(
         f"{k}='{v}'"
         for k, v in {
@@ -575,16 +575,26 @@ def keep_coordinator_key(home: Path, source: Path) -> Path:
     return kept
 
 
-def keep_peer_keys(home: Path, peers: dict[str, Path]) -> None:
+def keep_peer_keys(home: Path, peers: dict[str, Path], own: Path | None = None) -> None:
     """Keep other parties' ledger keys in ``HOME/peers/`` (``coordinator align`` accepts run keys they signed).
 
     A different key later for the same party is refused: a key change is checked with that party first.
+    The coordinator's key (``HOME/coordinator.pub``) or the agency's own (``own``, its signing key) is
+    refused as a peer's: with it, the coordinator could vouch for run keys of its own and open what it relays.
     """
     from agencyfl.clients.alignment_steps import peers_dir
-    from agencyfl.privacy.keys import import_public_key
+    from agencyfl.privacy.keys import import_public_key, load_public_key, load_signing_key
 
+    reserved: dict[bytes, str] = {}
+    if (home / "coordinator.pub").exists():
+        reserved[public_pem(load_public_key(home / "coordinator.pub"))] = "the coordinator's key"
+    if own is not None and own.exists():
+        reserved[public_pem(load_signing_key(own).public_key())] = "this agency's own key"
     for name, source in peers.items():
         try:
+            pem = public_pem(load_public_key(source))
+            if pem in reserved:
+                raise LedgerError(f"that is {reserved[pem]}, not {name}'s: ask {name} for its keys/ledger.pub")
             import_public_key(peers_dir(home), name, source)
         except LedgerError as exc:
             raise DeploymentError(f"--peer-key {name}={source}: {exc}") from exc

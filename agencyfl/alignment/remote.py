@@ -10,10 +10,10 @@ deployment", is the design.
 from __future__ import annotations
 
 import json
-from typing import Literal
+from typing import Annotated, Literal
 
 from flwr.app import ConfigRecord
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agencyfl.alignment.errors import MessageRejectedError
 from agencyfl.federation.spec import LoadedVerticalSpec
@@ -24,6 +24,8 @@ REPLY_KEY = "align-reply"
 Step = Literal["keys", "parameters", "blind", "answer", "finish", "commit", "abandon"]
 Status = Literal["ok", "refused", "failed"]
 _CERT_PREFIX = "cert."
+RUN_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$"  # a run id names folders: a safe name, never a path
+RECORD_DOMAIN = b"agencyfl alignment record v1\n"  # what the coordinator signs for a commit (never a plan)
 
 
 class AlignmentPlan(BaseModel):
@@ -32,7 +34,7 @@ class AlignmentPlan(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     federation: str
-    run: str
+    run: Annotated[str, Field(pattern=RUN_ID)]
     spec_sha256: str
     holder: str  # the register holder (civil affairs)
     parties: tuple[str, ...]
@@ -58,17 +60,19 @@ class AlignRequest(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     step: Step
-    run: str
+    run: Annotated[str, Field(pattern=RUN_ID)]
     spec_sha256: str
     signature: str
     certificates: dict[str, bytes] = {}
     envelopes: list[bytes] = []
+    record: str = ""  # commit: the coordinator's chain entry of the run (a ``ProtocolRun``, JSON) ...
+    record_signature: str = ""  # ... signed with its ledger key (``RECORD_DOMAIN``)
 
     def to_record(self) -> ConfigRecord:
         """As a Flower ConfigRecord."""
         record: dict[str, str | bytes | list[bytes]] = {
             "step": self.step, "run": self.run, "spec-sha256": self.spec_sha256, "plan-signature": self.signature,
-            "envelopes": list(self.envelopes),
+            "envelopes": list(self.envelopes), "record": self.record, "record-signature": self.record_signature,
         }  # fmt: skip
         record.update({_CERT_PREFIX + name: cert for name, cert in self.certificates.items()})
         return ConfigRecord(record)  # type: ignore[arg-type]
@@ -80,6 +84,7 @@ class AlignRequest(BaseModel):
             return cls.model_validate({
                 "step": record["step"], "run": record["run"], "spec_sha256": record["spec-sha256"],
                 "signature": record["plan-signature"], "envelopes": record.get("envelopes") or [],
+                "record": record.get("record", ""), "record_signature": record.get("record-signature", ""),
                 "certificates": {k[len(_CERT_PREFIX):]: v for k, v in record.items() if k.startswith(_CERT_PREFIX)},
             })  # fmt: skip
         except (KeyError, ValidationError, TypeError) as exc:

@@ -179,6 +179,27 @@ def stage(final: Path, run: str, created: datetime, expires: str, write: Callabl
         path.chmod(0o600)
 
 
+def add_to_staged(final: Path, run: str, name: str, content: str) -> None:
+    """Add one file to a run's staged output (owner-only), listed in its ``retention.json``."""
+    staging = staging_folder(final, run)
+    if not (staging / RETENTION_FILE).exists():
+        raise ProtocolError(f"no output of run {run} is staged at {str(final)!r}")
+    path = staging / name
+    path.write_text(content)
+    path.chmod(0o600)
+    retention = json.loads((staging / RETENTION_FILE).read_text())
+    retention["files"] = [*retention["files"], name]
+    (staging / RETENTION_FILE).write_text(json.dumps(retention, indent=2))
+
+
+def abandon_stale(final: Path, keep: str) -> list[Path]:
+    """Remove staged outputs of runs other than ``keep`` (runs that never committed nor abandoned)."""
+    stale = [p for p in final.parent.glob(f".{final.name}.*") if p.is_dir() and p != staging_folder(final, keep)]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
 def commit_staged(final: Path, run: str) -> None:
     """Move a recorded run's output into place, replacing the previous run's.
 

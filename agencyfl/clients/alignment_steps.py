@@ -23,9 +23,20 @@ from agencyfl.alignment.errors import MessageRejectedError, ProtocolError
 from agencyfl.alignment.psi import generate_key
 from agencyfl.alignment.register import AgencyState, HolderState, RegisterAgency, RegisterHolder
 from agencyfl.alignment.relay import StepTransport
-from agencyfl.alignment.remote import REPLY_KEY, REQUEST_KEY, AlignmentPlan, AlignReply, AlignRequest, Step
+from agencyfl.alignment.remote import (
+    RECORD_DOMAIN,
+    REPLY_KEY,
+    REQUEST_KEY,
+    AlignmentPlan,
+    AlignReply,
+    AlignRequest,
+    Step,
+)
 from agencyfl.alignment.runs import (
+    ProtocolRun,
     abandon_staged,
+    abandon_stale,
+    add_to_staged,
     commit_staged,
     expiry,
     read_ids,
@@ -43,6 +54,7 @@ from agencyfl.privacy.keys import keyring_key, load_signing_key
 from agencyfl.privacy.plan_signature import plan_signature_problem
 
 STATE_KEY = "alignment-run"
+RECORD_FILE = "run-record.json"  # the coordinator's signed record of the run, kept with the output
 OUTPUT = "alignment"
 PEERS = "peers"
 
@@ -71,6 +83,9 @@ def handle(message: Message, context: Context, site: AgencySite) -> Message:
     except KeyError:
         reply = AlignReply(party=site.agency, step=step, status="failed", error="MessageRejectedError",
                            reason="not an alignment request")  # fmt: skip
+    except Exception as exc:  # noqa: BLE001  # anything else: a one-line reply, never a traceback to the relay
+        reason = f"{site.agency} could not carry out step {step!r} ({exc.__class__.__name__})"
+        reply = AlignReply(party=site.agency, step=step, status="failed", error="ProtocolError", reason=reason)
     return Message(RecordDict({REPLY_KEY: reply.to_record()}), reply_to=message)
 
 
@@ -173,15 +188,41 @@ class _Party:
             self._finish(transport)
         elif step == "commit":
             self._state()  # refuses a commit of another run
+            add_to_staged(self.output, self.request.run, RECORD_FILE, self._recorded_run())
             commit_staged(self.output, self.request.run)
             self.context.state.config_records.pop(STATE_KEY, None)
         else:  # abandon: whatever happened elsewhere, nothing of this run stays here
             abandon_staged(self.output, self.request.run)
-            self.context.state.config_records.pop(STATE_KEY, None)
+            state = self.context.state.config_records.get(STATE_KEY)
+            if state is not None and state.get("run") == self.request.run:  # another run's state is not ours to end
+                self.context.state.config_records.pop(STATE_KEY, None)
         return AlignReply(party=self.site.agency, step=step, status="ok", certificate=certificate,
                           envelopes=[pack(e) for e in transport.outbound])  # fmt: skip
 
+    def _recorded_run(self) -> str:
+        """The coordinator's chain entry of this run, checked: signed by its key, this run, these parties and
+        parameters, and this party's own input size as the relay saw it. A party commits nothing else."""
+        problem = plan_signature_problem(
+            RECORD_DOMAIN + self.request.record.encode(), self.request.record_signature, self.site.coordinator_key
+        )
+        if problem is not None:
+            raise MessageRejectedError(f"the coordinator's record of run {self.request.run}: {problem}")
+        try:
+            record = ProtocolRun.model_validate_json(self.request.record)
+        except ValueError:
+            raise MessageRejectedError(f"the coordinator's record of run {self.request.run} is malformed") from None
+        own_rows = int(self._state().get("rows", -1))  # type: ignore[arg-type]
+        expected = (self.request.run, "register-alignment", self.spec.alignment_sha256(), list(self.plan.parties))
+        got = (record.run, record.kind, record.parameters_sha256, record.parties)
+        if got != expected or record.sizes.get(self.site.agency) != own_rows:
+            raise MessageRejectedError(
+                f"the coordinator's record of run {self.request.run} is not the run {self.site.agency} took part in "
+                f"(run, parties, parameters or its own size {own_rows} differ)"
+            )
+        return record.model_dump_json(indent=2)
+
     def _draw_keys(self) -> bytes:
+        abandon_stale(self.output, self.request.run)  # output staged by runs that never ended
         keys = PartyKeys.generate(self.site.agency)
         state = ConfigRecord({"run": self.request.run, "keys": keys.private_bytes(), "blinding": generate_key()})
         self.context.state.config_records[STATE_KEY] = state
@@ -213,6 +254,7 @@ class _Party:
             else:
                 role.send_rows(transport, ids)
             self._keep(role)
+            self._state()["rows"] = transport.outbound[0].rows if transport.outbound else 0
         finally:
             role.close()
 

@@ -24,6 +24,7 @@ from flwr.serverapp import Grid
 from agencyfl.alignment.relay import Relay
 from agencyfl.alignment.remote import (
     MESSAGE_TYPE,
+    RECORD_DOMAIN,
     REPLY_KEY,
     REQUEST_KEY,
     AlignmentPlan,
@@ -74,10 +75,15 @@ class _Exchange:
     nodes: dict[str, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
 
+    record: str = ""
+    record_signature: str = ""
+
     def request(self, step: Step, party: str, certificates: dict[str, bytes] | None = None) -> AlignRequest:
         return AlignRequest(
             step=step, run=self.settings.run, spec_sha256=self.settings.loaded.sha256, signature=self.signature,
             certificates=certificates or {}, envelopes=[pack(e) for e in self.relay.take_all(party)],
+            record=self.record if step == "commit" else "",
+            record_signature=self.record_signature if step == "commit" else "",
         )  # fmt: skip
 
     def send(self, step: Step, requests: dict[int, AlignRequest], timeout: float) -> dict[int, AlignReply]:
@@ -160,7 +166,8 @@ def run_alignment(grid: Grid, settings: AlignmentSettings, sink: EventSink) -> d
     loaded = settings.loaded
     plan = AlignmentPlan.from_spec(loaded, settings.run)
     chain = runs_chain(settings.workdir, settings.ledger_key)  # verified before anything is sent
-    signature = sign_plan(plan.signed_bytes(), load_signing_key(settings.ledger_key))
+    key = load_signing_key(settings.ledger_key)
+    signature = sign_plan(plan.signed_bytes(), key)
     settings.run_dir.mkdir(parents=True, exist_ok=True)
     exchange = _Exchange(FastPollGrid(grid, settings.step_timeout), settings, signature, sink)
     summary: dict[str, Any] = {"run": settings.run, "kind": "register-alignment", "parties": list(plan.parties),
@@ -184,9 +191,14 @@ def run_alignment(grid: Grid, settings: AlignmentSettings, sink: EventSink) -> d
             time=now.isoformat(timespec="seconds"), expires=expiry(now, loaded.spec.alignment.retention_days),
         )  # fmt: skip
         chain.append(event)
+        # each party commits only the run the chain recorded: the entry goes with the commit, signed
+        exchange.record = event.model_dump_json()
+        exchange.record_signature = sign_plan(RECORD_DOMAIN + exchange.record.encode(), key)
         exchange.step("commit", plan.parties)
-    except AgencyflError as exc:
+    except Exception as exc:
         _abandon(exchange)
+        if not isinstance(exc, AgencyflError):
+            raise
         summary.update(status="failed", error={"class": type(exc).__name__, "message": str(exc)},
                        seconds=exchange.seconds)  # fmt: skip
         _write(settings.run_dir / "summary.json", summary)
@@ -229,14 +241,19 @@ def _sizes(relay: Relay, plan: AlignmentPlan) -> dict[str, int]:
 
 
 def _abandon(exchange: _Exchange) -> None:
-    """Best effort: every party that answered drops what it staged for the run."""
+    """Best effort: every party that answered drops what it staged for the run.
+
+    If a commit fails at one party after others committed, the chain holds the run and those parties keep
+    its output (each with the signed record); the failing party keeps its previous output, and
+    ``coordinator align`` reports the failure: align again.
+    """
     if not exchange.nodes:
         return
     try:
         requests = {node: exchange.request("abandon", party) for party, node in exchange.nodes.items()}
         exchange.send("abandon", requests, min(60.0, exchange.settings.step_timeout))
-    except AgencyflError:
-        pass  # a party that does not answer keeps a staging folder, replaced or ignored by the next run
+    except Exception:  # noqa: BLE001
+        pass  # a party that does not answer keeps a staging folder; its next run's first step removes it
 
 
 def _write(path: Path, summary: dict[str, Any]) -> None:
