@@ -28,6 +28,32 @@ from agencyfl.server.model_card import ModelCard
 from agencyfl.synth import SynthResult, synthesize  # noqa: E402
 
 AGENCIES = ["civil-affairs", "hrss", "tax", "environment"]
+
+# Two workers share the suite (pyproject: ``-n 2 --dist loadgroup``). Each module is one unit of work, so its
+# module-scoped daemons start once; the notebooks, independent of each other, are one unit each. Units are
+# handed out longest first (seconds measured on one idle worker, 2 cores) so that neither worker is left
+# with a long one at the end; the order within a unit stays pytest-randomly's.
+LONGEST_FIRST = {
+    "test_deployment.py": 290, "test_multihost.py": 180, "test_notebooks.py::04": 107,
+    "test_deployment_alignment.py": 100, "test_cli.py": 80, "test_notebooks.py::03": 63,
+    "test_ledger_binding.py": 45, "test_notebooks.py::08": 35, "test_notebooks.py::07": 29,
+    "test_notebooks.py::05": 27, "test_scoring.py": 27, "test_audit_verify.py": 25, "test_notebooks.py::01": 21,
+}  # fmt: skip
+
+
+def _unit(item: pytest.Item) -> str:
+    if item.path.name == "test_notebooks.py":
+        return f"test_notebooks.py::{item.nodeid.rpartition('[')[2][:2]}"
+    return item.path.name
+
+
+@pytest.hookimpl(trylast=True)  # after pytest-randomly's shuffle
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(_unit(item)))
+    items.sort(key=lambda item: -LONGEST_FIRST.get(_unit(item), 0))  # stable: random order within a weight
+
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_FLAGS = [  # headless, and no background connections (this machine's network is closed)
     "--headless",

@@ -21,7 +21,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from test_alignment_cli import ids_of, valid
 
-from agencyfl.alignment.errors import MessageRejectedError
+from agencyfl.alignment.errors import EmptyIntersectionError, MessageRejectedError
 from agencyfl.alignment.remote import (
     MESSAGE_TYPE,
     RECORD_DOMAIN,
@@ -31,13 +31,15 @@ from agencyfl.alignment.remote import (
     AlignReply,
     AlignRequest,
 )
-from agencyfl.alignment.runs import ProtocolRun, load_vertical
+from agencyfl.alignment.runs import ProtocolRun, load_vertical, runs_chain
 from agencyfl.alignment.sealed import PartyKeys, certify
+from agencyfl.clients import alignment_steps
 from agencyfl.clients.alignment_steps import handle, peers_dir
 from agencyfl.clients.signed_plan import refused_requests
 from agencyfl.clients.site import AgencySite
 from agencyfl.deployment import keep_peer_keys
 from agencyfl.federation.errors import DeploymentError
+from agencyfl.federation.resident_id import check_character
 from agencyfl.privacy.keys import generate_signing_key, import_public_key, load_signing_key, public_pem
 from agencyfl.privacy.plan_signature import sign_plan
 from agencyfl.server.alignment_run import AlignmentSettings, _Exchange, _introduce, run_alignment
@@ -260,3 +262,53 @@ def test_a_steward_cannot_take_the_coordinators_or_its_own_key_for_a_peers(tmp_p
     (tmp_path / "new.pub").write_bytes(public_pem(load_signing_key(tmp_path / "new.key").public_key()))
     with pytest.raises(DeploymentError, match="different key"):
         keep_peer_keys(home, {"civil-affairs": tmp_path / "new.pub"})
+
+
+def test_a_party_failing_after_others_staged_leaves_every_output_and_the_chain_as_they_were(
+    parties: Parties, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tax's file turns out to hold nobody on the register (wrong file, a careless steward): tax fails at
+    `finish`, after civil affairs staged its sizes and hrss and environment their positions. Every party
+    drops what it staged, the chain does not grow, the earlier run's outputs stay, and the error is the
+    failing party's own one line (exit 22 at the coordinator's command)."""
+    parties.trust_every_agency()
+
+    def settings(run: str) -> AlignmentSettings:
+        return AlignmentSettings(loaded=parties.loaded, workdir=parties.root / "coord", run=run,
+                                 ledger_key=parties.root / "coordinator.key", step_timeout=30.0)  # fmt: skip
+
+    def run(name: str) -> dict[str, object]:
+        parties.signature = sign_plan(
+            AlignmentPlan.from_spec(parties.loaded, name).signed_bytes(),
+            load_signing_key(parties.root / "coordinator.key"),
+        )
+        return run_alignment(LocalGrid(parties), settings(name), lambda event: None)  # type: ignore[arg-type]
+
+    assert run("align-first")["status"] == "recorded"
+    kept = {p: (parties.root / p / "alignment" / "retention.json").read_bytes() for p in PARTIES}
+    chain = runs_chain(parties.root / "coord", parties.root / "coordinator.key")
+    recorded = chain.events()
+    tax = parties.population.agency_files["tax"]
+    original = tax.read_text()
+    lines = original.splitlines()
+    foreign = [f"1101051949123{n:04d}" for n in range(len(lines) - 1)]  # valid ids of nobody registered
+    rows = [f"{f}{check_character(f)},{line.partition(',')[2]}" for f, line in zip(foreign, lines[1:], strict=True)]
+    tax.write_text("\n".join([lines[0], *rows]) + "\n")
+    staged: list[str] = []
+    original_stage = alignment_steps.stage
+
+    def watched(final: Path, run_id: str, *args: object) -> None:
+        staged.append(final.parent.name)
+        original_stage(final, run_id, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(alignment_steps, "stage", watched)
+    try:
+        with pytest.raises(EmptyIntersectionError, match="tax failed at step 'finish': none of tax's"):
+            run("align-second")
+    finally:
+        tax.write_text(original)
+    assert {"civil-affairs", "hrss", "environment"} <= set(staged)  # they had staged before tax failed
+    assert chain.events() == recorded
+    for party in PARTIES:
+        assert (parties.root / party / "alignment" / "retention.json").read_bytes() == kept[party]
+        assert not list((parties.root / party).glob(".alignment.*"))  # nothing left staged

@@ -249,28 +249,31 @@ def stranger_flwr_home(deployment: Deployment, tmp_path: Path) -> Path:
 
 
 def test_our_own_app_started_by_a_stranger_does_nothing(deployment: Deployment, tmp_path: Path) -> None:
-    """The stranger rebuilds our public app (it passes every app pin) and starts it with a run config naming the
-    coordinator's own ledger key and work folder. The coordinator's ServerApp takes neither from a run config,
-    finds no authorization of the coordinator's CLI, records the refusal and sends nothing: no agency is asked
-    anything, nothing is signed, spent or registered."""
+    """The stranger rebuilds our public app (it passes every app pin) and starts it. It cannot name the
+    coordinator's ledger key or work folder (no settings of the app: the ServerApp takes them from the
+    coordinator's folder), and without the coordinator CLI's authorization the ServerApp records the refusal
+    and sends nothing: no agency is asked anything, nothing is signed, spent or registered."""
     app_dir = tmp_path / "agencyfl-app"
     app_dir.mkdir()
     (app_dir / "pyproject.toml").write_text(APP_PYPROJECT)
     home = stranger_flwr_home(deployment, tmp_path)
     job = "job-of-a-stranger"
-    overrides = (
-        f"spec='{deployment.spec.resolve()}' workdir='{deployment.coord / 'work'}' job='{job}' resume=false "
-        f"ledger-key='{deployment.coord / 'keys' / 'ledger-signing.key'}' authorization='1.00.forged'"
-    )
+    env = {**os.environ, "FLWR_HOME": str(home)}
     ledgers = {a: (deployment.home(a) / "ledger" / "ledger.jsonl") for a in AGENCIES}
     before = {a: p.read_bytes() if p.exists() else b"" for a, p in ledgers.items()}
-    env = {**os.environ, "FLWR_HOME": str(home)}
-    submitted = subprocess.run(
-        ["flwr", "run", str(app_dir), "target", "--run-config", overrides, "--format", "json"],
-        capture_output=True, text=True, timeout=120, env=env,
-    )  # fmt: skip
-    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
-    answer = json.loads(strip_ansi(submitted.stdout))
+
+    def submit(overrides: str) -> dict[str, Any]:
+        submitted = subprocess.run(
+            ["flwr", "run", str(app_dir), "target", "--run-config", overrides, "--format", "json"],
+            capture_output=True, text=True, timeout=120, env=env,
+        )  # fmt: skip
+        return dict(json.loads(strip_ansi(submitted.stdout)))
+
+    # The ledger key and work folder are no settings of the app: Flower refuses a run config that names them.
+    named = submit(f"spec='{deployment.spec.resolve()}' job='{job}' "
+                   f"ledger-key='{deployment.coord / 'keys' / 'ledger-signing.key'}'")  # fmt: skip
+    assert "run-id" not in named and "Invalid run configuration" in named["error-message"]
+    answer = submit(f"spec='{deployment.spec.resolve()}' job='{job}' resume=false authorization='1.00.forged'")
     assert "run-id" in answer, answer
     refused = deployment.coord / "refused-runs.jsonl"
 

@@ -3,17 +3,16 @@ party's side of the register alignment in its own SuperNode, the coordinator's S
 
 One deployment on loopback serves the module; one alignment run is shared by the checks of its outcome.
 The truth the protocol never sees (every party's file) is the oracle, as in ``test_alignment_cli.py``.
-The abuses: a stranger who starts our public app with a key of its own gets refusals only; a party that
-fails mid-run (a duplicate id) leaves every party's previous output and the chain as they were.
+The abuses are tested where they are decided, at the cost of no daemons: a stranger's run is refused by
+the coordinator's ServerApp before its task is read (``test_deployment.py``, the same path for an
+alignment), and a party's refusals and the all-or-nothing commit run the coordinator's own driver against
+the parties' handlers in process (``test_alignment_steps.py``).
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import time
 import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,11 +23,6 @@ from conftest import invoke
 from test_alignment_cli import ids_of, valid
 
 from agencyfl.alignment.runs import ProtocolRun, runs_chain
-from agencyfl.clients.signed_plan import refused_requests
-from agencyfl.daemons import strip_ansi
-from agencyfl.exit_codes import ExitCode
-from agencyfl.federation.flower_app import APP_PYPROJECT
-from agencyfl.federation.refusal_log import read_entries
 from agencyfl.synth_vertical import VerticalSynthResult, synthesize_vertical
 
 PARTIES = ["civil-affairs", "hrss", "tax", "environment"]
@@ -149,71 +143,3 @@ def test_the_coordinator_keeps_no_id_and_records_the_run_in_its_signed_chain(
         assert json.loads((folder / "retention.json").read_text())["run"] == aligned["run"]
         assert {p.stat().st_mode & 0o777 for p in folder.iterdir()} == {0o600}
         assert not list(folder.parent.glob(".alignment.*"))  # nothing left staged
-
-
-def test_a_stranger_starting_our_app_to_align_is_refused_by_the_coordinator_and_nothing_changes(
-    deployment: VerticalDeployment, aligned: dict[str, Any], tmp_path: Path
-) -> None:
-    """Our app is public and passes every pin. A stranger who starts it to align, naming the coordinator's real
-    ledger key, gets nothing signed: the ServerApp takes the key from the coordinator's folder and acts only on
-    runs the coordinator's CLI authorized; the parties are asked nothing (the parties' own check of the signed
-    plan is ``test_alignment_steps.py``)."""
-    app_dir = tmp_path / "agencyfl-app"
-    app_dir.mkdir()
-    (app_dir / "pyproject.toml").write_text(APP_PYPROJECT)
-    home = tmp_path / "flwr"
-    home.mkdir()
-    (home / "config.toml").write_text(
-        '[superlink]\ndefault = "target"\n\n[superlink.target]\n'
-        f'address = "127.0.0.1:{deployment.port}"\nroot-certificates = "{deployment.coord / "tls" / "ca.crt"}"\n'
-    )
-    run = "align-of-a-stranger"
-    before = {p: positions(deployment.home(p)) for p in OTHERS}
-    chain_before = deployment.chain()
-    overrides = (
-        f"task='align' spec='{deployment.spec.resolve()}' job='{run}' "
-        f"ledger-key='{deployment.coord / 'keys' / 'ledger-signing.key'}' workdir='{deployment.coord / 'work'}'"
-    )
-    env = {**os.environ, "FLWR_HOME": str(home)}
-    submitted = subprocess.run(
-        ["flwr", "run", str(app_dir), "target", "--run-config", overrides, "--format", "json"],
-        capture_output=True, text=True, timeout=120, env=env,
-    )  # fmt: skip
-    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
-    assert "run-id" in json.loads(strip_ansi(submitted.stdout))
-    refused = deployment.coord / "refused-runs.jsonl"
-    start = time.monotonic()
-    while not any(e.get("job") == run for e in read_entries(refused)):
-        assert time.monotonic() - start < 240, "the coordinator did not refuse the stranger's run"
-        time.sleep(0.5)
-    (entry,) = [e for e in read_entries(refused) if e.get("job") == run]
-    assert "not submitted by this coordinator" in entry["reason"]
-    for party in PARTIES:
-        assert not [e for e in refused_requests(deployment.home(party)) if e["job"] == run]  # asked nothing
-    assert {p: positions(deployment.home(p)) for p in OTHERS} == before
-    assert deployment.chain() == chain_before and not (deployment.coord / "work" / "runs" / run).exists()
-
-
-def test_a_party_failing_mid_run_leaves_every_output_and_the_chain_as_they_were(
-    deployment: VerticalDeployment, aligned: dict[str, Any]
-) -> None:
-    """tax's file gains a duplicate id (a careless steward): tax fails at the blinding step with a one-line
-    error, the command exits with the data error's code, every party drops what it staged, the chain does
-    not grow and the earlier run's outputs stay in place."""
-    tax = deployment.population.agency_files["tax"]
-    original = tax.read_bytes()
-    lines = original.decode().splitlines(keepends=True)
-    chain_before = deployment.chain()
-    kept_before = {p: (deployment.home(p) / "alignment" / "retention.json").read_bytes() for p in PARTIES}
-    try:
-        tax.write_bytes(original + lines[1].encode())
-        failed = deployment.align()
-    finally:
-        tax.write_bytes(original)
-    assert failed.exit_code == ExitCode.DATA_UNUSABLE, failed.output
-    assert "tax failed at step 'blind'" in failed.output and "duplicate" in failed.output.lower()
-    assert "Traceback" not in failed.output
-    assert deployment.chain() == chain_before
-    for party in PARTIES:
-        assert (deployment.home(party) / "alignment" / "retention.json").read_bytes() == kept_before[party]
-        assert not list(deployment.home(party).glob(".alignment.*"))
