@@ -29,29 +29,28 @@ from agencyfl.synth import SynthResult, synthesize  # noqa: E402
 
 AGENCIES = ["civil-affairs", "hrss", "tax", "environment"]
 
-# Two workers share the suite (pyproject: ``-n 2 --dist loadgroup``). Each module is one unit of work, so its
-# module-scoped daemons start once; the notebooks, independent of each other, are one unit each. Units are
-# handed out longest first (seconds measured on one idle worker, 2 cores) so that neither worker is left
-# with a long one at the end; the order within a unit stays pytest-randomly's.
-LONGEST_FIRST = {
-    "test_deployment.py": 290, "test_multihost.py": 180, "test_notebooks.py::04": 107,
-    "test_deployment_alignment.py": 100, "test_cli.py": 80, "test_notebooks.py::03": 63,
-    "test_ledger_binding.py": 45, "test_notebooks.py::08": 35, "test_notebooks.py::07": 29,
-    "test_notebooks.py::05": 27, "test_scoring.py": 27, "test_audit_verify.py": 25, "test_notebooks.py::01": 21,
-}  # fmt: skip
+# Two workers share the suite (pyproject: ``-n 2 --dist loadgroup``). The tests that run a coordinator and
+# SuperNodes as processes are one unit, run one after the other on one worker: each step of theirs starts
+# a ClientApp process per agency, and two such federations at once on 2 cores slowed both threefold. The
+# other worker takes everything else, a module (or a notebook) at a time, so module-scoped fixtures start
+# once; when it is done it helps with nothing, the daemon unit being one. Order within a unit stays random.
+DAEMONS = {"test_deployment.py", "test_multihost.py", "test_deployment_alignment.py", "test_notebooks.py::04"}
 
 
 def _unit(item: pytest.Item) -> str:
     if item.path.name == "test_notebooks.py":
-        return f"test_notebooks.py::{item.nodeid.rpartition('[')[2][:2]}"
-    return item.path.name
+        name = f"test_notebooks.py::{item.nodeid.rpartition('[')[2][:2]}"
+    else:
+        name = item.path.name
+    return "daemons" if name in DAEMONS else name
 
 
-@pytest.hookimpl(trylast=True)  # after pytest-randomly's shuffle
+# After pytest-randomly's shuffle (a wrapper, before its yield) and before xdist reads the xdist_group marks.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         item.add_marker(pytest.mark.xdist_group(_unit(item)))
-    items.sort(key=lambda item: -LONGEST_FIRST.get(_unit(item), 0))  # stable: random order within a weight
+    items.sort(key=lambda item: _unit(item) != "daemons")  # the longest unit first; stable otherwise
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

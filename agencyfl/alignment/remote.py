@@ -16,9 +16,10 @@ from flwr.app import ConfigRecord
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agencyfl.alignment.errors import MessageRejectedError
+from agencyfl.federation.messages import ALIGN_MESSAGE_TYPE
 from agencyfl.federation.spec import LoadedVerticalSpec
 
-MESSAGE_TYPE = "query.align"
+MESSAGE_TYPE = ALIGN_MESSAGE_TYPE
 REQUEST_KEY = "align"
 REPLY_KEY = "align-reply"
 Step = Literal["keys", "parameters", "blind", "answer", "finish", "commit", "abandon"]

@@ -36,8 +36,8 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
-from agencyfl.alignment.remote import MESSAGE_TYPE as ALIGN_MESSAGE
 from agencyfl.federation.messages import (
+    ALIGN_MESSAGE_TYPE,
     FairnessRelease,
     MessageError,
     NoisedEvaluation,
@@ -212,7 +212,7 @@ def make_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clien
         return AgencyClient(resolve_site(context)).to_client()
 
     def alignment_steps(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-        if msg.metadata.message_type != ALIGN_MESSAGE:
+        if msg.metadata.message_type != ALIGN_MESSAGE_TYPE:
             return call_next(msg, context)
         from agencyfl.clients.alignment_steps import handle  # numpy and cryptography only: no torch
 

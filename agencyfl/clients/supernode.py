@@ -14,7 +14,8 @@ and is recorded in ``HOME/refused-runs.jsonl``.
 The two patched names are private to Flower (``flwr/supernode/start_client_internal.py``);
 ``tests/test_supernode_gate.py`` fails if their source changes, so an upgrade cannot silently
 disable the gate. The same module's ``time`` is replaced by one whose waits last at most 0.5 s
-(``IDLE_POLL_SECONDS``): Flower's idle poll of 3 s added 1.5 s on average to every protocol step. Run as ``python -m agencyfl.clients.supernode --home HOME <flower-supernode options>``.
+(``IDLE_POLL_SECONDS``): Flower's idle poll of 3 s added 1.5 s on average to every protocol step.
+Run as ``python -m agencyfl.clients.supernode --home HOME <flower-supernode options>``.
 """
 
 from __future__ import annotations

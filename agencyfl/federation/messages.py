@@ -23,6 +23,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agencyfl.federation.errors import AgencyflError
 
+ALIGN_MESSAGE_TYPE = "query.align"
+"""Flower message type of a ``coordinator align`` step (``agencyfl.alignment.remote``); here so that the
+ClientApp routes it without importing the alignment package for every training message."""
+
 Scalar = bool | bytes | float | int | str
 """What a Flower metric or config record holds (``flwr.common.Scalar``)."""
 
