@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,35 @@ def coordinator_public_key(settings: ServerSettings) -> Path:
     return public
 
 
+RAY_STARTS = 3
+
+
+def start_ray(init_args: dict[str, Any], attempts: int = RAY_STARTS) -> None:
+    """Start Ray for the simulation, trying again if its node does not come up in time.
+
+    Ray gives its raylet a fixed 30 s to register and raises otherwise; on a machine whose cores are
+    busy (another federation's processes) that can happen once and then succeed. Flower's backend uses
+    the running Ray rather than starting its own.
+
+    Raises
+    ------
+    FederationError
+        If Ray did not start in ``attempts`` tries.
+    """
+    import ray
+
+    # as Flower's backend starts it: Ray's worker processes get this process's import path
+    runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path)}}
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(runtime_env=runtime_env, **init_args)
+            return
+        except Exception as exc:  # Ray raises a bare Exception for a node that did not come up
+            ray.shutdown()
+            if attempt == attempts:
+                raise FederationError(f"Ray did not start in {attempts} tries: {exc}") from exc
+
+
 def run_federation(spec_path: str | Path, workdir: str | Path, on_event: EventSink | None = None) -> dict[str, Any]:
     """Train the spec's model across its agencies; returns the run summary (see ``server.app``).
 
@@ -75,22 +105,21 @@ def run_federation(spec_path: str | Path, workdir: str | Path, on_event: EventSi
     from flwr.simulation import run_simulation
 
     logging.getLogger("flwr").setLevel(logging.ERROR)
+    init_args: dict[str, Any] = {
+        "num_cpus": 2,
+        "logging_level": "error",
+        "log_to_driver": False,
+        "include_dashboard": False,
+    }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        start_ray(init_args)
         try:
             run_simulation(
                 server_app=server_app,
                 client_app=client_app,
                 num_supernodes=len(sites),
-                backend_config={
-                    "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                    "init_args": {
-                        "num_cpus": 2,
-                        "logging_level": "error",
-                        "log_to_driver": False,
-                        "include_dashboard": False,
-                    },
-                },
+                backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": init_args},
             )
         except RuntimeError as exc:
             raise FederationError(f"the simulation failed: {exc.__cause__ or exc}") from exc
