@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -31,14 +30,9 @@ from opacus.accountants.analysis.prv import (
 )
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
+from agencyfl.privacy.steps import StepRecord
 
-@dataclass(frozen=True)
-class StepRecord:
-    """``steps`` steps of the Poisson-subsampled Gaussian mechanism."""
-
-    noise_multiplier: float
-    sample_rate: float
-    steps: int
+__all__ = ["StepRecord"]  # re-exported: where it lived before
 
 
 @lru_cache(maxsize=1024)

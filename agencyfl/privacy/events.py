@@ -34,7 +34,7 @@ from typing import Annotated, Literal
 from dp_accounting import dp_event as dpe
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from agencyfl.privacy.accounting import StepRecord
+from agencyfl.privacy.steps import StepRecord
 
 EVENT_FORMAT = 1
 """Version of the event model; an entry's ``mechanism_format``."""

@@ -39,9 +39,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from typing_extensions import TypeVar
 
 from agencyfl.federation.errors import LedgerError
-from agencyfl.privacy.accounting import StepRecord
 from agencyfl.privacy.events import Mechanism, step_records
 from agencyfl.privacy.keys import key_id, load_public_key, public_pem
+from agencyfl.privacy.steps import StepRecord
 
 GENESIS = "0" * 64
 LEDGER_FILE = "ledger.jsonl"
