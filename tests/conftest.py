@@ -34,10 +34,7 @@ AGENCIES = ["civil-affairs", "hrss", "tax", "environment"]
 # a ClientApp process per agency, and two such federations at once on 2 cores slowed both threefold. The
 # other worker takes everything else, a module (or a notebook) at a time, so module-scoped fixtures start
 # once; when it is done it helps with nothing, the daemon unit being one. Order within a unit stays random.
-DAEMONS = {
-    "test_deployment.py", "test_multihost.py", "test_deployment_alignment.py", "test_notebooks.py::04",
-    "test_notebooks.py::09",
-}  # fmt: skip
+DAEMONS = {"test_deployment.py", "test_multihost.py", "test_notebooks.py::04", "test_notebooks.py::09"}
 
 
 def _unit(item: pytest.Item) -> str:

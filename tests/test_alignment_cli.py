@@ -165,7 +165,7 @@ def test_bad_inputs_are_refused_with_their_exit_code_and_nothing_is_written(
     elif abuse == "a query longer than the agency declared":  # guessed ids added: each one a membership test
         text = spec.read_text()
         start = text.index('name = "tax"')
-        spec.write_text(text[:start] + 'max_rows = 100\n' + text[start:])
+        spec.write_text(text[:start] + "max_rows = 100\n" + text[start:])
     elif abuse == "duplicate id in a file":
         lines = (data / "tax.csv").read_text().splitlines()
         (data / "tax.csv").write_text("\n".join([*lines, lines[1]]) + "\n")  # a careless steward's repeated row
