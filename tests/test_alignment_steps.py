@@ -1,11 +1,12 @@
 """A party's side of `coordinator align`, driven message by message as its SuperNode would (in process).
 
-``notebooks/09-deployment-alignment.ipynb`` runs the whole protocol through real daemons (the tests execute
-it); here the abuses a curious coordinator or a careless steward would try on one party are each shown
-refused: a run key swapped in transit (the coordinator would then open what it relays), a plan for another copy of the spec,
-steps out of order, a counterpart whose ledger key the steward never received, and a commit of a run the
-coordinator's chain does not record as it happened. ``LocalGrid`` delivers the coordinator's messages to
-the parties' handlers in this process, so the coordinator's own driver runs unchanged.
+``notebooks/09-deployment-alignment.ipynb`` runs the whole protocol through real daemons (the tests
+execute it). Here the abuses a curious coordinator or a careless steward would try on one party are each
+shown refused: a run key swapped in transit (the coordinator would then open what it relays), a plan for
+another copy of the spec, steps out of order, a counterpart whose ledger key the steward never received,
+and a commit of a run the coordinator's chain does not record as it happened. ``LocalGrid`` delivers the
+coordinator's messages to the parties' handlers in this process, so the coordinator's own driver runs
+unchanged.
 """
 
 from __future__ import annotations
