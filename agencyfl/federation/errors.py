@@ -27,6 +27,10 @@ class FederationError(AgencyflError):
     """A federated run ended without a model (too few agencies, all rounds refused, ...)."""
 
 
+class JobStopped(FederationError):
+    """An agency's ledger refused a vertical job's release: the job stopped before releasing it (exit 7)."""
+
+
 class DeploymentError(AgencyflError):
     """A daemon (SuperLink, SuperNode) failed to start or was refused, or a deployment folder is incomplete."""
 

@@ -25,13 +25,13 @@ from typing import Any, Literal
 import numpy as np
 
 from agencyfl.alignment.runs import align_from_spec
-from agencyfl.federation.errors import FederationError
+from agencyfl.federation.errors import JobStopped
 from agencyfl.federation.fairness import card_fields, count_groups, group_labels, layout
 from agencyfl.federation.fairness import sensitivity as fairness_sensitivity
 from agencyfl.federation.spec import FairnessSection, LoadedVerticalSpec
 from agencyfl.federation.table import file_fingerprint
 from agencyfl.privacy.accounting import StepRecord, epsilon_for
-from agencyfl.privacy.budget import check_round
+from agencyfl.privacy.budget import BudgetDecision, check_round
 from agencyfl.privacy.events import EVENT_FORMAT, NEIGHBOURING, GaussianEvent
 from agencyfl.privacy.keys import load_or_create_signing_key
 from agencyfl.privacy.ledger import Ledger, LedgerEvent, now_utc, spend_records
@@ -44,13 +44,113 @@ from agencyfl.vertical.train import VerticalResult, train_vertical
 WORKDIR_SPEC = "federation.json"
 
 
-class JobStopped(FederationError):
-    """An agency's ledger refused an iteration: the job stopped before releasing it (exit 7)."""
+Release = Literal["vertical-gradient", "fairness"]
+
+
+def ledger_entry(
+    loaded: LoadedVerticalSpec,
+    plan: VerticalPlan,
+    job: str,
+    agency: str,
+    iteration: int,
+    kind: Literal["release", "refusal"],
+    epsilons: tuple[float, float],
+    reason: str | None,
+    release: Release = "vertical-gradient",
+) -> LedgerEvent:
+    """One agency's ledger entry for a release of a vertical job (or its refusal); ``epsilons``: job, lifetime."""
+    spec = loaded.spec
+    gradient = release == "vertical-gradient"
+    fairness = spec.fairness
+    noise = plan.noise_multiplier if gradient or fairness is None else fairness.noise_multiplier
+    mechanism = plan.iteration_event() if gradient or fairness is None else fairness_event(fairness)
+    return LedgerEvent(
+        kind=kind,
+        agency=agency,
+        job=job,
+        round=iteration,
+        noise_multiplier=noise,
+        sample_rate=1.0,
+        steps=0 if kind == "refusal" else 1,
+        max_grad_norm=plan.sensitivity if gradient else mechanism.sensitivity,
+        delta=spec.privacy.delta,
+        epsilon_job=epsilons[0],
+        epsilon_lifetime=epsilons[1],
+        epsilon_job_cap=spec.privacy.epsilon,
+        budget=spec.privacy.budget,
+        dataset=loaded.sha256,
+        time=now_utc(),
+        reason=reason,
+        federation=spec.federation.name,
+        release=None if kind == "refusal" else release,
+        mechanism=None if kind == "refusal" else mechanism,
+        mechanism_format=EVENT_FORMAT,
+        neighbouring=NEIGHBOURING,
+    )
+
+
+def _decide(
+    ledger: Ledger, loaded: LoadedVerticalSpec, plan: VerticalPlan, job: str, iteration: int, release: Release
+) -> tuple[list[LedgerEvent], BudgetDecision, str]:
+    """What one agency's caps say about the release (its ledger verified first), and what it is called."""
+    privacy, fairness = loaded.spec.privacy, loaded.spec.fairness
+    if release == "fairness" and fairness is not None:
+        planned, what = StepRecord(fairness.noise_multiplier, 1.0, 1), "the fairness counts"
+    else:  # each release is checked as it comes (an entry's epsilon is what was spent up to it)
+        planned, what = StepRecord(plan.noise_multiplier, 1.0, 1), f"iteration {iteration}"
+    events = ledger.events()  # verifies: a ledger that does not verify stops the job
+    return events, check_round(events, job, planned, privacy.delta, privacy.epsilon, privacy.budget), what
+
+
+def _record_refusal(
+    ledger: Ledger, loaded: LoadedVerticalSpec, plan: VerticalPlan, job: str, agency: str, iteration: int,
+    release: Release, events: list[LedgerEvent], decision: BudgetDecision, what: str,
+) -> str:  # fmt: skip
+    delta = loaded.spec.privacy.delta
+    epsilons = (epsilon_for(spend_records(events, job), delta), epsilon_for(spend_records(events), delta))
+    reason = f"vertical {what} refused: {decision.reason}"
+    ledger.append(ledger_entry(loaded, plan, job, agency, iteration, "refusal", epsilons, reason, release))
+    return f"{agency}'s ledger refused {what}: {decision.reason}"
+
+
+def admit(
+    ledger: Ledger,
+    loaded: LoadedVerticalSpec,
+    plan: VerticalPlan,
+    job: str,
+    agency: str,
+    iteration: int,
+    release: Release = "vertical-gradient",
+    reuse: bool = False,
+) -> LedgerEvent:
+    """Admit one release at one agency (a deployment: each agency its own), recorded before anything leaves.
+
+    ``reuse``: the coordinator's signed plan says iteration ``iteration`` of this (resumed) job was never
+    released; if this ledger already admitted it, that entry is returned and nothing is recorded again.
+
+    Raises
+    ------
+    JobStopped
+        If the agency's caps refuse it (the refusal is recorded).
+    """
+    if reuse:
+        for event in ledger.events():
+            if event.kind == "release" and event.job == job and event.round == iteration and event.release == release:
+                return event
+    events, decision, what = _decide(ledger, loaded, plan, job, iteration, release)
+    if not decision.allowed:
+        raise JobStopped(
+            _record_refusal(ledger, loaded, plan, job, agency, iteration, release, events, decision, what)
+        )
+    epsilons = (decision.epsilon_job_after, decision.epsilon_lifetime_after)
+    entry = ledger_entry(loaded, plan, job, agency, iteration, "release", epsilons, None, release)
+    ledger.append(entry)
+    return entry
 
 
 @dataclass
 class AgencyLedgers:
-    """Every agency's own ledger, opened with its own key, for one vertical job."""
+    """Every agency's own ledger, opened with its own key, for one vertical job on one machine."""
 
     loaded: LoadedVerticalSpec
     workdir: Path
@@ -67,84 +167,29 @@ class AgencyLedgers:
             for a in self.loaded.spec.agencies
         }
 
-    def _entry(
-        self,
-        agency: str,
-        iteration: int,
-        kind: Literal["release", "refusal"],
-        job_eps: float,
-        life_eps: float,
-        reason: str | None,
-        release: Literal["vertical-gradient", "fairness"] = "vertical-gradient",
-    ) -> LedgerEvent:
-        spec, plan = self.loaded.spec, self.plan
-        gradient = release == "vertical-gradient"
-        fairness = spec.fairness
-        noise = plan.noise_multiplier if gradient or fairness is None else fairness.noise_multiplier
-        mechanism = plan.iteration_event() if gradient or fairness is None else fairness_event(fairness)
-        return LedgerEvent(
-            kind=kind,
-            agency=agency,
-            job=self.job,
-            round=iteration,
-            noise_multiplier=noise,
-            sample_rate=1.0,
-            steps=0 if kind == "refusal" else 1,
-            max_grad_norm=plan.sensitivity if gradient else mechanism.sensitivity,
-            delta=spec.privacy.delta,
-            epsilon_job=job_eps,
-            epsilon_lifetime=life_eps,
-            epsilon_job_cap=spec.privacy.epsilon,
-            budget=spec.privacy.budget,
-            dataset=self.loaded.sha256,
-            time=now_utc(),
-            reason=reason,
-            federation=spec.federation.name,
-            release=None if kind == "refusal" else release,
-            mechanism=None if kind == "refusal" else mechanism,
-            mechanism_format=EVENT_FORMAT,
-            neighbouring=NEIGHBOURING,
-        )
-
-    def account(self, iteration: int, release: Literal["vertical-gradient", "fairness"] = "vertical-gradient") -> None:
+    def account(self, iteration: int, release: Release = "vertical-gradient") -> None:
         """Admit a release (iteration ``iteration``'s gradients, or the fairness counts) at every agency,
-        recording it in each ledger before anything is released.
+        recording it in each ledger before anything is released; only if every agency admits it.
 
         Raises
         ------
         JobStopped
             If an agency's caps refuse it (its refusal is recorded; no ledger records the release).
         """
-        spec = self.loaded.spec
-        fairness = spec.fairness
-        if release == "fairness" and fairness is not None:
-            planned, what = StepRecord(fairness.noise_multiplier, 1.0, 1), "the fairness counts"
-        else:  # each release is checked as it comes (an entry's epsilon is what was spent up to it)
-            planned, what = StepRecord(self.plan.noise_multiplier, 1.0, 1), f"iteration {iteration}"
-        decisions = {}
-        for name, ledger in self.ledgers.items():
-            events = ledger.events()  # verifies: a ledger that does not verify stops the job
-            decisions[name] = (
-                events,
-                check_round(events, self.job, planned, spec.privacy.delta, spec.privacy.epsilon, spec.privacy.budget),
-            )  # fmt: skip
-        refused = {name: d for name, (_, d) in decisions.items() if not d.allowed}
+        loaded, plan, job = self.loaded, self.plan, self.job
+        decisions = {n: _decide(ledger, loaded, plan, job, iteration, release) for n, ledger in self.ledgers.items()}
+        refused = [name for name, (_, decision, _) in decisions.items() if not decision.allowed]
         if refused:
-            for name, (events, decision) in decisions.items():
-                if name in refused:
-                    job_eps = epsilon_for(spend_records(events, self.job), spec.privacy.delta)
-                    life_eps = epsilon_for(spend_records(events), spec.privacy.delta)
-                    reason = f"vertical {what} refused: {decision.reason}"
-                    self.ledgers[name].append(
-                        self._entry(name, iteration, "refusal", job_eps, life_eps, reason, release)
-                    )
-            first = next(iter(refused))
-            raise JobStopped(f"{first}'s ledger refused {what}: {refused[first].reason}")
-        for name, (_, decision) in decisions.items():
-            entry = self._entry(
-                name, iteration, "release", decision.epsilon_job_after, decision.epsilon_lifetime_after, None, release
+            reasons = [
+                _record_refusal(self.ledgers[name], loaded, plan, job, name, iteration, release, *decisions[name])
+                for name in refused
+            ]
+            raise JobStopped(reasons[0])
+        for name, (_, decision, _) in decisions.items():
+            epsilons = (decision.epsilon_job_after, decision.epsilon_lifetime_after)
+            self.ledgers[name].append(
+                ledger_entry(loaded, plan, job, name, iteration, "release", epsilons, None, release)
             )
-            self.ledgers[name].append(entry)
 
     def epsilons(self) -> dict[str, dict[str, Any]]:
         """Each agency's job and lifetime epsilon, recomputed from its ledger."""
