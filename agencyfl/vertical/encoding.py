@@ -91,6 +91,20 @@ def place_block(agency: str, names: list[str], values: Matrix, positions: npt.ND
     return Block(agency, (*names, NOT_HELD), clip_rows(x), held)
 
 
+@dataclass(frozen=True)
+class PartyFiles:
+    """Where one party's own file and folder are (its data, ``alignment/``, outcomes): on one machine
+    ``WORKDIR/<agency>/`` and the spec's data path; in a deployment the steward's ``--data`` and ``HOME``."""
+
+    data: Path
+    folder: Path
+
+    @classmethod
+    def of(cls, loaded: LoadedVerticalSpec, agency: str, workdir: Path, files: PartyFiles | None) -> PartyFiles:
+        """``files``, or the one-machine layout of ``workdir``."""
+        return files if files is not None else cls(loaded.data_path(agency), workdir / agency)
+
+
 def _valid_rows(quarantined: pd.DataFrame, total: int) -> npt.NDArray[np.int64]:
     """File rows (0-based) of the rows that passed validation, in order."""
     bad = np.zeros(total, dtype=bool)
@@ -99,10 +113,12 @@ def _valid_rows(quarantined: pd.DataFrame, total: int) -> npt.NDArray[np.int64]:
     return np.flatnonzero(~bad).astype(np.int64)
 
 
-def _register_rows(loaded: LoadedVerticalSpec, workdir: Path, total: int) -> npt.NDArray[np.int64]:
+def _register_rows(
+    loaded: LoadedVerticalSpec, workdir: Path, total: int, files: PartyFiles | None = None
+) -> npt.NDArray[np.int64]:
     """Civil affairs' file rows in register order: its rows alignment did not quarantine."""
-    register = loaded.spec.label_agency.name
-    path = workdir / register / "alignment" / "alignment-quarantine.csv"
+    own = PartyFiles.of(loaded, loaded.spec.label_agency.name, workdir, files)
+    path = own.folder / "alignment" / "alignment-quarantine.csv"
     bad = np.zeros(total, dtype=bool)
     if path.exists():
         rows = pd.read_csv(path)["row"].to_numpy(dtype=np.int64)
@@ -110,19 +126,28 @@ def _register_rows(loaded: LoadedVerticalSpec, workdir: Path, total: int) -> npt
     return np.flatnonzero(~bad).astype(np.int64)
 
 
-def register_size(loaded: LoadedVerticalSpec, workdir: Path) -> int:
+def register_size(loaded: LoadedVerticalSpec, workdir: Path, files: PartyFiles | None = None) -> int:
     """N, as alignment showed every party (``alignment-sizes.json`` at civil affairs)."""
     import json
 
-    sizes = workdir / loaded.spec.label_agency.name / "alignment" / "alignment-sizes.json"
+    sizes = (
+        PartyFiles.of(loaded, loaded.spec.label_agency.name, workdir, files).folder
+        / "alignment"
+        / "alignment-sizes.json"
+    )
     try:
         return int(json.loads(sizes.read_text())["register_size"])
     except (OSError, KeyError, ValueError) as exc:
         raise DataFileError(f"no alignment sizes at {str(sizes)!r}: run alignment first ({exc})") from None
 
 
-def feature_block(loaded: LoadedVerticalSpec, agency: str, workdir: Path) -> Block:
+def feature_block(
+    loaded: LoadedVerticalSpec, agency: str, workdir: Path, files: PartyFiles | None = None, size: int | None = None
+) -> Block:
     """A non-label agency's block, from its own file and its own ``alignment-positions.csv``.
+
+    ``size``: the register size N when this party has no civil affairs' folder to read it from (a
+    deployment: the coordinator's signed plan carries it).
 
     Raises
     ------
@@ -131,9 +156,10 @@ def feature_block(loaded: LoadedVerticalSpec, agency: str, workdir: Path) -> Blo
     """
     spec = loaded.spec
     encoder = FeatureEncoder(spec.block_schema(agency))
-    table = load_table(loaded.data_path(agency), spec.block_schema(agency), require_label=False, write_quarantine=False)
+    own = PartyFiles.of(loaded, agency, workdir, files)
+    table = load_table(own.data, spec.block_schema(agency), require_label=False, write_quarantine=False)
     file_rows = _valid_rows(table.quarantined, table.total)
-    path = workdir / agency / "alignment" / POSITIONS_FILE
+    path = own.folder / "alignment" / POSITIONS_FILE
     try:
         aligned = pd.read_csv(path)
     except OSError as exc:
@@ -144,7 +170,11 @@ def feature_block(loaded: LoadedVerticalSpec, agency: str, workdir: Path) -> Blo
     keep = np.array([r in position_of for r in file_rows], dtype=bool)
     positions = np.array([position_of[r] for r in file_rows[keep]], dtype=np.int64)
     values = encoder.encode(table.valid.loc[keep].reset_index(drop=True)).astype(np.float64)
-    return place_block(agency, encoder.names, values, positions, register_size(loaded, workdir))
+    n = size if size is not None else register_size(loaded, workdir)
+    try:
+        return place_block(agency, encoder.names, values, positions, n)
+    except ValueError as exc:
+        raise DataFileError(f"{agency}'s alignment output does not fit a register of {n}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -171,7 +201,7 @@ class LabelData:
         return np.asarray(self.assessed & ~self.validation)
 
 
-def label_block(loaded: LoadedVerticalSpec, workdir: Path) -> tuple[Block, LabelData]:
+def label_block(loaded: LoadedVerticalSpec, workdir: Path, files: PartyFiles | None = None) -> tuple[Block, LabelData]:
     """Civil affairs' block and its labels over its register (its valid rows in file order).
 
     Review outcomes a caseworker recorded (``agencyfl screen record-outcome``) override the file's label:
@@ -184,14 +214,15 @@ def label_block(loaded: LoadedVerticalSpec, workdir: Path) -> tuple[Block, Label
     """
     spec = loaded.spec
     agency = spec.label_agency.name
-    path = loaded.data_path(agency)
+    own = PartyFiles.of(loaded, agency, workdir, files)
+    path = own.data
     schema = spec.block_schema(agency)
     encoder = FeatureEncoder(schema)
     table = load_table(path, schema, require_label=False, write_quarantine=False)
     ids = np.array(list(read_ids(path, schema.id)), dtype=object)
     labels = np.array([v.strip().lower() for v in read_ids(path, schema.label)], dtype=object)
-    register = _register_rows(loaded, workdir, len(ids))
-    size = register_size(loaded, workdir)
+    register = _register_rows(loaded, workdir, len(ids), own)
+    size = register_size(loaded, workdir, own)
     if len(register) != size:
         raise DataFileError(f"{len(register)} register rows but alignment recorded {size}")
     position_of_row = np.full(len(ids), -1, dtype=np.int64)
@@ -203,7 +234,9 @@ def label_block(loaded: LoadedVerticalSpec, workdir: Path) -> tuple[Block, Label
     reg_labels = labels[register]
     is_true = np.isin(reg_labels, ["1", "true", "yes", "t", "y"])
     is_false = np.isin(reg_labels, ["0", "false", "no", "f", "n"])
-    confirmed = outcome_labels(workdir, agency)  # caseworkers' confirmed review outcomes override the file
+    confirmed = outcome_labels(
+        own.folder.parent, own.folder.name
+    )  # caseworkers' confirmed review outcomes override the file
     if confirmed:
         for position, raw in enumerate(ids[register]):
             try:
@@ -225,7 +258,9 @@ def canonical_id(raw: str) -> str:
         return raw.strip()
 
 
-def register_frame(loaded: LoadedVerticalSpec, workdir: Path, canonical: bool = True) -> pd.DataFrame:
+def register_frame(
+    loaded: LoadedVerticalSpec, workdir: Path, canonical: bool = True, files: PartyFiles | None = None
+) -> pd.DataFrame:
     """Civil affairs' register in register order: its id, enrolled, and its validated features.
 
     ``canonical=False`` keeps each id as written (normalizing a million ids costs seconds; a screening
@@ -233,14 +268,15 @@ def register_frame(loaded: LoadedVerticalSpec, workdir: Path, canonical: bool = 
     """
     spec = loaded.spec
     holder = spec.label_agency.name
-    path = loaded.data_path(holder)
+    own = PartyFiles.of(loaded, holder, workdir, files)
+    path = own.data
     schema = spec.block_schema(holder)
     ids = list(read_ids(path, schema.id))
     try:
         enrolled_raw = list(read_ids(path, ENROLLED_COLUMN))
     except Exception:
         enrolled_raw = ["0"] * len(ids)  # no enrolment column: every household counts as not enrolled
-    register = _register_rows(loaded, workdir, len(ids))
+    register = _register_rows(loaded, workdir, len(ids), own)
     table = load_table(path, schema, require_label=False, write_quarantine=False)
     valid = _valid_rows(table.quarantined, table.total)
     features = pd.DataFrame(index=range(len(ids)), columns=[f.name for f in schema.features], dtype=object)

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import numpy.typing as npt
+import pandas as pd
 
 from agencyfl.alignment.runs import align_from_spec
 from agencyfl.federation.errors import JobStopped
@@ -139,9 +141,7 @@ def admit(
                 return event
     events, decision, what = _decide(ledger, loaded, plan, job, iteration, release)
     if not decision.allowed:
-        raise JobStopped(
-            _record_refusal(ledger, loaded, plan, job, agency, iteration, release, events, decision, what)
-        )
+        raise JobStopped(_record_refusal(ledger, loaded, plan, job, agency, iteration, release, events, decision, what))
     epsilons = (decision.epsilon_job_after, decision.epsilon_lifetime_after)
     entry = ledger_entry(loaded, plan, job, agency, iteration, "release", epsilons, None, release)
     ledger.append(entry)
@@ -239,6 +239,22 @@ def release_fairness(
     release is admitted by and recorded in every agency's ledger before it leaves civil affairs. With
     ``noise_multiplier = 0`` nothing is released (exact counts never leave).
     """
+    return fairness_release(
+        loaded, lambda: register_frame(loaded, workdir), labels, result.validation_logits,
+        lambda: ledgers.account(len(result.events) + 1, release="fairness"), rng,
+    )  # fmt: skip
+
+
+def fairness_release(
+    loaded: LoadedVerticalSpec,
+    frame: Callable[[], pd.DataFrame],
+    labels: LabelData,
+    logits: npt.NDArray[np.float64],
+    account: Callable[[], None],
+    rng: np.random.Generator | None = None,
+) -> dict[str, Any]:
+    """The card's fairness fields at civil affairs: ``frame`` its register frame, ``logits`` the model's scores
+    of its validation households, ``account`` admits the release in the ledgers (JobStopped: no table)."""
     spec = loaded.spec
     section = spec.fairness
     if section is None:
@@ -251,13 +267,13 @@ def release_fairness(
     absent = [a for a in section.attributes if a not in own]
     if absent:
         return card_fields(None, section, spec.schema_, f"{absent!r} are not held by {spec.label_agency.name}")
-    frame = register_frame(loaded, workdir).loc[labels.validation].reset_index(drop=True)
+    validation = frame().loc[labels.validation].reset_index(drop=True)
     lay = layout(section, spec.schema_)
-    scores = 1 / (1 + np.exp(-result.validation_logits))
-    counts = count_groups(scores, labels.y[labels.validation], group_labels(frame, section, spec.schema_), lay,
+    scores = 1 / (1 + np.exp(-logits))
+    counts = count_groups(scores, labels.y[labels.validation], group_labels(validation, section, spec.schema_), lay,
                           section.threshold)  # fmt: skip
     try:
-        ledgers.account(len(result.events) + 1, release="fairness")
+        account()
     except JobStopped as exc:
         return card_fields(None, section, spec.schema_, str(exc))
     noise = rng if rng is not None else np.random.default_rng(secrets.randbits(128))

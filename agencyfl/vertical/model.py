@@ -60,6 +60,22 @@ def _digest(weights: npt.NDArray[np.float64]) -> str:
     return hashlib.sha256(np.ascontiguousarray(weights, dtype="<f8").tobytes()).hexdigest()
 
 
+def save_part(folder: Path, version: str, weights: npt.NDArray[np.float64]) -> tuple[str, str]:
+    """An agency's part written in its own folder (``model/<version>/weights.npy``, 0600); returns the path
+    relative to that folder and the part's SHA-256 (what the manifest records)."""
+    relative = Path("model") / version / "weights.npy"
+    target = folder / relative.parent
+    target.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with open(os.open(target / "weights.npy", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as fh:
+        np.save(fh, np.asarray(weights, dtype=np.float64))
+    return str(relative), _digest(weights)
+
+
+def new_version(workdir: Path, loaded: LoadedVerticalSpec) -> Path:
+    """The registry folder of the next model version (made now; ``register_parts`` fills it)."""
+    return next_version_folder(workdir / "registry" / loaded.spec.federation.name)
+
+
 def register_vertical(
     workdir: Path,
     loaded: LoadedVerticalSpec,
@@ -68,17 +84,18 @@ def register_vertical(
     card: ModelCard,
 ) -> Path:
     """Save each agency's part in its own folder, the manifest and card in the registry; returns the version folder."""
-    spec = loaded.spec
-    target = next_version_folder(workdir / "registry" / spec.federation.name)
-    version = f"{spec.federation.name}/{target.name}"
+    target = new_version(workdir, loaded)
     parts = {}
     for agency, block in weights.items():
-        relative = Path("model") / target.name / "weights.npy"
-        folder = workdir / agency / relative.parent
-        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with open(os.open(folder / "weights.npy", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as fh:
-            np.save(fh, np.asarray(block, dtype=np.float64))
-        parts[agency] = ModelPart(holder=agency, path=str(relative), inputs=inputs[agency], sha256=_digest(block))
+        path, digest = save_part(workdir / agency, target.name, block)
+        parts[agency] = ModelPart(holder=agency, path=path, inputs=inputs[agency], sha256=digest)
+    return register_parts(target, loaded, parts, card)
+
+
+def register_parts(target: Path, loaded: LoadedVerticalSpec, parts: dict[str, ModelPart], card: ModelCard) -> Path:
+    """Write the manifest (each part's holder, path, inputs, SHA-256; never weights), spec and card in ``target``."""
+    spec = loaded.spec
+    version = f"{spec.federation.name}/{target.name}"
     manifest = VerticalManifest(
         model_version=version, federation=spec.federation.name, label_holder=spec.label_agency.name, parts=parts
     )

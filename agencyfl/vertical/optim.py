@@ -70,3 +70,19 @@ class BlockOptimizer:
         m_hat = self._m / (1 - self.beta1**self._t)
         v_hat = self._v / (1 - self.beta2**self._t)
         return np.asarray(w - self.learning_rate * m_hat / (np.sqrt(v_hat) + self.eps), dtype=np.float64)
+
+    def state(self) -> dict[str, Vector]:
+        """What a checkpoint keeps of the optimizer (Adam's moments and step count)."""
+        return {"m": self._m.copy(), "v": self._v.copy(), "t": np.array([self._t], dtype=np.float64)}
+
+    def restore(self, state: dict[str, Vector]) -> None:
+        """Continue from a checkpoint's ``state()``.
+
+        Raises
+        ------
+        ValueError
+            If the state is not of this optimizer's size.
+        """
+        if state["m"].shape != (self.size,) or state["v"].shape != (self.size,):
+            raise ValueError(f"an optimizer state of {state['m'].shape} for {self.size} weights")
+        self._m, self._v, self._t = state["m"].copy(), state["v"].copy(), int(state["t"][0])

@@ -154,7 +154,8 @@ class StreamHub:
             [grpc.method_handlers_generic_handler("agencyfl.VerticalJob", {"Party": handler})]
         )
         credentials = grpc.ssl_server_credentials([(private_key, certificate)])
-        if self._server.add_secure_port(address, credentials) == 0:
+        self.port = self._server.add_secure_port(address, credentials)
+        if self.port == 0:
             raise DeploymentError(f"cannot listen on {address} for the agencies' streams (port in use?)")
         self._server.start()
 

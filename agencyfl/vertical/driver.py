@@ -1,0 +1,289 @@
+"""The coordinator's side of a deployed vertical job: the arbiter, the relay and the chain, over the streams.
+
+``drive`` runs the iterations of ``docs/vertical.md`` with every agency on its own stream
+(``vertical.stream``): it relays the sealed envelopes (it cannot open them), holds the CKKS secret key
+as the arbiter, releases an iteration only after every agency's ledger admitted it and its own chain
+recorded the iteration, and registers the manifest and card at the end. The ServerApp
+(``server.vertical_run``) starts the hub and the job through Flower; the tests drive it in process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agencyfl.alignment.sealed import unpack
+from agencyfl.federation.encoding import FeatureEncoder
+from agencyfl.federation.errors import AgencyflError, JobStopped, MessageRejectedError
+from agencyfl.federation.spec import LoadedVerticalSpec
+from agencyfl.privacy.coordinator_ledger import AgencyReport, RoundSummary
+from agencyfl.privacy.ledger import Ledger, now_utc
+from agencyfl.server.model_card import CardAgency, ModelCard
+from agencyfl.vertical.model import ModelPart, new_version, register_parts
+from agencyfl.vertical.optim import joint_scale
+from agencyfl.vertical.plan import VerticalPlan
+from agencyfl.vertical.protocol import Arbiter, GradientMessage
+from agencyfl.vertical.remote import VerticalJobPlan, verify_hello
+from agencyfl.vertical.stream import Authenticate, Frame, StreamHub
+
+EventSink = Callable[[dict[str, Any]], None]
+STEP_TIMEOUT = 600.0
+
+
+def block_widths(loaded: LoadedVerticalSpec) -> dict[str, int]:
+    """Each party's number of weights, from the spec alone (inputs, not-held, civil affairs' intercept)."""
+    spec = loaded.spec
+    holder = spec.label_agency.name
+    return {
+        a.name: len(FeatureEncoder(spec.block_schema(a.name)).names) + 1 + (a.name == holder) for a in spec.agencies
+    }
+
+
+def authenticator(job: str, challenges: dict[str, bytes], node_keys: dict[str, str]) -> Authenticate:
+    """The hub's check of a hello: a party of ``job``, signed with the node key registered for it over the
+    challenge sent to its node (``challenges``); each challenge opens one stream only."""
+    used: set[str] = set()
+    lock = threading.Lock()
+
+    def check(hello: Frame) -> str:
+        agency, claimed = hello.fields.get("agency"), hello.fields.get("job")
+        if not isinstance(agency, str) or agency not in challenges:
+            raise MessageRejectedError(f"{str(agency)[:40]!r} is not a party of job {job}")
+        if claimed != job:
+            raise MessageRejectedError(f"{agency}'s hello is for job {str(claimed)[:80]!r}, not {job}")
+        if len(hello.blobs) != 2:
+            raise MessageRejectedError(f"{agency}'s hello must carry a signature and its run keys' certificate")
+        key = node_keys.get(agency)
+        if not key:
+            raise MessageRejectedError(f"no SuperNode key is registered for {agency} (`coordinator register`)")
+        verify_hello(key, hello.blobs[0], job, agency, challenges[agency])
+        with lock:
+            if agency in used:
+                raise MessageRejectedError(f"{agency}'s challenge was used already: a stream opens once")
+            used.add(agency)
+        return agency
+
+    return check
+
+
+@dataclass
+class DriverSettings:
+    """What the coordinator needs to drive one job."""
+
+    loaded: LoadedVerticalSpec
+    plan: VerticalPlan
+    job: VerticalJobPlan
+    workdir: Path  # the coordinator's work folder: registry/ and runs/JOB/
+    chain: Ledger[RoundSummary]  # its countersigned chain (work/coordinator/ledger)
+    connect_timeout: float = 600.0
+    step_timeout: float = STEP_TIMEOUT
+    noise_rng: np.random.Generator | None = None  # the arbiter's DP noise (inject only to reproduce in tests)
+    resume: bool = False  # continue the job from the last iteration every party checkpointed
+
+    @property
+    def run_dir(self) -> Path:
+        return self.workdir / "runs" / self.job.job
+
+
+@dataclass
+class _Traffic:
+    """Bytes each party sent in the current iteration (blobs of its replies)."""
+
+    sent: dict[str, int] = field(default_factory=dict)
+
+    def add(self, replies: dict[str, Frame]) -> dict[str, Frame]:
+        for party, frame in replies.items():
+            self.sent[party] = self.sent.get(party, 0) + frame.nbytes
+        return replies
+
+
+def _envelopes(replies: dict[str, Frame], allowed: set[str]) -> dict[str, list[bytes]]:
+    """The sealed envelopes each party addressed, by recipient; refuses one from or to the wrong party."""
+    out: dict[str, list[bytes]] = {}
+    for party, frame in replies.items():
+        for blob in frame.blobs:
+            envelope = unpack(blob)
+            if envelope.sender != party or envelope.recipient not in allowed:
+                raise MessageRejectedError(
+                    f"{party} sent an envelope from {envelope.sender!r} to {envelope.recipient!r}: not relayed"
+                )
+            out.setdefault(envelope.recipient, []).append(blob)
+    return out
+
+
+def drive(hub: StreamHub, settings: DriverSettings, sink: EventSink) -> dict[str, Any]:
+    """Run the job on the parties' streams; returns the summary (also written to ``runs/JOB/summary.json``).
+
+    Raises
+    ------
+    AgencyflError
+        A party's refusal (JobStopped: a ledger refused; exit 7) or failure, a party that dropped
+        (PartyDropped, exit 10). Every other party is told to stop; nothing more is released.
+    """
+    job, plan, loaded = settings.job, settings.plan, settings.loaded
+    holder = job.label_holder
+    features = [p for p in job.parties if p != holder]
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, Any] = {"job": job.job, "topology": "vertical", "deployment": True,
+                               "federation": job.federation, "rounds_planned": job.iterations,
+                               "status": "started"}  # fmt: skip
+    done, seconds, traffic_log = 0, [], []
+    epsilons: dict[str, dict[str, float]] = {}
+    try:
+        hellos = hub.wait_for_all(settings.connect_timeout)
+        checkpoints = {p: int(h.fields.get("checkpoint", 0)) for p, h in hellos.items()}
+        resume_from = min(checkpoints.values()) if settings.resume else 0
+        released = _released_through(settings.chain, job.job) if settings.resume else 0
+        done = resume_from
+        summary["resumed_from"] = resume_from
+        sink({"type": "connected", "parties": sorted(hellos), "resumed_from": resume_from})
+        arbiter = Arbiter(
+            block_widths(loaded), plan.noise_std / job.register_size,
+            settings.noise_rng if settings.noise_rng is not None else np.random.default_rng(secrets.randbits(128)),
+        )  # fmt: skip
+        context = arbiter.public_context()
+        names = list(hellos)
+        setup = Frame(
+            "setup", {"certificates": names, "resume_from": resume_from, "released_through": released},
+            [context, *(hellos[n].blobs[1] for n in names)],
+        )  # fmt: skip
+        hub.call_all({p: setup for p in job.parties}, settings.step_timeout)
+        timeout = settings.step_timeout
+        for iteration in range(resume_from + 1, job.iterations + 1):
+            start, traffic = time.perf_counter(), _Traffic()
+            partials = _envelopes(traffic.add(hub.call_all({p: Frame("partial") for p in features}, timeout)),
+                                  {holder})  # fmt: skip
+            residuals = _envelopes(
+                traffic.add({holder: hub.call(holder, Frame("residuals", blobs=partials.get(holder, [])), timeout)}),
+                set(features),
+            )
+            asked = {p: Frame("gradient", {"iteration": iteration}, residuals.get(p, [])) for p in features}
+            asked[holder] = Frame("gradient", {"iteration": iteration})
+            gradients = traffic.add(hub.call_all(asked, timeout))  # each ledger admitted the iteration first
+            digest = hashlib.sha256(b"".join(b for p in job.parties for b in gradients[p].blobs)).hexdigest()
+            reports = [
+                AgencyReport(agency=p, status="trained", epsilon_job=float(gradients[p].fields["epsilon_job"]),
+                             epsilon_lifetime=float(gradients[p].fields["epsilon_lifetime"]), dataset="",
+                             origin=str(gradients[p].fields.get("origin", "")))
+                for p in job.parties
+            ]  # fmt: skip
+            settings.chain.append(RoundSummary(
+                kind="round", federation=job.federation, job=job.job, round=iteration, spec_sha256=job.spec_sha256,
+                aggregated=True, agencies=reports, model_sha256=digest, time=now_utc(),
+            ))  # fmt: skip  # countersigned before anything of the iteration is released
+            order = [*features, holder]  # the one-machine order of the arbiter's noise draws (tests compare)
+            noised = {p: arbiter.release(GradientMessage(p, gradients[p].blobs)) for p in order}
+            norms = hub.call_all({p: Frame("release", {"values": v}) for p, v in noised.items()}, timeout)
+            factor = 1.0
+            if plan.projection == "joint":
+                factor = joint_scale([float(norms[p].fields["squared_norm"]) for p in job.parties], plan.weight_bound)
+            hub.call_all({p: Frame("rescale", {"factor": factor, "iteration": iteration}) for p in job.parties},
+                         timeout)  # fmt: skip
+            done = iteration
+            seconds.append(time.perf_counter() - start)
+            traffic_log.append(traffic.sent)
+            epsilons = {
+                r.agency: {"epsilon_job": r.epsilon_job, "epsilon_lifetime": r.epsilon_lifetime} for r in reports
+            }
+            sink({"type": "iteration", "round": iteration, "seconds": round(seconds[-1], 3), "bytes": traffic.sent,
+                  "epsilon": {p: e["epsilon_job"] for p, e in epsilons.items()}})  # fmt: skip
+        validation = _validate(hub, arbiter, settings, features)
+        fairness = _fairness(hub, settings, job.iterations + 1)
+        version = new_version(settings.workdir, loaded)
+        finished = hub.call_all({p: Frame("finish", {"version": version.name}) for p in job.parties}, timeout)
+        parts = {
+            p: ModelPart(holder=p, path=str(f.fields["path"]), inputs=list(f.fields["inputs"]),
+                         sha256=str(f.fields["sha256"]))
+            for p, f in finished.items()
+        }  # fmt: skip
+        card = _card(settings, finished, validation, done).model_copy(update=fairness)
+        register_parts(version, loaded, parts, card)
+    except BaseException as exc:
+        hub.end(Frame("abort", {"reason": str(exc)[:300]}))
+        summary.update(status="stopped", iterations_done=done,
+                       error={"class": type(exc).__name__, "message": str(exc)})  # fmt: skip
+        _write(settings.run_dir / "summary.json", summary)
+        sink({"type": "failed", "error": type(exc).__name__, "message": str(exc), "iterations_done": done})
+        if not isinstance(exc, AgencyflError):
+            raise
+        raise
+    hub.end(Frame("end"))
+    summary.update(
+        status="registered", rounds_aggregated=done, metrics={"validation_auc": validation["auc"]},
+        agencies={p: {"epsilon_job": float(f.fields["epsilon_job"]),
+                      "epsilon_lifetime": float(f.fields["epsilon_lifetime"]),
+                      "model_block": f"{p}:{f.fields['path']}"} for p, f in finished.items()},
+        noise_multiplier=plan.noise_multiplier, sensitivity=plan.sensitivity,
+        seconds_per_iteration=float(np.mean(seconds)) if seconds else 0.0,
+        bytes_per_iteration={p: float(np.mean([t.get(p, 0) for t in traffic_log])) for p in job.parties}
+        if traffic_log else {},
+        model=f"{job.federation}/{version.name}", model_version=f"{job.federation}/{version.name}",
+        registry=str(version),
+    )  # fmt: skip
+    _write(settings.run_dir / "summary.json", summary)
+    sink({"type": "done", "model": summary["model"]})
+    return summary
+
+
+def _released_through(chain: Ledger[RoundSummary], job: str) -> int:
+    """The last iteration of ``job`` the chain records (recorded before its release: possibly released)."""
+    return max((e.round for e in chain.events() if e.job == job and e.kind == "round"), default=0)
+
+
+def _validate(hub: StreamHub, arbiter: Arbiter, settings: DriverSettings, features: list[str]) -> dict[str, Any]:
+    """Civil affairs' validation households scored through the encrypted path (the arbiter sees masked values)."""
+    holder, timeout = settings.job.label_holder, settings.step_timeout
+    partials = _envelopes(hub.call_all({p: Frame("partial") for p in features}, timeout), {holder})
+    masked = hub.call(holder, Frame("masked-scores", blobs=partials.get(holder, [])), timeout)
+    values = arbiter.decrypt_masked_scores(holder, masked.blobs)
+    scored = hub.call(holder, Frame("scores", blobs=[np.asarray(values, dtype="<f8").tobytes()]), timeout)
+    return {"auc": float(scored.fields["auc"]), "n": int(scored.fields["n"])}
+
+
+def _fairness(hub: StreamHub, settings: DriverSettings, release: int) -> dict[str, Any]:
+    """The card's fairness fields: admitted at every agency first when counts would be released."""
+    loaded, holder = settings.loaded, settings.job.label_holder
+    section = loaded.spec.fairness
+    if section is None:
+        return {}
+    own = {f.name for f in loaded.spec.block_schema(holder).features}
+    if section.noise_multiplier > 0 and all(a in own for a in section.attributes):
+        try:
+            hub.call_all({p: Frame("admit-fairness", {"iteration": release}) for p in settings.job.parties},
+                         settings.step_timeout)  # fmt: skip
+        except JobStopped as exc:
+            from agencyfl.federation.fairness import card_fields
+
+            return card_fields(None, section, loaded.spec.schema_, str(exc))
+    card: dict[str, Any] = hub.call(holder, Frame("fairness"), settings.step_timeout).fields["card"]
+    return card
+
+
+def _card(settings: DriverSettings, finished: dict[str, Frame], validation: dict[str, Any], done: int) -> ModelCard:
+    spec, loaded = settings.loaded.spec, settings.loaded
+    agencies = [
+        CardAgency(name=p, epsilon=float(f.fields["epsilon_job"]), epsilon_lifetime=float(f.fields["epsilon_lifetime"]),
+                   delta=spec.privacy.delta, rounds_trained=done, refusals=0, dataset_sha256=str(f.fields["dataset"]))
+        for p, f in finished.items()
+    ]  # fmt: skip
+    return ModelCard(
+        job=settings.job.job, topology="vertical", agencies=agencies,
+        metrics={"auc": validation["auc"], "n": float(validation["n"])},
+        metrics_source=f"{spec.label_agency.name}'s validation households, scored through the encrypted path",
+        rounds_aggregated=done, secure_aggregation=False, model_sha256="",
+        coordinator_ledger=str(settings.workdir / "coordinator" / "ledger"),
+        disclosures={a.name: a.explain for a in spec.agencies}, spec_sha256=loaded.sha256,
+    )  # fmt: skip
+
+
+def _write(path: Path, summary: dict[str, Any]) -> None:
+    path.write_text(json.dumps(summary, indent=2))

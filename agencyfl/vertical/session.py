@@ -1,0 +1,282 @@
+"""One agency's side of a deployed vertical job: its block, keys, ledger and checkpoints, answering frames.
+
+The agency's ClientApp (``clients.vertical_steps``) builds a ``PartySession`` once the coordinator's
+signed plan checks out, dials the stream and hands each frame to ``handle``. Everything the one-machine
+protocol objects do happens here, at the agency: its block never leaves, its ledger admits each release
+before it sends the masked gradient the release is made from, and it checkpoints its own block after
+every iteration (``docs/vertical.md``, "In a deployment").
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from agencyfl.alignment.sealed import PartyKeys, certify, pack, unpack, verify_certificate
+from agencyfl.federation.errors import MessageRejectedError, ProtocolError
+from agencyfl.federation.metrics import exact_metrics
+from agencyfl.federation.spec import LoadedVerticalSpec
+from agencyfl.federation.table import file_fingerprint
+from agencyfl.privacy.accounting import epsilon_for
+from agencyfl.privacy.ledger import Ledger, spend_records
+from agencyfl.vertical.encoding import LabelData, PartyFiles, feature_block, label_block, register_frame
+from agencyfl.vertical.job import admit, fairness_release, plan_of
+from agencyfl.vertical.model import INTERCEPT, save_part
+from agencyfl.vertical.protocol import FeatureHolder, GradientMessage, HolderSetup, LabelHolder
+from agencyfl.vertical.remote import VerticalJobPlan
+from agencyfl.vertical.stream import Frame
+
+CHECKPOINTS_KEPT = 2
+
+
+@dataclass
+class PartyConfig:
+    """What the agency's side needs: who it is, its own spec and files, its ledger and keys, its peers' keys."""
+
+    agency: str
+    loaded: LoadedVerticalSpec
+    job: VerticalJobPlan
+    files: PartyFiles  # its data file and its folder (alignment/, vertical/, model/)
+    ledger: Ledger
+    ledger_key: Ed25519PrivateKey  # certifies its run keys (never leaves)
+    peer_keys: dict[str, Ed25519PublicKey]  # the ledger keys its steward was handed for its counterparts
+
+
+class PartySession:
+    """This agency's role in one deployed vertical job."""
+
+    def __init__(self, config: PartyConfig) -> None:
+        self.config = config
+        self.agency, self.loaded, self.job = config.agency, config.loaded, config.job
+        self.plan = plan_of(config.loaded)
+        self.is_label = self.agency == self.job.label_holder
+        self.keys = PartyKeys.generate(self.agency)
+        self.certificate = certify(self.job.job, self.keys.public(), config.ledger_key)
+        self.labels: LabelData | None = None
+        if self.is_label:
+            self.block, self.labels = label_block(config.loaded, config.files.folder, files=config.files)
+            if len(self.block.x) != self.job.register_size:
+                raise ProtocolError(
+                    f"the plan's register has {self.job.register_size} households; this one {len(self.block.x)}"
+                )
+        else:
+            self.block = feature_block(
+                config.loaded, self.agency, config.files.folder, files=config.files, size=self.job.register_size
+            )
+        self.holder: FeatureHolder | LabelHolder | None = None
+        self._own_residuals: list[bytes] = []
+        self._logits: np.ndarray | None = None
+        self.checkpoints = config.files.folder / "vertical" / self.job.job
+        self.resume_from = 0  # the coordinator's setup says (a resumed job): the iteration to restore
+        self.released_through = 0  # ... and the last iteration its chain records as released
+
+    # ------------------------------------------------------------------ checkpoints (its own block only)
+    def last_checkpoint(self) -> int:
+        """The last iteration this party checkpointed for this job (0: none)."""
+        done = [int(p.stem.split("-")[1]) for p in self.checkpoints.glob("checkpoint-*.npz")]
+        return max(done, default=0)
+
+    def _checkpoint(self, iteration: int) -> None:
+        holder = self._holder()
+        self.checkpoints.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = self.checkpoints / f"checkpoint-{iteration}.npz"
+        tmp = path.with_suffix(".tmp")
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as fh:
+            state = holder.optimizer.state()
+            np.savez(fh, weights=holder.weights, m=state["m"], v=state["v"], t=state["t"])
+        tmp.replace(path)
+        for old in self.checkpoints.glob("checkpoint-*.npz"):
+            if int(old.stem.split("-")[1]) <= iteration - CHECKPOINTS_KEPT:
+                old.unlink()
+
+    def _restore(self, iteration: int) -> None:
+        holder = self._holder()
+        path = self.checkpoints / f"checkpoint-{iteration}.npz"
+        try:
+            with np.load(path) as saved:
+                weights, state = saved["weights"], {k: saved[k] for k in ("m", "v", "t")}
+        except (OSError, KeyError, ValueError) as exc:
+            raise ProtocolError(f"{self.agency} cannot resume from iteration {iteration}: {exc}") from None
+        if weights.shape != holder.weights.shape:
+            raise ProtocolError(f"{self.agency}'s checkpoint {path.name} is for {weights.shape[0]} weights")
+        holder.weights = np.asarray(weights, dtype=np.float64)
+        holder.optimizer.restore(state)
+
+    # ------------------------------------------------------------------ frames
+    def hello_fields(self) -> dict[str, Any]:
+        """What the hello says besides the signature: the party, the job, its last checkpoint."""
+        return {"agency": self.agency, "job": self.job.job, "checkpoint": self.last_checkpoint()}
+
+    def handle(self, frame: Frame) -> Frame:
+        """Answer one of the coordinator's frames (``MessageRejectedError`` for one this role does not take)."""
+        handler = getattr(self, "_op_" + frame.op.replace("-", "_"), None)
+        if handler is None:
+            raise MessageRejectedError(f"{self.agency} does not take {frame.op[:40]!r} frames")
+        reply: Frame = handler(frame)
+        return reply
+
+    def _holder(self) -> FeatureHolder | LabelHolder:
+        if self.holder is None:
+            raise ProtocolError(f"{self.agency}: a step before setup")
+        return self.holder
+
+    def _label(self) -> LabelHolder:
+        holder = self._holder()
+        if not isinstance(holder, LabelHolder):
+            raise MessageRejectedError(f"{self.agency} holds no labels: the step is civil affairs'")
+        return holder
+
+    def _features(self) -> FeatureHolder:
+        holder = self._holder()
+        if not isinstance(holder, FeatureHolder):
+            raise MessageRejectedError(f"{self.agency} holds the labels: the step is a feature holder's")
+        return holder
+
+    def _op_setup(self, frame: Frame) -> Frame:
+        if self.holder is not None:
+            raise ProtocolError(f"{self.agency}: setup twice")
+        names = frame.fields.get("certificates")
+        if not isinstance(names, list) or len(frame.blobs) != len(names) + 1:
+            raise MessageRejectedError("a malformed setup frame")
+        certificates = dict(zip(names, frame.blobs[1:], strict=True))
+        peers = [p for p in self.job.parties if p != self.agency] if self.is_label else [self.job.label_holder]
+        directory = {self.agency: self.keys.public()}
+        for peer in peers:
+            trusted = self.config.peer_keys.get(peer)
+            if trusted is None:
+                raise MessageRejectedError(
+                    f"{self.agency} holds no ledger key for {peer}: its steward must start with "
+                    f"`--peer-key {peer}=LEDGER.pub` to train with it"
+                )
+            if peer not in certificates:
+                raise MessageRejectedError(f"the coordinator forwarded no run keys of {peer}")
+            directory[peer] = verify_certificate(self.job.job, peer, certificates[peer], trusted)
+        setup = HolderSetup(
+            keys=self.keys, directory=directory, run=self.job.job, public_context=frame.blobs[0],
+            label_holder=self.job.label_holder, optimizer=self.plan.optimizer, learning_rate=self.plan.learning_rate,
+            weight_bound=self.plan.weight_bound, projection=self.plan.projection,
+        )  # fmt: skip
+        rng = np.random.default_rng(secrets.randbits(128))
+        if self.is_label:
+            assert self.labels is not None
+            self.holder = LabelHolder(self.block, self.labels, setup, rng)
+        else:
+            self.holder = FeatureHolder(self.block, setup, rng)
+        resume_from, released = int(frame.fields.get("resume_from", 0)), int(frame.fields.get("released_through", 0))
+        if not 0 <= resume_from < self.job.iterations or released < 0:
+            raise MessageRejectedError(
+                f"a resume point {resume_from} outside the job's {self.job.iterations} iterations"
+            )
+        if resume_from > 0:
+            self._restore(resume_from)
+        self.resume_from, self.released_through = resume_from, released
+        return Frame("ok", {"width": len(self.holder.weights)})
+
+    def _op_partial(self, frame: Frame) -> Frame:
+        return Frame("ok", blobs=[pack(e) for e in self._features().partial_scores()])
+
+    def _partials(self, frame: Frame) -> dict[str, list[Any]]:
+        partials: dict[str, list[Any]] = {p: [] for p in self.job.parties if p != self.agency}
+        for blob in frame.blobs:
+            envelope = unpack(blob)
+            if envelope.sender not in partials:
+                raise MessageRejectedError(f"partial scores from {envelope.sender!r}, not a party")
+            partials[envelope.sender].append(envelope)
+        return partials
+
+    def _op_residuals(self, frame: Frame) -> Frame:
+        own, sealed = self._label().residuals(self._partials(frame))
+        self._own_residuals = own
+        return Frame("ok", blobs=[pack(e) for envelopes in sealed.values() for e in envelopes])
+
+    def _op_gradient(self, frame: Frame) -> Frame:
+        iteration = int(frame.fields["iteration"])
+        if not self.resume_from < iteration <= self.job.iterations:
+            raise MessageRejectedError(f"iteration {iteration} is outside the job (resumed from {self.resume_from})")
+        reuse = self.resume_from > 0 and iteration > self.released_through
+        holder = self._holder()
+        if isinstance(holder, LabelHolder):
+            residual = self._own_residuals
+        else:
+            residual = holder.open_residuals([unpack(b) for b in frame.blobs])
+        entry = admit(self.config.ledger, self.loaded, self.plan, self.job.job, self.agency, iteration, reuse=reuse)
+        message: GradientMessage = holder.masked_gradient(residual)
+        fields = {"epsilon_job": entry.epsilon_job, "epsilon_lifetime": entry.epsilon_lifetime,
+                  "origin": self.config.ledger.verification().origin}  # fmt: skip
+        return Frame("ok", fields, blobs=message.ciphertexts)
+
+    def _op_release(self, frame: Frame) -> Frame:
+        holder = self._holder()
+        values = frame.fields.get("values")
+        if not isinstance(values, list) or not all(isinstance(v, float | int) for v in values):
+            raise MessageRejectedError("a malformed release")
+        holder.apply([float(v) for v in values])
+        return Frame("ok", {"squared_norm": holder.squared_norm()})
+
+    def _op_rescale(self, frame: Frame) -> Frame:
+        holder = self._holder()
+        holder.rescale(float(frame.fields["factor"]))
+        self._checkpoint(int(frame.fields["iteration"]))
+        return Frame("ok")
+
+    def _op_masked_scores(self, frame: Frame) -> Frame:
+        return Frame("ok", blobs=self._label().masked_scores(self._partials(frame)))
+
+    def _op_scores(self, frame: Frame) -> Frame:
+        holder = self._label()
+        if len(frame.blobs) != 1 or len(frame.blobs[0]) % 8:
+            raise MessageRejectedError("a malformed scores frame")
+        logits = holder.unmask_scores(np.frombuffer(frame.blobs[0], dtype="<f8").astype(np.float64))
+        assert self.labels is not None
+        self._logits = logits
+        y = self.labels.y[self.labels.validation]
+        auc = exact_metrics(1 / (1 + np.exp(-logits)), y).auc if len(y) else float("nan")
+        return Frame("ok", {"auc": float(auc), "n": int(len(y))})
+
+    def _op_admit_fairness(self, frame: Frame) -> Frame:
+        iteration = int(frame.fields["iteration"])
+        entry = admit(self.config.ledger, self.loaded, self.plan, self.job.job, self.agency, iteration, "fairness")
+        return Frame("ok", {"epsilon_job": entry.epsilon_job, "epsilon_lifetime": entry.epsilon_lifetime})
+
+    def _op_fairness(self, frame: Frame) -> Frame:
+        self._label()
+        if self._logits is None or self.labels is None:
+            raise ProtocolError("the fairness counts come after the validation scores")
+        loaded, files = self.loaded, self.config.files
+        fields = fairness_release(
+            loaded, lambda: register_frame(loaded, files.folder, files=files), self.labels, self._logits,
+            lambda: None,  # admitted at every agency in the step before (the coordinator sends this only then)
+        )  # fmt: skip
+        return Frame("ok", {"card": fields})
+
+    def _op_finish(self, frame: Frame) -> Frame:
+        holder = self._holder()
+        version = str(frame.fields["version"])
+        if not version.startswith("v") or not version[1:].isdigit():
+            raise MessageRejectedError(f"a model version {version[:20]!r} is not vNNNN")
+        path, digest = save_part(self.config.files.folder, version, holder.weights)
+        inputs = [*self.block.names, INTERCEPT] if self.is_label else list(self.block.names)
+        events, delta = self.config.ledger.events(), self.loaded.spec.privacy.delta
+        return Frame("ok", {
+            "path": path, "sha256": digest, "inputs": inputs, "dataset": file_fingerprint(self.config.files.data),
+            "epsilon_job": epsilon_for(spend_records(events, self.job.job), delta),
+            "epsilon_lifetime": epsilon_for(spend_records(events), delta),
+        })  # fmt: skip
+
+
+def read_peer_keys(folder: Path, names: list[str]) -> dict[str, Ed25519PublicKey]:
+    """The ledger keys a steward was handed for ``names`` (``HOME/peers/NAME.pub``), those that exist."""
+    from agencyfl.privacy.keys import keyring_key
+
+    keys = {}
+    for name in names:
+        key = keyring_key(folder, name)
+        if key is not None:
+            keys[name] = key
+    return keys

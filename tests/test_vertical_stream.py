@@ -1,0 +1,285 @@
+"""Deployed vertical training over the real streams (TLS, node-key hellos), every party on its own thread.
+
+The coordinator's driver and hub and each agency's session are the code a deployment runs; only Flower's
+start message is replaced by handing each party its plan and challenge directly (the real daemons run
+in notebooks/09). Checked: the same model as the one-machine protocol with the same noise draws; every
+ledger and the coordinator's chain record every iteration; strangers, replays and wrong keys are
+refused; a dropped agency stops the job, which resumes from the checkpoints with honest accounting.
+"""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from agencyfl.alignment.runs import align_from_spec, load_vertical
+from agencyfl.federation.errors import JobStopped, MessageRejectedError
+from agencyfl.federation.pki import issue_server_certificate, make_ca, make_node_key
+from agencyfl.federation.spec import LoadedVerticalSpec
+from agencyfl.privacy.coordinator_ledger import open_coordinator_ledger
+from agencyfl.privacy.keys import load_or_create_signing_key
+from agencyfl.privacy.ledger import Ledger
+from agencyfl.synth_vertical import synthesize_vertical
+from agencyfl.vertical import feature_block, label_block, train_vertical
+from agencyfl.vertical.driver import DriverSettings, authenticator, drive
+from agencyfl.vertical.encoding import PartyFiles
+from agencyfl.vertical.job import plan_of
+from agencyfl.vertical.remote import VerticalJobPlan, sign_hello
+from agencyfl.vertical.session import PartyConfig, PartySession
+from agencyfl.vertical.stream import Frame, PartyDropped, StreamHub, serve_party
+
+NOISE_SEED = 7
+
+
+class Crash(BaseException):
+    """A party's process dying mid-step (not an error it could answer)."""
+
+
+@dataclass
+class Federation:
+    """A vertical population aligned on one machine, each party's folder its own, plus the PKI."""
+
+    loaded: LoadedVerticalSpec
+    work: Path
+    tls: Path
+    node_keys: dict[str, Path]
+    register_size: int
+
+    @property
+    def parties(self) -> list[str]:
+        return [a.name for a in self.loaded.spec.agencies]
+
+    def ledger(self, agency: str) -> Ledger:
+        key = load_or_create_signing_key(self.work / agency / "keys" / "ledger-signing.key")
+        return Ledger(self.work / agency / "ledger", key, party=agency)
+
+    def peer_keys(self) -> dict[str, Any]:
+        return {
+            a: load_or_create_signing_key(self.work / a / "keys" / "ledger-signing.key").public_key()
+            for a in self.parties
+        }
+
+    def chain(self) -> Any:
+        return open_coordinator_ledger(self.work / "coordinator" / "ledger", self.tls / "coordinator.key")
+
+
+@dataclass
+class Outcome:
+    summary: dict[str, Any] | None
+    error: BaseException | None
+    party_errors: dict[str, BaseException] = field(default_factory=dict)
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _copy(fed: Federation, into: Path) -> Federation:
+    shutil.copytree(fed.work, into / "work")
+    return Federation(fed.loaded, into / "work", fed.tls, fed.node_keys, fed.register_size)
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> Federation:
+    root = tmp_path_factory.mktemp("vstream")
+    population = synthesize_vertical(root / "data", households=3000, seed=5, rounds=3)
+    loaded = load_vertical(population.spec)
+    alignment, _ = align_from_spec(loaded, root / "work")
+    ca_crt, ca_key = make_ca(root / "tls", "test federation")
+    issue_server_certificate(ca_crt, ca_key, root / "tls", ["127.0.0.1", "localhost"])
+    node_keys = {}
+    for agency in loaded.spec.agencies:
+        load_or_create_signing_key(root / "work" / agency.name / "keys" / "ledger-signing.key")  # before threads
+        (root / "nodes" / agency.name).mkdir(parents=True)
+        node_keys[agency.name], _ = make_node_key(root / "nodes" / agency.name, agency.name)
+    return Federation(loaded, root / "work", root / "tls", node_keys, alignment.view.register_size)
+
+
+def run_job(
+    fed: Federation, job: str, resume: bool = False, crash: tuple[str, str, int] | None = None,
+    hello_of: dict[str, Any] | None = None, node_keys: dict[str, Path] | None = None, connect_timeout: float = 20,
+) -> Outcome:  # fmt: skip
+    """One job: the hub and driver here, each party's session on its own thread over TLS.
+
+    ``crash = (agency, op, iteration)`` kills that agency's side when it receives that frame.
+    ``hello_of[agency](default_hello) -> hello`` lets a test send another hello.
+    """
+    loaded, plan = fed.loaded, plan_of(fed.loaded)
+    challenges = {a: secrets.token_bytes(32) for a in fed.parties}
+    registered = {a: (p.with_suffix(".pub")).read_text() for a, p in fed.node_keys.items()}
+    hub = StreamHub(
+        "127.0.0.1:0", (fed.tls / "server.pem").read_bytes(), (fed.tls / "server.key").read_bytes(),
+        authenticator(job, challenges, registered), fed.parties,
+    )  # fmt: skip
+    job_plan = VerticalJobPlan.of(loaded, plan, job, fed.register_size, f"127.0.0.1:{hub.port}")
+    outcome = Outcome(None, None)
+
+    def party(agency: str) -> None:
+        try:
+            files = PartyFiles(loaded.data_path(agency), fed.work / agency)
+            key = load_or_create_signing_key(fed.work / agency / "keys" / "ledger-signing.key")
+            session = PartySession(
+                PartyConfig(agency, loaded, job_plan, files, fed.ledger(agency), key, fed.peer_keys())
+            )
+            signer = (node_keys or fed.node_keys)[agency]
+            hello = Frame(
+                "hello",
+                session.hello_fields(),
+                [sign_hello(signer, job, agency, challenges[agency]), session.certificate],
+            )
+            if hello_of and agency in hello_of:
+                hello = hello_of[agency](hello)
+
+            def handle(frame: Frame) -> Frame:
+                if crash == (agency, frame.op, frame.fields.get("iteration")):
+                    raise Crash(f"{agency} died at {frame.op}")
+                return session.handle(frame)
+
+            serve_party(job_plan.stream, (fed.tls / "ca.crt").read_bytes(), hello, handle, connect_timeout=10)
+        except BaseException as exc:  # noqa: BLE001  # what each party ended with, for the test to read
+            outcome.party_errors[agency] = exc
+
+    threads = [threading.Thread(target=party, args=(a,), daemon=True) for a in fed.parties]
+    for t in threads:
+        t.start()
+    settings = DriverSettings(
+        loaded=loaded, plan=plan, job=job_plan, workdir=fed.work / "coordinator-work", chain=fed.chain(),
+        connect_timeout=connect_timeout, step_timeout=60, noise_rng=np.random.default_rng(NOISE_SEED), resume=resume,
+    )  # fmt: skip
+    try:
+        outcome.summary = drive(hub, settings, outcome.events.append)
+    except BaseException as exc:  # noqa: BLE001
+        outcome.error = exc
+    finally:
+        hub.stop(grace=1.0)
+        for t in threads:
+            t.join(timeout=30)
+    return outcome
+
+
+@pytest.fixture(scope="module")
+def deployed(federation: Federation, tmp_path_factory: pytest.TempPathFactory) -> tuple[Federation, Outcome]:
+    fed = _copy(federation, tmp_path_factory.mktemp("deployed"))
+    return fed, run_job(fed, "vjob-deployed")
+
+
+def test_the_deployed_job_trains_the_one_machine_model(deployed: tuple[Federation, Outcome]) -> None:
+    fed, outcome = deployed
+    assert outcome.error is None, outcome.error
+    summary = outcome.summary
+    assert summary is not None and summary["status"] == "registered" and summary["rounds_aggregated"] == 3
+    loaded = fed.loaded
+    holder = loaded.spec.label_agency.name
+    others = [a for a in fed.parties if a != holder]
+    label, labels = label_block(loaded, fed.work)
+    reference = train_vertical(
+        [feature_block(loaded, a, fed.work) for a in others], label, labels, plan_of(loaded),
+        noise_rng=np.random.default_rng(NOISE_SEED),
+    )  # fmt: skip
+    version = Path(summary["registry"]).name
+    for agency in fed.parties:
+        part = np.load(fed.work / agency / "model" / version / "weights.npy")
+        np.testing.assert_allclose(part, reference.weights[agency], atol=2e-3)
+    assert abs(summary["metrics"]["validation_auc"] - reference.validation_auc) < 0.01
+
+
+def test_every_ledger_admits_each_iteration_and_the_chain_countersigns_it(
+    deployed: tuple[Federation, Outcome],
+) -> None:
+    fed, outcome = deployed
+    assert outcome.summary is not None
+    for agency in fed.parties:
+        rounds = [
+            e.round
+            for e in fed.ledger(agency).events()
+            if e.job == "vjob-deployed" and e.release == "vertical-gradient"
+        ]
+        assert rounds == [1, 2, 3], agency  # one admission per iteration
+        assert 0 < outcome.summary["agencies"][agency]["epsilon_job"] <= fed.loaded.spec.privacy.epsilon + 1e-9
+    chain = [e for e in fed.chain().events() if e.job == "vjob-deployed"]
+    assert [e.round for e in chain] == [1, 2, 3]
+    assert all({r.agency for r in e.agencies} == set(fed.parties) for e in chain)
+    manifest = (Path(outcome.summary["registry"]) / "manifest.json").read_text()
+    assert '"sha256"' in manifest and "weights" in manifest
+    assert not list(Path(outcome.summary["registry"]).glob("*.npy"))  # the registry holds no part
+    assert outcome.summary["bytes_per_iteration"][fed.loaded.spec.label_agency.name] > 0
+
+
+def test_a_stranger_a_wrong_key_and_another_job_are_refused(federation: Federation, tmp_path: Path) -> None:
+    fed = _copy(federation, tmp_path)
+    wrong_keys = dict(fed.node_keys)
+    wrong_keys["tax"] = fed.node_keys["hrss"]  # tax signs with hrss' node key
+    outcome = run_job(fed, "vjob-wrong-key", node_keys=wrong_keys, connect_timeout=4)
+    assert isinstance(outcome.party_errors.get("tax"), MessageRejectedError)
+    assert "not signed by its registered SuperNode key" in str(outcome.party_errors["tax"])
+    assert outcome.error is not None and "no authenticated stream from tax" in str(outcome.error)
+
+    def another_job(hello: Frame) -> Frame:
+        return Frame("hello", {**hello.fields, "job": "vjob-other"}, hello.blobs)
+
+    outcome = run_job(fed, "vjob-another", hello_of={"hrss": another_job}, connect_timeout=4)
+    assert "not vjob-another" in str(outcome.party_errors.get("hrss"))
+
+    def stranger(hello: Frame) -> Frame:
+        return Frame("hello", {**hello.fields, "agency": "police"}, hello.blobs)
+
+    outcome = run_job(fed, "vjob-stranger", hello_of={"environment": stranger}, connect_timeout=4)
+    assert "'police' is not a party" in str(outcome.party_errors.get("environment"))
+    for agency in fed.parties:  # nothing was admitted by anyone: no iteration started
+        assert not [
+            e for e in fed.ledger(agency).events() if e.job in ("vjob-wrong-key", "vjob-another", "vjob-stranger")
+        ]
+
+
+def test_a_replayed_hello_opens_no_second_stream(federation: Federation) -> None:
+    challenges = {"hrss": secrets.token_bytes(32)}
+    pub = federation.node_keys["hrss"].with_suffix(".pub").read_text()
+    check = authenticator("vjob-replay", challenges, {"hrss": pub})
+    signature = sign_hello(federation.node_keys["hrss"], "vjob-replay", "hrss", challenges["hrss"])
+    hello = Frame("hello", {"agency": "hrss", "job": "vjob-replay"}, [signature, b"cert"])
+    assert check(hello) == "hrss"
+    with pytest.raises(MessageRejectedError, match="used already"):
+        check(hello)
+    stale = Frame("hello", hello.fields, [sign_hello(federation.node_keys["hrss"], "vjob-replay", "hrss", b"x" * 32),
+                                          b"cert"])  # fmt: skip
+    with pytest.raises(MessageRejectedError, match="not signed"):
+        authenticator("vjob-replay", challenges, {"hrss": pub})(stale)
+
+
+def test_a_drop_before_release_resumes_without_counting_twice(federation: Federation, tmp_path: Path) -> None:
+    fed = _copy(federation, tmp_path)
+    first = run_job(fed, "vjob-drop", crash=("tax", "gradient", 2))
+    assert isinstance(first.error, PartyDropped) and "tax" in str(first.error)
+    assert isinstance(first.party_errors.get("tax"), Crash)
+    stopped = [e for e in first.events if e["type"] == "failed"]
+    assert stopped and stopped[0]["iterations_done"] == 1
+    assert [e.round for e in fed.chain().events() if e.job == "vjob-drop"] == [1]  # iteration 2: never released
+    second = run_job(fed, "vjob-drop", resume=True)
+    assert second.error is None, second.error
+    assert second.summary is not None and second.summary["resumed_from"] == 1
+    assert second.summary["rounds_aggregated"] == 3
+    for agency in fed.parties:  # iteration 2 admitted before the drop is not recorded a second time
+        rounds = [
+            e.round for e in fed.ledger(agency).events() if e.job == "vjob-drop" and e.release == "vertical-gradient"
+        ]
+        assert rounds == [1, 2, 3], (agency, rounds)
+    assert [e.round for e in fed.chain().events() if e.job == "vjob-drop"] == [1, 2, 3]
+
+
+def test_a_drop_after_release_counts_the_iteration_again(federation: Federation, tmp_path: Path) -> None:
+    fed = _copy(federation, tmp_path)
+    first = run_job(fed, "vjob-late-drop", crash=("hrss", "rescale", 2))
+    assert isinstance(first.error, PartyDropped)
+    assert [e.round for e in fed.chain().events() if e.job == "vjob-late-drop"] == [1, 2]  # 2 was released
+    second = run_job(fed, "vjob-late-drop", resume=True)
+    # iteration 2 reached the parties: run again it is a second release, and the job's epsilon was
+    # calibrated for exactly 3: the third release of the resumed job would cross the per-job cap.
+    assert isinstance(second.error, JobStopped), second.error
+    for agency in fed.parties:
+        entries = [e for e in fed.ledger(agency).events() if e.job == "vjob-late-drop"]
+        assert [e.round for e in entries if e.release == "vertical-gradient"] == [1, 2, 2], agency
+        assert [e.round for e in entries if e.kind == "refusal"] == [3], agency
