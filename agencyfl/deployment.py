@@ -51,7 +51,8 @@ agencyfl deployment of {name}: what to hand over, and nothing else
 
 The coordinator gives each agency:
   1. {ca}                (the CA certificate: the agency's SuperNode checks the SuperLink with it)
-  2. the SuperLink address: {address}
+  2. the SuperLink address: {address}, and for vertical jobs the port of the coordinator's
+     streams, {stream} (the agency's SuperNode dials it during a job: let it through its firewall)
   3. the federation spec file (the agencies' copies must be byte-identical: its SHA-256 is checked)
   4. {coordinator_key}    (the coordinator's public ledger key: an agency accepts only the job
                           plans it signed; `steward start --coordinator-key`)
@@ -155,7 +156,9 @@ class CoordinatorDir:
         return answer
 
 
-def init_coordinator(out: Path, name: str, hosts: list[str], port: int, bind: str) -> CoordinatorDir:
+def init_coordinator(
+    out: Path, name: str, hosts: list[str], port: int, bind: str, stream_port: int | None = None
+) -> CoordinatorDir:
     """Make a coordinator folder: CA, server certificate, ledger key, Flower app and connection."""
     cdir = CoordinatorDir(out.resolve())
     if cdir.settings_file.exists():
@@ -176,10 +179,17 @@ def init_coordinator(out: Path, name: str, hosts: list[str], port: int, bind: st
     )
     (cdir.root / "state").mkdir(exist_ok=True)
     cdir.work.mkdir(exist_ok=True)
-    settings = {"name": name, "address": address, "bind": bind, "port": port, "hosts": hosts}
+    settings = {"name": name, "address": address, "bind": bind, "port": port, "hosts": hosts,
+                "stream_port": stream_port or port + 1}  # fmt: skip
     cdir.settings_file.write_text(json.dumps(settings, indent=2))
     (cdir.root / "HANDOUT.txt").write_text(
-        HANDOUT.format(name=name, ca=ca_crt, address=address, coordinator_key=cdir.root / "keys" / "ledger.pub")
+        HANDOUT.format(
+            name=name,
+            ca=ca_crt,
+            address=address,
+            coordinator_key=cdir.root / "keys" / "ledger.pub",
+            stream=f"{hosts[0]}:{stream_port or port + 1}",
+        )  # fmt: skip
     )
     return cdir
 
@@ -273,6 +283,7 @@ def register_agency(cdir: CoordinatorDir, agency: str, public_key: Path) -> dict
         "agency": agency,
         "node_id": str(answer.get("node-id", "")),
         "key_sha256": hashlib.sha256(key_text.split()[1] if len(key_text.split()) > 1 else key_text).hexdigest(),
+        "public_key": key_text.decode("ascii", errors="replace").strip(),  # checks a vertical job's stream hello
         "registered": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     agencies[agency] = entry
@@ -361,6 +372,11 @@ def follow_run(
     Raises FederationError if the run ended without a registered model.
     """
     summary = _follow(cdir, run_id, job, on_event, offset)
+    error = summary.get("error") or {}
+    if summary.get("model") is None and error:
+        from agencyfl.federation.errors import error_class
+
+        raise error_class(str(error.get("class", "")))(str(error.get("message", "")))
     if summary.get("model") is None:
         raise FederationError(
             f"run {run_id} ({summary['flower'].get('status')}) registered no model; see {cdir.log} and "
@@ -380,15 +396,14 @@ def follow_alignment(
         The error a party refused or failed with (its own class, so its exit code), or DeploymentError
         if the run ended without a summary.
     """
-    from agencyfl.federation import errors
+    from agencyfl.federation.errors import error_class
 
     summary = _follow(cdir, run_id, run, on_event, 0)
     if summary.get("status") == "recorded":
         return summary
     error = summary.get("error") or {}
-    kind = getattr(errors, str(error.get("class", "")), None)
-    if isinstance(kind, type) and issubclass(kind, errors.AgencyflError):
-        raise kind(str(error.get("message", "")))
+    if error.get("class"):
+        raise error_class(str(error["class"]))(str(error.get("message", "")))
     raise DeploymentError(
         f"alignment run {run_id} ({summary['flower'].get('status')}) recorded nothing; see {cdir.log}"
     )
@@ -526,6 +541,7 @@ def start_steward(
             "home": site.root,
             "keys": keys.resolve(),
             "coordinator_key": trusted_key,
+            "ca": root_cert.resolve(),
         }.items()
     )
     pin_app(site.root, first_start_only=True)

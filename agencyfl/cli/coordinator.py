@@ -45,6 +45,10 @@ def init(
         typer.Option(help="Name or IP agencies will use to reach the SuperLink (repeat; the first is the address)"),
     ] = None,
     port: Annotated[int, typer.Option(help="The SuperLink's port (Fleet, Control and Runtime APIs)")] = 9093,
+    stream_port: Annotated[
+        int | None,
+        typer.Option("--stream-port", help="The port the agencies' streams dial in vertical jobs (default: port + 1)"),
+    ] = None,
     bind: Annotated[str, typer.Option(help="Interface the SuperLink listens on")] = "0.0.0.0",
     fmt: FormatOpt = Format.table,
 ) -> None:
@@ -52,7 +56,7 @@ def init(
     from agencyfl.deployment import init_coordinator
 
     with errors_to_exit():
-        cdir = init_coordinator(out_dir, name, host or [], port, bind)
+        cdir = init_coordinator(out_dir, name, host or [], port, bind, stream_port)
     settings = cdir.settings()
     if fmt is Format.json:
         emit_json(
@@ -124,19 +128,21 @@ def train(
     fmt: FormatOpt = Format.table,
 ) -> None:
     """Start a training run on the deployment engine and follow it until it ends."""
-    from agencyfl.cli.training import print_run, with_progress
+    from agencyfl.cli.training import print_run, print_vertical_run, with_progress
     from agencyfl.deployment import events_size, follow_run, latest_unfinished_job, submit_run
     from agencyfl.federation.errors import DeploymentError
-    from agencyfl.federation.spec import load_spec
+    from agencyfl.federation.spec import LoadedVerticalSpec, load_any_spec
     from agencyfl.server.app import new_job_id
+    from agencyfl.vertical.job import new_vertical_job
 
     with errors_to_exit():
         cdir = _cdir(cdir_path)
-        loaded = load_spec(spec)
+        loaded = load_any_spec(spec)
+        vertical = isinstance(loaded, LoadedVerticalSpec)
         job = latest_unfinished_job(cdir) if resume else None
         if resume and job is None:
             raise DeploymentError("--resume: no unfinished job in this coordinator folder")
-        job = job or new_job_id()
+        job = job or (new_vertical_job() if vertical else new_job_id())
         offset = events_size(cdir, job)
         run_id = submit_run(cdir, spec, job, resume)
         if fmt is not Format.json:
@@ -149,6 +155,8 @@ def train(
         )
     if fmt is Format.json:
         emit_json(summary)
+    elif vertical:
+        print_vertical_run(summary)
     else:
         print_run(summary)
 

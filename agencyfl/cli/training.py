@@ -79,6 +79,13 @@ def with_progress(
                 progress.update(task, completed=event["round"])
                 if not quiet:
                     progress.console.print(f"[yellow]round {event['round']}: model unchanged ({event['reason']})[/]")
+            elif kind == "iteration":  # a vertical job's iteration (every agency admitted it in its ledger)
+                eps = max(event.get("epsilon", {}).values(), default=0.0)
+                text = f"iteration {event['round']}: {event['seconds']:.1f} s, max epsilon {eps:.2f}"
+                progress.update(task, completed=event["round"], description=text)
+            elif kind == "failed" and not quiet:
+                progress.console.print(f"[red]stopped after iteration {event.get('iterations_done', '?')}: "
+                                       f"{event.get('message', '')}[/]")  # fmt: skip
             elif kind == "error" and not quiet:
                 progress.console.print(f"[red]round {event['round']}: an agency failed: {event['reason']}[/]")
 
@@ -167,6 +174,11 @@ def _run_vertical(loaded: LoadedVerticalSpec, workdir: Path, fmt: Format) -> Non
     if fmt is Format.json:
         emit_json(summary)
         return
+    print_vertical_run(summary)
+
+
+def print_vertical_run(summary: dict[str, Any]) -> None:
+    """A vertical job's summary: iterations, validation AUC, each agency's epsilon and where its block is."""
     out.print(f"job {summary['job']}: {summary['rounds_aggregated']} iterations, validation AUC "
               f"{summary['metrics']['validation_auc']:.3f} (civil affairs' held-out assessed households)")  # fmt: skip
     for name, row in summary["agencies"].items():

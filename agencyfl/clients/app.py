@@ -38,6 +38,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from agencyfl.federation.messages import (
     ALIGN_MESSAGE_TYPE,
+    VERTICAL_MESSAGE_TYPE,
     FairnessRelease,
     MessageError,
     NoisedEvaluation,
@@ -67,6 +68,7 @@ def site_from_node_config(context: Context) -> AgencySite:
         home=Path(str(cfg["home"])),
         keys_dir=Path(str(cfg["keys"])) if cfg.get("keys") else None,
         coordinator_key=Path(str(cfg["coordinator_key"])) if cfg.get("coordinator_key") else None,
+        root_certificate=Path(str(cfg["ca"])) if cfg.get("ca") else None,
     )
 
 
@@ -218,6 +220,13 @@ def make_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clien
 
         return handle(msg, context, resolve_site(context))
 
+    def vertical_job(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        if msg.metadata.message_type != VERTICAL_MESSAGE_TYPE:
+            return call_next(msg, context)
+        from agencyfl.clients.vertical_steps import handle  # numpy, TenSEAL, cryptography, grpc: no torch
+
+        return handle(msg, context, resolve_site(context))
+
     def secure_aggregation_gate(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         if msg.metadata.message_type != MessageType.TRAIN:
             return call_next(msg, context)
@@ -230,7 +239,7 @@ def make_client_app(resolve_site: SiteResolver = site_from_node_config) -> Clien
             raise PermissionError("this agency's spec requires secure aggregation; refusing to send an unmasked update")
         return call_next(msg, context)
 
-    return ClientApp(client_fn=client_fn, mods=[alignment_steps, secure_aggregation_gate])
+    return ClientApp(client_fn=client_fn, mods=[alignment_steps, vertical_job, secure_aggregation_gate])
 
 
 app = make_client_app()

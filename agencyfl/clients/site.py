@@ -38,6 +38,7 @@ class AgencySite(BaseModel):
     home: Path
     keys_dir: Path | None = None  # default: home/keys
     coordinator_key: Path | None = None  # the coordinator's public ledger key; None: every job plan is refused
+    root_certificate: Path | None = None  # the federation's CA certificate (a vertical job's stream checks it)
 
     @property
     def ledger_dir(self) -> Path:

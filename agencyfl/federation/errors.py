@@ -76,3 +76,12 @@ class ProtocolError(AlignmentError):
 
 class ScreeningRefusedError(AgencyflError):
     """A screening or a disclosure of reasons was refused (token, purpose, or too many households): exit 24."""
+
+
+def error_class(name: str) -> type[AgencyflError]:
+    """The domain error class a party's reply or a run summary names by its class name (DeploymentError for any
+    other name): how a failure at another host keeps its exit code at the coordinator."""
+    kind = globals().get(name)
+    if isinstance(kind, type) and issubclass(kind, AgencyflError):
+        return kind
+    return DeploymentError

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from agencyfl.federation.errors import AgencyflError
 
 ALIGN_MESSAGE_TYPE = "query.align"
+VERTICAL_MESSAGE_TYPE = "query.vertical"  # starts a deployed vertical job (its iterations run over streams)
 """Flower message type of a ``coordinator align`` step (``agencyfl.alignment.remote``); here so that the
 ClientApp routes it without importing the alignment package for every training message."""
 

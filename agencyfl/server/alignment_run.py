@@ -34,8 +34,7 @@ from agencyfl.alignment.remote import (
 )
 from agencyfl.alignment.runs import ProtocolRun, expiry, runs_chain
 from agencyfl.alignment.sealed import pack, unpack
-from agencyfl.federation import errors
-from agencyfl.federation.errors import AgencyflError, DeploymentError, MessageRejectedError
+from agencyfl.federation.errors import AgencyflError, DeploymentError, MessageRejectedError, error_class
 from agencyfl.federation.spec import LoadedVerticalSpec
 from agencyfl.privacy.keys import load_signing_key
 from agencyfl.privacy.plan_signature import sign_plan
@@ -132,16 +131,11 @@ class _Exchange:
                 self.relay.post(envelope)
 
 
-_ERRORS: dict[str, type[AgencyflError]] = {
-    name: cls for name, cls in vars(errors).items() if isinstance(cls, type) and issubclass(cls, AgencyflError)
-}
-
-
 def _raise_unless_ok(reply: AlignReply, party: str) -> None:
     if reply.status == "ok":
         return
     verb = "refused" if reply.status == "refused" else "failed at"
-    raise _ERRORS.get(reply.error, DeploymentError)(f"{party} {verb} step {reply.step!r}: {reply.reason}")
+    raise error_class(reply.error)(f"{party} {verb} step {reply.step!r}: {reply.reason}")
 
 
 def _wait_for_nodes(grid: Grid, want: int, timeout: float) -> list[int]:

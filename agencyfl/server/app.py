@@ -29,7 +29,7 @@ from agencyfl.federation.errors import FederationError
 from agencyfl.federation.messages import LedgerRecord
 from agencyfl.federation.model import build_model, model_to_arrays
 from agencyfl.federation.plan import JobPlan as SignedJobPlan
-from agencyfl.federation.spec import LoadedSpec, load_spec
+from agencyfl.federation.spec import LoadedSpec, LoadedVerticalSpec, load_any_spec, load_spec
 from agencyfl.privacy.coordinator_ledger import AgencyReport, RoundSummary, open_coordinator_ledger, weights_sha256
 from agencyfl.privacy.keys import load_or_create_signing_key
 from agencyfl.privacy.ledger import now_utc
@@ -370,6 +370,11 @@ def _deployment_main(grid: Grid, context: Context) -> None:
     workdir, ledger_key = coordinator / "work", coordinator / "keys" / "ledger-signing.key"
     if str(cfg.get("task", "train")) == "align":
         _align(grid, cfg, workdir, ledger_key)
+        return
+    if isinstance(load_any_spec(str(cfg["spec"])), LoadedVerticalSpec):
+        from agencyfl.server.vertical_run import run_vertical_training
+
+        run_vertical_training(grid, cfg, coordinator, _events_to_file(workdir / "runs" / job / "events.jsonl"))
         return
     loaded = load_spec(str(cfg["spec"]))
     settings = ServerSettings(

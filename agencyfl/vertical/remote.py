@@ -20,10 +20,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from agencyfl.alignment.remote import RUN_ID
 from agencyfl.federation.errors import DeploymentError, MessageRejectedError
+from agencyfl.federation.messages import VERTICAL_MESSAGE_TYPE
 from agencyfl.federation.spec import LoadedVerticalSpec
 from agencyfl.vertical.plan import VerticalPlan
 
-MESSAGE_TYPE = "query.vertical"
+MESSAGE_TYPE = VERTICAL_MESSAGE_TYPE
 REQUEST_KEY = "vertical"
 REPLY_KEY = "vertical-reply"
 HELLO_DOMAIN = b"agencyfl vertical stream hello v1\n"

@@ -23,8 +23,7 @@ from typing import Any
 
 import grpc
 
-from agencyfl.federation import errors
-from agencyfl.federation.errors import AgencyflError, DeploymentError, MessageRejectedError
+from agencyfl.federation.errors import AgencyflError, DeploymentError, MessageRejectedError, error_class
 
 METHOD = "/agencyfl.VerticalJob/Party"
 MAX_MESSAGE = 512 * 1024 * 1024  # a million households' partial scores are about 80 MB of ciphertexts
@@ -95,16 +94,6 @@ def failure(exc: BaseException) -> Frame:
     if isinstance(exc, AgencyflError):
         return Frame("failed", {"error": type(exc).__name__, "reason": str(exc)})
     return Frame("failed", {"error": "ProtocolError", "reason": f"an unexpected {type(exc).__name__}"})
-
-
-_ERRORS: dict[str, type[AgencyflError]] = {
-    name: cls for name, cls in vars(errors).items() if isinstance(cls, type) and issubclass(cls, AgencyflError)
-}
-
-
-def error_class(name: str) -> type[AgencyflError]:
-    """The domain error class a party or a run summary named (DeploymentError for anything unknown)."""
-    return _ERRORS.get(name, DeploymentError)
 
 
 @dataclass

@@ -1,0 +1,134 @@
+"""The coordinator's ServerApp for ``agencyfl coordinator train`` with a vertical spec.
+
+Flower starts the job: one ``query.vertical`` message per party's SuperNode carries the signed plan
+and that node's challenge. The iterations then run over the streams the agencies dial
+(``vertical.stream``), driven by ``vertical.driver``; each party's Flower reply arrives when its
+stream ends. ``docs/vertical.md``, "In a deployment", is the design.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from agencyfl.alignment.runs import load_vertical, runs_chain
+from agencyfl.federation.errors import AgencyflError, DeploymentError
+from agencyfl.federation.spec import LoadedVerticalSpec
+from agencyfl.privacy.coordinator_ledger import open_coordinator_ledger
+from agencyfl.privacy.keys import load_signing_key
+from agencyfl.privacy.plan_signature import sign_plan
+from agencyfl.vertical.driver import DriverSettings, EventSink, authenticator, drive
+from agencyfl.vertical.job import plan_of
+from agencyfl.vertical.remote import MESSAGE_TYPE, REQUEST_KEY, VerticalJobPlan
+from agencyfl.vertical.stream import StreamHub
+
+
+def stream_port(settings: dict[str, Any]) -> int:
+    """The port of the agencies' streams: ``coordinator init --stream-port``, default the SuperLink's + 1."""
+    return int(settings.get("stream_port") or int(settings["port"]) + 1)
+
+
+def aligned_register_size(loaded: LoadedVerticalSpec, workdir: Path, ledger_key: Path) -> int:
+    """N from the newest alignment of this federation with these parameters in the coordinator's runs chain.
+
+    Raises
+    ------
+    DeploymentError
+        If the chain records no such alignment (run ``coordinator align`` first).
+    """
+    spec = loaded.spec
+    runs = [
+        e for e in runs_chain(workdir, ledger_key).events()
+        if e.kind == "register-alignment" and e.federation == spec.federation.name
+        and e.parameters_sha256 == spec.alignment_sha256()
+    ]  # fmt: skip
+    if not runs:
+        raise DeploymentError(f"no alignment of {spec.federation.name} is recorded here: run `coordinator align` first")
+    return int(runs[-1].sizes[spec.label_agency.name])
+
+
+def run_vertical_training(grid: Grid, cfg: Any, coordinator: Path, sink: EventSink) -> dict[str, Any]:
+    """Start the job through Flower and drive it over the streams; returns the summary.
+
+    A failure before the driver starts (no alignment, an unregistered party) is written as the run's
+    summary too, so ``coordinator train`` reports it with its exit code.
+    """
+    summary_file = coordinator / "work" / "runs" / str(cfg["job"]) / "summary.json"
+    summary_file.unlink(missing_ok=True)  # an earlier attempt's (a resumed job): this attempt writes its own
+    try:
+        return _run(grid, cfg, coordinator, sink)
+    except AgencyflError as exc:
+        if not summary_file.exists():  # the driver writes its own when it stops
+            error = {"class": type(exc).__name__, "message": str(exc)}
+            summary_file.parent.mkdir(parents=True, exist_ok=True)
+            summary_file.write_text(json.dumps({"job": str(cfg["job"]), "status": "stopped", "error": error}))
+        sink({"type": "failed", "error": type(exc).__name__, "message": str(exc)})
+        raise
+
+
+def _run(grid: Grid, cfg: Any, coordinator: Path, sink: EventSink) -> dict[str, Any]:
+    workdir, ledger_key = coordinator / "work", coordinator / "keys" / "ledger-signing.key"
+    loaded = load_vertical(Path(str(cfg["spec"])))
+    job, resume = str(cfg["job"]), bool(cfg.get("resume", False))
+    settings = json.loads((coordinator / "coordinator.json").read_text())
+    agencies = (
+        json.loads((coordinator / "agencies.json").read_text()) if (coordinator / "agencies.json").exists() else {}
+    )
+    plan = plan_of(loaded)
+    holder = loaded.spec.label_agency.name
+    parties = [holder, *(a.name for a in loaded.spec.agencies if a.name != holder)]
+    run_dir = workdir / "runs" / job
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "job.json").write_text(json.dumps({"job": job, "topology": "vertical", "spec": str(cfg["spec"])}))
+    register_size = aligned_register_size(loaded, workdir, ledger_key)
+    unregistered = [p for p in parties if not agencies.get(p, {}).get("public_key")]
+    if unregistered:
+        raise DeploymentError(f"no SuperNode key is kept for {', '.join(unregistered)}: `coordinator register` it")
+    challenges = {p: secrets.token_bytes(32) for p in parties}
+    port = stream_port(settings)
+    tls = coordinator / "tls"
+    hub = StreamHub(
+        f"{settings['bind']}:{port}", (tls / "server.pem").read_bytes(), (tls / "server.key").read_bytes(),
+        authenticator(job, challenges, {p: agencies[p]["public_key"] for p in parties}), parties,
+    )  # fmt: skip
+    try:
+        job_plan = VerticalJobPlan.of(loaded, plan, job, register_size, f"{settings['hosts'][0]}:{port}")
+        signature = sign_plan(job_plan.signed_bytes(), load_signing_key(ledger_key))
+        nodes = _start(grid, job_plan, signature, challenges, agencies, float(cfg.get("connect-timeout", 600.0)))
+        sink({"type": "started", "job": job, "parties": parties, "nodes": len(nodes)})
+        driver = DriverSettings(
+            loaded=loaded, plan=plan, job=job_plan, workdir=workdir,
+            chain=open_coordinator_ledger(workdir / "coordinator" / "ledger", ledger_key),
+            connect_timeout=float(cfg.get("connect-timeout", 600.0)), resume=resume,
+        )  # fmt: skip
+        return drive(hub, driver, sink)
+    finally:
+        hub.stop(grace=2.0)
+
+
+def _start(
+    grid: Grid, plan: VerticalJobPlan, signature: str, challenges: dict[str, bytes], agencies: dict[str, Any],
+    timeout: float,
+) -> list[int]:  # fmt: skip
+    """One ``query.vertical`` message to each party's registered node once it is connected."""
+    wanted = {int(agencies[p]["node_id"]): p for p in plan.parties}
+    deadline = time.monotonic() + timeout
+    while not set(wanted) <= set(grid.get_node_ids()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    absent = [p for node, p in wanted.items() if node not in set(grid.get_node_ids())]
+    if absent:
+        raise DeploymentError(f"{', '.join(absent)}: SuperNode not connected within {timeout:.0f} s")
+    messages = [
+        Message(RecordDict({REQUEST_KEY: ConfigRecord({
+            "plan": plan.model_dump_json(), "signature": signature, "challenge": challenges[party],
+        })}), dst_node_id=node, message_type=MESSAGE_TYPE)
+        for node, party in wanted.items()
+    ]  # fmt: skip
+    grid.push_messages(messages)
+    return list(wanted)
