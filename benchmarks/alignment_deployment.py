@@ -13,32 +13,14 @@ what the deployment adds is Flower's per-message cost (a fresh ClientApp process
 from __future__ import annotations
 
 import argparse
-import json
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import table, write_results  # noqa: E402
-
-PARTIES = ["civil-affairs", "hrss", "tax", "environment"]
-
-
-def agencyfl(*args: Any) -> dict[str, Any]:
-    done = subprocess.run([sys.executable, "-m", "agencyfl", *map(str, args)], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"agencyfl {args[0]} {args[1]}: exit {done.returncode}: {done.stderr.strip()[-400:]}")
-    return json.loads(done.stdout) if done.stdout.strip().startswith("{") else {}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from _deploy import PARTIES, agencyfl, deployment  # noqa: E402
 
 
 def positions(folder: Path) -> bytes:
@@ -58,29 +40,10 @@ def main() -> None:
     local = agencyfl("align", "--spec", spec, "--workdir", root / "local", "--format", "json")
     one_machine = time.monotonic() - start
 
-    coord, port = root / "coord", free_port()
-    agencyfl("coordinator", "init", "--out", coord, "--port", port, "--bind", "127.0.0.1")
-    agencyfl("coordinator", "start", "--dir", coord)
-    try:
-        for party in PARTIES:
-            agencyfl("steward", "keys", "--out", root / "sites" / party / "keys", "--agency", party)
-            agencyfl("coordinator", "register", root / "sites" / party / "keys" / "node.pub", "--agency", party,
-                     "--dir", coord)  # fmt: skip
-        for party in PARTIES:
-            peers = PARTIES[1:] if party == "civil-affairs" else ["civil-affairs"]
-            keys = [a for p in peers for a in ("--peer-key", f"{p}={root / 'sites' / p / 'keys' / 'ledger.pub'}")]
-            agencyfl("steward", "start", "--agency", party, "--spec", spec, "--data", files[party],
-                     "--superlink", f"127.0.0.1:{port}", "--root-cert", coord / "tls" / "ca.crt",
-                     "--keys", root / "sites" / party / "keys", "--home", root / "sites" / party,
-                     "--coordinator-key", coord / "keys" / "ledger.pub", *keys)  # fmt: skip
+    with deployment(root, spec, files) as coord:
         start = time.monotonic()
         deployed = agencyfl("coordinator", "align", "--spec", spec, "--dir", coord, "--format", "json")
-        deployment = time.monotonic() - start
-    finally:
-        for party in PARTIES:
-            subprocess.run([sys.executable, "-m", "agencyfl", "steward", "stop", "--home", root / "sites" / party],
-                           capture_output=True)  # fmt: skip
-        subprocess.run([sys.executable, "-m", "agencyfl", "coordinator", "stop", "--dir", coord], capture_output=True)
+        deployment_seconds = time.monotonic() - start
 
     same = all(
         positions(root / "local" / p / "alignment") == positions(root / "sites" / p / "alignment") for p in PARTIES[1:]
@@ -90,18 +53,18 @@ def main() -> None:
         "households": args.households,
         "input_rows_all_parties": rows,
         "one_machine_seconds": round(one_machine, 2),
-        "deployment_seconds": round(deployment, 2),
-        "ratio": round(deployment / one_machine, 2),
+        "deployment_seconds": round(deployment_seconds, 2),
+        "ratio": round(deployment_seconds / one_machine, 2),
         "steps_seconds": deployed["seconds"],
         "bytes_relayed_one_machine": local["bytes_relayed"],
         "bytes_relayed_deployment": deployed["bytes_relayed"],
         "same_positions": same,
     }
     print(table(["", "one machine (agencyfl align)", "deployment (coordinator align)"], [
-        ["wall time (s)", f"{one_machine:.1f}", f"{deployment:.1f}"],
+        ["wall time (s)", f"{one_machine:.1f}", f"{deployment_seconds:.1f}"],
         ["input rows, all parties", f"{rows:,}", f"{rows:,}"],
         ["bytes relayed (sealed)", f"{local['bytes_relayed']:,}", f"{deployed['bytes_relayed']:,}"],
-        ["ratio deployment / one machine", "", f"{deployment / one_machine:.2f}"],
+        ["ratio deployment / one machine", "", f"{deployment_seconds / one_machine:.2f}"],
         ["same positions at every agency", "", str(same)],
     ]))  # fmt: skip
     print("deployment steps (s):", ", ".join(f"{k} {v:.1f}" for k, v in deployed["seconds"].items()))
