@@ -124,10 +124,21 @@ def train(
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the last unfinished job from its last checkpoint")
     ] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Vertical specs: print the job's releases, each agency's epsilon (lifetime as last reported to "
+            "this coordinator) and bytes per iteration; start nothing",
+        ),
+    ] = False,
     cdir_path: DirOpt = None,
     fmt: FormatOpt = Format.table,
 ) -> None:
     """Start a training run on the deployment engine and follow it until it ends."""
+    if dry_run:
+        _train_dry_run(spec, cdir_path, fmt)
+        return
     from agencyfl.cli.training import print_run, print_vertical_run, with_progress
     from agencyfl.deployment import events_size, follow_run, latest_unfinished_job, submit_run
     from agencyfl.federation.errors import DeploymentError
@@ -159,6 +170,25 @@ def train(
         print_vertical_run(summary)
     else:
         print_run(summary)
+
+
+def _train_dry_run(spec: Path, cdir_path: Path | None, fmt: Format) -> None:
+    from agencyfl.cli.common import fail
+    from agencyfl.cli.training import print_dry_run
+    from agencyfl.exit_codes import ExitCode
+    from agencyfl.federation.spec import LoadedVerticalSpec, load_any_spec
+    from agencyfl.server.vertical_run import coordinator_dry_run
+
+    with errors_to_exit():
+        cdir = _cdir(cdir_path)
+        loaded = load_any_spec(spec)
+        if not isinstance(loaded, LoadedVerticalSpec):
+            fail(f"--dry-run is for vertical specs; {str(spec)!r} is horizontal", ExitCode.USAGE)
+        report = coordinator_dry_run(cdir.root, loaded)
+    if fmt is Format.json:
+        emit_json(report)
+    else:
+        print_dry_run(report)
 
 
 ALIGN_STEPS = ("keys", "parameters", "blind", "answer", "finish", "commit")

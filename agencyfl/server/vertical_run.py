@@ -132,3 +132,28 @@ def _start(
     ]  # fmt: skip
     grid.push_messages(messages)
     return list(wanted)
+
+
+def coordinator_dry_run(coordinator: Path, loaded: LoadedVerticalSpec) -> dict[str, Any]:
+    """``coordinator train --dry-run``: the job's plan, releases and bytes from what the coordinator holds.
+
+    N comes from its runs chain (the signed alignment record); each agency's lifetime epsilon from the last
+    report its countersigned chain accepted (0 if none). Nothing is sent to anyone and nothing is written.
+
+    Raises
+    ------
+    DeploymentError
+        If no alignment of this federation is recorded (run ``coordinator align`` first).
+    """
+    from agencyfl.vertical.dry_run import dry_run
+
+    workdir, ledger_key = coordinator / "work", coordinator / "keys" / "ledger-signing.key"
+    size = aligned_register_size(loaded, workdir, ledger_key)
+    reported: dict[str, float] = {}
+    chain_dir = workdir / "coordinator" / "ledger"
+    if chain_dir.exists():
+        for entry in open_coordinator_ledger(chain_dir, ledger_key).events():
+            for report in entry.agencies:
+                if report.accepted:
+                    reported[report.agency] = report.epsilon_lifetime
+    return dry_run(loaded, workdir, register=(size, "the coordinator's signed alignment record"), lifetime_now=reported)

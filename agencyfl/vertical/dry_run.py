@@ -207,8 +207,20 @@ def _plan_fields(plan: VerticalPlan) -> dict[str, Any]:
     }
 
 
-def dry_run(loaded: LoadedVerticalSpec, workdir: Path) -> dict[str, Any]:
+def dry_run(
+    loaded: LoadedVerticalSpec,
+    workdir: Path,
+    *,
+    register: tuple[int, str] | None = None,
+    lifetime_now: dict[str, float] | None = None,
+) -> dict[str, Any]:
     """The job's plan, releases, each agency's epsilon now and after, refusals and bytes; writes nothing.
+
+    ``register`` and ``lifetime_now`` are the coordinator's view in a deployment (``coordinator train
+    --dry-run``): N from its runs chain, and each agency's lifetime epsilon as last reported in its
+    countersigned chain instead of the agencies' ledgers, which only the agencies hold. The lifetime
+    after the job is then an upper bound (basic composition: now + the job's epsilon), and each agency's
+    own ledger still decides when the job runs.
 
     Raises
     ------
@@ -238,9 +250,15 @@ def dry_run(loaded: LoadedVerticalSpec, workdir: Path) -> dict[str, Any]:
     existing: dict[str, list[StepRecord]] = {}
     ledgers: dict[str, dict[str, Any]] = {}
     for name in names:
+        if lifetime_now is not None:
+            existing[name] = []
+            state = f"last reported {lifetime_now.get(name, 0.0):.3f} in the coordinator's chain (upper bound after)"
+            ledgers[name] = {"ledger": "(on the agency's host)", "ledger_entries": None, "ledger_state": state}
+            continue
         records, entries, state = _existing_spend(workdir, name)
         existing[name] = records
         ledgers[name] = {"ledger": str(workdir / name / "ledger"), "ledger_entries": entries, "ledger_state": state}
+    reported = lifetime_now or {}
 
     # Each release checked as AgencyLedgers.account checks it: a refusal by any agency stops an iteration
     # (and the job); a refused fairness release is recorded and the job goes on without it.
@@ -252,7 +270,7 @@ def dry_run(loaded: LoadedVerticalSpec, workdir: Path) -> dict[str, Any]:
         reasons = {}
         for name in names:
             job_eps = epsilon_for([*job, planned], privacy.delta)
-            life_eps = epsilon_for([*existing[name], *job, planned], privacy.delta)
+            life_eps = epsilon_for([*existing[name], *job, planned], privacy.delta) + reported.get(name, 0.0)
             why = []
             if job_eps > privacy.epsilon:
                 why.append(f"epsilon for this job would reach {job_eps:.3f} > per-job cap {privacy.epsilon:g}")
@@ -271,7 +289,7 @@ def dry_run(loaded: LoadedVerticalSpec, workdir: Path) -> dict[str, Any]:
         job += step_records(event)  # as the ledger entry records it (its mechanism)
 
     full = [r for _, _, _, event in releases for r in step_records(event)]
-    size, source = register_estimate(loaded, workdir)
+    size, source = register if register is not None else register_estimate(loaded, workdir)
     sizes = ciphertext_sizes()
     sent = bytes_per_iteration(loaded, size, sizes)
     agencies: dict[str, Any] = {}
@@ -279,11 +297,11 @@ def dry_run(loaded: LoadedVerticalSpec, workdir: Path) -> dict[str, Any]:
         agencies[name] = {
             "epsilon_job_planned": epsilon_for(full, privacy.delta),
             "epsilon_job_cap": privacy.epsilon,
-            "epsilon_lifetime_now": epsilon_for(existing[name], privacy.delta),
-            "epsilon_lifetime_planned": epsilon_for([*existing[name], *full], privacy.delta),
+            "epsilon_lifetime_now": epsilon_for(existing[name], privacy.delta) + reported.get(name, 0.0),
+            "epsilon_lifetime_planned": epsilon_for([*existing[name], *full], privacy.delta) + reported.get(name, 0.0),
             "budget": privacy.budget,
             "epsilon_job_after": epsilon_for(job, privacy.delta),
-            "epsilon_lifetime_after": epsilon_for([*existing[name], *job], privacy.delta),
+            "epsilon_lifetime_after": epsilon_for([*existing[name], *job], privacy.delta) + reported.get(name, 0.0),
             "refused": refused.get(name),
             "bytes_per_iteration": sent[name],
             **ledgers[name],
@@ -303,6 +321,7 @@ def dry_run(loaded: LoadedVerticalSpec, workdir: Path) -> dict[str, Any]:
         "spec": str(loaded.path),
         "workdir": str(workdir),
         "written": "nothing: no alignment, no training, no ledger entry",
+        "view": "the agencies' ledgers" if lifetime_now is None else "the coordinator's chain (lifetime: upper bound)",
         "plan": _plan_fields(plan),
         "releases": {"count": len(releases), "by_kind": by_kind, "fairness": fairness_status},
         "would_run": stopped is None,
