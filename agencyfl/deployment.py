@@ -396,6 +396,14 @@ def follow_alignment(
         The error a party refused or failed with (its own class, so its exit code), or DeploymentError
         if the run ended without a summary.
     """
+    return follow_recorded(cdir, run_id, run, on_event, "alignment")
+
+
+def follow_recorded(
+    cdir: CoordinatorDir, run_id: int, run: str, on_event: Callable[[dict[str, Any]], None], what: str
+) -> dict[str, Any]:
+    """Follow a run whose summary ends ``recorded`` (an alignment, a screening); raises the error class a party
+    named (its exit code), else DeploymentError, when it recorded nothing."""
     from agencyfl.federation.errors import error_class
 
     summary = _follow(cdir, run_id, run, on_event, 0)
@@ -404,9 +412,7 @@ def follow_alignment(
     error = summary.get("error") or {}
     if error.get("class"):
         raise error_class(str(error["class"]))(str(error.get("message", "")))
-    raise DeploymentError(
-        f"alignment run {run_id} ({summary['flower'].get('status')}) recorded nothing; see {cdir.log}"
-    )
+    raise DeploymentError(f"{what} run {run_id} ({summary['flower'].get('status')}) recorded nothing; see {cdir.log}")
 
 
 def _relay(path: Path, offset: int, on_event: Callable[[dict[str, Any]], None]) -> int:

@@ -283,3 +283,113 @@ def test_a_drop_after_release_counts_the_iteration_again(federation: Federation,
         entries = [e for e in fed.ledger(agency).events() if e.job == "vjob-late-drop"]
         assert [e.round for e in entries if e.release == "vertical-gradient"] == [1, 2, 2], agency
         assert [e.round for e in entries if e.kind == "refusal"] == [3], agency
+
+
+def run_screening(fed: Federation, model_dir: Path, screening: str, swap: str | None = None) -> Outcome:
+    """A deployed screening of the registered model: the coordinator's driver here, each party on its thread."""
+    from agencyfl.screening.driver import drive_screening
+    from agencyfl.screening.records import uses_ledger, uses_ledger_at
+    from agencyfl.screening.remote import ScreeningPlan
+    from agencyfl.screening.session import ScreeningConfig, ScreeningSession
+    from agencyfl.vertical.model import RegisteredVerticalModel
+
+    loaded = fed.loaded
+    model = RegisteredVerticalModel(model_dir)
+    challenges = {a: secrets.token_bytes(32) for a in fed.parties}
+    registered = {a: (p.with_suffix(".pub")).read_text() for a, p in fed.node_keys.items()}
+    hub = StreamHub(
+        "127.0.0.1:0", (fed.tls / "server.pem").read_bytes(), (fed.tls / "server.key").read_bytes(),
+        authenticator(screening, challenges, registered), fed.parties,
+    )  # fmt: skip
+    parts = {p: part.sha256 for p, part in model.manifest.parts.items()}
+    if swap:
+        parts[swap] = "0" * 64  # the manifest the plan names does not match that agency's part
+    plan = ScreeningPlan(
+        federation=loaded.spec.federation.name, screening=screening, spec_sha256=loaded.sha256,
+        model_version=model.version, model_sha256=model.manifest.sha256(), parts=parts,
+        purpose=model.card.purpose, requester=loaded.spec.label_agency.name, token_id="tok-test",
+        register_size=fed.register_size, stream=f"127.0.0.1:{hub.port}", review_band=0.1,
+    )  # fmt: skip
+    outcome = Outcome(None, None)
+
+    def party(agency: str) -> None:
+        try:
+            key = load_or_create_signing_key(fed.work / agency / "keys" / "ledger-signing.key")
+            session = ScreeningSession(ScreeningConfig(
+                agency, loaded, plan, PartyFiles(loaded.data_path(agency), fed.work / agency),
+                uses_ledger(fed.work, agency), key, fed.peer_keys(),
+            ))  # fmt: skip
+            signature = sign_hello(fed.node_keys[agency], screening, agency, challenges[agency])
+            hello = Frame("hello", session.hello_fields(), [signature, session.certificate])
+            serve_party(plan.stream, (fed.tls / "ca.crt").read_bytes(), hello, session.handle, connect_timeout=10)
+        except BaseException as exc:  # noqa: BLE001
+            outcome.party_errors[agency] = exc
+
+    threads = [threading.Thread(target=party, args=(a,), daemon=True) for a in fed.parties]
+    for t in threads:
+        t.start()
+    coordinator = fed.work / "coordinator-deploy"
+    try:
+        outcome.summary = drive_screening(
+            hub, plan, model_dir, uses_ledger_at(coordinator, fed.tls / "coordinator.key", "coordinator"),
+            "civil-affairs", coordinator / "runs" / screening, outcome.events.append, connect_timeout=10,
+        )  # fmt: skip
+    except BaseException as exc:  # noqa: BLE001
+        outcome.error = exc
+    finally:
+        hub.stop(grace=1.0)
+        for t in threads:
+            t.join(timeout=30)
+    return outcome
+
+
+def test_a_deployed_screening_lists_what_one_machine_lists(
+    deployed: tuple[Federation, Outcome], tmp_path: Path
+) -> None:
+    import pandas as pd
+
+    from agencyfl.screening.records import uses_ledger, uses_ledger_at
+    from agencyfl.screening.run import screen_eligible
+    from agencyfl.server.tokens import TokenStore
+
+    fed, trained = deployed
+    assert trained.summary is not None
+    model_dir = Path(trained.summary["registry"])
+    outcome = run_screening(fed, model_dir, "scr-deployed")
+    assert outcome.error is None, (outcome.error, outcome.party_errors)
+    summary = outcome.summary
+    assert summary is not None and summary["status"] == "recorded"
+    holder = fed.loaded.spec.label_agency.name
+    deployed_list = pd.read_csv(summary["worklists_at_requester"]["worklist_csv"], dtype={"household": str})
+    assert Path(summary["worklists_at_requester"]["worklist_csv"]).is_relative_to(fed.work / holder)
+
+    token = TokenStore(fed.work / "coordinator" / "tokens.json").issue(holder, (fed.loaded.spec.federation.purpose,))
+    local = screen_eligible(fed.loaded, fed.work, model_dir, tmp_path / "local", token=token, realign=False)
+    local_list = pd.read_csv(local.files["worklist_csv"], dtype={"household": str})
+    ours = set(zip(deployed_list["household"], deployed_list["category"], strict=True))
+    theirs = set(zip(local_list["household"], local_list["category"], strict=True))
+    assert len(ours) > 0 and len(ours ^ theirs) <= 0.01 * len(theirs)  # only rows on a cutoff may differ (CKKS)
+
+    # Every use on the record: civil affairs' entry has the counts; the coordinator's commits to it, without them.
+    (requester_entry,) = [e for e in uses_ledger(fed.work, holder).events() if e.screening == "scr-deployed"]
+    assert requester_entry.counts is not None and requester_entry.households == fed.register_size
+    chain = uses_ledger_at(fed.work / "coordinator-deploy", fed.tls / "coordinator.key", "coordinator").events()
+    (coordinator_entry,) = [e for e in chain if e.screening == "scr-deployed"]
+    assert coordinator_entry.counts is None and coordinator_entry.requester_entry_sha256 == summary[
+        "requester_entry_sha256"]  # fmt: skip
+    for agency in fed.parties[1:]:
+        kinds = [e.kind for e in uses_ledger(fed.work, agency).events() if e.screening == "scr-deployed"]
+        assert "screening-contribution" in kinds, agency
+
+
+def test_a_part_that_is_not_the_manifest_s_stops_the_screening(deployed: tuple[Federation, Outcome]) -> None:
+    from agencyfl.federation.errors import ModelError
+    from agencyfl.screening.records import uses_ledger_at
+
+    fed, trained = deployed
+    assert trained.summary is not None
+    outcome = run_screening(fed, Path(trained.summary["registry"]), "scr-swapped", swap="tax")
+    assert isinstance(outcome.party_errors.get("tax"), ModelError)
+    assert outcome.error is not None and outcome.summary is None
+    chain = uses_ledger_at(fed.work / "coordinator-deploy", fed.tls / "coordinator.key", "coordinator").events()
+    assert not [e for e in chain if e.screening == "scr-swapped"]  # nothing recorded as a use

@@ -5,6 +5,7 @@ Also the scoring service's tokens: `issue-token`, `revoke-token` and `tokens` (t
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -242,6 +243,76 @@ def align(
         f"positions (its `steward status`); outputs kept until {summary['expires']}; recorded in "
         f"{one_line(summary['chain'])}"
     )
+
+
+@coordinator_app.command("screen")
+def screen(
+    spec: Annotated[Path, typer.Option(help="The vertical federation spec; each party holds the same file")],
+    model: Annotated[
+        str, typer.Option("--model", help="The model version (FEDERATION/vNNNN) `coordinator train` registered")
+    ],
+    token: Annotated[
+        str | None, typer.Option("--token", envvar="AGENCYFL_TOKEN", help="Token issued for the purpose")
+    ] = None,
+    tokens: Annotated[
+        Path | None, typer.Option("--tokens", help="The token file (default: the coordinator folder's tokens.json)")
+    ] = None,
+    purpose: Annotated[str | None, typer.Option("--purpose", help="Default: the model card's purpose")] = None,
+    review_band: Annotated[
+        float, typer.Option("--review-band", min=0.0, max=0.5, help="Scores within cutoff +- band go to human review")
+    ] = 0.1,
+    cdir_path: DirOpt = None,
+    fmt: FormatOpt = Format.table,
+) -> None:
+    """Screen civil affairs' whole register through the parties' SuperNodes; the worklists stay at civil affairs.
+
+    Checks the token and purpose first (a refusal is recorded, nothing is sent: exit 24). Each agency scores
+    its own records with its own part under civil affairs' key; this coordinator adds ciphertexts it cannot
+    open; only civil affairs decrypts and writes the worklists, in its own folder. Nothing changes an enrolment.
+    """
+    from agencyfl.alignment.runs import load_vertical
+    from agencyfl.deployment import follow_recorded, submit_run
+    from agencyfl.screening.run import check_use, new_screening, record_refusal_at
+    from agencyfl.vertical.model import RegisteredVerticalModel
+
+    with errors_to_exit():
+        cdir = _cdir(cdir_path)
+        load_vertical(spec)
+        registered = RegisteredVerticalModel(cdir.work / "registry" / model)
+        purpose = purpose or registered.card.purpose
+        screening = new_screening()
+        try:
+            token_id, holder = check_use(tokens or cdir.root / "tokens.json", token or "", purpose, registered)
+        except Exception as exc:
+            from agencyfl.federation.errors import ScreeningRefusedError
+
+            if isinstance(exc, ScreeningRefusedError):
+                record_refusal_at(cdir.root, cdir.root / "keys" / "ledger-signing.key", registered, screening,
+                                  purpose, exc)  # fmt: skip
+            raise
+        run_dir = cdir.work / "runs" / screening
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "request.json").write_text(json.dumps({
+            "model_version": registered.version, "purpose": purpose, "token_id": token_id, "token_holder": holder,
+            "review_band": review_band,
+        }))  # fmt: skip
+        run_id = submit_run(cdir, spec, screening, False, task="screen", requested_by=holder)
+        if fmt is Format.json:
+            summary = follow_recorded(cdir, run_id, screening, lambda _: None, "screening")
+        else:
+            with err.status(f"screening {screening} (run {run_id})", spinner="dots") as status:
+                summary = follow_recorded(
+                    cdir, run_id, screening, lambda e: status.update(f"screening: {e.get('step', '')}"), "screening"
+                )
+    if fmt is Format.json:
+        emit_json(summary)
+        return
+    out.print(f"screening {summary['screening']} of {summary['model_version']}: {summary['households_scored']:,} "
+              f"households scored under civil affairs' key; the coordinator held only ciphertexts")  # fmt: skip
+    for name, reason in summary["explain_refused"].items():
+        out.print(f"[yellow]{name} gave no reasons[/]: {reason}")
+    out.print(f"worklists at civil affairs: {summary['worklists_at_requester']['worklist_html']}")
+    out.print(f"recorded in {summary['uses_ledger']} (committing to civil affairs' entry; the counts stay there)")
 
 
 @coordinator_app.command("status")

@@ -67,8 +67,14 @@ def now_iso() -> str:
 
 def uses_ledger(workdir: Path, party: str) -> Ledger[ModelUse]:
     """``party``'s uses ledger, opened with its ledger key (created on first use)."""
-    key = load_or_create_signing_key(workdir / party / "keys" / "ledger-signing.key")
-    return Ledger(workdir / party / USES_LEDGER, key, event_type=ModelUse, party=party)
+    return uses_ledger_at(workdir / party, workdir / party / "keys" / "ledger-signing.key", party)
+
+
+def uses_ledger_at(folder: Path, key_path: Path, party: str) -> Ledger[ModelUse]:
+    """The uses ledger in ``folder`` (``USES_LEDGER``), signed with the key at ``key_path``: a deployment's
+    layout (an agency's ``HOME``, the coordinator's folder)."""
+    key = load_or_create_signing_key(key_path)
+    return Ledger(folder / USES_LEDGER, key, event_type=ModelUse, party=party)
 
 
 def entry_sha256(use: ModelUse) -> str:

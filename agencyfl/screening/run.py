@@ -23,12 +23,13 @@ import numpy.typing as npt
 import pandas as pd
 
 from agencyfl.alignment.runs import align_from_spec, alignment_is_current
-from agencyfl.alignment.sealed import PartyKeys
+from agencyfl.alignment.sealed import Envelope, PartyKeys, PartyPublicKeys
 from agencyfl.federation.decision import DecisionRule
 from agencyfl.federation.errors import ModelError, ScreeningRefusedError
 from agencyfl.federation.fairness import group_labels
 from agencyfl.federation.files import write_private_csv, write_private_text
 from agencyfl.federation.spec import LoadedVerticalSpec
+from agencyfl.privacy.ledger import Ledger
 from agencyfl.screening.outcomes import latest_outcomes
 from agencyfl.screening.protocol import (
     Contributor,
@@ -115,7 +116,24 @@ def record_refusal(
 ) -> None:
     """A refused screening in the coordinator's uses ledger (nothing was scored), with the token's id and
     holder when the token is known (the requester is then the token's holder)."""
-    uses_ledger(workdir, COORDINATOR).append(
+    _append_refusal(uses_ledger(workdir, COORDINATOR), model, screening, purpose, refusal)
+
+
+def record_refusal_at(
+    folder: Path, key_path: Path, model: RegisteredVerticalModel, screening: str, purpose: str,
+    refusal: ScreeningRefusedError,
+) -> None:  # fmt: skip
+    """A refused screening in the uses ledger at ``folder`` (a deployment's coordinator folder)."""
+    from agencyfl.screening.records import uses_ledger_at
+
+    _append_refusal(uses_ledger_at(folder, key_path, COORDINATOR), model, screening, purpose, refusal)
+
+
+def _append_refusal(
+    ledger: Ledger[ModelUse], model: RegisteredVerticalModel, screening: str, purpose: str,
+    refusal: ScreeningRefusedError,
+) -> None:  # fmt: skip
+    ledger.append(
         ModelUse(kind="refusal", owner=COORDINATOR, screening=screening, federation=model.manifest.federation,
                  model_version=model.version, purpose=purpose,
                  requester=refusal.holder if isinstance(refusal, TokenRefused) else "(unknown token)",
@@ -161,7 +179,8 @@ def disclose(
     purpose: str,
     positions: list[int],
 ) -> dict[int, str]:
-    """One agency's reasons for the listed ``positions``, at the level its own spec sets, recorded first.
+    """One agency's reasons for the listed ``positions``, at the level its own spec sets, recorded first
+    (every party on one machine: the sealed list and reasons go straight between the two objects).
 
     Raises
     ------
@@ -169,13 +188,38 @@ def disclose(
         If the agency does not explain, or the list exceeds its ``explain_max`` share of the register
         (the refusal is recorded in its uses ledger; nothing is disclosed).
     """
+    own_keys = PartyKeys.generate(contributor.name)
+    sealed = seal_positions(requester_keys, own_keys.public(), screening, positions)  # R -> k through C
+    envelope = answer_disclosure(
+        uses_ledger(workdir, contributor.name), loaded, contributor, own_keys, requester_keys.public(), sealed,
+        screening, model_version, purpose,
+    )  # fmt: skip
+    return open_reasons(envelope, requester_keys, own_keys.public(), screening)
+
+
+def answer_disclosure(
+    ledger: Ledger[ModelUse],
+    loaded: LoadedVerticalSpec,
+    contributor: Contributor,
+    own_keys: PartyKeys,
+    requester: PartyPublicKeys,
+    sealed: Envelope,
+    screening: str,
+    model_version: str,
+    purpose: str,
+) -> Envelope:
+    """At the agency: open the requester's sealed list, refuse or record the disclosure, seal the reasons.
+
+    Raises
+    ------
+    ScreeningRefusedError
+        If the agency does not explain, or the list exceeds its ``explain_max`` share of the register
+        (the refusal is recorded in ``ledger``; nothing is disclosed).
+    """
     section = loaded.spec.agency(contributor.name)
     level = section.explain
     size = len(contributor.block.x)
-    own_keys = PartyKeys.generate(contributor.name)
-    sealed = seal_positions(requester_keys, own_keys.public(), screening, positions)  # R -> k through C
-    listed = open_positions(sealed, own_keys, requester_keys.public(), screening, size)
-    ledger = uses_ledger(workdir, contributor.name)
+    listed = open_positions(sealed, own_keys, requester, screening, size)
     base = ModelUse(
         kind="disclosure", owner=contributor.name, screening=screening, federation=loaded.spec.federation.name,
         model_version=model_version, purpose=purpose, requester=loaded.spec.label_agency.name, time=now_iso(),
@@ -193,8 +237,7 @@ def disclose(
     # recorded before anything is sent
     ledger.append(base.model_copy(update={"level": level, "positions": listed}))
     reasons = contributor.reasons(listed, level, plain_labeller(loaded.spec.schema_))
-    envelope = seal_reasons(own_keys, requester_keys.public(), screening, reasons)
-    return open_reasons(envelope, requester_keys, own_keys.public(), screening)
+    return seal_reasons(own_keys, requester, screening, reasons)
 
 
 def _histograms(scores: npt.NDArray[np.float64], frame: pd.DataFrame, loaded: LoadedVerticalSpec) -> dict[str, Any]:
@@ -273,8 +316,6 @@ def screen_eligible(
     ModelError
         The model is not a registered vertical model of this federation, or a part fails its hash.
     """
-    from agencyfl.screening.page import render_worklist_html, top_rows
-
     step = progress or (lambda _: None)
     model = RegisteredVerticalModel(model_dir)
     _check_spec(loaded, model)
@@ -294,14 +335,8 @@ def screen_eligible(
         align_from_spec(loaded, workdir, requested_by=holder)
     step("scoring under encryption")
     logits, parties = score_register(loaded, workdir, model, screening, purpose)
-    scores = _sigmoid(logits)
     frame = register_frame(loaded, workdir, canonical=False)
-    enrolled = frame["enrolled"].to_numpy(dtype=bool)
-    rule = DecisionRule.for_model(model.loaded.spec, model.card.mitigation)
-    decisions = rule.decide(scores, frame, spec.schema_, review_band)
-    categories = categorize(scores, decisions.cutoff, enrolled, review_band)
-    listed = np.flatnonzero(categories != "")
-    counts: dict[str, int] = {c: int((categories == c).sum()) for c in CATEGORIES}
+    lists = decide_lists(loaded, model, logits, frame, review_band)
 
     step("asking the agencies that chose to explain")
     reasons: dict[int, list[dict[str, str]]] = {}
@@ -309,31 +344,101 @@ def screen_eligible(
     requester_keys = PartyKeys.generate(holder)
     for name, contributor in parties.contributors.items():
         level = spec.agency(name).explain
-        if level == "none" or not len(listed):
+        if level == "none" or not len(lists.listed):
             continue
         try:
             given = disclose(workdir, loaded, contributor, requester_keys, screening, model.version, purpose,
-                             listed.tolist())  # fmt: skip
+                             lists.listed.tolist())  # fmt: skip
         except ScreeningRefusedError as exc:
             refusals[name] = str(exc)
             continue
-        for position, text in given.items():
-            reasons.setdefault(position, []).append({"agency": name, "level": level, "text": text})
+        add_reasons(reasons, name, level, given)
 
     old_categories = None
-    same_model = previous is not None and previous.model_version == model.version
-    if previous is not None and not same_model:
+    if previous is not None and previous.model_version != model.version:
         step("re-scoring with the previous model, to tell facts from model changes")
         old_categories = _previous_categories(loaded, workdir, previous, model, screening, purpose, frame, review_band)
     outcomes = latest_outcomes(workdir, holder)
-    households = frame["household"].to_numpy(dtype=object)
+    rows, left = worklist_rows(lists, model, screening, reasons, outcomes, previous, old_categories)
+
+    step("recording the screening")
+    requester_use = ModelUse(
+        kind="screening", owner=holder, screening=screening, federation=spec.federation.name,
+        model_version=model.version, purpose=purpose, requester=holder, time=now_iso(), token_id=token_id,
+        households=len(lists.scores), counts=dict(lists.counts),
+    )  # fmt: skip
+    requester_entry = uses_ledger(workdir, holder).append(requester_use)
+    for name, contributor in parties.contributors.items():
+        uses_ledger(workdir, name).append(
+            ModelUse(kind="screening-contribution", owner=name, screening=screening, federation=spec.federation.name,
+                     model_version=model.version, purpose=purpose, requester=holder, time=now_iso(),
+                     households=len(contributor.block.x))
+        )  # fmt: skip
+    uses_ledger(workdir, COORDINATOR).append(
+        ModelUse(kind="screening", owner=COORDINATOR, screening=screening, federation=spec.federation.name,
+                 model_version=model.version, purpose=purpose, requester=holder, time=now_iso(), token_id=token_id,
+                 households=len(lists.scores), requester_entry_sha256=requester_entry)
+    )  # fmt: skip
+    sent = {**{n: c.sent_bytes for n, c in parties.contributors.items()}, "coordinator": parties.relay.sent_bytes,
+            holder: parties.requester.sent_bytes}  # fmt: skip
+    ledgers = {"requester": str(workdir / holder / "uses-ledger"),
+               "coordinator": str(workdir / COORDINATOR / "uses-ledger")}  # fmt: skip
+    report = screening_report(loaded, model, lists, screening, purpose, (token_id, token_holder), previous, rows,
+                              left, refusals, aligned=aligned, out=out, sent=sent, ledgers=ledgers,
+                              review_band=review_band)  # fmt: skip
+    files = write_worklists(out, rows, report)
+    return ScreeningResult(report, rows, files, lists.scores, frame)
+
+
+@dataclass(frozen=True)
+class Lists:
+    """The decision on every register household: scores, the card's cutoffs, categories, who is listed."""
+
+    scores: npt.NDArray[np.float64]
+    frame: pd.DataFrame
+    rule: DecisionRule
+    cutoff: npt.NDArray[np.float64]
+    categories: npt.NDArray[np.str_]
+    listed: npt.NDArray[np.int64]
+    counts: dict[str, int]
+
+
+def decide_lists(
+    loaded: LoadedVerticalSpec, model: RegisteredVerticalModel, logits: npt.NDArray[np.float64], frame: pd.DataFrame,
+    review_band: float,
+) -> Lists:  # fmt: skip
+    """Apply the model card's decision rule (``DecisionRule``, shared with evaluate and score) to the scores."""
+    scores = _sigmoid(logits)
+    enrolled = frame["enrolled"].to_numpy(dtype=bool)
+    rule = DecisionRule.for_model(model.loaded.spec, model.card.mitigation)
+    decisions = rule.decide(scores, frame, loaded.spec.schema_, review_band)
+    categories = categorize(scores, decisions.cutoff, enrolled, review_band)
+    listed = np.flatnonzero(categories != "")
+    counts: dict[str, int] = {str(c): int((categories == c).sum()) for c in CATEGORIES}
+    return Lists(scores, frame, rule, np.asarray(decisions.cutoff, dtype=np.float64), categories, listed, counts)
+
+
+def add_reasons(reasons: dict[int, list[dict[str, str]]], agency: str, level: str, given: dict[int, str]) -> None:
+    """File one agency's disclosed reasons under each listed position."""
+    for position, text in given.items():
+        reasons.setdefault(position, []).append({"agency": agency, "level": level, "text": text})
+
+
+def worklist_rows(
+    lists: Lists, model: RegisteredVerticalModel, screening: str, reasons: dict[int, list[dict[str, str]]],
+    outcomes: dict[str, str], previous: PreviousWorklist | None, old_categories: npt.NDArray[np.str_] | None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:  # fmt: skip
+    """One row per listed household (with the change since ``previous``), and those that left the lists."""
+    same_model = previous is not None and previous.model_version == model.version
+    households = lists.frame["household"].to_numpy(dtype=object)
+    enrolled = lists.frame["enrolled"].to_numpy(dtype=bool)
     rows: list[dict[str, Any]] = []
-    for p in listed:
-        household, category = canonical_id(str(households[p])), str(categories[p])
+    for p in lists.listed:
+        household, category = canonical_id(str(households[p])), str(lists.categories[p])
         row: dict[str, Any] = {
-            "household": household, "position": int(p), "category": category, "score": round(float(scores[p]), 4),
-            "cutoff": float(decisions.cutoff[p]), "enrolled": bool(enrolled[p]), "change": None,
-            "previous_category": None, "cause": None, "review_status": outcomes.get(household),
+            "household": household, "position": int(p), "category": category,
+            "score": round(float(lists.scores[p]), 4), "cutoff": float(lists.cutoff[p]), "enrolled": bool(enrolled[p]),
+            "change": None, "previous_category": None, "cause": None, "review_status": outcomes.get(household),
             "reasons": reasons.get(int(p), []), "model_version": model.version, "screening": screening,
         }  # fmt: skip
         if previous is not None:
@@ -353,50 +458,46 @@ def screen_eligible(
             for h, c in sorted(previous.categories.items())
             if h not in now_listed
         ]
+    return rows, left
 
-    step("recording the screening")
-    requester_use = ModelUse(
-        kind="screening", owner=holder, screening=screening, federation=spec.federation.name,
-        model_version=model.version, purpose=purpose, requester=holder, time=now_iso(), token_id=token_id,
-        households=len(scores), counts=dict(counts),
-    )  # fmt: skip
-    requester_entry = uses_ledger(workdir, holder).append(requester_use)
-    for name, contributor in parties.contributors.items():
-        uses_ledger(workdir, name).append(
-            ModelUse(kind="screening-contribution", owner=name, screening=screening, federation=spec.federation.name,
-                     model_version=model.version, purpose=purpose, requester=holder, time=now_iso(),
-                     households=len(contributor.block.x))
-        )  # fmt: skip
-    uses_ledger(workdir, COORDINATOR).append(
-        ModelUse(kind="screening", owner=COORDINATOR, screening=screening, federation=spec.federation.name,
-                 model_version=model.version, purpose=purpose, requester=holder, time=now_iso(), token_id=token_id,
-                 households=len(scores), requester_entry_sha256=requester_entry)
-    )  # fmt: skip
 
-    out.mkdir(parents=True, exist_ok=True, mode=0o700)
+def screening_report(
+    loaded: LoadedVerticalSpec, model: RegisteredVerticalModel, lists: Lists, screening: str, purpose: str,
+    token: tuple[str, str], previous: PreviousWorklist | None, rows: list[dict[str, Any]], left: list[dict[str, Any]],
+    refusals: dict[str, str], *, aligned: bool, out: Path, sent: dict[str, int], ledgers: dict[str, str],
+    review_band: float,
+) -> dict[str, Any]:  # fmt: skip
+    """``screening.json``: what was screened, with which model and token (id, holder), counts, changes, files."""
+    spec = loaded.spec
+    holder = spec.label_agency.name
     files = {"worklist_csv": str(out / "worklist.csv"), "worklist_html": str(out / "worklist.html"),
              "report": str(out / "screening.json")}  # fmt: skip
+    changes = {k: sum(1 for r in rows if r["change"] == k) for k in ("new", "changed", "unchanged")}
+    return {
+        "screening": screening, "created": now_iso(), "federation": spec.federation.name, "purpose": purpose,
+        "model_version": model.version, "requester": holder, "token_id": token[0], "token_holder": token[1],
+        "households_scored": len(lists.scores), "threshold": lists.rule.threshold, "review_band": review_band,
+        "aligned_again": aligned,
+        "counts": lists.counts, "since": None if previous is None else {
+            "worklist": str(previous.path), "model_version": previous.model_version,
+            "screening": previous.screening, "changes": changes, "left": len(left)},
+        "left": left, "disclosures": {a.name: a.explain for a in spec.agencies if a.name != holder},
+        "explain_refused": refusals, "groups": _histograms(lists.scores, lists.frame, loaded), "labels": {},
+        "files": files, "bytes": sent, "ledgers": ledgers,
+    }  # fmt: skip
+
+
+def write_worklists(out: Path, rows: list[dict[str, Any]], report: dict[str, Any]) -> dict[str, str]:
+    """``worklist.csv`` (every row), ``worklist.html`` (the first rows of each list) and ``screening.json``, 0600."""
+    from agencyfl.screening.page import render_worklist_html, top_rows
+
+    out.mkdir(parents=True, exist_ok=True, mode=0o700)
     csv_rows = [
         {**r, "enrolled": int(r["enrolled"]), "reasons": " | ".join(x["text"] for x in r["reasons"])} for r in rows
     ]
     write_private_csv(out / "worklist.csv", pd.DataFrame(csv_rows, columns=list(COLUMNS)))
-    changes = {k: sum(1 for r in rows if r["change"] == k) for k in ("new", "changed", "unchanged")}
-    report: dict[str, Any] = {
-        "screening": screening, "created": now_iso(), "federation": spec.federation.name, "purpose": purpose,
-        "model_version": model.version, "requester": holder, "token_id": token_id, "token_holder": token_holder,
-        "households_scored": len(scores), "threshold": rule.threshold, "review_band": review_band,
-        "aligned_again": aligned,
-        "counts": counts, "since": None if previous is None else {
-            "worklist": str(previous.path), "model_version": previous.model_version,
-            "screening": previous.screening, "changes": changes, "left": len(left)},
-        "left": left, "disclosures": {a.name: a.explain for a in spec.agencies if a.name != holder},
-        "explain_refused": refusals, "groups": _histograms(scores, frame, loaded), "labels": {},
-        "files": files, "bytes": {**{n: c.sent_bytes for n, c in parties.contributors.items()},
-                                  "coordinator": parties.relay.sent_bytes, holder: parties.requester.sent_bytes},
-        "ledgers": {"requester": str(workdir / holder / "uses-ledger"),
-                    "coordinator": str(workdir / COORDINATOR / "uses-ledger")},
-    }  # fmt: skip
     page = {**report, "rows": top_rows(rows, PAGE_ROWS)}  # a page people read; the CSV has every row
     write_private_text(out / "worklist.html", render_worklist_html(page))
     write_private_text(out / "screening.json", json.dumps(report, indent=2, default=str))
-    return ScreeningResult(report, rows, files, scores, frame)
+    files: dict[str, str] = report["files"]
+    return files

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,7 @@ def aligned_register_size(loaded: LoadedVerticalSpec, workdir: Path, ledger_key:
 
 
 def run_vertical_training(grid: Grid, cfg: Any, coordinator: Path, sink: EventSink) -> dict[str, Any]:
-    """Start the job through Flower and drive it over the streams; returns the summary.
+    """Start the job (``task`` train, or screen) through Flower and drive it over the streams; the summary.
 
     A failure before the driver starts (no alignment, an unregistered party) is written as the run's
     summary too, so ``coordinator train`` reports it with its exit code.
@@ -62,6 +63,8 @@ def run_vertical_training(grid: Grid, cfg: Any, coordinator: Path, sink: EventSi
     summary_file = coordinator / "work" / "runs" / str(cfg["job"]) / "summary.json"
     summary_file.unlink(missing_ok=True)  # an earlier attempt's (a resumed job): this attempt writes its own
     try:
+        if str(cfg.get("task", "train")) == "screen":
+            return run_screening(grid, cfg, coordinator, sink)
         return _run(grid, cfg, coordinator, sink)
     except AgencyflError as exc:
         if not summary_file.exists():  # the driver writes its own when it stops
@@ -72,14 +75,48 @@ def run_vertical_training(grid: Grid, cfg: Any, coordinator: Path, sink: EventSi
         raise
 
 
+@dataclass
+class _Coordinator:
+    """The coordinator's folder as a deployed vertical run needs it."""
+
+    root: Path
+
+    @property
+    def workdir(self) -> Path:
+        return self.root / "work"
+
+    @property
+    def ledger_key(self) -> Path:
+        return self.root / "keys" / "ledger-signing.key"
+
+    def settings(self) -> dict[str, Any]:
+        settings: dict[str, Any] = json.loads((self.root / "coordinator.json").read_text())
+        return settings
+
+    def agencies(self) -> dict[str, Any]:
+        registered = self.root / "agencies.json"
+        agencies: dict[str, Any] = json.loads(registered.read_text()) if registered.exists() else {}
+        return agencies
+
+    def hub(self, job: str, parties: list[str], challenges: dict[str, bytes]) -> tuple[StreamHub, str]:
+        """The streams' hub for ``job`` (TLS with the coordinator's certificate), and the address agencies dial."""
+        agencies, settings = self.agencies(), self.settings()
+        unregistered = [p for p in parties if not agencies.get(p, {}).get("public_key")]
+        if unregistered:
+            raise DeploymentError(f"no SuperNode key is kept for {', '.join(unregistered)}: `coordinator register` it")
+        port, tls = stream_port(settings), self.root / "tls"
+        hub = StreamHub(
+            f"{settings['bind']}:{port}", (tls / "server.pem").read_bytes(), (tls / "server.key").read_bytes(),
+            authenticator(job, challenges, {p: agencies[p]["public_key"] for p in parties}), parties,
+        )  # fmt: skip
+        return hub, f"{settings['hosts'][0]}:{port}"
+
+
 def _run(grid: Grid, cfg: Any, coordinator: Path, sink: EventSink) -> dict[str, Any]:
-    workdir, ledger_key = coordinator / "work", coordinator / "keys" / "ledger-signing.key"
+    where = _Coordinator(coordinator)
+    workdir, ledger_key = where.workdir, where.ledger_key
     loaded = load_vertical(Path(str(cfg["spec"])))
     job, resume = str(cfg["job"]), bool(cfg.get("resume", False))
-    settings = json.loads((coordinator / "coordinator.json").read_text())
-    agencies = (
-        json.loads((coordinator / "agencies.json").read_text()) if (coordinator / "agencies.json").exists() else {}
-    )
     plan = plan_of(loaded)
     holder = loaded.spec.label_agency.name
     parties = [holder, *(a.name for a in loaded.spec.agencies if a.name != holder)]
@@ -87,37 +124,74 @@ def _run(grid: Grid, cfg: Any, coordinator: Path, sink: EventSink) -> dict[str, 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "job.json").write_text(json.dumps({"job": job, "topology": "vertical", "spec": str(cfg["spec"])}))
     register_size = aligned_register_size(loaded, workdir, ledger_key)
-    unregistered = [p for p in parties if not agencies.get(p, {}).get("public_key")]
-    if unregistered:
-        raise DeploymentError(f"no SuperNode key is kept for {', '.join(unregistered)}: `coordinator register` it")
     challenges = {p: secrets.token_bytes(32) for p in parties}
-    port = stream_port(settings)
-    tls = coordinator / "tls"
-    hub = StreamHub(
-        f"{settings['bind']}:{port}", (tls / "server.pem").read_bytes(), (tls / "server.key").read_bytes(),
-        authenticator(job, challenges, {p: agencies[p]["public_key"] for p in parties}), parties,
-    )  # fmt: skip
+    hub, stream = where.hub(job, parties, challenges)
     try:
-        job_plan = VerticalJobPlan.of(loaded, plan, job, register_size, f"{settings['hosts'][0]}:{port}")
+        job_plan = VerticalJobPlan.of(loaded, plan, job, register_size, stream)
         signature = sign_plan(job_plan.signed_bytes(), load_signing_key(ledger_key))
-        nodes = _start(grid, job_plan, signature, challenges, agencies, float(cfg.get("connect-timeout", 600.0)))
+        timeout = float(cfg.get("connect-timeout", 600.0))
+        nodes = _start(grid, "train", job_plan.parties, job_plan.model_dump_json(), signature, challenges,
+                       where.agencies(), timeout)  # fmt: skip
         sink({"type": "started", "job": job, "parties": parties, "nodes": len(nodes)})
         driver = DriverSettings(
             loaded=loaded, plan=plan, job=job_plan, workdir=workdir,
             chain=open_coordinator_ledger(workdir / "coordinator" / "ledger", ledger_key),
-            connect_timeout=float(cfg.get("connect-timeout", 600.0)), resume=resume,
+            connect_timeout=timeout, resume=resume,
         )  # fmt: skip
         return drive(hub, driver, sink)
     finally:
         hub.stop(grace=2.0)
 
 
+SCREENING_REQUEST = "request.json"  # what `coordinator screen` checked, beside the run's events
+
+
+def run_screening(grid: Grid, cfg: Any, coordinator: Path, sink: EventSink) -> dict[str, Any]:
+    """``coordinator screen``: the screening the coordinator's CLI checked (token, purpose) and wrote down in
+    ``work/runs/ID/request.json``; the plan is signed here, the parties take part over their streams."""
+    from agencyfl.screening.driver import drive_screening
+    from agencyfl.screening.records import COORDINATOR, uses_ledger_at
+    from agencyfl.screening.remote import ScreeningPlan
+    from agencyfl.vertical.model import RegisteredVerticalModel
+
+    where = _Coordinator(coordinator)
+    screening = str(cfg["job"])
+    run_dir = where.workdir / "runs" / screening
+    request = json.loads((run_dir / SCREENING_REQUEST).read_text())
+    loaded = load_vertical(Path(str(cfg["spec"])))
+    model = RegisteredVerticalModel(where.workdir / "registry" / request["model_version"])
+    register_size = aligned_register_size(loaded, where.workdir, where.ledger_key)
+    parties = [
+        loaded.spec.label_agency.name,
+        *sorted(p for p in model.manifest.parts if p != loaded.spec.label_agency.name),
+    ]
+    challenges = {p: secrets.token_bytes(32) for p in parties}
+    hub, stream = where.hub(screening, parties, challenges)
+    try:
+        plan = ScreeningPlan(
+            federation=loaded.spec.federation.name, screening=screening, spec_sha256=loaded.sha256,
+            model_version=model.version, model_sha256=model.manifest.sha256(),
+            parts={p: part.sha256 for p, part in model.manifest.parts.items()}, purpose=request["purpose"],
+            requester=loaded.spec.label_agency.name, token_id=request["token_id"], register_size=register_size,
+            stream=stream, review_band=float(request["review_band"]),
+        )  # fmt: skip
+        signature = sign_plan(plan.signed_bytes(), load_signing_key(where.ledger_key))
+        timeout = float(cfg.get("connect-timeout", 600.0))
+        _start(grid, "screen", list(plan.parties), plan.model_dump_json(), signature, challenges, where.agencies(),
+               timeout)  # fmt: skip
+        uses = uses_ledger_at(coordinator, where.ledger_key, COORDINATOR)
+        return drive_screening(hub, plan, model.directory, uses, str(request["token_holder"]), run_dir, sink,
+                               connect_timeout=timeout)  # fmt: skip
+    finally:
+        hub.stop(grace=2.0)
+
+
 def _start(
-    grid: Grid, plan: VerticalJobPlan, signature: str, challenges: dict[str, bytes], agencies: dict[str, Any],
-    timeout: float,
+    grid: Grid, task: str, parties: list[str] | tuple[str, ...], plan: str, signature: str,
+    challenges: dict[str, bytes], agencies: dict[str, Any], timeout: float,
 ) -> list[int]:  # fmt: skip
-    """One ``query.vertical`` message to each party's registered node once it is connected."""
-    wanted = {int(agencies[p]["node_id"]): p for p in plan.parties}
+    """One ``query.vertical`` message (``task``: train or screen) to each party's registered node once it is up."""
+    wanted = {int(agencies[p]["node_id"]): p for p in parties}
     deadline = time.monotonic() + timeout
     while not set(wanted) <= set(grid.get_node_ids()) and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -126,7 +200,7 @@ def _start(
         raise DeploymentError(f"{', '.join(absent)}: SuperNode not connected within {timeout:.0f} s")
     messages = [
         Message(RecordDict({REQUEST_KEY: ConfigRecord({
-            "plan": plan.model_dump_json(), "signature": signature, "challenge": challenges[party],
+            "task": task, "plan": plan, "signature": signature, "challenge": challenges[party],
         })}), dst_node_id=node, message_type=MESSAGE_TYPE)
         for node, party in wanted.items()
     ]  # fmt: skip

@@ -1,0 +1,106 @@
+"""The coordinator's side of a screening in a deployment: the relay over the parties' streams.
+
+It forwards civil affairs' public context, adds the agencies' ciphertexts (``screening.protocol.Relay``:
+it cannot open them), relays the sealed lists and reasons between civil affairs and the agencies that
+chose to explain, and records the screening in its own uses ledger with the hash of civil affairs'
+entry (never the counts, which stay with civil affairs). ``docs/screening.md``, "In a deployment".
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from agencyfl.alignment.sealed import unpack
+from agencyfl.federation.errors import MessageRejectedError, ScreeningRefusedError
+from agencyfl.privacy.ledger import Ledger
+from agencyfl.screening.protocol import PartialScores, Relay, ScreeningRequest
+from agencyfl.screening.records import COORDINATOR, ModelUse, now_iso
+from agencyfl.screening.remote import ScreeningPlan
+from agencyfl.screening.session import model_files
+from agencyfl.vertical.stream import Frame, StreamHub
+
+EventSink = Callable[[dict[str, Any]], None]
+
+
+def drive_screening(
+    hub: StreamHub, plan: ScreeningPlan, model_dir: Path, uses: Ledger[ModelUse], token_holder: str,
+    run_dir: Path, sink: EventSink, connect_timeout: float = 600.0, step_timeout: float = 600.0,
+) -> dict[str, Any]:  # fmt: skip
+    """Run one screening on the parties' streams; returns the summary (also ``run_dir/summary.json``).
+
+    Raises
+    ------
+    AgencyflError
+        A party's refusal or failure (its class: ModelError for a part that does not match, ...), or a
+        party that dropped (PartyDropped). Nothing is recorded at the coordinator then.
+    """
+    requester, agencies = plan.requester, [p for p in plan.parties if p != plan.requester]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, Any] = {"screening": plan.screening, "model_version": plan.model_version,
+                               "purpose": plan.purpose, "requester": requester, "status": "started"}  # fmt: skip
+    sent: dict[str, int] = {}
+    try:
+        hellos = hub.wait_for_all(connect_timeout)
+        names = list(hellos)
+        setup = Frame("setup", {"certificates": names}, [b"", *(hellos[n].blobs[1] for n in names)])
+        hub.call_all({p: setup for p in plan.parties}, step_timeout)
+        sink({"type": "step", "step": "connected"})
+        asked = hub.call(requester, Frame("screen-request", blobs=model_files(model_dir)), step_timeout)
+        context = asked.blobs[0]
+        request = ScreeningRequest(
+            plan.screening, plan.federation, plan.model_version, plan.purpose, requester,
+            int(asked.fields["register_size"]), context, str(asked.fields["fingerprint"]),
+        )  # fmt: skip
+        sent[requester] = len(context)
+        fields = {"register_size": request.register_size, "fingerprint": request.context_fingerprint}
+        parts = hub.call_all({a: Frame("screen-partial", fields, [context]) for a in agencies}, step_timeout)
+        sink({"type": "step", "step": "scored"})
+        relay = Relay()
+        summed = relay.sum(request, [
+            PartialScores(a, str(f.fields["fingerprint"]), int(f.fields["count"]), list(f.blobs))
+            for a, f in parts.items()
+        ])  # fmt: skip
+        sent |= {a: f.nbytes for a, f in parts.items()}
+        sent[COORDINATOR] = relay.sent_bytes + len(context) * len(agencies)
+        scored = hub.call(requester, Frame("screen-scores", blobs=summed), step_timeout)
+        reasons, refusals = [], {}
+        for blob in scored.blobs:  # civil affairs' sealed lists, one per agency that chose to explain
+            envelope = unpack(blob)
+            if envelope.sender != requester or envelope.recipient not in agencies:
+                raise MessageRejectedError(f"a list from {envelope.sender!r} to {envelope.recipient!r}: not relayed")
+            try:
+                answer = hub.call(envelope.recipient, Frame("screen-explain", blobs=[blob]), step_timeout)
+            except ScreeningRefusedError as exc:  # recorded in that agency's ledger; the screening goes on
+                refusals[envelope.recipient] = str(exc)
+                continue
+            reply = unpack(answer.blobs[0])
+            if reply.sender != envelope.recipient or reply.recipient != requester:
+                raise MessageRejectedError(f"reasons from {reply.sender!r} to {reply.recipient!r}: not relayed")
+            reasons.append(answer.blobs[0])
+        sink({"type": "step", "step": "explained"})
+        finish = Frame("screen-finish", {"refusals": refusals, "sent": sent, "token_holder": token_holder}, reasons)
+        done = hub.call(requester, finish, step_timeout)
+        uses.append(ModelUse(
+            kind="screening", owner=COORDINATOR, screening=plan.screening, federation=plan.federation,
+            model_version=plan.model_version, purpose=plan.purpose, requester=requester, time=now_iso(),
+            token_id=plan.token_id, households=int(done.fields["households"]),
+            requester_entry_sha256=str(done.fields["requester_entry_sha256"]),
+        ))  # fmt: skip
+    except BaseException as exc:
+        hub.end(Frame("abort", {"reason": str(exc)[:300]}))
+        summary.update(status="stopped", error={"class": type(exc).__name__, "message": str(exc)})
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        sink({"type": "failed", "error": type(exc).__name__, "message": str(exc)})
+        raise
+    hub.end(Frame("end"))
+    summary.update(
+        status="recorded", households_scored=int(done.fields["households"]), bytes=sent,
+        explain_refused=refusals, worklists_at_requester=done.fields["files"],
+        requester_entry_sha256=done.fields["requester_entry_sha256"], uses_ledger=str(uses.directory),
+    )  # fmt: skip
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    sink({"type": "done", "screening": plan.screening})
+    return summary
