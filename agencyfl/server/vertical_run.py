@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,14 +20,14 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from agencyfl.alignment.runs import load_vertical, runs_chain
-from agencyfl.federation.errors import AgencyflError, DeploymentError
+from agencyfl.federation.errors import AgencyflError, DeploymentError, error_class
 from agencyfl.federation.spec import LoadedVerticalSpec
 from agencyfl.privacy.coordinator_ledger import open_coordinator_ledger
 from agencyfl.privacy.keys import load_signing_key
 from agencyfl.privacy.plan_signature import sign_plan
 from agencyfl.vertical.driver import DriverSettings, EventSink, authenticator, drive
 from agencyfl.vertical.job import plan_of
-from agencyfl.vertical.remote import MESSAGE_TYPE, REQUEST_KEY, VerticalJobPlan
+from agencyfl.vertical.remote import MESSAGE_TYPE, REPLY_KEY, REQUEST_KEY, VerticalJobPlan
 from agencyfl.vertical.stream import StreamHub
 
 
@@ -130,9 +131,10 @@ def _run(grid: Grid, cfg: Any, coordinator: Path, sink: EventSink) -> dict[str, 
         job_plan = VerticalJobPlan.of(loaded, plan, job, register_size, stream)
         signature = sign_plan(job_plan.signed_bytes(), load_signing_key(ledger_key))
         timeout = float(cfg.get("connect-timeout", 600.0))
-        nodes = _start(grid, "train", job_plan.parties, job_plan.model_dump_json(), signature, challenges,
-                       where.agencies(), timeout)  # fmt: skip
-        sink({"type": "started", "job": job, "parties": parties, "nodes": len(nodes)})
+        sent = _start(grid, "train", job_plan.parties, job_plan.model_dump_json(), signature, challenges,
+                      where.agencies(), timeout)  # fmt: skip
+        hub.early_failure = _replies_watch(grid, sent)
+        sink({"type": "started", "job": job, "parties": parties, "nodes": len(sent)})
         driver = DriverSettings(
             loaded=loaded, plan=plan, job=job_plan, workdir=workdir,
             chain=open_coordinator_ledger(workdir / "coordinator" / "ledger", ledger_key),
@@ -177,8 +179,9 @@ def run_screening(grid: Grid, cfg: Any, coordinator: Path, sink: EventSink) -> d
         )  # fmt: skip
         signature = sign_plan(plan.signed_bytes(), load_signing_key(where.ledger_key))
         timeout = float(cfg.get("connect-timeout", 600.0))
-        _start(grid, "screen", list(plan.parties), plan.model_dump_json(), signature, challenges, where.agencies(),
-               timeout)  # fmt: skip
+        sent = _start(grid, "screen", list(plan.parties), plan.model_dump_json(), signature, challenges,
+                      where.agencies(), timeout)  # fmt: skip
+        hub.early_failure = _replies_watch(grid, sent)
         uses = uses_ledger_at(coordinator, where.ledger_key, COORDINATOR)
         return drive_screening(hub, plan, model.directory, uses, str(request["token_holder"]), run_dir, sink,
                                connect_timeout=timeout)  # fmt: skip
@@ -189,8 +192,9 @@ def run_screening(grid: Grid, cfg: Any, coordinator: Path, sink: EventSink) -> d
 def _start(
     grid: Grid, task: str, parties: list[str] | tuple[str, ...], plan: str, signature: str,
     challenges: dict[str, bytes], agencies: dict[str, Any], timeout: float,
-) -> list[int]:  # fmt: skip
-    """One ``query.vertical`` message (``task``: train or screen) to each party's registered node once it is up."""
+) -> dict[str, str]:  # fmt: skip
+    """One ``query.vertical`` message (``task``: train or screen) to each party's registered node once it is up;
+    returns the message ids and whom each went to."""
     wanted = {int(agencies[p]["node_id"]): p for p in parties}
     deadline = time.monotonic() + timeout
     while not set(wanted) <= set(grid.get_node_ids()) and time.monotonic() < deadline:
@@ -204,8 +208,25 @@ def _start(
         })}), dst_node_id=node, message_type=MESSAGE_TYPE)
         for node, party in wanted.items()
     ]  # fmt: skip
-    grid.push_messages(messages)
-    return list(wanted)
+    ids = list(grid.push_messages(messages))
+    return dict(zip(ids, [wanted[m.metadata.dst_node_id] for m in messages], strict=True))
+
+
+def _replies_watch(grid: Grid, sent: dict[str, str]) -> Callable[[], None]:
+    """Raises a party's own error if its reply to the start message already says it refused or failed (so the
+    coordinator does not wait out the connect timeout for a party that will never dial)."""
+
+    def check() -> None:
+        for reply in grid.pull_messages(list(sent)):
+            if reply.has_error() or REPLY_KEY not in reply.content.config_records:
+                continue
+            record = reply.content.config_records[REPLY_KEY]
+            if record.get("status") in ("refused", "failed"):
+                party = str(record.get("party", "a party"))
+                kind = error_class(str(record.get("error", "")))
+                raise kind(f"{party} {record.get('status')!s} the job before dialling: {record.get('reason', '')!s}")
+
+    return check
 
 
 def coordinator_dry_run(coordinator: Path, loaded: LoadedVerticalSpec) -> dict[str, Any]:

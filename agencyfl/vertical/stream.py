@@ -16,6 +16,7 @@ import json
 import queue
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -133,6 +134,7 @@ class StreamHub:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self.refusals: list[str] = []  # why each refused stream was refused (for the run summary)
+        self.early_failure: Callable[[], None] | None = None  # raises if a party already said it cannot take part
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=len(parties) + 4),
             options=_SERVER_OPTIONS,
@@ -199,9 +201,19 @@ class StreamHub:
                 channel.inbox.put(Frame("failed", {"error": "MessageRejectedError", "reason": str(exc)}))
 
     def wait_for_all(self, timeout: float) -> dict[str, Frame]:
-        """Every party's hello, once each has an authenticated stream; PartyDropped naming the absent."""
+        """Every party's hello, once each has an authenticated stream; PartyDropped naming the absent.
+
+        While waiting, ``early_failure`` (if set) is called about once a second: a party that refused the job
+        or failed before dialling (its Flower reply says so) stops the wait with its own error.
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._changed:
+                if self._changed.wait_for(lambda: len(self._channels) == len(self.parties), timeout=1.0):
+                    break
+            if self.early_failure is not None:
+                self.early_failure()
         with self._changed:
-            self._changed.wait_for(lambda: len(self._channels) == len(self.parties), timeout=timeout)
             absent = [p for p in self.parties if p not in self._channels]
             if absent:
                 why = f" (refused: {'; '.join(self.refusals[-3:])})" if self.refusals else ""
