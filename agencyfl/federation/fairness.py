@@ -99,8 +99,8 @@ def group_labels(frame: pd.DataFrame, section: FairnessSection, schema: SchemaSe
             edges = section.bands[name]
             values = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=float)
             names = _bands(edges)
-            labels = np.array([names[int(np.searchsorted(edges, v, side="right"))] for v in np.nan_to_num(values)])
-            labels = labels.astype(object)
+            bins = np.searchsorted(edges, np.nan_to_num(values), side="right")
+            labels = np.asarray(names, dtype=object)[bins]
         labels[missing] = UNKNOWN
         out[name] = labels
     return out

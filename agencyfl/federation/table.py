@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,18 +96,18 @@ def validate_frame(raw: pd.DataFrame, schema: SchemaSection, require_label: bool
         raw[name] = ""
     text = raw.astype(str).apply(lambda col: col.str.strip())
     n = len(text)
-    reasons: list[list[str]] = [[] for _ in range(n)]
+    reasons: defaultdict[int, list[str]] = defaultdict(list)  # only the bad rows: a million rows, few bad
 
     def flag(mask: np.ndarray, reason: str) -> None:
         for i in np.flatnonzero(mask):
-            reasons[i].append(reason)
+            reasons[int(i)].append(reason)
 
     typed = pd.DataFrame(index=text.index)
     ids = text[schema.id]
     flag((ids == "").to_numpy(), f"missing {schema.id}")
     duplicate = ids.duplicated(keep="first") & (ids != "")
     for i in np.flatnonzero(duplicate.to_numpy()):
-        reasons[i].append(f"duplicate {schema.id} {ids.iloc[i]!r}")
+        reasons[int(i)].append(f"duplicate {schema.id} {ids.iloc[i]!r}")
     typed[schema.id] = ids
 
     if require_label:
@@ -115,7 +116,7 @@ def validate_frame(raw: pd.DataFrame, schema: SchemaSection, require_label: bool
         flag((labels == "").to_numpy(), f"missing {schema.label}")
         bad = ~(is_true | is_false) & (labels != "")
         for i in np.flatnonzero(bad.to_numpy()):
-            reasons[i].append(f"{schema.label} {text[schema.label].iloc[i]!r} is not 0/1")
+            reasons[int(i)].append(f"{schema.label} {text[schema.label].iloc[i]!r} is not 0/1")
         typed[schema.label] = is_true.astype(int)
 
     for f in schema.features:
@@ -127,28 +128,29 @@ def validate_frame(raw: pd.DataFrame, schema: SchemaSection, require_label: bool
             values = pd.to_numeric(col.where(col != ""), errors="coerce").to_numpy(dtype=np.float64)
             not_number = np.isnan(values) & ~empty
             for i in np.flatnonzero(not_number | np.isinf(values)):
-                reasons[i].append(f"{f.name} {col.iloc[i]!r} is not a number")
+                reasons[int(i)].append(f"{f.name} {col.iloc[i]!r} is not a number")
             with np.errstate(invalid="ignore"):
                 out = np.isfinite(values) & ((values < f.min) | (values > f.max))
             for i in np.flatnonzero(out):
-                reasons[i].append(f"{f.name} {col.iloc[i]!r} outside [{f.min:g}, {f.max:g}]")
+                reasons[int(i)].append(f"{f.name} {col.iloc[i]!r} outside [{f.min:g}, {f.max:g}]")
             typed[f.name] = np.where(np.isfinite(values), values, np.nan)
         elif isinstance(f, CategoricalFeature):
             unknown = ~col.isin(f.categories).to_numpy() & ~empty
             for i in np.flatnonzero(unknown):
-                reasons[i].append(f"{f.name} {col.iloc[i]!r} is not one of {f.categories!r}")
+                reasons[int(i)].append(f"{f.name} {col.iloc[i]!r} is not one of {f.categories!r}")
             typed[f.name] = col.where(col != "", None).astype("object")
         elif isinstance(f, BooleanFeature):
             lower = col.str.lower()
             t, fl = lower.isin(_TRUE).to_numpy(), lower.isin(_FALSE).to_numpy()
             for i in np.flatnonzero(~(t | fl) & ~empty):
-                reasons[i].append(f"{f.name} {col.iloc[i]!r} is not true/false")
+                reasons[int(i)].append(f"{f.name} {col.iloc[i]!r} is not true/false")
             typed[f.name] = np.where(t, 1.0, np.where(fl, 0.0, math.nan))
 
-    bad_rows = np.array([bool(r) for r in reasons], dtype=bool)
+    bad_rows = np.zeros(n, dtype=bool)
+    bad_rows[list(reasons)] = True
     valid = typed.loc[~bad_rows].reset_index(drop=True)
     quarantined = text.loc[bad_rows].copy()
-    quarantined.insert(0, "reason", ["; ".join(r) for r, b in zip(reasons, bad_rows, strict=True) if b])
+    quarantined.insert(0, "reason", ["; ".join(reasons[int(i)]) for i in np.flatnonzero(bad_rows)])
     quarantined.insert(0, "row", np.flatnonzero(bad_rows) + 1)
     return CheckResult(valid=valid, quarantined=quarantined.reset_index(drop=True), absent_columns=absent)
 

@@ -52,7 +52,7 @@ from agencyfl.screening.worklist import (
     read_worklist,
 )
 from agencyfl.server.tokens import TokenStore, token_hash
-from agencyfl.vertical.encoding import Block, canonical_id, feature_block, label_block, register_frame
+from agencyfl.vertical.encoding import Block, canonical_id, feature_block, register_block, register_frame
 from agencyfl.vertical.model import RegisteredVerticalModel, load_part
 
 BINS = 20
@@ -158,7 +158,7 @@ def score_register(
     blocks: dict[str, Block] = {
         a.name: feature_block(loaded, a.name, workdir) for a in spec.agencies if a.name != holder
     }
-    label, _ = label_block(loaded, workdir)
+    label = register_block(loaded, workdir)
     requester = Requester(label, load_part(workdir, holder, model.manifest))
     contributors = {
         name: Contributor(block, load_part(workdir, name, model.manifest)) for name, block in blocks.items()

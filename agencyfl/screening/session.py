@@ -41,7 +41,7 @@ from agencyfl.screening.run import (
     worklist_rows,
     write_worklists,
 )
-from agencyfl.vertical.encoding import Block, PartyFiles, feature_block, label_block, register_frame
+from agencyfl.vertical.encoding import Block, PartyFiles, feature_block, register_block, register_frame
 from agencyfl.vertical.model import RegisteredVerticalModel
 from agencyfl.vertical.stream import Frame
 
@@ -72,7 +72,7 @@ class ScreeningSession:
         self.certificate = certify(self.plan.screening, self.keys.public(), config.ledger_key)
         self.out = config.files.folder / "screenings" / self.plan.screening
         self.block: Block = (
-            label_block(self.loaded, config.files.folder, files=config.files)[0]
+            register_block(self.loaded, config.files.folder, files=config.files)
             if self.is_requester
             else feature_block(
                 self.loaded, self.agency, config.files.folder, files=config.files, size=self.plan.register_size

@@ -164,11 +164,12 @@ def feature_block(
         aligned = pd.read_csv(path)
     except OSError as exc:
         raise DataFileError(f"cannot read {str(path)!r}: {exc.strerror or exc}") from None
-    position_of = dict(
-        zip(aligned["row"].to_numpy(dtype=np.int64), aligned["position"].to_numpy(dtype=np.int64), strict=True)
-    )
-    keep = np.array([r in position_of for r in file_rows], dtype=bool)
-    positions = np.array([position_of[r] for r in file_rows[keep]], dtype=np.int64)
+    rows, at = aligned["row"].to_numpy(dtype=np.int64), aligned["position"].to_numpy(dtype=np.int64)
+    inside = (rows >= 0) & (rows < table.total)  # a row number outside the file matches no row
+    position_of_row = np.full(table.total, -1, dtype=np.int64)
+    position_of_row[rows[inside]] = at[inside]
+    keep = position_of_row[file_rows] >= 0
+    positions = position_of_row[file_rows[keep]]
     values = encoder.encode(table.valid.loc[keep].reset_index(drop=True)).astype(np.float64)
     n = size if size is not None else register_size(loaded, workdir)
     try:
@@ -201,6 +202,34 @@ class LabelData:
         return np.asarray(self.assessed & ~self.validation)
 
 
+def register_block(loaded: LoadedVerticalSpec, workdir: Path, files: PartyFiles | None = None) -> Block:
+    """Civil affairs' block over its register, without its labels (what scoring needs, and all it needs)."""
+    spec = loaded.spec
+    return _register_block(loaded, workdir, PartyFiles.of(loaded, spec.label_agency.name, workdir, files))[0]
+
+
+def _register_block(
+    loaded: LoadedVerticalSpec, workdir: Path, own: PartyFiles
+) -> tuple[Block, npt.NDArray[np.object_], npt.NDArray[np.int64]]:
+    """Civil affairs' block, the ids of its file rows, and its register's file rows."""
+    spec = loaded.spec
+    agency = spec.label_agency.name
+    schema = spec.block_schema(agency)
+    encoder = FeatureEncoder(schema)
+    table = load_table(own.data, schema, require_label=False, write_quarantine=False)
+    ids = np.array(list(read_ids(own.data, schema.id)), dtype=object)
+    register = _register_rows(loaded, workdir, len(ids), own)
+    size = register_size(loaded, workdir, own)
+    if len(register) != size:
+        raise DataFileError(f"{len(register)} register rows but alignment recorded {size}")
+    position_of_row = np.full(len(ids), -1, dtype=np.int64)
+    position_of_row[register] = np.arange(size)
+    file_rows = _valid_rows(table.quarantined, table.total)
+    keep = position_of_row[file_rows] >= 0
+    values = encoder.encode(table.valid.loc[keep].reset_index(drop=True)).astype(np.float64)
+    return place_block(agency, encoder.names, values, position_of_row[file_rows[keep]], size), ids, register
+
+
 def label_block(loaded: LoadedVerticalSpec, workdir: Path, files: PartyFiles | None = None) -> tuple[Block, LabelData]:
     """Civil affairs' block and its labels over its register (its valid rows in file order).
 
@@ -213,24 +242,9 @@ def label_block(loaded: LoadedVerticalSpec, workdir: Path, files: PartyFiles | N
         If its file cannot be read.
     """
     spec = loaded.spec
-    agency = spec.label_agency.name
-    own = PartyFiles.of(loaded, agency, workdir, files)
-    path = own.data
-    schema = spec.block_schema(agency)
-    encoder = FeatureEncoder(schema)
-    table = load_table(path, schema, require_label=False, write_quarantine=False)
-    ids = np.array(list(read_ids(path, schema.id)), dtype=object)
-    labels = np.array([v.strip().lower() for v in read_ids(path, schema.label)], dtype=object)
-    register = _register_rows(loaded, workdir, len(ids), own)
-    size = register_size(loaded, workdir, own)
-    if len(register) != size:
-        raise DataFileError(f"{len(register)} register rows but alignment recorded {size}")
-    position_of_row = np.full(len(ids), -1, dtype=np.int64)
-    position_of_row[register] = np.arange(size)
-    file_rows = _valid_rows(table.quarantined, table.total)
-    keep = position_of_row[file_rows] >= 0
-    values = encoder.encode(table.valid.loc[keep].reset_index(drop=True)).astype(np.float64)
-    block = place_block(agency, encoder.names, values, position_of_row[file_rows[keep]], size)
+    own = PartyFiles.of(loaded, spec.label_agency.name, workdir, files)
+    block, ids, register = _register_block(loaded, workdir, own)
+    labels = np.array([v.strip().lower() for v in read_ids(own.data, spec.schema_.label)], dtype=object)
     reg_labels = labels[register]
     is_true = np.isin(reg_labels, ["1", "true", "yes", "t", "y"])
     is_false = np.isin(reg_labels, ["0", "false", "no", "f", "n"])
