@@ -602,3 +602,26 @@ def test_duplicate_check_quarantine_and_configuration_errors() -> None:
     written["dibao-west"].append(written["dibao-west"][0])
     with pytest.raises(DuplicateIdError, match="dibao-west"):
         check_duplicates(written, PROGRAMMES, salt=SALT, workers=1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.text(alphabet="0123456789", min_size=17, max_size=17).map(lambda d: d + check_character(d)),
+            st.text(alphabet="0123456789", min_size=17, max_size=17).map(lambda d: (d + check_character(d)).lower()),
+            st.text(alphabet="0123456789Xx -１２", min_size=0, max_size=22),
+        ),
+        max_size=40,
+    )
+)
+def test_ids_checked_together_are_those_checked_one_by_one(raws: list[str]) -> None:
+    from agencyfl.federation.resident_id import InvalidResidentId, canonical_or_none
+
+    def one(raw: str) -> str | None:
+        try:
+            return normalize(raw)
+        except InvalidResidentId:
+            return None
+
+    assert canonical_or_none(raws) == [one(r) for r in raws]

@@ -9,8 +9,11 @@ reason rather than silently matched or dropped.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import unicodedata
+
+import numpy as np
 
 WEIGHTS = tuple(2 ** (17 - i) % 11 for i in range(17))
 CHECK_CHARACTERS = "10X98765432"
@@ -44,3 +47,24 @@ def normalize(raw: str) -> str:
     if text[17] != expected:
         raise InvalidResidentId(f"check character {text[17]!r} should be {expected!r}: {raw!r}")
     return text
+
+
+def canonical_or_none(raws: list[str]) -> list[str | None]:
+    """``normalize`` of each, None where invalid; numbers already in canonical form (18 ASCII characters) are
+    checked together with numpy, the rest one by one (the screening lists tens of thousands at once)."""
+    out: list[str | None] = [None] * len(raws)
+    fast = [i for i, r in enumerate(raws) if len(r) == 18 and r.isascii()]
+    if fast:
+        chars = np.frombuffer("".join(raws[i] for i in fast).upper().encode("ascii"), dtype=np.uint8).reshape(-1, 18)
+        digits = chars[:, :17].astype(np.int64) - ord("0")
+        shaped = ((digits >= 0) & (digits <= 9)).all(axis=1)
+        expected = np.frombuffer(CHECK_CHARACTERS.encode(), dtype=np.uint8)[(digits @ np.array(WEIGHTS)) % 11]
+        good = shaped & (chars[:, 17] == expected)
+        for k, i in enumerate(fast):
+            if good[k]:
+                out[i] = raws[i].upper()
+    for i, raw in enumerate(raws):
+        if out[i] is None:
+            with contextlib.suppress(InvalidResidentId):
+                out[i] = normalize(raw)
+    return out

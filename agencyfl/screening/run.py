@@ -52,7 +52,7 @@ from agencyfl.screening.worklist import (
     read_worklist,
 )
 from agencyfl.server.tokens import TokenStore, token_hash
-from agencyfl.vertical.encoding import Block, canonical_id, feature_block, register_block, register_frame
+from agencyfl.vertical.encoding import Block, canonical_ids, feature_block, register_block, register_frame
 from agencyfl.vertical.model import RegisteredVerticalModel, load_part
 
 BINS = 20
@@ -433,8 +433,9 @@ def worklist_rows(
     households = lists.frame["household"].to_numpy(dtype=object)
     enrolled = lists.frame["enrolled"].to_numpy(dtype=bool)
     rows: list[dict[str, Any]] = []
-    for p in lists.listed:
-        household, category = canonical_id(str(households[p])), str(lists.categories[p])
+    listed_ids = canonical_ids([str(households[p]) for p in lists.listed])
+    for k, p in enumerate(lists.listed):
+        household, category = listed_ids[k], str(lists.categories[p])
         row: dict[str, Any] = {
             "household": household, "position": int(p), "category": category,
             "score": round(float(lists.scores[p]), 4), "cutoff": float(lists.cutoff[p]), "enrolled": bool(enrolled[p]),

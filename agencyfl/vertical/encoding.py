@@ -10,6 +10,7 @@ times its residual (``docs/vertical.md``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +22,8 @@ from agencyfl.alignment.runs import read_ids
 from agencyfl.federation.encoding import FeatureEncoder
 from agencyfl.federation.errors import DataFileError
 from agencyfl.federation.resident_id import InvalidResidentId, normalize
-from agencyfl.federation.spec import LoadedVerticalSpec
-from agencyfl.federation.table import load_table, validation_mask
+from agencyfl.federation.spec import LoadedVerticalSpec, SchemaSection
+from agencyfl.federation.table import CheckResult, load_table, validation_mask
 from agencyfl.screening.outcomes import outcome_labels
 
 CLIP = 1.0
@@ -105,6 +106,31 @@ class PartyFiles:
         return files if files is not None else cls(loaded.data_path(agency), workdir / agency)
 
 
+def _own_table(path: Path, schema: SchemaSection) -> CheckResult:
+    """The party's validated table, loaded once for consecutive uses (civil affairs' block, then its register
+    frame, in one screening): keyed by the file's identity and size and the schema, one table kept."""
+    stat = path.stat()
+    return _table(str(path.resolve()), stat.st_mtime_ns, stat.st_size, schema.model_dump_json())
+
+
+@lru_cache(maxsize=1)
+def _table(path: str, mtime_ns: int, size: int, schema: str) -> CheckResult:
+    return load_table(
+        Path(path), SchemaSection.model_validate_json(schema), require_label=False, write_quarantine=False
+    )
+
+
+def _own_ids(path: Path, column: str) -> tuple[str, ...]:
+    """One column of the party's file as written (ids, enrolment), read once for consecutive uses."""
+    stat = path.stat()
+    return _column(str(path.resolve()), stat.st_mtime_ns, stat.st_size, column)
+
+
+@lru_cache(maxsize=2)
+def _column(path: str, mtime_ns: int, size: int, column: str) -> tuple[str, ...]:
+    return tuple(read_ids(Path(path), column))
+
+
 def _valid_rows(quarantined: pd.DataFrame, total: int) -> npt.NDArray[np.int64]:
     """File rows (0-based) of the rows that passed validation, in order."""
     bad = np.zeros(total, dtype=bool)
@@ -157,7 +183,7 @@ def feature_block(
     spec = loaded.spec
     encoder = FeatureEncoder(spec.block_schema(agency))
     own = PartyFiles.of(loaded, agency, workdir, files)
-    table = load_table(own.data, spec.block_schema(agency), require_label=False, write_quarantine=False)
+    table = _own_table(own.data, spec.block_schema(agency))
     file_rows = _valid_rows(table.quarantined, table.total)
     path = own.folder / "alignment" / POSITIONS_FILE
     try:
@@ -216,8 +242,8 @@ def _register_block(
     agency = spec.label_agency.name
     schema = spec.block_schema(agency)
     encoder = FeatureEncoder(schema)
-    table = load_table(own.data, schema, require_label=False, write_quarantine=False)
-    ids = np.array(list(read_ids(own.data, schema.id)), dtype=object)
+    table = _own_table(own.data, schema)
+    ids = np.array(_own_ids(own.data, schema.id), dtype=object)
     register = _register_rows(loaded, workdir, len(ids), own)
     size = register_size(loaded, workdir, own)
     if len(register) != size:
@@ -264,6 +290,13 @@ def label_block(loaded: LoadedVerticalSpec, workdir: Path, files: PartyFiles | N
     return block, LabelData(y=is_true.astype(np.float64), assessed=assessed, validation=assessed & held_out)
 
 
+def canonical_ids(raws: list[str]) -> list[str]:
+    """``canonical_id`` of each (valid ids checked together: ``resident_id.canonical_or_none``)."""
+    from agencyfl.federation.resident_id import canonical_or_none
+
+    return [c if c is not None else r.strip() for c, r in zip(canonical_or_none(raws), raws, strict=True)]
+
+
 def canonical_id(raw: str) -> str:
     """A resident id in its canonical form (as written, stripped, when it is not a valid one)."""
     try:
@@ -285,13 +318,13 @@ def register_frame(
     own = PartyFiles.of(loaded, holder, workdir, files)
     path = own.data
     schema = spec.block_schema(holder)
-    ids = list(read_ids(path, schema.id))
+    ids = list(_own_ids(path, schema.id))
     try:
-        enrolled_raw = list(read_ids(path, ENROLLED_COLUMN))
+        enrolled_raw = list(_own_ids(path, ENROLLED_COLUMN))
     except Exception:
         enrolled_raw = ["0"] * len(ids)  # no enrolment column: every household counts as not enrolled
     register = _register_rows(loaded, workdir, len(ids), own)
-    table = load_table(path, schema, require_label=False, write_quarantine=False)
+    table = _own_table(path, schema)
     valid = _valid_rows(table.quarantined, table.total)
     features = pd.DataFrame(index=range(len(ids)), columns=[f.name for f in schema.features], dtype=object)
     features.iloc[valid] = table.valid[[f.name for f in schema.features]].to_numpy(dtype=object)
