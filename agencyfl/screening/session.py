@@ -43,7 +43,7 @@ from agencyfl.screening.run import (
 )
 from agencyfl.vertical.encoding import Block, PartyFiles, feature_block, register_block, register_frame
 from agencyfl.vertical.model import RegisteredVerticalModel
-from agencyfl.vertical.stream import Frame
+from agencyfl.vertical.stream import Frame, dispatch
 
 MODEL_FILES = ("manifest.json", "card.json", "spec.toml")
 
@@ -108,11 +108,7 @@ class ScreeningSession:
 
     def handle(self, frame: Frame) -> Frame:
         """Answer one of the coordinator's frames."""
-        handler = getattr(self, "_op_" + frame.op.replace("-", "_"), None)
-        if handler is None:
-            raise MessageRejectedError(f"{self.agency} does not take {frame.op[:40]!r} frames in a screening")
-        reply: Frame = handler(frame)
-        return reply
+        return dispatch(self, self.agency, frame)
 
     def _use(self, kind: str, **fields: Any) -> str:
         spec = self.loaded.spec

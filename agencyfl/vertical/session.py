@@ -30,7 +30,7 @@ from agencyfl.vertical.job import admit, fairness_release, plan_of
 from agencyfl.vertical.model import INTERCEPT, save_part
 from agencyfl.vertical.protocol import FeatureHolder, GradientMessage, HolderSetup, LabelHolder
 from agencyfl.vertical.remote import VerticalJobPlan
-from agencyfl.vertical.stream import Frame
+from agencyfl.vertical.stream import Frame, dispatch
 
 CHECKPOINTS_KEPT = 2
 
@@ -115,11 +115,7 @@ class PartySession:
 
     def handle(self, frame: Frame) -> Frame:
         """Answer one of the coordinator's frames (``MessageRejectedError`` for one this role does not take)."""
-        handler = getattr(self, "_op_" + frame.op.replace("-", "_"), None)
-        if handler is None:
-            raise MessageRejectedError(f"{self.agency} does not take {frame.op[:40]!r} frames")
-        reply: Frame = handler(frame)
-        return reply
+        return dispatch(self, self.agency, frame)
 
     def _holder(self) -> FeatureHolder | LabelHolder:
         if self.holder is None:

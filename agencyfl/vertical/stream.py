@@ -284,6 +284,16 @@ class StreamHub:
 Handler = Callable[[Frame], Frame]
 
 
+def dispatch(party: object, agency: str, frame: Frame) -> Frame:
+    """Answer ``frame`` with ``party``'s ``_op_<op>`` method (dashes as underscores): how a party's session
+    serves the coordinator's frames; MessageRejectedError for an operation its role does not take."""
+    handler = getattr(party, "_op_" + frame.op.replace("-", "_"), None)
+    if handler is None:
+        raise MessageRejectedError(f"{agency} does not take {frame.op[:40]!r} frames")
+    reply: Frame = handler(frame)
+    return reply
+
+
 def serve_party(
     address: str, root_certificate: bytes, hello: Frame, handle: Handler, connect_timeout: float = 60.0
 ) -> Frame:
