@@ -102,11 +102,13 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Federation:
 def run_job(
     fed: Federation, job: str, resume: bool = False, crash: tuple[str, str, int] | None = None,
     hello_of: dict[str, Any] | None = None, node_keys: dict[str, Path] | None = None, connect_timeout: float = 20,
+    chain: Any = None,
 ) -> Outcome:  # fmt: skip
     """One job: the hub and driver here, each party's session on its own thread over TLS.
 
     ``crash = (agency, op, iteration)`` kills that agency's side when it receives that frame.
-    ``hello_of[agency](default_hello) -> hello`` lets a test send another hello.
+    ``hello_of[agency](default_hello) -> hello`` lets a test send another hello; ``chain`` replaces the
+    coordinator's chain (one that forgot what it released).
     """
     loaded, plan = fed.loaded, plan_of(fed.loaded)
     challenges = {a: secrets.token_bytes(32) for a in fed.parties}
@@ -147,7 +149,8 @@ def run_job(
     for t in threads:
         t.start()
     settings = DriverSettings(
-        loaded=loaded, plan=plan, job=job_plan, workdir=fed.work / "coordinator-work", chain=fed.chain(),
+        loaded=loaded, plan=plan, job=job_plan, workdir=fed.work / "coordinator-work",
+        chain=chain if chain is not None else fed.chain(),
         connect_timeout=connect_timeout, step_timeout=60, noise_rng=np.random.default_rng(NOISE_SEED), resume=resume,
     )  # fmt: skip
     try:
@@ -275,9 +278,11 @@ def test_a_drop_after_release_counts_the_iteration_again(federation: Federation,
     first = run_job(fed, "vjob-late-drop", crash=("hrss", "rescale", 2))
     assert isinstance(first.error, PartyDropped)
     assert [e.round for e in fed.chain().events() if e.job == "vjob-late-drop"] == [1, 2]  # 2 was released
-    second = run_job(fed, "vjob-late-drop", resume=True)
-    # iteration 2 reached the parties: run again it is a second release, and the job's epsilon was
-    # calibrated for exactly 3: the third release of the resumed job would cross the per-job cap.
+    # The coordinator resumes with a chain that forgot iteration 2 (it would say "never released"): each
+    # agency's own record that it received release 2 still counts the rerun as a second release. The
+    # job's epsilon was calibrated for exactly 3: the third release of the resumed job would cross the cap.
+    forgetful = open_coordinator_ledger(tmp_path / "forgetful-chain", fed.tls / "coordinator.key")
+    second = run_job(fed, "vjob-late-drop", resume=True, chain=forgetful)
     assert isinstance(second.error, JobStopped), second.error
     for agency in fed.parties:
         entries = [e for e in fed.ledger(agency).events() if e.job == "vjob-late-drop"]
@@ -285,8 +290,11 @@ def test_a_drop_after_release_counts_the_iteration_again(federation: Federation,
         assert [e.round for e in entries if e.kind == "refusal"] == [3], agency
 
 
-def run_screening(fed: Federation, model_dir: Path, screening: str, swap: str | None = None) -> Outcome:
-    """A deployed screening of the registered model: the coordinator's driver here, each party on its thread."""
+def run_screening(
+    fed: Federation, model_dir: Path, screening: str, swap: str | None = None, driver: Any = None
+) -> Outcome:
+    """A deployed screening of the registered model: the coordinator's driver here (``driver(hub, plan,
+    model_dir)`` instead: a hostile coordinator), each party on its own thread."""
     from agencyfl.screening.driver import drive_screening
     from agencyfl.screening.records import uses_ledger, uses_ledger_at
     from agencyfl.screening.remote import ScreeningPlan
@@ -330,6 +338,10 @@ def run_screening(fed: Federation, model_dir: Path, screening: str, swap: str | 
         t.start()
     coordinator = fed.work / "coordinator-deploy"
     try:
+        if driver is not None:
+            outcome.summary = driver(hub, plan, model_dir)
+            hub.end(Frame("end"))
+            return outcome
         outcome.summary = drive_screening(
             hub, plan, model_dir, uses_ledger_at(coordinator, fed.tls / "coordinator.key", "coordinator"),
             "civil-affairs", coordinator / "runs" / screening, outcome.events.append, connect_timeout=10,
@@ -393,3 +405,130 @@ def test_a_part_that_is_not_the_manifest_s_stops_the_screening(deployed: tuple[F
     assert outcome.error is not None and outcome.summary is None
     chain = uses_ledger_at(fed.work / "coordinator-deploy", fed.tls / "coordinator.key", "coordinator").events()
     assert not [e for e in chain if e.screening == "scr-swapped"]  # nothing recorded as a use
+
+
+def test_a_hostile_coordinator_can_neither_choose_the_key_nor_the_scores(deployed: tuple[Federation, Outcome]) -> None:
+    """The coordinator relays everything: here it tries to have an agency encrypt under a key of its own
+    (to read its partial scores), to slip civil affairs a sum of its own making, and to ask twice."""
+    from agencyfl.federation.errors import ProtocolError
+    from agencyfl.privacy.he import fingerprint, new_private_context, parameter_set, public_bytes
+    from agencyfl.screening.protocol import PARAMETERS
+    from agencyfl.screening.records import uses_ledger
+    from agencyfl.screening.session import model_files
+
+    fed, trained = deployed
+    assert trained.summary is not None
+    holder = fed.loaded.spec.label_agency.name
+    seen: dict[str, Any] = {}
+
+    def hostile(hub: StreamHub, plan: Any, model_dir: Path) -> dict[str, Any]:
+        import tenseal as ts
+
+        hellos = hub.wait_for_all(10)
+        names = list(hellos)
+        hub.call_all({p: Frame("setup", {"certificates": names}, [b"", *(hellos[n].blobs[1] for n in names)])
+                      for p in plan.parties}, 30)  # fmt: skip
+        asked = hub.call(holder, Frame("screen-request", blobs=model_files(model_dir)), 30)
+        fields = {k: asked.fields[k] for k in ("register_size", "fingerprint", "signature")}
+        # 1. its own key, with civil affairs' signature of the real one: hrss must not encrypt under it
+        mine = new_private_context(parameter_set(PARAMETERS))
+        forged = public_bytes(mine)
+        with pytest.raises(MessageRejectedError, match="not signed by civil-affairs"):
+            hub.call("hrss", Frame("screen-partial", {**fields, "fingerprint": fingerprint(forged)}, [forged]), 30)
+        with pytest.raises(ProtocolError, match="once per job"):  # and no second try with the real key
+            hub.call("hrss", Frame("screen-partial", fields, [asked.blobs[0]]), 30)
+        # 2. honest requests to the others, then a part of its own making in hrss' name
+        parts = hub.call_all({a: Frame("screen-partial", fields, [asked.blobs[0]]) for a in ("tax", "environment")},
+                             30)  # fmt: skip
+        public = ts.context_from(asked.blobs[0])
+        crafted = [ts.ckks_vector(public, [50.0] * 8).serialize() for _ in parts["tax"].blobs]
+        senders = ["environment", "hrss", "tax"]
+        relayed = Frame("screen-scores", {
+            "senders": senders, "chunks": [len(parts["tax"].blobs)] * 3,
+            "signatures": [parts["environment"].fields["signature"], parts["tax"].fields["signature"],
+                           parts["tax"].fields["signature"]],
+        }, [*parts["environment"].blobs, *crafted, *parts["tax"].blobs])  # fmt: skip
+        with pytest.raises(MessageRejectedError, match="hrss's partial scores: not signed"):
+            hub.call(holder, relayed, 30)
+        with pytest.raises(ProtocolError, match="once per job"):  # no second decryption either
+            hub.call(holder, relayed, 30)
+        seen["ok"] = True
+        return {}
+
+    outcome = run_screening(fed, Path(trained.summary["registry"]), "scr-hostile", driver=hostile)
+    assert outcome.error is None and seen.get("ok"), (outcome.error, outcome.party_errors)
+    hrss_uses = [e.kind for e in uses_ledger(fed.work, "hrss").events() if e.screening == "scr-hostile"]
+    assert hrss_uses == []  # nothing encrypted, nothing recorded: the refusal came before
+    assert not (fed.work / holder / "screenings" / "scr-hostile" / "worklist.csv").exists()
+
+
+def test_sealed_lists_and_reasons_do_not_tell_the_relay_how_many_are_listed() -> None:
+    from agencyfl.alignment.sealed import PartyKeys, pack
+    from agencyfl.screening.protocol import open_positions, open_reasons, seal_positions, seal_reasons
+
+    civil, tax = PartyKeys.generate("civil-affairs"), PartyKeys.generate("tax")
+    lists = [[], [3], list(range(0, 900, 2))]
+    sealed = [seal_positions(civil, tax.public(), "scr-1", positions, 1000) for positions in lists]
+    assert len({len(pack(e)) for e in sealed}) == 1 and all(e.rows == 0 for e in sealed)
+    for positions, envelope in zip(lists, sealed, strict=True):
+        assert open_positions(envelope, tax, civil.public(), "scr-1", 1000) == positions
+    reasons = [{}, {3: "tax: contribution +0.40"}, {p: "税务: 收入 lowers it (-1.20) " * 30 for p in range(250)}]
+    envelopes = [seal_reasons(tax, civil.public(), "scr-1", r, capacity=250) for r in reasons]
+    assert len({len(pack(e)) for e in envelopes}) == 1 and all(e.rows == 0 for e in envelopes)
+    opened = open_reasons(envelopes[2], civil, tax.public(), "scr-1")
+    assert set(opened) == set(range(250)) and all(len(t.encode()) <= 384 for t in opened.values())
+    assert open_reasons(envelopes[1], civil, tax.public(), "scr-1") == reasons[1]
+
+
+def test_an_agency_answers_each_step_in_order_and_the_one_shot_steps_once(federation: Federation) -> None:
+    """A coordinator replaying or reordering steps: a second setup, validation scores before they were
+    masked, fairness counts its own ledger never admitted, a rescale or a part before its release."""
+    from agencyfl.federation.errors import ProtocolError
+    from agencyfl.vertical.driver import block_widths
+    from agencyfl.vertical.protocol import Arbiter
+    from agencyfl.vertical.stream import dispatch
+
+    loaded = federation.loaded
+    plan = plan_of(loaded)
+    job = VerticalJobPlan.of(loaded, plan, "vjob-order", federation.register_size, "127.0.0.1:1")
+    sessions = {}
+    for agency in federation.parties:
+        key = load_or_create_signing_key(federation.work / agency / "keys" / "ledger-signing.key")
+        files = PartyFiles(loaded.data_path(agency), federation.work / agency)
+        config = PartyConfig(agency, loaded, job, files, federation.ledger(agency), key, federation.peer_keys())
+        sessions[agency] = PartySession(config)
+    context = Arbiter(block_widths(loaded), 1.0, np.random.default_rng(0)).public_context()
+    names = list(sessions)
+    setup = Frame("setup", {"certificates": names}, [context, *(sessions[n].certificate for n in names)])
+    civil = sessions[loaded.spec.label_agency.name]
+    assert dispatch(civil, civil.agency, setup).op == "ok"
+    with pytest.raises(ProtocolError, match="once per job"):
+        civil.handle(setup)
+    with pytest.raises(Exception, match="no masked scores are pending"):
+        civil.handle(Frame("scores", blobs=[np.zeros(4, dtype="<f8").tobytes()]))
+    with pytest.raises(ProtocolError, match="once per job"):  # that try was its one
+        civil.handle(Frame("scores", blobs=[np.zeros(4, dtype="<f8").tobytes()]))
+    with pytest.raises(ProtocolError, match="after the validation scores|not admitted"):
+        civil.handle(Frame("fairness"))
+    with pytest.raises(MessageRejectedError, match="the last release was 0"):
+        civil.handle(Frame("rescale", {"iteration": 1, "factor": 1.0}))
+    with pytest.raises(ProtocolError, match="no masked gradient of its own pending"):
+        civil.handle(Frame("release", {"values": [0.0]}))
+    with pytest.raises(ProtocolError, match="finish after iteration 0"):
+        civil.handle(Frame("finish", {"version": "v0009"}))
+    with pytest.raises(MessageRejectedError, match="fairness release is iteration"):
+        civil.handle(Frame("admit-fairness", {"iteration": 1}))
+    assert not [e for e in federation.ledger(civil.agency).events() if e.job == "vjob-order"]  # nothing admitted
+
+
+def test_a_malformed_frame_is_a_one_line_refusal() -> None:
+    import struct
+
+    from agencyfl.vertical.stream import decode, encode
+
+    frame = Frame("gradient", {"iteration": 1}, [b"abc", b""])
+    assert decode(encode(frame)) == frame
+    nested = b"[" * 200_000
+    for raw in (b"\x00\x00", struct.pack(">I", len(nested)) + nested, encode(frame)[:-1]):
+        with pytest.raises(MessageRejectedError, match="a malformed stream frame"):
+            decode(raw)

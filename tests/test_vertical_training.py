@@ -129,3 +129,33 @@ def test_a_planted_sentinel_is_clipped_to_within_the_noise(blocks: tuple[list[Bl
     signal = release[sentinel] - noise[sentinel]
     assert abs(signal) <= plan.residual_bound * scale + 1e-5  # one clipped household's residual at most
     assert plan.residual_bound * scale < plan.noise_std * scale  # ... far inside the noise's scale
+
+
+def test_an_arbiter_that_alters_the_validation_scores_is_caught(
+    run: VerticalResult, blocks: tuple[list[Block], Block, LabelData]
+) -> None:
+    """A curious arbiter shifting one household's decrypted score would read its label from the AUC."""
+    from agencyfl.federation.errors import MessageRejectedError
+    from agencyfl.vertical.protocol import Arbiter, FeatureHolder, LabelHolder
+
+    _, _, labels = blocks
+    civil, arbiter = run.parties["civil-affairs"], run.parties["arbiter"]
+    assert isinstance(civil, LabelHolder) and isinstance(arbiter, Arbiter)
+    holders = [run.parties[a] for a in FEATURES]
+    assert all(isinstance(h, FeatureHolder) for h in holders)
+
+    def decrypted() -> np.ndarray:
+        partials = {h.name: h.partial_scores() for h in holders}  # type: ignore[union-attr]
+        return arbiter.decrypt_masked_scores(civil.name, civil.masked_scores(partials))
+
+    honest = civil.unmask_scores(decrypted())
+    np.testing.assert_allclose(honest, run.validation_logits, atol=1e-3)
+    inside, outside = np.flatnonzero(labels.validation)[0], np.flatnonzero(~labels.validation)[0]
+    for position, delta in ((inside, 3.0), (inside, 0.05), (outside, 3.0)):
+        values = decrypted()
+        values[position] += delta
+        with pytest.raises(MessageRejectedError, match="altered"):
+            civil.unmask_scores(values)
+    values = decrypted()
+    with pytest.raises(MessageRejectedError, match="decrypted scores"):
+        civil.unmask_scores(values[: len(values) // 2])  # the tags dropped

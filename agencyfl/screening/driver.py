@@ -1,9 +1,10 @@
 """The coordinator's side of a screening in a deployment: the relay over the parties' streams.
 
-It forwards civil affairs' public context, adds the agencies' ciphertexts (``screening.protocol.Relay``:
-it cannot open them), relays the sealed lists and reasons between civil affairs and the agencies that
-chose to explain, and records the screening in its own uses ledger with the hash of civil affairs'
-entry (never the counts, which stay with civil affairs). ``docs/screening.md``, "In a deployment".
+It forwards civil affairs' signed public context and each agency's signed partial scores (civil affairs
+adds them: the coordinator can neither open nor replace them), relays the sealed lists and reasons
+between civil affairs and the agencies that chose to explain, and records the screening in its own
+uses ledger with the hash of civil affairs' entry (never the counts, which stay with civil affairs).
+``docs/screening.md``, "In a deployment".
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from typing import Any
 from agencyfl.alignment.sealed import unpack
 from agencyfl.federation.errors import MessageRejectedError, ScreeningRefusedError
 from agencyfl.privacy.ledger import Ledger
-from agencyfl.screening.protocol import PartialScores, Relay, ScreeningRequest
 from agencyfl.screening.records import COORDINATOR, ModelUse, now_iso
 from agencyfl.screening.remote import ScreeningPlan
 from agencyfl.screening.session import model_files
@@ -50,22 +50,21 @@ def drive_screening(
         sink({"type": "step", "step": "connected"})
         asked = hub.call(requester, Frame("screen-request", blobs=model_files(model_dir)), step_timeout)
         context = asked.blobs[0]
-        request = ScreeningRequest(
-            plan.screening, plan.federation, plan.model_version, plan.purpose, requester,
-            int(asked.fields["register_size"]), context, str(asked.fields["fingerprint"]),
-        )  # fmt: skip
+        signature = str(asked.fields.get("signature", ""))
+        fields = {"register_size": int(asked.fields["register_size"]), "fingerprint": str(asked.fields["fingerprint"]),
+                  "signature": signature}  # fmt: skip
         sent[requester] = len(context)
-        fields = {"register_size": request.register_size, "fingerprint": request.context_fingerprint}
         parts = hub.call_all({a: Frame("screen-partial", fields, [context]) for a in agencies}, step_timeout)
         sink({"type": "step", "step": "scored"})
-        relay = Relay()
-        summed = relay.sum(request, [
-            PartialScores(a, str(f.fields["fingerprint"]), int(f.fields["count"]), list(f.blobs))
-            for a, f in parts.items()
-        ])  # fmt: skip
+        # relayed as each agency signed them: civil affairs adds them itself, so no sum of ours could pass
+        senders = sorted(parts)
+        relayed = Frame("screen-scores", {
+            "senders": senders, "chunks": [len(parts[a].blobs) for a in senders],
+            "signatures": [str(parts[a].fields.get("signature", "")) for a in senders],
+        }, [blob for a in senders for blob in parts[a].blobs])  # fmt: skip
         sent |= {a: f.nbytes for a, f in parts.items()}
-        sent[COORDINATOR] = relay.sent_bytes + len(context) * len(agencies)
-        scored = hub.call(requester, Frame("screen-scores", blobs=summed), step_timeout)
+        sent[COORDINATOR] = relayed.nbytes + len(context) * len(agencies)
+        scored = hub.call(requester, relayed, step_timeout)
         reasons, refusals = [], {}
         for blob in scored.blobs:  # civil affairs' sealed lists, one per agency that chose to explain
             envelope = unpack(blob)
@@ -90,7 +89,8 @@ def drive_screening(
             requester_entry_sha256=str(done.fields["requester_entry_sha256"]),
         ))  # fmt: skip
     except BaseException as exc:
-        hub.end(Frame("abort", {"reason": str(exc)[:300]}))
+        # only the class travels: one party's message is no business of the others
+        hub.end(Frame("abort", {"reason": f"stopped at the coordinator ({type(exc).__name__})"}))
         summary.update(status="stopped", error={"class": type(exc).__name__, "message": str(exc)})
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         sink({"type": "failed", "error": type(exc).__name__, "message": str(exc)})

@@ -9,8 +9,10 @@ reached it (``Received``, as in vertical training), for the tests to check what 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,9 +20,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 import tenseal as ts
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agencyfl.alignment.sealed import Envelope, PartyKeys, PartyPublicKeys, open_envelope, seal
-from agencyfl.federation.errors import HEError, ScreeningRefusedError
+from agencyfl.federation.errors import HEError, MessageRejectedError, ScreeningRefusedError
 from agencyfl.federation.spec import SchemaSection
 from agencyfl.privacy.he import fingerprint, load_public_context, new_private_context, parameter_set, public_bytes
 from agencyfl.vertical.encoding import NOT_HELD, Block
@@ -112,10 +116,28 @@ class Requester(_Party):
         self.received.append(
             Received("coordinator", "summed-scores", "score-ciphertexts", len(summed), sum(map(len, summed)), 0)
         )
+        return self._decrypt([ts.ckks_vector_from(self._context, raw) for raw in summed])
+
+    def logits_of(self, request: ScreeningRequest, parts: list[PartialScores]) -> Vector:
+        """The same from each agency's own partial scores, added here (a deployment: see ``Relay``)."""
+        if request.public_context != self._public:
+            raise HEError("the request is not this requester's")
+        for part in parts:
+            self.received.append(
+                Received(part.sender, "partial-scores", "score-ciphertexts", len(part.ciphertexts), part.nbytes, 0)
+            )
         start = time.perf_counter()
-        values = np.concatenate([np.asarray(ts.ckks_vector_from(self._context, raw).decrypt()) for raw in summed])
+        summed = sum_partials(request, parts)
+        for c in summed:
+            c.link_context(self._context)  # the same key: its secret half, to decrypt
         self.he_seconds += time.perf_counter() - start
-        return np.asarray(values[:n] + self.own_logits(), dtype=np.float64)
+        return self._decrypt(summed)
+
+    def _decrypt(self, summed: list[ts.CKKSVector]) -> Vector:
+        start = time.perf_counter()
+        values = np.concatenate([np.asarray(c.decrypt()) for c in summed])
+        self.he_seconds += time.perf_counter() - start
+        return np.asarray(values[: len(self.block.x)] + self.own_logits(), dtype=np.float64)
 
 
 class Contributor(_Party):
@@ -203,53 +225,105 @@ def plain_labeller(schema: SchemaSection) -> Callable[[str], str]:
     return label
 
 
+def sum_partials(request: ScreeningRequest, parts: list[PartialScores]) -> list[ts.CKKSVector]:
+    """The slot-wise sum of every agency's Enc(u_k) under the request's public context.
+
+    Raises
+    ------
+    HEError
+        A part under another key, of another size, or a context that is not public.
+    """
+    context, params = load_public_context(request.public_context, max_depth_needed=0)
+    chunks = math.ceil(request.register_size / params.slots)
+    total: list[ts.CKKSVector] | None = None
+    for part in parts:
+        if part.context_fingerprint != request.context_fingerprint:
+            raise HEError(f"{part.sender}'s partial scores are under another key than the requester's")
+        if part.count != request.register_size or len(part.ciphertexts) != chunks:
+            raise HEError(f"{part.sender} sent {part.count} scores; the register holds {request.register_size}")
+        cts = [ts.ckks_vector_from(context, raw) for raw in part.ciphertexts]
+        total = cts if total is None else [a + b for a, b in zip(total, cts, strict=True)]
+    if total is None:
+        raise HEError("no agency's partial scores to sum")
+    return total
+
+
 class Relay(_Party):
-    """The coordinator: checks and adds the agencies' ciphertexts; holds no secret key, opens nothing."""
+    """The coordinator on one machine: checks and adds the agencies' ciphertexts; holds no secret key.
+
+    (In a deployment the coordinator only relays each agency's signed partial scores and civil affairs
+    adds them itself, so that a coordinator cannot substitute a sum of its own: ``docs/screening.md``.)
+    """
 
     def __init__(self) -> None:
         super().__init__("coordinator")
 
     def sum(self, request: ScreeningRequest, parts: list[PartialScores]) -> list[bytes]:
-        """The slot-wise sum of every agency's Enc(u_k), for the requester only.
-
-        Raises
-        ------
-        HEError
-            A part under another key, of another size, or a context that is not public.
-        """
-        context, params = load_public_context(request.public_context, max_depth_needed=0)
-        chunks = math.ceil(request.register_size / params.slots)
+        """The slot-wise sum of every agency's Enc(u_k), for the requester only (``sum_partials``)."""
         start = time.perf_counter()
-        total: list[ts.CKKSVector] | None = None
         for part in parts:
             self.received.append(
                 Received(part.sender, "partial-scores", "score-ciphertexts", len(part.ciphertexts), part.nbytes, 0)
             )
-            if part.context_fingerprint != request.context_fingerprint:
-                raise HEError(f"{part.sender}'s partial scores are under another key than the requester's")
-            if part.count != request.register_size or len(part.ciphertexts) != chunks:
-                raise HEError(f"{part.sender} sent {part.count} scores; the register holds {request.register_size}")
-            cts = [ts.ckks_vector_from(context, raw) for raw in part.ciphertexts]
-            total = cts if total is None else [a + b for a, b in zip(total, cts, strict=True)]
-        if total is None:
-            raise HEError("no agency's partial scores to sum")
-        out = [bytes(c.serialize()) for c in total]
+        out = [bytes(c.serialize()) for c in sum_partials(request, parts)]
         self.he_seconds += time.perf_counter() - start
         self.sent_bytes += sum(map(len, out))
         return out
 
 
-def seal_positions(sender: PartyKeys, recipient: PartyPublicKeys, screening: str, positions: list[int]) -> Envelope:
-    """The requester's list of worklist positions for one agency's reasons, sealed to that agency."""
-    payload = json.dumps(positions).encode()
+# ------------------------------------------------------------------ statements signed with run keys (a deployment)
+_CONTEXT_DOMAIN = b"agencyfl screening context v1\n"
+_PARTIAL_DOMAIN = b"agencyfl screening partial scores v1\n"
+
+
+def context_statement(screening: str, requester: str, register_size: int, context_fingerprint: str) -> bytes:
+    """What civil affairs signs with its certified run key so that agencies encrypt only under its key."""
+    body = {"screening": screening, "requester": requester, "register_size": register_size,
+            "fingerprint": context_fingerprint}  # fmt: skip
+    return _CONTEXT_DOMAIN + json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+def partial_statement(screening: str, part: PartialScores) -> bytes:
+    """What an agency signs over its partial scores, so that civil affairs adds only what each agency sent."""
+    digests = [hashlib.sha256(c).hexdigest() for c in part.ciphertexts]
+    body = {"screening": screening, "sender": part.sender, "fingerprint": part.context_fingerprint,
+            "count": part.count, "ciphertexts": digests}  # fmt: skip
+    return _PARTIAL_DOMAIN + json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+def verify_statement(signer: PartyPublicKeys, signature: bytes, statement: bytes, what: str) -> None:
+    """Check ``signature`` by ``signer``'s certified run key (MessageRejectedError if it does not verify)."""
+    try:
+        Ed25519PublicKey.from_public_bytes(signer.signing).verify(signature, statement)
+    except (InvalidSignature, ValueError):
+        raise MessageRejectedError(f"{what}: not signed by {signer.name}'s key for this screening") from None
+
+
+REASON_BYTES = 384
+"""A reason's UTF-8 bytes at most (longer ones are cut at a character): every reasons message then has the
+same length for a given agency, whatever the number of listed households (``seal_reasons``)."""
+_REASON_ROW = struct.Struct("<IH")  # register position, reason length
+
+
+def seal_positions(
+    sender: PartyKeys, recipient: PartyPublicKeys, screening: str, positions: list[int], size: int
+) -> Envelope:
+    """The requester's list of worklist positions for one agency's reasons, sealed to that agency.
+
+    The list travels as a bitmap of the whole register, and the header says nothing of its length, so
+    the coordinator relaying it learns nothing of how many households are listed.
+    """
+    bits = np.zeros(size, dtype=np.uint8)
+    bits[np.asarray(positions, dtype=np.int64)] = 1
+    payload = np.packbits(bits).tobytes()
     return seal(payload, run=screening, sender=sender, recipient=recipient, kind="explain-request",
-                chunk=0, chunks=1, rows=len(positions))  # fmt: skip
+                chunk=0, chunks=1, rows=0)  # fmt: skip
 
 
 def open_positions(
     envelope: Envelope, recipient: PartyKeys, sender: PartyPublicKeys, screening: str, size: int
 ) -> list[int]:
-    """An agency opens the requester's list and checks it: distinct positions inside the register.
+    """An agency opens the requester's list and checks it: a bitmap of exactly its register.
 
     Raises
     ------
@@ -257,22 +331,59 @@ def open_positions(
         If the list is malformed.
     """
     raw = open_envelope(envelope, recipient=recipient, sender=sender, run=screening, kind="explain-request")
-    positions = json.loads(raw)
-    if not isinstance(positions, list) or not all(isinstance(p, int) and 0 <= p < size for p in positions):
-        raise ScreeningRefusedError(f"{recipient.name}: the list of positions is malformed")
-    if len(set(positions)) != len(positions):
-        raise ScreeningRefusedError(f"{recipient.name}: the list of positions repeats a position")
-    return [int(p) for p in positions]
+    if len(raw) != (size + 7) // 8:
+        raise ScreeningRefusedError(f"{recipient.name}: the list of positions is not a bitmap of its register")
+    bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8))
+    if bits[size:].any():
+        raise ScreeningRefusedError(f"{recipient.name}: the list of positions names positions outside its register")
+    return [int(p) for p in np.flatnonzero(bits[:size])]
 
 
-def seal_reasons(sender: PartyKeys, recipient: PartyPublicKeys, screening: str, reasons: dict[int, str]) -> Envelope:
-    """An agency's reasons, sealed to the requester."""
-    payload = json.dumps({str(k): v for k, v in reasons.items()}).encode()
+def reasons_capacity(explain_max: float, size: int) -> int:
+    """How many reasons an agency's message holds: its ``explain_max`` share of the register."""
+    return int(explain_max * size)
+
+
+def seal_reasons(
+    sender: PartyKeys, recipient: PartyPublicKeys, screening: str, reasons: dict[int, str], capacity: int
+) -> Envelope:
+    """An agency's reasons, sealed to the requester, padded to ``capacity`` rows of ``REASON_BYTES``.
+
+    Every reasons message of an agency then has one length per register, so the coordinator relaying it
+    cannot count the listed households.
+    """
+    if len(reasons) > capacity:
+        raise ScreeningRefusedError(f"{sender.name}: {len(reasons)} reasons exceed its {capacity}")
+    rows = []
+    for position, text in reasons.items():
+        raw = text.encode()[:REASON_BYTES].decode(errors="ignore").encode()  # cut at a character
+        rows.append(_REASON_ROW.pack(position, len(raw)) + raw.ljust(REASON_BYTES, b"\0"))
+    payload = struct.pack("<I", len(reasons)) + b"".join(rows)
+    payload = payload.ljust(4 + capacity * (_REASON_ROW.size + REASON_BYTES), b"\0")
     return seal(payload, run=screening, sender=sender, recipient=recipient, kind="explanations",
-                chunk=0, chunks=1, rows=len(reasons))  # fmt: skip
+                chunk=0, chunks=1, rows=0)  # fmt: skip
 
 
 def open_reasons(envelope: Envelope, recipient: PartyKeys, sender: PartyPublicKeys, screening: str) -> dict[int, str]:
-    """The requester opens an agency's reasons."""
+    """The requester opens an agency's reasons.
+
+    Raises
+    ------
+    MessageRejectedError
+        If the message is malformed.
+    """
     raw = open_envelope(envelope, recipient=recipient, sender=sender, run=screening, kind="explanations")
-    return {int(k): str(v) for k, v in json.loads(raw).items()}
+    width = _REASON_ROW.size + REASON_BYTES
+    if len(raw) < 4:
+        raise MessageRejectedError(f"reasons from {sender.name}: a malformed message")
+    (count,) = struct.unpack_from("<I", raw)
+    if 4 + count * width > len(raw):
+        raise MessageRejectedError(f"reasons from {sender.name}: {count} rows do not fit the message")
+    out: dict[int, str] = {}
+    for i in range(count):
+        position, length = _REASON_ROW.unpack_from(raw, 4 + i * width)
+        start = 4 + i * width + _REASON_ROW.size
+        if length > REASON_BYTES:
+            raise MessageRejectedError(f"reasons from {sender.name}: a malformed row")
+        out[int(position)] = raw[start : start + length].decode(errors="replace")
+    return out

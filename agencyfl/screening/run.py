@@ -38,6 +38,7 @@ from agencyfl.screening.protocol import (
     open_positions,
     open_reasons,
     plain_labeller,
+    reasons_capacity,
     seal_positions,
     seal_reasons,
 )
@@ -189,7 +190,8 @@ def disclose(
         (the refusal is recorded in its uses ledger; nothing is disclosed).
     """
     own_keys = PartyKeys.generate(contributor.name)
-    sealed = seal_positions(requester_keys, own_keys.public(), screening, positions)  # R -> k through C
+    size = len(contributor.block.x)
+    sealed = seal_positions(requester_keys, own_keys.public(), screening, positions, size)  # R -> k through C
     envelope = answer_disclosure(
         uses_ledger(workdir, contributor.name), loaded, contributor, own_keys, requester_keys.public(), sealed,
         screening, model_version, purpose,
@@ -225,19 +227,21 @@ def answer_disclosure(
         model_version=model_version, purpose=purpose, requester=loaded.spec.label_agency.name, time=now_iso(),
         households=len(listed),
     )  # fmt: skip
-    if level == "none" or len(listed) > section.explain_max * size:
+    capacity = reasons_capacity(section.explain_max, size)
+    if level == "none" or len(listed) > capacity:
+        # the reason says nothing of the list's length: it travels back through the coordinator
         reason = (
             f"{contributor.name} does not disclose reasons (explain = 'none')"
             if level == "none"
             else f"{contributor.name} explains at most {section.explain_max:.0%} of the register "
-            f"({int(section.explain_max * size)} households); {len(listed)} were asked"
+            f"({capacity} households); the list was longer"
         )
         ledger.append(base.model_copy(update={"kind": "refusal", "reason": reason}))
         raise ScreeningRefusedError(reason)
     # recorded before anything is sent
     ledger.append(base.model_copy(update={"level": level, "positions": listed}))
     reasons = contributor.reasons(listed, level, plain_labeller(loaded.spec.schema_))
-    return seal_reasons(own_keys, requester, screening, reasons)
+    return seal_reasons(own_keys, requester, screening, reasons, capacity)
 
 
 def _histograms(scores: npt.NDArray[np.float64], frame: pd.DataFrame, loaded: LoadedVerticalSpec) -> dict[str, Any]:

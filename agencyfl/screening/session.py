@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from agencyfl.alignment.sealed import Envelope, PartyKeys, PartyPublicKeys, certify, pack, unpack, verify_certificate
 from agencyfl.federation.errors import MessageRejectedError, ModelError, ProtocolError
 from agencyfl.federation.spec import LoadedVerticalSpec
+from agencyfl.privacy.he import fingerprint
 from agencyfl.privacy.ledger import Ledger
 from agencyfl.screening.outcomes import latest_outcomes
 from agencyfl.screening.protocol import (
@@ -27,8 +28,11 @@ from agencyfl.screening.protocol import (
     PartialScores,
     Requester,
     ScreeningRequest,
+    context_statement,
     open_reasons,
+    partial_statement,
     seal_positions,
+    verify_statement,
 )
 from agencyfl.screening.records import ModelUse, now_iso
 from agencyfl.screening.remote import ScreeningPlan
@@ -64,6 +68,10 @@ class ScreeningConfig:
 class ScreeningSession:
     """This party's role in one screening."""
 
+    # each operation once per screening: a coordinator cannot ask for a second decryption, list or disclosure
+    once_only = frozenset({"setup", "screen-request", "screen-scores", "screen-finish", "screen-partial",
+                           "screen-explain"})  # fmt: skip
+
     def __init__(self, config: ScreeningConfig) -> None:
         self.config = config
         self.agency, self.loaded, self.plan = config.agency, config.loaded, config.plan
@@ -84,6 +92,7 @@ class ScreeningSession:
         self.weights = self._own_part()
         self.directory: dict[str, PartyPublicKeys] = {self.agency: self.keys.public()}
         self.requester: Requester | None = None
+        self.request: ScreeningRequest | None = None
         self.contributor: Contributor | None = None
         self.model: RegisteredVerticalModel | None = None
         self.lists: Lists | None = None
@@ -124,11 +133,18 @@ class ScreeningSession:
         if not isinstance(names, list) or len(frame.blobs) != len(names) + 1:
             raise MessageRejectedError("a malformed setup frame")
         certificates = dict(zip(names, frame.blobs[1:], strict=True))
+        # civil affairs checks every agency's partial scores, each agency civil affairs' key: both need the
+        # counterpart's ledger key (handed out of band), or the coordinator could stand in for the other
         peers = [p for p in self.plan.parties if p != self.agency] if self.is_requester else [self.plan.requester]
         for peer in peers:
             trusted = self.config.peer_keys.get(peer)
-            if trusted is None or peer not in certificates:
-                continue  # no reasons can travel with that party (the requester asks only those it can verify)
+            if trusted is None:
+                raise MessageRejectedError(
+                    f"{self.agency} holds no ledger key for {peer}: its steward must start with "
+                    f"`--peer-key {peer}=LEDGER.pub` to screen with it"
+                )
+            if peer not in certificates:
+                raise MessageRejectedError(f"the coordinator forwarded no run keys of {peer}")
             self.directory[peer] = verify_certificate(self.plan.screening, peer, certificates[peer], trusted)
         return Frame("ok")
 
@@ -141,31 +157,65 @@ class ScreeningSession:
         for name, blob in zip(MODEL_FILES, frame.blobs, strict=True):
             (folder / name).write_bytes(blob)
         model = RegisteredVerticalModel(folder)
-        if model.manifest.sha256() != self.plan.model_sha256 or model.loaded.sha256 != self.loaded.sha256:
-            raise ModelError("the model's manifest or spec is not the one the signed plan names")
+        parts = {p: part.sha256 for p, part in model.manifest.parts.items()}
+        if (
+            model.manifest.sha256() != self.plan.model_sha256
+            or model.loaded.sha256 != self.loaded.sha256
+            or parts != self.plan.parts
+        ):
+            raise ModelError("the model's manifest, parts or spec are not the one the signed plan names")
         self.model = model
         self.requester = Requester(self.block, self.weights)
         request = self.requester.request(self.plan.screening, self.plan.federation, self.plan.model_version,
                                          self.plan.purpose)  # fmt: skip
+        self.request = request
         self.sent += len(request.public_context)
-        fields = {"register_size": request.register_size, "fingerprint": request.context_fingerprint}
+        statement = context_statement(self.plan.screening, self.agency, request.register_size,
+                                      request.context_fingerprint)  # fmt: skip
+        fields = {"register_size": request.register_size, "fingerprint": request.context_fingerprint,
+                  "signature": self.keys.sign(statement).hex()}  # fmt: skip
         return Frame("ok", fields, [request.public_context])
 
     def _op_screen_scores(self, frame: Frame) -> Frame:
-        if self.requester is None or self.model is None:
+        if self.requester is None or self.model is None or self.request is None:
             raise ProtocolError(f"{self.agency}: scores before the screening request")
-        logits = self.requester.logits(list(frame.blobs))
+        logits = self.requester.logits_of(self.request, self._signed_partials(frame))
         files = self.config.files
         registered = register_frame(self.loaded, files.folder, canonical=False, files=files)
         self.lists = decide_lists(self.loaded, self.model, logits, registered, self.plan.review_band)
         positions = self.lists.listed.tolist()
         asked: list[bytes] = []
-        for agency in self.plan.parties[1:]:
-            if self.loaded.spec.agency(agency).explain == "none" or not positions or agency not in self.directory:
+        for agency in self.plan.parties[1:]:  # one list for each agency that explains, even an empty one
+            if self.loaded.spec.agency(agency).explain == "none":
                 continue
-            asked.append(pack(seal_positions(self.keys, self.directory[agency], self.plan.screening, positions)))
+            size = self.plan.register_size
+            asked.append(pack(seal_positions(self.keys, self.directory[agency], self.plan.screening, positions, size)))
         self.sent += sum(map(len, asked))
-        return Frame("ok", {"listed": len(positions)}, asked)
+        return Frame("ok", blobs=asked)  # no count: how many are listed stays with civil affairs
+
+    def _signed_partials(self, frame: Frame) -> list[PartialScores]:
+        """Each agency's partial scores as it signed them: one per agency with a part, none altered."""
+        senders, counts = frame.fields.get("senders"), frame.fields.get("chunks")
+        signatures = frame.fields.get("signatures")
+        agencies = sorted(self.plan.parts.keys() - {self.agency})
+        if (
+            not (isinstance(senders, list) and isinstance(counts, list) and isinstance(signatures, list))
+            or sorted(map(str, senders)) != agencies
+            or len(counts) != len(senders)
+            or len(signatures) != len(senders)
+            or sum(int(c) for c in counts) != len(frame.blobs)
+        ):
+            raise MessageRejectedError("the partial scores are not one set from each agency with a part")
+        assert self.request is not None
+        parts, start = [], 0
+        for sender, count, signature in zip(senders, counts, signatures, strict=True):
+            part = PartialScores(str(sender), self.request.context_fingerprint, self.plan.register_size,
+                                 list(frame.blobs[start : start + int(count)]))  # fmt: skip
+            start += int(count)
+            statement = partial_statement(self.plan.screening, part)
+            verify_statement(self.directory[part.sender], _hex(signature), statement, f"{part.sender}'s partial scores")
+            parts.append(part)
+        return parts
 
     def _op_screen_finish(self, frame: Frame) -> Frame:
         if self.lists is None or self.model is None:
@@ -202,10 +252,17 @@ class ScreeningSession:
             self.plan.screening, self.plan.federation, self.plan.model_version, self.plan.purpose,
             self.plan.requester, int(frame.fields["register_size"]), frame.blobs[0], str(frame.fields["fingerprint"]),
         )  # fmt: skip
+        # encrypt only under civil affairs' own key for this screening: never under one the coordinator chose
+        statement = context_statement(self.plan.screening, self.plan.requester, request.register_size,
+                                      fingerprint(request.public_context))  # fmt: skip
+        verify_statement(self.directory[self.plan.requester], _hex(frame.fields.get("signature")), statement,
+                         "the screening's public context")  # fmt: skip
         self.contributor = Contributor(self.block, self.weights, self.keys)
         self._use("screening-contribution", households=len(self.block.x))  # recorded before anything leaves
         part: PartialScores = self.contributor.partial_scores(request)
-        return Frame("ok", {"count": part.count, "fingerprint": part.context_fingerprint}, part.ciphertexts)
+        signed = self.keys.sign(partial_statement(self.plan.screening, part)).hex()
+        return Frame("ok", {"count": part.count, "fingerprint": part.context_fingerprint, "signature": signed},
+                     part.ciphertexts)  # fmt: skip
 
     def _op_screen_explain(self, frame: Frame) -> Frame:
         if self.contributor is None or len(frame.blobs) != 1 or self.plan.requester not in self.directory:
@@ -215,6 +272,14 @@ class ScreeningSession:
             unpack(frame.blobs[0]), self.plan.screening, self.plan.model_version, self.plan.purpose,
         )  # fmt: skip
         return Frame("ok", blobs=[pack(envelope)])
+
+
+def _hex(signature: object) -> bytes:
+    """A signature field's bytes (MessageRejectedError when it is missing or not hex)."""
+    try:
+        return bytes.fromhex(str(signature)) if isinstance(signature, str) else b""
+    except ValueError:
+        raise MessageRejectedError("a signature that is not hex") from None
 
 
 def model_files(model_dir: Path) -> list[bytes]:

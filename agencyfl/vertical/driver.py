@@ -208,7 +208,8 @@ def drive(hub: StreamHub, settings: DriverSettings, sink: EventSink) -> dict[str
         card = _card(settings, finished, validation, done).model_copy(update=fairness)
         register_parts(version, loaded, parts, card)
     except BaseException as exc:
-        hub.end(Frame("abort", {"reason": str(exc)[:300]}))
+        # only the class travels: one party's message is no business of the others
+        hub.end(Frame("abort", {"reason": f"stopped at the coordinator ({type(exc).__name__})"}))
         summary.update(status="stopped", iterations_done=done,
                        error={"class": type(exc).__name__, "message": str(exc)})  # fmt: skip
         _write(settings.run_dir / "summary.json", summary)

@@ -62,11 +62,21 @@ def _digest(weights: npt.NDArray[np.float64]) -> str:
 
 def save_part(folder: Path, version: str, weights: npt.NDArray[np.float64]) -> tuple[str, str]:
     """An agency's part written in its own folder (``model/<version>/weights.npy``, 0600); returns the path
-    relative to that folder and the part's SHA-256 (what the manifest records)."""
+    relative to that folder and the part's SHA-256 (what the manifest records).
+
+    Raises
+    ------
+    ModelError
+        If that version's part exists already: a registered part is never rewritten.
+    """
     relative = Path("model") / version / "weights.npy"
     target = folder / relative.parent
     target.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with open(os.open(target / "weights.npy", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as fh:
+    try:
+        fd = os.open(target / "weights.npy", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise ModelError(f"{folder.name} already holds a part of {version}: it is never rewritten") from None
+    with open(fd, "wb") as fh:
         np.save(fh, np.asarray(weights, dtype=np.float64))
     return str(relative), _digest(weights)
 

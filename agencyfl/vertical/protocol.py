@@ -18,7 +18,7 @@ import numpy.typing as npt
 import tenseal as ts
 
 from agencyfl.alignment.sealed import Envelope, MessageKind, PartyKeys, PartyPublicKeys, open_envelope, seal
-from agencyfl.federation.errors import HEError
+from agencyfl.federation.errors import HEError, MessageRejectedError
 from agencyfl.privacy.he import ParameterSet, load_public_context, new_private_context, parameter_set, public_bytes
 from agencyfl.vertical.encoding import Block, LabelData
 from agencyfl.vertical.optim import BlockOptimizer, OptimizerName, Vector, project
@@ -29,6 +29,8 @@ MASK_BOUND = 2.0**16
 """Masks are uniform on [-MASK_BOUND, MASK_BOUND]: within the 2^19 the last prime leaves at scale 2^40."""
 ROUNDING = 1e-6
 """Decryptions are rounded to this (about the CKKS error) before they leave the arbiter."""
+SCORE_TAG_TOLERANCE = 1e-3
+"""How far a validation score's tag may be from its value: the CKKS error times the tag factor, with room."""
 
 Content = Literal[
     "public-context",
@@ -221,6 +223,8 @@ class LabelHolder(_Holder):
         self.labels = labels
         self.scale = 1.0 / len(block.x)  # public: the register size is known to every party after alignment
         self._score_mask: Vector | None = None
+        self._tag_mask: Vector | None = None
+        self._tag_factor: Vector | None = None
 
     def _extra_sums(self, residual: list[ts.CKKSVector]) -> list[ts.CKKSVector]:
         acc = residual[0]
@@ -254,25 +258,54 @@ class LabelHolder(_Holder):
         return raw, {k: self._seal(raw, k, "residuals", len(self.block.x)) for k in partials}
 
     def masked_scores(self, partials: dict[str, list[Envelope]]) -> list[bytes]:
-        """``Enc(z * v + s)`` for the validation indicator v and a fresh uniform mask s, for the arbiter."""
+        """``Enc(z v + s)`` then ``Enc(a z v + t)`` for the validation indicator v, fresh uniform masks s and
+        t and a secret per-slot tag factor a in [1, 4], for the arbiter to decrypt.
+
+        The second half is a one-time MAC: an arbiter that altered one decrypted value by delta would have
+        to alter the other by a*delta without knowing a, so ``unmask_scores`` catches it (except with
+        probability about 2 tol / (3 |delta|)); a slot outside validation must decrypt to its mask exactly.
+        """
         z = self._scores(partials)
         start = time.perf_counter()
         v = _chunks(self.labels.validation.astype(np.float64), self.slots)
-        self._score_mask = self._rng.uniform(-MASK_BOUND, MASK_BOUND, size=len(v) * self.slots)
-        s = _chunks(self._score_mask, self.slots)
+        size = len(v) * self.slots
+        self._score_mask = self._rng.uniform(-MASK_BOUND, MASK_BOUND, size=size)
+        self._tag_mask = self._rng.uniform(-MASK_BOUND, MASK_BOUND, size=size)
+        self._tag_factor = self._rng.uniform(1.0, 4.0, size=size)
+        s, t = _chunks(self._score_mask, self.slots), _chunks(self._tag_mask, self.slots)
+        av = _chunks(self._tag_factor * np.concatenate([np.asarray(c) for c in v]), self.slots)
         raw = [bytes((c * a + b).serialize()) for c, a, b in zip(z, v, s, strict=True)]
+        raw += [bytes((c * a + b).serialize()) for c, a, b in zip(z, av, t, strict=True)]
         self.he_seconds += time.perf_counter() - start
         self.sent_bytes += sum(len(r) for r in raw)
         return raw
 
     def unmask_scores(self, values: Vector) -> Vector:
-        """The model's scores (logits) of its own validation households, in register order of those positions."""
-        if self._score_mask is None:
+        """The model's scores (logits) of its own validation households, in register order of those positions.
+
+        Raises
+        ------
+        MessageRejectedError
+            If the decryptions were altered (the tag does not match, or a slot outside validation is not
+            its mask): the arbiter is cheating, and nothing is computed from them.
+        """
+        if self._score_mask is None or self._tag_mask is None or self._tag_factor is None:
             raise HEError("no masked scores are pending")
         self.received.append(Received("arbiter", "scores", "masked-values", len(values), 8 * len(values), 0))
-        z = values - self._score_mask[: len(values)]
-        self._score_mask = None
-        return np.asarray(z[: len(self.block.x)][self.labels.validation], dtype=np.float64)
+        size = len(self._score_mask)
+        mask, tag_mask, factor = self._score_mask, self._tag_mask, self._tag_factor
+        self._score_mask = self._tag_mask = self._tag_factor = None  # one use
+        if len(values) != 2 * size:
+            raise MessageRejectedError(f"{len(values)} decrypted scores; {2 * size} were sent")
+        z, tagged = values[:size] - mask, values[size:] - tag_mask
+        n = len(self.block.x)
+        outside = np.ones(size, dtype=bool)
+        outside[:n][self.labels.validation] = False
+        if not np.all(np.abs(tagged - factor * z) <= SCORE_TAG_TOLERANCE) or not np.all(
+            np.abs(z[outside]) <= SCORE_TAG_TOLERANCE
+        ):
+            raise MessageRejectedError("the arbiter's decryptions of the validation scores were altered")
+        return np.asarray(z[:n][self.labels.validation], dtype=np.float64)
 
 
 class Arbiter:

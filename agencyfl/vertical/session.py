@@ -51,6 +51,9 @@ class PartyConfig:
 class PartySession:
     """This agency's role in one deployed vertical job."""
 
+    # once per job: a second validation decryption, fairness release or part would be an oracle or a rewrite
+    once_only = frozenset({"setup", "masked-scores", "scores", "admit-fairness", "fairness", "finish"})
+
     def __init__(self, config: PartyConfig) -> None:
         self.config = config
         self.agency, self.loaded, self.job = config.agency, config.loaded, config.job
@@ -75,6 +78,9 @@ class PartySession:
         self.checkpoints = config.files.folder / "vertical" / self.job.job
         self.resume_from = 0  # the coordinator's setup says (a resumed job): the iteration to restore
         self.released_through = 0  # ... and the last iteration its chain records as released
+        self.last_gradient = 0  # iterations only go forward within a session
+        self.last_release = 0
+        self.fairness_admitted = False
 
     # ------------------------------------------------------------------ checkpoints (its own block only)
     def last_checkpoint(self) -> int:
@@ -170,7 +176,7 @@ class PartySession:
                 f"a resume point {resume_from} outside the job's {self.job.iterations} iterations"
             )
         if resume_from > 0:
-            self._restore(resume_from)
+            self._restore(resume_from)  # only a checkpoint it wrote itself; an older one only costs budget
         self.resume_from, self.released_through = resume_from, released
         return Frame("ok", {"width": len(self.holder.weights)})
 
@@ -193,32 +199,59 @@ class PartySession:
 
     def _op_gradient(self, frame: Frame) -> Frame:
         iteration = int(frame.fields["iteration"])
-        if not self.resume_from < iteration <= self.job.iterations:
-            raise MessageRejectedError(f"iteration {iteration} is outside the job (resumed from {self.resume_from})")
-        reuse = self.resume_from > 0 and iteration > self.released_through
+        if not max(self.resume_from, self.last_gradient) < iteration <= self.job.iterations:
+            raise MessageRejectedError(
+                f"iteration {iteration} is not after {max(self.resume_from, self.last_gradient)} inside the job"
+            )
         holder = self._holder()
         if isinstance(holder, LabelHolder):
             residual = self._own_residuals
         else:
             residual = holder.open_residuals([unpack(b) for b in frame.blobs])
+        # an admission is reused on resume only if the coordinator's chain says the iteration was never
+        # released and this agency never received its release either (its own record, written first)
+        reuse = self.resume_from > 0 and iteration > self.released_through and not self._received(iteration)
         entry = admit(self.config.ledger, self.loaded, self.plan, self.job.job, self.agency, iteration, reuse=reuse)
         message: GradientMessage = holder.masked_gradient(residual)
+        self.last_gradient = iteration
         fields = {"epsilon_job": entry.epsilon_job, "epsilon_lifetime": entry.epsilon_lifetime,
                   "origin": self.config.ledger.verification().origin}  # fmt: skip
         return Frame("ok", fields, blobs=message.ciphertexts)
+
+    def _received_marker(self, iteration: int) -> Path:
+        return self.checkpoints / f"released-{iteration}"
+
+    def _received(self, iteration: int) -> bool:
+        return self._received_marker(iteration).exists()
+
+    def _mark_received(self, iteration: int) -> None:
+        """Recorded (fsynced) before the release is applied: after a crash, that iteration counts again."""
+        self.checkpoints.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self._received_marker(iteration), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def _op_release(self, frame: Frame) -> Frame:
         holder = self._holder()
         values = frame.fields.get("values")
         if not isinstance(values, list) or not all(isinstance(v, float | int) for v in values):
             raise MessageRejectedError("a malformed release")
+        if self.last_gradient <= self.last_release:
+            raise ProtocolError(f"{self.agency}: a release with no masked gradient of its own pending")
+        self._mark_received(self.last_gradient)
         holder.apply([float(v) for v in values])
+        self.last_release = self.last_gradient
         return Frame("ok", {"squared_norm": holder.squared_norm()})
 
     def _op_rescale(self, frame: Frame) -> Frame:
         holder = self._holder()
-        holder.rescale(float(frame.fields["factor"]))
-        self._checkpoint(int(frame.fields["iteration"]))
+        iteration, factor = int(frame.fields["iteration"]), float(frame.fields["factor"])
+        if iteration != self.last_release:
+            raise MessageRejectedError(f"a rescale for iteration {iteration}; the last release was {self.last_release}")
+        holder.rescale(factor)
+        self._checkpoint(iteration)
         return Frame("ok")
 
     def _op_masked_scores(self, frame: Frame) -> Frame:
@@ -237,13 +270,18 @@ class PartySession:
 
     def _op_admit_fairness(self, frame: Frame) -> Frame:
         iteration = int(frame.fields["iteration"])
+        if iteration != self.job.iterations + 1:
+            raise MessageRejectedError(f"the fairness release is iteration {self.job.iterations + 1}, not {iteration}")
         entry = admit(self.config.ledger, self.loaded, self.plan, self.job.job, self.agency, iteration, "fairness")
+        self.fairness_admitted = True
         return Frame("ok", {"epsilon_job": entry.epsilon_job, "epsilon_lifetime": entry.epsilon_lifetime})
 
     def _op_fairness(self, frame: Frame) -> Frame:
         self._label()
         if self._logits is None or self.labels is None:
             raise ProtocolError("the fairness counts come after the validation scores")
+        if not self.fairness_admitted:
+            raise ProtocolError(f"{self.agency}: fairness counts its own ledger has not admitted")
         loaded, files = self.loaded, self.config.files
         fields = fairness_release(
             loaded, lambda: register_frame(loaded, files.folder, files=files), self.labels, self._logits,
@@ -253,6 +291,8 @@ class PartySession:
 
     def _op_finish(self, frame: Frame) -> Frame:
         holder = self._holder()
+        if self.last_release != self.job.iterations:
+            raise ProtocolError(f"{self.agency}: finish after iteration {self.last_release} of {self.job.iterations}")
         version = str(frame.fields["version"])
         if not version.startswith("v") or not version[1:].isdigit():
             raise MessageRejectedError(f"a model version {version[:20]!r} is not vNNNN")

@@ -24,7 +24,7 @@ from typing import Any
 
 import grpc
 
-from agencyfl.federation.errors import AgencyflError, DeploymentError, MessageRejectedError, error_class
+from agencyfl.federation.errors import AgencyflError, DeploymentError, MessageRejectedError, ProtocolError, error_class
 
 METHOD = "/agencyfl.VerticalJob/Party"
 MAX_MESSAGE = 512 * 1024 * 1024  # a million households' partial scores are about 80 MB of ciphertexts
@@ -81,7 +81,7 @@ def decode(data: bytes) -> Frame:
             raise ValueError("header types")
         if not all(isinstance(s, int) and s >= 0 for s in sizes) or 4 + size + sum(sizes) != len(data):
             raise ValueError("blob sizes")
-    except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+    except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError) as exc:
         raise MessageRejectedError(f"a malformed stream frame ({exc})") from None
     blobs, offset = [], 4 + size
     for s in sizes:
@@ -286,10 +286,16 @@ Handler = Callable[[Frame], Frame]
 
 def dispatch(party: object, agency: str, frame: Frame) -> Frame:
     """Answer ``frame`` with ``party``'s ``_op_<op>`` method (dashes as underscores): how a party's session
-    serves the coordinator's frames; MessageRejectedError for an operation its role does not take."""
+    serves the coordinator's frames; MessageRejectedError for an operation its role does not take, and
+    ProtocolError for a second one of those its ``once_only`` names."""
     handler = getattr(party, "_op_" + frame.op.replace("-", "_"), None)
     if handler is None:
         raise MessageRejectedError(f"{agency} does not take {frame.op[:40]!r} frames")
+    if frame.op in getattr(party, "once_only", ()):  # marked before it runs: a failed step is not retried either
+        done: set[str] = party.__dict__.setdefault("_ops_answered", set())
+        if frame.op in done:
+            raise ProtocolError(f"{agency} answers {frame.op!r} once per job: asked again")
+        done.add(frame.op)
     reply: Frame = handler(frame)
     return reply
 
