@@ -452,6 +452,8 @@ def test_a_hostile_coordinator_can_neither_choose_the_key_nor_the_scores(deploye
             hub.call(holder, relayed, 30)
         with pytest.raises(ProtocolError, match="once per job"):  # no second decryption either
             hub.call(holder, relayed, 30)
+        with pytest.raises(MessageRejectedError, match="does not take"):  # nor under another spelling
+            hub.call(holder, Frame("screen_scores", relayed.fields, relayed.blobs), 30)
         seen["ok"] = True
         return {}
 
@@ -464,6 +466,7 @@ def test_a_hostile_coordinator_can_neither_choose_the_key_nor_the_scores(deploye
 
 def test_sealed_lists_and_reasons_do_not_tell_the_relay_how_many_are_listed() -> None:
     from agencyfl.alignment.sealed import PartyKeys, pack
+    from agencyfl.federation.errors import ScreeningRefusedError
     from agencyfl.screening.protocol import open_positions, open_reasons, seal_positions, seal_reasons
 
     civil, tax = PartyKeys.generate("civil-affairs"), PartyKeys.generate("tax")
@@ -475,6 +478,10 @@ def test_sealed_lists_and_reasons_do_not_tell_the_relay_how_many_are_listed() ->
     reasons = [{}, {3: "tax: contribution +0.40"}, {p: "税务: 收入 lowers it (-1.20) " * 30 for p in range(250)}]
     envelopes = [seal_reasons(tax, civil.public(), "scr-1", r, capacity=250) for r in reasons]
     assert len({len(pack(e)) for e in envelopes}) == 1 and all(e.rows == 0 for e in envelopes)
+    refused = seal_reasons(tax, civil.public(), "scr-1", {}, capacity=250, refusal="tax explains at most 25%")
+    assert len(pack(refused)) == len(pack(envelopes[0]))  # a refusal looks like any answer to the relay
+    with pytest.raises(ScreeningRefusedError, match="at most 25%"):
+        open_reasons(refused, civil, tax.public(), "scr-1")
     opened = open_reasons(envelopes[2], civil, tax.public(), "scr-1")
     assert set(opened) == set(range(250)) and all(len(t.encode()) <= 384 for t in opened.values())
     assert open_reasons(envelopes[1], civil, tax.public(), "scr-1") == reasons[1]
@@ -499,11 +506,18 @@ def test_an_agency_answers_each_step_in_order_and_the_one_shot_steps_once(federa
         sessions[agency] = PartySession(config)
     context = Arbiter(block_widths(loaded), 1.0, np.random.default_rng(0)).public_context()
     names = list(sessions)
-    setup = Frame("setup", {"certificates": names}, [context, *(sessions[n].certificate for n in names)])
+    fields = {"certificates": names, "resume_from": 0, "released_through": 0}
+    setup = Frame("setup", fields, [context, *(sessions[n].certificate for n in names)])
     civil = sessions[loaded.spec.label_agency.name]
     assert dispatch(civil, civil.agency, setup).op == "ok"
     with pytest.raises(ProtocolError, match="once per job"):
         civil.handle(setup)
+    with pytest.raises(MessageRejectedError, match="does not take"):  # another spelling of a spent step
+        civil.handle(Frame("masked_scores"))
+    with pytest.raises(ProtocolError, match="validation scores after iteration 0"):
+        civil.handle(Frame("masked-scores"))
+    with pytest.raises(MessageRejectedError, match="not an integer in range"):
+        civil.handle(Frame("gradient", {"iteration": "1; drop"}))
     with pytest.raises(Exception, match="no masked scores are pending"):
         civil.handle(Frame("scores", blobs=[np.zeros(4, dtype="<f8").tobytes()]))
     with pytest.raises(ProtocolError, match="once per job"):  # that try was its one
@@ -532,3 +546,23 @@ def test_a_malformed_frame_is_a_one_line_refusal() -> None:
     for raw in (b"\x00\x00", struct.pack(">I", len(nested)) + nested, encode(frame)[:-1]):
         with pytest.raises(MessageRejectedError, match="a malformed stream frame"):
             decode(raw)
+
+
+def test_each_agency_s_partial_scores_open_only_in_their_sum() -> None:
+    """Civil affairs holds the key and receives each agency's ciphertexts: each carries a mask that
+    cancels only over all agencies (pairwise X25519 secrets no other party can compute)."""
+    from agencyfl.alignment.sealed import PartyKeys
+    from agencyfl.screening.protocol import MASK_BOUND, zero_sum_mask
+
+    keys = {a: PartyKeys.generate(a) for a in ("hrss", "tax", "environment")}
+    public = {a: k.public() for a, k in keys.items()}
+    masks = {a: zero_sum_mask(k, public, "scr-1", 5000) for a, k in keys.items()}
+    np.testing.assert_allclose(sum(masks.values()), 0.0, atol=1e-6)
+    for mask in masks.values():
+        assert np.abs(mask).mean() > MASK_BOUND / 4  # each share is large: it hides a score of a few units
+    again = zero_sum_mask(keys["tax"], public, "scr-1", 5000)
+    np.testing.assert_array_equal(again, masks["tax"])  # both ends of each pair derive the same stream
+    assert not np.allclose(zero_sum_mask(keys["tax"], public, "scr-2", 5000), masks["tax"])  # fresh per screening
+    stranger = PartyKeys.generate("tax")  # a key the coordinator slipped in for tax: the masks no longer cancel
+    forged = zero_sum_mask(stranger, public, "scr-1", 5000) + masks["hrss"] + masks["environment"]
+    assert np.abs(forged).mean() > 1.0

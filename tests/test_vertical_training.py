@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -135,7 +136,6 @@ def test_an_arbiter_that_alters_the_validation_scores_is_caught(
     run: VerticalResult, blocks: tuple[list[Block], Block, LabelData]
 ) -> None:
     """A curious arbiter shifting one household's decrypted score would read its label from the AUC."""
-    from agencyfl.federation.errors import MessageRejectedError
     from agencyfl.vertical.protocol import Arbiter, FeatureHolder, LabelHolder
 
     _, _, labels = blocks
@@ -148,8 +148,20 @@ def test_an_arbiter_that_alters_the_validation_scores_is_caught(
         partials = {h.name: h.partial_scores() for h in holders}  # type: ignore[union-attr]
         return arbiter.decrypt_masked_scores(civil.name, civil.masked_scores(partials))
 
+    records = [p.received for p in (civil, arbiter, *holders)]  # the shared run's, as the other tests read them
+    kept = [len(r) for r in records]
+    try:
+        _tamper(civil, decrypted, labels, run.validation_logits)
+    finally:
+        for record, n in zip(records, kept, strict=True):
+            del record[n:]
+
+
+def _tamper(civil: Any, decrypted: Any, labels: LabelData, expected: np.ndarray) -> None:
+    from agencyfl.federation.errors import MessageRejectedError
+
     honest = civil.unmask_scores(decrypted())
-    np.testing.assert_allclose(honest, run.validation_logits, atol=1e-3)
+    np.testing.assert_allclose(honest, expected, atol=1e-3)
     inside, outside = np.flatnonzero(labels.validation)[0], np.flatnonzero(~labels.validation)[0]
     for position, delta in ((inside, 3.0), (inside, 0.05), (outside, 3.0)):
         values = decrypted()

@@ -15,9 +15,10 @@ import json
 from typing import Literal
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
-from cryptography.hazmat.primitives import hpke
+from cryptography.hazmat.primitives import hashes, hpke
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from pydantic import BaseModel, ConfigDict, Field
 
 from agencyfl.alignment.errors import MessageRejectedError
@@ -105,6 +106,11 @@ class PartyKeys:
     def sign(self, data: bytes) -> bytes:
         """An Ed25519 signature of ``data``."""
         return self._signing.sign(data)
+
+    def agree(self, peer: PartyPublicKeys, info: bytes) -> bytes:
+        """A 32-byte secret only this party and ``peer`` can compute (X25519, then HKDF-SHA256 over ``info``)."""
+        shared = self._sealing.exchange(X25519PublicKey.from_public_bytes(peer.sealing))
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(shared)
 
     def decrypt(self, ciphertext: bytes, info: bytes) -> bytes:
         """HPKE-open ``ciphertext`` sealed to this party under ``info`` (raises on failure)."""

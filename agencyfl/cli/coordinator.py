@@ -308,9 +308,8 @@ def screen(
         emit_json(summary)
         return
     out.print(f"screening {summary['screening']} of {summary['model_version']}: {summary['households_scored']:,} "
-              f"households scored under civil affairs' key; the coordinator held only ciphertexts")  # fmt: skip
-    for name, reason in summary["explain_refused"].items():
-        out.print(f"[yellow]{name} gave no reasons[/]: {reason}")
+              f"households scored under civil affairs' key; the coordinator held only ciphertexts "
+              f"(which agencies gave reasons is in civil affairs' report)")  # fmt: skip
     out.print(f"worklists at civil affairs: {summary['worklists_at_requester']['worklist_html']}")
     out.print(f"recorded in {summary['uses_ledger']} (committing to civil affairs' entry; the counts stay there)")
 

@@ -36,7 +36,9 @@ class ParameterSet:
 
 # Total coefficient bits stay within the 128-bit-security bounds (N=4096: 109, N=8192: 218, N=16384: 438).
 PARAMETER_SETS = (
-    ParameterSet("n4096-d0", 4096, (54, 54), 40, 0),  # additions only: screening's summed partial scores
+    # additions only: screening's summed partial scores; scale 2^30 leaves room for values up to 2^23, so
+    # the agencies' zero-sum masks (uniform on +-2^20 per pair) fit, with about 1e-6 of precision
+    ParameterSet("n4096-d0", 4096, (54, 54), 30, 0),
     ParameterSet("n8192-d1", 8192, (60, 40, 60), 40, 1),
     ParameterSet("n8192-d2", 8192, (60, 40, 40, 60), 40, 2),
     ParameterSet("n8192-d3", 8192, (50, 35, 35, 35, 50), 35, 3),

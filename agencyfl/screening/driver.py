@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from agencyfl.alignment.sealed import unpack
-from agencyfl.federation.errors import MessageRejectedError, ScreeningRefusedError
+from agencyfl.federation.errors import MessageRejectedError
 from agencyfl.privacy.ledger import Ledger
 from agencyfl.screening.records import COORDINATOR, ModelUse, now_iso
 from agencyfl.screening.remote import ScreeningPlan
@@ -65,22 +65,18 @@ def drive_screening(
         sent |= {a: f.nbytes for a, f in parts.items()}
         sent[COORDINATOR] = relayed.nbytes + len(context) * len(agencies)
         scored = hub.call(requester, relayed, step_timeout)
-        reasons, refusals = [], {}
+        reasons = []
         for blob in scored.blobs:  # civil affairs' sealed lists, one per agency that chose to explain
             envelope = unpack(blob)
             if envelope.sender != requester or envelope.recipient not in agencies:
                 raise MessageRejectedError(f"a list from {envelope.sender!r} to {envelope.recipient!r}: not relayed")
-            try:
-                answer = hub.call(envelope.recipient, Frame("screen-explain", blobs=[blob]), step_timeout)
-            except ScreeningRefusedError as exc:  # recorded in that agency's ledger; the screening goes on
-                refusals[envelope.recipient] = str(exc)
-                continue
-            reply = unpack(answer.blobs[0])
-            if reply.sender != envelope.recipient or reply.recipient != requester:
-                raise MessageRejectedError(f"reasons from {reply.sender!r} to {reply.recipient!r}: not relayed")
-            reasons.append(answer.blobs[0])
+            answer = hub.call(envelope.recipient, Frame("screen-explain", blobs=[blob]), step_timeout)
+            reply = unpack(answer.blobs[0]) if len(answer.blobs) == 1 else None
+            if reply is None or reply.sender != envelope.recipient or reply.recipient != requester:
+                raise MessageRejectedError(f"an answer from {envelope.recipient!r} not sealed to {requester!r}")
+            reasons.append(answer.blobs[0])  # reasons or a refusal: only civil affairs can tell
         sink({"type": "step", "step": "explained"})
-        finish = Frame("screen-finish", {"refusals": refusals, "sent": sent, "token_holder": token_holder}, reasons)
+        finish = Frame("screen-finish", {"sent": sent, "token_holder": token_holder}, reasons)
         done = hub.call(requester, finish, step_timeout)
         uses.append(ModelUse(
             kind="screening", owner=COORDINATOR, screening=plan.screening, federation=plan.federation,
@@ -98,7 +94,7 @@ def drive_screening(
     hub.end(Frame("end"))
     summary.update(
         status="recorded", households_scored=int(done.fields["households"]), bytes=sent,
-        explain_refused=refusals, worklists_at_requester=done.fields["files"],
+        worklists_at_requester=done.fields["files"],
         requester_entry_sha256=done.fields["requester_entry_sha256"], uses_ledger=str(uses.directory),
     )  # fmt: skip
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -22,6 +22,7 @@ import numpy.typing as npt
 import tenseal as ts
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 from agencyfl.alignment.sealed import Envelope, PartyKeys, PartyPublicKeys, open_envelope, seal
 from agencyfl.federation.errors import HEError, MessageRejectedError, ScreeningRefusedError
@@ -151,8 +152,9 @@ class Contributor(_Party):
         self.weights = weights
         self.keys = keys
 
-    def partial_scores(self, request: ScreeningRequest) -> PartialScores:
-        """Enc(X_k w_k) at every register position, under the requester's public key.
+    def partial_scores(self, request: ScreeningRequest, mask: Vector | None = None) -> PartialScores:
+        """Enc(X_k w_k) at every register position, under the requester's public key (plus ``mask``, this
+        agency's share of masks that cancel over all agencies: ``zero_sum_mask``).
 
         Raises
         ------
@@ -172,6 +174,8 @@ class Contributor(_Party):
         )
         start = time.perf_counter()
         u = self.block.x @ self.weights
+        if mask is not None:
+            u = u + mask[: len(u)]
         raw = [bytes(ts.ckks_vector(context, c).serialize()) for c in _chunks(u, params.slots)]
         self.he_seconds += time.perf_counter() - start
         message = PartialScores(self.name, request.context_fingerprint, len(u), raw)
@@ -271,7 +275,37 @@ class Relay(_Party):
         return out
 
 
-# ------------------------------------------------------------------ statements signed with run keys (a deployment)
+# ------------------------------------------------------------------ a deployment: masks and signed statements
+MASK_BOUND = 2.0**20
+"""Each pair's mask is uniform on [-MASK_BOUND, MASK_BOUND): far above any partial score (|u| < 50), within
+the 2^23 that ``n4096-d0``'s scale leaves."""
+_MASK_DOMAIN = b"agencyfl screening zero-sum mask v1\n"
+
+
+def _keystream_uniform(seed: bytes, size: int) -> Vector:
+    """``size`` values uniform on [-MASK_BOUND, MASK_BOUND) from ChaCha20 keyed by ``seed`` (a real PRF:
+    the requester sees masked values and must not predict the stream)."""
+    encryptor = Cipher(algorithms.ChaCha20(seed, b"\0" * 16), mode=None).encryptor()
+    words = np.frombuffer(encryptor.update(b"\0" * (8 * size)), dtype="<u8")
+    return np.asarray((words >> np.uint64(11)) * 2.0**-53 * 2 * MASK_BOUND - MASK_BOUND, dtype=np.float64)
+
+
+def zero_sum_mask(keys: PartyKeys, agencies: dict[str, PartyPublicKeys], screening: str, size: int) -> Vector:
+    """This agency's share of masks that sum to zero over ``agencies`` (every agency with a part but the
+    requester): for each other agency, a stream keyed by the pair's X25519 secret for this screening,
+    added by the pair's first name and subtracted by the second. The requester, who holds the CKKS key
+    and receives each agency's ciphertexts, decrypts only their sum: each part alone is masked."""
+    mask = np.zeros(size, dtype=np.float64)
+    for name in sorted(agencies):
+        if name == keys.name:
+            continue
+        first, second = sorted((keys.name, name))
+        info = _MASK_DOMAIN + json.dumps([screening, first, second]).encode()
+        draw = _keystream_uniform(keys.agree(agencies[name], info), size)
+        mask += draw if keys.name == first else -draw
+    return mask
+
+
 _CONTEXT_DOMAIN = b"agencyfl screening context v1\n"
 _PARTIAL_DOMAIN = b"agencyfl screening partial scores v1\n"
 
@@ -303,6 +337,7 @@ REASON_BYTES = 384
 """A reason's UTF-8 bytes at most (longer ones are cut at a character): every reasons message then has the
 same length for a given agency, whatever the number of listed households (``seal_reasons``)."""
 _REASON_ROW = struct.Struct("<IH")  # register position, reason length
+REFUSED = 0xFFFFFFFF  # the one row of a refusal, in place of a register position
 
 
 def seal_positions(
@@ -345,21 +380,26 @@ def reasons_capacity(explain_max: float, size: int) -> int:
 
 
 def seal_reasons(
-    sender: PartyKeys, recipient: PartyPublicKeys, screening: str, reasons: dict[int, str], capacity: int
-) -> Envelope:
-    """An agency's reasons, sealed to the requester, padded to ``capacity`` rows of ``REASON_BYTES``.
+    sender: PartyKeys, recipient: PartyPublicKeys, screening: str, reasons: dict[int, str], capacity: int,
+    refusal: str | None = None,
+) -> Envelope:  # fmt: skip
+    """An agency's reasons (or its ``refusal``), sealed to the requester, padded to ``capacity`` rows of
+    ``REASON_BYTES``.
 
-    Every reasons message of an agency then has one length per register, so the coordinator relaying it
-    cannot count the listed households.
+    Every answer of an agency then has one length per register, refusal or not, so the coordinator
+    relaying it can neither count the listed households nor tell a refusal (which would say the list was
+    longer than ``explain_max``).
     """
     if len(reasons) > capacity:
         raise ScreeningRefusedError(f"{sender.name}: {len(reasons)} reasons exceed its {capacity}")
+    if refusal is not None:
+        reasons = {REFUSED: refusal}
     rows = []
     for position, text in reasons.items():
         raw = text.encode()[:REASON_BYTES].decode(errors="ignore").encode()  # cut at a character
         rows.append(_REASON_ROW.pack(position, len(raw)) + raw.ljust(REASON_BYTES, b"\0"))
     payload = struct.pack("<I", len(reasons)) + b"".join(rows)
-    payload = payload.ljust(4 + capacity * (_REASON_ROW.size + REASON_BYTES), b"\0")
+    payload = payload.ljust(4 + max(capacity, 1) * (_REASON_ROW.size + REASON_BYTES), b"\0")
     return seal(payload, run=screening, sender=sender, recipient=recipient, kind="explanations",
                 chunk=0, chunks=1, rows=0)  # fmt: skip
 
@@ -371,6 +411,8 @@ def open_reasons(envelope: Envelope, recipient: PartyKeys, sender: PartyPublicKe
     ------
     MessageRejectedError
         If the message is malformed.
+    ScreeningRefusedError
+        If the agency refused (its reason, as recorded in its ledger).
     """
     raw = open_envelope(envelope, recipient=recipient, sender=sender, run=screening, kind="explanations")
     width = _REASON_ROW.size + REASON_BYTES
@@ -386,4 +428,6 @@ def open_reasons(envelope: Envelope, recipient: PartyKeys, sender: PartyPublicKe
         if length > REASON_BYTES:
             raise MessageRejectedError(f"reasons from {sender.name}: a malformed row")
         out[int(position)] = raw[start : start + length].decode(errors="replace")
+    if REFUSED in out:
+        raise ScreeningRefusedError(out[REFUSED])
     return out

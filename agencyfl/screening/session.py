@@ -10,6 +10,7 @@ use recorded in its own uses ledger first (``docs/screening.md``, "In a deployme
 from __future__ import annotations
 
 import hashlib
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from agencyfl.alignment.sealed import Envelope, PartyKeys, PartyPublicKeys, certify, pack, unpack, verify_certificate
-from agencyfl.federation.errors import MessageRejectedError, ModelError, ProtocolError
+from agencyfl.federation.errors import MessageRejectedError, ModelError, ProtocolError, ScreeningRefusedError
 from agencyfl.federation.spec import LoadedVerticalSpec
 from agencyfl.privacy.he import fingerprint
 from agencyfl.privacy.ledger import Ledger
@@ -31,8 +32,11 @@ from agencyfl.screening.protocol import (
     context_statement,
     open_reasons,
     partial_statement,
+    reasons_capacity,
     seal_positions,
+    seal_reasons,
     verify_statement,
+    zero_sum_mask,
 )
 from agencyfl.screening.records import ModelUse, now_iso
 from agencyfl.screening.remote import ScreeningPlan
@@ -47,7 +51,7 @@ from agencyfl.screening.run import (
 )
 from agencyfl.vertical.encoding import Block, PartyFiles, feature_block, register_block, register_frame
 from agencyfl.vertical.model import RegisteredVerticalModel
-from agencyfl.vertical.stream import Frame, dispatch
+from agencyfl.vertical.stream import Frame, dispatch, int_field, list_field, str_field
 
 MODEL_FILES = ("manifest.json", "card.json", "spec.toml")
 
@@ -93,6 +97,7 @@ class ScreeningSession:
         self.directory: dict[str, PartyPublicKeys] = {self.agency: self.keys.public()}
         self.requester: Requester | None = None
         self.request: ScreeningRequest | None = None
+        self.asked: set[str] = set()  # the agencies civil affairs sent a list to
         self.contributor: Contributor | None = None
         self.model: RegisteredVerticalModel | None = None
         self.lists: Lists | None = None
@@ -133,10 +138,10 @@ class ScreeningSession:
         if not isinstance(names, list) or len(frame.blobs) != len(names) + 1:
             raise MessageRejectedError("a malformed setup frame")
         certificates = dict(zip(names, frame.blobs[1:], strict=True))
-        # civil affairs checks every agency's partial scores, each agency civil affairs' key: both need the
-        # counterpart's ledger key (handed out of band), or the coordinator could stand in for the other
-        peers = [p for p in self.plan.parties if p != self.agency] if self.is_requester else [self.plan.requester]
-        for peer in peers:
+        # civil affairs checks every agency's partial scores, each agency civil affairs' key and its peers'
+        # (their zero-sum masks): every party needs the others' ledger keys (handed out of band), or the
+        # coordinator could stand in for one of them
+        for peer in (p for p in self.plan.parties if p != self.agency):
             trusted = self.config.peer_keys.get(peer)
             if trusted is None:
                 raise MessageRejectedError(
@@ -190,28 +195,29 @@ class ScreeningSession:
                 continue
             size = self.plan.register_size
             asked.append(pack(seal_positions(self.keys, self.directory[agency], self.plan.screening, positions, size)))
+            self.asked.add(agency)
         self.sent += sum(map(len, asked))
         return Frame("ok", blobs=asked)  # no count: how many are listed stays with civil affairs
 
     def _signed_partials(self, frame: Frame) -> list[PartialScores]:
         """Each agency's partial scores as it signed them: one per agency with a part, none altered."""
-        senders, counts = frame.fields.get("senders"), frame.fields.get("chunks")
-        signatures = frame.fields.get("signatures")
+        senders, counts = list_field(frame, "senders", str), list_field(frame, "chunks", int)
+        signatures = list_field(frame, "signatures", str)
         agencies = sorted(self.plan.parts.keys() - {self.agency})
         if (
-            not (isinstance(senders, list) and isinstance(counts, list) and isinstance(signatures, list))
-            or sorted(map(str, senders)) != agencies
+            sorted(senders) != agencies
             or len(counts) != len(senders)
             or len(signatures) != len(senders)
-            or sum(int(c) for c in counts) != len(frame.blobs)
+            or any(c < 0 for c in counts)
+            or sum(counts) != len(frame.blobs)
         ):
             raise MessageRejectedError("the partial scores are not one set from each agency with a part")
         assert self.request is not None
         parts, start = [], 0
         for sender, count, signature in zip(senders, counts, signatures, strict=True):
-            part = PartialScores(str(sender), self.request.context_fingerprint, self.plan.register_size,
-                                 list(frame.blobs[start : start + int(count)]))  # fmt: skip
-            start += int(count)
+            part = PartialScores(sender, self.request.context_fingerprint, self.plan.register_size,
+                                 list(frame.blobs[start : start + count]))  # fmt: skip
+            start += count
             statement = partial_statement(self.plan.screening, part)
             verify_statement(self.directory[part.sender], _hex(signature), statement, f"{part.sender}'s partial scores")
             parts.append(part)
@@ -221,25 +227,35 @@ class ScreeningSession:
         if self.lists is None or self.model is None:
             raise ProtocolError(f"{self.agency}: finish before the scores")
         reasons: dict[int, list[dict[str, str]]] = {}
+        refusals: dict[str, str] = {}
+        answered: set[str] = set()
         for blob in frame.blobs:
             envelope: Envelope = unpack(blob)
             sender = envelope.sender
-            if sender not in self.directory or sender == self.agency:
-                raise MessageRejectedError(f"reasons from {sender!r}, whom this screening did not ask")
-            given = open_reasons(envelope, self.keys, self.directory[sender], self.plan.screening)
+            if sender not in self.asked or sender in answered:
+                raise MessageRejectedError(f"reasons from {sender!r}, whom this screening did not ask (or twice)")
+            answered.add(sender)
+            try:
+                given = open_reasons(envelope, self.keys, self.directory[sender], self.plan.screening)
+            except ScreeningRefusedError as exc:  # the agency's own sealed refusal, recorded in its ledger
+                refusals[sender] = str(exc)
+                continue
             add_reasons(reasons, sender, self.loaded.spec.agency(sender).explain, given)
-        refusals = {str(k): str(v) for k, v in dict(frame.fields.get("refusals", {})).items()}
+        for missing in sorted(self.asked - answered):  # the coordinator relayed no answer: said so, not a refusal
+            refusals[missing] = f"no answer from {missing} was relayed by the coordinator"
         folder = self.config.files.folder
         outcomes = latest_outcomes(folder.parent, folder.name)
         rows, left = worklist_rows(self.lists, self.model, self.plan.screening, reasons, outcomes, None, None)
         entry = self._use("screening", token_id=self.plan.token_id, households=len(self.lists.scores),
-                          counts=dict(self.lists.counts))  # fmt: skip
-        sent = {str(k): int(v) for k, v in dict(frame.fields.get("sent", {})).items()} | {self.agency: self.sent}
+                          counts=dict(self.lists.counts), nonce=secrets.token_hex(16))  # fmt: skip
+        sent_field = frame.fields.get("sent", {})
+        sent = {str(k): int(v) for k, v in sent_field.items() if isinstance(v, int)} if isinstance(
+            sent_field, dict) else {}  # fmt: skip
         report = screening_report(
             self.loaded, self.model, self.lists, self.plan.screening, self.plan.purpose,
             (self.plan.token_id, str(frame.fields.get("token_holder", ""))), None, rows, left, refusals,
-            aligned=False, out=self.out, sent=sent, ledgers={"requester": str(self.config.uses.directory)},
-            review_band=self.plan.review_band,
+            aligned=False, out=self.out, sent=sent | {self.agency: self.sent},
+            ledgers={"requester": str(self.config.uses.directory)}, review_band=self.plan.review_band,
         )  # fmt: skip
         files = write_worklists(self.out, rows, report)
         return Frame("ok", {"requester_entry_sha256": entry, "households": len(self.lists.scores), "files": files})
@@ -250,7 +266,7 @@ class ScreeningSession:
             raise MessageRejectedError(f"{self.agency} takes no partial-score request of this shape")
         request = ScreeningRequest(
             self.plan.screening, self.plan.federation, self.plan.model_version, self.plan.purpose,
-            self.plan.requester, int(frame.fields["register_size"]), frame.blobs[0], str(frame.fields["fingerprint"]),
+            self.plan.requester, int_field(frame, "register_size", 1), frame.blobs[0], str_field(frame, "fingerprint"),
         )  # fmt: skip
         # encrypt only under civil affairs' own key for this screening: never under one the coordinator chose
         statement = context_statement(self.plan.screening, self.plan.requester, request.register_size,
@@ -258,8 +274,12 @@ class ScreeningSession:
         verify_statement(self.directory[self.plan.requester], _hex(frame.fields.get("signature")), statement,
                          "the screening's public context")  # fmt: skip
         self.contributor = Contributor(self.block, self.weights, self.keys)
+        # civil affairs receives each agency's ciphertexts and holds the key: each part is masked so that
+        # only their sum opens (the masks cancel over the agencies)
+        agencies = {a: self.directory[a] for a in self.plan.parties[1:]}
+        mask = zero_sum_mask(self.keys, agencies, self.plan.screening, len(self.block.x))
         self._use("screening-contribution", households=len(self.block.x))  # recorded before anything leaves
-        part: PartialScores = self.contributor.partial_scores(request)
+        part: PartialScores = self.contributor.partial_scores(request, mask)
         signed = self.keys.sign(partial_statement(self.plan.screening, part)).hex()
         return Frame("ok", {"count": part.count, "fingerprint": part.context_fingerprint, "signature": signed},
                      part.ciphertexts)  # fmt: skip
@@ -267,10 +287,15 @@ class ScreeningSession:
     def _op_screen_explain(self, frame: Frame) -> Frame:
         if self.contributor is None or len(frame.blobs) != 1 or self.plan.requester not in self.directory:
             raise ProtocolError(f"{self.agency}: a request for reasons out of order")
-        envelope = answer_disclosure(
-            self.config.uses, self.loaded, self.contributor, self.keys, self.directory[self.plan.requester],
-            unpack(frame.blobs[0]), self.plan.screening, self.plan.model_version, self.plan.purpose,
-        )  # fmt: skip
+        requester = self.directory[self.plan.requester]
+        try:
+            envelope = answer_disclosure(
+                self.config.uses, self.loaded, self.contributor, self.keys, requester, unpack(frame.blobs[0]),
+                self.plan.screening, self.plan.model_version, self.plan.purpose,
+            )  # fmt: skip
+        except ScreeningRefusedError as exc:  # recorded in its ledger; sealed, of the same length as reasons
+            capacity = reasons_capacity(self.loaded.spec.agency(self.agency).explain_max, len(self.block.x))
+            envelope = seal_reasons(self.keys, requester, self.plan.screening, {}, capacity, refusal=str(exc))
         return Frame("ok", blobs=[pack(envelope)])
 
 

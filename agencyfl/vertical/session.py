@@ -30,7 +30,7 @@ from agencyfl.vertical.job import admit, fairness_release, plan_of
 from agencyfl.vertical.model import INTERCEPT, save_part
 from agencyfl.vertical.protocol import FeatureHolder, GradientMessage, HolderSetup, LabelHolder
 from agencyfl.vertical.remote import VerticalJobPlan
-from agencyfl.vertical.stream import Frame, dispatch
+from agencyfl.vertical.stream import Frame, dispatch, int_field, str_field
 
 CHECKPOINTS_KEPT = 2
 
@@ -80,6 +80,7 @@ class PartySession:
         self.released_through = 0  # ... and the last iteration its chain records as released
         self.last_gradient = 0  # iterations only go forward within a session
         self.last_release = 0
+        self.last_rescaled = 0
         self.fairness_admitted = False
 
     # ------------------------------------------------------------------ checkpoints (its own block only)
@@ -170,7 +171,7 @@ class PartySession:
             self.holder = LabelHolder(self.block, self.labels, setup, rng)
         else:
             self.holder = FeatureHolder(self.block, setup, rng)
-        resume_from, released = int(frame.fields.get("resume_from", 0)), int(frame.fields.get("released_through", 0))
+        resume_from, released = int_field(frame, "resume_from"), int_field(frame, "released_through")
         if not 0 <= resume_from < self.job.iterations or released < 0:
             raise MessageRejectedError(
                 f"a resume point {resume_from} outside the job's {self.job.iterations} iterations"
@@ -198,7 +199,7 @@ class PartySession:
         return Frame("ok", blobs=[pack(e) for envelopes in sealed.values() for e in envelopes])
 
     def _op_gradient(self, frame: Frame) -> Frame:
-        iteration = int(frame.fields["iteration"])
+        iteration = int_field(frame, "iteration", 1, self.job.iterations)
         if not max(self.resume_from, self.last_gradient) < iteration <= self.job.iterations:
             raise MessageRejectedError(
                 f"iteration {iteration} is not after {max(self.resume_from, self.last_gradient)} inside the job"
@@ -227,11 +228,15 @@ class PartySession:
     def _mark_received(self, iteration: int) -> None:
         """Recorded (fsynced) before the release is applied: after a crash, that iteration counts again."""
         self.checkpoints.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(self._received_marker(iteration), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        for path, flags in (
+            (self._received_marker(iteration), os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
+            (self.checkpoints, os.O_RDONLY),
+        ):  # the file, then its directory entry
+            fd = os.open(path, flags, 0o600)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def _op_release(self, frame: Frame) -> Frame:
         holder = self._holder()
@@ -247,14 +252,23 @@ class PartySession:
 
     def _op_rescale(self, frame: Frame) -> Frame:
         holder = self._holder()
-        iteration, factor = int(frame.fields["iteration"]), float(frame.fields["factor"])
-        if iteration != self.last_release:
-            raise MessageRejectedError(f"a rescale for iteration {iteration}; the last release was {self.last_release}")
-        holder.rescale(factor)
+        iteration, factor = int_field(frame, "iteration", 1), frame.fields.get("factor")
+        if not isinstance(factor, float | int) or isinstance(factor, bool):
+            raise MessageRejectedError("a rescale frame without a numeric factor")
+        if iteration != self.last_release or self.last_rescaled >= iteration:
+            raise MessageRejectedError(
+                f"a rescale for iteration {iteration}; the last release was {self.last_release}, "
+                f"rescaled through {self.last_rescaled}"
+            )
+        holder.rescale(float(factor))
+        self.last_rescaled = iteration
         self._checkpoint(iteration)
         return Frame("ok")
 
     def _op_masked_scores(self, frame: Frame) -> Frame:
+        if self.last_rescaled != self.job.iterations:  # the card's AUC must describe the registered model
+            raise ProtocolError(f"{self.agency}: validation scores after iteration {self.last_rescaled} of "
+                                f"{self.job.iterations}")  # fmt: skip
         return Frame("ok", blobs=self._label().masked_scores(self._partials(frame)))
 
     def _op_scores(self, frame: Frame) -> Frame:
@@ -269,7 +283,7 @@ class PartySession:
         return Frame("ok", {"auc": float(auc), "n": int(len(y))})
 
     def _op_admit_fairness(self, frame: Frame) -> Frame:
-        iteration = int(frame.fields["iteration"])
+        iteration = int_field(frame, "iteration")
         if iteration != self.job.iterations + 1:
             raise MessageRejectedError(f"the fairness release is iteration {self.job.iterations + 1}, not {iteration}")
         entry = admit(self.config.ledger, self.loaded, self.plan, self.job.job, self.agency, iteration, "fairness")
@@ -291,9 +305,9 @@ class PartySession:
 
     def _op_finish(self, frame: Frame) -> Frame:
         holder = self._holder()
-        if self.last_release != self.job.iterations:
-            raise ProtocolError(f"{self.agency}: finish after iteration {self.last_release} of {self.job.iterations}")
-        version = str(frame.fields["version"])
+        if self.last_rescaled != self.job.iterations:
+            raise ProtocolError(f"{self.agency}: finish after iteration {self.last_rescaled} of {self.job.iterations}")
+        version = str_field(frame, "version")
         if not version.startswith("v") or not version[1:].isdigit():
             raise MessageRejectedError(f"a model version {version[:20]!r} is not vNNNN")
         path, digest = save_part(self.config.files.folder, version, holder.weights)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import queue
+import re
 import struct
 import threading
 import time
@@ -284,11 +285,39 @@ class StreamHub:
 Handler = Callable[[Frame], Frame]
 
 
+def int_field(frame: Frame, name: str, low: int = 0, high: int | None = None) -> int:
+    """A frame's integer field, within [low, high] (MessageRejectedError otherwise, never a traceback)."""
+    value = frame.fields.get(name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        raise MessageRejectedError(f"a {frame.op[:40]!r} frame whose {name!r} is not an integer in range")
+    return value
+
+
+def str_field(frame: Frame, name: str) -> str:
+    """A frame's string field (MessageRejectedError when it is missing or not a string)."""
+    value = frame.fields.get(name)
+    if not isinstance(value, str):
+        raise MessageRejectedError(f"a {frame.op[:40]!r} frame without a string {name!r}")
+    return value
+
+
+def list_field(frame: Frame, name: str, kind: type) -> list[Any]:
+    """A frame's list field whose items are all ``kind`` (MessageRejectedError otherwise)."""
+    value = frame.fields.get(name)
+    if not isinstance(value, list) or not all(isinstance(v, kind) and not isinstance(v, bool) for v in value):
+        raise MessageRejectedError(f"a {frame.op[:40]!r} frame whose {name!r} is not a list of {kind.__name__}")
+    return value
+
+
+_OP = re.compile(r"[a-z]+(?:-[a-z]+)*")
+
+
 def dispatch(party: object, agency: str, frame: Frame) -> Frame:
     """Answer ``frame`` with ``party``'s ``_op_<op>`` method (dashes as underscores): how a party's session
     serves the coordinator's frames; MessageRejectedError for an operation its role does not take, and
     ProtocolError for a second one of those its ``once_only`` names."""
-    handler = getattr(party, "_op_" + frame.op.replace("-", "_"), None)
+    # one spelling per operation: "screen_scores" must not reach the handler of a spent "screen-scores"
+    handler = getattr(party, "_op_" + frame.op.replace("-", "_"), None) if _OP.fullmatch(frame.op) else None
     if handler is None:
         raise MessageRejectedError(f"{agency} does not take {frame.op[:40]!r} frames")
     if frame.op in getattr(party, "once_only", ()):  # marked before it runs: a failed step is not retried either
