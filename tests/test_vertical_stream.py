@@ -291,13 +291,14 @@ def test_a_drop_after_release_counts_the_iteration_again(federation: Federation,
 
 
 def run_screening(
-    fed: Federation, model_dir: Path, screening: str, swap: str | None = None, driver: Any = None
-) -> Outcome:
+    fed: Federation, model_dir: Path, screening: str, swap: str | None = None, driver: Any = None,
+    since: str | None = None, previous_dir: Path | None = None,
+) -> Outcome:  # fmt: skip
     """A deployed screening of the registered model: the coordinator's driver here (``driver(hub, plan,
     model_dir)`` instead: a hostile coordinator), each party on its own thread."""
     from agencyfl.screening.driver import drive_screening
     from agencyfl.screening.records import uses_ledger, uses_ledger_at
-    from agencyfl.screening.remote import ScreeningPlan
+    from agencyfl.screening.remote import PreviousModel, ScreeningPlan
     from agencyfl.screening.session import ScreeningConfig, ScreeningSession
     from agencyfl.vertical.model import RegisteredVerticalModel
 
@@ -316,7 +317,12 @@ def run_screening(
         federation=loaded.spec.federation.name, screening=screening, spec_sha256=loaded.sha256,
         model_version=model.version, model_sha256=model.manifest.sha256(), parts=parts,
         purpose=model.card.purpose, requester=loaded.spec.label_agency.name, token_id="tok-test",
-        register_size=fed.register_size, stream=f"127.0.0.1:{hub.port}", review_band=0.1,
+        register_size=fed.register_size, stream=f"127.0.0.1:{hub.port}", review_band=0.1, since=since,
+        previous=None if previous_dir is None else PreviousModel(
+            model_version=RegisteredVerticalModel(previous_dir).version,
+            model_sha256=RegisteredVerticalModel(previous_dir).manifest.sha256(),
+            parts={p: part.sha256 for p, part in RegisteredVerticalModel(previous_dir).manifest.parts.items()},
+        ),
     )  # fmt: skip
     outcome = Outcome(None, None)
 
@@ -345,6 +351,7 @@ def run_screening(
         outcome.summary = drive_screening(
             hub, plan, model_dir, uses_ledger_at(coordinator, fed.tls / "coordinator.key", "coordinator"),
             "civil-affairs", coordinator / "runs" / screening, outcome.events.append, connect_timeout=10,
+            previous_dir=previous_dir,
         )  # fmt: skip
     except BaseException as exc:  # noqa: BLE001
         outcome.error = exc
@@ -566,3 +573,50 @@ def test_each_agency_s_partial_scores_open_only_in_their_sum() -> None:
     stranger = PartyKeys.generate("tax")  # a key the coordinator slipped in for tax: the masks no longer cancel
     forged = zero_sum_mask(stranger, public, "scr-1", 5000) + masks["hrss"] + masks["environment"]
     assert np.abs(forged).mean() > 1.0
+
+
+def test_a_deployed_screening_since_an_earlier_one_tells_facts_from_model(
+    deployed: tuple[Federation, Outcome],
+) -> None:
+    """``--since``: the same model finds every listed household unchanged; a new model version (here the
+    same parts scaled, registered beside it) is run on today's facts too, so each change says "model"."""
+    import pandas as pd
+
+    from agencyfl.vertical.model import ModelPart, RegisteredVerticalModel, new_version, register_parts, save_part
+
+    fed, trained = deployed
+    assert trained.summary is not None
+    first_dir = Path(trained.summary["registry"])
+    first = run_screening(fed, first_dir, "scr-since-1")
+    assert first.error is None, (first.error, first.party_errors)
+    again = run_screening(fed, first_dir, "scr-since-2", since="scr-since-1")
+    assert again.error is None, (again.error, again.party_errors)
+    assert again.summary is not None and again.summary["since"] == "scr-since-1"
+    rows = pd.read_csv(again.summary["worklists_at_requester"]["worklist_csv"])
+    assert len(rows) > 0 and (rows["change"] == "unchanged").mean() > 0.98  # CKKS error may move a cutoff row
+
+    model = RegisteredVerticalModel(first_dir)
+    target = new_version(first_dir.parent.parent.parent, fed.loaded)  # the same registry: the next version
+    parts = {}
+    for agency, part in model.manifest.parts.items():
+        weights = np.load(fed.work / agency / part.path) * 0.6  # a weaker model: fewer invitations
+        path, digest = save_part(fed.work / agency, target.name, weights)
+        parts[agency] = ModelPart(holder=agency, path=path, inputs=part.inputs, sha256=digest)
+    second_dir = register_parts(target, fed.loaded, parts, model.card)
+    third = run_screening(fed, second_dir, "scr-since-3", since="scr-since-1", previous_dir=first_dir)
+    assert third.error is None, (third.error, third.party_errors)
+    assert third.summary is not None and third.summary["previous_model"] == model.version
+    rows = pd.read_csv(third.summary["worklists_at_requester"]["worklist_csv"])
+    changed = rows[rows["change"] != "unchanged"]
+    assert len(changed) > 0 and (changed["cause"] == "model").mean() > 0.95, changed["cause"].value_counts()
+    assert not changed["cause"].str.startswith("unknown").any()
+    # --since an id the coordinator never recorded: refused before anything is sent (exit 4)
+    from agencyfl.federation.errors import DataFileError
+    from agencyfl.screening.remote import recorded_screening
+
+    coordinator = fed.work / "coordinator-deploy"
+    assert recorded_screening(coordinator, fed.tls / "coordinator.key", "scr-since-1", model).model_version == (
+        model.version)  # fmt: skip
+    for unknown in ("scr-never", "../etc"):
+        with pytest.raises(DataFileError):
+            recorded_screening(coordinator, fed.tls / "coordinator.key", unknown, model)

@@ -261,14 +261,23 @@ def screen(
     review_band: Annotated[
         float, typer.Option("--review-band", min=0.0, max=0.5, help="Scores within cutoff +- band go to human review")
     ] = 0.1,
+    since: Annotated[
+        str | None,
+        typer.Option(
+            "--since",
+            help="An earlier screening's id: mark each listed household new, unchanged or "
+            "changed since its worklist (which stays at civil affairs)",
+        ),
+    ] = None,
     cdir_path: DirOpt = None,
     fmt: FormatOpt = Format.table,
 ) -> None:
     """Screen civil affairs' whole register through the parties' SuperNodes; the worklists stay at civil affairs.
 
     Checks the token and purpose first (a refusal is recorded, nothing is sent: exit 24). Each agency scores
-    its own records with its own part under civil affairs' key; this coordinator adds ciphertexts it cannot
-    open; only civil affairs decrypts and writes the worklists, in its own folder. Nothing changes an enrolment.
+    its own records with its own part under civil affairs' key, masked so that only the sum opens; this
+    coordinator relays ciphertexts it cannot open; only civil affairs adds, decrypts and writes the
+    worklists, in its own folder. Nothing changes an enrolment.
     """
     from agencyfl.alignment.runs import load_vertical
     from agencyfl.deployment import follow_recorded, submit_run
@@ -280,6 +289,10 @@ def screen(
         load_vertical(spec)
         registered = RegisteredVerticalModel(cdir.work / "registry" / model)
         purpose = purpose or registered.card.purpose
+        if since is not None:
+            from agencyfl.screening.remote import recorded_screening
+
+            recorded_screening(cdir.root, cdir.root / "keys" / "ledger-signing.key", since, registered)
         screening = new_screening()
         try:
             token_id, holder = check_use(tokens or cdir.root / "tokens.json", token or "", purpose, registered)
@@ -294,7 +307,7 @@ def screen(
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "request.json").write_text(json.dumps({
             "model_version": registered.version, "purpose": purpose, "token_id": token_id, "token_holder": holder,
-            "review_band": review_band,
+            "review_band": review_band, "since": since,
         }))  # fmt: skip
         run_id = submit_run(cdir, spec, screening, False, task="screen", requested_by=holder)
         if fmt is Format.json:
@@ -310,6 +323,8 @@ def screen(
     out.print(f"screening {summary['screening']} of {summary['model_version']}: {summary['households_scored']:,} "
               f"households scored under civil affairs' key; the coordinator held only ciphertexts "
               f"(which agencies gave reasons is in civil affairs' report)")  # fmt: skip
+    if summary.get("since"):
+        out.print(f"compared with screening {summary['since']} (its worklist, at civil affairs)")
     out.print(f"worklists at civil affairs: {summary['worklists_at_requester']['worklist_html']}")
     out.print(f"recorded in {summary['uses_ledger']} (committing to civil affairs' entry; the counts stay there)")
 

@@ -28,6 +28,7 @@ EventSink = Callable[[dict[str, Any]], None]
 def drive_screening(
     hub: StreamHub, plan: ScreeningPlan, model_dir: Path, uses: Ledger[ModelUse], token_holder: str,
     run_dir: Path, sink: EventSink, connect_timeout: float = 600.0, step_timeout: float = 600.0,
+    previous_dir: Path | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Run one screening on the parties' streams; returns the summary (also ``run_dir/summary.json``).
 
@@ -48,7 +49,8 @@ def drive_screening(
         setup = Frame("setup", {"certificates": names}, [b"", *(hellos[n].blobs[1] for n in names)])
         hub.call_all({p: setup for p in plan.parties}, step_timeout)
         sink({"type": "step", "step": "connected"})
-        asked = hub.call(requester, Frame("screen-request", blobs=model_files(model_dir)), step_timeout)
+        files = model_files(model_dir) + (model_files(previous_dir) if previous_dir is not None else [])
+        asked = hub.call(requester, Frame("screen-request", blobs=files), step_timeout)
         context = asked.blobs[0]
         signature = str(asked.fields.get("signature", ""))
         fields = {"register_size": int(asked.fields["register_size"]), "fingerprint": str(asked.fields["fingerprint"]),
@@ -61,6 +63,7 @@ def drive_screening(
         relayed = Frame("screen-scores", {
             "senders": senders, "chunks": [len(parts[a].blobs) for a in senders],
             "signatures": [str(parts[a].fields.get("signature", "")) for a in senders],
+            "previous_signatures": [str(parts[a].fields.get("previous_signature", "")) for a in senders],
         }, [blob for a in senders for blob in parts[a].blobs])  # fmt: skip
         sent |= {a: f.nbytes for a, f in parts.items()}
         sent[COORDINATOR] = relayed.nbytes + len(context) * len(agencies)
@@ -96,6 +99,7 @@ def drive_screening(
         status="recorded", households_scored=int(done.fields["households"]), bytes=sent,
         worklists_at_requester=done.fields["files"],
         requester_entry_sha256=done.fields["requester_entry_sha256"], uses_ledger=str(uses.directory),
+        since=plan.since, previous_model=plan.previous.model_version if plan.previous else None,
     )  # fmt: skip
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     sink({"type": "done", "screening": plan.screening})

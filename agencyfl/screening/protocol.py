@@ -119,8 +119,9 @@ class Requester(_Party):
         )
         return self._decrypt([ts.ckks_vector_from(self._context, raw) for raw in summed])
 
-    def logits_of(self, request: ScreeningRequest, parts: list[PartialScores]) -> Vector:
-        """The same from each agency's own partial scores, added here (a deployment: see ``Relay``)."""
+    def logits_of(self, request: ScreeningRequest, parts: list[PartialScores], own: Vector | None = None) -> Vector:
+        """The same from each agency's own partial scores, added here (a deployment: see ``Relay``); ``own``:
+        another part of its own (an earlier model's) in place of this screening's."""
         if request.public_context != self._public:
             raise HEError("the request is not this requester's")
         for part in parts:
@@ -132,13 +133,15 @@ class Requester(_Party):
         for c in summed:
             c.link_context(self._context)  # the same key: its secret half, to decrypt
         self.he_seconds += time.perf_counter() - start
-        return self._decrypt(summed)
+        return self._decrypt(summed, own)
 
-    def _decrypt(self, summed: list[ts.CKKSVector]) -> Vector:
+    def _decrypt(self, summed: list[ts.CKKSVector], own: Vector | None = None) -> Vector:
         start = time.perf_counter()
         values = np.concatenate([np.asarray(c.decrypt()) for c in summed])
         self.he_seconds += time.perf_counter() - start
-        return np.asarray(values[: len(self.block.x)] + self.own_logits(), dtype=np.float64)
+        weights = self.weights if own is None else own
+        mine = self.block.x @ weights[:-1] + weights[-1]
+        return np.asarray(values[: len(self.block.x)] + mine, dtype=np.float64)
 
 
 class Contributor(_Party):
@@ -294,7 +297,8 @@ def zero_sum_mask(keys: PartyKeys, agencies: dict[str, PartyPublicKeys], screeni
     """This agency's share of masks that sum to zero over ``agencies`` (every agency with a part but the
     requester): for each other agency, a stream keyed by the pair's X25519 secret for this screening,
     added by the pair's first name and subtracted by the second. The requester, who holds the CKKS key
-    and receives each agency's ciphertexts, decrypts only their sum: each part alone is masked."""
+    and receives each agency's ciphertexts, decrypts only their sum: each part alone is masked. ``screening``
+    may carry a suffix ("ID/previous"): each scoring pass of a screening has its own masks."""
     mask = np.zeros(size, dtype=np.float64)
     for name in sorted(agencies):
         if name == keys.name:

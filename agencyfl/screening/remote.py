@@ -9,14 +9,31 @@ its own part of the model, then takes part over its stream (``screening.session`
 from __future__ import annotations
 
 import json
-from typing import Annotated
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from agencyfl.alignment.remote import RUN_ID
+from agencyfl.federation.errors import DataFileError
 from agencyfl.federation.spec import LoadedVerticalSpec
+from agencyfl.screening.records import COORDINATOR, ModelUse
+
+if TYPE_CHECKING:
+    from agencyfl.vertical.model import RegisteredVerticalModel
 
 TASK = "screen"
+
+
+class PreviousModel(BaseModel):
+    """The model an earlier screening used, as the registry holds it (hashes only)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model_version: str
+    model_sha256: str
+    parts: dict[str, str]
 
 
 class ScreeningPlan(BaseModel):
@@ -36,6 +53,11 @@ class ScreeningPlan(BaseModel):
     register_size: int = Field(ge=1)
     stream: str
     review_band: float = Field(ge=0.0, le=0.5)
+    since: Annotated[str, Field(pattern=RUN_ID)] | None = None
+    """An earlier screening whose worklist (at civil affairs) this one is compared with (``--since``)."""
+    previous: PreviousModel | None = None
+    """That screening's model when it was another version still in the registry: re-scored on today's facts
+    to tell a change of facts from a change of model."""
 
     @property
     def parties(self) -> tuple[str, ...]:
@@ -63,6 +85,43 @@ class ScreeningPlan(BaseModel):
             return "the screening's model has parts for other parties than this agency's spec lists"
         if agency not in self.parts:
             return f"{agency} is not a party of this federation"
+        if self.previous is not None and set(self.previous.parts) != set(self.parts):
+            return "the previous model has parts for other parties than this one"
         if self.purpose != spec.federation.purpose:
             return f"the purpose {self.purpose!r} is not this federation's ({spec.federation.purpose!r})"
         return None
+
+
+def recorded_screening(folder: Path, key_path: Path, screening: str, model: RegisteredVerticalModel) -> ModelUse:
+    """The coordinator's own record of the earlier ``screening`` of ``model``'s federation (``--since``).
+
+    Raises
+    ------
+    DataFileError
+        If its uses ledger records no such screening.
+    """
+    from agencyfl.screening.records import uses_ledger_at
+
+    if not re.fullmatch(RUN_ID, screening):
+        raise DataFileError(f"{screening[:60]!r} is not a screening id")
+    found = [
+        e for e in uses_ledger_at(folder, key_path, COORDINATOR).events()
+        if e.kind == "screening" and e.screening == screening and e.federation == model.manifest.federation
+    ]  # fmt: skip
+    if not found:
+        raise DataFileError(f"this coordinator recorded no screening {screening} of {model.manifest.federation}")
+    return found[-1]
+
+
+def previous_model(registry: Path, recorded: ModelUse, current: RegisteredVerticalModel) -> PreviousModel | None:
+    """The earlier screening's model, when it is another version still in the registry (else None: the same
+    model needs no second scoring, and a model no longer registered cannot be run)."""
+    from agencyfl.vertical.model import RegisteredVerticalModel
+
+    if recorded.model_version == current.version or not (registry / recorded.model_version / "manifest.json").exists():
+        return None
+    old = RegisteredVerticalModel(registry / recorded.model_version)
+    return PreviousModel(
+        model_version=old.version, model_sha256=old.manifest.sha256(),
+        parts={p: part.sha256 for p, part in old.manifest.parts.items()},
+    )  # fmt: skip

@@ -287,8 +287,16 @@ def _previous_categories(
         return None
     old = RegisteredVerticalModel(folder)
     logits, _ = score_register(loaded, workdir, old, screening, purpose)
+    return categories_under(loaded, old, logits, frame, band)
+
+
+def categories_under(
+    loaded: LoadedVerticalSpec, model: RegisteredVerticalModel, logits: npt.NDArray[np.float64], frame: pd.DataFrame,
+    band: float,
+) -> npt.NDArray[np.str_]:  # fmt: skip
+    """Each register household's category under ``model``'s decision rule, from that model's logits."""
     scores = _sigmoid(logits)
-    rule = DecisionRule.for_model(old.loaded.spec, old.card.mitigation)
+    rule = DecisionRule.for_model(model.loaded.spec, model.card.mitigation)
     decisions = rule.decide(scores, frame, loaded.spec.schema_, band)
     return categorize(scores, decisions.cutoff, frame["enrolled"].to_numpy(dtype=bool), band)
 

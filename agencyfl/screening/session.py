@@ -44,11 +44,13 @@ from agencyfl.screening.run import (
     Lists,
     add_reasons,
     answer_disclosure,
+    categories_under,
     decide_lists,
     screening_report,
     worklist_rows,
     write_worklists,
 )
+from agencyfl.screening.worklist import PreviousWorklist, read_worklist
 from agencyfl.vertical.encoding import Block, PartyFiles, feature_block, register_block, register_frame
 from agencyfl.vertical.model import RegisteredVerticalModel
 from agencyfl.vertical.stream import Frame, dispatch, int_field, list_field, str_field
@@ -93,7 +95,15 @@ class ScreeningSession:
         if len(self.block.x) != self.plan.register_size:
             raise ProtocolError(f"the plan's register has {self.plan.register_size} households; this one has "
                                 f"{len(self.block.x)}")  # fmt: skip
-        self.weights = self._own_part()
+        self.weights = self._own_part(self.plan.model_version, self.plan.parts)
+        previous = self.plan.previous
+        # --since with another model: that model's part too, checked now, before anything is scored
+        self.old_weights = self._own_part(previous.model_version, previous.parts) if previous else None
+        self.previous_worklist: PreviousWorklist | None = None
+        if self.is_requester and self.plan.since is not None:  # its own earlier worklist (DataFileError if gone)
+            self.previous_worklist = read_worklist(self.out.parent / self.plan.since)
+        self.old_model: RegisteredVerticalModel | None = None
+        self.old_categories: np.ndarray | None = None
         self.directory: dict[str, PartyPublicKeys] = {self.agency: self.keys.public()}
         self.requester: Requester | None = None
         self.request: ScreeningRequest | None = None
@@ -103,18 +113,31 @@ class ScreeningSession:
         self.lists: Lists | None = None
         self.sent = 0
 
-    def _own_part(self) -> np.ndarray:
-        """Its part of the model, from its own folder, only if its SHA-256 is the plan's (ModelError if not)."""
-        version = self.plan.model_version.rsplit("/", 1)[-1]
+    def _own_part(self, model_version: str, parts: dict[str, str]) -> np.ndarray:
+        """Its part of a model, from its own folder, only if its SHA-256 is the plan's (ModelError if not)."""
+        version = model_version.rsplit("/", 1)[-1]
         path = self.config.files.folder / "model" / version / "weights.npy"
         try:
             weights = np.load(path)
         except (OSError, ValueError) as exc:
-            raise ModelError(f"{self.agency} holds no part of {self.plan.model_version} ({exc})") from None
+            raise ModelError(f"{self.agency} holds no part of {model_version} ({exc})") from None
         digest = hashlib.sha256(np.ascontiguousarray(weights, dtype="<f8").tobytes()).hexdigest()
-        if digest != self.plan.parts.get(self.agency):
-            raise ModelError(f"{self.agency}'s part of {self.plan.model_version} does not match the model's manifest")
+        if digest != parts.get(self.agency):
+            raise ModelError(f"{self.agency}'s part of {model_version} does not match the model's manifest")
         return np.asarray(weights, dtype=np.float64)
+
+    def _model_from(self, blobs: list[bytes] | tuple[bytes, ...], folder: Path, sha256: str, parts: dict[str, str]) -> (
+        RegisteredVerticalModel
+    ):  # fmt: skip
+        """The registry files the coordinator sent, written to ``folder``, checked against the plan's hashes."""
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for name, blob in zip(MODEL_FILES, blobs, strict=True):
+            (folder / name).write_bytes(blob)
+        model = RegisteredVerticalModel(folder)
+        found = {p: part.sha256 for p, part in model.manifest.parts.items()}
+        if model.manifest.sha256() != sha256 or model.loaded.sha256 != self.loaded.sha256 or found != parts:
+            raise ModelError("the model's manifest, parts or spec are not the one the signed plan names")
+        return model
 
     def hello_fields(self) -> dict[str, Any]:
         """What the hello says besides the signature."""
@@ -155,20 +178,15 @@ class ScreeningSession:
 
     # ------------------------------------------------------------------ the requester (civil affairs)
     def _op_screen_request(self, frame: Frame) -> Frame:
-        if not self.is_requester or len(frame.blobs) != len(MODEL_FILES):
+        wanted = len(MODEL_FILES) * (2 if self.plan.previous else 1)
+        if not self.is_requester or len(frame.blobs) != wanted:
             raise MessageRejectedError(f"{self.agency} takes no screening request of this shape")
-        folder = self.out / "model"
-        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        for name, blob in zip(MODEL_FILES, frame.blobs, strict=True):
-            (folder / name).write_bytes(blob)
-        model = RegisteredVerticalModel(folder)
-        parts = {p: part.sha256 for p, part in model.manifest.parts.items()}
-        if (
-            model.manifest.sha256() != self.plan.model_sha256
-            or model.loaded.sha256 != self.loaded.sha256
-            or parts != self.plan.parts
-        ):
-            raise ModelError("the model's manifest, parts or spec are not the one the signed plan names")
+        blobs = frame.blobs
+        model = self._model_from(blobs[: len(MODEL_FILES)], self.out / "model", self.plan.model_sha256, self.plan.parts)
+        if self.plan.previous is not None:
+            previous = self.plan.previous
+            self.old_model = self._model_from(blobs[len(MODEL_FILES) :], self.out / "previous-model",
+                                              previous.model_sha256, previous.parts)  # fmt: skip
         self.model = model
         self.requester = Requester(self.block, self.weights)
         request = self.requester.request(self.plan.screening, self.plan.federation, self.plan.model_version,
@@ -184,10 +202,15 @@ class ScreeningSession:
     def _op_screen_scores(self, frame: Frame) -> Frame:
         if self.requester is None or self.model is None or self.request is None:
             raise ProtocolError(f"{self.agency}: scores before the screening request")
-        logits = self.requester.logits_of(self.request, self._signed_partials(frame))
+        current, previous = self._signed_partials(frame)
+        logits = self.requester.logits_of(self.request, current)
         files = self.config.files
         registered = register_frame(self.loaded, files.folder, canonical=False, files=files)
         self.lists = decide_lists(self.loaded, self.model, logits, registered, self.plan.review_band)
+        if self.old_model is not None and self.old_weights is not None:  # today's facts under the earlier model
+            old_logits = self.requester.logits_of(self.request, previous, own=self.old_weights)
+            self.old_categories = categories_under(self.loaded, self.old_model, old_logits, registered,
+                                                   self.plan.review_band)  # fmt: skip
         positions = self.lists.listed.tolist()
         asked: list[bytes] = []
         for agency in self.plan.parties[1:]:  # one list for each agency that explains, even an empty one
@@ -199,29 +222,35 @@ class ScreeningSession:
         self.sent += sum(map(len, asked))
         return Frame("ok", blobs=asked)  # no count: how many are listed stays with civil affairs
 
-    def _signed_partials(self, frame: Frame) -> list[PartialScores]:
-        """Each agency's partial scores as it signed them: one per agency with a part, none altered."""
+    def _signed_partials(self, frame: Frame) -> tuple[list[PartialScores], list[PartialScores]]:
+        """Each agency's partial scores as it signed them, one set per agency with a part, none altered; and
+        the same under the previous model (``--since`` with another model; else empty)."""
         senders, counts = list_field(frame, "senders", str), list_field(frame, "chunks", int)
-        signatures = list_field(frame, "signatures", str)
+        passes = [(self.plan.screening, list_field(frame, "signatures", str))]
+        if self.plan.previous is not None:
+            passes.append((f"{self.plan.screening}/previous", list_field(frame, "previous_signatures", str)))
         agencies = sorted(self.plan.parts.keys() - {self.agency})
         if (
             sorted(senders) != agencies
             or len(counts) != len(senders)
-            or len(signatures) != len(senders)
-            or any(c < 0 for c in counts)
+            or any(len(signatures) != len(senders) for _, signatures in passes)
+            or any(c < 0 or c % len(passes) for c in counts)
             or sum(counts) != len(frame.blobs)
         ):
             raise MessageRejectedError("the partial scores are not one set from each agency with a part")
         assert self.request is not None
-        parts, start = [], 0
-        for sender, count, signature in zip(senders, counts, signatures, strict=True):
-            part = PartialScores(sender, self.request.context_fingerprint, self.plan.register_size,
-                                 list(frame.blobs[start : start + count]))  # fmt: skip
-            start += count
-            statement = partial_statement(self.plan.screening, part)
-            verify_statement(self.directory[part.sender], _hex(signature), statement, f"{part.sender}'s partial scores")
-            parts.append(part)
-        return parts
+        out: list[list[PartialScores]] = [[], []]
+        start = 0
+        for k, (sender, count) in enumerate(zip(senders, counts, strict=True)):
+            each = count // len(passes)
+            for i, (label, signatures) in enumerate(passes):
+                part = PartialScores(sender, self.request.context_fingerprint, self.plan.register_size,
+                                     list(frame.blobs[start : start + each]))  # fmt: skip
+                start += each
+                statement = partial_statement(label, part)
+                verify_statement(self.directory[sender], _hex(signatures[k]), statement, f"{sender}'s partial scores")
+                out[i].append(part)
+        return out[0], out[1]
 
     def _op_screen_finish(self, frame: Frame) -> Frame:
         if self.lists is None or self.model is None:
@@ -245,7 +274,8 @@ class ScreeningSession:
             refusals[missing] = f"no answer from {missing} was relayed by the coordinator"
         folder = self.config.files.folder
         outcomes = latest_outcomes(folder.parent, folder.name)
-        rows, left = worklist_rows(self.lists, self.model, self.plan.screening, reasons, outcomes, None, None)
+        rows, left = worklist_rows(self.lists, self.model, self.plan.screening, reasons, outcomes,
+                                   self.previous_worklist, self.old_categories)  # fmt: skip
         entry = self._use("screening", token_id=self.plan.token_id, households=len(self.lists.scores),
                           counts=dict(self.lists.counts), nonce=secrets.token_hex(16))  # fmt: skip
         sent_field = frame.fields.get("sent", {})
@@ -253,7 +283,8 @@ class ScreeningSession:
             sent_field, dict) else {}  # fmt: skip
         report = screening_report(
             self.loaded, self.model, self.lists, self.plan.screening, self.plan.purpose,
-            (self.plan.token_id, str(frame.fields.get("token_holder", ""))), None, rows, left, refusals,
+            (self.plan.token_id, str(frame.fields.get("token_holder", ""))), self.previous_worklist, rows, left,
+            refusals,
             aligned=False, out=self.out, sent=sent | {self.agency: self.sent},
             ledgers={"requester": str(self.config.uses.directory)}, review_band=self.plan.review_band,
         )  # fmt: skip
@@ -277,12 +308,20 @@ class ScreeningSession:
         # civil affairs receives each agency's ciphertexts and holds the key: each part is masked so that
         # only their sum opens (the masks cancel over the agencies)
         agencies = {a: self.directory[a] for a in self.plan.parties[1:]}
-        mask = zero_sum_mask(self.keys, agencies, self.plan.screening, len(self.block.x))
+        passes = [(self.plan.screening, self.weights)]
+        if self.old_weights is not None:  # --since with another model: today's facts under that one too
+            passes.append((f"{self.plan.screening}/previous", self.old_weights))
         self._use("screening-contribution", households=len(self.block.x))  # recorded before anything leaves
-        part: PartialScores = self.contributor.partial_scores(request, mask)
-        signed = self.keys.sign(partial_statement(self.plan.screening, part)).hex()
-        return Frame("ok", {"count": part.count, "fingerprint": part.context_fingerprint, "signature": signed},
-                     part.ciphertexts)  # fmt: skip
+        blobs: list[bytes] = []
+        signatures: list[str] = []
+        for label, weights in passes:
+            mask = zero_sum_mask(self.keys, agencies, label, len(self.block.x))
+            part = Contributor(self.block, weights, self.keys).partial_scores(request, mask)
+            signatures.append(self.keys.sign(partial_statement(label, part)).hex())
+            blobs += part.ciphertexts
+        fields = {"count": len(self.block.x), "fingerprint": request.context_fingerprint, "signature": signatures[0],
+                  "previous_signature": signatures[1] if len(signatures) > 1 else ""}  # fmt: skip
+        return Frame("ok", fields, blobs)
 
     def _op_screen_explain(self, frame: Frame) -> Frame:
         if self.contributor is None or len(frame.blobs) != 1 or self.plan.requester not in self.directory:

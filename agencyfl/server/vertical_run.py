@@ -175,7 +175,8 @@ def run_screening(grid: Grid, cfg: Any, coordinator: Path, sink: EventSink) -> d
             model_version=model.version, model_sha256=model.manifest.sha256(),
             parts={p: part.sha256 for p, part in model.manifest.parts.items()}, purpose=request["purpose"],
             requester=loaded.spec.label_agency.name, token_id=request["token_id"], register_size=register_size,
-            stream=stream, review_band=float(request["review_band"]),
+            stream=stream, review_band=float(request["review_band"]), since=request.get("since"),
+            previous=_previous(where, coordinator, request.get("since"), model),
         )  # fmt: skip
         signature = sign_plan(plan.signed_bytes(), load_signing_key(where.ledger_key))
         timeout = float(cfg.get("connect-timeout", 600.0))
@@ -183,10 +184,21 @@ def run_screening(grid: Grid, cfg: Any, coordinator: Path, sink: EventSink) -> d
                       where.agencies(), timeout)  # fmt: skip
         hub.early_failure = _replies_watch(grid, sent)
         uses = uses_ledger_at(coordinator, where.ledger_key, COORDINATOR)
+        previous_dir = where.workdir / "registry" / plan.previous.model_version if plan.previous else None
         return drive_screening(hub, plan, model.directory, uses, str(request["token_holder"]), run_dir, sink,
-                               connect_timeout=timeout)  # fmt: skip
+                               connect_timeout=timeout, previous_dir=previous_dir)  # fmt: skip
     finally:
         hub.stop(grace=2.0)
+
+
+def _previous(where: _Coordinator, coordinator: Path, since: str | None, model: Any) -> Any:
+    """``--since``: the earlier screening's model, when it must be run again on today's facts."""
+    from agencyfl.screening.remote import previous_model, recorded_screening
+
+    if since is None:
+        return None
+    recorded = recorded_screening(coordinator, where.ledger_key, since, model)
+    return previous_model(where.workdir / "registry", recorded, model)
 
 
 def _start(
