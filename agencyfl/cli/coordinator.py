@@ -289,10 +289,6 @@ def screen(
         load_vertical(spec)
         registered = RegisteredVerticalModel(cdir.work / "registry" / model)
         purpose = purpose or registered.card.purpose
-        if since is not None:
-            from agencyfl.screening.remote import recorded_screening
-
-            recorded_screening(cdir.root, cdir.root / "keys" / "ledger-signing.key", since, registered)
         screening = new_screening()
         try:
             token_id, holder = check_use(tokens or cdir.root / "tokens.json", token or "", purpose, registered)
@@ -303,6 +299,10 @@ def screen(
                 record_refusal_at(cdir.root, cdir.root / "keys" / "ledger-signing.key", registered, screening,
                                   purpose, exc)  # fmt: skip
             raise
+        if since is not None:  # after the token check (a refused token is recorded whatever --since says)
+            from agencyfl.screening.remote import recorded_screening
+
+            recorded_screening(cdir.root, cdir.root / "keys" / "ledger-signing.key", since, registered)
         run_dir = cdir.work / "runs" / screening
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "request.json").write_text(json.dumps({

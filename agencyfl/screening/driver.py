@@ -86,6 +86,7 @@ def drive_screening(
             model_version=plan.model_version, purpose=plan.purpose, requester=requester, time=now_iso(),
             token_id=plan.token_id, households=int(done.fields["households"]),
             requester_entry_sha256=str(done.fields["requester_entry_sha256"]),
+            previous_model=plan.previous.model_version if plan.previous else None,
         ))  # fmt: skip
     except BaseException as exc:
         # only the class travels: one party's message is no business of the others

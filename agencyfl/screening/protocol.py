@@ -282,6 +282,8 @@ class Relay(_Party):
 MASK_BOUND = 2.0**20
 """Each pair's mask is uniform on [-MASK_BOUND, MASK_BOUND): far above any partial score (|u| < 50), within
 the 2^23 that ``n4096-d0``'s scale leaves."""
+MAX_MASKED_PEERS = 7
+"""An agency's share sums one stream per other agency: at most 7 x 2^20 < 2^23, the scale's headroom."""
 _MASK_DOMAIN = b"agencyfl screening zero-sum mask v1\n"
 
 
@@ -299,6 +301,8 @@ def zero_sum_mask(keys: PartyKeys, agencies: dict[str, PartyPublicKeys], screeni
     added by the pair's first name and subtracted by the second. The requester, who holds the CKKS key
     and receives each agency's ciphertexts, decrypts only their sum: each part alone is masked. ``screening``
     may carry a suffix ("ID/previous"): each scoring pass of a screening has its own masks."""
+    if len(agencies) - 1 > MAX_MASKED_PEERS:
+        raise HEError(f"{len(agencies)} agencies: the masks of more than {MAX_MASKED_PEERS + 1} overflow n4096-d0")
     mask = np.zeros(size, dtype=np.float64)
     for name in sorted(agencies):
         if name == keys.name:

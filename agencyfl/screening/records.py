@@ -53,6 +53,8 @@ class ModelUse(BaseModel):
     level: Literal["agency", "feature"] | None = None
     positions: list[int] | None = None
     reason: str | None = None
+    previous_model: str | None = None
+    """``--since`` with another model: that model was run on today's facts as well."""
     nonce: str | None = None
     """128 random bits in the requester's screening entry: the hash the coordinator keeps of it cannot be
     searched for the category counts (every other field is known or guessable)."""

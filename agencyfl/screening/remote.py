@@ -26,12 +26,15 @@ if TYPE_CHECKING:
 TASK = "screen"
 
 
+MODEL_VERSION = r"^[A-Za-z0-9][A-Za-z0-9._-]*/v[0-9]{4,}$"  # FEDERATION/vNNNN: never a path elsewhere
+
+
 class PreviousModel(BaseModel):
     """The model an earlier screening used, as the registry holds it (hashes only)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    model_version: str
+    model_version: Annotated[str, Field(pattern=MODEL_VERSION)]
     model_sha256: str
     parts: dict[str, str]
 
@@ -44,7 +47,7 @@ class ScreeningPlan(BaseModel):
     federation: str
     screening: Annotated[str, Field(pattern=RUN_ID)]
     spec_sha256: str
-    model_version: str
+    model_version: Annotated[str, Field(pattern=MODEL_VERSION)]
     model_sha256: str  # the manifest's SHA-256 (the card's model_sha256)
     parts: dict[str, str]  # each party's part SHA-256, from the manifest
     purpose: str
@@ -85,8 +88,12 @@ class ScreeningPlan(BaseModel):
             return "the screening's model has parts for other parties than this agency's spec lists"
         if agency not in self.parts:
             return f"{agency} is not a party of this federation"
-        if self.previous is not None and set(self.previous.parts) != set(self.parts):
-            return "the previous model has parts for other parties than this one"
+        if self.previous is not None and (
+            self.since is None
+            or self.previous.model_version == self.model_version
+            or set(self.previous.parts) != set(self.parts)
+        ):
+            return "the previous model is named without an earlier screening, is this one, or has other parties"
         if self.purpose != spec.federation.purpose:
             return f"the purpose {self.purpose!r} is not this federation's ({spec.federation.purpose!r})"
         return None
@@ -121,6 +128,8 @@ def previous_model(registry: Path, recorded: ModelUse, current: RegisteredVertic
     if recorded.model_version == current.version or not (registry / recorded.model_version / "manifest.json").exists():
         return None
     old = RegisteredVerticalModel(registry / recorded.model_version)
+    if old.loaded.sha256 != current.loaded.sha256:  # trained under another spec: it cannot run on today's blocks
+        return None
     return PreviousModel(
         model_version=old.version, model_sha256=old.manifest.sha256(),
         parts={p: part.sha256 for p, part in old.manifest.parts.items()},

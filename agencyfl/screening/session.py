@@ -102,6 +102,10 @@ class ScreeningSession:
         self.previous_worklist: PreviousWorklist | None = None
         if self.is_requester and self.plan.since is not None:  # its own earlier worklist (DataFileError if gone)
             self.previous_worklist = read_worklist(self.out.parent / self.plan.since)
+            expected = self.previous_worklist.model_version
+            named = previous.model_version if previous else self.plan.model_version
+            if previous is not None and named != expected:  # the coordinator may not pick the comparison model
+                raise ModelError(f"screening {self.plan.since} used {expected!r}, not {named!r}")
         self.old_model: RegisteredVerticalModel | None = None
         self.old_categories: np.ndarray | None = None
         self.directory: dict[str, PartyPublicKeys] = {self.agency: self.keys.public()}
@@ -149,6 +153,8 @@ class ScreeningSession:
 
     def _use(self, kind: str, **fields: Any) -> str:
         spec = self.loaded.spec
+        if self.plan.previous is not None:  # the earlier model was run too: on the record as well
+            fields["previous_model"] = self.plan.previous.model_version
         return self.config.uses.append(ModelUse(
             kind=kind, owner=self.agency, screening=self.plan.screening, federation=spec.federation.name,  # type: ignore[arg-type]
             model_version=self.plan.model_version, purpose=self.plan.purpose, requester=self.plan.requester,
