@@ -16,6 +16,7 @@ from typing import Any
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from agencyfl.cli.common import err, errors_to_exit, out
+from agencyfl.cli.training import released_auc_text
 
 STEWARD_CHOICES = {"tax": ("agency", 0.5), "environment": ("feature", 0.5)}
 """What the demo's stewards chose to disclose for listed households (HRSS keeps the default: nothing)."""
@@ -73,9 +74,8 @@ def vertical_demo(workdir: Path, households: int, seed: int, rounds: int) -> dic
             summary = run_vertical(loaded, work, on_iteration=lambda done, _t: bar.update(task, completed=done))
         out.print(f"  register {summary['alignment']['register']:,} households; matched "
                   + ", ".join(f"{k} {v:,}" for k, v in summary["alignment"]["matched"].items()))  # fmt: skip
-        auc = summary["metrics"]["validation_auc"]
-        out.print(f"  {summary['rounds_aggregated']} iterations, validation AUC {auc:.3f} (civil affairs' held-out "
-                  f"assessed households); model {summary['model_version']}")  # fmt: skip
+        out.print(f"  {summary['rounds_aggregated']} iterations, {released_auc_text(summary)}; "
+                  f"model {summary['model_version']}")  # fmt: skip
         out.rule("3. screening the whole register: only civil affairs sees the scores")
         token = TokenStore(work / "coordinator" / "tokens.json").issue("civil-affairs", ("eligibility-identification",))
         with out.status("screening", spinner="dots") as status:

@@ -177,10 +177,17 @@ def _run_vertical(loaded: LoadedVerticalSpec, workdir: Path, fmt: Format) -> Non
     print_vertical_run(summary)
 
 
+def released_auc_text(summary: dict[str, Any]) -> str:
+    """The validation AUC as released (noised, with the fairness counts), or why none was."""
+    auc = summary["metrics"].get("validation_auc")
+    if auc is None:
+        return "no validation AUC released (only with noised fairness counts)"
+    return f"validation AUC {auc:.3f} (noised release; civil affairs' held-out assessed households)"
+
+
 def print_vertical_run(summary: dict[str, Any]) -> None:
     """A vertical job's summary: iterations, validation AUC, each agency's epsilon and where its block is."""
-    out.print(f"job {summary['job']}: {summary['rounds_aggregated']} iterations, validation AUC "
-              f"{summary['metrics']['validation_auc']:.3f} (civil affairs' held-out assessed households)")  # fmt: skip
+    out.print(f"job {summary['job']}: {summary['rounds_aggregated']} iterations, {released_auc_text(summary)}")
     for name, row in summary["agencies"].items():
         out.print(f"  {name:14} epsilon {row['epsilon_job']:.3f} (lifetime {row['epsilon_lifetime']:.3f}); "
                   f"its block: {row['model_block']}")  # fmt: skip

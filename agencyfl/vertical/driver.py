@@ -28,6 +28,7 @@ from agencyfl.federation.spec import LoadedVerticalSpec
 from agencyfl.privacy.coordinator_ledger import AgencyReport, RoundSummary
 from agencyfl.privacy.ledger import Ledger, now_utc
 from agencyfl.server.model_card import CardAgency, ModelCard
+from agencyfl.vertical.job import card_metrics_source
 from agencyfl.vertical.model import ModelPart, new_version, register_parts
 from agencyfl.vertical.optim import joint_scale
 from agencyfl.vertical.plan import VerticalPlan
@@ -197,7 +198,8 @@ def drive(hub: StreamHub, settings: DriverSettings, sink: EventSink) -> dict[str
             sink({"type": "iteration", "round": iteration, "seconds": round(seconds[-1], 3), "bytes": traffic.sent,
                   "epsilon": {p: e["epsilon_job"] for p, e in epsilons.items()}})  # fmt: skip
         validation = _validate(hub, arbiter, settings, features)
-        fairness = _fairness(hub, settings, job.iterations + 1)
+        fairness, released_auc = _fairness(hub, settings, job.iterations + 1)
+        validation["auc"] = released_auc
         version = new_version(settings.workdir, loaded)
         finished = hub.call_all({p: Frame("finish", {"version": version.name}) for p in job.parties}, timeout)
         parts = {
@@ -219,7 +221,7 @@ def drive(hub: StreamHub, settings: DriverSettings, sink: EventSink) -> dict[str
         raise
     hub.end(Frame("end"))
     summary.update(
-        status="registered", rounds_aggregated=done, metrics={"validation_auc": validation["auc"]},
+        status="registered", rounds_aggregated=done, metrics={"validation_auc": released_auc},
         agencies={p: {"epsilon_job": float(f.fields["epsilon_job"]),
                       "epsilon_lifetime": float(f.fields["epsilon_lifetime"]),
                       "model_block": f"{p}:{f.fields['path']}"} for p, f in finished.items()},
@@ -247,15 +249,16 @@ def _validate(hub: StreamHub, arbiter: Arbiter, settings: DriverSettings, featur
     masked = hub.call(holder, Frame("masked-scores", blobs=partials.get(holder, [])), timeout)
     values = arbiter.decrypt_masked_scores(holder, masked.blobs)
     scored = hub.call(holder, Frame("scores", blobs=[np.asarray(values, dtype="<f8").tobytes()]), timeout)
-    return {"auc": float(scored.fields["auc"]), "n": int(scored.fields["n"])}
+    return {"n": int(scored.fields["n"])}  # the exact AUC stays with civil affairs
 
 
-def _fairness(hub: StreamHub, settings: DriverSettings, release: int) -> dict[str, Any]:
-    """The card's fairness fields: admitted at every agency first when counts would be released."""
+def _fairness(hub: StreamHub, settings: DriverSettings, release: int) -> tuple[dict[str, Any], float | None]:
+    """The card's fairness fields and the validation AUC released with them (noised; None if nothing is
+    released): admitted at every agency first when counts would be released."""
     loaded, holder = settings.loaded, settings.job.label_holder
     section = loaded.spec.fairness
     if section is None:
-        return {}
+        return {}, None
     own = {f.name for f in loaded.spec.block_schema(holder).features}
     if section.noise_multiplier > 0 and all(a in own for a in section.attributes):
         try:
@@ -264,9 +267,11 @@ def _fairness(hub: StreamHub, settings: DriverSettings, release: int) -> dict[st
         except JobStopped as exc:
             from agencyfl.federation.fairness import card_fields
 
-            return card_fields(None, section, loaded.spec.schema_, str(exc))
-    card: dict[str, Any] = hub.call(holder, Frame("fairness"), settings.step_timeout).fields["card"]
-    return card
+            return card_fields(None, section, loaded.spec.schema_, str(exc)), None
+    reply = hub.call(holder, Frame("fairness"), settings.step_timeout)
+    card: dict[str, Any] = reply.fields["card"]
+    auc = reply.fields.get("auc")
+    return card, float(auc) if isinstance(auc, float | int) and not isinstance(auc, bool) else None
 
 
 def _card(settings: DriverSettings, finished: dict[str, Frame], validation: dict[str, Any], done: int) -> ModelCard:
@@ -278,8 +283,8 @@ def _card(settings: DriverSettings, finished: dict[str, Frame], validation: dict
     ]  # fmt: skip
     return ModelCard(
         job=settings.job.job, topology="vertical", agencies=agencies,
-        metrics={"auc": validation["auc"], "n": float(validation["n"])},
-        metrics_source=f"{spec.label_agency.name}'s validation households, scored through the encrypted path",
+        metrics={"n": float(validation["n"])} | ({} if validation["auc"] is None else {"auc": validation["auc"]}),
+        metrics_source=card_metrics_source(loaded, validation["auc"]),
         rounds_aggregated=done, secure_aggregation=False, model_sha256="",
         coordinator_ledger=str(settings.workdir / "coordinator" / "ledger"),
         disclosures={a.name: a.explain for a in spec.agencies}, spec_sha256=loaded.sha256,

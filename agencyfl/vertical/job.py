@@ -15,6 +15,7 @@ the labels), so every ledger records every iteration.
 from __future__ import annotations
 
 import json
+import math
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -210,10 +211,32 @@ def new_vertical_job() -> str:
     return f"vjob-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}-{secrets.token_hex(2)}"
 
 
+AUC_BINS = 10
+"""Score bins of the validation histogram the card's AUC is computed from (released with the fairness counts)."""
+
+
 def fairness_event(section: FairnessSection) -> GaussianEvent:
-    """The fairness counts' release: one Gaussian mechanism on the flat counts (``federation.fairness``)."""
-    sens = fairness_sensitivity(section)
+    """The fairness counts' release: one Gaussian mechanism on the flat counts (``federation.fairness``) and,
+    in a vertical job, the validation households' score histogram by label (one more cell per household)."""
+    sens = math.sqrt(fairness_sensitivity(section) ** 2 + 1)
     return GaussianEvent(sensitivity=sens, std=section.noise_multiplier * sens)
+
+
+def score_histogram(scores: npt.NDArray[np.float64], y: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    """Counts of (label, score bin): row 0 the negatives, row 1 the positives, ``AUC_BINS`` bins on [0, 1]."""
+    bins = np.minimum((np.clip(scores, 0.0, 1.0) * AUC_BINS).astype(np.int64), AUC_BINS - 1)
+    counts = np.zeros((2, AUC_BINS), dtype=np.float64)
+    np.add.at(counts, (np.asarray(y, dtype=np.int64), bins), 1.0)
+    return counts
+
+
+def histogram_auc(counts: npt.NDArray[np.float64]) -> float | None:
+    """The AUC of binned scores (ties within a bin count one half), negative noisy counts read as 0; None
+    when a label has no count left."""
+    negatives, positives = np.clip(counts[0], 0.0, None), np.clip(counts[1], 0.0, None)
+    below = np.concatenate([[0.0], np.cumsum(negatives)[:-1]])
+    pairs = float(positives.sum() * negatives.sum())
+    return float((positives * (below + 0.5 * negatives)).sum() / pairs) if pairs > 0 else None
 
 
 def plan_of(loaded: LoadedVerticalSpec) -> VerticalPlan:
@@ -231,7 +254,7 @@ def plan_of(loaded: LoadedVerticalSpec) -> VerticalPlan:
 def release_fairness(
     loaded: LoadedVerticalSpec, workdir: Path, ledgers: AgencyLedgers, result: VerticalResult, labels: LabelData,
     rng: np.random.Generator | None = None,
-) -> dict[str, Any]:  # fmt: skip
+) -> ValidationRelease:  # fmt: skip
     """The card's fairness table from civil affairs' validation households, scored through the encrypted path.
 
     Civil affairs counts, per group of the attributes it holds, the confusion cells at the threshold; the
@@ -245,6 +268,15 @@ def release_fairness(
     )  # fmt: skip
 
 
+@dataclass(frozen=True)
+class ValidationRelease:
+    """What civil affairs releases about its validation households: the card's fairness fields and the AUC
+    of the noised score histogram (None when nothing noised is released: exact values never leave)."""
+
+    card: dict[str, Any]
+    auc: float | None
+
+
 def fairness_release(
     loaded: LoadedVerticalSpec,
     frame: Callable[[], pd.DataFrame],
@@ -252,33 +284,50 @@ def fairness_release(
     logits: npt.NDArray[np.float64],
     account: Callable[[], None],
     rng: np.random.Generator | None = None,
-) -> dict[str, Any]:
-    """The card's fairness fields at civil affairs: ``frame`` its register frame, ``logits`` the model's scores
-    of its validation households, ``account`` admits the release in the ledgers (JobStopped: no table)."""
+) -> ValidationRelease:
+    """The card's fairness fields and validation AUC at civil affairs: ``frame`` its register frame,
+    ``logits`` the model's scores of its validation households, ``account`` admits the release in the
+    ledgers (JobStopped: nothing released). The AUC rides on the fairness counts' release: the same
+    Gaussian mechanism over the counts and a score histogram by label (``fairness_event``)."""
     spec = loaded.spec
     section = spec.fairness
     if section is None:
-        return {}
+        return ValidationRelease({}, None)
     if section.noise_multiplier == 0:
-        return card_fields(
+        return ValidationRelease(card_fields(
             None, section, spec.schema_, "exact counts are not released: set [fairness] noise_multiplier > 0"
-        )
+        ), None)  # fmt: skip
     own = {f.name for f in spec.block_schema(spec.label_agency.name).features}
     absent = [a for a in section.attributes if a not in own]
     if absent:
-        return card_fields(None, section, spec.schema_, f"{absent!r} are not held by {spec.label_agency.name}")
+        reason = f"{absent!r} are not held by {spec.label_agency.name}"
+        return ValidationRelease(card_fields(None, section, spec.schema_, reason), None)
     validation = frame().loc[labels.validation].reset_index(drop=True)
     lay = layout(section, spec.schema_)
     scores = 1 / (1 + np.exp(-logits))
-    counts = count_groups(scores, labels.y[labels.validation], group_labels(validation, section, spec.schema_), lay,
-                          section.threshold)  # fmt: skip
+    y = labels.y[labels.validation]
+    counts = count_groups(scores, y, group_labels(validation, section, spec.schema_), lay, section.threshold)
+    histogram = score_histogram(scores, y)
     try:
         account()
     except JobStopped as exc:
-        return card_fields(None, section, spec.schema_, str(exc))
+        return ValidationRelease(card_fields(None, section, spec.schema_, str(exc)), None)
     noise = rng if rng is not None else np.random.default_rng(secrets.randbits(128))
-    noisy = counts + noise.normal(0.0, fairness_event(section).std, size=counts.shape)
-    return card_fields(noisy, section, spec.schema_, {spec.label_agency.name: "released (noised)"})
+    std = fairness_event(section).std
+    noisy = counts + noise.normal(0.0, std, size=counts.shape)
+    auc = histogram_auc(histogram + noise.normal(0.0, std, size=histogram.shape))
+    fields = card_fields(noisy, section, spec.schema_, {spec.label_agency.name: "released (noised)"})
+    return ValidationRelease(fields, auc)
+
+
+def card_metrics_source(loaded: LoadedVerticalSpec, released_auc: float | None) -> str:
+    """What the card's metrics are: a noised release, or why there is no AUC."""
+    holder = loaded.spec.label_agency.name
+    if released_auc is None:
+        return (f"{holder}'s validation households: no AUC released (it is released only with noised fairness "
+                f"counts, [fairness] noise_multiplier > 0; the exact one stays with {holder})")  # fmt: skip
+    return (f"{holder}'s validation households, scored through the encrypted path: AUC of a Gaussian-noised "
+            f"score histogram ({AUC_BINS} bins by label), released with the fairness counts")  # fmt: skip
 
 
 def vertical_card(
@@ -289,8 +338,10 @@ def vertical_card(
     epsilons: dict[str, dict[str, Any]],
     result: VerticalResult,
     validation_households: int,
+    released_auc: float | None,
 ) -> ModelCard:
-    """The model card of a vertical job (the registry fills version, spec and inputs)."""
+    """The model card of a vertical job (the registry fills version, spec and inputs); its AUC is the one
+    released with noise (``fairness_release``), never the exact one, which stays with civil affairs."""
     spec = loaded.spec
     agencies = [
         CardAgency(
@@ -304,8 +355,8 @@ def vertical_card(
         job=job,
         topology="vertical",
         agencies=agencies,
-        metrics={"auc": float(result.validation_auc), "n": float(validation_households)},
-        metrics_source=f"{spec.label_agency.name}'s validation households, scored through the encrypted path",
+        metrics={"n": float(validation_households)} | ({} if released_auc is None else {"auc": released_auc}),
+        metrics_source=card_metrics_source(loaded, released_auc),
         rounds_aggregated=len(result.events),
         secure_aggregation=False,
         model_sha256="",
@@ -352,10 +403,10 @@ def run_vertical(
         models[name] = str(folder / "weights.npy")
     inputs = {block.agency: list(block.names) for block in features}
     inputs[label.agency] = [*label.names, INTERCEPT]
-    fairness = release_fairness(loaded, workdir, ledgers, result, labels)
+    released = release_fairness(loaded, workdir, ledgers, result, labels)
     epsilons = ledgers.epsilons()
-    card = vertical_card(loaded, workdir, job, plan, epsilons, result, int(labels.validation.sum()))
-    card = card.model_copy(update=fairness)
+    card = vertical_card(loaded, workdir, job, plan, epsilons, result, int(labels.validation.sum()), released.auc)
+    card = card.model_copy(update=released.card)
     version = register_vertical(workdir, loaded, result.weights, inputs, card)
     summary: dict[str, Any] = {
         "job": job,
@@ -366,7 +417,8 @@ def run_vertical(
         "alignment": {"register": alignment.view.register_size,
                       "matched": {n: a.matched for n, a in alignment.agencies.items()}},
         "agencies": {name: {**epsilons[name], "model_block": models[name]} for name in epsilons},
-        "metrics": {"validation_auc": result.validation_auc},
+        # the released (noised) AUC; the exact one is civil affairs' own (all parties are on this machine)
+        "metrics": {"validation_auc": released.auc, "validation_auc_at_civil_affairs": result.validation_auc},
         "noise_multiplier": plan.noise_multiplier,
         "sensitivity": plan.sensitivity,
         "seconds_per_iteration": float(np.mean([i.seconds for i in result.iterations])),
