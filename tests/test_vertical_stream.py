@@ -196,6 +196,7 @@ def test_the_deployed_job_trains_the_one_machine_model(deployed: tuple[Federatio
     released = summary["metrics"]["validation_auc"]
     assert released is not None and 0.0 <= released <= 1.0 and card["metrics"]["auc"] == released
     assert "noised" in card["metrics_source"] and released != kept["validation_auc"]
+    assert abs(card["metrics"]["n"] - kept["n"]) < 200  # the noised histogram's total (std 10 over 20 cells)
 
 
 def test_every_ledger_admits_each_iteration_and_the_chain_countersigns_it(
@@ -350,6 +351,12 @@ def run_screening(
     threads = [threading.Thread(target=party, args=(a,), daemon=True) for a in fed.parties]
     for t in threads:
         t.start()
+
+    def early_failure() -> None:  # as a deployment's watch on the Flower replies: a party that failed before dialling
+        for agency, exc in list(outcome.party_errors.items()):
+            raise type(exc)(f"{agency} failed before dialling: {exc}")
+
+    hub.early_failure = early_failure
     coordinator = fed.work / "coordinator-deploy"
     try:
         if driver is not None:

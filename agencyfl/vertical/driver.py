@@ -28,7 +28,7 @@ from agencyfl.federation.spec import LoadedVerticalSpec
 from agencyfl.privacy.coordinator_ledger import AgencyReport, RoundSummary
 from agencyfl.privacy.ledger import Ledger, now_utc
 from agencyfl.server.model_card import CardAgency, ModelCard
-from agencyfl.vertical.job import card_metrics_source
+from agencyfl.vertical.job import ValidationRelease, card_metrics, card_metrics_source
 from agencyfl.vertical.model import ModelPart, new_version, register_parts
 from agencyfl.vertical.optim import joint_scale
 from agencyfl.vertical.plan import VerticalPlan
@@ -197,9 +197,8 @@ def drive(hub: StreamHub, settings: DriverSettings, sink: EventSink) -> dict[str
             }
             sink({"type": "iteration", "round": iteration, "seconds": round(seconds[-1], 3), "bytes": traffic.sent,
                   "epsilon": {p: e["epsilon_job"] for p, e in epsilons.items()}})  # fmt: skip
-        validation = _validate(hub, arbiter, settings, features)
-        fairness, released_auc = _fairness(hub, settings, job.iterations + 1)
-        validation["auc"] = released_auc
+        _validate(hub, arbiter, settings, features)
+        validation = _fairness(hub, settings, job.iterations + 1)
         version = new_version(settings.workdir, loaded)
         finished = hub.call_all({p: Frame("finish", {"version": version.name}) for p in job.parties}, timeout)
         parts = {
@@ -207,7 +206,7 @@ def drive(hub: StreamHub, settings: DriverSettings, sink: EventSink) -> dict[str
                          sha256=str(f.fields["sha256"]))
             for p, f in finished.items()
         }  # fmt: skip
-        card = _card(settings, finished, validation, done).model_copy(update=fairness)
+        card = _card(settings, finished, validation, done).model_copy(update=validation.card)
         register_parts(version, loaded, parts, card)
     except BaseException as exc:
         # only the class travels: one party's message is no business of the others
@@ -221,7 +220,7 @@ def drive(hub: StreamHub, settings: DriverSettings, sink: EventSink) -> dict[str
         raise
     hub.end(Frame("end"))
     summary.update(
-        status="registered", rounds_aggregated=done, metrics={"validation_auc": released_auc},
+        status="registered", rounds_aggregated=done, metrics={"validation_auc": validation.auc},
         agencies={p: {"epsilon_job": float(f.fields["epsilon_job"]),
                       "epsilon_lifetime": float(f.fields["epsilon_lifetime"]),
                       "model_block": f"{p}:{f.fields['path']}"} for p, f in finished.items()},
@@ -242,23 +241,24 @@ def _released_through(chain: Ledger[RoundSummary], job: str) -> int:
     return max((e.round for e in chain.events() if e.job == job and e.kind == "round"), default=0)
 
 
-def _validate(hub: StreamHub, arbiter: Arbiter, settings: DriverSettings, features: list[str]) -> dict[str, Any]:
+def _validate(hub: StreamHub, arbiter: Arbiter, settings: DriverSettings, features: list[str]) -> None:
     """Civil affairs' validation households scored through the encrypted path (the arbiter sees masked values)."""
     holder, timeout = settings.job.label_holder, settings.step_timeout
     partials = _envelopes(hub.call_all({p: Frame("partial") for p in features}, timeout), {holder})
     masked = hub.call(holder, Frame("masked-scores", blobs=partials.get(holder, [])), timeout)
     values = arbiter.decrypt_masked_scores(holder, masked.blobs)
-    scored = hub.call(holder, Frame("scores", blobs=[np.asarray(values, dtype="<f8").tobytes()]), timeout)
-    return {"n": int(scored.fields["n"])}  # the exact AUC stays with civil affairs
+    hub.call(holder, Frame("scores", blobs=[np.asarray(values, dtype="<f8").tobytes()]), timeout)
+    # the exact AUC and count stay with civil affairs (the card gets noised ones, ``_fairness``)
 
 
-def _fairness(hub: StreamHub, settings: DriverSettings, release: int) -> tuple[dict[str, Any], float | None]:
-    """The card's fairness fields and the validation AUC released with them (noised; None if nothing is
-    released): admitted at every agency first when counts would be released."""
+def _fairness(hub: StreamHub, settings: DriverSettings, release: int) -> ValidationRelease:
+    """The card's fairness fields and the validation AUC and size released with them (noised; None if
+    nothing is released): admitted at every agency first when counts would be released."""
     loaded, holder = settings.loaded, settings.job.label_holder
     section = loaded.spec.fairness
     if section is None:
-        return {}, None
+        return ValidationRelease({}, None, None, "no [fairness] section: nothing about the validation households "
+                                 "is released")  # fmt: skip
     own = {f.name for f in loaded.spec.block_schema(holder).features}
     if section.noise_multiplier > 0 and all(a in own for a in section.attributes):
         try:
@@ -267,14 +267,20 @@ def _fairness(hub: StreamHub, settings: DriverSettings, release: int) -> tuple[d
         except JobStopped as exc:
             from agencyfl.federation.fairness import card_fields
 
-            return card_fields(None, section, loaded.spec.schema_, str(exc)), None
+            reason = str(exc)
+            return ValidationRelease(card_fields(None, section, loaded.spec.schema_, {holder: reason}), None, None,
+                                     reason)  # fmt: skip
     reply = hub.call(holder, Frame("fairness"), settings.step_timeout)
-    card: dict[str, Any] = reply.fields["card"]
-    auc = reply.fields.get("auc")
-    return card, float(auc) if isinstance(auc, float | int) and not isinstance(auc, bool) else None
+    auc, size = reply.fields.get("auc"), reply.fields.get("n")
+    return ValidationRelease(
+        dict(reply.fields["card"]),
+        float(auc) if isinstance(auc, float | int) and not isinstance(auc, bool) else None,
+        int(size) if isinstance(size, int) and not isinstance(size, bool) else None,
+        str(reply.fields.get("withheld", "")),
+    )
 
 
-def _card(settings: DriverSettings, finished: dict[str, Frame], validation: dict[str, Any], done: int) -> ModelCard:
+def _card(settings: DriverSettings, finished: dict[str, Frame], released: ValidationRelease, done: int) -> ModelCard:
     spec, loaded = settings.loaded.spec, settings.loaded
     agencies = [
         CardAgency(name=p, epsilon=float(f.fields["epsilon_job"]), epsilon_lifetime=float(f.fields["epsilon_lifetime"]),
@@ -283,8 +289,7 @@ def _card(settings: DriverSettings, finished: dict[str, Frame], validation: dict
     ]  # fmt: skip
     return ModelCard(
         job=settings.job.job, topology="vertical", agencies=agencies,
-        metrics={"n": float(validation["n"])} | ({} if validation["auc"] is None else {"auc": validation["auc"]}),
-        metrics_source=card_metrics_source(loaded, validation["auc"]),
+        metrics=card_metrics(released), metrics_source=card_metrics_source(loaded, released),
         rounds_aggregated=done, secure_aggregation=False, model_sha256="",
         coordinator_ledger=str(settings.workdir / "coordinator" / "ledger"),
         disclosures={a.name: a.explain for a in spec.agencies}, spec_sha256=loaded.sha256,

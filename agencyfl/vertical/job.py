@@ -270,11 +270,14 @@ def release_fairness(
 
 @dataclass(frozen=True)
 class ValidationRelease:
-    """What civil affairs releases about its validation households: the card's fairness fields and the AUC
-    of the noised score histogram (None when nothing noised is released: exact values never leave)."""
+    """What civil affairs releases about its validation households: the card's fairness fields, the AUC and
+    size of the noised score histogram (None when nothing noised is released: exact values never leave),
+    and otherwise why not."""
 
     card: dict[str, Any]
     auc: float | None
+    households: int | None = None
+    withheld: str = ""
 
 
 def fairness_release(
@@ -291,17 +294,20 @@ def fairness_release(
     Gaussian mechanism over the counts and a score histogram by label (``fairness_event``)."""
     spec = loaded.spec
     section = spec.fairness
+    holder = spec.label_agency.name
+
+    def withheld(reason: str) -> ValidationRelease:
+        fields = {} if section is None else card_fields(None, section, spec.schema_, {holder: reason})
+        return ValidationRelease(fields, None, None, reason)
+
     if section is None:
-        return ValidationRelease({}, None)
+        return withheld("no [fairness] section: nothing about the validation households is released")
     if section.noise_multiplier == 0:
-        return ValidationRelease(card_fields(
-            None, section, spec.schema_, "exact counts are not released: set [fairness] noise_multiplier > 0"
-        ), None)  # fmt: skip
-    own = {f.name for f in spec.block_schema(spec.label_agency.name).features}
+        return withheld("exact counts are not released: set [fairness] noise_multiplier > 0")
+    own = {f.name for f in spec.block_schema(holder).features}
     absent = [a for a in section.attributes if a not in own]
     if absent:
-        reason = f"{absent!r} are not held by {spec.label_agency.name}"
-        return ValidationRelease(card_fields(None, section, spec.schema_, reason), None)
+        return withheld(f"{absent!r} are not held by {holder}")
     validation = frame().loc[labels.validation].reset_index(drop=True)
     lay = layout(section, spec.schema_)
     scores = 1 / (1 + np.exp(-logits))
@@ -311,23 +317,32 @@ def fairness_release(
     try:
         account()
     except JobStopped as exc:
-        return ValidationRelease(card_fields(None, section, spec.schema_, str(exc)), None)
+        return withheld(str(exc))
     noise = rng if rng is not None else np.random.default_rng(secrets.randbits(128))
     std = fairness_event(section).std
     noisy = counts + noise.normal(0.0, std, size=counts.shape)
-    auc = histogram_auc(histogram + noise.normal(0.0, std, size=histogram.shape))
-    fields = card_fields(noisy, section, spec.schema_, {spec.label_agency.name: "released (noised)"})
-    return ValidationRelease(fields, auc)
+    released = histogram + noise.normal(0.0, std, size=histogram.shape)
+    auc = histogram_auc(released)
+    fields = card_fields(noisy, section, spec.schema_, {holder: "released (noised)"})
+    size = int(round(float(np.clip(released, 0.0, None).sum())))  # the noised count, never the exact one
+    return ValidationRelease(fields, auc, size, "" if auc is not None else "the noised histogram left no pair")
 
 
-def card_metrics_source(loaded: LoadedVerticalSpec, released_auc: float | None) -> str:
+def card_metrics_source(loaded: LoadedVerticalSpec, released: ValidationRelease) -> str:
     """What the card's metrics are: a noised release, or why there is no AUC."""
     holder = loaded.spec.label_agency.name
-    if released_auc is None:
-        return (f"{holder}'s validation households: no AUC released (it is released only with noised fairness "
-                f"counts, [fairness] noise_multiplier > 0; the exact one stays with {holder})")  # fmt: skip
-    return (f"{holder}'s validation households, scored through the encrypted path: AUC of a Gaussian-noised "
-            f"score histogram ({AUC_BINS} bins by label), released with the fairness counts")  # fmt: skip
+    if released.auc is None:
+        return f"{holder}'s validation households: no AUC released ({released.withheld}; the exact one stays there)"
+    return (f"{holder}'s validation households, scored through the encrypted path: AUC and size of a "
+            f"Gaussian-noised score histogram ({AUC_BINS} bins by label), released with the fairness "
+            "counts")  # fmt: skip
+
+
+def card_metrics(released: ValidationRelease) -> dict[str, float]:
+    """The card's metrics: only what was released with noise."""
+    if released.auc is None or released.households is None:
+        return {}
+    return {"auc": released.auc, "n": float(released.households)}
 
 
 def vertical_card(
@@ -337,8 +352,7 @@ def vertical_card(
     plan: VerticalPlan,
     epsilons: dict[str, dict[str, Any]],
     result: VerticalResult,
-    validation_households: int,
-    released_auc: float | None,
+    released: ValidationRelease,
 ) -> ModelCard:
     """The model card of a vertical job (the registry fills version, spec and inputs); its AUC is the one
     released with noise (``fairness_release``), never the exact one, which stays with civil affairs."""
@@ -355,14 +369,18 @@ def vertical_card(
         job=job,
         topology="vertical",
         agencies=agencies,
-        metrics={"n": float(validation_households)} | ({} if released_auc is None else {"auc": released_auc}),
-        metrics_source=card_metrics_source(loaded, released_auc),
+        metrics=card_metrics(released),
+        metrics_source=card_metrics_source(loaded, released),
         rounds_aggregated=len(result.events),
         secure_aggregation=False,
         model_sha256="",
         coordinator_ledger=str(workdir / "coordinator" / "runs-ledger"),
         disclosures={a.name: a.explain for a in spec.agencies},
     )
+
+
+def _finite(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None  # NaN is not JSON
 
 
 def run_vertical(
@@ -405,7 +423,7 @@ def run_vertical(
     inputs[label.agency] = [*label.names, INTERCEPT]
     released = release_fairness(loaded, workdir, ledgers, result, labels)
     epsilons = ledgers.epsilons()
-    card = vertical_card(loaded, workdir, job, plan, epsilons, result, int(labels.validation.sum()), released.auc)
+    card = vertical_card(loaded, workdir, job, plan, epsilons, result, released)
     card = card.model_copy(update=released.card)
     version = register_vertical(workdir, loaded, result.weights, inputs, card)
     summary: dict[str, Any] = {
@@ -417,8 +435,9 @@ def run_vertical(
         "alignment": {"register": alignment.view.register_size,
                       "matched": {n: a.matched for n, a in alignment.agencies.items()}},
         "agencies": {name: {**epsilons[name], "model_block": models[name]} for name in epsilons},
-        # the released (noised) AUC; the exact one is civil affairs' own (all parties are on this machine)
-        "metrics": {"validation_auc": released.auc, "validation_auc_at_civil_affairs": result.validation_auc},
+        # the released (noised) AUC; the exact one is civil affairs' own, shown only because every party is on
+        # this machine (a deployment's summary never holds it)
+        "metrics": {"validation_auc": released.auc, "validation_auc_exact_one_machine": _finite(result.validation_auc)},
         "noise_multiplier": plan.noise_multiplier,
         "sensitivity": plan.sensitivity,
         "seconds_per_iteration": float(np.mean([i.seconds for i in result.iterations])),
