@@ -643,3 +643,52 @@ def test_a_deployed_screening_since_an_earlier_one_tells_facts_from_model(
     for unknown in ("scr-never", "../etc"):
         with pytest.raises(DataFileError):
             recorded_screening(coordinator, fed.tls / "coordinator.key", unknown, model)
+
+
+def test_idle_streams_of_a_stranger_do_not_keep_an_agency_out(federation: Federation) -> None:
+    """Anyone who reaches the stream port can open streams and send nothing; six of them used to fill
+    every slot (parties + 2) until their hello timed out. An agency still gets in."""
+    import queue
+
+    import grpc
+
+    challenges = {"hrss": secrets.token_bytes(32)}
+    pub = federation.node_keys["hrss"].with_suffix(".pub").read_text()
+    hub = StreamHub(
+        "127.0.0.1:0", (federation.tls / "server.pem").read_bytes(), (federation.tls / "server.key").read_bytes(),
+        authenticator("vjob-idle", challenges, {"hrss": pub}), ["hrss"],
+    )  # fmt: skip
+    credentials = grpc.ssl_channel_credentials(root_certificates=(federation.tls / "ca.crt").read_bytes())
+    idle_channels, idle_calls, silence = [], [], queue.Queue()  # type: ignore[var-annotated]
+    try:
+        for _ in range(8):  # more than the old slot count, each with its own connection, none saying hello
+            channel = grpc.secure_channel(f"127.0.0.1:{hub.port}", credentials)
+            idle_channels.append(channel)
+            idle_calls.append(channel.stream_stream("/agencyfl.VerticalJob/Party")(iter(silence.get, None)))
+        hello = Frame(
+            "hello",
+            {"agency": "hrss", "job": "vjob-idle", "checkpoint": 0},
+            [sign_hello(federation.node_keys["hrss"], "vjob-idle", "hrss", challenges["hrss"]), b"cert"],
+        )
+        served: dict[str, Any] = {}
+
+        def agency() -> None:
+            try:
+                served["last"] = serve_party(f"127.0.0.1:{hub.port}", (federation.tls / "ca.crt").read_bytes(),
+                                             hello, lambda frame: Frame("ok"), connect_timeout=5)  # fmt: skip
+            except BaseException as exc:  # noqa: BLE001
+                served["error"] = exc
+
+        thread = threading.Thread(target=agency, daemon=True)
+        thread.start()
+        hellos = hub.wait_for_all(5.0)  # well within the idle streams' hello timeout
+        assert set(hellos) == {"hrss"}
+        hub.end(Frame("end"))
+        thread.join(timeout=10)
+        assert "error" not in served and served["last"].op == "end"
+    finally:
+        for call in idle_calls:
+            call.cancel()
+        for channel in idle_channels:
+            channel.close()
+        hub.stop(grace=0.5)

@@ -30,7 +30,11 @@ from agencyfl.federation.errors import AgencyflError, DeploymentError, MessageRe
 METHOD = "/agencyfl.VerticalJob/Party"
 MAX_MESSAGE = 512 * 1024 * 1024  # a million households' partial scores are about 80 MB of ciphertexts
 MAX_HEADER = 1 << 20
-HELLO_TIMEOUT = 30.0  # an unauthenticated stream is closed if its hello does not arrive in this time
+HELLO_TIMEOUT = 10.0  # an unauthenticated stream is closed if its hello does not arrive in this time
+SPARE_STREAMS = 16
+"""Streams beyond one per party that may wait for their hello at once: a stranger that opens idle streams
+(no client certificates: anyone who reaches the port can) must hold all of them, renewed every
+``HELLO_TIMEOUT``, to keep an agency out."""
 _OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE),
     ("grpc.max_send_message_length", MAX_MESSAGE),
@@ -137,9 +141,9 @@ class StreamHub:
         self.refusals: list[str] = []  # why each refused stream was refused (for the run summary)
         self.early_failure: Callable[[], None] | None = None  # raises if a party already said it cannot take part
         self._server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=len(parties) + 4),
+            futures.ThreadPoolExecutor(max_workers=len(parties) + SPARE_STREAMS),
             options=_SERVER_OPTIONS,
-            maximum_concurrent_rpcs=len(parties) + 2,
+            maximum_concurrent_rpcs=len(parties) + SPARE_STREAMS,
         )
         handler = grpc.stream_stream_rpc_method_handler(self._handle)
         self._server.add_generic_rpc_handlers(
