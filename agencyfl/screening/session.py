@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from agencyfl.alignment.sealed import Envelope, PartyKeys, PartyPublicKeys, certify, pack, unpack, verify_certificate
+from agencyfl.alignment.sealed import Envelope, PartyKeys, PartyPublicKeys, certify, pack, unpack
 from agencyfl.federation.errors import MessageRejectedError, ModelError, ProtocolError, ScreeningRefusedError
 from agencyfl.federation.spec import LoadedVerticalSpec
 from agencyfl.privacy.he import fingerprint
@@ -53,7 +53,7 @@ from agencyfl.screening.run import (
 from agencyfl.screening.worklist import PreviousWorklist, read_worklist
 from agencyfl.vertical.encoding import Block, PartyFiles, feature_block, register_block, register_frame
 from agencyfl.vertical.model import RegisteredVerticalModel
-from agencyfl.vertical.stream import Frame, dispatch, int_field, list_field, str_field
+from agencyfl.vertical.stream import Frame, dispatch, int_field, list_field, peer_directory, str_field
 
 MODEL_FILES = ("manifest.json", "card.json", "spec.toml")
 
@@ -163,23 +163,12 @@ class ScreeningSession:
 
     # ------------------------------------------------------------------ both roles
     def _op_setup(self, frame: Frame) -> Frame:
-        names = frame.fields.get("certificates")
-        if not isinstance(names, list) or len(frame.blobs) != len(names) + 1:
-            raise MessageRejectedError("a malformed setup frame")
-        certificates = dict(zip(names, frame.blobs[1:], strict=True))
         # civil affairs checks every agency's partial scores, each agency civil affairs' key and its peers'
-        # (their zero-sum masks): every party needs the others' ledger keys (handed out of band), or the
-        # coordinator could stand in for one of them
-        for peer in (p for p in self.plan.parties if p != self.agency):
-            trusted = self.config.peer_keys.get(peer)
-            if trusted is None:
-                raise MessageRejectedError(
-                    f"{self.agency} holds no ledger key for {peer}: its steward must start with "
-                    f"`--peer-key {peer}=LEDGER.pub` to screen with it"
-                )
-            if peer not in certificates:
-                raise MessageRejectedError(f"the coordinator forwarded no run keys of {peer}")
-            self.directory[peer] = verify_certificate(self.plan.screening, peer, certificates[peer], trusted)
+        # (their zero-sum masks): every party needs every other party's ledger key
+        peers = [p for p in self.plan.parties if p != self.agency]
+        self.directory |= peer_directory(
+            frame, self.plan.screening, self.agency, peers, self.config.peer_keys, "screen"
+        )
         return Frame("ok")
 
     # ------------------------------------------------------------------ the requester (civil affairs)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from agencyfl.alignment.sealed import PartyKeys, certify, pack, unpack, verify_certificate
+from agencyfl.alignment.sealed import PartyKeys, certify, pack, unpack
 from agencyfl.federation.errors import MessageRejectedError, ProtocolError
 from agencyfl.federation.metrics import exact_metrics
 from agencyfl.federation.spec import LoadedVerticalSpec
@@ -31,7 +31,7 @@ from agencyfl.vertical.job import admit, fairness_release, plan_of
 from agencyfl.vertical.model import INTERCEPT, save_part
 from agencyfl.vertical.protocol import FeatureHolder, GradientMessage, HolderSetup, LabelHolder
 from agencyfl.vertical.remote import VerticalJobPlan
-from agencyfl.vertical.stream import Frame, dispatch, int_field, str_field
+from agencyfl.vertical.stream import Frame, dispatch, int_field, peer_directory, str_field
 
 CHECKPOINTS_KEPT = 2
 
@@ -143,24 +143,9 @@ class PartySession:
         return holder
 
     def _op_setup(self, frame: Frame) -> Frame:
-        if self.holder is not None:
-            raise ProtocolError(f"{self.agency}: setup twice")
-        names = frame.fields.get("certificates")
-        if not isinstance(names, list) or len(frame.blobs) != len(names) + 1:
-            raise MessageRejectedError("a malformed setup frame")
-        certificates = dict(zip(names, frame.blobs[1:], strict=True))
         peers = [p for p in self.job.parties if p != self.agency] if self.is_label else [self.job.label_holder]
         directory = {self.agency: self.keys.public()}
-        for peer in peers:
-            trusted = self.config.peer_keys.get(peer)
-            if trusted is None:
-                raise MessageRejectedError(
-                    f"{self.agency} holds no ledger key for {peer}: its steward must start with "
-                    f"`--peer-key {peer}=LEDGER.pub` to train with it"
-                )
-            if peer not in certificates:
-                raise MessageRejectedError(f"the coordinator forwarded no run keys of {peer}")
-            directory[peer] = verify_certificate(self.job.job, peer, certificates[peer], trusted)
+        directory |= peer_directory(frame, self.job.job, self.agency, peers, self.config.peer_keys, "train")
         setup = HolderSetup(
             keys=self.keys, directory=directory, run=self.job.job, public_context=frame.blobs[0],
             label_holder=self.job.label_holder, optimizer=self.plan.optimizer, learning_rate=self.plan.learning_rate,

@@ -25,6 +25,7 @@ from typing import Any
 
 import grpc
 
+from agencyfl.alignment.sealed import PartyPublicKeys, verify_certificate
 from agencyfl.federation.errors import AgencyflError, DeploymentError, MessageRejectedError, ProtocolError, error_class
 
 METHOD = "/agencyfl.VerticalJob/Party"
@@ -311,6 +312,30 @@ def list_field(frame: Frame, name: str, kind: type) -> list[Any]:
     if not isinstance(value, list) or not all(isinstance(v, kind) and not isinstance(v, bool) for v in value):
         raise MessageRejectedError(f"a {frame.op[:40]!r} frame whose {name!r} is not a list of {kind.__name__}")
     return value
+
+
+def peer_directory(
+    frame: Frame, run: str, agency: str, peers: list[str], peer_keys: dict[str, Any], purpose: str
+) -> dict[str, PartyPublicKeys]:
+    """The run keys of ``peers`` from a ``setup`` frame (a name list ``certificates``, then one certificate
+    blob each after ``blobs[0]``), each verified with the ledger key its steward was handed: without that
+    key, or without its certificate, the coordinator could stand in for the peer (MessageRejectedError)."""
+    names = list_field(frame, "certificates", str)
+    if len(frame.blobs) != len(names) + 1:
+        raise MessageRejectedError("a malformed setup frame")
+    certificates = dict(zip(names, frame.blobs[1:], strict=True))
+    directory = {}
+    for peer in peers:
+        trusted = peer_keys.get(peer)
+        if trusted is None:
+            raise MessageRejectedError(
+                f"{agency} holds no ledger key for {peer}: its steward must start with "
+                f"`--peer-key {peer}=LEDGER.pub` to {purpose} with it"
+            )
+        if peer not in certificates:
+            raise MessageRejectedError(f"the coordinator forwarded no run keys of {peer}")
+        directory[peer] = verify_certificate(run, peer, certificates[peer], trusted)
+    return directory
 
 
 _OP = re.compile(r"[a-z]+(?:-[a-z]+)*")
