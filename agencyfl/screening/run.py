@@ -442,27 +442,32 @@ def worklist_rows(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:  # fmt: skip
     """One row per listed household (with the change since ``previous``), and those that left the lists."""
     same_model = previous is not None and previous.model_version == model.version
-    households = lists.frame["household"].to_numpy(dtype=object)
-    enrolled = lists.frame["enrolled"].to_numpy(dtype=bool)
-    rows: list[dict[str, Any]] = []
-    listed_ids = canonical_ids([str(households[p]) for p in lists.listed])
-    for k, p in enumerate(lists.listed):
-        household, category = listed_ids[k], str(lists.categories[p])
-        row: dict[str, Any] = {
-            "household": household, "position": int(p), "category": category,
-            "score": round(float(lists.scores[p]), 4), "cutoff": float(lists.cutoff[p]), "enrolled": bool(enrolled[p]),
-            "change": None, "previous_category": None, "cause": None, "review_status": outcomes.get(household),
-            "reasons": reasons.get(int(p), []), "model_version": model.version, "screening": screening,
-        }  # fmt: skip
-        if previous is not None:
+    listed = lists.listed
+    households = lists.frame["household"].to_numpy(dtype=object)[listed]
+    listed_ids = canonical_ids([str(h) for h in households])
+    # columns first (numpy), one dict per row last: a million-household register lists about a quarter
+    columns = zip(
+        listed_ids, listed.tolist(), lists.categories[listed].tolist(),
+        [round(v, 4) for v in lists.scores[listed].tolist()], lists.cutoff[listed].tolist(),
+        lists.frame["enrolled"].to_numpy(dtype=bool)[listed].tolist(), strict=True,
+    )  # fmt: skip
+    rows: list[dict[str, Any]] = [
+        {"household": household, "position": p, "category": category, "score": score, "cutoff": cutoff,
+         "enrolled": enrolled, "change": None, "previous_category": None, "cause": None,
+         "review_status": outcomes.get(household), "reasons": reasons.get(p, []), "model_version": model.version,
+         "screening": screening}
+        for household, p, category, score, cutoff, enrolled in columns
+    ]  # fmt: skip
+    if previous is not None:
+        for row in rows:
+            household, category = row["household"], row["category"]
             row["change"] = change_of(household, category, previous)
             row["previous_category"] = previous.categories.get(household)
             if row["change"] != "unchanged":
-                old = None if old_categories is None else str(old_categories[p])
+                old = None if old_categories is None else str(old_categories[row["position"]])
                 row["cause"] = cause_of(row["previous_category"] or "", category, old, same_model)
             if row["previous_category"] is not None and row["review_status"] is None:
                 row["review_status"] = "open"
-        rows.append(row)
     left: list[dict[str, Any]] = []
     if previous is not None:
         now_listed = {r["household"] for r in rows}
@@ -505,10 +510,10 @@ def write_worklists(out: Path, rows: list[dict[str, Any]], report: dict[str, Any
     from agencyfl.screening.page import render_worklist_html, top_rows
 
     out.mkdir(parents=True, exist_ok=True, mode=0o700)
-    csv_rows = [
-        {**r, "enrolled": int(r["enrolled"]), "reasons": " | ".join(x["text"] for x in r["reasons"])} for r in rows
-    ]
-    write_private_csv(out / "worklist.csv", pd.DataFrame(csv_rows, columns=list(COLUMNS)))
+    table = pd.DataFrame({c: [r[c] for r in rows] for c in COLUMNS}, columns=list(COLUMNS))
+    table["enrolled"] = table["enrolled"].astype(int)
+    table["reasons"] = [" | ".join(x["text"] for x in r["reasons"]) for r in rows]
+    write_private_csv(out / "worklist.csv", table)
     page = {**report, "rows": top_rows(rows, PAGE_ROWS)}  # a page people read; the CSV has every row
     write_private_text(out / "worklist.html", render_worklist_html(page))
     write_private_text(out / "screening.json", json.dumps(report, indent=2, default=str))

@@ -7,6 +7,8 @@ steps (``optim``), so the two differ only by CKKS error and rounding.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from agencyfl.vertical.encoding import Block, LabelData
@@ -20,19 +22,32 @@ def residual(scores: Vector, labels: LabelData, scale: float) -> Vector:
     return np.asarray(m * scale * (0.5 + scores / 4 - labels.y), dtype=np.float64)
 
 
+Residual = Callable[[Vector, LabelData, float], Vector]
+
+
 def reference_train(
-    features: list[Block], label: Block, labels: LabelData, plan: VerticalPlan, rng: np.random.Generator
+    features: list[Block],
+    label: Block,
+    labels: LabelData,
+    plan: VerticalPlan,
+    rng: np.random.Generator,
+    residual_of: Residual = residual,
+    noise_std: float | None = None,
 ) -> dict[str, Vector]:
-    """Each party's weights after ``plan.iterations`` steps (the label holder's last weight is the intercept)."""
+    """Each party's weights after ``plan.iterations`` steps (the label holder's last weight is the intercept).
+
+    ``residual_of`` and ``noise_std`` (on the unscaled sum) replace the protocol's Taylor residual and its
+    noise only in benchmarks that ask what another residual would give (benchmarks/vertical_utility.py).
+    """
     blocks = [*features, label]
     weights = {b.agency: np.zeros(b.width + (b is label)) for b in blocks}
     optimizers = {b.agency: BlockOptimizer(plan.optimizer, plan.learning_rate, b.width + (b is label)) for b in blocks}
     scale = 1.0 / len(label.x)
-    std = plan.noise_std * scale
+    std = (plan.noise_std if noise_std is None else noise_std) * scale
     for _ in range(plan.iterations):
         w_label = weights[label.agency]
         z = sum(b.x @ weights[b.agency] for b in features) + label.x @ w_label[:-1] + w_label[-1]
-        d = residual(np.asarray(z), labels, scale)
+        d = residual_of(np.asarray(z), labels, scale)
         for b in blocks:
             g = b.x.T @ d
             if b is label:
