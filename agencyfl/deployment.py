@@ -340,25 +340,37 @@ def run_state(cdir: CoordinatorDir, run_id: int) -> dict[str, Any]:
     return runs[0]
 
 
+STATUS_POLL_SECONDS = 10.0
+"""How often the coordinator asks Flower whether a run ended while the run has written no summary yet. Each
+``flwr ls`` is a process that imports Flower, about 1 s of CPU: asked every second, it took half a core from
+the job it watched. Once the run's summary is written, it asks every second until Flower says finished."""
+
+
 def _follow(
     cdir: CoordinatorDir, run_id: int, job: str, on_event: Callable[[dict[str, Any]], None], offset: int
 ) -> dict[str, Any]:
     """Relay the run's events until Flower reports it finished; returns its summary (empty if none)."""
     events = cdir.work / "runs" / job / "events.jsonl"
+    summary_file = cdir.work / "runs" / job / "summary.json"
     state: dict[str, Any] = {}
+    next_ask = 0.0
     while True:
         offset = _relay(events, offset, on_event)
-        try:
-            state = run_state(cdir, run_id)
-        except DeploymentError:
-            if running_pid(cdir.pid_file) is None:
-                raise DeploymentError(f"the SuperLink stopped during run {run_id}; restart it and resume") from None
-            state = {}
-        if str(state.get("status", "")).startswith("finished"):
-            _relay(events, offset, on_event)
-            break
-        time.sleep(1.0)
-    summary_file = cdir.work / "runs" / job / "summary.json"
+        if running_pid(cdir.pid_file) is None:  # a crashed SuperLink: said at once, not at the next question
+            raise DeploymentError(f"the SuperLink stopped during run {run_id}; restart it and resume")
+        written = summary_file.exists()
+        if written or time.monotonic() >= next_ask:
+            try:
+                state = run_state(cdir, run_id)
+            except DeploymentError:
+                if running_pid(cdir.pid_file) is None:
+                    raise DeploymentError(f"the SuperLink stopped during run {run_id}; restart it and resume") from None
+                state = {}
+            if str(state.get("status", "")).startswith("finished"):
+                _relay(events, offset, on_event)
+                break
+            next_ask = time.monotonic() + STATUS_POLL_SECONDS
+        time.sleep(1.0 if written else 0.5)
     summary: dict[str, Any] = json.loads(summary_file.read_text()) if summary_file.exists() else {}
     summary["flower"] = {k: state.get(k) for k in ("run-id", "status", "elapsed", "network-traffic")}
     return summary

@@ -35,13 +35,13 @@ AGENCIES = ["civil-affairs", "hrss", "tax", "environment"]
 # other worker takes everything else, a module (or a notebook) at a time, so module-scoped fixtures start
 # once; when it is done it helps with nothing, the daemon unit being one. Order within a unit stays random.
 DAEMONS = {"test_deployment.py", "test_multihost.py", "test_notebooks.py::04", "test_notebooks.py::09"}
-# The other units, longest first (seconds measured on 2 cores, 2026-12-04): the daemon worker joins in when
+# The other units, longest first (seconds in a full run on 2 cores, 2026-12-04): the daemon worker joins in when
 # its unit ends, and a long unit handed out last would keep the run going after the other worker is done.
 SLOW_UNITS = {
-    "test_notebooks.py::03": 143, "test_notebooks.py::07": 138, "test_cli.py": 137, "test_cli_robustness.py": 105,
-    "test_notebooks.py::01": 57, "test_vertical_stream.py": 50, "test_accounting.py": 43,
-    "test_notebooks.py::08": 40, "test_scoring.py": 34, "test_notebooks.py::05": 33, "test_ledger_binding.py": 31,
-    "test_scoring_hardening.py": 25, "test_audit_verify.py": 24,
+    "test_cli.py": 146, "test_notebooks.py::03": 131, "test_accounting.py": 98, "test_notebooks.py::07": 95,
+    "test_vertical_stream.py": 70, "test_ledger_binding.py": 63, "test_notebooks.py::08": 61,
+    "test_notebooks.py::01": 48, "test_notebooks.py::05": 41, "test_scoring.py": 40, "test_audit_verify.py": 27,
+    "test_cli_robustness.py": 20, "test_scoring_hardening.py": 18,
 }  # fmt: skip
 
 
