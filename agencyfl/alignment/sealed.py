@@ -272,6 +272,33 @@ def verify_certificate(run: str, name: str, certificate: bytes, ledger_key: Ed25
     return keys
 
 
+def certified_peers(
+    run: str, agency: str, peers: list[str], certificates: dict[str, bytes],
+    ledger_keys: dict[str, Ed25519PublicKey], purpose: str,
+) -> dict[str, PartyPublicKeys]:  # fmt: skip
+    """The run keys of ``peers`` that the coordinator forwarded (``certificates``), each verified with the ledger
+    key ``agency``'s steward was handed for that peer (``ledger_keys``; ``steward start --peer-key``).
+
+    Raises
+    ------
+    MessageRejectedError
+        A peer whose ledger key this party does not hold, or whose certificate is missing or not signed by
+        it: without that check the coordinator could stand in for the peer and read what is sealed to it.
+    """
+    directory = {}
+    for peer in peers:
+        trusted = ledger_keys.get(peer)
+        if trusted is None:
+            raise MessageRejectedError(
+                f"{agency} holds no ledger key for {peer}: its steward must start with "
+                f"`--peer-key {peer}=LEDGER.pub` to {purpose} with it"
+            )
+        if peer not in certificates:
+            raise MessageRejectedError(f"the coordinator forwarded no run keys of {peer}")
+        directory[peer] = verify_certificate(run, peer, certificates[peer], trusted)
+    return directory
+
+
 def pack(envelope: Envelope) -> bytes:
     """An envelope as bytes for a Flower message: header length (4 bytes), header, signature, ciphertext."""
     header = envelope.header()

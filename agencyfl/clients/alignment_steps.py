@@ -44,7 +44,7 @@ from agencyfl.alignment.runs import (
     write_agency_files,
     write_holder_files,
 )
-from agencyfl.alignment.sealed import PartyKeys, PartyPublicKeys, certify, pack, unpack, verify_certificate
+from agencyfl.alignment.sealed import PartyKeys, PartyPublicKeys, certified_peers, certify, pack, unpack
 from agencyfl.clients.signed_plan import record_refused_request
 from agencyfl.clients.site import AgencySite
 from agencyfl.federation.errors import AgencyflError, SpecError
@@ -230,16 +230,11 @@ class _Party:
 
     def _accept_certificates(self) -> None:
         state = self._state()
-        for peer in self.peers:
-            trusted = keyring_key(peers_dir(self.site.home), peer)
-            if trusted is None:
-                raise MessageRejectedError(
-                    f"{self.site.agency} holds no ledger key for {peer}: its steward must start with "
-                    f"`--peer-key {peer}=LEDGER.pub` to align with it"
-                )
-            if peer not in self.request.certificates:
-                raise MessageRejectedError(f"the coordinator forwarded no run keys of {peer}")
-            public = verify_certificate(self.request.run, peer, self.request.certificates[peer], trusted)
+        held = {p: k for p in self.peers if (k := keyring_key(peers_dir(self.site.home), p)) is not None}
+        directory = certified_peers(
+            self.request.run, self.site.agency, self.peers, self.request.certificates, held, "align"
+        )
+        for peer, public in directory.items():
             state[f"peer.{peer}"] = public.sealing + public.signing
 
     def _blind(self, transport: StepTransport) -> None:

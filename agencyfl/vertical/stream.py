@@ -25,7 +25,7 @@ from typing import Any
 
 import grpc
 
-from agencyfl.alignment.sealed import PartyPublicKeys, verify_certificate
+from agencyfl.alignment.sealed import PartyPublicKeys, certified_peers
 from agencyfl.federation.errors import AgencyflError, DeploymentError, MessageRejectedError, ProtocolError, error_class
 
 METHOD = "/agencyfl.VerticalJob/Party"
@@ -318,24 +318,13 @@ def peer_directory(
     frame: Frame, run: str, agency: str, peers: list[str], peer_keys: dict[str, Any], purpose: str
 ) -> dict[str, PartyPublicKeys]:
     """The run keys of ``peers`` from a ``setup`` frame (a name list ``certificates``, then one certificate
-    blob each after ``blobs[0]``), each verified with the ledger key its steward was handed: without that
-    key, or without its certificate, the coordinator could stand in for the peer (MessageRejectedError)."""
+    blob each after ``blobs[0]``), each verified with the ledger key its steward was handed
+    (``certified_peers``; MessageRejectedError otherwise)."""
     names = list_field(frame, "certificates", str)
     if len(frame.blobs) != len(names) + 1:
         raise MessageRejectedError("a malformed setup frame")
     certificates = dict(zip(names, frame.blobs[1:], strict=True))
-    directory = {}
-    for peer in peers:
-        trusted = peer_keys.get(peer)
-        if trusted is None:
-            raise MessageRejectedError(
-                f"{agency} holds no ledger key for {peer}: its steward must start with "
-                f"`--peer-key {peer}=LEDGER.pub` to {purpose} with it"
-            )
-        if peer not in certificates:
-            raise MessageRejectedError(f"the coordinator forwarded no run keys of {peer}")
-        directory[peer] = verify_certificate(run, peer, certificates[peer], trusted)
-    return directory
+    return certified_peers(run, agency, peers, certificates, peer_keys, purpose)
 
 
 _OP = re.compile(r"[a-z]+(?:-[a-z]+)*")
