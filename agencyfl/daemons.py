@@ -30,8 +30,12 @@ def executable(name: str) -> str:
 
 
 def flower_env(flwr_home: Path) -> dict[str, str]:
-    """The environment for Flower commands: their own FLWR_HOME, no telemetry."""
-    return {**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_TELEMETRY_ENABLED": "0"}
+    """The environment for Flower commands: their own FLWR_HOME, no telemetry, and this Python's scripts first
+    on PATH: the processes Flower starts by name (``flower-superexec``, a ``flwr-clientapp`` per message) are
+    then this installation's, not whatever another environment or a version-manager shim puts first (a pyenv
+    shim costs each of them about 0.15 s of starting)."""
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return {**os.environ, "PATH": path, "FLWR_HOME": str(flwr_home), "FLWR_TELEMETRY_ENABLED": "0"}
 
 
 def start_daemon(cmd: list[str], log: Path, pid_file: Path, env: dict[str, str]) -> int:
