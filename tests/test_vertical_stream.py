@@ -562,6 +562,8 @@ def test_an_agency_answers_each_step_in_order_and_the_one_shot_steps_once(federa
         civil.handle(Frame("finish", {"version": "v0009"}))
     with pytest.raises(MessageRejectedError, match="fairness release is iteration"):
         civil.handle(Frame("admit-fairness", {"iteration": 1}))
+    with pytest.raises(MessageRejectedError, match="civil-affairs is at 1"):  # its weights are those of iteration 1
+        civil.handle(Frame("gradient", {"iteration": 2}))
     assert not [e for e in federation.ledger(civil.agency).events() if e.job == "vjob-order"]  # nothing admitted
 
 

@@ -145,8 +145,9 @@ def test_an_arbiter_that_alters_the_validation_scores_is_caught(
     assert all(isinstance(h, FeatureHolder) for h in holders)
 
     def decrypted() -> np.ndarray:
-        partials = {h.name: h.partial_scores() for h in holders}  # type: ignore[union-attr]
-        return arbiter.decrypt_masked_scores(civil.name, civil.masked_scores(partials))
+        step = len(civil.releases) + 1  # after the last iteration
+        partials = {h.name: h.partial_scores(step) for h in holders}  # type: ignore[union-attr]
+        return arbiter.decrypt_masked_scores(civil.name, civil.masked_scores(partials, step))
 
     records = [p.received for p in (civil, arbiter, *holders)]  # the shared run's, as the other tests read them
     kept = [len(r) for r in records]
@@ -190,3 +191,23 @@ def test_the_card_s_auc_comes_from_a_histogram_that_tracks_the_exact_one() -> No
     noised = histogram_auc(counts + rng.normal(0, 10.0, size=counts.shape))
     assert noised is not None and abs(noised - exact) < 0.03  # thousands per bin: the noise barely moves it
     assert histogram_auc(np.zeros((2, 10))) is None  # nothing left to rank
+
+
+def test_a_relay_cannot_hand_a_party_another_iterations_partial_scores_or_residuals(run: VerticalResult) -> None:
+    """Partial scores and residuals are sealed for their iteration: a coordinator replaying an earlier one (to
+    steer training with stale values) is refused by the party that opens them."""
+    from agencyfl.federation.errors import MessageRejectedError
+    from agencyfl.vertical.protocol import FeatureHolder, LabelHolder
+
+    civil = run.parties["civil-affairs"]
+    holders = [run.parties[a] for a in FEATURES]
+    assert isinstance(civil, LabelHolder) and all(isinstance(h, FeatureHolder) for h in holders)
+    earlier = {h.name: h.partial_scores(1) for h in holders}  # type: ignore[union-attr]
+    with pytest.raises(MessageRejectedError, match="step-1"):
+        civil.residuals(earlier, 2)
+    own, sealed = civil.residuals({h.name: h.partial_scores(2) for h in holders}, 2)  # type: ignore[union-attr]
+    first = holders[0]
+    assert isinstance(first, FeatureHolder)
+    with pytest.raises(MessageRejectedError, match="step-2"):
+        first.open_residuals(sealed[first.name], 3)
+    assert len(first.open_residuals(sealed[first.name], 2)) == len(own)  # the same iteration opens

@@ -95,18 +95,23 @@ class _Party:
     he_seconds: float = 0.0
     sent_bytes: int = 0
 
-    def _seal(self, vectors: list[bytes], recipient: str, kind: MessageKind, rows: int) -> list[Envelope]:
+    def _step_run(self, step: int) -> str:
+        """The run an envelope of iteration ``step`` is sealed under: a relay that replays another iteration's
+        partial scores or residuals is refused (the header names the step, and the AEAD binds the header)."""
+        return f"{self.run}/step-{step}"
+
+    def _seal(self, vectors: list[bytes], recipient: str, kind: MessageKind, rows: int, step: int) -> list[Envelope]:
         envelopes = [
-            seal(v, run=self.run, sender=self.keys, recipient=self.directory[recipient], kind=kind,
+            seal(v, run=self._step_run(step), sender=self.keys, recipient=self.directory[recipient], kind=kind,
                  chunk=i, chunks=len(vectors), rows=rows)
             for i, v in enumerate(vectors)
         ]  # fmt: skip
         self.sent_bytes += sum(e.size for e in envelopes)
         return envelopes
 
-    def _open(self, envelopes: list[Envelope], sender: str, kind: MessageKind) -> list[bytes]:
+    def _open(self, envelopes: list[Envelope], sender: str, kind: MessageKind, step: int) -> list[bytes]:
         payloads = [
-            open_envelope(e, recipient=self.keys, sender=self.directory[sender], run=self.run, kind=kind)
+            open_envelope(e, recipient=self.keys, sender=self.directory[sender], run=self._step_run(step), kind=kind)
             for e in envelopes
         ]
         self.received.append(
@@ -206,14 +211,16 @@ class _Holder(_Party):
 class FeatureHolder(_Holder):
     """An agency without the label: its block, its weights, its keys; the arbiter's public context only."""
 
-    def partial_scores(self) -> list[Envelope]:
-        """``Enc(X_k w_k)`` over every register position, sealed to the label holder."""
+    def partial_scores(self, step: int) -> list[Envelope]:
+        """``Enc(X_k w_k)`` over every register position, sealed to the label holder for iteration ``step``
+        (``iterations + 1``: the validation scores after the last one)."""
         raw = self._encrypt(self.block.x @ self.weights)
-        return self._seal(raw, self.label_holder, "partial-scores", len(self.block.x))
+        return self._seal(raw, self.label_holder, "partial-scores", len(self.block.x), step)
 
-    def open_residuals(self, envelopes: list[Envelope]) -> list[bytes]:
-        """The residual ciphertexts from the label holder's sealed message (still encrypted under A's key)."""
-        return self._open(envelopes, self.label_holder, "residuals")
+    def open_residuals(self, envelopes: list[Envelope], step: int) -> list[bytes]:
+        """The residual ciphertexts of iteration ``step`` from the label holder's sealed message (still encrypted
+        under A's key)."""
+        return self._open(envelopes, self.label_holder, "residuals", step)
 
 
 class LabelHolder(_Holder):
@@ -237,9 +244,9 @@ class LabelHolder(_Holder):
         bound = self.weight_bound
         return np.concatenate([project(w[:-1], bound), [float(np.clip(w[-1], -bound, bound))]])
 
-    def _scores(self, partials: dict[str, list[Envelope]]) -> list[ts.CKKSVector]:
+    def _scores(self, partials: dict[str, list[Envelope]], step: int) -> list[ts.CKKSVector]:
         own = self.block.x @ self.weights[:-1] + self.weights[-1]
-        opened = {k: self._open(v, k, "partial-scores") for k, v in partials.items()}
+        opened = {k: self._open(v, k, "partial-scores", step) for k, v in partials.items()}
         start = time.perf_counter()
         total = [ts.ckks_vector(self.context, c) for c in _chunks(own, self.slots)]
         for raw in opened.values():
@@ -247,26 +254,30 @@ class LabelHolder(_Holder):
         self.he_seconds += time.perf_counter() - start
         return total
 
-    def residuals(self, partials: dict[str, list[Envelope]]) -> tuple[list[bytes], dict[str, list[Envelope]]]:
-        """``Enc(d) = Enc(z) * (m c / 4) + m c (0.5 - y)``: its own copy and one sealed copy per agency."""
-        z = self._scores(partials)
+    def residuals(
+        self, partials: dict[str, list[Envelope]], step: int
+    ) -> tuple[list[bytes], dict[str, list[Envelope]]]:
+        """``Enc(d) = Enc(z) * (m c / 4) + m c (0.5 - y)``: its own copy and one sealed copy per agency, from
+        the partial scores of iteration ``step``."""
+        z = self._scores(partials, step)
         start = time.perf_counter()
         m = self.labels.train.astype(np.float64)
         slope = _chunks(m * self.scale / 4, self.slots)
         offset = _chunks(m * self.scale * (0.5 - self.labels.y), self.slots)
         raw = [bytes((c * s + o).serialize()) for c, s, o in zip(z, slope, offset, strict=True)]
         self.he_seconds += time.perf_counter() - start
-        return raw, {k: self._seal(raw, k, "residuals", len(self.block.x)) for k in partials}
+        return raw, {k: self._seal(raw, k, "residuals", len(self.block.x), step) for k in partials}
 
-    def masked_scores(self, partials: dict[str, list[Envelope]]) -> list[bytes]:
+    def masked_scores(self, partials: dict[str, list[Envelope]], step: int) -> list[bytes]:
         """``Enc(z v + s)`` then ``Enc(a z v + t)`` for the validation indicator v, fresh uniform masks s and
         t and a secret per-slot tag factor a in [1, 4], for the arbiter to decrypt.
 
         The second half is a one-time MAC: an arbiter that altered one decrypted value by delta would have
         to alter the other by a*delta without knowing a, so ``unmask_scores`` catches it (except with
         probability about 2 tol / (3 |delta|)); a slot outside validation must decrypt to its mask exactly.
+        ``step`` is the partial scores' (``iterations + 1``).
         """
-        z = self._scores(partials)
+        z = self._scores(partials, step)
         start = time.perf_counter()
         v = _chunks(self.labels.validation.astype(np.float64), self.slots)
         size = len(v) * self.slots

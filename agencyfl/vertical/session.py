@@ -167,8 +167,14 @@ class PartySession:
         self.resume_from, self.released_through = resume_from, released
         return Frame("ok", {"width": len(self.holder.weights)})
 
+    @property
+    def step(self) -> int:
+        """The iteration its weights are at: the one after the last it rescaled (or resumed from). Partial scores
+        and residuals are sealed for it, so a relay cannot hand a party another iteration's."""
+        return max(self.resume_from, self.last_rescaled) + 1
+
     def _op_partial(self, frame: Frame) -> Frame:
-        return Frame("ok", blobs=[pack(e) for e in self._features().partial_scores()])
+        return Frame("ok", blobs=[pack(e) for e in self._features().partial_scores(self.step)])
 
     def _partials(self, frame: Frame) -> dict[str, list[Any]]:
         partials: dict[str, list[Any]] = {p: [] for p in self.job.parties if p != self.agency}
@@ -180,7 +186,7 @@ class PartySession:
         return partials
 
     def _op_residuals(self, frame: Frame) -> Frame:
-        own, sealed = self._label().residuals(self._partials(frame))
+        own, sealed = self._label().residuals(self._partials(frame), self.step)
         self._own_residuals = own
         return Frame("ok", blobs=[pack(e) for envelopes in sealed.values() for e in envelopes])
 
@@ -190,11 +196,13 @@ class PartySession:
             raise MessageRejectedError(
                 f"iteration {iteration} is not after {max(self.resume_from, self.last_gradient)} inside the job"
             )
+        if iteration != self.step:
+            raise MessageRejectedError(f"a gradient for iteration {iteration}; {self.agency} is at {self.step}")
         holder = self._holder()
         if isinstance(holder, LabelHolder):
             residual = self._own_residuals
         else:
-            residual = holder.open_residuals([unpack(b) for b in frame.blobs])
+            residual = holder.open_residuals([unpack(b) for b in frame.blobs], self.step)
         # an admission is reused on resume only if the coordinator's chain says the iteration was never
         # released and this agency never received its release either (its own record, written first)
         reuse = self.resume_from > 0 and iteration > self.released_through and not self._received(iteration)
@@ -255,7 +263,7 @@ class PartySession:
         if self.last_rescaled != self.job.iterations:  # the card's AUC must describe the registered model
             raise ProtocolError(f"{self.agency}: validation scores after iteration {self.last_rescaled} of "
                                 f"{self.job.iterations}")  # fmt: skip
-        return Frame("ok", blobs=self._label().masked_scores(self._partials(frame)))
+        return Frame("ok", blobs=self._label().masked_scores(self._partials(frame), self.step))
 
     def _op_scores(self, frame: Frame) -> Frame:
         holder = self._label()

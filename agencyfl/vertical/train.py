@@ -136,9 +136,9 @@ def train_vertical(
     result = VerticalResult(weights={}, events=[], mechanism=plan.events(), parties=parties)
     for iteration in range(1, plan.iterations + 1):
         start, he0, sent0 = time.perf_counter(), _he(parties), _sent(parties)
-        partials = {h.name: h.partial_scores() for h in holders}
-        own, sealed = civil.residuals(partials)
-        gradients = {h.name: h.masked_gradient(h.open_residuals(sealed[h.name])) for h in holders}
+        partials = {h.name: h.partial_scores(iteration) for h in holders}
+        own, sealed = civil.residuals(partials, iteration)
+        gradients = {h.name: h.masked_gradient(h.open_residuals(sealed[h.name], iteration)) for h in holders}
         gradients[civil.name] = civil.masked_gradient(own)
         if before_release is not None:  # accounted in every ledger before the arbiter releases anything
             before_release(iteration)
@@ -160,8 +160,8 @@ def train_vertical(
         )
     result.weights = {h.name: h.weights.copy() for h in holders} | {civil.name: civil.weights.copy()}
     if validate and labels.validation.any():
-        partials = {h.name: h.partial_scores() for h in holders}
-        masked = civil.masked_scores(partials)
+        partials = {h.name: h.partial_scores(plan.iterations + 1) for h in holders}
+        masked = civil.masked_scores(partials, plan.iterations + 1)
         scores = civil.unmask_scores(arbiter.decrypt_masked_scores(civil.name, masked))
         result.validation_auc = exact_metrics(1 / (1 + np.exp(-scores)), labels.y[labels.validation]).auc
         result.validation_logits = scores
