@@ -21,6 +21,7 @@ import pytest
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 from typer.testing import CliRunner  # noqa: E402
+from xdist.scheduler import LoadGroupScheduling  # noqa: E402
 
 from agencyfl.cli import app  # noqa: E402
 from agencyfl.federation.spec import LoadedSpec, load_spec  # noqa: E402
@@ -60,6 +61,30 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         item.add_marker(pytest.mark.xdist_group(_unit(item)))
     # the daemon unit first, then the others longest first; stable (random, within a unit) otherwise
     items.sort(key=lambda item: (_unit(item) != "daemons", -SLOW_UNITS.get(_unit(item), 0)))
+
+
+class _OneUnitAhead(LoadGroupScheduling):
+    """``--dist loadgroup``, queueing at most one unit ahead on a worker.
+
+    xdist's scheduler gives a worker its next unit once at most two of its tests are pending, so a worker on
+    a one-test unit (a notebook) took two more: when the daemon worker finished, the other could still hold
+    two long units while it sat idle. A worker keeps its last pending test until more arrives (it needs the
+    next item), so one pending is the least that cannot stall it."""
+
+    def _reschedule(self, node: Any) -> None:
+        if node.shutting_down:
+            return
+        if not self.workqueue:
+            node.shutdown()
+            return
+        if self._pending_of(self.assigned_work[node]) > 1:
+            return
+        self._assign_work_unit(node)
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> LoadGroupScheduling | None:
+    """Our scheduler for ``--dist loadgroup`` (pyproject's addopts); xdist's own otherwise."""
+    return _OneUnitAhead(config, log) if config.getvalue("dist") == "loadgroup" else None
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -58,12 +58,12 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for(predicate: Any, timeout: float, what: str) -> None:
+def wait_for(predicate: Any, timeout: float, what: str, every: float = 0.5) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.5)
+        time.sleep(every)
 
 
 class Deployment:
@@ -395,7 +395,9 @@ def story(deployment: Deployment) -> JobStory:
         proc.kill()
     job = _checkpoints(deployment)[-1].parent.name
     assert cli("coordinator", "start", "--dir", deployment.coord).exit_code == 0  # same database, same nodes
-    wait_for(lambda: {a["status"] for a in deployment.status()["agencies"]} == {"online"}, 120, "agencies to reconnect")
+    # each status is two `flwr` processes (about 2 s of CPU): asked every 3 s, not every 0.5
+    wait_for(lambda: {a["status"] for a in deployment.status()["agencies"]} == {"online"}, 120, "agencies to reconnect",
+             every=3.0)  # fmt: skip
     resumed = cli(
         "coordinator", "train", "--dir", deployment.coord, "--spec", deployment.spec, "--resume", "--format", "json"
     )
