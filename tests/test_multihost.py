@@ -156,7 +156,7 @@ def test_federation_across_namespaces_survives_a_cut_link(namespaces: dict[str, 
         deadline = time.monotonic() + 90
         while not hrss_online():  # rejoined over the restored link
             assert time.monotonic() < deadline, "hrss did not rejoin the federation"
-            time.sleep(2)
+            time.sleep(5)  # each status is an agencyfl and two flwr processes: about 3 s of CPU
     finally:
         for agency in AGENCIES:
             sh(sys.executable, "-m", "agencyfl", "steward", "stop", "--home", str(homes[agency]), check=False)
