@@ -321,7 +321,7 @@ def move_model(train_work: Path, model_dir: Path, work: Path, loaded: LoadedVert
     manifest = trained.manifest
     weights = {agency: load_part(train_work, agency, manifest) for agency in manifest.parts}
     inputs = {agency: list(part.inputs) for agency, part in manifest.parts.items()}
-    return register_vertical(work, loaded, weights, inputs, trained.card)
+    return register_vertical(work, loaded, weights, inputs, trained.card, manifest.score_clip)
 
 
 def big_screening(

@@ -32,7 +32,7 @@ from agencyfl.federation.table import load_table  # noqa: E402
 from agencyfl.synth_vertical import synthesize_vertical  # noqa: E402
 from agencyfl.vertical import Block, VerticalPlan, feature_block, label_block, train_vertical  # noqa: E402
 from agencyfl.vertical.encoding import clip_rows  # noqa: E402
-from agencyfl.vertical.optim import BlockOptimizer  # noqa: E402
+from agencyfl.vertical.optim import BlockOptimizer, clip_scores  # noqa: E402
 from benchmarks._common import table, write_results  # noqa: E402
 
 
@@ -129,7 +129,9 @@ def main() -> None:
         sent = {
             k: float(np.mean([m.sent_bytes[k] for m in result.iterations])) for k in result.iterations[0].sent_bytes
         }
-        zt = sum(tests[a] @ result.weights[a][: tests[a].shape[1]] for a in order) + result.weights[label.agency][-1]
+        parts = {a: tests[a] @ result.weights[a][: tests[a].shape[1]] for a in order}
+        parts[label.agency] = parts[label.agency] + result.weights[label.agency][-1]
+        zt = sum(clip_scores(u, plan.score_clip)[0] for u in parts.values())  # the model: each part clipped
         name = f"vertical DP-GD eps {eps:g}, T {args.iterations} (sigma {plan.noise_multiplier:.1f})"
         for subset, mask in (("all", np.ones_like(complete)), ("complete", complete)):
             m = metrics(np.asarray(zt)[mask], y_test[mask])

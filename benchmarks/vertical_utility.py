@@ -6,10 +6,11 @@ within CKKS error) on the vertical synthetic population, against the centralized
 regression of benchmarks/vertical.py on the same assessed training households, evaluated on the
 complete held-out households (held by every agency). Rows without noise separate the model the
 protocol fits (least squares on the Taylor residual, weights within W) from the cost of the noise.
-Rows with another residual ask what a closer approximation of the sigmoid would give, each with the noise
-its own bound D needs (sensitivity sqrt(K + 1) D for |z| <= Z): a degree-3 least-squares fit on [-8, 8]
-(Kim et al. 2018; one more ciphertext-by-ciphertext level under CKKS) and the exact sigmoid, which no
-polynomial under CKKS computes: the ceiling of every approximation.
+Rows without a clip C are the protocol before 2026-12-05 (weights held to W); rows with C clip each party's
+partial score (docs/vertical.md). Rows with another residual ask what a closer approximation of the sigmoid
+would give, each with the noise its own bound D needs (sensitivity sqrt(K + 1) D for |z| <= Z): a degree-3
+least-squares fit on [-8, 8] (Kim et al. 2018; one more ciphertext-by-ciphertext level under CKKS) and the
+exact sigmoid, which no polynomial under CKKS computes: the ceiling of every approximation.
 
     python benchmarks/vertical_utility.py [--households 75000] [--seed 5]
 """
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from agencyfl.alignment.runs import align_from_spec, load_vertical  # noqa: E402
 from agencyfl.synth_vertical import synthesize_vertical  # noqa: E402
 from agencyfl.vertical import VerticalPlan, feature_block, label_block  # noqa: E402
+from agencyfl.vertical.optim import clip_scores  # noqa: E402
 from agencyfl.vertical.reference import reference_train  # noqa: E402
 from benchmarks._common import table, write_results  # noqa: E402
 from benchmarks.vertical import centralized, metrics, test_blocks  # noqa: E402
@@ -45,6 +47,12 @@ CONFIGS: list[dict[str, Any]] = [
     {"noise": True, "epsilon": 1.0, "iterations": 100, "weight_bound": 50.0, "residual": "exact", "learning_rate": 1.0},
     {"noise": True, "epsilon": 3.0, "iterations": 100, "weight_bound": 50.0, "residual": "exact", "learning_rate": 1.0},
     {"noise": False, "iterations": 300, "weight_bound": 50.0, "residual": "exact", "learning_rate": 1.0},
+    # the protocol from 2026-12-05: each partial score clipped to 1.5 by its holder, W 20 (docs/vertical.md)
+    {"noise": False, "iterations": 300, "weight_bound": 20.0, "score_clip": 1.5},
+    {"noise": True, "epsilon": 1.0, "iterations": 100, "weight_bound": 20.0, "score_clip": 1.5},
+    {"noise": True, "epsilon": 1.0, "iterations": 100, "weight_bound": 20.0, "score_clip": 1.5, "seed": 2},
+    {"noise": True, "epsilon": 3.0, "iterations": 100, "weight_bound": 20.0, "score_clip": 1.5},
+    {"noise": True, "epsilon": 1.0, "iterations": 200, "weight_bound": 20.0, "score_clip": 1.5},
 ]
 
 
@@ -106,18 +114,23 @@ def main() -> None:
         kind = config.get("residual", "taylor")
         plan = VerticalPlan(agencies=len(order), iterations=config["iterations"], epsilon=eps, delta=1e-5,
                             weight_bound=config["weight_bound"],
-                            learning_rate=config.get("learning_rate", 0.2))  # fmt: skip
-        rng: Any = np.random.default_rng(1) if config["noise"] else _NoNoise()
+                            learning_rate=config.get("learning_rate", 0.2),
+                            score_clip=config.get("score_clip"))  # fmt: skip
+        rng: Any = np.random.default_rng(config.get("seed", 1)) if config["noise"] else _NoNoise()
         bound = residual_bound(kind, plan.score_bound)
         f = SIGMOIDS[kind]
         weights = reference_train(
             features, label, labels, plan, rng, residual_of=lambda z, lab, c, f=f: lab.train * c * (f(z) - lab.y),
             noise_std=plan.noise_multiplier * (plan.agencies + 1) ** 0.5 * bound,
         )  # fmt: skip
-        zt = sum(tests[a] @ weights[a][: tests[a].shape[1]] for a in order) + weights[label.agency][-1]
+        parts = {a: tests[a] @ weights[a][: tests[a].shape[1]] for a in order}
+        parts[label.agency] = parts[label.agency] + weights[label.agency][-1]
+        zt = sum(clip_scores(u, plan.score_clip)[0] for u in parts.values())  # the model: each part clipped
         m = metrics(np.asarray(zt)[complete], y[complete])
         noise = f"eps {eps:g} (sigma {plan.noise_multiplier:.1f})" if config["noise"] else "none"
-        name = (f"{kind} DP-GD, T {config['iterations']}, W {config['weight_bound']:g}, "
+        clip = f", C {config['score_clip']:g}" if config.get("score_clip") else ""
+        seed = f", seed {config['seed']}" if "seed" in config else ""
+        name = (f"{kind} DP-GD, T {config['iterations']}, W {config['weight_bound']:g}{clip}{seed}, "
                 f"lr {plan.learning_rate:g}, D {bound:.2f}")  # fmt: skip
         result["runs"].append({**config, **m, "residual": kind, "residual_bound": bound,
                                "auc_ratio": m["auc"] / base["auc"],

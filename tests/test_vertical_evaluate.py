@@ -30,6 +30,7 @@ from agencyfl.privacy.ledger import spend_records, verify_ledger
 from agencyfl.vertical.encoding import feature_block, label_block, register_frame
 from agencyfl.vertical.evaluate import score_joined
 from agencyfl.vertical.model import RegisteredVerticalModel, load_part
+from agencyfl.vertical.optim import clip_scores
 
 
 def _loaded(job: VerticalJob) -> LoadedVerticalSpec:
@@ -136,7 +137,10 @@ def test_evaluate_scores_a_household_as_training_scores_its_register_position(ve
     parts = {a.name: load_part(work, a.name, model.manifest) for a in spec.agencies}
     blocks = {a.name: feature_block(loaded, a.name, work) for a in spec.agencies if a.name != holder}
     blocks[holder] = label_block(loaded, work)[0]
-    trained = sum(b.x @ parts[n][: b.width] for n, b in blocks.items()) + parts[holder][-1]
+    clip = model.manifest.score_clip
+    assert clip is not None  # each holder clips its own part's score: evaluate must clip it the same way
+    raw = {n: b.x @ parts[n][: b.width] + (parts[holder][-1] if n == holder else 0.0) for n, b in blocks.items()}
+    trained = sum(clip_scores(u, clip)[0] for u in raw.values())
 
     households = register_frame(loaded, work)["household"].to_numpy()
     joined = pd.DataFrame({spec.schema_.id: households})
@@ -154,7 +158,7 @@ def test_evaluate_scores_a_household_as_training_scores_its_register_position(ve
         valid = valid[valid.index.notna() & ~valid.index.duplicated(keep=False)]
         for column in spec.feature_blocks()[a.name]:
             joined[column] = valid[column].reindex(households).to_numpy()
-    logits, held = score_joined(spec, parts, joined)
+    logits, held = score_joined(spec, parts, joined, clip)
 
     blank = np.zeros(len(households), dtype=bool)  # held, but every field of the block unrecorded: reads as not held
     for name, block in blocks.items():

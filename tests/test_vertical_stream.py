@@ -627,7 +627,7 @@ def test_a_deployed_screening_since_an_earlier_one_tells_facts_from_model(
         weights = np.load(fed.work / agency / part.path) * 0.6  # a weaker model: fewer invitations
         path, digest = save_part(fed.work / agency, target.name, weights)
         parts[agency] = ModelPart(holder=agency, path=path, inputs=part.inputs, sha256=digest)
-    second_dir = register_parts(target, fed.loaded, parts, model.card)
+    second_dir = register_parts(target, fed.loaded, parts, model.card, model.manifest.score_clip)
     third = run_screening(fed, second_dir, "scr-since-3", since="scr-since-1", previous_dir=first_dir)
     assert third.error is None, (third.error, third.party_errors)
     assert third.summary is not None and third.summary["previous_model"] == model.version

@@ -29,6 +29,7 @@ from agencyfl.federation.errors import HEError, MessageRejectedError, ScreeningR
 from agencyfl.federation.spec import SchemaSection
 from agencyfl.privacy.he import fingerprint, load_public_context, new_private_context, parameter_set, public_bytes
 from agencyfl.vertical.encoding import NOT_HELD, Block
+from agencyfl.vertical.optim import clip_scores
 from agencyfl.vertical.protocol import Received
 
 PARAMETERS = "n4096-d0"
@@ -86,12 +87,13 @@ class Requester(_Party):
     The secret key lives only in this object's memory: never written, never sent.
     """
 
-    def __init__(self, block: Block, weights: Vector) -> None:
+    def __init__(self, block: Block, weights: Vector, score_clip: float | None) -> None:
         super().__init__(block.agency)
         if weights.shape != (block.width + 1,):
             raise HEError(f"{block.agency}: {len(weights)} weights for {block.width} inputs and the intercept")
         self.block = block
         self.weights = weights
+        self.score_clip = score_clip  # the model's (its manifest's): each part is clipped by its holder
         self.params = parameter_set(PARAMETERS)
         self._context = new_private_context(self.params)
         self._public = public_bytes(self._context)
@@ -107,7 +109,11 @@ class Requester(_Party):
 
     def own_logits(self) -> Vector:
         """Its own part, X_R w_R + b, in clear (its own data)."""
-        return np.asarray(self.block.x @ self.weights[:-1] + self.weights[-1], dtype=np.float64)
+        return self._own_part(self.weights)
+
+    def _own_part(self, weights: Vector) -> Vector:
+        u = self.block.x @ weights[:-1] + weights[-1]
+        return np.asarray(clip_scores(u, self.score_clip)[0], dtype=np.float64)
 
     def logits(self, summed: list[bytes]) -> Vector:
         """z = sum_k u_k + X_R w_R + b at every register position, from the relay's summed ciphertexts."""
@@ -140,19 +146,22 @@ class Requester(_Party):
         values = np.concatenate([np.asarray(c.decrypt()) for c in summed])
         self.he_seconds += time.perf_counter() - start
         weights = self.weights if own is None else own
-        mine = self.block.x @ weights[:-1] + weights[-1]
+        mine = self._own_part(weights)
         return np.asarray(values[: len(self.block.x)] + mine, dtype=np.float64)
 
 
 class Contributor(_Party):
     """An agency: its block (not-held input included) and its own part of the model; R's public context only."""
 
-    def __init__(self, block: Block, weights: Vector, keys: PartyKeys | None = None) -> None:
+    def __init__(
+        self, block: Block, weights: Vector, score_clip: float | None, keys: PartyKeys | None = None
+    ) -> None:
         super().__init__(block.agency)
         if weights.shape != (block.width,):
             raise HEError(f"{block.agency}: {len(weights)} weights for {block.width} inputs")
         self.block = block
         self.weights = weights
+        self.score_clip = score_clip  # the model's: its own part clipped, as in training
         self.keys = keys
 
     def partial_scores(self, request: ScreeningRequest, mask: Vector | None = None) -> PartialScores:
@@ -176,7 +185,7 @@ class Contributor(_Party):
             Received(request.requester, "context", "public-context", 1, len(request.public_context), 0)
         )
         start = time.perf_counter()
-        u = self.block.x @ self.weights
+        u = clip_scores(self.block.x @ self.weights, self.score_clip)[0]
         if mask is not None:
             u = u + mask[: len(u)]
         raw = [bytes(ts.ckks_vector(context, c).serialize()) for c in _chunks(u, params.slots)]
@@ -200,7 +209,8 @@ class Contributor(_Party):
                 continue
             parts = self.block.x[p] * self.weights
             if level == "agency":
-                out[p] = f"{self.name}: contribution {float(parts.sum()):+.2f} to the score (log-odds)"
+                contribution = float(clip_scores(np.array([parts.sum()]), self.score_clip)[0][0])
+                out[p] = f"{self.name}: contribution {contribution:+.2f} to the score (log-odds)"
                 continue
             order = [j for j in np.argsort(-np.abs(parts)) if names[j] != NOT_HELD and parts[j] != 0][:TOP_FEATURES]
             words = [

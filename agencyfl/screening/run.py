@@ -160,10 +160,9 @@ def score_register(
         a.name: feature_block(loaded, a.name, workdir) for a in spec.agencies if a.name != holder
     }
     label = register_block(loaded, workdir)
-    requester = Requester(label, load_part(workdir, holder, model.manifest))
-    contributors = {
-        name: Contributor(block, load_part(workdir, name, model.manifest)) for name, block in blocks.items()
-    }
+    clip = model.manifest.score_clip  # every part's score is clipped by its holder, as in training
+    requester = Requester(label, load_part(workdir, holder, model.manifest), clip)
+    contributors = {n: Contributor(block, load_part(workdir, n, model.manifest), clip) for n, block in blocks.items()}
     parties = Parties(requester, contributors)
     request = requester.request(screening, spec.federation.name, model.version, purpose)
     parts = [c.partial_scores(request) for c in contributors.values()]

@@ -52,6 +52,7 @@ from agencyfl.screening.run import (
 )
 from agencyfl.screening.worklist import PreviousWorklist, read_worklist
 from agencyfl.vertical.encoding import Block, PartyFiles, feature_block, register_block, register_frame
+from agencyfl.vertical.job import plan_of
 from agencyfl.vertical.model import RegisteredVerticalModel
 from agencyfl.vertical.stream import Frame, dispatch, int_field, list_field, peer_directory, str_field
 
@@ -96,6 +97,8 @@ class ScreeningSession:
             raise ProtocolError(f"the plan's register has {self.plan.register_size} households; this one has "
                                 f"{len(self.block.x)}")  # fmt: skip
         self.weights = self._own_part(self.plan.model_version, self.plan.parts)
+        # the clip each part's score gets is its own spec's plan (what it trained with): not the coordinator's word
+        self.score_clip = plan_of(self.loaded).score_clip
         previous = self.plan.previous
         # --since with another model: that model's part too, checked now, before anything is scored
         self.old_weights = self._own_part(previous.model_version, previous.parts) if previous else None
@@ -141,6 +144,9 @@ class ScreeningSession:
         found = {p: part.sha256 for p, part in model.manifest.parts.items()}
         if model.manifest.sha256() != sha256 or model.loaded.sha256 != self.loaded.sha256 or found != parts:
             raise ModelError("the model's manifest, parts or spec are not the one the signed plan names")
+        if model.manifest.score_clip != self.score_clip:
+            raise ModelError(f"{model.version} clips each part's score at {model.manifest.score_clip}; this spec's "
+                             f"plan at {self.score_clip}: retrain it with this version")  # fmt: skip
         return model
 
     def hello_fields(self) -> dict[str, Any]:
@@ -183,7 +189,7 @@ class ScreeningSession:
             self.old_model = self._model_from(blobs[len(MODEL_FILES) :], self.out / "previous-model",
                                               previous.model_sha256, previous.parts)  # fmt: skip
         self.model = model
-        self.requester = Requester(self.block, self.weights)
+        self.requester = Requester(self.block, self.weights, self.score_clip)
         request = self.requester.request(self.plan.screening, self.plan.federation, self.plan.model_version,
                                          self.plan.purpose)  # fmt: skip
         self.request = request
@@ -299,7 +305,7 @@ class ScreeningSession:
                                       fingerprint(request.public_context))  # fmt: skip
         verify_statement(self.directory[self.plan.requester], _hex(frame.fields.get("signature")), statement,
                          "the screening's public context")  # fmt: skip
-        self.contributor = Contributor(self.block, self.weights, self.keys)
+        self.contributor = Contributor(self.block, self.weights, self.score_clip, self.keys)
         # civil affairs receives each agency's ciphertexts and holds the key: each part is masked so that
         # only their sum opens (the masks cancel over the agencies)
         agencies = {a: self.directory[a] for a in self.plan.parties[1:]}
@@ -311,7 +317,7 @@ class ScreeningSession:
         signatures: list[str] = []
         for label, weights in passes:
             mask = zero_sum_mask(self.keys, agencies, label, len(self.block.x))
-            part = Contributor(self.block, weights, self.keys).partial_scores(request, mask)
+            part = Contributor(self.block, weights, self.score_clip, self.keys).partial_scores(request, mask)
             signatures.append(self.keys.sign(partial_statement(label, part)).hex())
             blobs += part.ciphertexts
         fields = {"count": len(self.block.x), "fingerprint": request.context_fingerprint, "signature": signatures[0],

@@ -207,7 +207,7 @@ def drive(hub: StreamHub, settings: DriverSettings, sink: EventSink) -> dict[str
             for p, f in finished.items()
         }  # fmt: skip
         card = _card(settings, finished, validation, done).model_copy(update=validation.card)
-        register_parts(version, loaded, parts, card)
+        register_parts(version, loaded, parts, card, plan.score_clip)
     except BaseException as exc:
         # only the class travels: one party's message is no business of the others
         hub.end(Frame("abort", {"reason": f"stopped at the coordinator ({type(exc).__name__})"}))

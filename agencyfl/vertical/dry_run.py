@@ -16,8 +16,8 @@ Bytes per iteration (what each party sends, as ``train_vertical`` counts it): th
 from the alignment output when one exists in the workdir (``alignment-sizes.json``), else civil
 affairs' file rows (an upper bound: alignment quarantines malformed ids); ceil(N / 4096) ciphertexts
 per vector; each ciphertext's serialized size measured with TenSEAL at the level it is sent at
-(partial scores fresh, residuals after one rescale, gradients after two; civil affairs' intercept
-and its all-zero not-held input are exceptions, see ``bytes_per_iteration``), sealed envelopes
+(partial scores fresh, residuals after one rescale, gradients after two: every gradient input, the
+intercept's and an all-zero one included, takes a plaintext product), sealed envelopes
 measured by sealing them. N8192 [60, 40, 40, 60]: about 331 KB fresh, 235 KB for a residual, 131 KB
 for a gradient.
 """
@@ -57,11 +57,6 @@ class CiphertextSizes:
     partial_scores: int
     residuals: int
     gradient: int
-    intercept_gradient: int
-    """Civil affairs' sum(d): the residual summed over slots, no product (one level above a gradient)."""
-    zero_gradient: int
-    """An input that is 0 at every position (civil affairs' not-held input): TenSEAL's product with an
-    all-zero plaintext comes out as a fresh-level ciphertext."""
     slots: int
 
 
@@ -86,13 +81,10 @@ def ciphertext_sizes(parameters: str | None = None) -> CiphertextSizes:
     first = np.zeros(slots)
     first[0] = 1.0
     gradient = residual * rng.uniform(-1.0, 1.0, slots).tolist() + first.tolist()
-    zero = residual * np.zeros(slots).tolist() + first.tolist()
     return CiphertextSizes(
         partial_scores=len(scores.serialize()),
         residuals=len(residual.serialize()),
         gradient=len(gradient.serialize()),
-        intercept_gradient=len((residual + first.tolist()).serialize()),
-        zero_gradient=len(zero.serialize()),
         slots=slots,
     )
 
@@ -129,9 +121,8 @@ def widths(loaded: LoadedVerticalSpec) -> dict[str, int]:
 def bytes_per_iteration(loaded: LoadedVerticalSpec, size: int, sizes: CiphertextSizes) -> dict[str, int]:
     """What each party sends in one iteration (``IterationMetrics.sent_bytes``), arbiter included.
 
-    Assumes civil affairs holds every register position and every other input is non-zero somewhere: an
-    input that is 0 at every position (a category no household has, a field never missing) sends a
-    fresh-level ciphertext (``zero_gradient``) instead of a gradient-level one."""
+    Every gradient ciphertext is at one level (``vertical.protocol.ZERO_GUARD``): the count is the block's
+    width, the intercept's included."""
     spec = loaded.spec
     holder = spec.label_agency.name
     chunks = math.ceil(size / sizes.slots)
@@ -140,9 +131,6 @@ def bytes_per_iteration(loaded: LoadedVerticalSpec, size: int, sizes: Ciphertext
     for a in spec.agencies:
         own = width[a.name] * sizes.gradient + 8  # masked gradients, then its block's squared norm
         if a.name == holder:
-            # its not-held input is 0 at every register position (it holds the register), and its intercept's
-            # gradient sum(d) takes no product: each ciphertext one level above the others
-            own += sizes.zero_gradient + sizes.intercept_gradient - 2 * sizes.gradient
             own += sum(
                 _sealed_bytes(sizes.residuals, holder, k.name, "residuals", chunks, size)
                 for k in spec.agencies
@@ -330,7 +318,6 @@ def dry_run(
         "agencies": agencies,
         "register": {"size": size, "source": source, "ciphertexts_per_vector": math.ceil(size / sizes.slots)},
         "ciphertext_bytes": {"partial_scores": sizes.partial_scores, "residuals": sizes.residuals,
-                             "gradient": sizes.gradient, "intercept_gradient": sizes.intercept_gradient,
-                             "zero_gradient": sizes.zero_gradient},
+                             "gradient": sizes.gradient},
         "bytes_per_iteration": sent,
     }  # fmt: skip

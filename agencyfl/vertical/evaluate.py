@@ -41,6 +41,7 @@ from agencyfl.federation.table import load_table
 from agencyfl.local_evaluation import LocalEvaluation, fairness_on_file
 from agencyfl.vertical.encoding import NOT_HELD, clip_rows
 from agencyfl.vertical.model import INTERCEPT, RegisteredVerticalModel, load_part
+from agencyfl.vertical.optim import clip_scores
 
 Vector = npt.NDArray[np.float64]
 
@@ -84,9 +85,10 @@ def block_inputs(spec: VerticalFederationSpec, agency: str) -> list[str]:
 
 
 def score_joined(
-    spec: VerticalFederationSpec, parts: dict[str, Vector], frame: pd.DataFrame
+    spec: VerticalFederationSpec, parts: dict[str, Vector], frame: pd.DataFrame, score_clip: float | None
 ) -> tuple[Vector, dict[str, npt.NDArray[np.bool_]]]:
-    """Each row's logit, and per agency whether it holds the row (any of its columns non-empty).
+    """Each row's logit (each part's score clipped at ``score_clip``, as its holder clips it), and per agency
+    whether it holds the row (any of its columns non-empty).
 
     ``frame`` holds validated rows of the whole schema (``load_table``: missing values are NaN/None).
     """
@@ -102,9 +104,10 @@ def score_joined(
         x[holds, :-1] = values[holds]
         x[~holds, -1] = 1.0  # the not-held input; its other inputs are 0 (as place_block)
         weights = parts[agency.name]
-        logits += clip_rows(x) @ weights[: encoder.width + 1]
+        part = clip_rows(x) @ weights[: encoder.width + 1]
         if agency.name == spec.label_agency.name:
-            logits += weights[-1]
+            part = part + weights[-1]
+        logits += clip_scores(part, score_clip)[0]
         held[agency.name] = holds
     return logits, held
 
@@ -161,7 +164,7 @@ def evaluate_vertical(
     check = load_table(data, vspec.schema_)
     frame = check.valid
     y = frame[vspec.schema_.label].to_numpy(dtype=np.int64)
-    logits, held = score_joined(vspec, parts, frame)
+    logits, held = score_joined(vspec, parts, frame, model.manifest.score_clip)
     scores = np.asarray(1.0 / (1.0 + np.exp(-logits)), dtype=np.float64)
     rule = DecisionRule.for_model(model.loaded.spec, model.card.mitigation)
     decided = rule.decide(scores, frame, vspec.schema_, review_band)

@@ -425,7 +425,7 @@ def run_vertical(
     epsilons = ledgers.epsilons()
     card = vertical_card(loaded, workdir, job, plan, epsilons, result, released)
     card = card.model_copy(update=released.card)
-    version = register_vertical(workdir, loaded, result.weights, inputs, card)
+    version = register_vertical(workdir, loaded, result.weights, inputs, card, plan.score_clip)
     summary: dict[str, Any] = {
         "job": job,
         "topology": "vertical",

@@ -49,10 +49,14 @@ class VerticalManifest(BaseModel):
     federation: str
     label_holder: str
     parts: dict[str, ModelPart]
+    score_clip: float | None = None
+    """Each holder clips its own part's score to [-C, C] (``VerticalPlan.score_clip``): the model's function,
+    applied wherever it scores. None: not clipped (models registered before 2026-12-05)."""
 
     def sha256(self) -> str:
-        """SHA-256 of the canonical manifest: the model's identity (the card's ``model_sha256``)."""
-        canonical = json.dumps(self.model_dump(), sort_keys=True, separators=(",", ":"))
+        """SHA-256 of the canonical manifest: the model's identity (the card's ``model_sha256``; an unclipped
+        model's hash is the one it had before ``score_clip`` existed)."""
+        canonical = json.dumps(self.model_dump(exclude_none=True), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -92,6 +96,7 @@ def register_vertical(
     weights: dict[str, npt.NDArray[np.float64]],
     inputs: dict[str, list[str]],
     card: ModelCard,
+    score_clip: float | None,
 ) -> Path:
     """Save each agency's part in its own folder, the manifest and card in the registry; returns the version folder."""
     target = new_version(workdir, loaded)
@@ -99,17 +104,21 @@ def register_vertical(
     for agency, block in weights.items():
         path, digest = save_part(workdir / agency, target.name, block)
         parts[agency] = ModelPart(holder=agency, path=path, inputs=inputs[agency], sha256=digest)
-    return register_parts(target, loaded, parts, card)
+    return register_parts(target, loaded, parts, card, score_clip)
 
 
-def register_parts(target: Path, loaded: LoadedVerticalSpec, parts: dict[str, ModelPart], card: ModelCard) -> Path:
-    """Write the manifest (each part's holder, path, inputs, SHA-256; never weights), spec and card in ``target``."""
+def register_parts(
+    target: Path, loaded: LoadedVerticalSpec, parts: dict[str, ModelPart], card: ModelCard, score_clip: float | None
+) -> Path:
+    """Write the manifest (each part's holder, path, inputs, SHA-256, the parts' score clip; never weights), spec
+    and card in ``target``."""
     spec = loaded.spec
     version = f"{spec.federation.name}/{target.name}"
     manifest = VerticalManifest(
-        model_version=version, federation=spec.federation.name, label_holder=spec.label_agency.name, parts=parts
-    )
-    (target / MANIFEST_FILE).write_text(json.dumps(manifest.model_dump(), indent=2), encoding="utf-8")
+        model_version=version, federation=spec.federation.name, label_holder=spec.label_agency.name, parts=parts,
+        score_clip=score_clip,
+    )  # fmt: skip
+    (target / MANIFEST_FILE).write_text(json.dumps(manifest.model_dump(exclude_none=True), indent=2), encoding="utf-8")
     (target / SPEC_FILE).write_text(loaded.text, encoding="utf-8")
     full = card.model_copy(
         update={

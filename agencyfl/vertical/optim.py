@@ -22,6 +22,16 @@ def project(w: Vector, bound: float) -> Vector:
     return w if norm <= bound else np.asarray(w * (bound / norm), dtype=np.float64)
 
 
+def clip_scores(u: Vector, bound: float | None) -> tuple[Vector, npt.NDArray[np.bool_]]:
+    """A party's partial scores clipped to [-bound, bound] (``None``: not clipped), and where they were not
+    clipped: the households whose rows enter that party's gradient (the clipped model's exact gradient, since
+    a clipped score does not move with the weights). Each party clips only its own part: no-one else's
+    values are needed."""
+    if bound is None:
+        return u, np.ones(len(u), dtype=bool)
+    return np.clip(u, -bound, bound), np.abs(u) < bound
+
+
 def joint_scale(squared_norms: list[float], bound: float) -> float:
     """The factor that puts the concatenated weights of every block back on the ball of radius ``bound``.
 

@@ -27,6 +27,11 @@ class VerticalPlan(BaseModel):
         projected to L2 norm <= W, each party scaling its own block by the common factor computed from the
         blocks' norms; then |z| <= sqrt(K + 1) W (Cauchy-Schwarz over the K blocks of norm <= 1 and the
         intercept's input 1). ``block``: each block to norm <= W and |b| <= W; then |z| <= (K + 1) W.
+    score_clip
+        C. Each party clips its own partial score (civil affairs' with the intercept) to [-C, C] before it
+        is encrypted, and leaves the households it clipped out of its own gradient (the clipped model's
+        exact gradient); then |z| <= K C whatever the weights, so the residual's bound no longer ties the
+        weights to a small ball. ``None``: no clipping (models before 2026-12-05).
     optimizer, learning_rate
         The post-processing step each party applies to its own block.
     releases
@@ -40,7 +45,8 @@ class VerticalPlan(BaseModel):
     iterations: int = Field(ge=1)
     epsilon: float = Field(gt=0, allow_inf_nan=False)
     delta: float = Field(gt=0, lt=1)
-    weight_bound: float = Field(default=5.0, gt=0, allow_inf_nan=False)
+    weight_bound: float = Field(default=20.0, gt=0, allow_inf_nan=False)
+    score_clip: float | None = Field(default=1.5, gt=0, allow_inf_nan=False)
     projection: Literal["joint", "block"] = "joint"
     optimizer: Literal["adam", "gd"] = "adam"
     learning_rate: float = Field(default=0.2, gt=0, allow_inf_nan=False)
@@ -48,10 +54,15 @@ class VerticalPlan(BaseModel):
 
     @property
     def score_bound(self) -> float:
-        """Z bounds |z_i|: sqrt(K + 1) W with the joint projection, (K + 1) W with per-block projection."""
+        """Z bounds |z_i|: sqrt(K + 1) W with the joint projection, (K + 1) W with per-block projection, and
+        K C when the K partial scores are clipped to C (the smaller bound holds: both do)."""
         if self.projection == "joint":
-            return math.sqrt(self.agencies + 1) * self.weight_bound
-        return (self.agencies + 1) * self.weight_bound
+            bound = math.sqrt(self.agencies + 1) * self.weight_bound
+        else:
+            bound = (self.agencies + 1) * self.weight_bound
+        if self.score_clip is not None:
+            bound = min(bound, self.agencies * self.score_clip)
+        return bound
 
     @property
     def residual_bound(self) -> float:

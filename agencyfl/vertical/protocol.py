@@ -21,12 +21,17 @@ from agencyfl.alignment.sealed import Envelope, MessageKind, PartyKeys, PartyPub
 from agencyfl.federation.errors import HEError, MessageRejectedError
 from agencyfl.privacy.he import ParameterSet, load_public_context, new_private_context, parameter_set, public_bytes
 from agencyfl.vertical.encoding import Block, LabelData
-from agencyfl.vertical.optim import BlockOptimizer, OptimizerName, Vector, project
+from agencyfl.vertical.optim import BlockOptimizer, OptimizerName, Vector, clip_scores, project
 
 PARAMETERS = "n8192-d2"
 """Residual (one level) then the gradient products (one level): depth 2."""
 MASK_BOUND = 2.0**16
 """Masks are uniform on [-MASK_BOUND, MASK_BOUND]: within the 2^19 the last prime leaves at scale 2^40."""
+ZERO_GUARD = 2.0**-20
+"""Put in slot 0 of an all-zero gradient input: TenSEAL's product with an all-zero plaintext comes out at a
+fresh level, so the ciphertext's size would tell the arbiter that a column (after the party's clip) was zero
+everywhere. Large enough to survive encoding (times the scale 2^40, spread over 8192 coefficients); its
+effect on the gradient (at most 2^-20 |d_0| <= 2^-20 c D) is far under the DP noise."""
 ROUNDING = 1e-6
 """Decryptions are rounded to this (about the CKKS error) before they leave the arbiter."""
 SCORE_TAG_TOLERANCE = 2e-5
@@ -83,6 +88,7 @@ class HolderSetup:
     learning_rate: float = 1.0
     weight_bound: float = 5.0
     projection: Literal["joint", "block"] = "joint"
+    score_clip: float | None = None
 
 
 @dataclass
@@ -142,12 +148,32 @@ class _Holder(_Party):
         self.slots = self.params.slots
         self.weight_bound = setup.weight_bound
         self.projection = setup.projection
+        self.score_clip = setup.score_clip
         self.weights = np.zeros(block.width + extra)
         self.optimizer = BlockOptimizer(setup.optimizer, setup.learning_rate, block.width + extra)
         self._rng = rng
         self._mask: Vector | None = None
         self.releases: list[Vector] = []  # its own DP releases (noisy scaled gradients), in order
-        self._columns = [[c for c in _chunks(block.x[:, j], self.slots)] for j in range(block.width)]
+        # The gradient's inputs: its block (and for civil affairs the intercept's 1), zero where it clipped.
+        self._inputs = np.hstack([block.x, np.ones((len(block.x), extra))])
+        self._live: npt.NDArray[np.bool_] | None = None
+        self._columns = self._chunked(self._inputs)
+
+    def _chunked(self, inputs: npt.NDArray[np.float64]) -> list[list[list[float]]]:
+        columns = [_chunks(inputs[:, j], self.slots) for j in range(inputs.shape[1])]
+        for column in columns:
+            for chunk in column:
+                if not any(chunk):
+                    chunk[0] = ZERO_GUARD  # every gradient ciphertext at one level: sizes tell nothing
+        return columns
+
+    def _own_part(self, u: Vector) -> Vector:
+        """Its partial score clipped (``score_clip``); the households it clipped leave its next gradient."""
+        clipped, live = clip_scores(u, self.score_clip)
+        if self._live is None or not np.array_equal(live, self._live):
+            self._columns = self._chunked(self._inputs * live[:, None])
+            self._live = live
+        return clipped
 
     def _encrypt(self, v: Vector) -> list[bytes]:
         start = time.perf_counter()
@@ -156,20 +182,16 @@ class _Holder(_Party):
         self.he_seconds += time.perf_counter() - start
         return raw
 
-    def _extra_sums(self, residual: list[ts.CKKSVector]) -> list[ts.CKKSVector]:
-        return []
-
     def masked_gradient(self, residual: list[bytes]) -> GradientMessage:
         """``Enc(X^T d + r)``, one one-value ciphertext per weight, ``r`` this party's fresh mask."""
         start = time.perf_counter()
         enc_d = [ts.ckks_vector_from(self.context, r) for r in residual]
         sums: list[ts.CKKSVector] = []
-        for j in range(self.block.width):
-            acc = enc_d[0] * self._columns[j][0]
+        for column in self._columns:
+            acc = enc_d[0] * column[0]
             for c in range(1, len(enc_d)):
-                acc = acc + enc_d[c] * self._columns[j][c]
+                acc = acc + enc_d[c] * column[c]
             sums.append(acc)
-        sums += self._extra_sums(enc_d)
         self._mask = self._rng.uniform(-MASK_BOUND, MASK_BOUND, size=len(sums))
         out: list[bytes] = []
         for s, r in zip(sums, self._mask, strict=True):
@@ -214,7 +236,7 @@ class FeatureHolder(_Holder):
     def partial_scores(self, step: int) -> list[Envelope]:
         """``Enc(X_k w_k)`` over every register position, sealed to the label holder for iteration ``step``
         (``iterations + 1``: the validation scores after the last one)."""
-        raw = self._encrypt(self.block.x @ self.weights)
+        raw = self._encrypt(self._own_part(self.block.x @ self.weights))
         return self._seal(raw, self.label_holder, "partial-scores", len(self.block.x), step)
 
     def open_residuals(self, envelopes: list[Envelope], step: int) -> list[bytes]:
@@ -234,18 +256,12 @@ class LabelHolder(_Holder):
         self._tag_mask: Vector | None = None
         self._tag_factor: Vector | None = None
 
-    def _extra_sums(self, residual: list[ts.CKKSVector]) -> list[ts.CKKSVector]:
-        acc = residual[0]
-        for c in residual[1:]:
-            acc = acc + c
-        return [acc]  # the intercept's gradient: sum(d), summed over slots by the same rotate-and-sum
-
     def _project(self, w: Vector) -> Vector:
         bound = self.weight_bound
         return np.concatenate([project(w[:-1], bound), [float(np.clip(w[-1], -bound, bound))]])
 
     def _scores(self, partials: dict[str, list[Envelope]], step: int) -> list[ts.CKKSVector]:
-        own = self.block.x @ self.weights[:-1] + self.weights[-1]
+        own = self._own_part(self.block.x @ self.weights[:-1] + self.weights[-1])
         opened = {k: self._open(v, k, "partial-scores", step) for k, v in partials.items()}
         start = time.perf_counter()
         total = [ts.ckks_vector(self.context, c) for c in _chunks(own, self.slots)]

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import numpy as np
 
 from agencyfl.vertical.encoding import Block, LabelData
-from agencyfl.vertical.optim import BlockOptimizer, Vector, joint_scale, project
+from agencyfl.vertical.optim import BlockOptimizer, Vector, clip_scores, joint_scale, project
 from agencyfl.vertical.plan import VerticalPlan
 
 
@@ -33,8 +33,11 @@ def reference_train(
     rng: np.random.Generator,
     residual_of: Residual = residual,
     noise_std: float | None = None,
+    each: Callable[[dict[str, Vector]], None] | None = None,
 ) -> dict[str, Vector]:
     """Each party's weights after ``plan.iterations`` steps (the label holder's last weight is the intercept).
+
+    ``each``, if given, receives every iteration's weights (after the projection), e.g. for a learning curve.
 
     ``residual_of`` and ``noise_std`` (on the unscaled sum) replace the protocol's Taylor residual and its
     noise only in benchmarks that ask what another residual would give (benchmarks/vertical_utility.py).
@@ -46,12 +49,16 @@ def reference_train(
     std = (plan.noise_std if noise_std is None else noise_std) * scale
     for _ in range(plan.iterations):
         w_label = weights[label.agency]
-        z = sum(b.x @ weights[b.agency] for b in features) + label.x @ w_label[:-1] + w_label[-1]
+        parts = {b.agency: b.x @ weights[b.agency] for b in features}
+        parts[label.agency] = label.x @ w_label[:-1] + w_label[-1]
+        clipped = {k: clip_scores(u, plan.score_clip) for k, u in parts.items()}
+        z = sum(c for c, _ in clipped.values())
         d = residual_of(np.asarray(z), labels, scale)
         for b in blocks:
-            g = b.x.T @ d
+            own = d * clipped[b.agency][1]  # the households it clipped leave its gradient
+            g = b.x.T @ own
             if b is label:
-                g = np.concatenate([g, [d.sum()]])
+                g = np.concatenate([g, [own.sum()]])
             noisy = g + rng.normal(0.0, std, size=len(g))
             w = optimizers[b.agency].step(weights[b.agency], noisy)
             if plan.projection == "joint":
@@ -67,4 +74,6 @@ def reference_train(
         if plan.projection == "joint":
             factor = joint_scale([float(w @ w) for w in weights.values()], plan.weight_bound)
             weights = {k: w * factor for k, w in weights.items()}
+        if each is not None:
+            each(dict(weights))
     return weights

@@ -149,7 +149,7 @@ class PartySession:
         setup = HolderSetup(
             keys=self.keys, directory=directory, run=self.job.job, public_context=frame.blobs[0],
             label_holder=self.job.label_holder, optimizer=self.plan.optimizer, learning_rate=self.plan.learning_rate,
-            weight_bound=self.plan.weight_bound, projection=self.plan.projection,
+            weight_bound=self.plan.weight_bound, projection=self.plan.projection, score_clip=self.plan.score_clip,
         )  # fmt: skip
         rng = np.random.default_rng(secrets.randbits(128))
         if self.is_label:

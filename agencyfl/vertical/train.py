@@ -125,7 +125,7 @@ def train_vertical(
         return HolderSetup(
             keys=keys[name], directory=directory, run=run, public_context=context, label_holder=label.agency,
             optimizer=plan.optimizer, learning_rate=plan.learning_rate, weight_bound=plan.weight_bound,
-            projection=plan.projection,
+            projection=plan.projection, score_clip=plan.score_clip,
         )  # fmt: skip
 
     holders = [FeatureHolder(b, setup(b.agency), rng) for b, rng in zip(features, rngs, strict=False)]
