@@ -225,7 +225,9 @@ def print_dry_run(report: dict[str, Any]) -> None:
     )
     out.print(
         f"plan: K {plan['agencies']} agencies, T {plan['iterations']} iterations, epsilon {plan['epsilon']:g} "
-        f"delta {plan['delta']:g}, W {plan['weight_bound']:g} ({plan['projection']}), Z {plan['score_bound']:.3f}, "
+        f"delta {plan['delta']:g}, W {plan['weight_bound']:g} ({plan['projection']}), "
+        f"C {plan['score_clip'] if plan['score_clip'] is not None else 'none'} (partial scores clipped), "
+        f"Z {plan['score_bound']:.3f}, "
         f"D {plan['residual_bound']:.3f}, noise multiplier {plan['noise_multiplier']:.4f}"
     )
     kinds = " + ".join(

@@ -184,6 +184,7 @@ def _plan_fields(plan: VerticalPlan) -> dict[str, Any]:
         "epsilon": plan.epsilon,
         "delta": plan.delta,
         "weight_bound": plan.weight_bound,
+        "score_clip": plan.score_clip,
         "projection": plan.projection,
         "score_bound": plan.score_bound,
         "residual_bound": plan.residual_bound,
