@@ -51,6 +51,10 @@ CONFIGS: list[dict[str, Any]] = [
     {"noise": False, "iterations": 300, "weight_bound": 20.0, "score_clip": 1.5},
     {"noise": True, "epsilon": 1.0, "iterations": 100, "weight_bound": 20.0, "score_clip": 1.5},
     {"noise": True, "epsilon": 1.0, "iterations": 100, "weight_bound": 20.0, "score_clip": 1.5, "seed": 2},
+    {"noise": True, "epsilon": 1.0, "iterations": 100, "weight_bound": 20.0, "score_clip": 1.5, "seed": 3},
+    {"noise": True, "epsilon": 1.0, "iterations": 100, "weight_bound": 20.0, "score_clip": 1.0},
+    {"noise": True, "epsilon": 1.0, "iterations": 100, "weight_bound": 20.0, "score_clip": 2.0},
+    {"noise": True, "epsilon": 1.0, "iterations": 100, "weight_bound": 20.0, "score_clip": 1.5, "learning_rate": 0.4},
     {"noise": True, "epsilon": 3.0, "iterations": 100, "weight_bound": 20.0, "score_clip": 1.5},
     {"noise": True, "epsilon": 1.0, "iterations": 200, "weight_bound": 20.0, "score_clip": 1.5},
 ]
