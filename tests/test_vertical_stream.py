@@ -437,6 +437,35 @@ def test_a_part_that_is_not_the_manifest_s_stops_the_screening(deployed: tuple[F
     assert not [e for e in chain if e.screening == "scr-swapped"]  # nothing recorded as a use
 
 
+def test_a_manifest_with_another_score_clip_is_refused_by_civil_affairs(deployed: tuple[Federation, Outcome]) -> None:
+    """The coordinator keeps the registry: here it registers the same parts under a manifest that clips
+    every part at 0.01 (each other agency's score nearly constant, so civil affairs' decrypted sum would be
+    nearly its own part plus one agency's). Each party clips with its own spec's C; civil affairs refuses a
+    model whose manifest says another, and nothing is scored or recorded as a use."""
+    from agencyfl.federation.errors import ModelError
+    from agencyfl.screening.records import uses_ledger_at
+    from agencyfl.vertical.model import ModelPart, RegisteredVerticalModel, new_version, register_parts, save_part
+
+    fed, trained = deployed
+    assert trained.summary is not None
+    first_dir = Path(trained.summary["registry"])
+    model = RegisteredVerticalModel(first_dir)
+    assert model.manifest.score_clip is not None and model.manifest.score_clip > 0.01
+    target = new_version(first_dir.parent.parent.parent, fed.loaded)
+    parts = {}
+    for agency, part in model.manifest.parts.items():
+        path, digest = save_part(fed.work / agency, target.name, np.load(fed.work / agency / part.path))
+        parts[agency] = ModelPart(holder=agency, path=path, inputs=part.inputs, sha256=digest)
+    tiny = register_parts(target, fed.loaded, parts, model.card, 0.01)
+    outcome = run_screening(fed, tiny, "scr-tiny-clip")
+    holder = fed.loaded.spec.label_agency.name
+    assert isinstance(outcome.error, ModelError) and outcome.summary is None, outcome
+    assert f"{holder} failed at step 'screen-request'" in str(outcome.error)
+    assert "clips each part's score at 0.01; this spec's plan at 1.5" in str(outcome.error)
+    chain = uses_ledger_at(fed.work / "coordinator-deploy", fed.tls / "coordinator.key", "coordinator").events()
+    assert not [e for e in chain if e.screening == "scr-tiny-clip"]
+
+
 def test_a_hostile_coordinator_can_neither_choose_the_key_nor_the_scores(deployed: tuple[Federation, Outcome]) -> None:
     """The coordinator relays everything: here it tries to have an agency encrypt under a key of its own
     (to read its partial scores), to slip civil affairs a sum of its own making, and to ask twice."""
