@@ -264,3 +264,13 @@ def test_a_relay_cannot_hand_a_party_another_iterations_partial_scores_or_residu
     with pytest.raises(MessageRejectedError, match="step-2"):
         first.open_residuals(sealed[first.name], 3)
     assert len(first.open_residuals(sealed[first.name], 2)) == len(own)  # the same iteration opens
+
+
+def test_a_block_refuses_positions_outside_the_register_or_repeated() -> None:
+    values = np.ones((3, 2))
+    placed = place_block("tax", ["a", "b"], values, np.array([4, 0, 2]), 5)
+    assert placed.held.tolist() == [True, False, True, False, True] and placed.x[1, -1] == 1.0
+    with pytest.raises(ValueError, match="repeats"):
+        place_block("tax", ["a", "b"], values, np.array([4, 0, 4]), 5)
+    with pytest.raises(ValueError, match="0..4"):
+        place_block("tax", ["a", "b"], values, np.array([4, 0, 5]), 5)
