@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -34,8 +35,24 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
     on PATH: the processes Flower starts by name (``flower-superexec``, a ``flwr-clientapp`` per message) are
     then this installation's, not whatever another environment or a version-manager shim puts first (a pyenv
     shim costs each of them about 0.15 s of starting)."""
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    path = os.pathsep.join(
+        [str(light_clientapp(flwr_home)), str(Path(sys.executable).parent), os.environ.get("PATH", "")]
+    )
     return {**os.environ, "PATH": path, "FLWR_HOME": str(flwr_home), "FLWR_TELEMETRY_ENABLED": "0"}
+
+
+def light_clientapp(flwr_home: Path) -> Path:
+    """A folder whose ``flwr-clientapp`` runs Flower's, without the SuperNode's CLI imports
+    (``agencyfl.clients.clientapp_entry``: about 0.6 s of CPU less for every Flower message)."""
+    folder = flwr_home / "bin"
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    script = folder / "flwr-clientapp"
+    # a shell script, not a #!python line: a shebang longer than the kernel's limit (127 bytes) would not run
+    text = f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -m agencyfl.clients.clientapp_entry "$@"\n'
+    if not script.exists() or script.read_text() != text:
+        script.write_text(text)
+        script.chmod(0o700)
+    return folder
 
 
 def start_daemon(cmd: list[str], log: Path, pid_file: Path, env: dict[str, str]) -> int:

@@ -35,3 +35,26 @@ def test_a_process_that_reused_the_pid_is_left_alone(tmp_path: Path) -> None:
     finally:
         bystander.kill()
         bystander.wait()
+
+
+def test_the_daemons_clientapp_is_flowers_own_function_without_the_supernode_cli(tmp_path: Path) -> None:
+    """Flower starts ``flwr-clientapp`` by name: the daemons' PATH finds ours first, which runs Flower's
+    ``flwr_clientapp()`` from its own file (and fails here if Flower moves or renames it)."""
+    import sys
+
+    from agencyfl.clients.clientapp_entry import flower_module
+    from agencyfl.daemons import flower_env
+
+    assert callable(flower_module().flwr_clientapp)
+    env = flower_env(tmp_path / "flwr")
+    first = env["PATH"].split(os.pathsep)[0]
+    assert (Path(first) / "flwr-clientapp").stat().st_mode & 0o777 == 0o700
+    done = subprocess.run(["flwr-clientapp", "--help"], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "--runtime-api-address" in done.stdout, done.stderr
+    check = (
+        "import sys, runpy; sys.argv = ['flwr-clientapp', '--help']\n"
+        "try:\n    runpy.run_module('agencyfl.clients.clientapp_entry', run_name='__main__')\n"
+        "except SystemExit:\n    pass\nprint('flwr.supernode.cli' in sys.modules)"
+    )
+    light = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=60)
+    assert light.stdout.strip().endswith("False"), light.stdout  # the SuperNode's CLI was never imported
