@@ -99,7 +99,8 @@ def joined_register(loaded: LoadedVerticalSpec, households: pd.Series) -> pd.Dat
     normalized, rows with an invalid id or a repeated one dropped; empty where an agency lacks a household.
     """
     spec = loaded.spec
-    joined = pd.DataFrame(index=pd.Index(households.astype(str), name="household"))
+    # the register frame keeps ids as civil affairs wrote them (screening normalizes only listed ones)
+    joined = pd.DataFrame(index=pd.Index(households.map(_canonical), name="household"))
     for agency in spec.agencies:
         schema = spec.block_schema(agency.name)
         valid = load_table(loaded.data_path(agency.name), schema, require_label=False, write_quarantine=False).valid
@@ -114,7 +115,7 @@ def truth_of(data: Path, households: pd.Series) -> tuple[Mask, Mask, Mask]:
     """The register households' true eligibility, enrolment and special hardship, from ``truth/households.csv``."""
     columns = ["head_id", "eligible", "enrolled", "special_hardship"]
     truth = pd.read_csv(data / "truth" / "households.csv", usecols=columns, dtype={"head_id": str})
-    rows = truth.set_index("head_id").loc[pd.Index(households.astype(str))]
+    rows = truth.set_index("head_id").loc[pd.Index(households.map(_canonical))]
     return tuple(rows[c].to_numpy(dtype=bool) for c in columns[1:])  # type: ignore[return-value]
 
 
