@@ -36,6 +36,16 @@ from agencyfl.vertical.optim import BlockOptimizer, clip_scores  # noqa: E402
 from benchmarks._common import table, write_results  # noqa: E402
 
 
+def model_logits(
+    tests: dict[str, np.ndarray], weights: dict[str, np.ndarray], label_agency: str, clip: float | None
+) -> np.ndarray:
+    """The vertical model's score of the held-out rows: each agency's part (civil affairs' with the intercept)
+    clipped at ``clip``, as its holder clips it, then summed."""
+    parts = {a: x @ weights[a][: x.shape[1]] for a, x in tests.items()}
+    parts[label_agency] = parts[label_agency] + weights[label_agency][-1]
+    return np.asarray(sum(clip_scores(u, clip)[0] for u in parts.values()))
+
+
 def test_blocks(spec: VerticalFederationSpec, data: Path) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
     """Each agency's block of the test households (not-held from ``truth/``), the labels, and who is complete."""
     loaded = load_table(data / "test.csv", spec.schema_, require_label=True, write_quarantine=False)
@@ -129,9 +139,7 @@ def main() -> None:
         sent = {
             k: float(np.mean([m.sent_bytes[k] for m in result.iterations])) for k in result.iterations[0].sent_bytes
         }
-        parts = {a: tests[a] @ result.weights[a][: tests[a].shape[1]] for a in order}
-        parts[label.agency] = parts[label.agency] + result.weights[label.agency][-1]
-        zt = sum(clip_scores(u, plan.score_clip)[0] for u in parts.values())  # the model: each part clipped
+        zt = model_logits(tests, result.weights, label.agency, plan.score_clip)
         name = f"vertical DP-GD eps {eps:g}, T {args.iterations} (sigma {plan.noise_multiplier:.1f})"
         for subset, mask in (("all", np.ones_like(complete)), ("complete", complete)):
             m = metrics(np.asarray(zt)[mask], y_test[mask])

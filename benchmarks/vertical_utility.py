@@ -34,7 +34,7 @@ from agencyfl.vertical import VerticalPlan, feature_block, label_block  # noqa: 
 from agencyfl.vertical.optim import clip_scores  # noqa: E402
 from agencyfl.vertical.reference import reference_train  # noqa: E402
 from benchmarks._common import table, write_results  # noqa: E402
-from benchmarks.vertical import centralized, metrics, test_blocks  # noqa: E402
+from benchmarks.vertical import centralized, metrics, model_logits, test_blocks  # noqa: E402
 
 CONFIGS: list[dict[str, Any]] = [
     {"noise": False, "iterations": 300, "weight_bound": 5.0},
@@ -176,9 +176,7 @@ def main() -> None:
             features, label, labels, plan, rng, residual_of=lambda z, lab, c, f=f: lab.train * c * (f(z) - lab.y),
             noise_std=plan.noise_multiplier * (plan.agencies + 1) ** 0.5 * bound,
         )  # fmt: skip
-        parts = {a: tests[a] @ weights[a][: tests[a].shape[1]] for a in order}
-        parts[label.agency] = parts[label.agency] + weights[label.agency][-1]
-        zt = sum(clip_scores(u, plan.score_clip)[0] for u in parts.values())  # the model: each part clipped
+        zt = model_logits(tests, weights, label.agency, plan.score_clip)
         m = metrics(np.asarray(zt)[complete], y[complete])
         noise = f"eps {eps:g} (sigma {plan.noise_multiplier:.1f})" if config["noise"] else "none"
         clip = f", C {config['score_clip']:g}" if config.get("score_clip") else ""
@@ -194,9 +192,7 @@ def main() -> None:
     for config in PRECONDITIONED:
         clip = 1.5
         weights = preconditioned_train(features, label, labels, clip, config)
-        parts = {a: tests[a] @ weights[a][: tests[a].shape[1]] for a in order}
-        parts[label.agency] = parts[label.agency] + weights[label.agency][-1]
-        zt = sum(clip_scores(u, clip)[0] for u in parts.values())
+        zt = model_logits(tests, weights, label.agency, clip)
         m = metrics(np.asarray(zt)[complete], y[complete])
         noisy = config.get("noise", True)
         result["runs"].append({**config, **m, "residual": "taylor", "score_clip": clip, "preconditioned": True,
