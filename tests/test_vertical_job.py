@@ -97,13 +97,23 @@ def test_the_fairness_table_on_joined_records_is_a_noised_release_in_every_ledge
     assert table["release"] == "noised counts, accounted in each agency's ledger"
     assert set(table["attributes"]) == {"region_type", "disability", "head_age"}
     groups = {g["group"]: g["n"] for g in table["attributes"]["region_type"]["groups"]}
-    validation = card["metrics"]["n"]
-    # each cell is noised with std 5 x sqrt(3 + 1) = 10 and a group's n sums four cells: bounds at 4 std.
-    # civil affairs holds region_type for every household, so "unknown" is noise only (the horizontal
-    # table's groups were mostly unknown: partial records)
+    # the truth: the exact count of civil affairs' validation households (the card's n is a noised one)
+    from agencyfl.federation.spec import LoadedVerticalSpec, load_any_spec
+    from agencyfl.vertical.job import label_block
+
+    loaded = load_any_spec(job.spec)
+    assert isinstance(loaded, LoadedVerticalSpec)
+    _, labels = label_block(loaded, work)
+    validation = len(labels.y[labels.validation])
+    # each cell is noised with std 5 x sqrt(3 + 1) = 10 and a group's n sums four cells (negative cells read
+    # as 0, which can only add): bounds at 4 std. civil affairs holds region_type for every household, so
+    # "unknown" is noise only (the horizontal table's groups were mostly unknown: partial records)
     assert abs(sum(groups.values()) - validation) < 4 * 10 * np.sqrt(4 * len(groups))
     assert groups.get("unknown", 0) < 4 * 20
     assert groups["urban"] + groups["rural"] > validation - 4 * 10 * np.sqrt(8)
+    # the card's size pools every attribute's cells and the AUC histogram (unclipped, so unbiased): its std
+    # is under the region_type sum's alone (10 x sqrt(12)), where the clipped histogram read 60 high
+    assert abs(card["metrics"]["n"] - validation) < 4 * 10 * np.sqrt(12)
     for agency in AGENCIES:
         events = verify_ledger(work / agency / "ledger").events
         released = [e for e in events if e.kind == "release" and e.release == "fairness"]

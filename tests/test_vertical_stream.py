@@ -208,7 +208,8 @@ def test_the_deployed_job_trains_the_one_machine_model(deployed: tuple[Federatio
     released = summary["metrics"]["validation_auc"]
     assert released is not None and 0.0 <= released <= 1.0 and card["metrics"]["auc"] == released
     assert "noised" in card["metrics_source"] and released != kept["validation_auc"]
-    assert abs(card["metrics"]["n"] - kept["n"]) < 200  # the noised histogram's total (std 10 over 20 cells)
+    # the pooled noised totals: within the histogram total's 4 std
+    assert abs(card["metrics"]["n"] - kept["n"]) < 4 * 10 * np.sqrt(20)
 
 
 def test_every_ledger_admits_each_iteration_and_the_chain_countersigns_it(

@@ -134,6 +134,26 @@ def count_groups(
     return counts
 
 
+def household_totals(noisy: np.ndarray, lay: Layout) -> list[tuple[float, int]]:
+    """Independent estimates of the number of households counted in a noised counts array: each
+    attribute's cells (and the mitigation histograms) sum to it. Each is (sum, cells summed): its noise
+    variance is cells x std^2. Sums of unclipped cells: clipping each at 0 would bias them upward."""
+    totals = []
+    for attribute, names in lay.groups.items():
+        rows = [lay.rows.index((attribute, g)) for g in names]
+        totals.append((float(sum(noisy[4 * r : 4 * r + 4].sum() for r in rows)), 4 * len(rows)))
+    if lay.mitigation_attribute:
+        hist = noisy[lay.confusion_size : lay.size]
+        totals.append((float(hist.sum()), len(hist)))
+    return totals
+
+
+def pooled_total(estimates: list[tuple[float, int]]) -> float:
+    """Inverse-variance mean of unbiased estimates (sum, cells) whose noise variance is cells x std^2."""
+    weights = [1.0 / cells for _, cells in estimates]
+    return sum(w * total for w, (total, _) in zip(weights, estimates, strict=True)) / sum(weights)
+
+
 def wilson(successes: float, n: float) -> tuple[float, float]:
     """Wilson score interval (95%) of a proportion; (0, 1) when there is nothing to judge by."""
     if n <= 0:
