@@ -58,6 +58,7 @@ def _independent_scores(job: VerticalJob, data: Path) -> tuple[np.ndarray, dict[
     typed = load_table(data, spec.schema_, write_quarantine=False).valid
     assert len(typed) == len(raw)
     parts = _parts(job)
+    clip = json.loads((job.model / "manifest.json").read_text())["score_clip"]  # each holder clips its part
     logits = np.zeros(len(raw))
     held: dict[str, np.ndarray] = {}
     for name, columns in spec.feature_blocks().items():
@@ -69,10 +70,11 @@ def _independent_scores(job: VerticalJob, data: Path) -> tuple[np.ndarray, dict[
         norms = np.sqrt((x**2).sum(axis=1))
         x = x / np.maximum(norms, 1.0)[:, None]
         w = parts[name]
-        logits += x @ w[: encoder.width + 1]
+        part = x @ w[: encoder.width + 1]
         if name == spec.label_agency.name:
             assert len(w) == encoder.width + 2
-            logits += w[-1]
+            part += w[-1]
+        logits += np.clip(part, -clip, clip)
         held[name] = holds
     return 1 / (1 + np.exp(-logits)), held
 
@@ -205,9 +207,12 @@ def test_dry_run_plans_what_the_run_then_records(vertical_job: VerticalJob, tmp_
     report = _dry_run(job)
     assert _tree_sha256(job.work) == before  # nothing aligned, trained or recorded
     assert report["would_run"] is True and report["stops_at"] is None
-    assert report["releases"]["count"] == iterations + 1
+    assert report["releases"]["count"] == iterations + 2  # block Newton's Hessian, the iterations, fairness
     kinds = {r["release"]: r for r in report["releases"]["by_kind"]}
     assert kinds["vertical-gradient"]["count"] == iterations and kinds["fairness"]["count"] == 1
+    assert kinds["vertical-hessian"]["count"] == 1 and report["plan"]["optimizer"] == "newton"
+    assert kinds["vertical-hessian"]["sensitivity"] == pytest.approx(np.sqrt(4 + 2) / 4)
+    assert kinds["vertical-hessian"]["noise_multiplier"] == pytest.approx(job.summary["noise_multiplier"])
     assert kinds["vertical-gradient"]["sensitivity"] == pytest.approx(job.summary["sensitivity"])
     assert kinds["vertical-gradient"]["noise_multiplier"] == pytest.approx(job.summary["noise_multiplier"])
     assert report["register"] == {"size": job.summary["alignment"]["register"], "ciphertexts_per_vector": 1,
@@ -224,8 +229,8 @@ def test_dry_run_plans_what_the_run_then_records(vertical_job: VerticalJob, tmp_
         check = verify_ledger(job.work / name / "ledger")
         assert check.ok
         recorded = [e for e in check.events if e.job == summary["job"]]
-        assert [e.release for e in recorded] == ["vertical-gradient"] * iterations + ["fairness"]
-        assert len(spend_records(check.events)) == planned["ledger_entries"] + iterations + 1
+        assert [e.release for e in recorded] == ["vertical-hessian"] + ["vertical-gradient"] * iterations + ["fairness"]
+        assert len(spend_records(check.events)) == planned["ledger_entries"] + iterations + 2
     for party, sent in summary["bytes_per_iteration"].items():
         assert report["bytes_per_iteration"][party] == pytest.approx(sent, rel=0.01), party
 
@@ -251,7 +256,8 @@ def test_dry_run_says_where_a_cap_would_stop_the_job(vertical_job: VerticalJob, 
     for name, row in refused["agencies"].items():
         events = verify_ledger(job.work / name / "ledger").events
         new = events[row["ledger_entries"] :]
-        assert [e.kind for e in new] == ["release"] * (stop["iteration"] - 1) + ["refusal"]
+        # the Hessian release, the iterations before the stop, the refusal
+        assert [e.kind for e in new] == ["release"] * stop["iteration"] + ["refusal"]
         assert new[-1].round == stop["iteration"]
         assert epsilon_for(spend_records(events), 1e-5) == pytest.approx(row["epsilon_lifetime_after"], rel=1e-9)
         assert epsilon_for(spend_records(events, new[0].job), 1e-5) == pytest.approx(row["epsilon_job_after"], rel=1e-9)

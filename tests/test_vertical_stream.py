@@ -199,7 +199,8 @@ def test_the_deployed_job_trains_the_one_machine_model(deployed: tuple[Federatio
     version = Path(summary["registry"]).name
     for agency in fed.parties:
         part = np.load(fed.work / agency / "model" / version / "weights.npy")
-        np.testing.assert_allclose(part, reference.weights[agency], atol=2e-3)
+        # CKKS error (both runs) reaches the steps through Newton's step matrix (gain up to lr / lambda)
+        np.testing.assert_allclose(part, reference.weights[agency], atol=5e-3)
     # the exact validation AUC stays with civil affairs; the card carries the one released with noise
     holder_folder = fed.work / loaded.spec.label_agency.name / "vertical" / "vjob-deployed"
     kept = json.loads((holder_folder / "validation.json").read_text())
@@ -224,9 +225,11 @@ def test_every_ledger_admits_each_iteration_and_the_chain_countersigns_it(
             if e.job == "vjob-deployed" and e.release == "vertical-gradient"
         ]
         assert rounds == [1, 2, 3], agency  # one admission per iteration
+        hessian = [e.round for e in fed.ledger(agency).events() if e.release == "vertical-hessian"]
+        assert hessian == [0], agency  # block Newton's Hessian release, admitted once, before iteration 1
         assert 0 < outcome.summary["agencies"][agency]["epsilon_job"] <= fed.loaded.spec.privacy.epsilon + 1e-9
     chain = [e for e in fed.chain().events() if e.job == "vjob-deployed"]
-    assert [e.round for e in chain] == [1, 2, 3]
+    assert [e.round for e in chain] == [0, 1, 2, 3]  # the Hessian release is countersigned too
     assert all({r.agency for r in e.agencies} == set(fed.parties) for e in chain)
     manifest = (Path(outcome.summary["registry"]) / "manifest.json").read_text()
     assert '"sha256"' in manifest and "weights" in manifest
@@ -283,7 +286,7 @@ def test_a_drop_before_release_resumes_without_counting_twice(federation: Federa
     assert isinstance(first.party_errors.get("tax"), Crash)
     stopped = [e for e in first.events if e["type"] == "failed"]
     assert stopped and stopped[0]["iterations_done"] == 1
-    assert [e.round for e in fed.chain().events() if e.job == "vjob-drop"] == [1]  # iteration 2: never released
+    assert [e.round for e in fed.chain().events() if e.job == "vjob-drop"] == [0, 1]  # 2: never released
     second = run_job(fed, "vjob-drop", resume=True)
     assert second.error is None, second.error
     assert second.summary is not None and second.summary["resumed_from"] == 1
@@ -293,14 +296,17 @@ def test_a_drop_before_release_resumes_without_counting_twice(federation: Federa
             e.round for e in fed.ledger(agency).events() if e.job == "vjob-drop" and e.release == "vertical-gradient"
         ]
         assert rounds == [1, 2, 3], (agency, rounds)
-    assert [e.round for e in fed.chain().events() if e.job == "vjob-drop"] == [1, 2, 3]
+        # the resumed parties step with their own saved copy of the Hessian release: not released again
+        assert [e.round for e in fed.ledger(agency).events() if e.job == "vjob-drop" and e.release == "vertical-hessian"
+                ] == [0], agency  # fmt: skip
+    assert [e.round for e in fed.chain().events() if e.job == "vjob-drop"] == [0, 1, 2, 3]
 
 
 def test_a_drop_after_release_counts_the_iteration_again(federation: Federation, tmp_path: Path) -> None:
     fed = _copy(federation, tmp_path)
     first = run_job(fed, "vjob-late-drop", crash=("hrss", "rescale", 2))
     assert isinstance(first.error, PartyDropped)
-    assert [e.round for e in fed.chain().events() if e.job == "vjob-late-drop"] == [1, 2]  # 2 was released
+    assert [e.round for e in fed.chain().events() if e.job == "vjob-late-drop"] == [0, 1, 2]  # 2 was released
     # The coordinator resumes with a chain that forgot iteration 2 (it would say "never released"): each
     # agency's own record that it received release 2 still counts the rerun as a second release. The
     # job's epsilon was calibrated for exactly 3: the third release of the resumed job would cross the cap.

@@ -33,10 +33,12 @@ MessageKind = Literal[
     "roster-response",
     "partial-scores",
     "residuals",
+    "hessian-weights",
     "explain-request",
     "explanations",
 ]
-"""What a message is; ``partial-scores`` and ``residuals`` are vertical training's (``docs/vertical.md``),
+"""What a message is; ``partial-scores``, ``residuals`` and ``hessian-weights`` are vertical training's
+(``docs/vertical.md``),
 ``explain-request`` and ``explanations`` screening's reasons (``docs/screening.md``)."""
 _SUITE = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.CHACHA20_POLY1305)
 

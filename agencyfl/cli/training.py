@@ -228,7 +228,9 @@ def print_dry_run(report: dict[str, Any]) -> None:
         f"delta {plan['delta']:g}, W {plan['weight_bound']:g} ({plan['projection']}), "
         f"C {plan['score_clip'] if plan['score_clip'] is not None else 'none'} (partial scores clipped), "
         f"Z {plan['score_bound']:.3f}, "
-        f"D {plan['residual_bound']:.3f}, noise multiplier {plan['noise_multiplier']:.4f}"
+        f"D {plan['residual_bound']:.3f}, noise multiplier {plan['noise_multiplier']:.4f}, "
+        f"optimizer {plan['optimizer']} (learning rate {plan['learning_rate']:g}"
+        + (f", damping {plan['damping']:g} x the Hessian noise's norm)" if plan.get("damping") is not None else ")")
     )
     kinds = " + ".join(
         f"{r['count']} {r['release']} (Gaussian, sensitivity {r['sensitivity']:.4g}, std {r['std']:.4g})"
@@ -266,7 +268,9 @@ def print_dry_run(report: dict[str, Any]) -> None:
     else:
         spent = ", ".join(f"{one_line(n)} {r['epsilon_lifetime_after']:.3f}" for n, r in report["agencies"].items())
         out.print(
-            f"[red]the job would stop before iteration {stops['iteration']}[/]: "
+            "[red]the job would stop before "
+            + (f"iteration {stops['iteration']}" if stops["iteration"] else "the Hessian release")
+            + "[/]: "
             f"{one_line(', '.join(stops['refused_by']))} would refuse it ({one_line(stops['reason'])}); "
             f"lifetime epsilon after the iterations released before: {spent}"
         )

@@ -88,8 +88,9 @@ class LedgerEvent(BaseModel):
     time: str
     reason: str | None = None
     federation: str | None = None  # the spec's federation name (None in entries written before it was recorded)
-    # what a release released (None: older fairness); vertical-gradient: one iteration of a vertical job
-    release: Literal["evaluation", "fairness", "vertical-gradient"] | None = None
+    # what a release released (None: older fairness); vertical-gradient: one iteration of a vertical job;
+    # vertical-hessian: block Newton's Hessian release, before the first iteration
+    release: Literal["evaluation", "fairness", "vertical-gradient", "vertical-hessian"] | None = None
     # Format 3 (``privacy.events``): the mechanism released, with sensitivity and noise both recorded, and the
     # neighbouring relation the entry is analysed under. Entries written before (format 2 and older) have None:
     # their mechanism is read off the flat fields above (Poisson-sampled Gaussian, or q = 1 for a release).

@@ -14,7 +14,7 @@ import json
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,6 +150,7 @@ def drive(hub: StreamHub, settings: DriverSettings, sink: EventSink) -> dict[str
         arbiter = Arbiter(
             block_widths(loaded), plan.noise_std / job.register_size,
             settings.noise_rng if settings.noise_rng is not None else np.random.default_rng(secrets.randbits(128)),
+            hessian_std=plan.hessian_std(job.register_size) if plan.releases_hessian else 0.0,
         )  # fmt: skip
         context = arbiter.public_context()
         names = list(hellos)
@@ -159,6 +160,9 @@ def drive(hub: StreamHub, settings: DriverSettings, sink: EventSink) -> dict[str
         )  # fmt: skip
         hub.call_all({p: setup for p in job.parties}, settings.step_timeout)
         timeout = settings.step_timeout
+        if plan.releases_hessian and resume_from == 0:  # a resumed job's parties restore their own copy
+            epsilons = _hessian(hub, arbiter, settings, features)
+            sink({"type": "hessian", "epsilon": {p: e["epsilon_job"] for p, e in epsilons.items()}})
         for iteration in range(resume_from + 1, job.iterations + 1):
             start, traffic = time.perf_counter(), _Traffic()
             partials = _envelopes(traffic.add(hub.call_all({p: Frame("partial") for p in features}, timeout)),
@@ -171,12 +175,7 @@ def drive(hub: StreamHub, settings: DriverSettings, sink: EventSink) -> dict[str
             asked[holder] = Frame("gradient", {"iteration": iteration})
             gradients = traffic.add(hub.call_all(asked, timeout))  # each ledger admitted the iteration first
             digest = hashlib.sha256(b"".join(b for p in job.parties for b in gradients[p].blobs)).hexdigest()
-            reports = [
-                AgencyReport(agency=p, status="trained", epsilon_job=float(gradients[p].fields["epsilon_job"]),
-                             epsilon_lifetime=float(gradients[p].fields["epsilon_lifetime"]), dataset="",
-                             origin=str(gradients[p].fields.get("origin", "")))
-                for p in job.parties
-            ]  # fmt: skip
+            reports = _reports(gradients, job.parties)
             settings.chain.append(RoundSummary(
                 kind="round", federation=job.federation, job=job.job, round=iteration, spec_sha256=job.spec_sha256,
                 aggregated=True, agencies=reports, model_sha256=digest, time=now_utc(),
@@ -234,6 +233,38 @@ def drive(hub: StreamHub, settings: DriverSettings, sink: EventSink) -> dict[str
     _write(settings.run_dir / "summary.json", summary)
     sink({"type": "done", "model": summary["model"]})
     return summary
+
+
+def _reports(replies: dict[str, Frame], parties: Sequence[str]) -> list[AgencyReport]:
+    """What each party's reply says its ledger admitted (job and lifetime epsilon, its ledger's origin)."""
+    return [
+        AgencyReport(agency=p, status="trained", epsilon_job=float(replies[p].fields["epsilon_job"]),
+                     epsilon_lifetime=float(replies[p].fields["epsilon_lifetime"]), dataset="",
+                     origin=str(replies[p].fields.get("origin", "")))
+        for p in parties
+    ]  # fmt: skip
+
+
+def _hessian(hub: StreamHub, arbiter: Arbiter, settings: DriverSettings, features: list[str]) -> dict[str, Any]:
+    """Block Newton's Hessian release (round 0 of the chain): civil affairs' sealed Enc(m c / 4) relayed to
+    each feature holder, every ledger admits the release, the chain records it, then the arbiter noises and
+    decrypts each masked triangle for its own party only."""
+    job, holder, timeout = settings.job, settings.job.label_holder, settings.step_timeout
+    weights = _envelopes({holder: hub.call(holder, Frame("hessian-weights"), timeout)}, set(features))
+    asked = {p: Frame("hessian", blobs=weights.get(p, [])) for p in features}
+    asked[holder] = Frame("hessian")
+    masked = hub.call_all(asked, timeout)  # each ledger admitted the release first
+    reports = _reports(masked, job.parties)
+    digest = hashlib.sha256(b"".join(b for p in job.parties for b in masked[p].blobs)).hexdigest()
+    settings.chain.append(RoundSummary(
+        kind="round", federation=job.federation, job=job.job, round=0, spec_sha256=job.spec_sha256,
+        aggregated=True, agencies=reports, model_sha256=digest, time=now_utc(),
+    ))  # fmt: skip
+    released = {
+        p: arbiter.release_hessian(GradientMessage(p, masked[p].blobs), packed=p == holder) for p in [*features, holder]
+    }  # the one-machine order of the noise draws
+    hub.call_all({p: Frame("hessian-release", {"values": v}) for p, v in released.items()}, timeout)
+    return {r.agency: {"epsilon_job": r.epsilon_job, "epsilon_lifetime": r.epsilon_lifetime} for r in reports}
 
 
 def _released_through(chain: Ledger[RoundSummary], job: str) -> int:

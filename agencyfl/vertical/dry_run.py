@@ -3,7 +3,8 @@
 Nothing is aligned, trained, released or recorded, and nothing is written (no ledger, key, alignment
 output or workdir is created). From the spec alone: the job's public plan (``job.plan_of``: T
 iterations, each one ``vertical-gradient`` Gaussian release of sensitivity sqrt(K + 1) D and std
-sigma sqrt(K + 1) D, plus one ``fairness`` release when ``[fairness] noise_multiplier > 0`` and civil
+sigma sqrt(K + 1) D, after block Newton's one ``vertical-hessian`` release (sensitivity sqrt(K + 2) / 4,
+std sigma times that), plus one ``fairness`` release when ``[fairness] noise_multiplier > 0`` and civil
 affairs holds every fairness attribute, as ``job.release_fairness`` decides). From each agency's
 existing ledger (``WORKDIR/<agency>/ledger``, verified read-only with the agency's key, else the
 folder's ``ledger.pub``): its lifetime epsilon now, and the job's releases checked one by one exactly
@@ -44,7 +45,7 @@ from agencyfl.privacy.ledger import HEAD_FILE, LEDGER_FILE, spend_records, verif
 from agencyfl.vertical.job import fairness_event, plan_of
 from agencyfl.vertical.plan import VerticalPlan
 
-Release = Literal["vertical-gradient", "fairness"]
+Release = Literal["vertical-hessian", "vertical-gradient", "fairness"]
 RUN_NAME = "vertical-00000000"
 """A run id of the length ``train_vertical`` draws (``vertical-`` and 8 hex digits): envelope headers carry it."""
 ARBITER = "arbiter"
@@ -193,6 +194,8 @@ def _plan_fields(plan: VerticalPlan) -> dict[str, Any]:
         "noise_std": plan.noise_std,
         "optimizer": plan.optimizer,
         "learning_rate": plan.learning_rate,
+        "damping": plan.damping if plan.releases_hessian else None,
+        "hessian_sensitivity": plan.hessian_sensitivity if plan.releases_hessian else None,
     }
 
 
@@ -229,9 +232,10 @@ def dry_run(
         raise SpecError(f"privacy.epsilon: {exc}") from None
     gradient = plan.iteration_event()
     fairness, fairness_status = _fairness_plan(loaded)
-    releases: list[tuple[Release, int, StepRecord, GaussianEvent]] = [
-        ("vertical-gradient", i, StepRecord(sigma, 1.0, 1), gradient) for i in range(1, plan.iterations + 1)
-    ]
+    releases: list[tuple[Release, int, StepRecord, GaussianEvent]] = []
+    if plan.releases_hessian:
+        releases.append(("vertical-hessian", 0, StepRecord(sigma, 1.0, 1), plan.hessian_event()))
+    releases += [("vertical-gradient", i, StepRecord(sigma, 1.0, 1), gradient) for i in range(1, plan.iterations + 1)]
     if fairness is not None and spec.fairness is not None:
         releases.append(("fairness", plan.iterations + 1, StepRecord(spec.fairness.noise_multiplier, 1.0, 1), fairness))
 
@@ -270,7 +274,7 @@ def dry_run(
         if reasons:
             for name, reason in reasons.items():
                 refused.setdefault(name, {"release": kind, "iteration": index, "reason": reason})
-            if kind == "vertical-gradient":
+            if kind != "fairness":
                 stopped = {"iteration": index, "refused_by": sorted(reasons), "reason": next(iter(reasons.values()))}
                 break
             fairness_refused = True
@@ -299,6 +303,11 @@ def dry_run(
         {"release": "vertical-gradient", "count": plan.iterations, "mechanism": "gaussian",
          "sensitivity": gradient.sensitivity, "std": gradient.std, "noise_multiplier": sigma},
     ]  # fmt: skip
+    if plan.releases_hessian:
+        hessian = plan.hessian_event()
+        by_kind.insert(0, {"release": "vertical-hessian", "count": 1, "mechanism": "gaussian",
+                           "sensitivity": hessian.sensitivity, "std": hessian.std,
+                           "noise_multiplier": sigma})  # fmt: skip
     if fairness is not None and spec.fairness is not None:
         by_kind.append(
             {"release": "fairness", "count": 1, "mechanism": "gaussian", "sensitivity": fairness.sensitivity,

@@ -47,7 +47,7 @@ from agencyfl.vertical.train import VerticalResult, train_vertical
 WORKDIR_SPEC = "federation.json"
 
 
-Release = Literal["vertical-gradient", "fairness"]
+Release = Literal["vertical-gradient", "vertical-hessian", "fairness"]
 
 
 def ledger_entry(
@@ -63,10 +63,13 @@ def ledger_entry(
 ) -> LedgerEvent:
     """One agency's ledger entry for a release of a vertical job (or its refusal); ``epsilons``: job, lifetime."""
     spec = loaded.spec
-    gradient = release == "vertical-gradient"
     fairness = spec.fairness
-    noise = plan.noise_multiplier if gradient or fairness is None else fairness.noise_multiplier
-    mechanism = plan.iteration_event() if gradient or fairness is None else fairness_event(fairness)
+    if release == "fairness" and fairness is not None:
+        noise, mechanism = fairness.noise_multiplier, fairness_event(fairness)
+    elif release == "vertical-hessian":
+        noise, mechanism = plan.noise_multiplier, plan.hessian_event()
+    else:
+        noise, mechanism = plan.noise_multiplier, plan.iteration_event()
     return LedgerEvent(
         kind=kind,
         agency=agency,
@@ -75,7 +78,7 @@ def ledger_entry(
         noise_multiplier=noise,
         sample_rate=1.0,
         steps=0 if kind == "refusal" else 1,
-        max_grad_norm=plan.sensitivity if gradient else mechanism.sensitivity,
+        max_grad_norm=mechanism.sensitivity,
         delta=spec.privacy.delta,
         epsilon_job=epsilons[0],
         epsilon_lifetime=epsilons[1],
@@ -99,6 +102,8 @@ def _decide(
     privacy, fairness = loaded.spec.privacy, loaded.spec.fairness
     if release == "fairness" and fairness is not None:
         planned, what = StepRecord(fairness.noise_multiplier, 1.0, 1), "the fairness counts"
+    elif release == "vertical-hessian":
+        planned, what = StepRecord(plan.noise_multiplier, 1.0, 1), "the Hessian release"
     else:  # each release is checked as it comes (an entry's epsilon is what was spent up to it)
         planned, what = StepRecord(plan.noise_multiplier, 1.0, 1), f"iteration {iteration}"
     events = ledger.events()  # verifies: a ledger that does not verify stops the job
@@ -412,8 +417,8 @@ def run_vertical(
     ledgers = AgencyLedgers(loaded, workdir, job, plan)
 
     def account(iteration: int) -> None:
-        ledgers.account(iteration)
-        if on_iteration is not None:
+        ledgers.account(iteration, "vertical-hessian" if iteration == 0 else "vertical-gradient")
+        if on_iteration is not None and iteration > 0:
             on_iteration(iteration, plan.iterations)
 
     result: VerticalResult = train_vertical(features, label, labels, plan, before_release=account)

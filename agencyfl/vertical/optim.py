@@ -1,4 +1,5 @@
-"""The update each party applies to its own block after a DP release: Adam or plain GD, then projection.
+"""The update each party applies to its own block after a DP release: block Newton, Adam or plain GD, then
+projection.
 
 Both are post-processing of the noisy gradient. The encrypted protocol and the plaintext reference
 call the same functions, so that with the same noise they take the same steps.
@@ -13,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 Vector = npt.NDArray[np.float64]
-OptimizerName = Literal["adam", "gd"]
+OptimizerName = Literal["newton", "adam", "gd"]
 
 
 def project(w: Vector, bound: float) -> Vector:
@@ -32,6 +33,28 @@ def clip_scores(u: Vector, bound: float | None) -> tuple[Vector, npt.NDArray[np.
     return np.clip(u, -bound, bound), np.abs(u) < bound
 
 
+def triangle_size(width: int) -> int:
+    """Entries of a ``width`` x ``width`` symmetric matrix's upper triangle (with the diagonal)."""
+    return width * (width + 1) // 2
+
+
+def upper_triangle(matrix: npt.NDArray[np.float64]) -> Vector:
+    """The upper triangle, row by row (``np.triu_indices`` order): what a Hessian release carries."""
+    return np.asarray(matrix[np.triu_indices(len(matrix))], dtype=np.float64)
+
+
+def newton_matrix(released: Vector, width: int, damping: float) -> npt.NDArray[np.float64]:
+    """(H + lambda I)^-1 from a released (noisy) upper triangle: H's negative eigenvalues (noise) are read as
+    0, so the matrix is positive definite with eigenvalues at most 1 / lambda (post-processing)."""
+    if len(released) != triangle_size(width) or damping <= 0:
+        raise ValueError(f"a Hessian release of {len(released)} values for {width} weights (damping {damping})")
+    h = np.zeros((width, width))
+    h[np.triu_indices(width)] = released
+    h = h + np.triu(h, 1).T
+    values, vectors = np.linalg.eigh(h)
+    return np.asarray((vectors / (np.maximum(values, 0.0) + damping)) @ vectors.T, dtype=np.float64)
+
+
 def joint_scale(squared_norms: list[float], bound: float) -> float:
     """The factor that puts the concatenated weights of every block back on the ball of radius ``bound``.
 
@@ -44,12 +67,13 @@ def joint_scale(squared_norms: list[float], bound: float) -> float:
 
 @dataclass
 class BlockOptimizer:
-    """One party's optimizer state for its own weights (Adam, Kingma and Ba 2015, or plain GD).
+    """One party's optimizer state for its own weights (block Newton, Adam (Kingma and Ba 2015) or plain GD).
 
     Parameters
     ----------
     name
-        ``"adam"`` or ``"gd"``.
+        ``"newton"`` (steps with ``preconditioner``, set from the Hessian release before the first
+        step), ``"adam"`` or ``"gd"``.
     learning_rate
         Step size.
     size
@@ -65,13 +89,36 @@ class BlockOptimizer:
     _m: Vector = field(init=False, repr=False)
     _v: Vector = field(init=False, repr=False)
     _t: int = field(init=False, default=0)
+    preconditioner: npt.NDArray[np.float64] | None = field(init=False, default=None, repr=False)
 
     def __post_init__(self) -> None:
         self._m = np.zeros(self.size)
         self._v = np.zeros(self.size)
 
+    def precondition(self, matrix: npt.NDArray[np.float64]) -> None:
+        """Set Newton's step matrix (``newton_matrix`` of the Hessian release).
+
+        Raises
+        ------
+        ValueError
+            If it is not ``size`` x ``size`` and finite.
+        """
+        if matrix.shape != (self.size, self.size) or not np.all(np.isfinite(matrix)):
+            raise ValueError(f"a {matrix.shape} step matrix for {self.size} weights")
+        self.preconditioner = np.asarray(matrix, dtype=np.float64)
+
     def step(self, w: Vector, grad: Vector) -> Vector:
-        """The weights after one step on the noisy mean gradient ``grad`` (before projection)."""
+        """The weights after one step on the noisy mean gradient ``grad`` (before projection).
+
+        Raises
+        ------
+        ValueError
+            A Newton step before the Hessian release set its step matrix.
+        """
+        if self.name == "newton":
+            if self.preconditioner is None:
+                raise ValueError("a Newton step before the Hessian release")
+            return np.asarray(w - self.learning_rate * (self.preconditioner @ grad), dtype=np.float64)
         if self.name == "gd":
             return np.asarray(w - self.learning_rate * grad, dtype=np.float64)
         self._t += 1

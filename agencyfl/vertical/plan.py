@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from agencyfl.privacy.accounting import StepRecord, calibrate_noise
-from agencyfl.privacy.events import GaussianEvent, Mechanism, gaussian_releases
+from agencyfl.privacy.events import Composed, GaussianEvent, Mechanism, gaussian_releases
 
 
 class VerticalPlan(BaseModel):
@@ -33,7 +33,15 @@ class VerticalPlan(BaseModel):
         exact gradient); then |z| <= K C whatever the weights, so the residual's bound no longer ties the
         weights to a small ball. ``None``: no clipping (models before 2026-12-05).
     optimizer, learning_rate
-        The post-processing step each party applies to its own block.
+        The post-processing step each party applies to its own block. ``newton`` (default): block-diagonal
+        Newton, one more DP release before the first iteration, each block's Hessian of the Taylor loss
+        H_k = c sum_i m_i x_ik x_ik^T / 4 (upper triangle, civil affairs' with the intercept); each party
+        then steps with lr (H_k + lambda I)^-1 times its noisy gradient (``docs/vertical.md``, "Block
+        Newton"). ``adam`` and ``gd`` release no Hessian.
+    damping
+        kappa: lambda = kappa times the expected spectral norm of the Hessian's noise in a block of d
+        weights, 2 sqrt(d) times its std (public: d, the register size and sigma), so that directions the
+        noise dominates take short steps at every population size.
     releases
         Noise multipliers of the job's other planned releases (one each, q = 1: the fairness counts):
         the iterations' noise is calibrated so that everything together stays within epsilon.
@@ -48,8 +56,9 @@ class VerticalPlan(BaseModel):
     weight_bound: float = Field(default=20.0, gt=0, allow_inf_nan=False)
     score_clip: float | None = Field(default=1.5, gt=0, allow_inf_nan=False)
     projection: Literal["joint", "block"] = "joint"
-    optimizer: Literal["adam", "gd"] = "adam"
-    learning_rate: float = Field(default=0.2, gt=0, allow_inf_nan=False)
+    optimizer: Literal["newton", "adam", "gd"] = "newton"
+    learning_rate: float = Field(default=0.3, gt=0, allow_inf_nan=False)
+    damping: float = Field(default=0.5, gt=0, allow_inf_nan=False)
     releases: tuple[float, ...] = ()
 
     @property
@@ -75,9 +84,24 @@ class VerticalPlan(BaseModel):
         return math.sqrt(self.agencies + 1) * self.residual_bound
 
     @property
+    def releases_hessian(self) -> bool:
+        """Whether the job releases each block's Hessian once, before the first iteration."""
+        return self.optimizer == "newton"
+
+    @property
+    def hessian_sensitivity(self) -> float:
+        """L2 sensitivity of the joint Hessian release (every block's upper triangle, unscaled by c):
+        sqrt(K + 2) / 4. One household's row x (||x|| <= 1) moves a block's upper triangle of x x^T / 4 by
+        sqrt(((sum x^2)^2 + sum x^4) / 2) / 4 <= 1/4; civil affairs' row [x, 1] (squared norm <= 2) by
+        sqrt((4 + 2) / 2) / 4 = sqrt(3) / 4. Squared and summed: (K - 1 + 3) / 16."""
+        return math.sqrt(self.agencies + 2) / 4
+
+    @property
     def noise_multiplier(self) -> float:
-        """Sigma for T releases (q = 1) at (epsilon, delta), by the enforcing accountant's calibration."""
-        return calibrate_noise(self.epsilon, self.delta, 1.0, self.iterations, also=self.planned_releases())
+        """Sigma for the T iterations (and the Hessian release, at the same sigma) with q = 1 at
+        (epsilon, delta), by the enforcing accountant's calibration."""
+        steps = self.iterations + (1 if self.releases_hessian else 0)
+        return calibrate_noise(self.epsilon, self.delta, 1.0, steps, also=self.planned_releases())
 
     def planned_releases(self) -> tuple[StepRecord, ...]:
         """The job's other releases as the accountant sees them."""
@@ -92,6 +116,21 @@ class VerticalPlan(BaseModel):
         """One iteration's release, as every agency's ledger records it."""
         return GaussianEvent(sensitivity=self.sensitivity, std=self.noise_std)
 
+    def hessian_event(self) -> GaussianEvent:
+        """The Hessian release, as every agency's ledger records it (``vertical-hessian``)."""
+        return GaussianEvent(sensitivity=self.hessian_sensitivity, std=self.noise_multiplier * self.hessian_sensitivity)
+
+    def hessian_std(self, register_size: int) -> float:
+        """Noise per released Hessian entry (the entries carry c = 1 / N)."""
+        return self.noise_multiplier * self.hessian_sensitivity / register_size
+
+    def hessian_damping(self, width: int, register_size: int) -> float:
+        """lambda for a block of ``width`` weights: kappa 2 sqrt(d) times the entries' noise std."""
+        return self.damping * 2 * math.sqrt(width) * self.hessian_std(register_size)
+
     def events(self) -> Mechanism:
-        """All T iterations: the mechanism of the whole job."""
-        return gaussian_releases(self.noise_multiplier, self.sensitivity, self.iterations)
+        """All T iterations (after the Hessian release, if any): the mechanism of the whole job."""
+        iterations = gaussian_releases(self.noise_multiplier, self.sensitivity, self.iterations)
+        if not self.releases_hessian:
+            return iterations
+        return Composed(events=[self.hessian_event(), iterations])

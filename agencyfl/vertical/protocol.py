@@ -21,7 +21,16 @@ from agencyfl.alignment.sealed import Envelope, MessageKind, PartyKeys, PartyPub
 from agencyfl.federation.errors import HEError, MessageRejectedError
 from agencyfl.privacy.he import ParameterSet, load_public_context, new_private_context, parameter_set, public_bytes
 from agencyfl.vertical.encoding import Block, LabelData
-from agencyfl.vertical.optim import BlockOptimizer, OptimizerName, Vector, clip_scores, project
+from agencyfl.vertical.optim import (
+    BlockOptimizer,
+    OptimizerName,
+    Vector,
+    clip_scores,
+    newton_matrix,
+    project,
+    triangle_size,
+    upper_triangle,
+)
 
 PARAMETERS = "n8192-d2"
 """Residual (one level) then the gradient products (one level): depth 2."""
@@ -89,6 +98,11 @@ class HolderSetup:
     weight_bound: float = 5.0
     projection: Literal["joint", "block"] = "joint"
     score_clip: float | None = None
+    newton_damping: float = 0.0  # lambda for this party's block (the plan's ``hessian_damping``)
+
+
+HESSIAN_STEP = 0
+"""The Hessian release comes before iteration 1: its envelopes are sealed for step 0."""
 
 
 @dataclass
@@ -158,6 +172,9 @@ class _Holder(_Party):
         self._inputs = np.hstack([block.x, np.ones((len(block.x), extra))])
         self._live: npt.NDArray[np.bool_] | None = None
         self._columns = self._chunked(self._inputs)
+        self.newton_damping = setup.newton_damping
+        self._hessian_mask: Vector | None = None
+        self.hessian_release: Vector | None = None  # its own noisy upper triangle, once released
 
     def _chunked(self, inputs: npt.NDArray[np.float64]) -> list[list[list[float]]]:
         columns = [_chunks(inputs[:, j], self.slots) for j in range(inputs.shape[1])]
@@ -203,6 +220,46 @@ class _Holder(_Party):
         self.sent_bytes += message.nbytes
         return message
 
+    def _masked_sums(self, sums: list[ts.CKKSVector]) -> list[bytes]:
+        """Each sum masked in slot 0 with a fresh value kept for unmasking, then rotated and summed."""
+        mask = self._rng.uniform(-MASK_BOUND, MASK_BOUND, size=len(sums))
+        out: list[bytes] = []
+        for s, r in zip(sums, mask, strict=True):
+            first = np.zeros(self.slots)
+            first[0] = r
+            out.append(bytes((s + first.tolist()).sum().serialize()))
+        self._hessian_mask = mask
+        return out
+
+    def _pair_products(self, enc_weights: list[ts.CKKSVector]) -> list[ts.CKKSVector]:
+        """Enc(sum_i w_i x_ij x_il) for every pair j <= l of its inputs (unclipped: at the start of training the
+        weights are 0 and no partial score is clipped), per slot, before the rotate-and-sum."""
+        width = self._inputs.shape[1]
+        sums: list[ts.CKKSVector] = []
+        for j, k in zip(*np.triu_indices(width), strict=True):
+            product = self._chunked(self._inputs[:, [j]] * self._inputs[:, [k]])[0]  # zero chunks guarded
+            acc = enc_weights[0] * product[0]
+            for c in range(1, len(enc_weights)):
+                acc = acc + enc_weights[c] * product[c]
+            sums.append(acc)
+        return sums
+
+    def apply_hessian(self, release: list[float]) -> Vector:
+        """Remove the mask from the arbiter's Hessian release (its block's noisy upper triangle) and set the
+        Newton step matrix; returns the release (kept in ``hessian_release``)."""
+        if self._hessian_mask is None or len(release) != len(self._hessian_mask):
+            raise HEError(f"{self.name}: a Hessian release of {len(release)} values for no pending request")
+        self.received.append(Received("arbiter", "hessian", "masked-values", len(release), 8 * len(release), 0))
+        noisy = np.asarray(release, dtype=np.float64) - self._hessian_mask
+        self._hessian_mask = None
+        self.set_hessian(noisy)
+        return noisy
+
+    def set_hessian(self, released: Vector) -> None:
+        """Newton's step matrix from its released upper triangle (also what a resumed job restores)."""
+        self.optimizer.precondition(newton_matrix(released, len(self.weights), self.newton_damping))
+        self.hessian_release = np.asarray(released, dtype=np.float64)
+
     def apply(self, release: list[float]) -> Vector:
         """Remove the mask from the arbiter's release (the DP release), step and project; returns the release."""
         if self._mask is None or len(release) != len(self._mask):
@@ -238,6 +295,18 @@ class FeatureHolder(_Holder):
         (``iterations + 1``: the validation scores after the last one)."""
         raw = self._encrypt(self._own_part(self.block.x @ self.weights))
         return self._seal(raw, self.label_holder, "partial-scores", len(self.block.x), step)
+
+    def masked_hessian(self, envelopes: list[Envelope]) -> GradientMessage:
+        """``Enc(H_k + r)``: one one-value ciphertext per entry of its block's upper triangle, from civil
+        affairs' sealed Enc(m c / 4) (it cannot tell which households are assessed), ``r`` a fresh mask."""
+        raw = self._open(envelopes, self.label_holder, "hessian-weights", HESSIAN_STEP)
+        start = time.perf_counter()
+        enc_weights = [ts.ckks_vector_from(self.context, r) for r in raw]
+        out = self._masked_sums(self._pair_products(enc_weights))
+        self.he_seconds += time.perf_counter() - start
+        message = GradientMessage(self.name, out)
+        self.sent_bytes += message.nbytes
+        return message
 
     def open_residuals(self, envelopes: list[Envelope], step: int) -> list[bytes]:
         """The residual ciphertexts of iteration ``step`` from the label holder's sealed message (still encrypted
@@ -283,6 +352,34 @@ class LabelHolder(_Holder):
         raw = [bytes((c * s + o).serialize()) for c, s, o in zip(z, slope, offset, strict=True)]
         self.he_seconds += time.perf_counter() - start
         return raw, {k: self._seal(raw, k, "residuals", len(self.block.x), step) for k in partials}
+
+    def hessian_weights(self, parties: list[str]) -> dict[str, list[Envelope]]:
+        """``Enc(m c / 4)`` over every register position (m: who is assessed), sealed to each feature holder for
+        its Hessian entries: the one thing about its labels they need, and they cannot read it."""
+        start = time.perf_counter()
+        # Enc(m) times the plaintext c / 4: one level down, as the residuals are, so the holders' products
+        # and rotate-and-sums run at the gradients' (cheaper) level
+        quarter = [self.scale / 4] * self.slots
+        cts = [
+            ts.ckks_vector(self.context, c) * quarter for c in _chunks(self.labels.train.astype(np.float64), self.slots)
+        ]
+        raw = [bytes(c.serialize()) for c in cts]
+        self.he_seconds += time.perf_counter() - start
+        return {p: self._seal(raw, p, "hessian-weights", len(self.block.x), HESSIAN_STEP) for p in parties}
+
+    def masked_hessian(self) -> GradientMessage:
+        """``Enc(H_L + r)`` for its own block with the intercept: computed in clear from its own rows and
+        labels (nobody else's data enter it), masked and encrypted in one ciphertext of the triangle's size
+        (``Arbiter.release_hessian(packed=True)``), so that the arbiter noises it like every other block's."""
+        m = self.labels.train.astype(np.float64)
+        h = upper_triangle((self._inputs * (m * self.scale / 4)[:, None]).T @ self._inputs)
+        start = time.perf_counter()
+        self._hessian_mask = self._rng.uniform(-MASK_BOUND, MASK_BOUND, size=len(h))
+        out = [bytes(ts.ckks_vector(self.context, (h + self._hessian_mask).tolist()).serialize())]
+        self.he_seconds += time.perf_counter() - start
+        message = GradientMessage(self.name, out)
+        self.sent_bytes += message.nbytes
+        return message
 
     def masked_scores(self, partials: dict[str, list[Envelope]], step: int) -> list[bytes]:
         """``Enc(z v + s)`` then ``Enc(a z v + t)`` for the validation indicator v, fresh uniform masks s and
@@ -345,6 +442,8 @@ class Arbiter:
         Each party's number of weights (public: the job plan's), the only gradient sizes it accepts.
     noise_std
         Standard deviation of the noise per coordinate (on the scaled gradient).
+    hessian_std
+        Standard deviation of the noise per entry of a Hessian release (0: the job releases none).
     rng
         The generator of DP noise (inject a seeded one only to reproduce a run in tests).
     params
@@ -354,13 +453,20 @@ class Arbiter:
     name = "arbiter"
 
     def __init__(
-        self, widths: dict[str, int], noise_std: float, rng: np.random.Generator, params: str = PARAMETERS
+        self,
+        widths: dict[str, int],
+        noise_std: float,
+        rng: np.random.Generator,
+        params: str = PARAMETERS,
+        hessian_std: float = 0.0,
     ) -> None:
         self.params: ParameterSet = parameter_set(params)
         self._context = new_private_context(self.params)
         self._context.generate_galois_keys()
         self.widths = dict(widths)
         self.noise_std = noise_std
+        self.hessian_std = hessian_std
+        self._hessians_released: set[str] = set()
         self._rng = rng
         self.received: list[Received] = []
         self.he_seconds = 0.0
@@ -379,23 +485,52 @@ class Arbiter:
             An unknown sender, a count other than the sender's width, or a ciphertext of more than one value.
         """
         width = self.widths.get(message.sender)
-        if width is None or len(message.ciphertexts) != width:
-            raise HEError(f"{message.sender!r} sent {len(message.ciphertexts)} values; its width is {width}")
+        return self._release(message, width, self.noise_std, "gradient")
+
+    def release_hessian(self, message: GradientMessage, packed: bool = False) -> list[float]:
+        """The same for a block's Hessian upper triangle (once per party and job). ``packed``: the label
+        holder's own triangle, computed from its own data alone, comes as one ciphertext of the triangle's
+        size (the caller knows who the label holder is); every other party's as one-value ciphertexts.
+
+        Raises
+        ------
+        HEError
+            As ``release``; a second Hessian from the same party, or a job without a Hessian release.
+        """
+        width = self.widths.get(message.sender)
+        if self.hessian_std <= 0:
+            raise HEError("this job releases no Hessian")
+        if message.sender in self._hessians_released:
+            raise HEError(f"{message.sender!r} asked for a second Hessian release")
+        count = None if width is None else triangle_size(width)
+        out = self._release(message, count, self.hessian_std, "hessian", packed)
+        self._hessians_released.add(message.sender)
+        return out
+
+    def _release(
+        self, message: GradientMessage, count: int | None, std: float, kind: str, packed: bool = False
+    ) -> list[float]:
+        expected = 1 if packed else count
+        if count is None or len(message.ciphertexts) != expected:
+            raise HEError(
+                f"{message.sender!r} sent {len(message.ciphertexts)} {kind} ciphertexts; it has {count} values"
+            )
         start = time.perf_counter()
         cts = [ts.ckks_vector_from(self._context, c) for c in message.ciphertexts]
         sizes = [c.size() for c in cts]
-        self.received.append(
-            Received(message.sender, "gradient", "gradient-ciphertexts", width, message.nbytes, max(sizes))
-        )
-        if max(sizes) != 1:
-            raise HEError(f"{message.sender!r} sent a ciphertext of {max(sizes)} values; gradients carry one")
-        noise = self._rng.normal(0.0, self.noise_std, size=width)
-        out = [
-            round(float((c + ts.ckks_vector(self._context, [float(n)])).decrypt()[0]) / ROUNDING) * ROUNDING
-            for c, n in zip(cts, noise, strict=True)
-        ]
+        self.received.append(Received(message.sender, kind, "gradient-ciphertexts", count, message.nbytes, max(sizes)))
+        if sizes != ([count] if packed else [1] * count):
+            raise HEError(f"{message.sender!r} sent ciphertexts of {max(sizes)} values for a {kind} of {count}")
+        noise = self._rng.normal(0.0, std, size=count)
+        # the noise is added to the ciphertext (a plaintext addition) before it is decrypted: what leaves is
+        # value + CKKS error + noise, rounded, never the bare decryption (noise flooding)
+        if packed:
+            values = np.asarray((cts[0] + noise.tolist()).decrypt(), dtype=np.float64)
+        else:
+            values = np.array([(c + [float(n)]).decrypt()[0] for c, n in zip(cts, noise, strict=True)])
+        out = [round(float(v) / ROUNDING) * ROUNDING for v in values]
         self.he_seconds += time.perf_counter() - start
-        self.sent_bytes += 8 * width
+        self.sent_bytes += 8 * count
         return out
 
     def decrypt_masked_scores(self, sender: str, raw: list[bytes]) -> npt.NDArray[np.float64]:

@@ -10,10 +10,26 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+import numpy.typing as npt
 
 from agencyfl.vertical.encoding import Block, LabelData
-from agencyfl.vertical.optim import BlockOptimizer, Vector, clip_scores, joint_scale, project
+from agencyfl.vertical.optim import (
+    BlockOptimizer,
+    Vector,
+    clip_scores,
+    joint_scale,
+    newton_matrix,
+    project,
+    upper_triangle,
+)
 from agencyfl.vertical.plan import VerticalPlan
+
+
+def hessian(inputs: npt.NDArray[np.float64], labels: LabelData, scale: float) -> npt.NDArray[np.float64]:
+    """H = c sum_i m_i x_i x_i^T / 4: the Taylor loss's Hessian in one block's weights (``inputs`` its rows,
+    civil affairs' with the intercept's 1), over the assessed households."""
+    m = labels.train.astype(np.float64)
+    return np.asarray((inputs * (m * scale / 4)[:, None]).T @ inputs, dtype=np.float64)
 
 
 def residual(scores: Vector, labels: LabelData, scale: float) -> Vector:
@@ -47,6 +63,13 @@ def reference_train(
     optimizers = {b.agency: BlockOptimizer(plan.optimizer, plan.learning_rate, b.width + (b is label)) for b in blocks}
     scale = 1.0 / len(label.x)
     std = (plan.noise_std if noise_std is None else noise_std) * scale
+    if plan.releases_hessian:  # one noisy upper triangle per block, in the arbiter's order
+        for b in blocks:
+            rows = np.hstack([b.x, np.ones((len(b.x), 1))]) if b is label else b.x
+            h = upper_triangle(hessian(rows, labels, scale))
+            released = h + rng.normal(0.0, plan.hessian_std(len(label.x)), size=len(h))
+            width = rows.shape[1]
+            optimizers[b.agency].precondition(newton_matrix(released, width, plan.hessian_damping(width, len(label.x))))
     for _ in range(plan.iterations):
         w_label = weights[label.agency]
         parts = {b.agency: b.x @ weights[b.agency] for b in features}

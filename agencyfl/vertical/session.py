@@ -53,7 +53,8 @@ class PartySession:
     """This agency's role in one deployed vertical job."""
 
     # once per job: a second validation decryption, fairness release or part would be an oracle or a rewrite
-    once_only = frozenset({"setup", "masked-scores", "scores", "admit-fairness", "fairness", "finish"})
+    once_only = frozenset({"setup", "hessian-weights", "hessian", "hessian-release", "masked-scores", "scores",
+                           "admit-fairness", "fairness", "finish"})  # fmt: skip
 
     def __init__(self, config: PartyConfig) -> None:
         self.config = config
@@ -115,6 +116,23 @@ class PartySession:
             raise ProtocolError(f"{self.agency}'s checkpoint {path.name} is for {weights.shape[0]} weights")
         holder.weights = np.asarray(weights, dtype=np.float64)
         holder.optimizer.restore(state)
+        if self.plan.releases_hessian:  # the step matrix comes from its own copy of the Hessian release
+            try:
+                holder.set_hessian(np.load(self._hessian_path()))
+            except (OSError, ValueError) as exc:
+                raise ProtocolError(f"{self.agency} cannot resume without its Hessian release: {exc}") from None
+
+    def _hessian_path(self) -> Path:
+        return self.checkpoints / "hessian-release.npy"
+
+    def _save_hessian(self, released: np.ndarray) -> None:
+        """Its block's noisy Hessian (a DP release it received: post-processing to keep), for a resumed job."""
+        self.checkpoints.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = self._hessian_path()
+        tmp = path.with_suffix(".tmp")
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as fh:
+            np.save(fh, released)
+        tmp.replace(path)
 
     # ------------------------------------------------------------------ frames
     def hello_fields(self) -> dict[str, Any]:
@@ -150,6 +168,7 @@ class PartySession:
             keys=self.keys, directory=directory, run=self.job.job, public_context=frame.blobs[0],
             label_holder=self.job.label_holder, optimizer=self.plan.optimizer, learning_rate=self.plan.learning_rate,
             weight_bound=self.plan.weight_bound, projection=self.plan.projection, score_clip=self.plan.score_clip,
+            newton_damping=self.plan.hessian_damping(self.block.width + self.is_label, self.job.register_size),
         )  # fmt: skip
         rng = np.random.default_rng(secrets.randbits(128))
         if self.is_label:
@@ -172,6 +191,40 @@ class PartySession:
         """The iteration its weights are at: the one after the last it rescaled (or resumed from). Partial scores
         and residuals are sealed for it, so a relay cannot hand a party another iteration's."""
         return max(self.resume_from, self.last_rescaled) + 1
+
+    def _hessian_first(self) -> None:
+        if not self.plan.releases_hessian:
+            raise MessageRejectedError(f"this job's optimizer ({self.plan.optimizer}) releases no Hessian")
+        if self.resume_from > 0 or self.last_gradient > 0:
+            raise MessageRejectedError("the Hessian release comes before the first iteration")
+
+    def _op_hessian_weights(self, frame: Frame) -> Frame:
+        self._hessian_first()
+        sealed = self._label().hessian_weights([p for p in self.job.parties if p != self.agency])
+        return Frame("ok", blobs=[pack(e) for envelopes in sealed.values() for e in envelopes])
+
+    def _op_hessian(self, frame: Frame) -> Frame:
+        """Admit the Hessian release in its own ledger, then send its masked block Hessian."""
+        self._hessian_first()
+        holder = self._holder()
+        envelopes = [unpack(b) for b in frame.blobs]
+        if isinstance(holder, LabelHolder) and envelopes:
+            raise MessageRejectedError("civil affairs computes its own Hessian: it takes no envelopes")
+        entry = admit(self.config.ledger, self.loaded, self.plan, self.job.job, self.agency, 0, "vertical-hessian")
+        message = holder.masked_hessian() if isinstance(holder, LabelHolder) else holder.masked_hessian(envelopes)
+        fields = {"epsilon_job": entry.epsilon_job, "epsilon_lifetime": entry.epsilon_lifetime,
+                  "origin": self.config.ledger.verification().origin}  # fmt: skip
+        return Frame("ok", fields, blobs=message.ciphertexts)
+
+    def _op_hessian_release(self, frame: Frame) -> Frame:
+        values = frame.fields.get("values")
+        if not isinstance(values, list) or not all(isinstance(v, float | int) for v in values):
+            raise MessageRejectedError("a malformed Hessian release")
+        holder = self._holder()
+        holder.apply_hessian([float(v) for v in values])
+        assert holder.hessian_release is not None
+        self._save_hessian(holder.hessian_release)
+        return Frame("ok")
 
     def _op_partial(self, frame: Frame) -> Frame:
         return Frame("ok", blobs=[pack(e) for e in self._features().partial_scores(self.step)])

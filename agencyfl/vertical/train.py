@@ -42,6 +42,8 @@ class VerticalResult:
         deployment each stays with its agency.
     events
         One ``GaussianEvent`` per iteration (every agency's ledger records each).
+    hessian_event
+        The Hessian release's event (block Newton), recorded before the iterations'; None without one.
     mechanism
         The whole job's mechanism (``plan.events()``).
     iterations
@@ -57,6 +59,7 @@ class VerticalResult:
     weights: dict[str, Vector]
     events: list[GaussianEvent]
     mechanism: Mechanism
+    hessian_event: GaussianEvent | None = None
     iterations: list[IterationMetrics] = field(default_factory=list)
     validation_auc: float = float("nan")
     validation_logits: Vector = field(default_factory=lambda: np.zeros(0))
@@ -69,6 +72,21 @@ def _sent(parties: dict[str, FeatureHolder | LabelHolder | Arbiter]) -> dict[str
 
 def _he(parties: dict[str, FeatureHolder | LabelHolder | Arbiter]) -> float:
     return sum(p.he_seconds for p in parties.values())
+
+
+def release_hessians(
+    holders: list[FeatureHolder], civil: LabelHolder, arbiter: Arbiter, before_release: Callable[[int], None] | None
+) -> None:
+    """Block Newton's one Hessian release (``docs/vertical.md``): civil affairs seals Enc(m c / 4) to each
+    feature holder, every party masks its block's upper triangle, the ledgers admit the release, then the
+    arbiter noises and decrypts each (holders in order, then civil affairs: the reference's order)."""
+    weights = civil.hessian_weights([h.name for h in holders])
+    messages = {h.name: h.masked_hessian(weights[h.name]) for h in holders}
+    messages[civil.name] = civil.masked_hessian()
+    if before_release is not None:
+        before_release(0)
+    for party in [*holders, civil]:
+        party.apply_hessian(arbiter.release_hessian(messages[party.name], packed=party is civil))
 
 
 def train_vertical(
@@ -100,8 +118,9 @@ def train_vertical(
     validate
         Score the validation households through the encrypted path at the end (default True).
     before_release
-        Called with the iteration number (from 1) before anything of that iteration is released: the
-        agencies' ledgers account it there, and a refusal (an exception) stops the job.
+        Called with the iteration number (from 1; 0 for the Hessian release of block Newton) before anything
+        of that iteration is released: the agencies' ledgers account it there, and a refusal (an exception)
+        stops the job.
 
     Raises
     ------
@@ -114,7 +133,9 @@ def train_vertical(
     seeds = np.random.SeedSequence(mask_seed if mask_seed is not None else secrets.randbits(128))
     scale = 1.0 / len(label.x)
     widths = {b.agency: b.width for b in features} | {label.agency: label.width + 1}
-    arbiter = Arbiter(widths, plan.noise_std * scale, noise_rng)
+    register = len(label.x)
+    hessian_std = plan.hessian_std(register) if plan.releases_hessian else 0.0
+    arbiter = Arbiter(widths, plan.noise_std * scale, noise_rng, hessian_std=hessian_std)
     context = arbiter.public_context()
     keys = {b.agency: PartyKeys.generate(b.agency) for b in [*features, label]}
     directory = {name: k.public() for name, k in keys.items()}
@@ -126,6 +147,7 @@ def train_vertical(
             keys=keys[name], directory=directory, run=run, public_context=context, label_holder=label.agency,
             optimizer=plan.optimizer, learning_rate=plan.learning_rate, weight_bound=plan.weight_bound,
             projection=plan.projection, score_clip=plan.score_clip,
+            newton_damping=plan.hessian_damping(widths[name], register),
         )  # fmt: skip
 
     holders = [FeatureHolder(b, setup(b.agency), rng) for b, rng in zip(features, rngs, strict=False)]
@@ -134,6 +156,9 @@ def train_vertical(
     parties[civil.name] = civil
     parties[arbiter.name] = arbiter
     result = VerticalResult(weights={}, events=[], mechanism=plan.events(), parties=parties)
+    if plan.releases_hessian:
+        release_hessians(holders, civil, arbiter, before_release)
+        result.hessian_event = plan.hessian_event()
     for iteration in range(1, plan.iterations + 1):
         start, he0, sent0 = time.perf_counter(), _he(parties), _sent(parties)
         partials = {h.name: h.partial_scores(iteration) for h in holders}

@@ -1,0 +1,186 @@
+"""Block Newton: one DP release of each block's Hessian, under CKKS, against its plaintext reference.
+
+What must hold (docs/vertical.md, "Block Newton"): each party's noisy upper triangle is its block's
+Hessian of the Taylor loss plus the arbiter's noise (civil affairs' who-is-assessed reached the others only
+sealed and encrypted); the encrypted protocol takes the reference's steps; the release is accounted once
+with sensitivity sqrt(K + 2) / 4; the arbiter answers each party once, for its own block's size only.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import tenseal as ts
+from dp_accounting.rdp import RdpAccountant
+
+from agencyfl.alignment.runs import align_from_spec, load_vertical
+from agencyfl.federation.errors import HEError
+from agencyfl.privacy.events import to_dp_event
+from agencyfl.synth_vertical import synthesize_vertical
+from agencyfl.vertical import Block, LabelData, VerticalPlan, VerticalResult, feature_block, label_block
+from agencyfl.vertical.optim import newton_matrix, triangle_size, upper_triangle
+from agencyfl.vertical.protocol import Arbiter, FeatureHolder, GradientMessage, LabelHolder
+from agencyfl.vertical.reference import hessian, reference_train
+from agencyfl.vertical.train import train_vertical
+
+FEATURES = ("hrss", "tax", "environment")
+PLAN = VerticalPlan(agencies=4, iterations=3, epsilon=3.0, delta=1e-5)  # the default optimizer: newton
+SEED = 7
+
+
+@pytest.fixture(scope="module")
+def blocks(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Block], Block, LabelData]:
+    root = tmp_path_factory.mktemp("newton")
+    synth = synthesize_vertical(root / "data", households=4000, seed=11)
+    loaded = load_vertical(synth.spec)
+    align_from_spec(loaded, root / "work")
+    label, labels = label_block(loaded, root / "work")
+    return [feature_block(loaded, a, root / "work") for a in FEATURES], label, labels
+
+
+@pytest.fixture(scope="module")
+def run(blocks: tuple[list[Block], Block, LabelData]) -> tuple[VerticalResult, list[int]]:
+    features, label, labels = blocks
+    admitted: list[int] = []
+    result = train_vertical(
+        features, label, labels, PLAN, noise_rng=np.random.default_rng(SEED), mask_seed=1,
+        before_release=admitted.append,
+    )  # fmt: skip
+    return result, admitted
+
+
+def _rows(block: Block, label: Block) -> np.ndarray:
+    return np.hstack([block.x, np.ones((len(block.x), 1))]) if block is label else block.x
+
+
+def test_each_party_holds_its_own_block_s_hessian_plus_the_arbiter_s_noise(
+    blocks: tuple[list[Block], Block, LabelData], run: tuple[VerticalResult, list[int]]
+) -> None:
+    features, label, labels = blocks
+    result, _ = run
+    n = len(label.x)
+    noise = np.random.default_rng(SEED)  # the arbiter's first draws: holders in order, then civil affairs
+    std = PLAN.hessian_std(n)
+    for block in [*features, label]:
+        exact = upper_triangle(hessian(_rows(block, label), labels, 1.0 / n))
+        expected = exact + noise.normal(0.0, std, size=len(exact))
+        party = result.parties[block.agency]
+        assert isinstance(party, FeatureHolder | LabelHolder) and party.hessian_release is not None
+        # CKKS error and the arbiter's rounding (1e-6), against noise of std about 6e-4
+        np.testing.assert_allclose(party.hessian_release, expected, atol=2e-5)
+        assert std > 20 * 2e-5
+        assert np.abs(party.hessian_release - exact).max() > 10 * 2e-5  # the noise is there
+
+
+def test_block_newton_takes_the_reference_s_steps(
+    blocks: tuple[list[Block], Block, LabelData], run: tuple[VerticalResult, list[int]]
+) -> None:
+    """Same noise draws, same steps: within CKKS error times Newton's gain (at most 1 / lambda)."""
+    features, label, labels = blocks
+    result, admitted = run
+    reference = reference_train(features, label, labels, PLAN, np.random.default_rng(SEED))
+    for name, w in reference.items():
+        assert np.abs(result.weights[name] - w).max() < 5e-3, name
+    assert max(np.abs(w).max() for w in reference.values()) > 0.5  # it moved, far beyond the tolerance
+    gd = PLAN.model_copy(update={"optimizer": "gd"})
+    plain = reference_train(features, label, labels, gd, np.random.default_rng(SEED))
+    assert max(np.abs(plain[k] - reference[k]).max() for k in plain) > 0.1  # the step matrix changes the steps
+    assert admitted == [0, 1, 2, 3]  # the Hessian release admitted before anything of iteration 1
+    assert 0.7 < result.validation_auc <= 1.0
+
+
+def test_what_crossed_for_the_hessian_is_sealed_masked_or_one_value(
+    blocks: tuple[list[Block], Block, LabelData], run: tuple[VerticalResult, list[int]]
+) -> None:
+    features, label, _ = blocks
+    result, _ = run
+    for block in features:
+        party = result.parties[block.agency]
+        got = [r for r in party.received if r.kind in ("hessian-weights", "hessian")]
+        # who is assessed: only as CKKS ciphertexts under the arbiter's key, sealed by civil affairs
+        assert [(r.sender, r.content) for r in got] == [
+            ("civil-affairs", "sealed-ciphertexts"), ("arbiter", "masked-values")
+        ]  # fmt: skip
+        assert got[1].count == triangle_size(block.width)
+    arbiter = result.parties["arbiter"]
+    asked = [r for r in arbiter.received if r.kind == "hessian"]
+    assert [r.sender for r in asked] == [*FEATURES, label.agency]
+    assert all(r.slots == 1 for r in asked[:-1])  # a feature holder's: one masked sum per ciphertext
+    assert asked[-1].slots == triangle_size(label.width + 1)  # civil affairs' own triangle, packed
+
+
+def test_the_hessian_release_is_accounted_once_within_the_job_s_epsilon(run: tuple[VerticalResult, list[int]]) -> None:
+    result, _ = run
+    assert result.hessian_event == PLAN.hessian_event()
+    assert PLAN.hessian_event().std / PLAN.hessian_event().sensitivity == pytest.approx(PLAN.noise_multiplier)
+    accountant = RdpAccountant()
+    accountant.compose(to_dp_event(result.mechanism))
+    assert PLAN.delta and accountant.get_epsilon(PLAN.delta) <= PLAN.epsilon
+    assert accountant.get_epsilon(PLAN.delta) > 0.9 * PLAN.epsilon
+    # T + 1 releases at one sigma: more noise per iteration than T alone
+    adam = PLAN.model_copy(update={"optimizer": "adam"})
+    assert PLAN.noise_multiplier > adam.noise_multiplier
+
+
+def test_the_hessian_sensitivity_bounds_any_household_s_rows() -> None:
+    """One household's rows move the joint release by at most sqrt(K + 2) / 4: each block's upper triangle
+    of x x^T / 4 by 1/4 (||x|| <= 1), civil affairs' [x, 1] by sqrt(3) / 4; the extremes are reached."""
+    rng = np.random.default_rng(0)
+
+    def moved(x: np.ndarray) -> float:
+        return float(np.linalg.norm(upper_triangle(np.outer(x, x) / 4)))
+
+    worst_block = worst_label = 0.0
+    for width in (1, 3, 14):
+        candidates = [np.eye(width)[0], np.ones(width) / np.sqrt(width)]
+        candidates += [v / max(1.0, float(np.linalg.norm(v))) for v in rng.normal(size=(200, width))]
+        for x in candidates:
+            worst_block = max(worst_block, moved(x))
+            worst_label = max(worst_label, moved(np.append(x, 1.0)))
+    assert worst_block == pytest.approx(0.25) and worst_label == pytest.approx(np.sqrt(3) / 4)
+    assert np.sqrt(3 * 0.25**2 + (np.sqrt(3) / 4) ** 2) == pytest.approx(PLAN.hessian_sensitivity)
+
+
+def test_the_step_matrix_is_positive_definite_and_bounded_whatever_the_noise() -> None:
+    rng = np.random.default_rng(1)
+    for width in (1, 5, 14):
+        released = rng.normal(0.0, 1.0, triangle_size(width))  # pure noise, negative eigenvalues included
+        step = newton_matrix(released, width, 0.01)
+        values = np.linalg.eigvalsh(step)
+        assert values.min() > 0 and values.max() <= 1 / 0.01 + 1e-9
+    with pytest.raises(ValueError):
+        newton_matrix(np.zeros(4), 3, 0.01)  # not a triangle of 3 x 3
+
+
+def test_the_arbiter_answers_each_party_once_and_only_for_its_block_s_size(
+    blocks: tuple[list[Block], Block, LabelData], run: tuple[VerticalResult, list[int]]
+) -> None:
+    """A party that asks a second Hessian release (another noisy look at the same values), one of another
+    size, or one packed into a many-value ciphertext when it is not the label holder, is refused."""
+    features, label, _ = blocks
+    result, _ = run
+    arbiter = result.parties["arbiter"]
+    assert isinstance(arbiter, Arbiter)
+    context = ts.context_from(arbiter.public_context())
+    width = features[0].width
+    one = [bytes(ts.ckks_vector(context, [0.5]).serialize()) for _ in range(triangle_size(width))]
+    with pytest.raises(HEError, match="second Hessian"):
+        arbiter.release_hessian(GradientMessage("hrss", one))
+    fresh = Arbiter(arbiter.widths, 1e-3, np.random.default_rng(0), hessian_std=1e-3)
+    context = ts.context_from(fresh.public_context())
+    with pytest.raises(HEError, match="ciphertexts"):
+        fresh.release_hessian(GradientMessage("hrss", one[:-1]))
+    packed = [bytes(ts.ckks_vector(context, [0.5] * 4096).serialize())]
+    with pytest.raises(HEError):
+        fresh.release_hessian(GradientMessage("hrss", packed))  # per-household values, packed: refused
+    many = [bytes(ts.ckks_vector(context, [0.5, 0.5]).serialize()) for _ in range(triangle_size(width))]
+    with pytest.raises(HEError, match="values"):
+        fresh.release_hessian(GradientMessage("hrss", many))
+    gd = Arbiter(arbiter.widths, 1e-3, np.random.default_rng(0))
+    with pytest.raises(HEError, match="no Hessian"):
+        gd.release_hessian(GradientMessage("hrss", one))
+    for party in itertools.islice((p for p in result.parties.values() if not isinstance(p, Arbiter)), 1):
+        with pytest.raises(HEError, match="no pending"):
+            party.apply_hessian([0.0] * triangle_size(len(party.weights)))  # nothing asked: refused
