@@ -7,12 +7,13 @@ regression of benchmarks/vertical.py on the same assessed training households, e
 complete held-out households (held by every agency). Rows without noise separate the model the
 protocol fits (least squares on the Taylor residual, weights within W) from the cost of the noise.
 Rows without a clip C are the protocol before 2026-12-05 (weights held to W); rows with C clip each party's
-partial score (docs/vertical.md). Rows with another residual ask what a closer approximation of the sigmoid
-would give, each with the noise its own bound D needs (sensitivity sqrt(K + 1) D for |z| <= Z): a degree-3
-least-squares fit on [-8, 8] (Kim et al. 2018; one more ciphertext-by-ciphertext level under CKKS) and the
-exact sigmoid, which no polynomial under CKKS computes: the ceiling of every approximation.
+partial score (docs/vertical.md); rows marked newton are block Newton (one DP Hessian release, then T steps
+with each block's step matrix: the default plan from 2026-12-06), the others Adam. Rows with another residual
+ask what a closer approximation of the sigmoid would give, each with the noise its own bound D needs
+(sensitivity sqrt(K + 1) D for |z| <= Z): a degree-3 least-squares fit on [-8, 8] (Kim et al. 2018; one
+more ciphertext-by-ciphertext level under CKKS) and the exact sigmoid, which no polynomial under CKKS computes: the ceiling of every approximation.
 
-    python benchmarks/vertical_utility.py [--households 75000] [--seed 5]
+    python benchmarks/vertical_utility.py [--households 75000] [--seed 5] [--rows all|newton]
 """
 
 from __future__ import annotations
@@ -28,10 +29,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agencyfl.alignment.runs import align_from_spec, load_vertical  # noqa: E402
-from agencyfl.privacy.accounting import calibrate_noise  # noqa: E402
 from agencyfl.synth_vertical import synthesize_vertical  # noqa: E402
 from agencyfl.vertical import VerticalPlan, feature_block, label_block  # noqa: E402
-from agencyfl.vertical.optim import clip_scores  # noqa: E402
 from agencyfl.vertical.reference import reference_train  # noqa: E402
 from benchmarks._common import table, write_results  # noqa: E402
 from benchmarks.vertical import centralized, metrics, model_logits, test_blocks  # noqa: E402
@@ -59,6 +58,16 @@ CONFIGS: list[dict[str, Any]] = [
     {"noise": True, "epsilon": 3.0, "iterations": 100, "weight_bound": 20.0, "score_clip": 1.5},
     {"noise": True, "epsilon": 1.0, "iterations": 200, "weight_bound": 20.0, "score_clip": 1.5},
 ]
+# the protocol from 2026-12-06 (the default plan): block Newton, one DP Hessian release before T iterations
+NEWTON: list[dict[str, Any]] = [
+    {"optimizer": "newton", "noise": True, "epsilon": 1.0, "iterations": 50, "weight_bound": 20.0, "score_clip": 1.5,
+     "seed": seed} for seed in (1, 2, 3)
+] + [
+    {"optimizer": "newton", "noise": True, "epsilon": 3.0, "iterations": 50, "weight_bound": 20.0, "score_clip": 1.5},
+    {"optimizer": "newton", "noise": True, "epsilon": 1.0, "iterations": 30, "weight_bound": 20.0, "score_clip": 1.5},
+    {"optimizer": "newton", "noise": True, "epsilon": 1.0, "iterations": 100, "weight_bound": 20.0, "score_clip": 1.5},
+    {"optimizer": "newton", "noise": False, "iterations": 50, "weight_bound": 20.0, "score_clip": 1.5},
+]  # fmt: skip
 
 
 def _cubic() -> np.ndarray:
@@ -89,58 +98,16 @@ class _NoNoise:
         return np.zeros(size)
 
 
-PRECONDITIONED: list[dict[str, Any]] = [
-    {"epsilon": 1.0, "iterations": 50, "learning_rate": 0.3, "damping": 3e-4, "seed": seed} for seed in (1, 2, 3)
-] + [
-    {"epsilon": 1.0, "iterations": 50, "learning_rate": 0.5, "damping": 1e-3, "seed": seed} for seed in (1, 2, 3)
-] + [
-    {"epsilon": 3.0, "iterations": 50, "learning_rate": 0.3, "damping": 3e-4, "seed": 1},
-    {"epsilon": 1.0, "iterations": 50, "learning_rate": 0.3, "damping": 3e-4, "seed": 1, "noise": False},
-]
-
-
-def preconditioned_train(
-    features: list[Any], label: Any, labels: Any, clip: float, config: dict[str, Any]
-) -> dict[str, np.ndarray]:
-    """NOT the protocol yet (plaintext only): the clipped Taylor protocol plus one more DP release, each
-    block's Hessian of the Taylor loss H_k = sum_i m_i x_ik x_ik^T / 4, so that each party steps with
-    (H_k + damping I)^-1 times its noisy gradient (block-diagonal Newton; post-processing of the two
-    releases). One household moves the joint Hessian release by at most sqrt(K + 1) / 4 in L2 (each block's
-    x x^T / 4 has Frobenius norm <= 1/4, the intercept's 1/4), the iterations by sqrt(K + 1) D as now; both
-    use the noise multiplier calibrated for T + 1 releases. Under CKKS an agency's H_k needs Enc(m) from civil
-    affairs and d_k (d_k + 1) / 2 rotate-and-sums, noised by the arbiter like a gradient (docs/vertical.md,
-    "Next")."""
-    rng = np.random.default_rng(config["seed"])
-    k = len(features) + 1
-    iterations = config["iterations"]
-    sigma = calibrate_noise(config["epsilon"], 1e-5, 1.0, iterations + 1) if config.get("noise", True) else 0.0
-    bound = 0.5 + k * clip / 4  # D with |z| <= K C
-    n = len(label.x)
-    m = labels.train.astype(np.float64)
-    inputs = {b.agency: b.x for b in features} | {label.agency: np.hstack([label.x, np.ones((n, 1))])}
-    steps = {}
-    for agency, x in inputs.items():
-        h = (x * m[:, None]).T @ x / 4
-        noise = rng.normal(0.0, sigma * np.sqrt(k + 1) / 4, h.shape)
-        h = (h + np.triu(noise) + np.triu(noise, 1).T) / n  # one symmetric noisy release, scaled like d
-        values, vectors = np.linalg.eigh(h)
-        steps[agency] = (vectors / (np.maximum(values, 0.0) + config["damping"])) @ vectors.T
-    weights = {agency: np.zeros(x.shape[1]) for agency, x in inputs.items()}
-    for _ in range(iterations):
-        parts = {agency: inputs[agency] @ weights[agency] for agency in inputs}
-        z = sum(clip_scores(u, clip)[0] for u in parts.values())
-        d = m * (0.5 + z / 4 - labels.y) / n
-        for agency, x in inputs.items():
-            own = d * clip_scores(parts[agency], clip)[1]
-            g = x.T @ own + rng.normal(0.0, sigma * np.sqrt(k + 1) * bound / n, x.shape[1])
-            weights[agency] = weights[agency] - config["learning_rate"] * steps[agency] @ g
-    return weights
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--households", type=int, default=75_000)
     parser.add_argument("--seed", type=int, default=5)
+    parser.add_argument(
+        "--rows",
+        choices=["all", "newton"],
+        default="all",
+        help="newton: only the block Newton rows (the protocol as built) and one Adam row beside them",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         synth = synthesize_vertical(Path(tmp) / "data", households=args.households, seed=args.seed)
@@ -162,12 +129,14 @@ def main() -> None:
     }  # fmt: skip
     rows = [["centralized non-private logistic", "", f"{base['auc']:.4f}", "1.000", f"{base['coverage']:.3f}", "1.000",
              f"{base['mean_score']:.3f}"]]  # fmt: skip
-    for config in CONFIGS:
+    configs = [*CONFIGS, *NEWTON] if args.rows == "all" else [CONFIGS[12], *NEWTON]
+    for config in configs:
         eps = float(config.get("epsilon", 1.0))
+        optimizer = config.get("optimizer", "adam")
         kind = config.get("residual", "taylor")
         plan = VerticalPlan(agencies=len(order), iterations=config["iterations"], epsilon=eps, delta=1e-5,
-                            weight_bound=config["weight_bound"],
-                            learning_rate=config.get("learning_rate", 0.2),
+                            weight_bound=config["weight_bound"], optimizer=optimizer,
+                            learning_rate=config.get("learning_rate", 0.3 if optimizer == "newton" else 0.2),
                             score_clip=config.get("score_clip"))  # fmt: skip
         rng: Any = np.random.default_rng(config.get("seed", 1)) if config["noise"] else _NoNoise()
         bound = residual_bound(kind, plan.score_bound)
@@ -181,7 +150,7 @@ def main() -> None:
         noise = f"eps {eps:g} (sigma {plan.noise_multiplier:.1f})" if config["noise"] else "none"
         clip = f", C {config['score_clip']:g}" if config.get("score_clip") else ""
         seed = f", seed {config['seed']}" if "seed" in config else ""
-        name = (f"{kind} DP-GD, T {config['iterations']}, W {config['weight_bound']:g}{clip}{seed}, "
+        name = (f"{kind} {optimizer}, T {config['iterations']}, W {config['weight_bound']:g}{clip}{seed}, "
                 f"lr {plan.learning_rate:g}, D {bound:.2f}")  # fmt: skip
         result["runs"].append({**config, **m, "residual": kind, "residual_bound": bound,
                                "auc_ratio": m["auc"] / base["auc"],
@@ -189,25 +158,11 @@ def main() -> None:
         rows.append([name, noise, f"{m['auc']:.4f}", f"{m['auc'] / base['auc']:.3f}", f"{m['coverage']:.3f}",
                      f"{m['coverage'] / base['coverage']:.3f}", f"{m['mean_score']:.3f}"])  # fmt: skip
         print(rows[-1], flush=True)
-    for config in PRECONDITIONED:
-        clip = 1.5
-        weights = preconditioned_train(features, label, labels, clip, config)
-        zt = model_logits(tests, weights, label.agency, clip)
-        m = metrics(np.asarray(zt)[complete], y[complete])
-        noisy = config.get("noise", True)
-        result["runs"].append({**config, **m, "residual": "taylor", "score_clip": clip, "preconditioned": True,
-                               "auc_ratio": m["auc"] / base["auc"],
-                               "coverage_ratio": m["coverage"] / base["coverage"]})  # fmt: skip
-        name = (f"taylor, block Newton (not built), T {config['iterations']}, C {clip:g}, "
-                f"lr {config['learning_rate']:g}, damping {config['damping']:g}, seed {config['seed']}")  # fmt: skip
-        rows.append([name, f"eps {config['epsilon']:g}" if noisy else "none", f"{m['auc']:.4f}",
-                     f"{m['auc'] / base['auc']:.3f}", f"{m['coverage']:.3f}", f"{m['coverage'] / base['coverage']:.3f}",
-                     f"{m['mean_score']:.3f}"])  # fmt: skip
-        print(rows[-1], flush=True)
     print(f"register {len(label.x):,}, trained on {int(labels.train.sum()):,} assessed households; "
           f"{int(complete.sum()):,} complete held-out households, eligible rate {y[complete].mean():.3f}")  # fmt: skip
     print(table(["model", "noise", "AUC", "AUC ratio", "coverage@0.5", "coverage ratio", "mean score"], rows))
-    print(write_results(f"vertical_utility_{args.households}", result))
+    suffix = "" if args.rows == "all" else f"_{args.rows}"
+    print(write_results(f"vertical_utility_{args.households}{suffix}", result))
 
 
 if __name__ == "__main__":

@@ -603,6 +603,62 @@ def test_an_agency_answers_each_step_in_order_and_the_one_shot_steps_once(federa
     assert not [e for e in federation.ledger(civil.agency).events() if e.job == "vjob-order"]  # nothing admitted
 
 
+def test_the_hessian_steps_come_once_in_order_and_from_their_own_roles(federation: Federation, tmp_path: Path) -> None:
+    """A coordinator replaying or misdirecting block Newton's steps: civil affairs' sealed weights asked of a
+    feature holder, envelopes handed to civil affairs, a release nobody asked for, a second Hessian (another
+    noisy look at the same values), a Hessian after iteration 1 or for a job whose plan has none."""
+    from agencyfl.alignment.sealed import unpack
+    from agencyfl.federation.errors import HEError, ProtocolError
+    from agencyfl.vertical.driver import block_widths
+    from agencyfl.vertical.protocol import Arbiter
+
+    fed = _copy(federation, tmp_path)  # its ledgers record this job's admission: not the shared federation's
+    loaded = fed.loaded
+    plan = plan_of(loaded)
+    job = VerticalJobPlan.of(loaded, plan, "vjob-hessian-order", fed.register_size, "127.0.0.1:1")
+    sessions = {}
+    for agency in fed.parties:
+        key = load_or_create_signing_key(fed.work / agency / "keys" / "ledger-signing.key")
+        files = PartyFiles(loaded.data_path(agency), fed.work / agency)
+        sessions[agency] = PartySession(PartyConfig(agency, loaded, job, files, fed.ledger(agency), key,
+                                                    fed.peer_keys()))  # fmt: skip
+    context = Arbiter(block_widths(loaded), 1.0, np.random.default_rng(0)).public_context()
+    names = list(sessions)
+    setup = Frame("setup", {"certificates": names, "resume_from": 0, "released_through": 0},
+                  [context, *(sessions[n].certificate for n in names)])  # fmt: skip
+    for session in sessions.values():
+        assert session.handle(setup).op == "ok"
+    civil, hrss = sessions[loaded.spec.label_agency.name], sessions["hrss"]
+    with pytest.raises(MessageRejectedError, match="holds no labels"):
+        hrss.handle(Frame("hessian-weights"))
+    with pytest.raises(HEError, match="no pending"):  # a release for a request never made
+        hrss.handle(Frame("hessian-release", {"values": [0.0] * 3}))
+    sealed = civil.handle(Frame("hessian-weights")).blobs
+    assert sealed  # sealed to the feature holders: hrss' open only at hrss
+    with pytest.raises(MessageRejectedError, match="takes no envelopes"):
+        civil.handle(Frame("hessian", blobs=sealed[:1]))
+    with pytest.raises(ProtocolError, match="once per job"):  # that try was its one
+        civil.handle(Frame("hessian"))
+    ours = [b for b in sealed if unpack(b).recipient == "hrss"]
+    reply = hrss.handle(Frame("hessian", blobs=ours))
+    width = block_widths(loaded)["hrss"]
+    assert len(reply.blobs) == width * (width + 1) // 2 and reply.fields["epsilon_job"] > 0
+    with pytest.raises(ProtocolError, match="once per job"):
+        hrss.handle(Frame("hessian", blobs=ours))
+    admitted = [e for e in fed.ledger("hrss").events() if e.job == "vjob-hessian-order"]
+    assert [(e.release, e.round) for e in admitted] == [("vertical-hessian", 0)]  # admitted before it answered
+    tax = sessions["tax"]
+    tax.last_gradient = 1  # as if iteration 1 had run
+    with pytest.raises(MessageRejectedError, match="before the first iteration"):
+        tax.handle(Frame("hessian"))
+    environment = sessions["environment"]
+    environment.plan = plan.model_copy(update={"optimizer": "adam"})
+    with pytest.raises(MessageRejectedError, match="releases no Hessian"):
+        environment.handle(Frame("hessian"))
+    for agency in ("tax", "environment", civil.agency):  # refused before its ledger was asked
+        assert not [e for e in fed.ledger(agency).events() if e.job == "vjob-hessian-order"], agency
+
+
 def test_a_malformed_frame_is_a_one_line_refusal() -> None:
     import struct
 

@@ -44,6 +44,8 @@ class VerticalResult:
         One ``GaussianEvent`` per iteration (every agency's ledger records each).
     hessian_event
         The Hessian release's event (block Newton), recorded before the iterations'; None without one.
+    hessian
+        The Hessian release's wall time, CKKS time and bytes (None without one).
     mechanism
         The whole job's mechanism (``plan.events()``).
     iterations
@@ -60,6 +62,7 @@ class VerticalResult:
     events: list[GaussianEvent]
     mechanism: Mechanism
     hessian_event: GaussianEvent | None = None
+    hessian: IterationMetrics | None = None
     iterations: list[IterationMetrics] = field(default_factory=list)
     validation_auc: float = float("nan")
     validation_logits: Vector = field(default_factory=lambda: np.zeros(0))
@@ -157,8 +160,12 @@ def train_vertical(
     parties[arbiter.name] = arbiter
     result = VerticalResult(weights={}, events=[], mechanism=plan.events(), parties=parties)
     if plan.releases_hessian:
+        start, he0, sent0 = time.perf_counter(), _he(parties), _sent(parties)
         release_hessians(holders, civil, arbiter, before_release)
         result.hessian_event = plan.hessian_event()
+        sent1 = _sent(parties)
+        result.hessian = IterationMetrics(time.perf_counter() - start, _he(parties) - he0,
+                                          {k: sent1[k] - sent0[k] for k in sent1})  # fmt: skip
     for iteration in range(1, plan.iterations + 1):
         start, he0, sent0 = time.perf_counter(), _he(parties), _sent(parties)
         partials = {h.name: h.partial_scores(iteration) for h in holders}
