@@ -11,7 +11,8 @@ partial score (docs/vertical.md); rows marked newton are block Newton (one DP He
 with each block's step matrix: the default plan from 2026-12-06), the others Adam. Rows with another residual
 ask what a closer approximation of the sigmoid would give, each with the noise its own bound D needs
 (sensitivity sqrt(K + 1) D for |z| <= Z): a degree-3 least-squares fit on [-8, 8] (Kim et al. 2018; one
-more ciphertext-by-ciphertext level under CKKS) and the exact sigmoid, which no polynomial under CKKS computes: the ceiling of every approximation.
+more ciphertext-by-ciphertext level under CKKS) and the exact sigmoid, which no polynomial under CKKS
+computes: the ceiling of every approximation.
 
     python benchmarks/vertical_utility.py [--households 75000] [--seed 5] [--rows all|newton]
 """
