@@ -30,6 +30,8 @@ def test_every_iteration_is_in_every_ledger_and_within_the_job_cap(
 ) -> None:
     _, work, summary = vertical
     assert summary["topology"] == "vertical" and summary["rounds_aggregated"] == 3
+    assert summary["optimizer"] == "newton" and summary["hessian"]["sensitivity"] == pytest.approx(np.sqrt(6) / 4)
+    assert summary["hessian"]["bytes"]["civil-affairs"] > 0  # its sealed Enc(m c / 4) and its packed triangle
     for agency in AGENCIES:
         check = verify_ledger(work / agency / "ledger")
         assert check.ok, check.problems

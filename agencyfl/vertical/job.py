@@ -449,6 +449,10 @@ def run_vertical(
         "metrics": {"validation_auc": released.auc, "validation_auc_exact_one_machine": _finite(result.validation_auc)},
         "noise_multiplier": plan.noise_multiplier,
         "sensitivity": plan.sensitivity,
+        "optimizer": plan.optimizer,
+        "hessian": None if result.hessian is None else {
+            "sensitivity": plan.hessian_sensitivity, "seconds": result.hessian.seconds,
+            "bytes": result.hessian.sent_bytes},
         "seconds_per_iteration": float(np.mean([i.seconds for i in result.iterations])),
         "bytes_per_iteration": {k: float(np.mean([i.sent_bytes[k] for i in result.iterations]))
                                 for k in result.iterations[0].sent_bytes},
