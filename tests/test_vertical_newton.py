@@ -184,3 +184,23 @@ def test_the_arbiter_answers_each_party_once_and_only_for_its_block_s_size(
     for party in itertools.islice((p for p in result.parties.values() if not isinstance(p, Arbiter)), 1):
         with pytest.raises(HEError, match="no pending"):
             party.apply_hessian([0.0] * triangle_size(len(party.weights)))  # nothing asked: refused
+
+
+def test_a_relay_that_repeats_drops_or_reorders_chunks_is_refused(
+    blocks: tuple[list[Block], Block, LabelData], run: tuple[VerticalResult, list[int]]
+) -> None:
+    """A repeated chunk of Enc(m c / 4) would count its households twice in the holder's Hessian (more than
+    the sensitivity every ledger records); a dropped one would leave households out. The holder checks the
+    sealed vector whole and in order before it computes anything."""
+    from agencyfl.federation.errors import MessageRejectedError
+
+    features, label, _ = blocks
+    result, _ = run
+    civil, hrss = result.parties[label.agency], result.parties[features[0].agency]
+    assert isinstance(civil, LabelHolder) and isinstance(hrss, FeatureHolder)
+    sealed = civil.hessian_weights([hrss.name])[hrss.name]
+    assert len(sealed) == 1  # 3,200 positions: one chunk of 4,096
+    for tampered in ([*sealed, sealed[0]], [], [sealed[0], sealed[0]]):
+        with pytest.raises(MessageRejectedError, match="out of order, repeated or missing"):
+            hrss.masked_hessian(tampered)
+    assert hrss._hessian_mask is None  # nothing was computed or masked for the arbiter

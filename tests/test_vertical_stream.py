@@ -319,6 +319,27 @@ def test_a_drop_after_release_counts_the_iteration_again(federation: Federation,
         assert [e.round for e in entries if e.kind == "refusal"] == [3], agency
 
 
+def test_a_drop_after_the_hessian_release_resumes_with_each_party_s_own_copy(
+    federation: Federation, tmp_path: Path
+) -> None:
+    """Dropped at iteration 1, before any checkpoint: the resumed job starts from 0 but does not release the
+    Hessian again (every party restores its own saved copy; the job's sigma has room for one), and iteration
+    1, admitted but never released, is not counted twice."""
+    fed = _copy(federation, tmp_path)
+    first = run_job(fed, "vjob-early-drop", crash=("tax", "gradient", 1))
+    assert isinstance(first.error, PartyDropped)
+    assert [e.round for e in fed.chain().events() if e.job == "vjob-early-drop"] == [0]  # the Hessian only
+    second = run_job(fed, "vjob-early-drop", resume=True)
+    assert second.error is None, second.error
+    assert second.summary is not None and second.summary["resumed_from"] == 0
+    assert not [e for e in second.events if e["type"] == "hessian"]  # not released again
+    for agency in fed.parties:
+        entries = [e for e in fed.ledger(agency).events() if e.job == "vjob-early-drop"]
+        assert [e.round for e in entries if e.release == "vertical-hessian"] == [0], agency
+        assert [e.round for e in entries if e.release == "vertical-gradient"] == [1, 2, 3], agency
+    assert [e.round for e in fed.chain().events() if e.job == "vjob-early-drop"] == [0, 1, 2, 3]
+
+
 def run_screening(
     fed: Federation, model_dir: Path, screening: str, swap: str | None = None, driver: Any = None,
     since: str | None = None, previous_dir: Path | None = None,

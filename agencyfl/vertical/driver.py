@@ -154,13 +154,18 @@ def drive(hub: StreamHub, settings: DriverSettings, sink: EventSink) -> dict[str
         )  # fmt: skip
         context = arbiter.public_context()
         names = list(hellos)
+        # resumed before any party checkpointed an iteration but after the Hessian release reached every party:
+        # each restores its own copy instead of a second release (which the job's sigma has no room for)
+        restore = bool(settings.resume and plan.releases_hessian and resume_from == 0
+                       and all(h.fields.get("hessian") is True for h in hellos.values()))  # fmt: skip
         setup = Frame(
-            "setup", {"certificates": names, "resume_from": resume_from, "released_through": released},
+            "setup", {"certificates": names, "resume_from": resume_from, "released_through": released,
+                      "resumed": settings.resume, "restore_hessian": restore},
             [context, *(hellos[n].blobs[1] for n in names)],
         )  # fmt: skip
         hub.call_all({p: setup for p in job.parties}, settings.step_timeout)
         timeout = settings.step_timeout
-        if plan.releases_hessian and resume_from == 0:  # a resumed job's parties restore their own copy
+        if plan.releases_hessian and resume_from == 0 and not restore:  # else each restored its own copy
             epsilons = _hessian(hub, arbiter, settings, features)
             sink({"type": "hessian", "epsilon": {p: e["epsilon_job"] for p, e in epsilons.items()}})
         for iteration in range(resume_from + 1, job.iterations + 1):

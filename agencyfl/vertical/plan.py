@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from agencyfl.privacy.accounting import StepRecord, calibrate_noise
 from agencyfl.privacy.events import Composed, GaussianEvent, Mechanism, gaussian_releases
@@ -57,9 +57,22 @@ class VerticalPlan(BaseModel):
     score_clip: float | None = Field(default=1.5, gt=0, allow_inf_nan=False)
     projection: Literal["joint", "block"] = "joint"
     optimizer: Literal["newton", "adam", "gd"] = "newton"
-    learning_rate: float = Field(default=0.3, gt=0, allow_inf_nan=False)
+    learning_rate: float = Field(default=0.3, gt=0, allow_inf_nan=False)  # when absent: ``_default_learning_rate``
     damping: float = Field(default=0.5, gt=0, allow_inf_nan=False)
     releases: tuple[float, ...] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_learning_rate(cls, data: Any) -> Any:
+        """Newton: 0.3, and at most 1.2 / K. Block-diagonal Newton steps are stable while lr times the largest
+        eigenvalue of P H stays below 2, and that eigenvalue can reach K (every block can represent a
+        near-constant score through its one-hot and not-held inputs). Adam and GD: 0.2."""
+        if isinstance(data, dict) and data.get("learning_rate") is None:
+            agencies = data.get("agencies", 2)
+            newton = data.get("optimizer", "newton") == "newton"
+            rate = min(0.3, 1.2 / agencies) if newton and isinstance(agencies, int) and agencies > 0 else 0.2
+            data = {**data, "learning_rate": rate}
+        return data
 
     @property
     def score_bound(self) -> float:

@@ -129,7 +129,19 @@ class _Party:
         self.sent_bytes += sum(e.size for e in envelopes)
         return envelopes
 
-    def _open(self, envelopes: list[Envelope], sender: str, kind: MessageKind, step: int) -> list[bytes]:
+    def _open(
+        self, envelopes: list[Envelope], sender: str, kind: MessageKind, step: int, rows: int, slots: int
+    ) -> list[bytes]:
+        """The payloads of one sealed vector of ``rows`` values (one per register position), checked whole and in
+        order: a relay that repeated a chunk would count its households twice (more than the sensitivity the
+        ledgers record), one that dropped a chunk would leave households out."""
+        count = math.ceil(rows / slots)
+        if [e.chunk for e in envelopes] != list(range(count)) or any(e.chunks != count or e.rows != rows
+                                                                      for e in envelopes):  # fmt: skip
+            raise MessageRejectedError(
+                f"{kind} from {sender}: {len(envelopes)} chunks out of order, repeated or missing "
+                f"({count} of {rows} values expected)"
+            )
         payloads = [
             open_envelope(e, recipient=self.keys, sender=self.directory[sender], run=self._step_run(step), kind=kind)
             for e in envelopes
@@ -299,7 +311,7 @@ class FeatureHolder(_Holder):
     def masked_hessian(self, envelopes: list[Envelope]) -> GradientMessage:
         """``Enc(H_k + r)``: one one-value ciphertext per entry of its block's upper triangle, from civil
         affairs' sealed Enc(m c / 4) (it cannot tell which households are assessed), ``r`` a fresh mask."""
-        raw = self._open(envelopes, self.label_holder, "hessian-weights", HESSIAN_STEP)
+        raw = self._open(envelopes, self.label_holder, "hessian-weights", HESSIAN_STEP, len(self.block.x), self.slots)
         start = time.perf_counter()
         enc_weights = [ts.ckks_vector_from(self.context, r) for r in raw]
         out = self._masked_sums(self._pair_products(enc_weights))
@@ -311,7 +323,7 @@ class FeatureHolder(_Holder):
     def open_residuals(self, envelopes: list[Envelope], step: int) -> list[bytes]:
         """The residual ciphertexts of iteration ``step`` from the label holder's sealed message (still encrypted
         under A's key)."""
-        return self._open(envelopes, self.label_holder, "residuals", step)
+        return self._open(envelopes, self.label_holder, "residuals", step, len(self.block.x), self.slots)
 
 
 class LabelHolder(_Holder):
@@ -331,7 +343,8 @@ class LabelHolder(_Holder):
 
     def _scores(self, partials: dict[str, list[Envelope]], step: int) -> list[ts.CKKSVector]:
         own = self._own_part(self.block.x @ self.weights[:-1] + self.weights[-1])
-        opened = {k: self._open(v, k, "partial-scores", step) for k, v in partials.items()}
+        n = len(self.block.x)
+        opened = {k: self._open(v, k, "partial-scores", step, n, self.slots) for k, v in partials.items()}
         start = time.perf_counter()
         total = [ts.ckks_vector(self.context, c) for c in _chunks(own, self.slots)]
         for raw in opened.values():

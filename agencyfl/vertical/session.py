@@ -84,6 +84,7 @@ class PartySession:
         self.last_release = 0
         self.last_rescaled = 0
         self.fairness_admitted = False
+        self.resumed = False  # the coordinator's setup says the job is resumed (even from iteration 0)
 
     # ------------------------------------------------------------------ checkpoints (its own block only)
     def last_checkpoint(self) -> int:
@@ -117,10 +118,13 @@ class PartySession:
         holder.weights = np.asarray(weights, dtype=np.float64)
         holder.optimizer.restore(state)
         if self.plan.releases_hessian:  # the step matrix comes from its own copy of the Hessian release
-            try:
-                holder.set_hessian(np.load(self._hessian_path()))
-            except (OSError, ValueError) as exc:
-                raise ProtocolError(f"{self.agency} cannot resume without its Hessian release: {exc}") from None
+            self._load_hessian()
+
+    def _load_hessian(self) -> None:
+        try:
+            self._holder().set_hessian(np.load(self._hessian_path()))
+        except (OSError, ValueError) as exc:
+            raise ProtocolError(f"{self.agency} cannot resume without its Hessian release: {exc}") from None
 
     def _hessian_path(self) -> Path:
         return self.checkpoints / "hessian-release.npy"
@@ -137,7 +141,8 @@ class PartySession:
     # ------------------------------------------------------------------ frames
     def hello_fields(self) -> dict[str, Any]:
         """What the hello says besides the signature: the party, the job, its last checkpoint."""
-        return {"agency": self.agency, "job": self.job.job, "checkpoint": self.last_checkpoint()}
+        return {"agency": self.agency, "job": self.job.job, "checkpoint": self.last_checkpoint(),
+                "hessian": self._hessian_path().exists()}  # fmt: skip
 
     def handle(self, frame: Frame) -> Frame:
         """Answer one of the coordinator's frames (``MessageRejectedError`` for one this role does not take)."""
@@ -183,7 +188,10 @@ class PartySession:
             )
         if resume_from > 0:
             self._restore(resume_from)  # only a checkpoint it wrote itself; an older one only costs budget
+        elif frame.fields.get("restore_hessian") is True:  # resumed before any checkpoint, after the release
+            self._load_hessian()
         self.resume_from, self.released_through = resume_from, released
+        self.resumed = frame.fields.get("resumed") is True
         return Frame("ok", {"width": len(self.holder.weights)})
 
     @property
@@ -195,7 +203,7 @@ class PartySession:
     def _hessian_first(self) -> None:
         if not self.plan.releases_hessian:
             raise MessageRejectedError(f"this job's optimizer ({self.plan.optimizer}) releases no Hessian")
-        if self.resume_from > 0 or self.last_gradient > 0:
+        if self.resume_from > 0 or self.last_gradient > 0 or self._holder().hessian_release is not None:
             raise MessageRejectedError("the Hessian release comes before the first iteration")
 
     def _op_hessian_weights(self, frame: Frame) -> Frame:
@@ -210,8 +218,10 @@ class PartySession:
         envelopes = [unpack(b) for b in frame.blobs]
         if isinstance(holder, LabelHolder) and envelopes:
             raise MessageRejectedError("civil affairs computes its own Hessian: it takes no envelopes")
-        entry = admit(self.config.ledger, self.loaded, self.plan, self.job.job, self.agency, 0, "vertical-hessian")
+        # computed first (its envelopes opened and checked: a bad relay costs no budget), then admitted: the
+        # ledger records the release before the masked triangle leaves, so before anything is decrypted
         message = holder.masked_hessian() if isinstance(holder, LabelHolder) else holder.masked_hessian(envelopes)
+        entry = admit(self.config.ledger, self.loaded, self.plan, self.job.job, self.agency, 0, "vertical-hessian")
         fields = {"epsilon_job": entry.epsilon_job, "epsilon_lifetime": entry.epsilon_lifetime,
                   "origin": self.config.ledger.verification().origin}  # fmt: skip
         return Frame("ok", fields, blobs=message.ciphertexts)
@@ -258,7 +268,8 @@ class PartySession:
             residual = holder.open_residuals([unpack(b) for b in frame.blobs], self.step)
         # an admission is reused on resume only if the coordinator's chain says the iteration was never
         # released and this agency never received its release either (its own record, written first)
-        reuse = self.resume_from > 0 and iteration > self.released_through and not self._received(iteration)
+        resumed = self.resume_from > 0 or self.resumed
+        reuse = resumed and iteration > self.released_through and not self._received(iteration)
         entry = admit(self.config.ledger, self.loaded, self.plan, self.job.job, self.agency, iteration, reuse=reuse)
         message: GradientMessage = holder.masked_gradient(residual)
         self.last_gradient = iteration
