@@ -253,10 +253,15 @@ def _histograms(scores: npt.NDArray[np.float64], frame: pd.DataFrame, loaded: Lo
     own = {f.name for f in spec.block_schema(spec.label_agency.name).features}
     held = [a for a in section.attributes if a in own]
     labels = group_labels(frame, section.model_copy(update={"attributes": held}), spec.schema_)
+    # np.histogram's bins ([a, b), the last [a, b]) by position, then every group's counts in one bincount
+    where = np.clip(np.searchsorted(edges, scores, side="right") - 1, 0, BINS - 1)
+    inside = (scores >= 0.0) & (scores <= 1.0)
     for name, groups in labels.items():
+        codes, names = pd.factorize(pd.Series(groups, dtype=object).astype(str), sort=True)
+        counts = np.bincount(codes[inside] * BINS + where[inside], minlength=len(names) * BINS).reshape(-1, BINS)
         out["attributes"][name] = {
             "label": spec.schema_.plain_label(name),
-            "groups": {str(g): np.histogram(scores[groups == g], edges)[0].tolist() for g in sorted(set(groups))},
+            "groups": {str(g): counts[i].tolist() for i, g in enumerate(names)},
         }
     return out
 
