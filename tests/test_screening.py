@@ -316,3 +316,27 @@ def test_why_a_category_changed() -> None:
     assert cause_of("invite", "human-review", "human-review", same_model=False) == "facts"
     assert cause_of("invite", "human-review", "", same_model=False) == "facts and model"
     assert cause_of("invite", "human-review", None, same_model=False).startswith("unknown")
+
+
+def test_building_a_worklist_leaves_the_garbage_collector_as_it_found_it() -> None:
+    """The worklist builders pause the cyclic collector for speed and restore it, even when they fail."""
+    import gc
+
+    from agencyfl.screening.run import cycle_collection_paused
+
+    @cycle_collection_paused
+    def build(fail: bool) -> bool:
+        if fail:
+            raise ValueError("a failed build")
+        return gc.isenabled()
+
+    assert gc.isenabled() and build(False) is False and gc.isenabled()
+    with pytest.raises(ValueError):
+        build(True)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        build(False)
+        assert not gc.isenabled()  # a caller that had paused it keeps it paused
+    finally:
+        gc.enable()
