@@ -101,7 +101,7 @@ def test_a_holder_with_huge_weights_still_sends_scores_within_its_clip(run: Vert
     trained, received = tax.weights, len(civil.received)
     tax.weights = trained * 1e4
     try:
-        raw = civil._open(tax.partial_scores(99), "tax", "partial-scores", 99)
+        raw = civil._open(tax.partial_scores(99), "tax", "partial-scores", 99, len(civil.block.x), civil.slots)
     finally:  # the module's run is shared: put it back
         tax.weights = trained
         del civil.received[received:]
