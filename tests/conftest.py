@@ -245,6 +245,24 @@ def vertical_job(tmp_path_factory: pytest.TempPathFactory) -> VerticalJob:
     return VerticalJob(population.spec, work, json.loads(done.stdout))
 
 
+@pytest.fixture(scope="session")
+def vertical_blocks(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Any], Any, Any]:
+    """The blocks of a 4,000-household vertical population, aligned: HRSS, tax and environment's, then civil
+    affairs' and its labels. Shared by the training tests, read-only (a test that changes a block copies it)."""
+    from agencyfl.alignment.runs import align_from_spec, load_vertical
+    from agencyfl.synth_vertical import synthesize_vertical
+    from agencyfl.vertical import feature_block, label_block
+
+    root = tmp_path_factory.mktemp("vertical-blocks")
+    loaded = load_vertical(synthesize_vertical(root / "data", households=4000, seed=11).spec)
+    align_from_spec(loaded, root / "work")
+    label, labels = label_block(loaded, root / "work")
+    features = [feature_block(loaded, a, root / "work") for a in ("hrss", "tax", "environment")]
+    for block in [*features, label]:
+        block.x.setflags(write=False)
+    return features, label, labels
+
+
 def copy_vertical(job: VerticalJob, into: Path) -> VerticalJob:
     """A copy of the agencies' files and of the workdir, whose paths point into the copy."""
     shutil.copytree(job.data, into / "data")

@@ -15,11 +15,9 @@ import pytest
 import tenseal as ts
 from dp_accounting.rdp import RdpAccountant
 
-from agencyfl.alignment.runs import align_from_spec, load_vertical
 from agencyfl.federation.errors import HEError
 from agencyfl.privacy.events import to_dp_event
-from agencyfl.synth_vertical import synthesize_vertical
-from agencyfl.vertical import Block, LabelData, VerticalPlan, VerticalResult, feature_block, label_block
+from agencyfl.vertical import Block, LabelData, VerticalPlan, VerticalResult
 from agencyfl.vertical.optim import newton_matrix, triangle_size, upper_triangle
 from agencyfl.vertical.protocol import Arbiter, FeatureHolder, GradientMessage, LabelHolder
 from agencyfl.vertical.reference import hessian, reference_train
@@ -31,13 +29,9 @@ SEED = 7
 
 
 @pytest.fixture(scope="module")
-def blocks(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Block], Block, LabelData]:
-    root = tmp_path_factory.mktemp("newton")
-    synth = synthesize_vertical(root / "data", households=4000, seed=11)
-    loaded = load_vertical(synth.spec)
-    align_from_spec(loaded, root / "work")
-    label, labels = label_block(loaded, root / "work")
-    return [feature_block(loaded, a, root / "work") for a in FEATURES], label, labels
+def blocks(vertical_blocks: tuple[list[Block], Block, LabelData]) -> tuple[list[Block], Block, LabelData]:
+    assert tuple(b.agency for b in vertical_blocks[0]) == FEATURES
+    return vertical_blocks
 
 
 @pytest.fixture(scope="module")

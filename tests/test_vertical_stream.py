@@ -574,27 +574,34 @@ def test_sealed_lists_and_reasons_do_not_tell_the_relay_how_many_are_listed() ->
     assert open_reasons(envelopes[1], civil, tax.public(), "scr-1") == reasons[1]
 
 
+def _sessions(fed: Federation, job_name: str) -> tuple[dict[str, PartySession], Frame]:
+    """Every agency's session for ``job_name`` in process (no stream), and the setup frame a coordinator sends."""
+    from agencyfl.vertical.driver import block_widths
+    from agencyfl.vertical.protocol import Arbiter
+
+    loaded = fed.loaded
+    job = VerticalJobPlan.of(loaded, plan_of(loaded), job_name, fed.register_size, "127.0.0.1:1")
+    sessions = {}
+    for agency in fed.parties:
+        key = load_or_create_signing_key(fed.work / agency / "keys" / "ledger-signing.key")
+        files = PartyFiles(loaded.data_path(agency), fed.work / agency)
+        sessions[agency] = PartySession(
+            PartyConfig(agency, loaded, job, files, fed.ledger(agency), key, fed.peer_keys())
+        )
+    context = Arbiter(block_widths(loaded), 1.0, np.random.default_rng(0)).public_context()
+    names = list(sessions)
+    fields = {"certificates": names, "resume_from": 0, "released_through": 0}
+    return sessions, Frame("setup", fields, [context, *(sessions[n].certificate for n in names)])
+
+
 def test_an_agency_answers_each_step_in_order_and_the_one_shot_steps_once(federation: Federation) -> None:
     """A coordinator replaying or reordering steps: a second setup, validation scores before they were
     masked, fairness counts its own ledger never admitted, a rescale or a part before its release."""
     from agencyfl.federation.errors import ProtocolError
-    from agencyfl.vertical.driver import block_widths
-    from agencyfl.vertical.protocol import Arbiter
     from agencyfl.vertical.stream import dispatch
 
     loaded = federation.loaded
-    plan = plan_of(loaded)
-    job = VerticalJobPlan.of(loaded, plan, "vjob-order", federation.register_size, "127.0.0.1:1")
-    sessions = {}
-    for agency in federation.parties:
-        key = load_or_create_signing_key(federation.work / agency / "keys" / "ledger-signing.key")
-        files = PartyFiles(loaded.data_path(agency), federation.work / agency)
-        config = PartyConfig(agency, loaded, job, files, federation.ledger(agency), key, federation.peer_keys())
-        sessions[agency] = PartySession(config)
-    context = Arbiter(block_widths(loaded), 1.0, np.random.default_rng(0)).public_context()
-    names = list(sessions)
-    fields = {"certificates": names, "resume_from": 0, "released_through": 0}
-    setup = Frame("setup", fields, [context, *(sessions[n].certificate for n in names)])
+    sessions, setup = _sessions(federation, "vjob-order")
     civil = sessions[loaded.spec.label_agency.name]
     assert dispatch(civil, civil.agency, setup).op == "ok"
     with pytest.raises(ProtocolError, match="once per job"):
@@ -631,22 +638,11 @@ def test_the_hessian_steps_come_once_in_order_and_from_their_own_roles(federatio
     from agencyfl.alignment.sealed import unpack
     from agencyfl.federation.errors import HEError, ProtocolError
     from agencyfl.vertical.driver import block_widths
-    from agencyfl.vertical.protocol import Arbiter
 
     fed = _copy(federation, tmp_path)  # its ledgers record this job's admission: not the shared federation's
     loaded = fed.loaded
     plan = plan_of(loaded)
-    job = VerticalJobPlan.of(loaded, plan, "vjob-hessian-order", fed.register_size, "127.0.0.1:1")
-    sessions = {}
-    for agency in fed.parties:
-        key = load_or_create_signing_key(fed.work / agency / "keys" / "ledger-signing.key")
-        files = PartyFiles(loaded.data_path(agency), fed.work / agency)
-        sessions[agency] = PartySession(PartyConfig(agency, loaded, job, files, fed.ledger(agency), key,
-                                                    fed.peer_keys()))  # fmt: skip
-    context = Arbiter(block_widths(loaded), 1.0, np.random.default_rng(0)).public_context()
-    names = list(sessions)
-    setup = Frame("setup", {"certificates": names, "resume_from": 0, "released_through": 0},
-                  [context, *(sessions[n].certificate for n in names)])  # fmt: skip
+    sessions, setup = _sessions(fed, "vjob-hessian-order")
     for session in sessions.values():
         assert session.handle(setup).op == "ok"
     civil, hrss = sessions[loaded.spec.label_agency.name], sessions["hrss"]

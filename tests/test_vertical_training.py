@@ -10,16 +10,12 @@ import pytest
 import tenseal as ts
 from dp_accounting.rdp import RdpAccountant
 
-from agencyfl.alignment.runs import align_from_spec, load_vertical
 from agencyfl.privacy.events import to_dp_event
-from agencyfl.synth_vertical import synthesize_vertical
 from agencyfl.vertical import (
     Block,
     LabelData,
     VerticalPlan,
     VerticalResult,
-    feature_block,
-    label_block,
     place_block,
     reference_train,
     train_vertical,
@@ -30,13 +26,9 @@ PLAN = VerticalPlan(agencies=4, iterations=3, epsilon=3.0, delta=1e-5, optimizer
 
 
 @pytest.fixture(scope="module")
-def blocks(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Block], Block, LabelData]:
-    root = tmp_path_factory.mktemp("vertical")
-    synth = synthesize_vertical(root / "data", households=4000, seed=11)
-    loaded = load_vertical(synth.spec)
-    align_from_spec(loaded, root / "work")
-    label, labels = label_block(loaded, root / "work")
-    return [feature_block(loaded, a, root / "work") for a in FEATURES], label, labels
+def blocks(vertical_blocks: tuple[list[Block], Block, LabelData]) -> tuple[list[Block], Block, LabelData]:
+    assert tuple(b.agency for b in vertical_blocks[0]) == FEATURES
+    return vertical_blocks
 
 
 @pytest.fixture(scope="module")
