@@ -159,6 +159,14 @@ def _chunks(v: Vector, slots: int) -> list[list[float]]:
     return [padded[i : i + slots].tolist() for i in range(0, len(padded), slots)]
 
 
+def _dot(encrypted: list[ts.CKKSVector], plain: list[list[float]]) -> ts.CKKSVector:
+    """Enc(v * p) summed over the chunks, per slot: the products a rotate-and-sum then totals."""
+    acc = encrypted[0] * plain[0]
+    for c in range(1, len(encrypted)):
+        acc = acc + encrypted[c] * plain[c]
+    return acc
+
+
 class _Holder(_Party):
     """What every agency does with its own block: partial scores, masked gradients, its own step."""
 
@@ -215,46 +223,31 @@ class _Holder(_Party):
         """``Enc(X^T d + r)``, one one-value ciphertext per weight, ``r`` this party's fresh mask."""
         start = time.perf_counter()
         enc_d = [ts.ckks_vector_from(self.context, r) for r in residual]
-        sums: list[ts.CKKSVector] = []
-        for column in self._columns:
-            acc = enc_d[0] * column[0]
-            for c in range(1, len(enc_d)):
-                acc = acc + enc_d[c] * column[c]
-            sums.append(acc)
-        self._mask = self._rng.uniform(-MASK_BOUND, MASK_BOUND, size=len(sums))
-        out: list[bytes] = []
-        for s, r in zip(sums, self._mask, strict=True):
-            first = np.zeros(self.slots)
-            first[0] = r  # masked before the rotate-and-sum: every slot then holds the masked total
-            out.append(bytes((s + first.tolist()).sum().serialize()))
+        out, self._mask = self._masked_totals([_dot(enc_d, column) for column in self._columns])
         self.he_seconds += time.perf_counter() - start
         message = GradientMessage(self.name, out)
         self.sent_bytes += message.nbytes
         return message
 
-    def _masked_sums(self, sums: list[ts.CKKSVector]) -> list[bytes]:
-        """Each sum masked in slot 0 with a fresh value kept for unmasking, then rotated and summed."""
+    def _masked_totals(self, sums: list[ts.CKKSVector]) -> tuple[list[bytes], Vector]:
+        """Each per-slot sum masked in slot 0 with a fresh value, then rotated and summed (every slot then holds
+        the masked total, none a per-household value); and the masks, for unmasking the release."""
         mask = self._rng.uniform(-MASK_BOUND, MASK_BOUND, size=len(sums))
         out: list[bytes] = []
         for s, r in zip(sums, mask, strict=True):
             first = np.zeros(self.slots)
             first[0] = r
             out.append(bytes((s + first.tolist()).sum().serialize()))
-        self._hessian_mask = mask
-        return out
+        return out, mask
 
     def _pair_products(self, enc_weights: list[ts.CKKSVector]) -> list[ts.CKKSVector]:
         """Enc(sum_i w_i x_ij x_il) for every pair j <= l of its inputs (unclipped: at the start of training the
         weights are 0 and no partial score is clipped), per slot, before the rotate-and-sum."""
-        width = self._inputs.shape[1]
-        sums: list[ts.CKKSVector] = []
-        for j, k in zip(*np.triu_indices(width), strict=True):
-            product = self._chunked(self._inputs[:, [j]] * self._inputs[:, [k]])[0]  # zero chunks guarded
-            acc = enc_weights[0] * product[0]
-            for c in range(1, len(enc_weights)):
-                acc = acc + enc_weights[c] * product[c]
-            sums.append(acc)
-        return sums
+        x = self._inputs
+        return [
+            _dot(enc_weights, self._chunked(x[:, [j]] * x[:, [k]])[0])  # zero chunks guarded
+            for j, k in zip(*np.triu_indices(x.shape[1]), strict=True)
+        ]
 
     def apply_hessian(self, release: list[float]) -> Vector:
         """Remove the mask from the arbiter's Hessian release (its block's noisy upper triangle) and set the
@@ -314,7 +307,7 @@ class FeatureHolder(_Holder):
         raw = self._open(envelopes, self.label_holder, "hessian-weights", HESSIAN_STEP, len(self.block.x), self.slots)
         start = time.perf_counter()
         enc_weights = [ts.ckks_vector_from(self.context, r) for r in raw]
-        out = self._masked_sums(self._pair_products(enc_weights))
+        out, self._hessian_mask = self._masked_totals(self._pair_products(enc_weights))
         self.he_seconds += time.perf_counter() - start
         message = GradientMessage(self.name, out)
         self.sent_bytes += message.nbytes
