@@ -340,3 +340,27 @@ def test_building_a_worklist_leaves_the_garbage_collector_as_it_found_it() -> No
         assert not gc.isenabled()  # a caller that had paused it keeps it paused
     finally:
         gc.enable()
+
+
+def test_each_party_reads_and_validates_its_own_file_once_per_screening(
+    vertical_job: VerticalJob, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The parties work at once on one machine (one thread each): civil affairs' table, loaded for its
+    block, must still be the one its register frame uses, whatever the other parties loaded meanwhile."""
+    from agencyfl.screening.run import screen_eligible
+    from agencyfl.vertical import encoding
+
+    job = copy_vertical(vertical_job, tmp_path)
+    loaded = _loaded(job.spec)
+    encoding._table.cache_clear()
+    reads: list[str] = []
+    real = encoding.load_table
+
+    def counted(path: Path, *args: Any, **kwargs: Any) -> Any:
+        reads.append(Path(path).name)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(encoding, "load_table", counted)
+    result = screen_eligible(loaded, job.work, job.model, tmp_path / "lists", token=_token(job.work), realign=False)
+    assert sorted(reads) == sorted(loaded.data_path(a.name).name for a in loaded.spec.agencies)
+    assert result.report["households_scored"] == len(result.frame) == len(register_frame(loaded, job.work))

@@ -59,8 +59,13 @@ class FeatureEncoder:
         return len(self.columns)
 
     def encode(self, frame: pd.DataFrame) -> np.ndarray:
-        """Encode ``frame`` (one column per schema feature, NaN/None for missing) to ``[n, width]``."""
-        parts: list[np.ndarray] = []
+        """Encode ``frame`` (one column per schema feature, NaN/None for missing) to ``[n, width]``.
+
+        Columns are written into one float32 matrix (no float64 pieces to join: a million rows by 20 inputs),
+        categories compared as codes; any NaN or infinity left (a value the loader did not type) becomes 0
+        or the largest float32, as ``np.nan_to_num`` does."""
+        out = np.zeros((len(frame), self.width), dtype=np.float32)
+        j = 0
         for f in self.schema.features:
             raw = frame[f.name]
             missing = raw.isna().to_numpy()
@@ -70,14 +75,20 @@ class FeatureEncoder:
                     s = np.log1p(v - f.min) / np.log1p(f.max - f.min)
                 else:
                     s = (v - f.min) / (f.max - f.min)
-                parts.append(np.where(missing, 0.0, 2.0 * s - 1.0)[:, None])
+                out[:, j] = np.where(missing, 0.0, 2.0 * s - 1.0)
+                j += 1
             elif isinstance(f, CategoricalFeature):
-                values = raw.astype("object").to_numpy()
-                parts.append(np.stack([(values == c) for c in f.categories], axis=1).astype(np.float64))
+                codes = pd.Categorical(raw.astype("object"), categories=f.categories).codes
+                for k in range(len(f.categories)):
+                    out[:, j + k] = codes == k
+                j += len(f.categories)
             elif isinstance(f, BooleanFeature):
                 b = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=np.float64)
-                parts.append(np.where(missing, 0.0, 2.0 * b - 1.0)[:, None])
+                out[:, j] = np.where(missing, 0.0, 2.0 * b - 1.0)
+                j += 1
             if f.nullable:
-                parts.append(missing.astype(np.float64)[:, None])
-        encoded: np.ndarray = np.nan_to_num(np.concatenate(parts, axis=1)).astype(np.float32)
-        return encoded
+                out[:, j] = missing
+                j += 1
+        if not np.isfinite(out).all():
+            np.nan_to_num(out, copy=False)
+        return out

@@ -10,6 +10,7 @@ households that left the lists, and score distributions overall and by group wit
 
 from __future__ import annotations
 
+import heapq
 import io
 import re
 from collections.abc import Callable
@@ -183,12 +184,12 @@ def _since_section(report: dict[str, Any], rows: list[dict[str, Any]], labels: d
 
 
 def _svg(fig: Figure) -> str:
-    import matplotlib.pyplot as plt
+    import matplotlib
 
     buffer = io.StringIO()
     fig.tight_layout()
-    fig.savefig(buffer, format="svg")
-    plt.close(fig)
+    with matplotlib.rc_context({"svg.fonttype": "none"}):  # real text in the SVG: searchable, read aloud
+        fig.savefig(buffer, format="svg")
     svg = re.sub(r"<metadata>.*?</metadata>", "", buffer.getvalue(), flags=re.DOTALL)
     return svg[svg.index("<svg") :]  # drop the XML prolog: the SVG sits inside HTML
 
@@ -206,15 +207,14 @@ def _plots(report: dict[str, Any]) -> str:
     bins = [float(b) for b in groups.get("bins") or []]
     if len(bins) < 2:
         return "<p>No score distributions in this report.</p>"
-    import matplotlib
+    # matplotlib's object API, not pyplot: no global figure registry or backend switch in the caller's
+    # process (a notebook keeps its own), and a third less to import
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plt.rcParams["svg.fonttype"] = "none"  # real text in the SVG: searchable, readable by screen readers
     threshold, band = float(report["threshold"]), float(report["review_band"])
     lefts, widths = bins[:-1], [b - a for a, b in zip(bins[:-1], bins[1:], strict=True)]
-    fig, ax = plt.subplots(figsize=(8, 3))
+    fig = Figure(figsize=(8, 3))
+    ax = fig.subplots()
     ax.bar(lefts, groups.get("overall") or [0] * len(lefts), width=widths, align="edge", color="#6b8fd6")
     _mark_threshold(ax, threshold, band)
     ax.set_ylabel("households")
@@ -223,7 +223,8 @@ def _plots(report: dict[str, Any]) -> str:
     figures = [f'<figure data-plot="overall">{_svg(fig)}<figcaption>Scores of all households scored.</figcaption>']
     for attribute, spec in (groups.get("attributes") or {}).items():
         members = spec.get("groups") or {}
-        fig, ax = plt.subplots(figsize=(8, 3))
+        fig = Figure(figsize=(8, 3))
+        ax = fig.subplots()
         step = 1 / max(len(members), 1)
         for i, (name, counts) in enumerate(members.items()):
             total = sum(counts) or 1
@@ -243,9 +244,12 @@ def _plots(report: dict[str, Any]) -> str:
 
 def top_rows(rows: list[dict[str, Any]], per_category: int) -> list[dict[str, Any]]:
     """The first ``per_category`` rows of each list in the page's order (the whole list stays in the CSV)."""
+    by_category: dict[str, list[dict[str, Any]]] = {c[0]: [] for c in _CATEGORIES}
+    for r in rows:
+        by_category.get(r["category"], []).append(r)
     out: list[dict[str, Any]] = []
-    for key, *_ in _CATEGORIES:
-        out += sorted((r for r in rows if r["category"] == key), key=_ORDER[key])[:per_category]
+    for key, listed in by_category.items():  # nsmallest is sorted(...)[:n], without sorting a whole list
+        out += heapq.nsmallest(per_category, listed, key=_ORDER[key])
     return out
 
 

@@ -13,8 +13,10 @@ from __future__ import annotations
 import functools
 import gc
 import json
+import os
 import secrets
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -179,19 +181,41 @@ def score_register(
     loaded: LoadedVerticalSpec, workdir: Path, model: RegisteredVerticalModel, screening: str, purpose: str
 ) -> tuple[npt.NDArray[np.float64], Parties]:
     """Every register position's logit, through the encrypted path (each party with its own part)."""
+    logits, parties, _ = _score(loaded, workdir, model, screening, purpose, frame=False)
+    return logits, parties
+
+
+def _score(
+    loaded: LoadedVerticalSpec, workdir: Path, model: RegisteredVerticalModel, screening: str, purpose: str,
+    *, frame: bool,
+) -> tuple[npt.NDArray[np.float64], Parties, pd.DataFrame | None]:  # fmt: skip
+    """``score_register``, and civil affairs' register frame when ``frame``.
+
+    The parties are independent until the relay adds their ciphertexts, so on one machine they work at
+    once, as they would on their own machines: each agency reads, encodes and encrypts its block while civil
+    affairs reads its own (threads: the CSV parser, Arrow, NumPy and SEAL spend most of it outside the GIL).
+    """
     spec = loaded.spec
     holder = spec.label_agency.name
-    blocks: dict[str, Block] = {
-        a.name: feature_block(loaded, a.name, workdir) for a in spec.agencies if a.name != holder
-    }
-    label = register_block(loaded, workdir)
+    names = [a.name for a in spec.agencies if a.name != holder]
     clip = model.manifest.score_clip  # every part's score is clipped by its holder, as in training
-    requester = Requester(label, load_part(workdir, holder, model.manifest), clip)
-    contributors = {n: Contributor(block, load_part(workdir, n, model.manifest), clip) for n, block in blocks.items()}
+
+    def civil_affairs() -> tuple[Block, pd.DataFrame | None]:
+        block = register_block(loaded, workdir)
+        return block, register_frame(loaded, workdir, canonical=False) if frame else None
+
+    with ThreadPoolExecutor(max_workers=max(1, min(len(names) + 1, os.cpu_count() or 1))) as pool:
+        own = pool.submit(civil_affairs)
+        blocks = {n: pool.submit(feature_block, loaded, n, workdir) for n in names}
+        label, register = own.result()
+        requester = Requester(label, load_part(workdir, holder, model.manifest), clip)
+        request = requester.request(screening, spec.federation.name, model.version, purpose)
+        contributors = {
+            n: Contributor(b.result(), load_part(workdir, n, model.manifest), clip) for n, b in blocks.items()
+        }
+        parts = list(pool.map(lambda c: c.partial_scores(request), contributors.values()))
     parties = Parties(requester, contributors)
-    request = requester.request(screening, spec.federation.name, model.version, purpose)
-    parts = [c.partial_scores(request) for c in contributors.values()]
-    return requester.logits(parties.relay.sum(request, parts)), parties
+    return requester.logits(parties.relay.sum(request, parts)), parties, register
 
 
 def disclose(
@@ -375,8 +399,9 @@ def screen_eligible(
         step("aligning the agencies to the register")
         align_from_spec(loaded, workdir, requested_by=holder)
     step("scoring under encryption")
-    logits, parties = score_register(loaded, workdir, model, screening, purpose)
-    frame = register_frame(loaded, workdir, canonical=False)
+    logits, parties, register = _score(loaded, workdir, model, screening, purpose, frame=True)
+    assert register is not None  # asked for
+    frame = register
     lists = decide_lists(loaded, model, logits, frame, review_band)
 
     step("asking the agencies that chose to explain")

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -36,10 +37,13 @@ VALIDATION_FRACTION = 0.2
 Matrix = npt.NDArray[np.float64]
 
 
-def clip_rows(x: Matrix, bound: float = CLIP) -> Matrix:
-    """``x`` with each row scaled down to L2 norm at most ``bound`` (rows within it unchanged)."""
-    norms = np.linalg.norm(x, axis=1)
+def clip_rows(x: Matrix, bound: float = CLIP, *, in_place: bool = False) -> Matrix:
+    """``x`` with each row scaled down to L2 norm at most ``bound`` (rows within it unchanged); ``in_place``
+    scales ``x`` itself (a float64 array of the caller's own), sparing a copy of a register-sized matrix."""
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x))  # no N x d temporary (``np.linalg.norm`` makes one)
     scale = np.minimum(1.0, bound / np.maximum(norms, 1e-300))
+    if in_place:
+        return np.asarray(np.multiply(x, scale[:, None], out=x), dtype=np.float64)
     return np.asarray(x * scale[:, None], dtype=np.float64)
 
 
@@ -70,7 +74,14 @@ class Block:
         return len(self.names)
 
 
-def place_block(agency: str, names: list[str], values: Matrix, positions: npt.NDArray[np.int64], size: int) -> Block:
+def _kept(frame: pd.DataFrame, keep: npt.NDArray[np.bool_]) -> pd.DataFrame:
+    """The rows of ``frame`` where ``keep`` (the frame itself when every row is kept: no copy)."""
+    return frame if keep.all() else frame.loc[keep].reset_index(drop=True)
+
+
+def place_block(
+    agency: str, names: list[str], values: npt.NDArray[np.floating[Any]], positions: npt.NDArray[np.int64], size: int
+) -> Block:
     """Put encoded rows at their register ``positions`` of a register of ``size``, add the not-held input, clip.
 
     Raises
@@ -89,7 +100,7 @@ def place_block(agency: str, names: list[str], values: Matrix, positions: npt.ND
     x[positions, :-1] = values
     held[positions] = True
     x[~held, -1] = 1.0
-    return Block(agency, (*names, NOT_HELD), clip_rows(x), held)
+    return Block(agency, (*names, NOT_HELD), clip_rows(x, in_place=True), held)
 
 
 @dataclass(frozen=True)
@@ -108,12 +119,17 @@ class PartyFiles:
 
 def _own_table(path: Path, schema: SchemaSection) -> CheckResult:
     """The party's validated table, loaded once for consecutive uses (civil affairs' block, then its register
-    frame, in one screening): keyed by the file's identity and size and the schema, one table kept."""
+    frame, in one screening): keyed by the file's identity and size and the schema. One table per party of
+    a federation is kept, since a screening on one machine loads every party's at once (``MAX_PARTIES``)."""
     stat = path.stat()
     return _table(str(path.resolve()), stat.st_mtime_ns, stat.st_size, schema.model_dump_json())
 
 
-@lru_cache(maxsize=1)
+MAX_PARTIES = 8
+"""The most agencies a screening's masks allow (``screening.protocol.MAX_MASKED_PEERS`` + 1)."""
+
+
+@lru_cache(maxsize=MAX_PARTIES)
 def _table(path: str, mtime_ns: int, size: int, schema: str) -> CheckResult:
     return load_table(
         Path(path), SchemaSection.model_validate_json(schema), require_label=False, write_quarantine=False
@@ -204,7 +220,7 @@ def feature_block(
     position_of_row[rows[inside]] = at[inside]
     keep = position_of_row[file_rows] >= 0
     positions = position_of_row[file_rows[keep]]
-    values = encoder.encode(table.valid.loc[keep].reset_index(drop=True)).astype(np.float64)
+    values = encoder.encode(_kept(table.valid, keep))  # float32, widened as it is placed
     n = size if size is not None else register_size(loaded, workdir)
     try:
         return place_block(agency, encoder.names, values, positions, n)
@@ -260,7 +276,7 @@ def _register_block(
     position_of_row[register] = np.arange(size)
     file_rows = _valid_rows(table.quarantined, table.total)
     keep = position_of_row[file_rows] >= 0
-    values = encoder.encode(table.valid.loc[keep].reset_index(drop=True)).astype(np.float64)
+    values = encoder.encode(_kept(table.valid, keep))  # float32, widened as it is placed
     return place_block(agency, encoder.names, values, position_of_row[file_rows[keep]], size), ids, register
 
 
