@@ -70,6 +70,22 @@ def test_groups_come_from_the_spec_with_unknown_for_missing_values() -> None:
     assert list(labels["age"]) == ["<40", "40-65", ">=65", "unknown"]
 
 
+def test_groups_of_values_as_written_strip_case_and_blanks_like_the_loader() -> None:
+    """Group labels are computed once per distinct value: padded, blank, NaN, numeric and capitalised values
+    still land in the group the loader would put them in."""
+    odd = pd.DataFrame(
+        {
+            "region": [" urban ", "", None, np.nan, "rural", 3, "  "],
+            "disabled": ["True", " yes", 1.0, 0.0, None, "", "FALSE"],
+            "age": ["30", " 70", "", None, 40, 64.5, 105],
+        }
+    )
+    labels = group_labels(odd, section(), SCHEMA)
+    assert list(labels["region"]) == ["urban", "unknown", "unknown", "unknown", "rural", "3", "unknown"]
+    assert list(labels["disabled"]) == ["yes", "yes", "yes", "no", "unknown", "unknown", "no"]
+    assert list(labels["age"]) == ["<40", ">=65", "unknown", "unknown", "40-65", "40-65", ">=65"]
+
+
 def test_counts_are_the_confusion_cells_per_group() -> None:
     lay = layout(section(), SCHEMA)
     scores, y = np.array([0.9, 0.2, 0.7, 0.4]), np.array([1, 1, 0, 0])

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 
 from agencyfl.federation.spec import BooleanFeature, CategoricalFeature, FairnessSection, NumericFeature, SchemaSection
@@ -82,18 +83,26 @@ def sensitivity(section: FairnessSection) -> float:
     return math.sqrt(len(section.attributes) + (1 if section.mitigation == "group-thresholds" else 0))
 
 
+def _texts(raw: pd.Series) -> tuple[npt.NDArray[np.object_], npt.NDArray[np.intp]]:
+    """``str(value).strip()`` of each distinct value, and each row's index into them (the strings are made
+    once per distinct value, not once per row: a register holds a million rows and a handful of values)."""
+    codes, uniques = pd.factorize(raw.to_numpy(dtype=object), use_na_sentinel=False)
+    return np.array([str(u).strip() for u in uniques], dtype=object), codes
+
+
 def group_labels(frame: pd.DataFrame, section: FairnessSection, schema: SchemaSection) -> dict[str, np.ndarray]:
     """Each row's group for every attribute (raw, validated values; missing is ``unknown``)."""
     out: dict[str, np.ndarray] = {}
     for name in section.attributes:
         feature = schema.feature(name)
         raw = frame[name] if name in frame.columns else pd.Series([None] * len(frame), index=frame.index)
-        missing = raw.isna().to_numpy() | (raw.astype(str).str.strip() == "").to_numpy()
+        texts, codes = _texts(raw)
+        missing = raw.isna().to_numpy() | (texts == "")[codes]
         if isinstance(feature, CategoricalFeature):
-            labels = raw.astype(str).str.strip().to_numpy(dtype=object)
+            labels = texts[codes]
         elif isinstance(feature, BooleanFeature):
-            truthy = raw.astype(str).str.strip().str.lower().isin(["true", "1", "yes", "1.0"]).to_numpy()
-            labels = np.where(truthy, "yes", "no").astype(object)
+            truthy = np.isin(np.array([t.lower() for t in texts], dtype=object), ["true", "1", "yes", "1.0"])
+            labels = np.where(truthy[codes], "yes", "no").astype(object)
         else:
             assert isinstance(feature, NumericFeature)
             edges = section.bands[name]
