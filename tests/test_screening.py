@@ -352,7 +352,7 @@ def test_each_party_reads_and_validates_its_own_file_once_per_screening(
 
     job = copy_vertical(vertical_job, tmp_path)
     loaded = _loaded(job.spec)
-    encoding._table.cache_clear()
+    encoding.forget_tables()
     reads: list[str] = []
     real = encoding.load_table
 

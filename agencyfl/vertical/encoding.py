@@ -136,6 +136,12 @@ def _table(path: str, mtime_ns: int, size: int, schema: str) -> CheckResult:
     )
 
 
+def forget_tables() -> None:
+    """Drop the tables and columns kept for consecutive uses (a benchmark timing a cold read, a test)."""
+    _table.cache_clear()
+    _column.cache_clear()
+
+
 def _own_ids(path: Path, column: str) -> tuple[str, ...]:
     """One column of the party's file as written (ids, enrolment), read once for consecutive uses."""
     stat = path.stat()
