@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from agencyfl.federation.encoding import FeatureEncoder
@@ -142,6 +142,18 @@ def test_absent_nullable_column_is_treated_as_unknown(tmp_path: Path) -> None:
     assert x[0, names.index("per_capita_income=missing")] == 1.0
 
 
+def test_validating_leaves_the_callers_frame_as_it_was() -> None:
+    """The validator names columns stripped and adds absent nullable ones on its own view of the frame."""
+    raw = pd.DataFrame({" household_id ": ["h1", " h2"], "eligible": ["1", "0"], "head_employment": ["employed"] * 2})
+    before = raw.copy()
+    result = validate_frame(raw, SCHEMA)
+    assert list(result.valid["household_id"]) == ["h1", "h2"] and result.absent_columns == [
+        "per_capita_income",
+        "disability",
+    ]
+    pd.testing.assert_frame_equal(raw, before)
+
+
 cell = st.one_of(
     st.text(max_size=8),
     st.sampled_from(["", "1", "0", "true", "employed", "-3", "1e9", "nan", "inf", "h1"]),
@@ -189,3 +201,39 @@ def test_numbers_are_parsed_as_pandas_parses_them(values: list[str]) -> None:
     expected = pd.to_numeric(col.where(col != ""), errors="coerce").to_numpy(dtype=np.float64)
     np.testing.assert_array_equal(_numbers(col), expected)
     np.testing.assert_array_equal(_numbers(col.astype(object)), expected)  # object columns too
+
+
+_CSV_CELL = st.sampled_from(["", "1", "h1", " x ", "a b", "é", "中文", "\t", "1.5", "-", "#", "NaN", "null", "\\"])
+_CSV_LINE = st.one_of(
+    st.lists(_CSV_CELL, min_size=0, max_size=5).map(",".join),  # ragged: fewer or more cells than the header
+    st.sampled_from(["", "   ", ",", ",,", '"q, r",1', '"two\nlines",2', "'s',3"]),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@example(header="a", lines=["   ", "1"], newline="\n", bom=False)  # one column: pandas skips the spaces
+@example(header="a,a,b", lines=["1,2,3"], newline="\r\n", bom=True)
+@example(header="a,b,c", lines=["1,2,3", "x,y,z"] * 3, newline="\n", bom=False)  # the fast path itself
+@given(
+    header=st.sampled_from(["a,b,c", "a,b", "a", "a,a,b", "a,,c", " a , b ", "a,b,c,", "é,中"]),
+    lines=st.lists(_CSV_LINE, min_size=0, max_size=8),
+    newline=st.sampled_from(["\n", "\r\n"]),
+    bom=st.booleans(),
+)
+def test_csv_files_read_as_pandas_reads_them(header: str, lines: list[str], newline: str, bom: bool) -> None:
+    """Arrow's fast path gives pandas' frame (every cell as written, the same rows in the same order: the
+    quarantine's row numbers depend on it) or pandas' own error; files it cannot read alike go to pandas."""
+    import tempfile
+
+    from agencyfl.federation.table import _read_csv
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "d.csv"
+        path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + newline.join([header, *lines]).encode() + b"\n")
+        try:
+            expected = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
+        except Exception as exc:  # noqa: BLE001 - whatever pandas raises, ours must raise too
+            with pytest.raises(type(exc)):
+                _read_csv(path)
+            return
+        pd.testing.assert_frame_equal(_read_csv(path), expected)
