@@ -81,7 +81,8 @@ def _read_csv(path: Path) -> pd.DataFrame:
                         null_values=[],
                     ),
                 )
-                return table.to_pandas()
+                frame: pd.DataFrame = table.to_pandas()
+                return frame
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
             pass
     return pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
