@@ -342,11 +342,15 @@ def test_building_a_worklist_leaves_the_garbage_collector_as_it_found_it() -> No
         gc.enable()
 
 
-def test_each_party_reads_and_validates_its_own_file_once_per_screening(
+def test_each_party_reads_its_file_once_and_the_register_frame_keeps_typed_values(
     vertical_job: VerticalJob, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The parties work at once on one machine (one thread each): civil affairs' table, loaded for its
-    block, must still be the one its register frame uses, whatever the other parties loaded meanwhile."""
+    block, must still be the one its register frame uses, whatever the other parties loaded meanwhile.
+    The register frame keeps numbers as numbers (no Python object per value in a register of a million),
+    and a register row whose values failed civil affairs' validation (its id aligned) has every feature
+    missing: "unknown" in every group, as before."""
+    from agencyfl.federation.fairness import group_labels
     from agencyfl.screening.run import screen_eligible
     from agencyfl.vertical import encoding
 
@@ -364,3 +368,20 @@ def test_each_party_reads_and_validates_its_own_file_once_per_screening(
     result = screen_eligible(loaded, job.work, job.model, tmp_path / "lists", token=_token(job.work), realign=False)
     assert sorted(reads) == sorted(loaded.data_path(a.name).name for a in loaded.spec.agencies)
     assert result.report["households_scored"] == len(result.frame) == len(register_frame(loaded, job.work))
+
+    path = loaded.data_path(HOLDER)
+    lines = path.read_text().splitlines(keepends=True)
+    header = lines[0].rstrip("\n").split(",")
+    cells = lines[1].rstrip("\n").split(",")
+    cells[header.index("household_size")] = "99"  # outside [1, 12]: quarantined by validation, not by alignment
+    lines[1] = ",".join(cells) + "\n"
+    path.write_text("".join(lines))
+    frame = register_frame(loaded, job.work)
+    assert frame["household_size"].dtype == np.float64 and frame["head_age"].dtype == np.float64
+    features = [f.name for f in loaded.spec.block_schema(HOLDER).features]
+    missing = frame[features].isna().all(axis=1).to_numpy()
+    assert missing[0] and missing.sum() == 1  # the first file row is the register's first household
+    section = loaded.spec.fairness
+    assert section is not None
+    own = section.model_copy(update={"attributes": [a for a in section.attributes if a in features]})
+    assert all(labels[0] == "unknown" for labels in group_labels(frame, own, loaded.spec.schema_).values())

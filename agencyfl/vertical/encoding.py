@@ -338,7 +338,8 @@ def canonical_id(raw: str) -> str:
 def register_frame(
     loaded: LoadedVerticalSpec, workdir: Path, canonical: bool = True, files: PartyFiles | None = None
 ) -> pd.DataFrame:
-    """Civil affairs' register in register order: its id, enrolled, and its validated features.
+    """Civil affairs' register in register order: its id, enrolled, and its validated features (typed as the
+    loader types them; missing, NaN or None, where its row failed validation).
 
     ``canonical=False`` keeps each id as written (normalizing a million ids costs seconds; a screening
     normalizes only the ids it lists).
@@ -356,9 +357,12 @@ def register_frame(
     register = _register_rows(loaded, workdir, len(ids), own)
     table = _own_table(path, schema)
     valid = _valid_rows(table.quarantined, table.total)
-    features = pd.DataFrame(index=range(len(ids)), columns=[f.name for f in schema.features], dtype=object)
-    features.iloc[valid] = table.valid[[f.name for f in schema.features]].to_numpy(dtype=object)
-    frame = features.iloc[register].reset_index(drop=True)
+    # each register row's validated values, typed as the loader typed them (no Python object per number);
+    # a row that failed validation has none (NaN), like a row of missing values
+    slot = np.full(len(ids), -1, dtype=np.int64)
+    slot[valid] = np.arange(len(valid))
+    names = [f.name for f in schema.features]
+    frame = table.valid[names].reset_index(drop=True).reindex(slot[register]).reset_index(drop=True)
 
     written = [ids[r] for r in register]
     frame.insert(0, "household", [canonical_id(i) for i in written] if canonical else written)
