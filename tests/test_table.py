@@ -210,7 +210,7 @@ _CSV_LINE = st.one_of(
 )
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @example(header="a", lines=["   ", "1"], newline="\n", bom=False)  # one column: pandas skips the spaces
 @example(header="a,a,b", lines=["1,2,3"], newline="\r\n", bom=True)
 @example(header="a,b,c", lines=["1,2,3", "x,y,z"] * 3, newline="\n", bom=False)  # the fast path itself
