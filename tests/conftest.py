@@ -19,13 +19,17 @@ from typing import Any
 import pytest
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+# Two workers, notebook kernels and the daemons share 2 cores: a BLAS or OpenMP pool of 2 threads in each
+# process only oversubscribes them (OpenBLAS's idle threads spin). Inherited by every process a test starts.
+for _pool in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_pool, "1")
 
 from typer.testing import CliRunner  # noqa: E402
 from xdist.scheduler import LoadGroupScheduling  # noqa: E402
 
 from agencyfl.cli import app  # noqa: E402
 from agencyfl.federation.spec import LoadedSpec, load_spec  # noqa: E402
-from agencyfl.server.model_card import ModelCard
+from agencyfl.server.model_card import ModelCard  # noqa: E402
 from agencyfl.synth import SynthResult, synthesize  # noqa: E402
 
 AGENCIES = ["civil-affairs", "hrss", "tax", "environment"]
