@@ -193,7 +193,7 @@ def _score(
 
     The parties are independent until the relay adds their ciphertexts, so on one machine they work at
     once, as they would on their own machines: each agency reads, encodes and encrypts its block while civil
-    affairs reads its own (threads: the CSV parser, Arrow, NumPy and SEAL spend most of it outside the GIL).
+    affairs reads its own (threads: the CSV reader, Arrow, NumPy and SEAL run partly outside the GIL).
     """
     spec = loaded.spec
     holder = spec.label_agency.name
@@ -399,9 +399,8 @@ def screen_eligible(
         step("aligning the agencies to the register")
         align_from_spec(loaded, workdir, requested_by=holder)
     step("scoring under encryption")
-    logits, parties, register = _score(loaded, workdir, model, screening, purpose, frame=True)
-    assert register is not None  # asked for
-    frame = register
+    logits, parties, frame = _score(loaded, workdir, model, screening, purpose, frame=True)
+    assert frame is not None  # frame=True
     lists = decide_lists(loaded, model, logits, frame, review_band)
 
     step("asking the agencies that chose to explain")
