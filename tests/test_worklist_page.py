@@ -286,3 +286,37 @@ def test_a_long_list_shows_its_first_rows_and_the_page_points_to_the_csv() -> No
     section = section[: section.index("</section>")]
     assert section.count("<tr data-household=") == 2
     assert f"{report['counts']['invite']:,}</span> (2 listed here; the full list is in worklist.csv)" in section
+
+
+@pytest.mark.parametrize("per_category", [0, 1, 3, 7, 1000])
+def test_the_page_rows_chosen_from_the_table_are_those_chosen_from_every_row(per_category: int) -> None:
+    """``page_rows`` picks from the worklist table without a dict per row; ties at the cut (equal rounded scores,
+    equal distances to the cutoff) are where a shortcut would pick other households than the page's order."""
+    import pandas as pd
+
+    from agencyfl.screening.run import ROW_COLUMNS, page_rows, row_dicts
+
+    rng = random.Random(per_category)
+    n = 400
+    scores = [rng.choice([0.1, 0.25, 0.4, 0.45, 0.5, 0.55, 0.6, 0.75, 0.9, 1.0]) for _ in range(n)]
+    table = pd.DataFrame(
+        {
+            "household": pd.Series([f"H{rng.randrange(10**6):06d}" for _ in range(n)], dtype=object),
+            "position": range(n),
+            "category": pd.Series([rng.choice(list(NAMES)) for _ in range(n)], dtype=object),
+            "score": scores,
+            "cutoff": [rng.choice([0.5, 0.45]) for _ in range(n)],
+            "enrolled": [rng.random() < 0.5 for _ in range(n)],
+            **{c: pd.Series([None] * n, dtype=object) for c in ("change", "previous_category", "cause")},
+            "review_status": pd.Series([None] * n, dtype=object),
+            "reasons": pd.Series([None] * n, dtype=object),
+            "model_version": "m/v0001",
+            "screening": "scr-x",
+        },
+        columns=list(ROW_COLUMNS),
+    )
+    every = row_dicts(table)
+    assert all(r["reasons"] == [] for r in every)
+    picked = page_rows(table, per_category)
+    assert picked == top_rows(every, per_category)
+    assert len(picked) == sum(min(per_category, sum(r["category"] == c for r in every)) for c in NAMES)

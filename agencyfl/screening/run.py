@@ -321,13 +321,19 @@ def _sigmoid(z: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
 
 @dataclass(frozen=True)
 class ScreeningResult:
-    """What one screening produced: the report (``screening.json``), the files, and each listed household's row."""
+    """What one screening produced: the report (``screening.json``), each listed household's row (``table``:
+    ``worklist_table``'s columns), the files, every register household's score and civil affairs' frame."""
 
     report: dict[str, Any]
-    rows: list[dict[str, Any]]
+    table: pd.DataFrame
     files: dict[str, str]
     scores: npt.NDArray[np.float64]
     frame: pd.DataFrame
+
+    @functools.cached_property
+    def rows(self) -> list[dict[str, Any]]:
+        """Each listed household's row as a dict (``ROW_COLUMNS``), made when first asked for."""
+        return row_dicts(self.table)
 
 
 def _previous_categories(
@@ -424,7 +430,7 @@ def screen_eligible(
         step("re-scoring with the previous model, to tell facts from model changes")
         old_categories = _previous_categories(loaded, workdir, previous, model, screening, purpose, frame, review_band)
     outcomes = latest_outcomes(workdir, holder)
-    rows, left = worklist_rows(lists, model, screening, reasons, outcomes, previous, old_categories)
+    rows, left = worklist_table(lists, model, screening, reasons, outcomes, previous, old_categories)
 
     step("recording the screening")
     requester_use = ModelUse(
@@ -489,54 +495,99 @@ def add_reasons(reasons: dict[int, list[dict[str, str]]], agency: str, level: st
         reasons.setdefault(position, []).append({"agency": agency, "level": level, "text": text})
 
 
-@cycle_collection_paused
-def worklist_rows(
+def worklist_table(
     lists: Lists, model: RegisteredVerticalModel, screening: str, reasons: dict[int, list[dict[str, str]]],
     outcomes: dict[str, str], previous: PreviousWorklist | None, old_categories: npt.NDArray[np.str_] | None,
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:  # fmt: skip
-    """One row per listed household (with the change since ``previous``), and those that left the lists."""
+) -> tuple[pd.DataFrame, list[dict[str, Any]]]:  # fmt: skip
+    """One row per listed household in register order (``ROW_COLUMNS``: ``worklist.csv``'s columns and the
+    register ``position``; ``reasons`` a list of disclosed reasons, or None), with the change since
+    ``previous``; and the households that left the lists.
+
+    Built column by column: a million-household register lists about a quarter of a million households,
+    and one dict per row (about 250 MB and a second here) is made only for the rows a page shows
+    (``page_rows``) or a caller asks for (``ScreeningResult.rows``).
+    """
     same_model = previous is not None and previous.model_version == model.version
     listed = lists.listed
-    households = lists.frame["household"].to_numpy(dtype=object)[listed]
-    listed_ids = canonical_ids([str(h) for h in households])
-    # columns first (numpy), one dict per row last: a million-household register lists about a quarter
-    columns = zip(
-        listed_ids, listed.tolist(), lists.categories[listed].tolist(),
-        [round(v, 4) for v in lists.scores[listed].tolist()], lists.cutoff[listed].tolist(),
-        lists.frame["enrolled"].to_numpy(dtype=bool)[listed].tolist(), strict=True,
-    )  # fmt: skip
-    rows: list[dict[str, Any]] = [
-        {"household": household, "position": p, "category": category, "score": score, "cutoff": cutoff,
-         "enrolled": enrolled, "change": None, "previous_category": None, "cause": None,
-         "review_status": outcomes.get(household), "reasons": reasons.get(p, []), "model_version": model.version,
-         "screening": screening}
-        for household, p, category, score, cutoff, enrolled in columns
-    ]  # fmt: skip
+    households = canonical_ids([str(h) for h in lists.frame["household"].to_numpy(dtype=object)[listed]])
+    categories = lists.categories[listed].tolist()
+    nothing: list[str | None] = [None] * len(listed)
+    change, previous_category, cause = nothing, nothing, list(nothing)
+    review_status = [outcomes.get(h) for h in households]
     if previous is not None:
-        for row in rows:
-            household, category = row["household"], row["category"]
-            row["change"] = change_of(household, category, previous)
-            row["previous_category"] = previous.categories.get(household)
-            if row["change"] != "unchanged":
-                old = None if old_categories is None else str(old_categories[row["position"]])
-                row["cause"] = cause_of(row["previous_category"] or "", category, old, same_model)
-            if row["previous_category"] is not None and row["review_status"] is None:
-                row["review_status"] = "open"
+        previous_category = [previous.categories.get(h) for h in households]
+        change = [change_of(h, c, previous) for h, c in zip(households, categories, strict=True)]
+        for i in (i for i, c in enumerate(change) if c != "unchanged"):
+            old = None if old_categories is None else str(old_categories[listed[i]])
+            cause[i] = cause_of(previous_category[i] or "", categories[i], old, same_model)
+        review_status = [
+            "open" if status is None and before is not None else status
+            for status, before in zip(review_status, previous_category, strict=True)
+        ]
+    text: dict[str, list[Any]] = {
+        "household": households, "category": categories, "change": change, "previous_category": previous_category,
+        "cause": cause, "review_status": review_status, "reasons": [reasons.get(p) for p in listed.tolist()],
+        "model_version": [model.version] * len(listed), "screening": [screening] * len(listed),
+    }  # fmt: skip
+    table = pd.DataFrame(
+        {
+            **{c: pd.Series(text[c], dtype=object) for c in ("household", "category")},  # Python strings, as read
+            "position": listed.astype(np.int64),
+            "score": [round(v, 4) for v in lists.scores[listed].tolist()],  # Python's rounding, as the CSV had
+            "cutoff": lists.cutoff[listed],
+            "enrolled": lists.frame["enrolled"].to_numpy(dtype=bool)[listed],
+            **{c: pd.Series(text[c], dtype=object) for c in text if c not in ("household", "category")},
+        },
+        columns=list(ROW_COLUMNS),
+    )
     left: list[dict[str, Any]] = []
     if previous is not None:
-        now_listed = {r["household"] for r in rows}
+        now_listed = set(households)
         left = [
             {"household": h, "previous_category": c, "review_status": outcomes.get(h, "open")}
             for h, c in sorted(previous.categories.items())
             if h not in now_listed
         ]
-    return rows, left
+    return table, left
+
+
+ROW_COLUMNS = (
+    "household", "position", "category", "score", "cutoff", "enrolled", "change", "previous_category", "cause",
+    "review_status", "reasons", "model_version", "screening",
+)  # fmt: skip
+"""A worklist row as ``ScreeningResult.rows`` and the page hold it: the CSV's columns and the register position."""
+
+
+def row_dicts(table: pd.DataFrame) -> list[dict[str, Any]]:
+    """Rows of a ``worklist_table`` as dicts of plain Python values (``reasons`` a list, empty when none)."""
+    records = [{str(k): v for k, v in r.items()} for r in table.to_dict("records")]
+    for record in records:
+        record["reasons"] = record["reasons"] or []
+    return records
+
+
+def page_rows(table: pd.DataFrame, per_category: int) -> list[dict[str, Any]]:
+    """``page.top_rows`` of the table, without a dict per row: each list's rows whose sort key is within its
+    ``per_category`` smallest (ties included, so the page's own order picks exactly as over every row)."""
+    from agencyfl.screening.page import top_rows
+
+    score, cutoff = table["score"].to_numpy(dtype=np.float64), table["cutoff"].to_numpy(dtype=np.float64)
+    keys = {"invite": -score, "review-enrolment": score, "human-review": np.abs(score - cutoff)}
+    category = table["category"].to_numpy(dtype=object)
+    chosen = np.zeros(len(table), dtype=bool)
+    for name, key in keys.items():
+        inside = np.flatnonzero(category == name)
+        if len(inside) > per_category > 0:
+            bound = np.partition(key[inside], per_category - 1)[per_category - 1]
+            inside = inside[key[inside] <= bound]
+        chosen[inside] = per_category > 0
+    return top_rows(row_dicts(table.loc[chosen]), per_category)
 
 
 @cycle_collection_paused
 def screening_report(
     loaded: LoadedVerticalSpec, model: RegisteredVerticalModel, lists: Lists, screening: str, purpose: str,
-    token: tuple[str, str], previous: PreviousWorklist | None, rows: list[dict[str, Any]], left: list[dict[str, Any]],
+    token: tuple[str, str], previous: PreviousWorklist | None, rows: pd.DataFrame, left: list[dict[str, Any]],
     refusals: dict[str, str], *, aligned: bool, out: Path, sent: dict[str, int], ledgers: dict[str, str],
     review_band: float,
 ) -> dict[str, Any]:  # fmt: skip
@@ -545,7 +596,7 @@ def screening_report(
     holder = spec.label_agency.name
     files = {"worklist_csv": str(out / "worklist.csv"), "worklist_html": str(out / "worklist.html"),
              "report": str(out / "screening.json")}  # fmt: skip
-    changes = {k: sum(1 for r in rows if r["change"] == k) for k in ("new", "changed", "unchanged")}
+    changes = {k: int((rows["change"] == k).sum()) for k in ("new", "changed", "unchanged")}
     return {
         "screening": screening, "created": now_iso(), "federation": spec.federation.name, "purpose": purpose,
         "model_version": model.version, "requester": holder, "token_id": token[0], "token_holder": token[1],
@@ -560,17 +611,17 @@ def screening_report(
     }  # fmt: skip
 
 
-@cycle_collection_paused
-def write_worklists(out: Path, rows: list[dict[str, Any]], report: dict[str, Any]) -> dict[str, str]:
-    """``worklist.csv`` (every row), ``worklist.html`` (the first rows of each list) and ``screening.json``, 0600."""
-    from agencyfl.screening.page import render_worklist_html, top_rows
+def write_worklists(out: Path, rows: pd.DataFrame, report: dict[str, Any]) -> dict[str, str]:
+    """``worklist.csv`` (every row of a ``worklist_table``), ``worklist.html`` (the first rows of each list) and
+    ``screening.json``, 0600."""
+    from agencyfl.screening.page import render_worklist_html
 
     out.mkdir(parents=True, exist_ok=True, mode=0o700)
-    table = pd.DataFrame({c: [r[c] for r in rows] for c in COLUMNS}, columns=list(COLUMNS))
-    table["enrolled"] = table["enrolled"].astype(int)
-    table["reasons"] = [" | ".join(x["text"] for x in r["reasons"]) for r in rows]
+    table = rows[list(COLUMNS)].copy(deep=False)
+    table["enrolled"] = rows["enrolled"].astype(int)
+    table["reasons"] = [" | ".join(x["text"] for x in r) if r else "" for r in rows["reasons"].tolist()]
     write_private_csv(out / "worklist.csv", table)
-    page = {**report, "rows": top_rows(rows, PAGE_ROWS)}  # a page people read; the CSV has every row
+    page = {**report, "rows": page_rows(rows, PAGE_ROWS)}  # a page people read; the CSV has every row
     write_private_text(out / "worklist.html", render_worklist_html(page))
     write_private_text(out / "screening.json", json.dumps(report, indent=2, default=str))
     files: dict[str, str] = report["files"]

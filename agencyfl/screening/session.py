@@ -47,7 +47,7 @@ from agencyfl.screening.run import (
     categories_under,
     decide_lists,
     screening_report,
-    worklist_rows,
+    worklist_table,
     write_worklists,
 )
 from agencyfl.screening.worklist import PreviousWorklist, read_worklist
@@ -275,7 +275,7 @@ class ScreeningSession:
             refusals[missing] = f"no answer from {missing} was relayed by the coordinator"
         folder = self.config.files.folder
         outcomes = latest_outcomes(folder.parent, folder.name)
-        rows, left = worklist_rows(self.lists, self.model, self.plan.screening, reasons, outcomes,
+        rows, left = worklist_table(self.lists, self.model, self.plan.screening, reasons, outcomes,
                                    self.previous_worklist, self.old_categories)  # fmt: skip
         entry = self._use("screening", token_id=self.plan.token_id, households=len(self.lists.scores),
                           counts=dict(self.lists.counts), nonce=secrets.token_hex(16))  # fmt: skip
