@@ -237,3 +237,19 @@ def test_csv_files_read_as_pandas_reads_them(header: str, lines: list[str], newl
                 _read_csv(path)
             return
         pd.testing.assert_frame_equal(_read_csv(path), expected)
+
+
+_SPACES = ["", " ", "\t", "\u3000", "\xa0", "\x85", "\u2028", "\x1c", "\u200b", "\ufeff", "\n"]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(_SPACES), st.text(max_size=4), st.sampled_from(_SPACES)).map("".join),
+                min_size=1, max_size=12))  # fmt: skip
+def test_columns_are_stripped_as_str_strip_strips_them(values: list[str]) -> None:
+    """Validation skips stripping a column none of whose values begins or ends with whitespace: that test
+    judges whitespace as the strip itself does (Unicode spaces, and the characters neither counts)."""
+    from agencyfl.federation.table import _stripped
+
+    col = pd.Series(values, dtype="str")
+    assert _stripped(col).tolist() == col.str.strip().tolist()
+    assert _stripped(col.astype(object)).tolist() == col.astype(object).str.strip().tolist()

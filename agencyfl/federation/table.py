@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -75,7 +76,8 @@ def _read_csv(path: Path) -> pd.DataFrame:
                 table = pacsv.read_csv(
                     path,
                     convert_options=pacsv.ConvertOptions(
-                        column_types=dict.fromkeys(names, pa.string()),
+                        # pandas keeps strings as Arrow large strings: read so, not cast (a copy of the file)
+                        column_types=dict.fromkeys(names, pa.large_string()),
                         strings_can_be_null=False,
                         quoted_strings_can_be_null=False,
                         null_values=[],
@@ -121,6 +123,29 @@ def _numbers(col: pd.Series) -> np.ndarray:
         return pd.to_numeric(col.where(col != ""), errors="coerce").to_numpy(dtype=np.float64)
 
 
+def _stripped(col: pd.Series) -> pd.Series:
+    """``col.str.strip()``, or ``col`` itself when no value begins or ends with whitespace (as Arrow's trim,
+    which ``str.strip`` runs on Arrow strings, judges it): a column of a million strings is not copied to
+    change nothing."""
+    if isinstance(col.dtype, pd.StringDtype) and col.dtype.storage == "pyarrow":
+        arrow = pa.array(col)  # the column's own Arrow data, not a copy
+        edges = (pc.utf8_slice_codeunits(arrow, 0, 1), pc.utf8_slice_codeunits(arrow, -1, _TO_THE_END))
+        if not any(pc.any(pc.utf8_is_space(edge)).as_py() for edge in edges):
+            return col
+    return col.str.strip()
+
+
+_TO_THE_END = 2**31 - 1
+
+
+def _category_codes(col: pd.Series, categories: list[str]) -> npt.NDArray[np.int64]:
+    """Each value's index in ``categories``, -1 where it is none of them (Arrow's lookup on Arrow strings)."""
+    if isinstance(col.dtype, pd.StringDtype) and col.dtype.storage == "pyarrow":
+        found = pc.index_in(pa.array(col), value_set=pa.array(categories, pa.large_string()))
+        return np.asarray(pc.fill_null(found, -1).to_numpy(), dtype=np.int64)
+    return np.asarray(pd.Index(categories, dtype=object).get_indexer(pd.Index(col.astype(object))), dtype=np.int64)
+
+
 def validate_frame(raw: pd.DataFrame, schema: SchemaSection, require_label: bool = True) -> CheckResult:
     """Validate a frame of strings (as read from a file) row by row.
 
@@ -141,7 +166,7 @@ def validate_frame(raw: pd.DataFrame, schema: SchemaSection, require_label: bool
     absent = [f.name for f in schema.features if f.nullable and f.name not in raw.columns]
     for name in absent:
         raw[name] = ""
-    text = raw.astype(str).apply(lambda col: col.str.strip())
+    text = raw.astype(str).apply(_stripped)
     n = len(text)
     reasons: defaultdict[int, list[str]] = defaultdict(list)  # only the bad rows: a million rows, few bad
 
@@ -182,10 +207,11 @@ def validate_frame(raw: pd.DataFrame, schema: SchemaSection, require_label: bool
                 reasons[int(i)].append(f"{f.name} {col.iloc[i]!r} outside [{f.min:g}, {f.max:g}]")
             typed[f.name] = np.where(np.isfinite(values), values, np.nan)
         elif isinstance(f, CategoricalFeature):
-            unknown = ~col.isin(f.categories).to_numpy() & ~empty
-            for i in np.flatnonzero(unknown):
+            codes = _category_codes(col, list(f.categories))
+            for i in np.flatnonzero((codes < 0) & ~empty):
                 reasons[int(i)].append(f"{f.name} {col.iloc[i]!r} is not one of {f.categories!r}")
-            typed[f.name] = col.where(col != "", None).astype("object")
+            # each value one of the spec's own strings (None when missing): no Python string per row
+            typed[f.name] = np.array([*f.categories, None], dtype=object)[codes]
         elif isinstance(f, BooleanFeature):
             lower = col.str.lower()
             t, fl = lower.isin(_TRUE).to_numpy(), lower.isin(_FALSE).to_numpy()
