@@ -66,7 +66,7 @@ from agencyfl.server.registry import RegisteredModel  # noqa: E402
 from agencyfl.server.tokens import TokenStore  # noqa: E402
 from agencyfl.synth import synthesize  # noqa: E402
 from agencyfl.synth_vertical import synthesize_vertical  # noqa: E402
-from agencyfl.vertical.encoding import Block, forget_tables, label_block  # noqa: E402
+from agencyfl.vertical.encoding import forget_tables, label_block  # noqa: E402
 from agencyfl.vertical.job import run_vertical  # noqa: E402
 from agencyfl.vertical.model import RegisteredVerticalModel, load_part, register_vertical  # noqa: E402
 from benchmarks._common import table, write_results  # noqa: E402
@@ -462,8 +462,7 @@ def main() -> None:
         _, labels = label_block(loaded, train_work)
         encoder = FeatureEncoder(loaded.spec.schema_)
         x = encoder.encode(joined).astype(np.float64)
-        block = Block("joined", tuple(encoder.names), x, np.ones(len(x), dtype=bool))
-        w_central = centralized([block], labels.y, labels.train)
+        w_central = centralized([x], labels.y, labels.train)
         say("centralized reference fitted; training the horizontal federation")
         h_model, h_info = horizontal(root, args.households, args.seed)
         references: dict[str, tuple[Any, ...]] = {

@@ -30,7 +30,7 @@ from agencyfl.federation.encoding import FeatureEncoder  # noqa: E402
 from agencyfl.federation.spec import VerticalFederationSpec  # noqa: E402
 from agencyfl.federation.table import load_table  # noqa: E402
 from agencyfl.synth_vertical import synthesize_vertical  # noqa: E402
-from agencyfl.vertical import Block, VerticalPlan, feature_block, label_block, train_vertical  # noqa: E402
+from agencyfl.vertical import VerticalPlan, feature_block, label_block, train_vertical  # noqa: E402
 from agencyfl.vertical.encoding import clip_rows  # noqa: E402
 from agencyfl.vertical.optim import BlockOptimizer, clip_scores  # noqa: E402
 from benchmarks._common import table, write_results  # noqa: E402
@@ -79,9 +79,9 @@ def metrics(z: np.ndarray, y: np.ndarray) -> dict[str, float]:
     return {"auc": auc(z, y), "coverage": float((p[y == 1] >= 0.5).mean()), "mean_score": float(p.mean())}
 
 
-def centralized(blocks: list[Block], y: np.ndarray, train: np.ndarray, steps: int = 2000) -> np.ndarray:
-    """Non-private LR on the joined inputs (last weight the intercept)."""
-    x = np.column_stack([*(b.x[train] for b in blocks), np.ones(train.sum())])
+def centralized(inputs: list[np.ndarray], y: np.ndarray, train: np.ndarray, steps: int = 2000) -> np.ndarray:
+    """Non-private LR on the joined inputs (each block's ``x`` or a joined matrix; last weight the intercept)."""
+    x = np.column_stack([*(a[train] for a in inputs), np.ones(train.sum())])
     w = np.zeros(x.shape[1])
     opt = BlockOptimizer("adam", 0.05, x.shape[1])
     for _ in range(steps):
@@ -113,7 +113,7 @@ def main() -> None:
         "households": args.households, "register": len(label.x), "trained_on": int(labels.train.sum()),
         "iterations": args.iterations, "test": len(y_test), "test_complete": int(complete.sum()), "runs": [],
     }  # fmt: skip
-    w = centralized([*features, label], labels.y, labels.train)
+    w = centralized([b.x for b in (*features, label)], labels.y, labels.train)
     widths = np.cumsum([0] + [tests[a].shape[1] for a in order])
     z = sum(tests[a] @ w[widths[i] : widths[i + 1]] for i, a in enumerate(order)) + w[-1]
     base: dict[str, dict[str, float]] = {}

@@ -119,7 +119,7 @@ def main() -> None:
         label, labels = label_block(loaded, Path(tmp) / "work")
         tests, y, complete = test_blocks(loaded.spec, Path(tmp) / "data")
     order = [*others, label.agency]
-    w = centralized([*features, label], labels.y, labels.train)
+    w = centralized([b.x for b in (*features, label)], labels.y, labels.train)
     widths = np.cumsum([0] + [tests[a].shape[1] for a in order])
     z = sum(tests[a] @ w[widths[i] : widths[i + 1]] for i, a in enumerate(order)) + w[-1]
     base = metrics(np.asarray(z)[complete], y[complete])

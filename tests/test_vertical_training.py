@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -129,7 +128,7 @@ def test_households_not_assessed_contribute_nothing(
     outside = ~labels.train
     x = features[1].x.copy()
     x[outside] = rng.uniform(-1, 1, size=x[outside].shape) / np.sqrt(x.shape[1])  # tax's rows changed there
-    changed = [features[0], replace(features[1], x=x), features[2]]
+    changed = [features[0], features[1].with_inputs(x), features[2]]
     again = train_vertical(changed, label, labels, PLAN, noise_rng=np.random.default_rng(7), validate=False)
     for name, w in run.weights.items():
         assert np.abs(again.weights[name] - w).max() < 1e-3, name
@@ -266,6 +265,29 @@ def test_a_block_refuses_positions_outside_the_register_or_repeated() -> None:
         place_block("tax", ["a", "b"], values, np.array([4, 0, 4]), 5)
     with pytest.raises(ValueError, match="0..4"):
         place_block("tax", ["a", "b"], values, np.array([4, 0, 5]), 5)
+    with pytest.raises(ValueError, match="2 inputs"):
+        place_block("tax", ["a", "b"], np.ones((3, 3)), np.array([4, 0, 2]), 5)
+
+
+@pytest.mark.parametrize("clip", [1.0, 0.5])
+def test_a_block_scores_and_explains_without_its_matrix(monkeypatch: pytest.MonkeyPatch, clip: float) -> None:
+    """Scoring reads each held row where it sits (no register-sized matrix): the same as ``x @ w`` and ``x[p]``,
+    rows above the clip bound and below it, the not-held positions, rows in any order, float32 inputs."""
+    import agencyfl.vertical.encoding as encoding
+
+    monkeypatch.setattr(encoding, "CLIP", clip)
+    rng = np.random.default_rng(3)
+    size = 200_000  # more rows than one scoring slice
+    positions = rng.permutation(size)[: size - 37]
+    values = rng.normal(size=(len(positions), 4)) * rng.choice([0.01, 0.3, 3.0], size=(len(positions), 1))
+    block = place_block("tax", ["a", "b", "c", "d"], values.astype(np.float32), positions, size)
+    w = rng.normal(size=5)
+    np.testing.assert_allclose(block.scores(w), block.x @ w, rtol=1e-12, atol=1e-12)
+    assert np.abs(block.x).sum(axis=1).min() > 0 and np.linalg.norm(block.x, axis=1).max() <= clip + 1e-12
+    asked = [*rng.choice(size, 50).tolist(), int(np.flatnonzero(~block.held)[0])]
+    np.testing.assert_allclose(block.inputs_at(asked), block.x[asked], rtol=1e-12, atol=1e-15)
+    with pytest.raises(ValueError, match="weights"):
+        block.scores(w[:-1])
 
 
 def test_the_card_s_size_pools_every_noised_total_without_bias() -> None:

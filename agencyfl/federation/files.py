@@ -9,13 +9,17 @@ any failure the temporary file is removed, so no copy of the records is left beh
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
 
 from agencyfl.federation.errors import DataFileError
 
@@ -61,5 +65,44 @@ def write_private_text(path: Path, text: str) -> None:
 
 
 def write_private_csv(path: Path, frame: pd.DataFrame) -> None:
-    """``write_private`` for a data frame as CSV (no index)."""
-    write_private(path, lambda handle: frame.to_csv(handle, index=False))
+    """``write_private`` for a data frame as CSV (no index): ``frame.to_csv``'s bytes, by Arrow's writer where
+    it writes them alike (``_csv_by_arrow``)."""
+    text = _csv_by_arrow(frame)
+    if text is not None:
+        write_private_text(path, text)
+    else:
+        write_private(path, lambda handle: frame.to_csv(handle, index=False))
+
+
+def _csv_by_arrow(frame: pd.DataFrame) -> str | None:
+    """``frame.to_csv(index=False)``, by Arrow's writer (a quarter of a million worklist rows in a fifth of the
+    time), for a frame it writes byte for byte alike: two or more distinct string column names (a lone empty
+    value is quoted by pandas), columns of strings (None
+    or NaN missing), int64 or float64 (formatted as pandas formats them: NumPy's ``str``), and no name or
+    value that needs quotes (Arrow refuses such a value unquoted). None for any other frame."""
+    names = list(frame.columns)
+    if len(names) < 2 or len(set(names)) != len(names) or not all(isinstance(n, str) for n in names):
+        return None
+    arrays = []
+    for name in names:
+        col = frame[name]
+        if col.dtype == np.int64:
+            arrays.append(pa.array(col.to_numpy()))
+        elif col.dtype == np.float64:
+            values = col.to_numpy()
+            arrays.append(pa.array(values.astype(str), type=pa.large_string(), mask=np.isnan(values)))
+        elif (
+            pd.api.types.infer_dtype(col, skipna=True) in ("string", "empty")
+            and col.dtype.kind in "OU"
+            or (isinstance(col.dtype, pd.StringDtype))
+        ):
+            arrays.append(pa.array(col.to_numpy(dtype=object), type=pa.large_string(), from_pandas=True))
+        else:
+            return None
+    sink = io.BytesIO()
+    try:
+        pacsv.write_csv(pa.table(arrays, names=names), sink,
+                        pacsv.WriteOptions(quoting_style="none", quoting_header="none"))  # fmt: skip
+    except pa.ArrowInvalid:  # a comma, quote or line break in a value or a name: pandas quotes it
+        return None
+    return sink.getvalue().decode("utf-8")

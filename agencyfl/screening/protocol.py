@@ -88,20 +88,52 @@ class Requester(_Party):
     """
 
     def __init__(self, block: Block, weights: Vector, score_clip: float | None) -> None:
-        super().__init__(block.agency)
-        if weights.shape != (block.width + 1,):
-            raise HEError(f"{block.agency}: {len(weights)} weights for {block.width} inputs and the intercept")
-        self.block = block
+        self._start(block.agency, block.size, weights, score_clip)
+        self.hold(block)
+
+    @classmethod
+    def before_its_block(cls, agency: str, size: int, weights: Vector, score_clip: float | None) -> Requester:
+        """The key pair and the request first, its own block (``hold``) once read: on one machine the
+        agencies encrypt while civil affairs still reads and validates its register."""
+        requester = cls.__new__(cls)
+        requester._start(agency, size, weights, score_clip)
+        return requester
+
+    def _start(self, agency: str, size: int, weights: Vector, score_clip: float | None) -> None:
+        _Party.__init__(self, agency)
+        self.size = size
         self.weights = weights
         self.score_clip = score_clip  # the model's (its manifest's): each part is clipped by its holder
         self.params = parameter_set(PARAMETERS)
         self._context = new_private_context(self.params)
         self._public = public_bytes(self._context)
+        self._block: Block | None = None
+
+    def hold(self, block: Block) -> None:
+        """Its own block, which its part of every score needs.
+
+        Raises
+        ------
+        HEError
+            If the block is another party's, of another register size, or its weights do not fit it.
+        """
+        if block.agency != self.name or block.size != self.size:
+            raise HEError(f"{self.name}: a block of {block.agency} for {block.size} households, not its {self.size}")
+        if self.weights.shape != (block.width + 1,):
+            raise HEError(f"{block.agency}: {len(self.weights)} weights for {block.width} inputs and the intercept")
+        self._block = block
+
+    @property
+    def block(self) -> Block:
+        """Its own block (``hold``)."""
+        if self._block is None:
+            raise HEError(f"{self.name} has not read its own block yet")
+        return self._block
 
     def request(self, screening: str, federation: str, model_version: str, purpose: str) -> ScreeningRequest:
         """The public request every agency receives (the public context, its fingerprint, the register's size)."""
         request = ScreeningRequest(
-            screening, federation, model_version, purpose, self.name, len(self.block.x), self._public,
+            screening, federation, model_version, purpose, self.name, self.size, self._public,
             fingerprint(self._public),
         )  # fmt: skip
         self.sent_bytes += len(self._public)
@@ -112,12 +144,12 @@ class Requester(_Party):
         return self._own_part(self.weights)
 
     def _own_part(self, weights: Vector) -> Vector:
-        u = self.block.x @ weights[:-1] + weights[-1]
+        u = self.block.scores(weights[:-1]) + weights[-1]
         return np.asarray(clip_scores(u, self.score_clip)[0], dtype=np.float64)
 
     def logits(self, summed: list[bytes]) -> Vector:
         """z = sum_k u_k + X_R w_R + b at every register position, from the relay's summed ciphertexts."""
-        n = len(self.block.x)
+        n = self.size
         if len(summed) != math.ceil(n / self.params.slots):
             raise HEError(f"{len(summed)} summed ciphertexts for a register of {n}")
         self.received.append(
@@ -147,15 +179,13 @@ class Requester(_Party):
         self.he_seconds += time.perf_counter() - start
         weights = self.weights if own is None else own
         mine = self._own_part(weights)
-        return np.asarray(values[: len(self.block.x)] + mine, dtype=np.float64)
+        return np.asarray(values[: self.size] + mine, dtype=np.float64)
 
 
 class Contributor(_Party):
     """An agency: its block (not-held input included) and its own part of the model; R's public context only."""
 
-    def __init__(
-        self, block: Block, weights: Vector, score_clip: float | None, keys: PartyKeys | None = None
-    ) -> None:
+    def __init__(self, block: Block, weights: Vector, score_clip: float | None, keys: PartyKeys | None = None) -> None:
         super().__init__(block.agency)
         if weights.shape != (block.width,):
             raise HEError(f"{block.agency}: {len(weights)} weights for {block.width} inputs")
@@ -173,10 +203,9 @@ class Contributor(_Party):
         HEError
             If the context is not a public one on the whitelist, or the register's size differs from its own.
         """
-        if request.register_size != len(self.block.x):
+        if request.register_size != self.block.size:
             raise HEError(
-                f"{self.name}: the request names a register of {request.register_size}, "
-                f"its alignment {len(self.block.x)}"
+                f"{self.name}: the request names a register of {request.register_size}, its alignment {self.block.size}"
             )
         context, params = load_public_context(request.public_context, max_depth_needed=0)
         if fingerprint(request.public_context) != request.context_fingerprint:
@@ -185,7 +214,7 @@ class Contributor(_Party):
             Received(request.requester, "context", "public-context", 1, len(request.public_context), 0)
         )
         start = time.perf_counter()
-        u = clip_scores(self.block.x @ self.weights, self.score_clip)[0]
+        u = clip_scores(self.block.scores(self.weights), self.score_clip)[0]
         if mask is not None:
             u = u + mask[: len(u)]
         raw = [bytes(ts.ckks_vector(context, c).serialize()) for c in _chunks(u, params.slots)]
@@ -203,11 +232,12 @@ class Contributor(_Party):
         """This agency's reason for each listed position: its contribution, or its top inputs with plain labels."""
         out: dict[int, str] = {}
         names = self.block.names
+        inputs = dict(zip(positions, self.block.inputs_at(positions), strict=True))
         for p in positions:
             if not self.block.held[p]:
                 out[p] = f"{self.name}: no record of this household (its 'not held' term {self.weights[-1]:+.2f})"
                 continue
-            parts = self.block.x[p] * self.weights
+            parts = inputs[p] * self.weights
             if level == "agency":
                 contribution = float(clip_scores(np.array([parts.sum()]), self.score_clip)[0][0])
                 out[p] = f"{self.name}: contribution {contribution:+.2f} to the score (log-odds)"

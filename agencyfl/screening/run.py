@@ -37,6 +37,7 @@ from agencyfl.privacy.ledger import Ledger
 from agencyfl.screening.outcomes import latest_outcomes
 from agencyfl.screening.protocol import (
     Contributor,
+    PartialScores,
     Relay,
     Requester,
     open_positions,
@@ -57,7 +58,14 @@ from agencyfl.screening.worklist import (
     read_worklist,
 )
 from agencyfl.server.tokens import TokenStore, token_hash
-from agencyfl.vertical.encoding import Block, canonical_ids, feature_block, register_block, register_frame
+from agencyfl.vertical.encoding import (
+    Block,
+    canonical_ids,
+    feature_block,
+    register_block,
+    register_frame,
+    register_size,
+)
 from agencyfl.vertical.model import RegisteredVerticalModel, load_part
 
 P = ParamSpec("P")
@@ -192,28 +200,35 @@ def _score(
     """``score_register``, and civil affairs' register frame when ``frame``.
 
     The parties are independent until the relay adds their ciphertexts, so on one machine they work at
-    once, as they would on their own machines: each agency reads, encodes and encrypts its block while civil
-    affairs reads its own (threads: the CSV reader, Arrow, NumPy and SEAL run partly outside the GIL).
+    once, as they would on their own machines: civil affairs draws the key pair and sends the request
+    first (it needs only the register's size), then each agency reads, encodes and encrypts its block
+    while civil affairs reads its own (threads: the CSV reader, Arrow, NumPy and SEAL run partly outside
+    the GIL).
     """
     spec = loaded.spec
     holder = spec.label_agency.name
     names = [a.name for a in spec.agencies if a.name != holder]
     clip = model.manifest.score_clip  # every part's score is clipped by its holder, as in training
+    requester = Requester.before_its_block(
+        holder, register_size(loaded, workdir), load_part(workdir, holder, model.manifest), clip
+    )
+    request = requester.request(screening, spec.federation.name, model.version, purpose)
 
     def civil_affairs() -> tuple[Block, pd.DataFrame | None]:
         block = register_block(loaded, workdir)
         return block, register_frame(loaded, workdir, canonical=False) if frame else None
 
+    def agency(name: str) -> tuple[Contributor, PartialScores]:
+        contributor = Contributor(feature_block(loaded, name, workdir), load_part(workdir, name, model.manifest), clip)
+        return contributor, contributor.partial_scores(request)
+
     with ThreadPoolExecutor(max_workers=max(1, min(len(names) + 1, os.cpu_count() or 1))) as pool:
         own = pool.submit(civil_affairs)
-        blocks = {n: pool.submit(feature_block, loaded, n, workdir) for n in names}
+        answers = {n: pool.submit(agency, n) for n in names}
         label, register = own.result()
-        requester = Requester(label, load_part(workdir, holder, model.manifest), clip)
-        request = requester.request(screening, spec.federation.name, model.version, purpose)
-        contributors = {
-            n: Contributor(b.result(), load_part(workdir, n, model.manifest), clip) for n, b in blocks.items()
-        }
-        parts = list(pool.map(lambda c: c.partial_scores(request), contributors.values()))
+        requester.hold(label)
+        contributors = {n: a.result()[0] for n, a in answers.items()}
+        parts = [a.result()[1] for a in answers.values()]
     parties = Parties(requester, contributors)
     return requester.logits(parties.relay.sum(request, parts)), parties, register
 
@@ -238,7 +253,7 @@ def disclose(
         (the refusal is recorded in its uses ledger; nothing is disclosed).
     """
     own_keys = PartyKeys.generate(contributor.name)
-    size = len(contributor.block.x)
+    size = contributor.block.size
     sealed = seal_positions(requester_keys, own_keys.public(), screening, positions, size)  # R -> k through C
     envelope = answer_disclosure(
         uses_ledger(workdir, contributor.name), loaded, contributor, own_keys, requester_keys.public(), sealed,
@@ -268,7 +283,7 @@ def answer_disclosure(
     """
     section = loaded.spec.agency(contributor.name)
     level = section.explain
-    size = len(contributor.block.x)
+    size = contributor.block.size
     listed = open_positions(sealed, own_keys, requester, screening, size)
     base = ModelUse(
         kind="disclosure", owner=contributor.name, screening=screening, federation=loaded.spec.federation.name,
@@ -443,7 +458,7 @@ def screen_eligible(
         uses_ledger(workdir, name).append(
             ModelUse(kind="screening-contribution", owner=name, screening=screening, federation=spec.federation.name,
                      model_version=model.version, purpose=purpose, requester=holder, time=now_iso(),
-                     households=len(contributor.block.x))
+                     households=contributor.block.size)
         )  # fmt: skip
     uses_ledger(workdir, COORDINATOR).append(
         ModelUse(kind="screening", owner=COORDINATOR, screening=screening, federation=spec.federation.name,

@@ -93,9 +93,9 @@ class ScreeningSession:
                 self.loaded, self.agency, config.files.folder, files=config.files, size=self.plan.register_size
             )  # fmt: skip
         )
-        if len(self.block.x) != self.plan.register_size:
+        if self.block.size != self.plan.register_size:
             raise ProtocolError(f"the plan's register has {self.plan.register_size} households; this one has "
-                                f"{len(self.block.x)}")  # fmt: skip
+                                f"{self.block.size}")  # fmt: skip
         self.weights = self._own_part(self.plan.model_version, self.plan.parts)
         # the clip each part's score gets is its own spec's plan (what it trained with): not the coordinator's word
         self.score_clip = plan_of(self.loaded).score_clip
@@ -312,15 +312,15 @@ class ScreeningSession:
         passes = [(self.plan.screening, self.weights)]
         if self.old_weights is not None:  # --since with another model: today's facts under that one too
             passes.append((f"{self.plan.screening}/previous", self.old_weights))
-        self._use("screening-contribution", households=len(self.block.x))  # recorded before anything leaves
+        self._use("screening-contribution", households=self.block.size)  # recorded before anything leaves
         blobs: list[bytes] = []
         signatures: list[str] = []
         for label, weights in passes:
-            mask = zero_sum_mask(self.keys, agencies, label, len(self.block.x))
+            mask = zero_sum_mask(self.keys, agencies, label, self.block.size)
             part = Contributor(self.block, weights, self.score_clip, self.keys).partial_scores(request, mask)
             signatures.append(self.keys.sign(partial_statement(label, part)).hex())
             blobs += part.ciphertexts
-        fields = {"count": len(self.block.x), "fingerprint": request.context_fingerprint, "signature": signatures[0],
+        fields = {"count": self.block.size, "fingerprint": request.context_fingerprint, "signature": signatures[0],
                   "previous_signature": signatures[1] if len(signatures) > 1 else ""}  # fmt: skip
         return Frame("ok", fields, blobs)
 
@@ -334,7 +334,7 @@ class ScreeningSession:
                 self.plan.screening, self.plan.model_version, self.plan.purpose,
             )  # fmt: skip
         except ScreeningRefusedError as exc:  # recorded in its ledger; sealed, of the same length as reasons
-            capacity = reasons_capacity(self.loaded.spec.agency(self.agency).explain_max, len(self.block.x))
+            capacity = reasons_capacity(self.loaded.spec.agency(self.agency).explain_max, self.block.size)
             envelope = seal_reasons(self.keys, requester, self.plan.screening, {}, capacity, refusal=str(exc))
         return Frame("ok", blobs=[pack(envelope)])
 

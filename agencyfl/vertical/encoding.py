@@ -9,6 +9,8 @@ times its residual (``docs/vertical.md``).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -47,9 +49,13 @@ def clip_rows(x: Matrix, bound: float = CLIP, *, in_place: bool = False) -> Matr
     return np.asarray(x * scale[:, None], dtype=np.float64)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Block:
     """One agency's inputs at every register position.
+
+    Held only as the agency's own rows, where they sit and each row's clip factor: scoring needs
+    ``scores`` (one float per position), never the register-sized matrix ``x``, which training builds on
+    first use (a million-household register by 20 inputs is 170 MB of float64).
 
     Attributes
     ----------
@@ -57,21 +63,79 @@ class Block:
         Whose block.
     names
         Input names: the encoder's columns, then ``not_held``.
-    x
-        ``[N, len(names)]``, each row of L2 norm at most ``CLIP``.
     held
         True at the positions the agency has a valid row for.
+    rows
+        The encoded inputs of each held position, not-held input excluded, not clipped.
+    positions
+        The register position of each of ``rows``.
+    given
+        ``x`` given whole instead (``with_inputs``: a test's or an attacker's rows), or None.
     """
 
     agency: str
     names: tuple[str, ...]
-    x: Matrix
     held: npt.NDArray[np.bool_]
+    rows: npt.NDArray[np.floating[Any]]
+    positions: npt.NDArray[np.int64]
+    given: Matrix | None = None
+
+    def with_inputs(self, x: Matrix) -> Block:
+        """This block with ``x`` as its inputs at every position, as given (not clipped again)."""
+        if x.shape != (self.size, self.width):
+            raise ValueError(f"inputs of shape {x.shape} for a block of {(self.size, self.width)}")
+        return dataclasses.replace(self, given=x)
 
     @property
     def width(self) -> int:
         """Number of inputs (weights) of the block."""
         return len(self.names)
+
+    @property
+    def size(self) -> int:
+        """Register positions N."""
+        return len(self.held)
+
+    @functools.cached_property
+    def x(self) -> Matrix:
+        """``[N, width]``: each held row at its position, 1 in ``not_held`` elsewhere, every row clipped to L2
+        norm ``CLIP`` (or the inputs given whole)."""
+        if self.given is not None:
+            return self.given
+        x = np.zeros((self.size, self.width))
+        x[self.positions, :-1] = self.rows
+        x[~self.held, -1] = 1.0
+        return clip_rows(x, CLIP, in_place=True)
+
+    def scores(self, weights: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        """``x @ weights`` without ``x``: each held row's clipped inputs times the weights, and the not-held
+        weight (times the clip factor of a row holding only that 1) at every other position."""
+        if weights.shape != (self.width,):
+            raise ValueError(f"{len(weights)} weights for {self.width} inputs")
+        if self.given is not None:
+            return np.asarray(self.given @ weights, dtype=np.float64)
+        out = np.full(self.size, min(1.0, CLIP) * weights[-1])
+        for start in range(0, len(self.positions), _SCORING_ROWS):  # a float64 copy of a slice, not of all
+            part = slice(start, start + _SCORING_ROWS)
+            rows = np.asarray(self.rows[part], dtype=np.float64)
+            out[self.positions[part]] = clip_rows(rows, CLIP, in_place=True) @ weights[:-1]
+        return out
+
+    def inputs_at(self, positions: npt.NDArray[np.int64] | list[int]) -> Matrix:
+        """``x[positions]`` without ``x`` (the rows a disclosure explains)."""
+        at = np.asarray(positions, dtype=np.int64)
+        if self.given is not None:
+            return np.asarray(self.given[at], dtype=np.float64)
+        out = np.zeros((len(at), self.width))
+        out[~self.held[at], -1] = min(1.0, CLIP)
+        row_of = np.full(self.size, -1, dtype=np.int64)
+        row_of[self.positions] = np.arange(len(self.positions))
+        mine = np.flatnonzero(self.held[at])
+        out[mine, :-1] = clip_rows(np.asarray(self.rows[row_of[at[mine]]], dtype=np.float64), CLIP, in_place=True)
+        return out
+
+
+_SCORING_ROWS = 1 << 16
 
 
 def _kept(frame: pd.DataFrame, keep: npt.NDArray[np.bool_]) -> pd.DataFrame:
@@ -89,18 +153,17 @@ def place_block(
     ValueError
         If a position is outside ``0 .. size - 1`` or repeats.
     """
+    if values.ndim != 2 or values.shape[1] != len(names):
+        raise ValueError(f"rows of {values.shape[1:]} values for {len(names)} inputs")
     if len(values) != len(positions):
         raise ValueError(f"{len(values)} rows but {len(positions)} positions")
     if len(positions) and (positions.min() < 0 or positions.max() >= size):
         raise ValueError(f"positions must lie in 0..{size - 1}")
     if len(positions) and np.bincount(positions, minlength=size).max() > 1:  # O(N): no sort of a million
         raise ValueError("a register position repeats")
-    x = np.zeros((size, len(names) + 1))
     held = np.zeros(size, dtype=bool)
-    x[positions, :-1] = values
     held[positions] = True
-    x[~held, -1] = 1.0
-    return Block(agency, (*names, NOT_HELD), clip_rows(x, in_place=True), held)
+    return Block(agency, (*names, NOT_HELD), held, values, np.asarray(positions, dtype=np.int64))
 
 
 @dataclass(frozen=True)

@@ -299,12 +299,12 @@ class FeatureHolder(_Holder):
         """``Enc(X_k w_k)`` over every register position, sealed to the label holder for iteration ``step``
         (``iterations + 1``: the validation scores after the last one)."""
         raw = self._encrypt(self._own_part(self.block.x @ self.weights))
-        return self._seal(raw, self.label_holder, "partial-scores", len(self.block.x), step)
+        return self._seal(raw, self.label_holder, "partial-scores", self.block.size, step)
 
     def masked_hessian(self, envelopes: list[Envelope]) -> GradientMessage:
         """``Enc(H_k + r)``: one one-value ciphertext per entry of its block's upper triangle, from civil
         affairs' sealed Enc(m c / 4) (it cannot tell which households are assessed), ``r`` a fresh mask."""
-        raw = self._open(envelopes, self.label_holder, "hessian-weights", HESSIAN_STEP, len(self.block.x), self.slots)
+        raw = self._open(envelopes, self.label_holder, "hessian-weights", HESSIAN_STEP, self.block.size, self.slots)
         start = time.perf_counter()
         enc_weights = [ts.ckks_vector_from(self.context, r) for r in raw]
         out, self._hessian_mask = self._masked_totals(self._pair_products(enc_weights))
@@ -316,7 +316,7 @@ class FeatureHolder(_Holder):
     def open_residuals(self, envelopes: list[Envelope], step: int) -> list[bytes]:
         """The residual ciphertexts of iteration ``step`` from the label holder's sealed message (still encrypted
         under A's key)."""
-        return self._open(envelopes, self.label_holder, "residuals", step, len(self.block.x), self.slots)
+        return self._open(envelopes, self.label_holder, "residuals", step, self.block.size, self.slots)
 
 
 class LabelHolder(_Holder):
@@ -336,7 +336,7 @@ class LabelHolder(_Holder):
 
     def _scores(self, partials: dict[str, list[Envelope]], step: int) -> list[ts.CKKSVector]:
         own = self._own_part(self.block.x @ self.weights[:-1] + self.weights[-1])
-        n = len(self.block.x)
+        n = self.block.size
         opened = {k: self._open(v, k, "partial-scores", step, n, self.slots) for k, v in partials.items()}
         start = time.perf_counter()
         total = [ts.ckks_vector(self.context, c) for c in _chunks(own, self.slots)]
@@ -357,7 +357,7 @@ class LabelHolder(_Holder):
         offset = _chunks(m * self.scale * (0.5 - self.labels.y), self.slots)
         raw = [bytes((c * s + o).serialize()) for c, s, o in zip(z, slope, offset, strict=True)]
         self.he_seconds += time.perf_counter() - start
-        return raw, {k: self._seal(raw, k, "residuals", len(self.block.x), step) for k in partials}
+        return raw, {k: self._seal(raw, k, "residuals", self.block.size, step) for k in partials}
 
     def hessian_weights(self, parties: list[str]) -> dict[str, list[Envelope]]:
         """``Enc(m c / 4)`` over every register position (m: who is assessed), sealed to each feature holder for
@@ -371,7 +371,7 @@ class LabelHolder(_Holder):
         ]
         raw = [bytes(c.serialize()) for c in cts]
         self.he_seconds += time.perf_counter() - start
-        return {p: self._seal(raw, p, "hessian-weights", len(self.block.x), HESSIAN_STEP) for p in parties}
+        return {p: self._seal(raw, p, "hessian-weights", self.block.size, HESSIAN_STEP) for p in parties}
 
     def masked_hessian(self) -> GradientMessage:
         """``Enc(H_L + r)`` for its own block with the intercept: computed in clear from its own rows and
@@ -429,7 +429,7 @@ class LabelHolder(_Holder):
         if len(values) != 2 * size:
             raise MessageRejectedError(f"{len(values)} decrypted scores; {2 * size} were sent")
         z, tagged = values[:size] - mask, values[size:] - tag_mask
-        n = len(self.block.x)
+        n = self.block.size
         outside = np.ones(size, dtype=bool)
         outside[:n][self.labels.validation] = False
         if not np.all(np.abs(tagged - factor * z) <= SCORE_TAG_TOLERANCE) or not np.all(

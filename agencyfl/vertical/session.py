@@ -66,9 +66,9 @@ class PartySession:
         self.labels: LabelData | None = None
         if self.is_label:
             self.block, self.labels = label_block(config.loaded, config.files.folder, files=config.files)
-            if len(self.block.x) != self.job.register_size:
+            if self.block.size != self.job.register_size:
                 raise ProtocolError(
-                    f"the plan's register has {self.job.register_size} households; this one {len(self.block.x)}"
+                    f"the plan's register has {self.job.register_size} households; this one {self.block.size}"
                 )
         else:
             self.block = feature_block(
