@@ -199,8 +199,10 @@ def test_the_deployed_job_trains_the_one_machine_model(deployed: tuple[Federatio
     version = Path(summary["registry"]).name
     for agency in fed.parties:
         part = np.load(fed.work / agency / "model" / version / "weights.npy")
-        # CKKS error (both runs) reaches the steps through Newton's step matrix (gain up to lr / lambda)
-        np.testing.assert_allclose(part, reference.weights[agency], atol=5e-3)
+        # CKKS error (both runs) reaches the steps through Newton's step matrix (gain up to lr / lambda): eight
+        # one-machine runs with the same noise draws differed by up to 0.0037, a deployed run from its reference
+        # once in six by 0.0073 (2026-12-05); a wrong model is off by tenths
+        np.testing.assert_allclose(part, reference.weights[agency], atol=1e-2)
     # the exact validation AUC stays with civil affairs; the card carries the one released with noise
     holder_folder = fed.work / loaded.spec.label_agency.name / "vertical" / "vjob-deployed"
     kept = json.loads((holder_folder / "validation.json").read_text())
