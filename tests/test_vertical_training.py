@@ -320,17 +320,28 @@ def test_a_party_s_id_column_reads_as_alignment_numbered_its_rows(tmp_path: Any)
 
     from agencyfl.alignment.runs import read_ids
     from agencyfl.federation.errors import DataFileError
+    from agencyfl.federation.table import read_plain_csv
     from agencyfl.vertical.encoding import _column
 
     cases = {
         "first": 'id,name,x\n 01 ,"a, b",1\n\n02,"multi\nline",2\n03\n"04",,3\n05,x,4,extra\n  \n06,"q""uote",5\n',
         "second": 'name,id,x\na,01,1\nb\n\n"c,d", 02 ,3\ne,"0""3",4,5,6\nf,,7\n',
         "crlf": "id,x\r\n01,1\r\n02,2\r\n\r\n03,3\r\n",
+        # plain files (no quote character), which Arrow reads; the blank lines and short rows go to pandas
+        "plain": "x,id\n1, 01 \n2,02\n3,\n4,é中\n",
+        "plain-crlf": "id,x\r\n01,1\r\n02,2\r\n",
+        "plain-blank-end": "id,x\n01,1\n02,2\n\n",
+        "plain-blank-inside": "id,x\n01,1\n\n02,2\n",
+        "plain-short": "id,x\n01\n02,2\n",
+        "plain-spaces-line": "id,x\n01,1\n   \n02,2\n",
     }
     for name, text in cases.items():
         path = Path(tmp_path) / f"{name}.csv"
         path.write_text(text, encoding="utf-8")
         assert list(_column(str(path), 0, len(text), "id")) == list(read_ids(path, "id")), name
+    assert read_plain_csv(Path(tmp_path) / "plain.csv", ["id"], blank_lines_are_rows=True) is not None
+    fast = read_plain_csv(Path(tmp_path) / "plain-blank-end.csv", ["id"], blank_lines_are_rows=True)
+    assert fast is None or fast.column(0).to_pylist() == list(read_ids(Path(tmp_path) / "plain-blank-end.csv", "id"))
     latin = Path(tmp_path) / "latin.csv"
     latin.write_bytes("id,x\n\xe9,1\n".encode("latin-1"))
     with pytest.raises(DataFileError, match="not a UTF-8"):  # what alignment says, through the same reader

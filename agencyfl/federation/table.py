@@ -65,29 +65,43 @@ def _read_csv(path: Path) -> pd.DataFrame:
     splitter to cut) and a header of two or more distinct, non-empty names. Any other file, and any file
     Arrow refuses (a row with more or fewer cells than the header, a line of spaces, bytes that are not
     UTF-8), goes through pandas' reader as before (short rows padded with "", pandas' own errors)."""
-    with path.open("rb") as handle:  # quoted values may hold newlines: pandas reads those files
-        plain = not any(b'"' in chunk for chunk in iter(lambda: handle.read(1 << 20), b""))
-    if plain:
-        try:
-            names = pacsv.open_csv(path).schema.names
-            # pandas renames "" and repeated names, and skips a line of spaces that Arrow would read as a
-            # one-column row (with two columns or more Arrow refuses that line)
-            if len(set(names)) == len(names) and all(names) and len(names) > 1:
-                table = pacsv.read_csv(
-                    path,
-                    convert_options=pacsv.ConvertOptions(
-                        # pandas keeps strings as Arrow large strings: read so, not cast (a copy of the file)
-                        column_types=dict.fromkeys(names, pa.large_string()),
-                        strings_can_be_null=False,
-                        quoted_strings_can_be_null=False,
-                        null_values=[],
-                    ),
-                )
-                frame: pd.DataFrame = table.to_pandas()
-                return frame
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-            pass
+    table = read_plain_csv(path)
+    if table is not None:
+        frame: pd.DataFrame = table.to_pandas()
+        return frame
     return pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
+
+
+def read_plain_csv(
+    path: Path, columns: list[str] | None = None, *, blank_lines_are_rows: bool = False
+) -> pa.Table | None:
+    """Every cell (of ``columns``, or all) as written, as Arrow large strings, by Arrow's reader; None for a file
+    it would not read as pandas does: one holding a quote character (a quoted value may hold a newline for
+    Arrow's block splitter to cut), a header of fewer than two distinct, non-empty names (pandas renames
+    "" and repeated names, and skips a line of spaces that Arrow would read as a one-column row), or a file
+    Arrow refuses (a row with more or fewer cells than the header, bytes that are not UTF-8, and with
+    ``blank_lines_are_rows`` a blank line, which pandas would number as a row of empty cells)."""
+    with path.open("rb") as handle:
+        if any(b'"' in chunk for chunk in iter(lambda: handle.read(1 << 20), b"")):
+            return None
+    try:
+        names = pacsv.open_csv(path).schema.names
+        if len(set(names)) != len(names) or not all(names) or len(names) < 2:
+            return None
+        return pacsv.read_csv(
+            path,
+            parse_options=pacsv.ParseOptions(ignore_empty_lines=not blank_lines_are_rows),
+            convert_options=pacsv.ConvertOptions(
+                include_columns=columns or [],
+                # pandas keeps strings as Arrow large strings: read so, not cast (a copy of the file)
+                column_types=dict.fromkeys(names, pa.large_string()),
+                strings_can_be_null=False,
+                quoted_strings_can_be_null=False,
+                null_values=[],
+            ),
+        )
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, KeyError):
+        return None
 
 
 def _read_raw(path: Path) -> pd.DataFrame:
