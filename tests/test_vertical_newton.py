@@ -76,7 +76,9 @@ def test_block_newton_takes_the_reference_s_steps(
     result, admitted = run
     reference = reference_train(features, label, labels, PLAN, np.random.default_rng(SEED))
     for name, w in reference.items():
-        assert np.abs(result.weights[name] - w).max() < 5e-3, name
+        # eight encrypted runs with the same noise draws differ by up to 0.0042 (before and after 2026-12-05's
+        # block change); one in the suite was 0.0050 from this plaintext reference, so 0.005 was the edge
+        assert np.abs(result.weights[name] - w).max() < 1e-2, name
     assert max(np.abs(w).max() for w in reference.values()) > 0.5  # it moved, far beyond the tolerance
     gd = PLAN.model_copy(update={"optimizer": "gd"})
     plain = reference_train(features, label, labels, gd, np.random.default_rng(SEED))
