@@ -76,10 +76,10 @@ def write_private_csv(path: Path, frame: pd.DataFrame) -> None:
 
 def _csv_by_arrow(frame: pd.DataFrame) -> str | None:
     """``frame.to_csv(index=False)``, by Arrow's writer (a quarter of a million worklist rows in a fifth of the
-    time), for a frame it writes byte for byte alike: two or more distinct string column names (a lone empty
-    value is quoted by pandas), columns of strings (None
-    or NaN missing), int64 or float64 (formatted as pandas formats them: NumPy's ``str``), and no name or
-    value that needs quotes (Arrow refuses such a value unquoted). None for any other frame."""
+    time), for a frame it writes byte for byte alike: two or more distinct string column names (pandas quotes a
+    lone empty value), columns of strings (None or NaN missing), int64 or float64 (formatted as pandas formats
+    them: NumPy's ``str``), and no name or value that needs quotes (Arrow refuses such a value unquoted).
+    None for any other frame."""
     names = list(frame.columns)
     if len(names) < 2 or len(set(names)) != len(names) or not all(isinstance(n, str) for n in names):
         return None
@@ -91,10 +91,8 @@ def _csv_by_arrow(frame: pd.DataFrame) -> str | None:
         elif col.dtype == np.float64:
             values = col.to_numpy()
             arrays.append(pa.array(values.astype(str), type=pa.large_string(), mask=np.isnan(values)))
-        elif (
-            pd.api.types.infer_dtype(col, skipna=True) in ("string", "empty")
-            and col.dtype.kind in "OU"
-            or (isinstance(col.dtype, pd.StringDtype))
+        elif isinstance(col.dtype, pd.StringDtype) or (
+            col.dtype == object and pd.api.types.infer_dtype(col, skipna=True) in ("string", "empty")
         ):
             arrays.append(pa.array(col.to_numpy(dtype=object), type=pa.large_string(), from_pandas=True))
         else:

@@ -137,12 +137,19 @@ def _numbers(col: pd.Series) -> np.ndarray:
         return pd.to_numeric(col.where(col != ""), errors="coerce").to_numpy(dtype=np.float64)
 
 
+def _arrow_strings(col: pd.Series) -> pa.ChunkedArray | None:
+    """The column's own Arrow data (not a copy) when pandas holds it as Arrow strings, else None."""
+    if isinstance(col.dtype, pd.StringDtype) and col.dtype.storage == "pyarrow":
+        return pa.chunked_array(pa.array(col))
+    return None
+
+
 def _stripped(col: pd.Series) -> pd.Series:
     """``col.str.strip()``, or ``col`` itself when no value begins or ends with whitespace (as Arrow's trim,
     which ``str.strip`` runs on Arrow strings, judges it): a column of a million strings is not copied to
     change nothing."""
-    if isinstance(col.dtype, pd.StringDtype) and col.dtype.storage == "pyarrow":
-        arrow = pa.array(col)  # the column's own Arrow data, not a copy
+    arrow = _arrow_strings(col)
+    if arrow is not None:
         edges = (pc.utf8_slice_codeunits(arrow, 0, 1), pc.utf8_slice_codeunits(arrow, -1, _TO_THE_END))
         if not any(pc.any(pc.utf8_is_space(edge)).as_py() for edge in edges):
             return col
@@ -154,8 +161,9 @@ _TO_THE_END = 2**31 - 1
 
 def _category_codes(col: pd.Series, categories: list[str]) -> npt.NDArray[np.int64]:
     """Each value's index in ``categories``, -1 where it is none of them (Arrow's lookup on Arrow strings)."""
-    if isinstance(col.dtype, pd.StringDtype) and col.dtype.storage == "pyarrow":
-        found = pc.index_in(pa.array(col), value_set=pa.array(categories, pa.large_string()))
+    arrow = _arrow_strings(col)
+    if arrow is not None:
+        found = pc.index_in(arrow, value_set=pa.array(categories, pa.large_string()))
         return np.asarray(pc.fill_null(found, -1).to_numpy(), dtype=np.int64)
     return np.asarray(pd.Index(categories, dtype=object).get_indexer(pd.Index(col.astype(object))), dtype=np.int64)
 

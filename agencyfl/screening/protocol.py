@@ -87,20 +87,10 @@ class Requester(_Party):
     The secret key lives only in this object's memory: never written, never sent.
     """
 
-    def __init__(self, block: Block, weights: Vector, score_clip: float | None) -> None:
-        self._start(block.agency, block.size, weights, score_clip)
-        self.hold(block)
-
-    @classmethod
-    def before_its_block(cls, agency: str, size: int, weights: Vector, score_clip: float | None) -> Requester:
-        """The key pair and the request first, its own block (``hold``) once read: on one machine the
-        agencies encrypt while civil affairs still reads and validates its register."""
-        requester = cls.__new__(cls)
-        requester._start(agency, size, weights, score_clip)
-        return requester
-
-    def _start(self, agency: str, size: int, weights: Vector, score_clip: float | None) -> None:
-        _Party.__init__(self, agency)
+    def __init__(self, agency: str, size: int, weights: Vector, score_clip: float | None) -> None:
+        """The key pair and the request need only the register's size; its own block comes with ``hold`` (on
+        one machine the agencies encrypt while civil affairs still reads and validates its register)."""
+        super().__init__(agency)
         self.size = size
         self.weights = weights
         self.score_clip = score_clip  # the model's (its manifest's): each part is clipped by its holder

@@ -209,9 +209,7 @@ def _score(
     holder = spec.label_agency.name
     names = [a.name for a in spec.agencies if a.name != holder]
     clip = model.manifest.score_clip  # every part's score is clipped by its holder, as in training
-    requester = Requester.before_its_block(
-        holder, register_size(loaded, workdir), load_part(workdir, holder, model.manifest), clip
-    )
+    requester = Requester(holder, register_size(loaded, workdir), load_part(workdir, holder, model.manifest), clip)
     request = requester.request(screening, spec.federation.name, model.version, purpose)
 
     def civil_affairs() -> tuple[Block, pd.DataFrame | None]:
@@ -539,22 +537,21 @@ def worklist_table(
             "open" if status is None and before is not None else status
             for status, before in zip(review_status, previous_category, strict=True)
         ]
-    text: dict[str, list[Any]] = {
-        "household": households, "category": categories, "change": change, "previous_category": previous_category,
-        "cause": cause, "review_status": review_status, "reasons": [reasons.get(p) for p in listed.tolist()],
-        "model_version": [model.version] * len(listed), "screening": [screening] * len(listed),
-    }  # fmt: skip
+
+    def objects(values: list[Any]) -> pd.Series:
+        return pd.Series(values, dtype=object)  # Python strings and None, as the rows have always held
+
     table = pd.DataFrame(
         {
-            **{c: pd.Series(text[c], dtype=object) for c in ("household", "category")},  # Python strings, as read
-            "position": listed.astype(np.int64),
+            "household": objects(households), "position": listed.astype(np.int64), "category": objects(categories),
             "score": [round(v, 4) for v in lists.scores[listed].tolist()],  # Python's rounding, as the CSV had
-            "cutoff": lists.cutoff[listed],
-            "enrolled": lists.frame["enrolled"].to_numpy(dtype=bool)[listed],
-            **{c: pd.Series(text[c], dtype=object) for c in text if c not in ("household", "category")},
+            "cutoff": lists.cutoff[listed], "enrolled": lists.frame["enrolled"].to_numpy(dtype=bool)[listed],
+            "change": objects(change), "previous_category": objects(previous_category), "cause": objects(cause),
+            "review_status": objects(review_status), "reasons": objects([reasons.get(p) for p in listed.tolist()]),
+            "model_version": objects([model.version] * len(listed)), "screening": objects([screening] * len(listed)),
         },
         columns=list(ROW_COLUMNS),
-    )
+    )  # fmt: skip
     left: list[dict[str, Any]] = []
     if previous is not None:
         now_listed = set(households)

@@ -189,7 +189,8 @@ class ScreeningSession:
             self.old_model = self._model_from(blobs[len(MODEL_FILES) :], self.out / "previous-model",
                                               previous.model_sha256, previous.parts)  # fmt: skip
         self.model = model
-        self.requester = Requester(self.block, self.weights, self.score_clip)
+        self.requester = Requester(self.agency, self.block.size, self.weights, self.score_clip)
+        self.requester.hold(self.block)
         request = self.requester.request(self.plan.screening, self.plan.federation, self.plan.model_version,
                                          self.plan.purpose)  # fmt: skip
         self.request = request
