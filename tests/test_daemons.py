@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from agencyfl.daemons import running_pid, start_daemon, stop_daemon
+from agencyfl.synth import SynthResult
 
 
 def test_stop_stops_the_daemon_it_started(tmp_path: Path) -> None:
@@ -58,3 +59,26 @@ def test_the_daemons_clientapp_is_flowers_own_function_without_the_supernode_cli
     )
     light = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=60)
     assert light.stdout.strip().endswith("False"), light.stdout  # the SuperNode's CLI was never imported
+
+
+def test_a_message_that_trains_nothing_imports_no_training_code(small_fed: SynthResult) -> None:
+    """A SecAgg+ key exchange or an alignment step starts a fresh process per agency (deployment): finding
+    the agency's site and its spec must not import pandas, SciPy, dp_accounting or torch (about 1 s of CPU
+    per message; measured 2.0 s to 1.06 s per such process in test_deployment's job)."""
+    import sys
+
+    check = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from agencyfl.clients.app import _requires_secure_aggregation\n"
+        "from agencyfl.clients.site import AgencySite\n"
+        f"site = AgencySite(agency='tax', spec_path=Path({str(small_fed.spec)!r}), data_path=Path('x.csv'),"
+        " home=Path('home'))\n"
+        "_requires_secure_aggregation(site)\n"
+        "site.ledger_dir\n"
+        "heavy = ('pandas', 'scipy', 'dp_accounting', 'torch', 'opacus', 'tenseal')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", done.stdout

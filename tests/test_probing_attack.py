@@ -28,7 +28,8 @@ from scipy.stats import beta
 
 from agencyfl.clients.admission import initial_arrays
 from agencyfl.clients.app import AgencyClient
-from agencyfl.clients.site import AgencySite, load_local_data
+from agencyfl.clients.local_data import load_local_data
+from agencyfl.clients.site import AgencySite
 from agencyfl.federation.encoding import FeatureEncoder
 from agencyfl.federation.messages import NoisedEvaluation, TrainReport
 from agencyfl.federation.metrics import score_histograms

@@ -309,7 +309,7 @@ def test_an_empty_ledger_file_is_not_a_fresh_budget(small_fed: SynthResult, tmp_
 
 def test_the_validation_split_is_the_agencys_secret(small_fed: SynthResult, tmp_path: Path) -> None:
     # The split used to be salted with the public federation name: anyone could tell who is in it.
-    from agencyfl.clients.site import load_local_data
+    from agencyfl.clients.local_data import load_local_data
     from agencyfl.federation.table import load_table, validation_mask
 
     site, _ = make_site(small_fed, tmp_path)

@@ -17,7 +17,8 @@ import torch
 from opacus.accountants import RDPAccountant
 
 from agencyfl.clients.admission import admit, admit_release
-from agencyfl.clients.site import AgencySite, LocalData, load_local_data, site_spec
+from agencyfl.clients.local_data import LocalData, load_local_data
+from agencyfl.clients.site import AgencySite, site_spec
 from agencyfl.clients.trainer import dp_sgd, noise_generator, steps_per_epoch
 from agencyfl.federation.encoding import FeatureEncoder
 from agencyfl.federation.fairness import count_groups, layout, sensitivity

@@ -29,12 +29,15 @@ accountant analyses them (nothing is ever released unaccounted).
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
-from dp_accounting import dp_event as dpe
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from agencyfl.privacy.steps import StepRecord
+
+if TYPE_CHECKING:  # dp_accounting's package imports SciPy's signal, stats and optimize: ~1 s of CPU that
+    # every Flower message's process would pay; only the accountants need it
+    from dp_accounting import dp_event as dpe
 
 EVENT_FORMAT = 1
 """Version of the event model; an entry's ``mechanism_format``."""
@@ -112,6 +115,8 @@ for _model in (PoissonSampled, SelfComposed, Composed):
 
 def to_dp_event(event: Mechanism) -> dpe.DpEvent:
     """The dp_accounting ``DpEvent`` this event is (one to one)."""
+    from dp_accounting import dp_event as dpe
+
     if isinstance(event, GaussianEvent):
         return dpe.GaussianDpEvent(noise_multiplier=event.std / event.sensitivity)
     if isinstance(event, LaplaceEvent):
