@@ -26,6 +26,24 @@ def test_opacus_reference_value() -> None:
     assert epsilon_for([StepRecord(1.5, 0.04, 2250)], 1e-5) == pytest.approx(7.32911, abs=1e-4)
 
 
+def test_the_rdp_analysis_is_opacus_own_on_its_orders() -> None:
+    # accounting.py runs Opacus' analysis file without importing torch (it is then executed under a private
+    # name): the same file, the same orders and the same epsilon as an RDPAccountant over the same history
+    import inspect
+
+    import opacus.accountants.analysis.rdp as opacus_rdp
+
+    from agencyfl.privacy import accounting
+
+    assert tuple(RDPAccountant.DEFAULT_ALPHAS) == accounting.ORDERS
+    assert inspect.getsourcefile(accounting.compute_rdp) == inspect.getsourcefile(opacus_rdp.compute_rdp)
+    one = RDPAccountant()
+    history = [StepRecord(1.1, 0.02, 500), StepRecord(4.0, 1.0, 1), StepRecord(0.8, 0.1, 30)]
+    for r in history:
+        one.history.append((r.noise_multiplier, r.sample_rate, r.steps))
+    assert epsilon_for(history, 1e-5) == pytest.approx(one.get_epsilon(1e-5), rel=1e-12)
+
+
 def test_nothing_spent_is_zero() -> None:
     assert epsilon_for([], 1e-5) == 0.0
     assert epsilon_for([StepRecord(1.0, 0.02, 0)], 1e-5) == 0.0

@@ -11,34 +11,57 @@ restored from the ledger: nothing here writes into an accountant's state.
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 import warnings
 from collections.abc import Iterable
 from functools import lru_cache
+from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 from dp_accounting import dp_event as dpe
 from dp_accounting.mechanism_calibration import ExplicitBracketInterval, calibrate_dp_mechanism
 from dp_accounting.privacy_accountant import NeighboringRelation, PrivacyAccountant
-from opacus.accountants import RDPAccountant
-from opacus.accountants.analysis.prv import (
-    Domain,
-    PoissonSubsampledGaussianPRV,
-    TruncatedPrivacyRandomVariable,
-    compose_heterogeneous,
-    compute_safe_domain_size,
-    discretize,
-)
-from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
 from agencyfl.privacy.steps import StepRecord
 
 __all__ = ["StepRecord"]  # re-exported: where it lived before
 
+ORDERS: tuple[float, ...] = tuple(1 + x / 10.0 for x in range(1, 100)) + tuple(float(a) for a in range(12, 64))
+"""The RDP orders of Opacus' ``RDPAccountant.DEFAULT_ALPHAS`` (tests/test_accounting.py checks they agree)."""
+
+
+def _opacus_rdp_analysis() -> ModuleType:
+    """Opacus' RDP analysis, ``opacus/accountants/analysis/rdp.py`` (NumPy and SciPy), unchanged.
+
+    Importing it by name runs ``opacus/__init__``, which imports torch: 2.6 s of CPU in every process
+    that accounts without training (a vertical job's party, a screening, a dry run; each Flower message is
+    a process of its own in deployment). So it is executed from its file under a private name, unless
+    Opacus is already imported, and then it is Opacus' own module.
+    """
+    loaded = sys.modules.get("opacus.accountants.analysis.rdp")
+    if loaded is not None:
+        return loaded
+    package = importlib.util.find_spec("opacus")  # finds the package without importing it
+    if package is None or package.origin is None:  # pragma: no cover - Opacus is a dependency
+        raise ImportError("Opacus is not installed")
+    path = Path(package.origin).parent / "accountants" / "analysis" / "rdp.py"
+    spec = importlib.util.spec_from_file_location("agencyfl._opacus_rdp_analysis", path)
+    if spec is None or spec.loader is None:  # pragma: no cover - Opacus' layout changed
+        raise ImportError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_RDP = _opacus_rdp_analysis()
+compute_rdp, get_privacy_spent = _RDP.compute_rdp, _RDP.get_privacy_spent
+
 
 @lru_cache(maxsize=1024)
 def _rdp_per_step(sample_rate: float, noise_multiplier: float) -> np.ndarray:
-    orders = RDPAccountant.DEFAULT_ALPHAS
-    return np.asarray(compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=orders))
+    return np.asarray(compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=ORDERS))
 
 
 def epsilon_for(records: Iterable[StepRecord], delta: float) -> float:
@@ -48,7 +71,7 @@ def epsilon_for(records: Iterable[StepRecord], delta: float) -> float:
     additively and is linear in the number of steps), with each mechanism's per-step RDP curve
     cached: auditors recompute the spend after every ledger entry.
     """
-    rdp = np.zeros(len(RDPAccountant.DEFAULT_ALPHAS))
+    rdp = np.zeros(len(ORDERS))
     spent = False
     for r in records:
         if r.steps > 0:
@@ -56,7 +79,7 @@ def epsilon_for(records: Iterable[StepRecord], delta: float) -> float:
             spent = True
     if not spent:
         return 0.0
-    eps, _ = get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
+    eps, _ = get_privacy_spent(orders=ORDERS, rdp=rdp, delta=delta)
     return float(eps)
 
 
@@ -69,7 +92,7 @@ class RdpTally:
     """
 
     def __init__(self) -> None:
-        self._rdp = np.zeros(len(RDPAccountant.DEFAULT_ALPHAS))
+        self._rdp = np.zeros(len(ORDERS))
         self._spent = False
 
     def add(self, record: StepRecord) -> None:
@@ -82,7 +105,7 @@ class RdpTally:
         """Epsilon at ``delta`` of everything added so far (0.0 when nothing was spent)."""
         if not self._spent:
             return 0.0
-        eps, _ = get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=self._rdp, delta=delta)
+        eps, _ = get_privacy_spent(orders=ORDERS, rdp=self._rdp, delta=delta)
         return float(eps)
 
 
@@ -112,6 +135,15 @@ def epsilon_prv(records: Iterable[StepRecord], delta: float, eps_error: float = 
     history into an accountant: the same safe domain (Gopi et al.), mesh, truncation, discretization,
     FFT composition, and the upper end of the estimate's interval (a guarantee, not an estimate).
     """
+    from opacus.accountants.analysis.prv import (  # imports torch (Opacus' package): only where PRV is reported
+        Domain,
+        PoissonSubsampledGaussianPRV,
+        TruncatedPrivacyRandomVariable,
+        compose_heterogeneous,
+        compute_safe_domain_size,
+        discretize,
+    )
+
     history = _merged(records)
     if not history:
         return 0.0

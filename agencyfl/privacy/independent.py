@@ -29,8 +29,8 @@ from dp_accounting import dp_event as dpe
 from dp_accounting.pld import PLDAccountant
 from dp_accounting.privacy_accountant import NeighboringRelation
 from dp_accounting.rdp import RdpAccountant
-from opacus.accountants import RDPAccountant
 
+from agencyfl.privacy.accounting import ORDERS as ENFORCING_ORDERS
 from agencyfl.privacy.events import (
     NEIGHBOURING,
     GaussianEvent,
@@ -45,7 +45,7 @@ RDP_TOLERANCE = 1e-2
 PLD_SLACK = 1e-6
 PLD_INTERVAL = 1e-3
 RELATIONS = {NEIGHBOURING: NeighboringRelation.ADD_OR_REMOVE_ONE}
-ORDERS = list(RDPAccountant.DEFAULT_ALPHAS)  # the enforcing accountant's orders (Opacus)
+ORDERS = list(ENFORCING_ORDERS)  # the enforcing accountant's orders (Opacus')
 
 
 def legacy_event(entry: LedgerEvent) -> Mechanism:

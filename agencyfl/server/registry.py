@@ -17,7 +17,6 @@ from pydantic import ValidationError
 
 from agencyfl.federation.encoding import FeatureEncoder
 from agencyfl.federation.errors import ModelError
-from agencyfl.federation.model import build_model, model_from_arrays
 from agencyfl.federation.spec import LoadedSpec, parse_spec
 from agencyfl.server.model_card import ModelCard, render_html, render_markdown
 
@@ -105,6 +104,10 @@ class RegisteredModel:
             ) from None
         except (OSError, ValueError, KeyError) as exc:
             raise ModelError(f"{str(self.directory)!r} is not a registered model: {exc}") from exc
+        # torch only for a horizontal model's weights: the registry's other readers (a vertical job's
+        # parties, screening) would each pay its 2.6 s import
+        from agencyfl.federation.model import build_model, model_from_arrays
+
         self.spec = parse_spec(spec_text, source=str(self.directory / SPEC_FILE))
         self.encoder = FeatureEncoder(self.spec.schema)
         self.model = build_model(self.spec.model, self.encoder.width)
