@@ -44,6 +44,21 @@ def test_the_rdp_analysis_is_opacus_own_on_its_orders() -> None:
     assert epsilon_for(history, 1e-5) == pytest.approx(one.get_epsilon(1e-5), rel=1e-12)
 
 
+def test_a_loose_rdp_order_is_not_a_warning_for_the_reader() -> None:
+    # A very noisy release (its best RDP order is Opacus' largest: Opacus warns), and three DP-SGD rounds with
+    # noisy validation releases as the trained federation's ledgers hold (PRV's domain bound at a tiny delta
+    # warns). Each epsilon is still an upper bound; `audit verify` printed the warning to auditors.
+    import warnings
+
+    rounds = [StepRecord(10.0, 1.0, 1), StepRecord(0.8846, 0.02, 50)] * 3 + [StepRecord(5.0, 1.0, 1)]
+    for records in ([StepRecord(50.0, 1.0, 1)], rounds):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            rdp, prv = epsilon_for(records, 1e-5), epsilon_prv(records, 1e-5)
+        assert [str(w.message) for w in caught] == []
+        assert 0 < prv < rdp
+
+
 def test_nothing_spent_is_zero() -> None:
     assert epsilon_for([], 1e-5) == 0.0
     assert epsilon_for([StepRecord(1.0, 0.02, 0)], 1e-5) == 0.0

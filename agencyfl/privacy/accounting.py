@@ -14,7 +14,8 @@ from __future__ import annotations
 import importlib.util
 import sys
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from types import ModuleType
@@ -59,6 +60,23 @@ _RDP = _opacus_rdp_analysis()
 compute_rdp, get_privacy_spent = _RDP.compute_rdp, _RDP.get_privacy_spent
 
 
+@contextmanager
+def _largest_order_is_fine() -> Iterator[None]:
+    """Silence Opacus' warning that the best RDP order is the largest (a release with much noise, very little
+    spent, or PRV's domain bound at a tiny delta): the epsilon is still an upper bound, only not the tightest,
+    so it is not a reader's concern (it reached auditors' terminals from ``audit verify``)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha", category=UserWarning)
+        yield
+
+
+def _spent(rdp: np.ndarray, delta: float) -> float:
+    """Epsilon at ``delta`` of an RDP curve on ``ORDERS``: Opacus' ``get_privacy_spent``."""
+    with _largest_order_is_fine():
+        eps, _ = get_privacy_spent(orders=ORDERS, rdp=rdp, delta=delta)
+    return float(eps)
+
+
 @lru_cache(maxsize=1024)
 def _rdp_per_step(sample_rate: float, noise_multiplier: float) -> np.ndarray:
     return np.asarray(compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=ORDERS))
@@ -79,8 +97,7 @@ def epsilon_for(records: Iterable[StepRecord], delta: float) -> float:
             spent = True
     if not spent:
         return 0.0
-    eps, _ = get_privacy_spent(orders=ORDERS, rdp=rdp, delta=delta)
-    return float(eps)
+    return _spent(rdp, delta)
 
 
 class RdpTally:
@@ -105,8 +122,7 @@ class RdpTally:
         """Epsilon at ``delta`` of everything added so far (0.0 when nothing was spent)."""
         if not self._spent:
             return 0.0
-        eps, _ = get_privacy_spent(orders=ORDERS, rdp=self._rdp, delta=delta)
-        return float(eps)
+        return _spent(self._rdp, delta)
 
 
 def _merged(records: Iterable[StepRecord]) -> list[tuple[float, float, int]]:
@@ -150,7 +166,8 @@ def epsilon_prv(records: Iterable[StepRecord], delta: float, eps_error: float = 
     delta_error = delta / 1000  # Opacus' default
     prvs = [PoissonSubsampledGaussianPRV(q, sigma) for sigma, q, _ in history]
     counts = [steps for _, _, steps in history]
-    with np.errstate(divide="ignore"):  # a release (q = 1) takes log(1 - q) = -inf in Opacus' PRV domain: handled
+    # a release (q = 1) takes log(1 - q) = -inf in Opacus' PRV domain: handled
+    with np.errstate(divide="ignore"), _largest_order_is_fine():
         size = compute_safe_domain_size(
             prvs=prvs, max_self_compositions=counts, eps_error=eps_error, delta_error=delta_error
         )
@@ -246,7 +263,7 @@ def calibrate_noise(
     def plan(sigma: float) -> list[StepRecord]:
         return [StepRecord(sigma, sample_rate, steps), *also]
 
-    with warnings.catch_warnings():  # at sigma 100 the optimal RDP order is the largest: a loose bound, fine here
+    with warnings.catch_warnings():  # dp_accounting's search may warn too; its result is checked below
         warnings.simplefilter("ignore", UserWarning)
         floor = epsilon_for(plan(MAX_NOISE_MULTIPLIER), delta)
         if floor > target_epsilon:  # checked first: a search would only confirm it
