@@ -1,4 +1,4 @@
-"""Shared fixtures: one synthetic population and one trained federation per session.
+"""Shared fixtures: one synthetic population per worker and one trained federation per run.
 
 Training a federation is the expensive step (15-30 s on 2 cores), so every test that only *reads* a
 trained federation shares ``trained``. A test that writes to it (tampering, a second job, more
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from filelock import FileLock
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 # Two workers, notebook kernels and the daemons share 2 cores: a BLAS or OpenMP pool of 2 threads in each
@@ -40,13 +41,13 @@ AGENCIES = ["civil-affairs", "hrss", "tax", "environment"]
 # other worker takes everything else, a module (or a notebook) at a time, so module-scoped fixtures start
 # once; when it is done it helps with nothing, the daemon unit being one. Order within a unit stays random.
 DAEMONS = {"test_deployment.py", "test_multihost.py", "test_notebooks.py::04", "test_notebooks.py::09"}
-# The other units, longest first (seconds in a full run on 2 cores, 2026-12-04): the daemon worker joins in when
+# The other units, longest first (seconds in a full run on 2 cores, 2026-12-05): the daemon worker joins in when
 # its unit ends, and a long unit handed out last would keep the run going after the other worker is done.
 SLOW_UNITS = {
-    "test_cli.py": 146, "test_notebooks.py::03": 131, "test_accounting.py": 98, "test_notebooks.py::07": 95,
-    "test_vertical_stream.py": 70, "test_ledger_binding.py": 63, "test_notebooks.py::08": 61,
-    "test_notebooks.py::01": 48, "test_notebooks.py::05": 41, "test_scoring.py": 40, "test_audit_verify.py": 27,
-    "test_cli_robustness.py": 20, "test_scoring_hardening.py": 18,
+    "test_cli.py": 142, "test_notebooks.py::03": 123, "test_notebooks.py::07": 78, "test_accounting.py": 70,
+    "test_vertical_stream.py": 63, "test_ledger_binding.py": 62, "test_cli_robustness.py": 59,
+    "test_notebooks.py::05": 54, "test_notebooks.py::01": 41, "test_notebooks.py::08": 40, "test_scoring.py": 31,
+    "test_audit_verify.py": 23, "test_scoring_hardening.py": 17, "test_vertical_evaluate.py": 14,
 }  # fmt: skip
 
 
@@ -109,10 +110,23 @@ def invoke(*args: object) -> Any:
     return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
+def _small_population(data: Path) -> SynthResult:
+    """6,000 households, 3 rounds, 4 agencies, a few malformed rows per agency (the same files for a folder)."""
+    return synthesize(data, households=6000, seed=3, dirty_rows=6, rounds=3)
+
+
 @pytest.fixture(scope="session")
 def small_fed(tmp_path_factory: pytest.TempPathFactory) -> SynthResult:
     """6,000 households, 3 rounds, 4 agencies, a few malformed rows per agency."""
-    return synthesize(tmp_path_factory.mktemp("fed") / "data", households=6000, seed=3, dirty_rows=6, rounds=3)
+    return _small_population(tmp_path_factory.mktemp("fed") / "data")
+
+
+def shared_by_workers(tmp_path_factory: pytest.TempPathFactory, name: str) -> tuple[Path, FileLock]:
+    """A folder every pytest-xdist worker of this run sees (their base temp folders' parent), and the lock
+    that lets one of them build a read-only session fixture there while the others wait to read it."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    return root / name, FileLock(str(root / f"{name}.lock"))
 
 
 @pytest.fixture(scope="session")
@@ -172,14 +186,26 @@ def _train(spec: Path, work: Path) -> TrainedFederation:
 
 
 @pytest.fixture(scope="session")
-def trained(small_fed: SynthResult, tmp_path_factory: pytest.TempPathFactory) -> TrainedFederation:
+def trained(tmp_path_factory: pytest.TempPathFactory) -> TrainedFederation:
     """One real federation (simulation engine, 4 agencies, 3 rounds at epsilon 3, lifetime budget 10),
-    with fairness counts released under Gaussian noise (accounted) and group-threshold mitigation on."""
-    text = small_fed.spec.read_text()
-    text = re.sub(r"(\[fairness\]\n)", r'\1noise_multiplier = 5.0\nmitigation = "group-thresholds"\n', text)
-    spec = small_fed.spec.parent / "trained.toml"
-    spec.write_text(text)
-    return _train(spec, tmp_path_factory.mktemp("trained"))
+    with fairness counts released under Gaussian noise (accounted) and group-threshold mitigation on.
+
+    Trained once per run, by whichever worker asks first (its population has ``small_fed``'s files): a
+    second training cost about 30 s of the suite on 2 cores, and nothing may change it anyway."""
+    root, lock = shared_by_workers(tmp_path_factory, "trained")
+    with lock:
+        done = root / "trained.json"
+        if not done.exists():
+            population = _small_population(root / "data")
+            text = population.spec.read_text()
+            text = re.sub(r"(\[fairness\]\n)", r'\1noise_multiplier = 5.0\nmitigation = "group-thresholds"\n', text)
+            spec = population.spec.parent / "trained.toml"
+            spec.write_text(text)
+            fed = _train(spec, root / "work")
+            done.write_text(json.dumps({"spec": str(fed.spec), "summary": fed.summary}))
+        built = json.loads(done.read_text())
+    work = root / "work"
+    return TrainedFederation(spec=Path(built["spec"]), work=work, summary=built["summary"], keyring=work / "keyring")
 
 
 @pytest.fixture()
