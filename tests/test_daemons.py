@@ -70,13 +70,14 @@ def test_a_message_that_trains_nothing_imports_no_training_code(small_fed: Synth
     check = (
         "import sys\n"
         "from pathlib import Path\n"
+        "import agencyfl.clients.alignment_steps\n"
         "from agencyfl.clients.app import _requires_secure_aggregation\n"
         "from agencyfl.clients.site import AgencySite\n"
         f"site = AgencySite(agency='tax', spec_path=Path({str(small_fed.spec)!r}), data_path=Path('x.csv'),"
         " home=Path('home'))\n"
         "_requires_secure_aggregation(site)\n"
         "site.ledger_dir\n"
-        "heavy = ('pandas', 'scipy', 'dp_accounting', 'torch', 'opacus', 'tenseal')\n"
+        "heavy = ('pandas', 'pyarrow', 'scipy', 'dp_accounting', 'torch', 'opacus', 'tenseal')\n"
         "print(sorted(m for m in heavy if m in sys.modules))"
     )
     done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=60)

@@ -51,8 +51,8 @@ from agencyfl.alignment.register import (
     align_register,
 )
 from agencyfl.federation.errors import AlignmentError, DataFileError, SpecError
+from agencyfl.federation.fingerprint import file_fingerprint
 from agencyfl.federation.spec import LoadedVerticalSpec, load_any_spec
-from agencyfl.federation.table import file_fingerprint
 from agencyfl.privacy.keys import load_or_create_signing_key
 from agencyfl.privacy.ledger import Ledger
 

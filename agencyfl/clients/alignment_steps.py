@@ -48,8 +48,8 @@ from agencyfl.alignment.sealed import PartyKeys, PartyPublicKeys, certified_peer
 from agencyfl.clients.signed_plan import record_refused_request
 from agencyfl.clients.site import AgencySite
 from agencyfl.federation.errors import AgencyflError, SpecError
+from agencyfl.federation.fingerprint import file_fingerprint
 from agencyfl.federation.spec import LoadedVerticalSpec, load_any_spec
-from agencyfl.federation.table import file_fingerprint
 from agencyfl.privacy.keys import keyring_key, load_signing_key
 from agencyfl.privacy.plan_signature import plan_signature_problem
 

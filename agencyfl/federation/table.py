@@ -23,6 +23,7 @@ import pyarrow.csv as pacsv
 
 from agencyfl.federation.errors import DataFileError
 from agencyfl.federation.files import write_private_csv
+from agencyfl.federation.fingerprint import file_fingerprint
 from agencyfl.federation.spec import BooleanFeature, CategoricalFeature, NumericFeature, SchemaSection
 
 _TRUE = {"1", "true", "yes", "t", "y"}
@@ -253,15 +254,6 @@ def validate_frame(raw: pd.DataFrame, schema: SchemaSection, require_label: bool
 def quarantine_path_for(path: Path) -> Path:
     """Where the quarantine file of ``path`` goes: beside it, ``NAME.quarantine.csv``."""
     return path.with_name(f"{path.stem}.quarantine.csv")
-
-
-def file_fingerprint(path: Path) -> str:
-    """SHA-256 of the file's bytes: the dataset fingerprint recorded in ledgers and model cards."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_table(

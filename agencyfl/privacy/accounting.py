@@ -14,8 +14,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 import warnings
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 from types import ModuleType
@@ -60,20 +59,23 @@ _RDP = _opacus_rdp_analysis()
 compute_rdp, get_privacy_spent = _RDP.compute_rdp, _RDP.get_privacy_spent
 
 
-@contextmanager
-def _largest_order_is_fine() -> Iterator[None]:
-    """Silence Opacus' warning that the best RDP order is the largest (a release with much noise, very little
-    spent, or PRV's domain bound at a tiny delta): the epsilon is still an upper bound, only not the tightest,
-    so it is not a reader's concern (it reached auditors' terminals from ``audit verify``)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha", category=UserWarning)
-        yield
+# Opacus warns when the best RDP order is the largest or the smallest of its orders (a release with much
+# noise, very little spent, PRV's domain bound at a tiny delta; calibration's probe at the least noise): the
+# epsilon is the least of bounds that each hold, only perhaps not the tightest, so it is not a reader's
+# concern (it reached auditors' terminals from `audit verify`). One filter, for that message from that file
+# only, set once: a `catch_warnings` around each call would reset Python's record of warnings already
+# shown, and every other warning of the process would then be printed again each time.
+warnings.filterwarnings(
+    "ignore",
+    message="Optimal order is the (largest|smallest) alpha",
+    category=UserWarning,
+    module=r"(opacus\.accountants\.analysis\.rdp|agencyfl\._opacus_rdp_analysis)$",
+)
 
 
 def _spent(rdp: np.ndarray, delta: float) -> float:
     """Epsilon at ``delta`` of an RDP curve on ``ORDERS``: Opacus' ``get_privacy_spent``."""
-    with _largest_order_is_fine():
-        eps, _ = get_privacy_spent(orders=ORDERS, rdp=rdp, delta=delta)
+    eps, _ = get_privacy_spent(orders=ORDERS, rdp=rdp, delta=delta)
     return float(eps)
 
 
@@ -166,8 +168,7 @@ def epsilon_prv(records: Iterable[StepRecord], delta: float, eps_error: float = 
     delta_error = delta / 1000  # Opacus' default
     prvs = [PoissonSubsampledGaussianPRV(q, sigma) for sigma, q, _ in history]
     counts = [steps for _, _, steps in history]
-    # a release (q = 1) takes log(1 - q) = -inf in Opacus' PRV domain: handled
-    with np.errstate(divide="ignore"), _largest_order_is_fine():
+    with np.errstate(divide="ignore"):  # a release (q = 1) takes log(1 - q) = -inf in Opacus' PRV domain: handled
         size = compute_safe_domain_size(
             prvs=prvs, max_self_compositions=counts, eps_error=eps_error, delta_error=delta_error
         )
@@ -263,27 +264,25 @@ def calibrate_noise(
     def plan(sigma: float) -> list[StepRecord]:
         return [StepRecord(sigma, sample_rate, steps), *also]
 
-    with warnings.catch_warnings():  # dp_accounting's search may warn too; its result is checked below
-        warnings.simplefilter("ignore", UserWarning)
-        floor = epsilon_for(plan(MAX_NOISE_MULTIPLIER), delta)
-        if floor > target_epsilon:  # checked first: a search would only confirm it
-            raise ValueError(
-                f"epsilon {target_epsilon:g} cannot be met with {steps} steps at sample rate {sample_rate:g}: "
-                f"even noise multiplier {MAX_NOISE_MULTIPLIER:g} gives {floor:.4g}"
-            )
-        if epsilon_for(plan(MIN_NOISE_MULTIPLIER), delta) <= target_epsilon:
-            return MIN_NOISE_MULTIPLIER
-        sigma = float(
-            calibrate_dp_mechanism(
-                EnforcingAccountant,
-                lambda s: dpe.ComposedDpEvent([dp_event_of(r) for r in plan(s)]),
-                target_epsilon,
-                delta,
-                ExplicitBracketInterval(MIN_NOISE_MULTIPLIER, MAX_NOISE_MULTIPLIER),
-                tol=1e-5,  # in sigma; at small sigma epsilon is steep in it (1e-3 once left 0.05 of epsilon unspent)
-            )
+    floor = epsilon_for(plan(MAX_NOISE_MULTIPLIER), delta)
+    if floor > target_epsilon:  # checked first: a search would only confirm it
+        raise ValueError(
+            f"epsilon {target_epsilon:g} cannot be met with {steps} steps at sample rate {sample_rate:g}: "
+            f"even noise multiplier {MAX_NOISE_MULTIPLIER:g} gives {floor:.4g}"
         )
-        achieved = epsilon_for(plan(sigma), delta)
+    if epsilon_for(plan(MIN_NOISE_MULTIPLIER), delta) <= target_epsilon:
+        return MIN_NOISE_MULTIPLIER
+    sigma = float(
+        calibrate_dp_mechanism(
+            EnforcingAccountant,
+            lambda s: dpe.ComposedDpEvent([dp_event_of(r) for r in plan(s)]),
+            target_epsilon,
+            delta,
+            ExplicitBracketInterval(MIN_NOISE_MULTIPLIER, MAX_NOISE_MULTIPLIER),
+            tol=1e-5,  # in sigma; at small sigma epsilon is steep in it (1e-3 once left 0.05 of epsilon unspent)
+        )
+    )
+    achieved = epsilon_for(plan(sigma), delta)
     if achieved > target_epsilon:  # pragma: no cover - guards a change in dp_accounting's search
         raise ValueError(f"calibration overshot: epsilon {achieved} > target {target_epsilon}")
     return sigma

@@ -31,8 +31,8 @@ from agencyfl.alignment.runs import align_from_spec
 from agencyfl.federation.errors import JobStopped
 from agencyfl.federation.fairness import card_fields, count_groups, group_labels, household_totals, layout, pooled_total
 from agencyfl.federation.fairness import sensitivity as fairness_sensitivity
+from agencyfl.federation.fingerprint import file_fingerprint
 from agencyfl.federation.spec import FairnessSection, LoadedVerticalSpec
-from agencyfl.federation.table import file_fingerprint
 from agencyfl.privacy.accounting import StepRecord, epsilon_for
 from agencyfl.privacy.budget import BudgetDecision, check_round
 from agencyfl.privacy.events import EVENT_FORMAT, NEIGHBOURING, GaussianEvent

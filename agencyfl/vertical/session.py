@@ -21,9 +21,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from agencyfl.alignment.sealed import PartyKeys, certify, pack, unpack
 from agencyfl.federation.errors import MessageRejectedError, ProtocolError
+from agencyfl.federation.fingerprint import file_fingerprint
 from agencyfl.federation.metrics import exact_metrics
 from agencyfl.federation.spec import LoadedVerticalSpec
-from agencyfl.federation.table import file_fingerprint
 from agencyfl.privacy.accounting import epsilon_for
 from agencyfl.privacy.ledger import Ledger, spend_records
 from agencyfl.vertical.encoding import LabelData, PartyFiles, feature_block, label_block, register_frame
