@@ -80,6 +80,16 @@ def test_a_loose_rdp_order_is_not_a_warning_for_the_reader() -> None:
     assert done.stderr.count("the same warning from the same line") == 1, done.stderr
 
 
+def test_a_float32_record_does_not_change_the_epsilon_of_a_float64_one() -> None:
+    # The per-step curves are cached by (sample rate, noise multiplier): a NumPy float32 and the float64 of
+    # its value are one key, and the float32 curve (2.4e-5 lower in epsilon here) was served to both.
+    sigma, q = np.float32(1.1371), np.float32(0.0213)
+    epsilon_for([StepRecord(sigma, q, 500)], 1e-5)  # type: ignore[arg-type]  # fills the cache first
+    one = RDPAccountant()
+    one.history = [(float(sigma), float(q), 500)]
+    assert epsilon_for([StepRecord(float(sigma), float(q), 500)], 1e-5) == one.get_epsilon(1e-5)
+
+
 def test_nothing_spent_is_zero() -> None:
     assert epsilon_for([], 1e-5) == 0.0
     assert epsilon_for([StepRecord(1.0, 0.02, 0)], 1e-5) == 0.0

@@ -81,6 +81,8 @@ def _spent(rdp: np.ndarray, delta: float) -> float:
 
 @lru_cache(maxsize=1024)
 def _rdp_per_step(sample_rate: float, noise_multiplier: float) -> np.ndarray:
+    # callers pass Python floats: a NumPy float32 equals, as a cache key, the float64 of the same value, and
+    # its curve (computed in float32) would be served for both
     return np.asarray(compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=ORDERS))
 
 
@@ -95,7 +97,7 @@ def epsilon_for(records: Iterable[StepRecord], delta: float) -> float:
     spent = False
     for r in records:
         if r.steps > 0:
-            rdp = rdp + r.steps * _rdp_per_step(r.sample_rate, r.noise_multiplier)
+            rdp = rdp + r.steps * _rdp_per_step(float(r.sample_rate), float(r.noise_multiplier))
             spent = True
     if not spent:
         return 0.0
@@ -117,7 +119,8 @@ class RdpTally:
     def add(self, record: StepRecord) -> None:
         """Compose ``record`` in."""
         if record.steps > 0:
-            self._rdp = self._rdp + record.steps * _rdp_per_step(record.sample_rate, record.noise_multiplier)
+            curve = _rdp_per_step(float(record.sample_rate), float(record.noise_multiplier))
+            self._rdp = self._rdp + record.steps * curve
             self._spent = True
 
     def epsilon(self, delta: float) -> float:
