@@ -94,6 +94,39 @@ def test_a_job_the_coordinator_did_not_sign_is_refused_and_spends_nothing(agency
     assert status.exit_code == 0 and json.loads(status.stdout)["refused_requests"] == logged
 
 
+def test_a_refused_request_is_answered_before_any_training_code_loads(agency: Agency) -> None:
+    # Each Flower message is a fresh process in deployment: an unsigned fit and evaluate are refused without
+    # importing torch or Opacus (2.6 s of CPU an unsigned request made each agency spend before).
+    import subprocess
+    import sys
+
+    shapes = [a.shape for a in initial_arrays(agency.loaded)]
+    check = (
+        "import json, sys\n"
+        "from pathlib import Path\n"
+        "import numpy as np\n"
+        "from agencyfl.clients.app import AgencyClient\n"
+        "from agencyfl.clients.site import AgencySite\n"
+        "site, config, shapes = json.loads(sys.argv[1])\n"
+        "client = AgencyClient(AgencySite(**{k: Path(v) if k != 'agency' else v for k, v in site.items()}))\n"
+        "arrays = [np.zeros(s, dtype=np.float32) for s in shapes]\n"
+        "_, weight, fitted = client.fit(arrays, config)\n"
+        "_, count, evaluated = client.evaluate(arrays, config)\n"
+        "assert weight == 0 and count == 0 and fitted['status'] == evaluated['status'] == 'refused'\n"
+        "print(sorted(m for m in ('torch', 'opacus') if m in sys.modules))\n"
+    )
+    site = {
+        "agency": agency.site.agency, "spec_path": str(agency.site.spec_path),
+        "data_path": str(agency.site.data_path), "home": str(agency.site.home),
+        "coordinator_key": str(agency.site.coordinator_key),
+    }  # fmt: skip
+    argument = json.dumps([site, agency.config("job-x", None), shapes])
+    done = subprocess.run([sys.executable, "-c", check, argument], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", done.stdout
+    assert [e["kind"] for e in refused_requests(agency.site.home)] == ["fit", "evaluate"]
+
+
 def test_the_coordinators_signature_admits_the_round(agency: Agency) -> None:
     site = agency.site
     arrays = initial_arrays(agency.loaded)

@@ -134,12 +134,12 @@ class AgencyClient(NumPyClient):
         A refused round is answered with the refusal alone (status, reason, the ledger's epsilons and
         origin): nothing computed from records, not even validation histograms.
         """
+        nothing = [np.zeros_like(p) for p in parameters]
+        if (refusal := refusal_before_reading(self.site, "fit", config)) is not None:
+            return nothing, 0, refusal.to_metrics()  # before torch is imported: a refusal costs no training code
         from agencyfl.clients.rounds import train_round
 
         logging.getLogger("flwr").setLevel(logging.WARNING)  # Opacus may lower it
-        nothing = [np.zeros_like(p) for p in parameters]
-        if (refusal := refusal_before_reading(self.site, "fit", config)) is not None:
-            return nothing, 0, refusal.to_metrics()
         reply = train_round(self.site, plan_request(config, self.site.agency, parameters))
         if reply.status != "trained" or reply.evaluation is None:
             refused = Refusal(agency=reply.agency, reason=reply.reason or "refused", epsilon_job=reply.epsilon_job,
@@ -156,10 +156,10 @@ class AgencyClient(NumPyClient):
 
     def evaluate(self, parameters: list[np.ndarray], config: dict[str, Scalar]) -> tuple[float, int, dict[str, Scalar]]:
         """The final model's noised validation histograms and fairness counts, or the refusal alone."""
-        from agencyfl.clients.rounds import release_round
-
         if (refusal := refusal_before_reading(self.site, "evaluate", config)) is not None:
             return 0.0, 0, refusal.to_metrics()
+        from agencyfl.clients.rounds import release_round
+
         reply = release_round(self.site, plan_request(config, self.site.agency, parameters))
         if reply.status != "released" or reply.evaluation is None:
             refused = Refusal(agency=reply.agency, reason=reply.reason or "refused", epsilon_job=reply.epsilon_job,
