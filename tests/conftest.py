@@ -12,6 +12,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,6 +105,21 @@ CHROMIUM_FLAGS = [  # headless, and no background connections (this machine's ne
     "--disable-component-update",
     "--disable-sync",
 ]
+
+
+def in_a_fresh_process(code: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run ``python -c code args`` as a command's or a Flower message's process would start (nothing imported
+    yet, Python's default warning filters); fails the test with its stderr unless it exits 0."""
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def imported_after(code: str, modules: tuple[str, ...], *args: str) -> list[str]:
+    """Which of ``modules`` a fresh process has imported once ``code`` ran."""
+    report = f"import json as _json, sys as _sys\nprint(_json.dumps([m for m in {modules!r} if m in _sys.modules]))\n"
+    check = f"{code}\n{report}"
+    return list(json.loads(in_a_fresh_process(check, *args).stdout.splitlines()[-1]))
 
 
 def invoke(*args: object) -> Any:

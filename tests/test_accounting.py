@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import in_a_fresh_process
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from opacus.accountants import PRVAccountant, RDPAccountant
@@ -30,9 +31,6 @@ def test_the_rdp_analysis_is_opacus_own_on_its_orders() -> None:
     # accounting.py runs Opacus' analysis file under a private name when Opacus is not imported (its package
     # imports torch): in a fresh process (this one has imported Opacus, so here it is Opacus' own module),
     # the same file, the same orders and the same epsilon as an RDPAccountant over the same histories.
-    import subprocess
-    import sys
-
     check = (
         "import inspect, random, sys\n"
         "from agencyfl.privacy import accounting\n"
@@ -51,8 +49,7 @@ def test_the_rdp_analysis_is_opacus_own_on_its_orders() -> None:
         "    assert accounting.epsilon_for(history, delta) == one.get_epsilon(delta), history\n"
         "print('same')\n"
     )
-    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0 and done.stdout.strip() == "same", done.stderr
+    assert in_a_fresh_process(check).stdout.strip() == "same"
 
 
 def test_a_loose_rdp_order_is_not_a_warning_for_the_reader() -> None:
@@ -62,9 +59,6 @@ def test_a_loose_rdp_order_is_not_a_warning_for_the_reader() -> None:
     # upper bound; `audit verify` printed the warning to auditors. In a fresh process, as a command runs,
     # with Python's default filters: and another warning of the process is still shown once, not after
     # every epsilon (a `catch_warnings` per call had reset that record: 201 torch warnings in one test file).
-    import subprocess
-    import sys
-
     check = (
         "import warnings\n"
         "from agencyfl.privacy.accounting import StepRecord, calibrate_noise, epsilon_for, epsilon_prv\n"
@@ -74,8 +68,7 @@ def test_a_loose_rdp_order_is_not_a_warning_for_the_reader() -> None:
         "    warnings.warn('the same warning from the same line', UserWarning)\n"
         "calibrate_noise(1.0, 1e-5, 0.05, 50)\n"
     )
-    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
+    done = in_a_fresh_process(check)
     assert "Optimal order" not in done.stderr, done.stderr
     assert done.stderr.count("the same warning from the same line") == 1, done.stderr
 

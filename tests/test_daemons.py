@@ -7,6 +7,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from conftest import imported_after
+
 from agencyfl.daemons import running_pid, start_daemon, stop_daemon
 from agencyfl.synth import SynthResult
 
@@ -65,10 +67,7 @@ def test_a_message_that_trains_nothing_imports_no_training_code(small_fed: Synth
     """A SecAgg+ key exchange or an alignment step starts a fresh process per agency (deployment): finding
     the agency's site and its spec must not import pandas, SciPy, dp_accounting or torch (about 1 s of CPU
     per message; measured 2.0 s to 1.06 s per such process in test_deployment's job)."""
-    import sys
-
     check = (
-        "import sys\n"
         "from pathlib import Path\n"
         "import agencyfl.clients.alignment_steps\n"
         "from agencyfl.clients.app import _requires_secure_aggregation\n"
@@ -77,27 +76,18 @@ def test_a_message_that_trains_nothing_imports_no_training_code(small_fed: Synth
         " home=Path('home'))\n"
         "_requires_secure_aggregation(site)\n"
         "site.ledger_dir\n"
-        "heavy = ('pandas', 'pyarrow', 'scipy', 'dp_accounting', 'torch', 'opacus', 'tenseal')\n"
-        "print(sorted(m for m in heavy if m in sys.modules))"
     )
-    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[]", done.stdout
+    heavy = ("pandas", "pyarrow", "scipy", "dp_accounting", "torch", "opacus", "tenseal")
+    assert imported_after(check, heavy) == []
 
 
 def test_a_vertical_party_accounts_without_torch() -> None:
     """A vertical job's or a screening's party is one process per job in deployment: its accounting (Opacus'
     RDP analysis) and the registry are imported without torch (2.6 s of CPU; measured 3.3 s to 1.6 s for the
     whole import of the party's steps)."""
-    import sys
-
     check = (
-        "import sys\n"
         "import agencyfl.clients.vertical_steps\n"
         "from agencyfl.privacy.accounting import StepRecord, epsilon_for\n"
         "assert epsilon_for([StepRecord(1.0, 1.0, 10)], 1e-5) > 0\n"
-        "print(sorted(m for m in ('torch', 'opacus') if m in sys.modules))"
     )
-    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[]", done.stdout
+    assert imported_after(check, ("torch", "opacus")) == []
