@@ -88,12 +88,12 @@ def _independent_table(row: AgencyAudit) -> str:
             continue
         what = f"{label} ({escape(row.last_job)})" if key == "epsilon_last_job" and row.last_job else label
         cells.append(
-            f'<tr data-figure="{key}"><td>{what}</td><td>{figures["ours"]:.4f}</td>'
+            f'<tr data-figure="{key}"><td>{what}</td><td>{figures["ours"]:.4f}</td><td>{figures["ours_rdp"]:.4f}</td>'
             f"<td>{figures['dp_accounting_rdp']:.4f}</td><td>{figures['dp_accounting_pld']:.4f}</td></tr>"
         )
     table = (
-        '<table class="independent"><tr><th>epsilon</th><th>ours (RDP, enforced)</th><th>dp_accounting RDP</th>'
-        f"<th>dp_accounting PLD</th></tr>{''.join(cells)}</table>"
+        '<table class="independent"><tr><th>epsilon</th><th>ours (enforced)</th><th>ours, RDP</th>'
+        f"<th>dp_accounting RDP</th><th>dp_accounting PLD</th></tr>{''.join(cells)}</table>"
         if cells
         else "<p>Nothing to recompute.</p>"
     )
@@ -218,10 +218,11 @@ def render_report(
 <style>{_STYLE}</style></head><body>
 <h1>Privacy budget audit</h1>
 <p id="verdict" class="verdict {"ok" if ok else "bad"}">{escape(verdict_text)}</p>
-<p>Epsilon is recomputed from each ledger's recorded mechanisms by an RDP accountant (what enforcement
-uses: the larger, safe-side bound); PRV is the tighter numerical estimate, shown beside it. Each agency's
-epsilons are recomputed again by an accountant we did not write (Google's dp_accounting, RDP and PLD):
-a disagreement beyond the stated tolerances is an <code>epsilon</code> finding.</p>
+<p>Epsilon is recomputed from each ledger's recorded mechanisms by the accountant enforcement uses: an RDP
+bound, or, when every release is a Gaussian without sampling (a vertical job's), the exact Gaussian-DP figure
+where it is smaller (both hold; the least is enforced); PRV is a numerical estimate, shown beside it. Each
+agency's epsilons are recomputed again by an accountant we did not write (Google's dp_accounting, RDP and
+PLD): a disagreement beyond the stated tolerances is an <code>epsilon</code> finding.</p>
 <h2>Agencies</h2>{_summary_table(audit)}
 <h2>Coordinator's countersigned chain</h2>{_coordinator_section(audit)}
 <h2>Model versions</h2>{_models_section(models, audit)}

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from filelock import FileLock
 
@@ -120,6 +121,25 @@ def imported_after(code: str, modules: tuple[str, ...], *args: str) -> list[str]
     report = f"import json as _json, sys as _sys\nprint(_json.dumps([m for m in {modules!r} if m in _sys.modules]))\n"
     check = f"{code}\n{report}"
     return list(json.loads(in_a_fresh_process(check, *args).stdout.splitlines()[-1]))
+
+
+def gaussian_releases_spend(mechanism: Any, delta: float) -> float:
+    """The exact epsilon at ``delta`` of Gaussian releases without sampling (``privacy.events`` tree), written
+    with SciPy alone (Dong, Roth, Su, Corollary 2.13: mu-GDP with mu = sqrt(sum (sensitivity / std)^2)), to
+    check the enforcing accountant's calibration by a computation that shares none of its code."""
+    from scipy.optimize import brentq
+    from scipy.stats import norm
+
+    from agencyfl.privacy.events import step_records
+
+    records = step_records(mechanism)
+    assert records and all(r.sample_rate == 1.0 for r in records)
+    mu = sum(r.steps / r.noise_multiplier**2 for r in records) ** 0.5
+
+    def excess(eps: float) -> float:
+        return float(norm.cdf(-eps / mu + mu / 2) - np.exp(eps) * norm.cdf(-eps / mu - mu / 2)) - delta
+
+    return float(brentq(excess, 0.0, 100.0, xtol=1e-12))
 
 
 def invoke(*args: object) -> Any:

@@ -13,10 +13,12 @@ from torch import nn
 from agencyfl.clients.trainer import dp_sgd, noise_generator
 from agencyfl.privacy.accounting import (
     MAX_NOISE_MULTIPLIER,
+    SpendTally,
     StepRecord,
     calibrate_noise,
     epsilon_for,
     epsilon_prv,
+    epsilon_rdp,
 )
 from agencyfl.privacy.ledger import verify_ledger
 from agencyfl.synth import SynthResult
@@ -46,7 +48,8 @@ def test_the_rdp_analysis_is_opacus_own_on_its_orders() -> None:
         "    one = RDPAccountant()\n"
         "    one.history = [(r.noise_multiplier, r.sample_rate, r.steps) for r in history]\n"
         "    delta = rng.choice([1e-3, 1e-5, 1e-8])\n"
-        "    assert accounting.epsilon_for(history, delta) == one.get_epsilon(delta), history\n"
+        "    assert accounting.epsilon_rdp(history, delta) == one.get_epsilon(delta), history\n"
+        "    assert accounting.epsilon_for(history, delta) <= one.get_epsilon(delta), history\n"
         "print('same')\n"
     )
     assert in_a_fresh_process(check).stdout.strip() == "same"
@@ -61,10 +64,10 @@ def test_a_loose_rdp_order_is_not_a_warning_for_the_reader() -> None:
     # every epsilon (a `catch_warnings` per call had reset that record: 201 torch warnings in one test file).
     check = (
         "import warnings\n"
-        "from agencyfl.privacy.accounting import StepRecord, calibrate_noise, epsilon_for, epsilon_prv\n"
+        "from agencyfl.privacy.accounting import StepRecord, calibrate_noise, epsilon_for, epsilon_prv, epsilon_rdp\n"
         "rounds = [StepRecord(10.0, 1.0, 1), StepRecord(0.8846, 0.02, 50)] * 3 + [StepRecord(5.0, 1.0, 1)]\n"
         "for records in ([StepRecord(50.0, 1.0, 1)], rounds):\n"
-        "    assert 0 < epsilon_prv(records, 1e-5) < epsilon_for(records, 1e-5)\n"
+        "    assert 0 < epsilon_prv(records, 1e-5) < epsilon_rdp(records, 1e-5) and epsilon_for(records, 1e-5) > 0\n"
         "    warnings.warn('the same warning from the same line', UserWarning)\n"
         "calibrate_noise(1.0, 1e-5, 0.05, 50)\n"
     )
@@ -271,3 +274,48 @@ def test_a_release_composes_with_training_in_both_accountants() -> None:
     assert epsilon_prv(records, 1e-5) == pytest.approx(exact, abs=0.02)
     assert exact < epsilon_for(records, 1e-5) < exact * 1.25  # RDP: an upper bound, not far above
     assert epsilon_for(records, 1e-5) > epsilon_for(records[:1], 1e-5)
+
+
+def _gdp_delta(epsilon: float, mu: float) -> float:
+    """Dong, Roth, Su's Corollary 2.13, written here with SciPy (not dp_accounting): delta of mu-GDP at epsilon."""
+    from scipy.stats import norm
+
+    return float(norm.cdf(-epsilon / mu + mu / 2) - np.exp(epsilon) * norm.cdf(-epsilon / mu - mu / 2))
+
+
+@pytest.mark.parametrize(
+    "history",
+    [
+        [StepRecord(28.9, 1.0, 51)],  # a vertical job: 50 iterations and the Hessian at epsilon 1 (RDP's sigma)
+        [StepRecord(40.7, 1.0, 101)],
+        [StepRecord(1.0, 1.0, 1)],
+        [StepRecord(5.0, 1.0, 3), StepRecord(12.0, 1.0, 40), StepRecord(300.0, 1.0, 2)],  # several jobs, releases
+    ],
+)
+def test_gaussian_releases_without_sampling_are_accounted_exactly(history: list[StepRecord]) -> None:
+    # Gaussian releases compose to one Gaussian (mu adds in quadrature): the enforced epsilon is the exact one,
+    # delta(epsilon) <= target and no smaller epsilon would do, and it is below RDP's bound
+    mu = float(np.sqrt(sum(r.steps / r.noise_multiplier**2 for r in history)))
+    eps = epsilon_for(history, 1e-5)
+    assert _gdp_delta(eps, mu) <= 1e-5 < _gdp_delta(eps * (1 - 1e-6), mu)
+    assert eps < 0.95 * epsilon_rdp(history, 1e-5)
+    tally = SpendTally()
+    for record in history:
+        tally.add(record)
+    assert tally.epsilon(1e-5) == eps and tally.epsilon(1e-5, "rdp") == epsilon_rdp(history, 1e-5)
+    assert epsilon_for(history, 1e-5, "rdp") == epsilon_rdp(history, 1e-5)
+
+
+def test_one_subsampled_step_and_the_whole_history_is_accounted_by_rdp() -> None:
+    releases = [StepRecord(28.9, 1.0, 51)]
+    mixed = [*releases, StepRecord(1.0, 0.02, 1)]
+    assert epsilon_for(mixed, 1e-5) == epsilon_rdp(mixed, 1e-5) > epsilon_rdp(releases, 1e-5)
+
+
+def test_calibration_for_releases_spends_the_budget_exactly() -> None:
+    # a vertical job at epsilon 1, 50 iterations and the Hessian: 8% less noise than RDP's calibration
+    sigma = calibrate_noise(1.0, 1e-5, 1.0, 51)
+    mu = np.sqrt(51) / sigma
+    assert _gdp_delta(1.0, mu) <= 1e-5 < _gdp_delta(1.0, np.sqrt(51) / (sigma * 0.9999))
+    assert sigma == pytest.approx(26.64, abs=0.01)
+    assert epsilon_rdp([StepRecord(sigma, 1.0, 51)], 1e-5) > 1.08  # RDP alone would call this spend 1.08+

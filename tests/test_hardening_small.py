@@ -17,7 +17,7 @@ from agencyfl.clients.app import check_unmask
 from agencyfl.clients.site import AgencySite
 from agencyfl.federation.errors import SpecError
 from agencyfl.federation.spec import load_spec, parse_spec
-from agencyfl.privacy.accounting import RdpTally, StepRecord, epsilon_for
+from agencyfl.privacy.accounting import SpendTally, StepRecord, epsilon_for
 from agencyfl.synth import SynthResult
 
 
@@ -71,7 +71,7 @@ def test_an_agency_refuses_to_unmask_too_few_participants(small_fed: SynthResult
 def test_the_audits_running_accountant_equals_recomputing_every_prefix(records: list[tuple[float, float, int]]) -> None:
     # The audit adds each entry to a running RDP vector (linear) instead of recomputing every prefix
     # (quadratic); both must give the same epsilon after every entry.
-    tally = RdpTally()
+    tally = SpendTally()
     steps = [StepRecord(*r) for r in records]
     for i, record in enumerate(steps):
         tally.add(record)

@@ -28,7 +28,7 @@ from agencyfl.privacy.events import (
     step_records,
     to_dp_event,
 )
-from agencyfl.privacy.independent import PLD_SLACK, RDP_TOLERANCE, Recomputed
+from agencyfl.privacy.independent import PLD_INTERVAL, PLD_SLACK, RDP_TOLERANCE, Recomputed
 from agencyfl.privacy.ledger import Ledger, LedgerEvent, verify_ledger
 from agencyfl.report_html import render_report
 from tests.conftest import TrainedFederation, invoke
@@ -79,8 +79,44 @@ def test_old_format_ledger_still_verifies_and_reports_with_the_independent_figur
     assert row.verified and row.findings == []
     life = row.independent["epsilon_lifetime"]
     assert life["ours"] == pytest.approx(raw[-1]["epsilon_lifetime"], rel=1e-9)
+    assert life["ours_rdp"] == life["ours"]  # DP-SGD (subsampled): RDP alone
     assert math.isclose(life["dp_accounting_rdp"], life["ours"], rel_tol=RDP_TOLERANCE)
     assert 0 < life["dp_accounting_pld"] <= life["ours"] + PLD_SLACK
+
+
+def test_a_ledger_enforced_by_rdp_alone_still_verifies_and_is_now_counted_exactly() -> None:
+    """tests/fixtures/ledger-rdp-releases was written by the code of a7f0f78, when RDP alone enforced: a
+    vertical job's Hessian and three gradient releases (Gaussian, no sampling), no ``accountant`` field."""
+    ledger = FIXTURES / "ledger-rdp-releases"
+    raw = [json.loads(line) for line in (ledger / "ledger.jsonl").read_text().splitlines()]
+    assert all("accountant" not in entry for entry in raw)  # really written before
+    events = verify_ledger(ledger).events
+    assert [e.accountant for e in events] == ["rdp"] * 4
+    row = audit_ledger(ledger)
+    assert row.verified and row.findings == [], row.findings
+    records = [r for e in events for r in e.step_records()]
+    assert raw[-1]["epsilon_lifetime"] == pytest.approx(epsilon_for(records, 1e-5, "rdp"), rel=1e-12)
+    # the headline figure is today's accountant's: the exact one, lower, and PLD agrees with it from above
+    life = row.independent["epsilon_lifetime"]
+    assert row.epsilon_lifetime == life["ours"] == epsilon_for(records, 1e-5) < 0.95 * raw[-1]["epsilon_lifetime"]
+    assert life["ours"] - PLD_SLACK <= life["dp_accounting_pld"] <= life["ours"] + PLD_INTERVAL
+    assert [t["epsilon_lifetime"] for t in row.timeline][-1] == row.epsilon_lifetime
+
+
+def test_an_entry_claiming_the_exact_accountant_with_another_figure_is_caught(tmp_path: Path) -> None:
+    # Gaussian releases: RDP's figure recorded under "rdp+gdp" (or the exact one under "rdp") disagrees
+    sigma = 28.9
+    mechanism = SelfComposed(event=GaussianEvent(sensitivity=1.0, std=sigma), count=3)
+    records = [StepRecord(sigma, 1.0, 3)]
+    rdp, exact = epsilon_for(records, 1e-5, "rdp"), epsilon_for(records, 1e-5)
+    release = {"kind": "release", "noise_multiplier": sigma, "sample_rate": 1.0, "steps": 3, "mechanism": mechanism}
+    cases = (("rdp+gdp", exact, True), ("rdp", rdp, True), ("rdp+gdp", rdp, False), ("rdp", exact, False))
+    for accountant, eps, ok in cases:
+        entry = _entry(**release, epsilon_job=eps, epsilon_lifetime=eps, accountant=accountant)
+        row = audit_ledger(_ledger_of(tmp_path / f"{accountant}-{eps}", entry))
+        assert row.verified is ok, (accountant, eps, row.findings)
+        if not ok:
+            assert any("disagrees with the recomputed" in f.message for f in row.findings)
 
 
 def test_new_entries_record_their_mechanism_and_every_epsilon_is_recomputed_independently(
@@ -169,7 +205,8 @@ def test_the_html_report_shows_the_independent_recomputation_and_epsilon_finding
             assert 0 < figures["dp_accounting_pld"] < figures["ours"]
             line = section[section.index(f'<tr data-figure="{key}">') :]
             line = line[: line.index("</tr>")]
-            cells = [f"<td>{figures[name]:.4f}</td>" for name in ("ours", "dp_accounting_rdp", "dp_accounting_pld")]
+            names = ("ours", "ours_rdp", "dp_accounting_rdp", "dp_accounting_pld")
+            cells = [f"<td>{figures[name]:.4f}</td>" for name in names]
             assert all(cell in line for cell in cells), (line, cells)
     assert "j1" in sections["tax"] and '<p class="ok">Agrees' in sections["tax"]
     assert 'data-kind="epsilon"' not in sections["tax"]
@@ -181,8 +218,15 @@ def test_the_html_report_shows_the_independent_recomputation_and_epsilon_finding
 
 
 def test_disagreement_with_dp_accounting_is_a_finding() -> None:
-    assert Recomputed(1.0, 1.0 + RDP_TOLERANCE / 2, 0.9).findings("lifetime") == []
-    rdp_off = Recomputed(1.0, 1.05, 0.9).findings("lifetime")
+    assert Recomputed(1.0, 1.0, 1.0 + RDP_TOLERANCE / 2, 0.9).findings("lifetime") == []
+    rdp_off = Recomputed(1.0, 1.0, 1.05, 0.9).findings("lifetime")
     assert [f.kind for f in rdp_off] == ["epsilon"] and "RDP" in rdp_off[0].message
-    pld_above = Recomputed(1.0, 1.0, 1.2).findings("job j1")
+    pld_above = Recomputed(1.0, 1.0, 1.0, 1.2).findings("job j1")
     assert [f.kind for f in pld_above] == ["epsilon"] and "under-counted" in pld_above[0].message
+    # enforced by the exact GDP figure (below RDP): PLD, pessimistic, must sit at or just above it
+    assert Recomputed(0.9146, 1.0, 1.0, 0.9146 + PLD_INTERVAL / 2).findings("lifetime") == []
+    for pld in (0.9146 + 2 * PLD_INTERVAL, 0.9146 - 1e-4):
+        (gdp_off,) = Recomputed(0.9146, 1.0, 1.0, pld).findings("lifetime")
+        assert gdp_off.kind == "epsilon" and "exact GDP" in gdp_off.message
+    (above_rdp,) = Recomputed(1.1, 1.0, 1.0, 0.95).findings("lifetime")
+    assert "above our RDP figure" in above_rdp.message

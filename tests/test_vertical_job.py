@@ -53,8 +53,11 @@ def test_every_iteration_is_in_every_ledger_and_within_the_job_cap(
     assert report.exit_code == 0, report.output
     for row in json.loads(report.stdout)["agencies"]:
         figures = row["independent"]["epsilon_lifetime"]
-        assert figures["dp_accounting_rdp"] == pytest.approx(figures["ours"], rel=1e-2)
-        assert figures["dp_accounting_pld"] <= figures["ours"] + 1e-6
+        assert figures["dp_accounting_rdp"] == pytest.approx(figures["ours_rdp"], rel=1e-2)
+        # Gaussian releases without sampling only: the exact GDP figure is enforced, well under RDP's, and
+        # dp_accounting's PLD (pessimistic) agrees with it from above
+        assert figures["ours"] < 0.95 * figures["ours_rdp"]
+        assert figures["ours"] - 1e-6 <= figures["dp_accounting_pld"] <= figures["ours"] + 1e-3
 
 
 def test_each_agency_keeps_only_its_own_block(vertical: tuple[VerticalJob, Path, dict]) -> None:

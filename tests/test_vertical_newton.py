@@ -13,12 +13,14 @@ import itertools
 import numpy as np
 import pytest
 import tenseal as ts
+from conftest import gaussian_releases_spend
 from dp_accounting.rdp import RdpAccountant
 
 from agencyfl.federation.errors import HEError
 from agencyfl.privacy.events import to_dp_event
 from agencyfl.vertical import Block, LabelData, VerticalPlan, VerticalResult
 from agencyfl.vertical.optim import newton_matrix, triangle_size, upper_triangle
+from agencyfl.vertical.plan import shaped_stds
 from agencyfl.vertical.protocol import Arbiter, FeatureHolder, GradientMessage, LabelHolder
 from agencyfl.vertical.reference import hessian, reference_train
 from agencyfl.vertical.train import train_vertical
@@ -111,10 +113,10 @@ def test_the_hessian_release_is_accounted_once_within_the_job_s_epsilon(run: tup
     result, _ = run
     assert result.hessian_event == PLAN.hessian_event()
     assert PLAN.hessian_event().std / PLAN.hessian_event().sensitivity == pytest.approx(PLAN.noise_multiplier)
+    assert 0.999 * PLAN.epsilon < gaussian_releases_spend(result.mechanism, PLAN.delta) <= PLAN.epsilon + 1e-9
     accountant = RdpAccountant()
     accountant.compose(to_dp_event(result.mechanism))
-    assert PLAN.delta and accountant.get_epsilon(PLAN.delta) <= PLAN.epsilon
-    assert accountant.get_epsilon(PLAN.delta) > 0.9 * PLAN.epsilon
+    assert accountant.get_epsilon(PLAN.delta) > PLAN.epsilon  # RDP's bound is looser
     # T + 1 releases at one sigma: more noise per iteration than T alone
     adam = PLAN.model_copy(update={"optimizer": "adam"})
     assert PLAN.noise_multiplier > adam.noise_multiplier
@@ -200,3 +202,73 @@ def test_a_relay_that_repeats_drops_or_reorders_chunks_is_refused(
         with pytest.raises(MessageRejectedError, match="out of order, repeated or missing"):
             hrss.masked_hessian(tampered)
     assert hrss._hessian_mask is None  # nothing was computed or masked for the arbiter
+
+
+def _whitened(stds: dict[str, np.ndarray], label: str) -> float:
+    """sum over the release's parts of 1 / s_p^2 (each block's one std, and the intercept's)."""
+    for party, std in stds.items():
+        block = std[:-1] if party == label else std
+        assert np.all(block == block[0]), party  # one std per block: a row of norm <= 1 may sit anywhere in it
+    return sum(1 / float(std[0]) ** 2 for std in stds.values()) + 1 / float(stds[label][-1]) ** 2
+
+
+def test_the_encrypted_run_shapes_its_noise_as_the_reference_and_keeps_the_release_s_privacy(
+    run: tuple[VerticalResult, list[int]],
+) -> None:
+    result, _ = run
+    arbiter = result.parties["arbiter"]
+    assert isinstance(arbiter, Arbiter) and arbiter.label_holder == "civil-affairs"
+    stds = {p: np.asarray(s) for p, s in arbiter.stds.items()}
+    parts = [float(s[0]) for s in stds.values()] + [float(stds["civil-affairs"][-1])]
+    assert max(parts) > 1.2 * min(parts)  # really spread, not uniform
+    assert _whitened(stds, "civil-affairs") == pytest.approx(5 / arbiter.noise_std**2, rel=1e-12)
+    for name in FEATURES:
+        party = result.parties[name]
+        assert isinstance(party, FeatureHolder) and len(party.gains) == 1 and party.gains[0] > 0
+    assert len(result.parties["civil-affairs"].gains) == 2  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    "gains",
+    [
+        {"hrss": [1.0], "tax": [4.0], "environment": [0.1], "civil-affairs": [2.0, 0.01]},
+        {"hrss": [1e12], "tax": [1e-12], "environment": [1.0], "civil-affairs": [1.0, 1.0]},  # hrss claims it all
+        {"hrss": [1e300], "tax": [1e-300], "environment": [5e-324], "civil-affairs": [1e308, 1e-308]},
+    ],
+)
+def test_no_report_of_gains_buys_a_party_more_than_the_accounted_release(gains: dict[str, list[float]]) -> None:
+    """Whatever the parties report, sum_p 1 / s_p^2 is that of uniform noise: the joint release keeps its noise
+    multiplier (the ledgers' figure), and no party's own view is less noisy than the whole release allows."""
+    widths = {"hrss": 5, "tax": 14, "environment": 3, "civil-affairs": 23}
+    stds = shaped_stds(PLAN.noise_std, widths, "civil-affairs", gains)
+    assert _whitened(stds, "civil-affairs") == pytest.approx(5 / PLAN.noise_std**2, rel=1e-9)
+    sensitivity = PLAN.residual_bound  # one household moves each part by at most D
+    for std in stds.values():  # a party's own view: within the release's noise multiplier
+        assert sensitivity / float(std.min()) <= PLAN.sensitivity / PLAN.noise_std * (1 + 1e-9)
+
+
+@pytest.mark.parametrize(
+    "gains",
+    [
+        {},  # nobody reported (a job without the Hessian, or an old party)
+        {"hrss": [1.0], "tax": [4.0], "environment": [0.1], "civil-affairs": [2.0]},  # the intercept's missing
+        {"hrss": [1.0, 2.0], "tax": [4.0], "environment": [0.1], "civil-affairs": [2.0, 0.1]},  # one too many
+        {"hrss": [float("nan")], "tax": [4.0], "environment": [0.1], "civil-affairs": [2.0, 0.1]},
+        {"hrss": [-1.0], "tax": [4.0], "environment": [0.1], "civil-affairs": [2.0, 0.1]},
+        {"hrss": [float("inf")], "tax": [4.0], "environment": [0.1], "civil-affairs": [2.0, 0.1]},
+    ],
+)
+def test_a_missing_or_malformed_report_means_uniform_noise(gains: dict[str, list[float]]) -> None:
+    widths = {"hrss": 5, "tax": 14, "environment": 3, "civil-affairs": 23}
+    stds = shaped_stds(PLAN.noise_std, widths, "civil-affairs", gains)
+    assert all(np.all(s == PLAN.noise_std) and len(s) == widths[p] for p, s in stds.items())
+
+
+def test_the_arbiter_releases_an_iteration_only_with_one_gradient_from_each_party(
+    run: tuple[VerticalResult, list[int]],
+) -> None:
+    arbiter = Arbiter({"a": 2, "b": 3}, 1.0, np.random.default_rng(0), label_holder="b")
+    with pytest.raises(HEError, match="one gradient from each"):
+        arbiter.release_iteration({"a": GradientMessage("a", [b"", b""], (1.0,))})
+    with pytest.raises(HEError, match="one gradient from each"):  # a message under another party's name
+        arbiter.release_iteration({"a": GradientMessage("b", [b""] * 3, (1.0, 1.0)), "b": GradientMessage("b", [], ())})

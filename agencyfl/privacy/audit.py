@@ -1,10 +1,11 @@
 """The auditor's view of a ledger: verify it, recompute the spend from its events, compare to caps.
 
-Lifetime epsilon is reported by both RDP (what enforcement uses: the larger, safe-side bound) and PRV
-(tighter, numerical), side by side.
+Lifetime epsilon is reported by both the enforcing accountant (RDP, or the exact GDP figure when every
+release is a Gaussian without sampling: ``privacy.accounting``) and PRV (numerical), side by side.
 
 Recorded epsilons are not trusted: the spend is recomputed from the recorded mechanisms with the
-same accountant and must agree with what the agency wrote.
+accountant each entry names (RDP alone for entries before 2026-12-06) and must agree with what the agency
+wrote.
 
 ``audit_federation`` adds what one ledger alone cannot show: each key taken from the auditor's own
 keyring (not from the folder an adversary may have rewritten), the coordinator's countersigned chain
@@ -21,7 +22,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from agencyfl.privacy.accounting import RdpTally, StepRecord, epsilon_for, epsilon_prv
+from agencyfl.privacy.accounting import SpendTally, StepRecord, epsilon_for, epsilon_prv, epsilon_rdp
 from agencyfl.privacy.coordinator_ledger import RoundSummary
 from agencyfl.privacy.crosscheck import cross_check, unknown_jobs
 from agencyfl.privacy.events import UnaccountedMechanism, same_records
@@ -129,10 +130,10 @@ def audit_ledger(directory: str | Path, public_key: Ed25519PublicKey | None = No
             jobs.append(e.job)
     last_job = jobs[-1] if jobs else None
     delta = events[-1].delta if events else None
-    lifetime, per_job = RdpTally(), dict[str, RdpTally]()  # running compositions: one addition per entry (linear)
+    lifetime, per_job = SpendTally(), dict[str, SpendTally]()  # running compositions: one addition per entry (linear)
     audited: list[tuple[str, StepRecord]] = []  # what the tallies composed, by job
     for index, e in enumerate(events):
-        tally = per_job.setdefault(e.job, RdpTally())
+        tally = per_job.setdefault(e.job, SpendTally())
         if e.kind != "refusal":
             try:
                 records = e.step_records()
@@ -147,8 +148,10 @@ def audit_ledger(directory: str | Path, public_key: Ed25519PublicKey | None = No
                 lifetime.add(record)
                 tally.add(record)
                 audited.append((e.job, record))
-        life = lifetime.epsilon(e.delta)
-        job = tally.epsilon(e.delta)
+        # checked against the recorded figures under the accountant that wrote them (an entry before
+        # 2026-12-06: RDP alone); the timeline shows them as today's accountant counts them
+        life, job = lifetime.epsilon(e.delta), tally.epsilon(e.delta)
+        life_then, job_then = lifetime.epsilon(e.delta, e.accountant), tally.epsilon(e.delta, e.accountant)
         timeline.append(
             {
                 "seq": index,
@@ -166,14 +169,15 @@ def audit_ledger(directory: str | Path, public_key: Ed25519PublicKey | None = No
         if e.kind == "refusal":
             continue
         if not (
-            math.isclose(life, e.epsilon_lifetime, rel_tol=_AGREE, abs_tol=_AGREE)
-            and math.isclose(job, e.epsilon_job, rel_tol=_AGREE, abs_tol=_AGREE)
+            math.isclose(life_then, e.epsilon_lifetime, rel_tol=_AGREE, abs_tol=_AGREE)
+            and math.isclose(job_then, e.epsilon_job, rel_tol=_AGREE, abs_tol=_AGREE)
         ):
             findings.append(
                 Finding(
                     "epsilon",
                     f"entry {index}: recorded epsilon ({e.epsilon_job:.6f} job, {e.epsilon_lifetime:.6f} "
-                    f"lifetime) disagrees with the recomputed ({job:.6f}, {life:.6f})",
+                    f"lifetime) disagrees with the recomputed ({job_then:.6f}, {life_then:.6f}; "
+                    f"accountant {e.accountant})",
                 )
             )
         if job > e.epsilon_job_cap + _AGREE:
@@ -187,8 +191,10 @@ def audit_ledger(directory: str | Path, public_key: Ed25519PublicKey | None = No
     eps_job = epsilon_for([r for job, r in audited if job == last_job], delta) if last_job and delta else 0.0
     eps_life = epsilon_for(spent, delta) if delta else 0.0
     findings += relation_findings(events)
-    job_check = recompute([e for e in events if e.job == last_job], eps_job, delta)
-    life_check = recompute(events, eps_life, delta)
+    job_records = [r for job, r in audited if job == last_job]
+    job_rdp = epsilon_rdp(job_records, delta) if last_job and delta else 0.0
+    job_check = recompute([e for e in events if e.job == last_job], eps_job, job_rdp, delta)
+    life_check = recompute(events, eps_life, epsilon_rdp(spent, delta) if delta else 0.0, delta)
     findings += job_check.findings(f"job {last_job}") + life_check.findings("lifetime")
     budget = events[-1].budget if events else None
     if budget is not None and eps_life > budget + _AGREE:

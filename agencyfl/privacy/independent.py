@@ -1,19 +1,25 @@
 """Every epsilon recomputed by an accountant we did not write: Google dp_accounting's RDP and PLD.
 
-The enforcing accountant (``privacy.accounting``, Opacus' RDP analysis) decides refusals. An auditor
-recomputes the same figures from the ledger's mechanism events (``privacy.events``, mapped one to one
-onto ``DpEvent``) with dp_accounting under the ledger's declared relation (add or remove one household):
+The enforcing accountant (``privacy.accounting``: Opacus' RDP analysis, or the exact GDP figure when every
+release is a Gaussian without sampling) decides refusals. An auditor recomputes the same figures from the
+ledger's mechanism events (``privacy.events``, mapped one to one onto ``DpEvent``) with dp_accounting under
+the ledger's declared relation (add or remove one household):
 
-- RDP must agree with ours within ``RDP_TOLERANCE`` (relative): the same analysis written twice, evaluated
+- RDP must agree with our RDP figure within ``RDP_TOLERANCE`` (relative): the same analysis written twice, evaluated
   on the enforcing accountant's grid of orders (the grid is a parameter of the bound: on another grid a lone
   release, whose best order is the grid's largest, gets a different figure). Measured (a grid of sigma
   0.6-40, q 0.005-1, 1-5,000 steps): agreement to about 1e-7 where epsilon is small, dp_accounting 0.36%
   higher at epsilon 10.4, 11% higher at epsilon 43 (the libraries evaluate the fractional orders near 1,
   where a large epsilon is optimised, differently). 1% covers every budget this system runs (at most 10);
   a larger gap is a finding, even where the ledger is also overspent;
-- PLD must not exceed ours by more than ``PLD_SLACK``: it is the tighter bound, so a PLD figure above the
-  enforced one would mean enforcement under-counted. PLD runs with a pessimistic discretization (an
-  upper bound on the true epsilon) of interval ``PLD_INTERVAL``.
+- PLD must not exceed the enforced figure by more than ``PLD_SLACK``: it is the tighter bound, so a PLD
+  figure above the enforced one would mean enforcement under-counted. PLD runs with a pessimistic
+  discretization (an upper bound on the true epsilon) of interval ``PLD_INTERVAL``.
+- Where the enforced figure is the exact GDP one (below our RDP figure), it is the true epsilon, and PLD's
+  pessimistic figure must lie at or above it and within ``PLD_INTERVAL`` of it (measured: 1e-6 to 3e-5
+  above, sigma 1-100, 1-101 releases): a PLD figure further above means the closed form under-counted,
+  one below it means the closed form is wrong the other way. Two computations that share no code: the
+  closed form (dp_accounting's hockey-stick divergence of one Gaussian) and the discretized composition.
 
 Entries of older formats carry no event; theirs is read off the flat fields (``legacy_event``).
 """
@@ -81,24 +87,37 @@ def _composition(entries: Iterable[LedgerEvent]) -> dpe.DpEvent | None:
 
 @dataclass(frozen=True)
 class Recomputed:
-    """One epsilon: ours (enforcing) and dp_accounting's RDP and PLD figures for the same entries."""
+    """One epsilon: ours (enforced), our RDP figure, and dp_accounting's RDP and PLD figures for the same
+    entries."""
 
     ours: float
+    ours_rdp: float
     dp_accounting_rdp: float
     dp_accounting_pld: float
 
     def findings(self, what: str) -> list[Finding]:
         """Disagreements beyond the stated tolerances, as ``epsilon`` findings."""
         found = []
-        if not math.isclose(self.ours, self.dp_accounting_rdp, rel_tol=RDP_TOLERANCE, abs_tol=1e-9):
+        if not math.isclose(self.ours_rdp, self.dp_accounting_rdp, rel_tol=RDP_TOLERANCE, abs_tol=1e-9):
             found.append(
                 Finding(
                     "epsilon",
                     f"{what}: dp_accounting's RDP gives epsilon {self.dp_accounting_rdp:.6f}, ours "
-                    f"{self.ours:.6f} (tolerance {RDP_TOLERANCE:g} relative)",
+                    f"{self.ours_rdp:.6f} (tolerance {RDP_TOLERANCE:g} relative)",
                 )
             )
-        if self.dp_accounting_pld > self.ours + PLD_SLACK:
+        if self.ours > self.ours_rdp + 1e-12:
+            found.append(Finding("epsilon", f"{what}: enforced epsilon {self.ours:.6f} above our RDP figure"))
+        exact = self.ours < self.ours_rdp  # the exact GDP figure was enforced
+        if exact and not (self.ours - PLD_SLACK <= self.dp_accounting_pld <= self.ours + PLD_INTERVAL):
+            found.append(
+                Finding(
+                    "epsilon",
+                    f"{what}: dp_accounting's PLD gives epsilon {self.dp_accounting_pld:.6f}, the exact GDP figure "
+                    f"enforced is {self.ours:.6f} (PLD must lie at or above it, within {PLD_INTERVAL:g})",
+                )
+            )
+        if not exact and self.dp_accounting_pld > self.ours + PLD_SLACK:
             found.append(
                 Finding(
                     "epsilon",
@@ -109,17 +128,18 @@ class Recomputed:
         return found
 
 
-def recompute(entries: list[LedgerEvent], ours: float, delta: float | None) -> Recomputed:
-    """dp_accounting's RDP and PLD epsilons at ``delta`` for ``entries``, beside ``ours``."""
+def recompute(entries: list[LedgerEvent], ours: float, ours_rdp: float, delta: float | None) -> Recomputed:
+    """dp_accounting's RDP and PLD epsilons at ``delta`` for ``entries``, beside ``ours`` (enforced) and
+    ``ours_rdp``."""
     event = _composition(entries)
     if event is None or not delta:
-        return Recomputed(ours, 0.0, 0.0)
+        return Recomputed(ours, ours_rdp, 0.0, 0.0)
     relation = RELATIONS[NEIGHBOURING]
     rdp = RdpAccountant(orders=ORDERS, neighboring_relation=relation)
     rdp.compose(event)
     pld = PLDAccountant(neighboring_relation=relation, value_discretization_interval=PLD_INTERVAL)
     pld.compose(event)
-    return Recomputed(ours, float(rdp.get_epsilon(delta)), float(pld.get_epsilon(delta)))
+    return Recomputed(ours, ours_rdp, float(rdp.get_epsilon(delta)), float(pld.get_epsilon(delta)))
 
 
 def relation_findings(entries: list[LedgerEvent]) -> list[Finding]:

@@ -41,7 +41,7 @@ from typing_extensions import TypeVar
 from agencyfl.federation.errors import LedgerError
 from agencyfl.privacy.events import Mechanism, step_records
 from agencyfl.privacy.keys import key_id, load_public_key, public_pem
-from agencyfl.privacy.steps import StepRecord
+from agencyfl.privacy.steps import ACCOUNTANT, Accountant, StepRecord
 
 GENESIS = "0" * 64
 LEDGER_FILE = "ledger.jsonl"
@@ -97,6 +97,9 @@ class LedgerEvent(BaseModel):
     mechanism: Mechanism | None = None
     mechanism_format: int | None = None
     neighbouring: str | None = None  # a str, not a Literal: another relation must parse, to be reported
+    # how the entry's epsilons were computed (``privacy.accounting``); an entry stored without it was enforced
+    # by RDP alone ("rdp": ``read_stored`` fills it in), and is recomputed that way when audited
+    accountant: Accountant = ACCOUNTANT
 
     @property
     def party(self) -> str:
@@ -279,7 +282,7 @@ def verify_ledger(
             seq, claimed, sig = int(entry["seq"]), str(entry["hash"]), bytes.fromhex(entry["sig"])
             content = {k: v for k, v in body.items() if k not in {"seq", "prev"}}
             genesis = Genesis.model_validate(content) if content.get("kind") == "genesis" else None
-            event = None if genesis is not None else event_type.model_validate(content)
+            event = None if genesis is not None else event_type.model_validate(_stored_defaults(event_type, content))
         except (ValueError, KeyError, TypeError, ValidationError) as exc:
             if number == len(lines) and not raw.endswith(b"\n"):
                 continue  # the cut-off last line, reported above
@@ -506,6 +509,14 @@ class Ledger(Generic[EventT]):
             cache_key = (str(self.directory.resolve()), check.key_id, self.event_type.__name__)
             _VERIFIED[cache_key] = (stat, updated)
         return digest
+
+
+def _stored_defaults(event_type: type[BaseModel], content: dict[str, Any]) -> dict[str, Any]:
+    """An entry as stored, with the values its format implied for fields added since: an entry without
+    ``accountant`` was written when RDP alone enforced (the hash and signature cover the stored line)."""
+    if "accountant" in event_type.model_fields and "accountant" not in content:
+        return {**content, "accountant": "rdp"}
+    return content
 
 
 _VERIFIED: dict[tuple[str, str, str], tuple[tuple[int, int, int, int], LedgerVerification[Any]]] = {}

@@ -7,6 +7,14 @@ alignment step); importing Opacus' accountants (and with them torch) there cost 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
+
+Accountant = Literal["rdp", "rdp+gdp"]
+"""How an epsilon was computed (``privacy.accounting``): "rdp", Opacus' RDP alone (ledger entries before
+2026-12-06); "rdp+gdp", the least of that and, for Gaussian releases without sampling, the exact GDP figure."""
+
+ACCOUNTANT: Accountant = "rdp+gdp"
+"""What enforces today (``privacy.accounting.epsilon_for``)."""
 
 
 @dataclass(frozen=True)

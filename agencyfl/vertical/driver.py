@@ -151,6 +151,7 @@ def drive(hub: StreamHub, settings: DriverSettings, sink: EventSink) -> dict[str
             block_widths(loaded), plan.noise_std / job.register_size,
             settings.noise_rng if settings.noise_rng is not None else np.random.default_rng(secrets.randbits(128)),
             hessian_std=plan.hessian_std(job.register_size) if plan.releases_hessian else 0.0,
+            label_holder=job.label_holder if plan.shapes_noise else None,
         )  # fmt: skip
         context = arbiter.public_context()
         names = list(hellos)
@@ -186,7 +187,8 @@ def drive(hub: StreamHub, settings: DriverSettings, sink: EventSink) -> dict[str
                 aggregated=True, agencies=reports, model_sha256=digest, time=now_utc(),
             ))  # fmt: skip  # countersigned before anything of the iteration is released
             order = [*features, holder]  # the one-machine order of the arbiter's noise draws (tests compare)
-            noised = {p: arbiter.release(GradientMessage(p, gradients[p].blobs)) for p in order}
+            noised = arbiter.release_iteration({p: GradientMessage(p, gradients[p].blobs, _gains(gradients[p]))
+                                                for p in order})  # fmt: skip
             norms = hub.call_all({p: Frame("release", {"values": v}) for p, v in noised.items()}, timeout)
             factor = 1.0
             if plan.projection == "joint":
@@ -238,6 +240,15 @@ def drive(hub: StreamHub, settings: DriverSettings, sink: EventSink) -> dict[str
     _write(settings.run_dir / "summary.json", summary)
     sink({"type": "done", "model": summary["model"]})
     return summary
+
+
+def _gains(reply: Frame) -> tuple[float, ...]:
+    """The gains a party reported with its gradient (empty if none or unreadable: the arbiter then noises
+    every coordinate alike, which costs accuracy, never privacy)."""
+    try:
+        return tuple(float(g) for g in reply.fields.get("gains", ()))
+    except (TypeError, ValueError):
+        return ()
 
 
 def _reports(replies: dict[str, Frame], parties: Sequence[str]) -> list[AgencyReport]:

@@ -55,6 +55,20 @@ def newton_matrix(released: Vector, width: int, damping: float) -> npt.NDArray[n
     return np.asarray((vectors / (np.maximum(values, 0.0) + damping)) @ vectors.T, dtype=np.float64)
 
 
+def noise_gains(released: Vector, width: int, damping: float) -> Vector:
+    """Per weight, how far unit noise on that coordinate of a gradient release moves the training scores
+    through a Newton step: the diagonal of P H+ P (P = ``newton_matrix``, H+ the release with its negative
+    eigenvalues read as 0), which is E ||X P n||^2 up to the factor lr^2 4 / c every block shares.
+    Post-processing of the block's Hessian release; ``VerticalPlan.shaped_noise`` spends the noise by it."""
+    h = np.zeros((width, width))
+    h[np.triu_indices(width)] = released
+    h = h + np.triu(h, 1).T
+    values, vectors = np.linalg.eigh(h)
+    kept = np.maximum(values, 0.0)
+    # P H+ P has the eigenvectors of H and eigenvalues h / (h + lambda)^2
+    return np.asarray((vectors**2) @ (kept / (kept + damping) ** 2), dtype=np.float64)
+
+
 def joint_scale(squared_norms: list[float], bound: float) -> float:
     """The factor that puts the concatenated weights of every block back on the ball of radius ``bound``.
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
+import numpy as np
+import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from agencyfl.privacy.accounting import StepRecord, calibrate_noise
@@ -42,6 +45,10 @@ class VerticalPlan(BaseModel):
         kappa: lambda = kappa times the expected spectral norm of the Hessian's noise in a block of d
         weights, 2 sqrt(d) times its std (public: d, the register size and sigma), so that directions the
         noise dominates take short steps at every population size.
+    noise
+        How each gradient release's noise is spread over its parts (each agency's block, and the intercept).
+        ``shaped`` (default, with ``newton``): by the Hessian release, where it costs the model least, at the
+        privacy of uniform noise (``shaped_noise``); ``uniform``: the same std on every coordinate.
     releases
         Noise multipliers of the job's other planned releases (one each, q = 1: the fairness counts):
         the iterations' noise is calibrated so that everything together stays within epsilon.
@@ -59,6 +66,7 @@ class VerticalPlan(BaseModel):
     optimizer: Literal["newton", "adam", "gd"] = "newton"
     learning_rate: float = Field(default=0.3, gt=0, allow_inf_nan=False)  # when absent: ``_default_learning_rate``
     damping: float = Field(default=0.5, gt=0, allow_inf_nan=False)
+    noise: Literal["shaped", "uniform"] = "shaped"
     releases: tuple[float, ...] = ()
 
     @model_validator(mode="before")
@@ -147,3 +155,51 @@ class VerticalPlan(BaseModel):
         if not self.releases_hessian:
             return iterations
         return Composed(events=[self.hessian_event(), iterations])
+
+    @property
+    def shapes_noise(self) -> bool:
+        """Whether gradient noise is spread by the Hessian release (``shaped_stds``): block Newton only."""
+        return self.noise == "shaped" and self.releases_hessian
+
+
+def shaped_stds(
+    std: float, widths: Mapping[str, int], label_holder: str, gains: Mapping[str, Sequence[float]]
+) -> dict[str, npt.NDArray[np.float64]]:
+    """Each party's per-coordinate noise std for one gradient release, at the privacy of ``std`` on every
+    coordinate (``docs/vertical.md``, "Noise shaped by the Hessian release").
+
+    The release has K + 1 parts: each agency's block and the intercept (the label holder's last coordinate).
+    One household moves part p by at most D (a block's row has norm <= 1, the intercept's input is 1), so
+    noise std s_p on part p gives the joint release the whitened sensitivity D sqrt(sum_p 1 / s_p^2): any
+    s_p with sum_p 1 / s_p^2 = (K + 1) / std^2 has exactly the privacy of ``std`` on every coordinate, the
+    noise multiplier the ledgers record, **whatever the gains are**.
+
+    ``gains`` are what each party reports from its own Hessian release (post-processing: ``noise_gains``
+    summed over its block; the label holder also the intercept's): how far unit noise on that part moves the
+    training scores through a Newton step. The spread that moves them least, minimising sum_p s_p^2 g_p under
+    the constraint, has 1 / s_p^2 proportional to sqrt(g_p).
+
+    Uniform (``std`` on every coordinate) when any party's gains are missing, of the wrong count, or not
+    finite and positive: a party that misreports can cost the model accuracy, never the households privacy.
+    (A party that overstates its gain draws the release's noise away from its own block: its own view is then
+    as informative as the whole release, which is what every ledger accounts; ``docs/threat-model.md``.)
+    """
+    uniform = {party: np.full(width, std) for party, width in widths.items()}
+    parts: dict[tuple[str, int], float] = {}  # (party, 0 its block / 1 the intercept) -> gain
+    for party in widths:
+        reported = list(gains.get(party, ()))
+        if len(reported) != (2 if party == label_holder else 1):
+            return uniform
+        for index, value in enumerate(reported):
+            parts[(party, index)] = float(value)
+    if not all(math.isfinite(g) and g > 0 for g in parts.values()):
+        return uniform
+    # only ratios matter: scaled by the largest, and no part below 1e-12 of it (its std at most 1,000 times
+    # the uniform one), so that no report, however extreme, makes a std overflow
+    largest = max(parts.values())
+    roots = {key: math.sqrt(max(g / largest, 1e-12)) for key, g in parts.items()}
+    total = sum(roots.values())
+    spread = {key: std * math.sqrt(total / (len(parts) * root)) for key, root in roots.items()}
+    out = {party: np.full(width, spread[(party, 0)]) for party, width in widths.items()}
+    out[label_holder][-1] = spread[(label_holder, 1)]
+    return out

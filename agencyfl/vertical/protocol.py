@@ -27,10 +27,12 @@ from agencyfl.vertical.optim import (
     Vector,
     clip_scores,
     newton_matrix,
+    noise_gains,
     project,
     triangle_size,
     upper_triangle,
 )
+from agencyfl.vertical.plan import shaped_stds
 
 PARAMETERS = "n8192-d2"
 """Residual (one level) then the gradient products (one level): depth 2."""
@@ -72,10 +74,13 @@ class Received:
 
 @dataclass
 class GradientMessage:
-    """A party's masked gradient for the arbiter: one one-value ciphertext per weight of its block."""
+    """A party's masked gradient for the arbiter: one one-value ciphertext per weight of its block, and the
+    gains of its parts from its own Hessian release (``_Holder.gains``; empty without one), by which the
+    arbiter spreads the iteration's noise (``shaped_stds``)."""
 
     sender: str
     ciphertexts: list[bytes]
+    gains: tuple[float, ...] = ()
 
     @property
     def nbytes(self) -> int:
@@ -195,6 +200,8 @@ class _Holder(_Party):
         self.newton_damping = setup.newton_damping
         self._hessian_mask: Vector | None = None
         self.hessian_release: Vector | None = None  # its own noisy upper triangle, once released
+        self.gains: tuple[float, ...] = ()  # from the Hessian release: its block's (and the intercept's) noise gain
+        self._extra = extra
 
     def _chunked(self, inputs: npt.NDArray[np.float64]) -> list[list[list[float]]]:
         columns = [_chunks(inputs[:, j], self.slots) for j in range(inputs.shape[1])]
@@ -225,8 +232,8 @@ class _Holder(_Party):
         enc_d = [ts.ckks_vector_from(self.context, r) for r in residual]
         out, self._mask = self._masked_totals([_dot(enc_d, column) for column in self._columns])
         self.he_seconds += time.perf_counter() - start
-        message = GradientMessage(self.name, out)
-        self.sent_bytes += message.nbytes
+        message = GradientMessage(self.name, out, self.gains)
+        self.sent_bytes += message.nbytes + 8 * len(self.gains)
         return message
 
     def _masked_totals(self, sums: list[ts.CKKSVector]) -> tuple[list[bytes], Vector]:
@@ -264,6 +271,10 @@ class _Holder(_Party):
         """Newton's step matrix from its released upper triangle (also what a resumed job restores)."""
         self.optimizer.precondition(newton_matrix(released, len(self.weights), self.newton_damping))
         self.hessian_release = np.asarray(released, dtype=np.float64)
+        # post-processing of its own release: how far noise on its block (and the intercept) moves the scores
+        per_weight = noise_gains(self.hessian_release, len(self.weights), self.newton_damping)
+        blocks = per_weight[: len(per_weight) - self._extra]
+        self.gains = (float(blocks.sum()), *(float(g) for g in per_weight[len(blocks) :]))
 
     def apply(self, release: list[float]) -> Vector:
         """Remove the mask from the arbiter's release (the DP release), step and project; returns the release."""
@@ -465,6 +476,7 @@ class Arbiter:
         rng: np.random.Generator,
         params: str = PARAMETERS,
         hessian_std: float = 0.0,
+        label_holder: str | None = None,
     ) -> None:
         self.params: ParameterSet = parameter_set(params)
         self._context = new_private_context(self.params)
@@ -472,6 +484,8 @@ class Arbiter:
         self.widths = dict(widths)
         self.noise_std = noise_std
         self.hessian_std = hessian_std
+        self.label_holder = label_holder  # set: the gradients' noise is shaped by the parties' gains
+        self.stds: dict[str, list[float]] = {}  # the last iteration's per-coordinate noise std, by party
         self._hessians_released: set[str] = set()
         self._rng = rng
         self.received: list[Received] = []
@@ -482,8 +496,9 @@ class Arbiter:
         """The public context (public, Galois and relinearization keys; never the secret key)."""
         return public_bytes(self._context)
 
-    def release(self, message: GradientMessage) -> list[float]:
+    def release(self, message: GradientMessage, std: npt.NDArray[np.float64] | float | None = None) -> list[float]:
         """Noise under encryption, decrypt, round: the masked noised gradient, returned to its sender only.
+        ``std``: per coordinate (``release_iteration``); default ``noise_std`` on each.
 
         Raises
         ------
@@ -491,7 +506,29 @@ class Arbiter:
             An unknown sender, a count other than the sender's width, or a ciphertext of more than one value.
         """
         width = self.widths.get(message.sender)
-        return self._release(message, width, self.noise_std, "gradient")
+        return self._release(message, width, self.noise_std if std is None else std, "gradient")
+
+    def release_iteration(self, messages: dict[str, GradientMessage]) -> dict[str, list[float]]:
+        """One iteration's releases, in the order given (the order of the noise draws): every party's gradient.
+
+        With a ``label_holder``, the noise is spread over the parts by the gains the messages report
+        (``shaped_stds``: the privacy of ``noise_std`` on every coordinate whatever they report); without one,
+        or when any report is missing or invalid, ``noise_std`` on every coordinate.
+
+        Raises
+        ------
+        HEError
+            Not exactly one message from each party, or as ``release``.
+        """
+        if sorted(messages) != sorted(self.widths) or any(m.sender != p for p, m in messages.items()):
+            raise HEError(f"an iteration needs one gradient from each of {sorted(self.widths)}; got {sorted(messages)}")
+        if self.label_holder is None:
+            stds = {p: np.full(w, self.noise_std) for p, w in self.widths.items()}
+        else:
+            gains = {p: m.gains for p, m in messages.items()}
+            stds = shaped_stds(self.noise_std, self.widths, self.label_holder, gains)
+        self.stds = {p: [float(v) for v in std] for p, std in stds.items()}
+        return {p: self.release(m, stds[p]) for p, m in messages.items()}
 
     def release_hessian(self, message: GradientMessage, packed: bool = False) -> list[float]:
         """The same for a block's Hessian upper triangle (once per party and job). ``packed``: the label
@@ -514,7 +551,12 @@ class Arbiter:
         return out
 
     def _release(
-        self, message: GradientMessage, count: int | None, std: float, kind: str, packed: bool = False
+        self,
+        message: GradientMessage,
+        count: int | None,
+        std: npt.NDArray[np.float64] | float,
+        kind: str,
+        packed: bool = False,
     ) -> list[float]:
         expected = 1 if packed else count
         if count is None or len(message.ciphertexts) != expected:
@@ -527,7 +569,7 @@ class Arbiter:
         self.received.append(Received(message.sender, kind, "gradient-ciphertexts", count, message.nbytes, max(sizes)))
         if sizes != ([count] if packed else [1] * count):
             raise HEError(f"{message.sender!r} sent ciphertexts of {max(sizes)} values for a {kind} of {count}")
-        noise = self._rng.normal(0.0, std, size=count)
+        noise = self._rng.normal(0.0, std, size=count)  # a vector std: the same draws, each scaled by its own
         # the noise is added to the ciphertext (a plaintext addition) before it is decrypted: what leaves is
         # value + CKKS error + noise, rounded, never the bare decryption (noise flooding)
         if packed:

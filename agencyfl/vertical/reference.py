@@ -19,10 +19,11 @@ from agencyfl.vertical.optim import (
     clip_scores,
     joint_scale,
     newton_matrix,
+    noise_gains,
     project,
     upper_triangle,
 )
-from agencyfl.vertical.plan import VerticalPlan
+from agencyfl.vertical.plan import VerticalPlan, shaped_stds
 
 
 def hessian(inputs: npt.NDArray[np.float64], labels: LabelData, scale: float) -> npt.NDArray[np.float64]:
@@ -63,13 +64,21 @@ def reference_train(
     optimizers = {b.agency: BlockOptimizer(plan.optimizer, plan.learning_rate, b.width + (b is label)) for b in blocks}
     scale = 1.0 / len(label.x)
     std = (plan.noise_std if noise_std is None else noise_std) * scale
+    widths = {b.agency: b.width + (b is label) for b in blocks}
+    stds = {name: np.full(width, std) for name, width in widths.items()}
     if plan.releases_hessian:  # one noisy upper triangle per block, in the arbiter's order
+        gains: dict[str, tuple[float, ...]] = {}
         for b in blocks:
             rows = np.hstack([b.x, np.ones((len(b.x), 1))]) if b is label else b.x
             h = upper_triangle(hessian(rows, labels, scale))
             released = h + rng.normal(0.0, plan.hessian_std(len(label.x)), size=len(h))
             width = rows.shape[1]
-            optimizers[b.agency].precondition(newton_matrix(released, width, plan.hessian_damping(width, len(label.x))))
+            damping = plan.hessian_damping(width, len(label.x))
+            optimizers[b.agency].precondition(newton_matrix(released, width, damping))
+            per_weight = noise_gains(released, width, damping)
+            gains[b.agency] = (float(per_weight[: b.width].sum()), *(float(g) for g in per_weight[b.width :]))
+        if plan.shapes_noise:
+            stds = shaped_stds(std, widths, label.agency, gains)
     for _ in range(plan.iterations):
         w_label = weights[label.agency]
         parts = {b.agency: b.x @ weights[b.agency] for b in features}
@@ -82,7 +91,7 @@ def reference_train(
             g = b.x.T @ own
             if b is label:
                 g = np.concatenate([g, [own.sum()]])
-            noisy = g + rng.normal(0.0, std, size=len(g))
+            noisy = g + rng.normal(0.0, stds[b.agency], size=len(g))
             w = optimizers[b.agency].step(weights[b.agency], noisy)
             if plan.projection == "joint":
                 weights[b.agency] = w

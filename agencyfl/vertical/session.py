@@ -223,7 +223,7 @@ class PartySession:
         message = holder.masked_hessian() if isinstance(holder, LabelHolder) else holder.masked_hessian(envelopes)
         entry = admit(self.config.ledger, self.loaded, self.plan, self.job.job, self.agency, 0, "vertical-hessian")
         fields = {"epsilon_job": entry.epsilon_job, "epsilon_lifetime": entry.epsilon_lifetime,
-                  "origin": self.config.ledger.verification().origin}  # fmt: skip
+                  "origin": self.config.ledger.verification().origin, "gains": list(message.gains)}  # fmt: skip
         return Frame("ok", fields, blobs=message.ciphertexts)
 
     def _op_hessian_release(self, frame: Frame) -> Frame:
@@ -274,7 +274,7 @@ class PartySession:
         message: GradientMessage = holder.masked_gradient(residual)
         self.last_gradient = iteration
         fields = {"epsilon_job": entry.epsilon_job, "epsilon_lifetime": entry.epsilon_lifetime,
-                  "origin": self.config.ledger.verification().origin}  # fmt: skip
+                  "origin": self.config.ledger.verification().origin, "gains": list(message.gains)}  # fmt: skip
         return Frame("ok", fields, blobs=message.ciphertexts)
 
     def _received_marker(self, iteration: int) -> Path:

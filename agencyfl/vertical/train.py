@@ -138,7 +138,8 @@ def train_vertical(
     widths = {b.agency: b.width for b in features} | {label.agency: label.width + 1}
     register = len(label.x)
     hessian_std = plan.hessian_std(register) if plan.releases_hessian else 0.0
-    arbiter = Arbiter(widths, plan.noise_std * scale, noise_rng, hessian_std=hessian_std)
+    arbiter = Arbiter(widths, plan.noise_std * scale, noise_rng, hessian_std=hessian_std,
+                      label_holder=label.agency if plan.shapes_noise else None)  # fmt: skip
     context = arbiter.public_context()
     keys = {b.agency: PartyKeys.generate(b.agency) for b in [*features, label]}
     directory = {name: k.public() for name, k in keys.items()}
@@ -174,9 +175,9 @@ def train_vertical(
         gradients[civil.name] = civil.masked_gradient(own)
         if before_release is not None:  # accounted in every ledger before the arbiter releases anything
             before_release(iteration)
-        for h in holders:
-            h.apply(arbiter.release(gradients[h.name]))
-        civil.apply(arbiter.release(gradients[civil.name]))
+        released = arbiter.release_iteration(gradients)  # holders in order, then civil affairs: the reference's
+        for p in [*holders, civil]:
+            p.apply(released[p.name])
         if plan.projection == "joint":  # each party tells its block's squared norm; all scale by one factor
             factor = joint_scale([p.squared_norm() for p in [*holders, civil]], plan.weight_bound)
             for p in [*holders, civil]:
