@@ -2,7 +2,11 @@
 
 One coordinator (SuperLink with TLS and node auth) and four SuperNodes, started with the agencyfl
 commands. In the same run:
-- no-op: a minimal Message-API app whose ClientApp replies at once (one message per node per round);
+- no-op: a minimal Message-API app whose ClientApp replies at once (one message per node per round). The
+  agencyfl deployment runs nothing but the agencyfl app (the coordinator's SuperExec and each agency's app
+  pin refuse any other), so the no-op app runs on the same SuperLink through Flower's own SuperExec and four
+  SuperNodes of Flower's own, with the agencies' node keys, TLS and the same short idle poll as theirs
+  (``NOOP_SUPERNODE``): Flower's floor, gated by nothing of ours;
 - local training: one agency's ``train_round`` in this process (the largest agency, warm), i.e. the
   work a round has to do besides Flower;
 - agencyfl with SecAgg+ off, and on: round time from the coordinator's per-round checkpoints
@@ -59,6 +63,20 @@ def train(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"c": ConfigRecord({"ok": 1})}), reply_to=msg)
 '''
 
+NOOP_SUPERNODE = '''\
+"""Flower's own SuperNode with the agencies' idle poll (0.5 s instead of Flower's 3 s) and no app gate."""
+import sys
+
+import flwr.supernode.start_client_internal as sci
+from flwr.supernode.cli.flower_supernode import flower_supernode
+
+from agencyfl.clients.supernode import IDLE_POLL_SECONDS, _ShortWaits
+
+vars(sci)["time"] = _ShortWaits(IDLE_POLL_SECONDS)
+sys.argv = ["flower-supernode", *sys.argv[1:]]
+flower_supernode()
+'''
+
 NOOP_PYPROJECT = """\
 [build-system]
 requires = ["hatchling"]
@@ -99,16 +117,20 @@ def main() -> None:
 
     from agencyfl.clients.rounds import TrainRequest, train_round
     from agencyfl.clients.site import AgencySite
+    from agencyfl.daemons import flower_env, start_daemon, stop_daemon
     from agencyfl.deployment import (
+        _free_port,
         follow_run,
         init_coordinator,
         make_steward_keys,
         register_agency,
         start_coordinator,
         start_steward,
+        start_superexec,
         stop_coordinator,
         stop_steward,
         submit_run,
+        superexec_command,
     )
     from agencyfl.federation.encoding import FeatureEncoder
     from agencyfl.federation.model import build_model, model_to_arrays
@@ -146,19 +168,37 @@ def main() -> None:
         # One set of SuperNodes per spec (the agencies' node config names their copy of the spec).
         for mode in ("noop", "off", "on"):
             spec = specs["off" if mode == "noop" else mode]
+            pids = []
+            if mode == "noop":  # Flower's own SuperExec and SuperNodes: ours run nothing but the agencyfl app
+                stop_daemon(cdir.superexec_pid_file)
+                ungated = root / "noop" / "superexec.pid"
+                ungated.parent.mkdir(parents=True)
+                start_daemon(superexec_command(cdir, gated=False), root / "noop" / "superexec.log", ungated,
+                             flower_env(cdir.flwr_home))  # fmt: skip
+                (lib / "noop_supernode.py").write_text(NOOP_SUPERNODE)
             for agency in AGENCIES:
                 keys = root / mode / agency / "keys"
                 make_steward_keys(keys, agency)
                 register_agency(cdir, f"{mode}-{agency}", keys / "node.pub")
-                start_steward(
-                    agency,
-                    spec,
-                    data.agency_files[agency],
-                    f"127.0.0.1:{port}",
-                    cdir.tls / "ca.crt",
-                    keys,
-                    root / mode / agency,
-                )
+                if mode == "noop":
+                    home = root / mode / agency
+                    cmd = [sys.executable, str(lib / "noop_supernode.py"), "--superlink", f"127.0.0.1:{port}",
+                           "--root-certificates", str(cdir.tls / "ca.crt"), "--port", str(_free_port()),
+                           "--auth-supernode-private-key", str(keys / "node.key")]  # fmt: skip
+                    pid_file = home / "supernode.pid"
+                    pids.append(pid_file)
+                    start_daemon(cmd, home / "supernode.log", pid_file, flower_env(home / "flwr"))
+                else:
+                    start_steward(
+                        agency,
+                        spec,
+                        data.agency_files[agency],
+                        f"127.0.0.1:{port}",
+                        cdir.tls / "ca.crt",
+                        keys,
+                        root / mode / agency,
+                        coordinator_key=cdir.root / "keys" / "ledger.pub",
+                    )
             if mode == "noop":
                 app = root / "noop-app"
                 app.mkdir()
@@ -166,7 +206,10 @@ def main() -> None:
                 out = root / "noop-times.txt"
                 answer = cdir.flwr("run", str(app), "agencyfl", "--run-config", f"rounds={args.rounds} out='{out}'")
                 run_id = int(answer["run-id"])
+                deadline = time.monotonic() + 600
                 while not out.exists():
+                    if time.monotonic() > deadline:
+                        raise SystemExit(f"the no-op app wrote no times in 600 s (see {root / 'noop'})")
                     time.sleep(0.5)
                 times = [float(t) for t in out.read_text().split(",")]
                 state = _wait_finished(cdir, run_id)
@@ -175,6 +218,10 @@ def main() -> None:
                     "mean_round_s": sum(times[1:]) / len(times[1:]),
                     "traffic": state.get("network-traffic"),
                 }
+                for pid_file in pids:
+                    stop_daemon(pid_file)
+                stop_daemon(ungated)
+                start_superexec(cdir)  # back to the coordinator's own, which runs only the agencyfl app
             else:
                 job = f"bench-{mode}"
                 run_id = submit_run(cdir, spec, job, False)
@@ -188,8 +235,8 @@ def main() -> None:
                     "traffic": traffic,
                     "bytes_per_agency_round": (traffic.get("total-bytes", 0)) / (len(AGENCIES) * (args.rounds + 1)),
                 }
-            for agency in AGENCIES:
-                stop_steward(root / mode / agency)
+                for agency in AGENCIES:
+                    stop_steward(root / mode / agency)
     finally:
         stop_coordinator(cdir)
     noop, off, on = (

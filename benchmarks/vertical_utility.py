@@ -8,7 +8,8 @@ complete held-out households (held by every agency). Rows without noise separate
 protocol fits (least squares on the Taylor residual, weights within W) from the cost of the noise.
 Rows without a clip C are the protocol before 2026-12-05 (weights held to W); rows with C clip each party's
 partial score (docs/vertical.md); rows marked newton are block Newton (one DP Hessian release, then T steps
-with each block's step matrix: the default plan from 2026-12-06), the others Adam. Rows with another residual
+with each block's step matrix: the default plan from 2026-12-06; later with each release's noise
+shaped by the Hessian release, unless marked "uniform noise"), the others Adam. Rows with another residual
 ask what a closer approximation of the sigmoid would give, each with the noise its own bound D needs
 (sensitivity sqrt(K + 1) D for |z| <= Z): a degree-3 least-squares fit on [-8, 8] (Kim et al. 2018; one
 more ciphertext-by-ciphertext level under CKKS) and the exact sigmoid, which no polynomial under CKKS
@@ -59,11 +60,16 @@ CONFIGS: list[dict[str, Any]] = [
     {"noise": True, "epsilon": 3.0, "iterations": 100, "weight_bound": 20.0, "score_clip": 1.5},
     {"noise": True, "epsilon": 1.0, "iterations": 200, "weight_bound": 20.0, "score_clip": 1.5},
 ]
-# the protocol from 2026-12-06 (the default plan): block Newton, one DP Hessian release before T iterations
+# the protocol from 2026-12-06 (the default plan): block Newton, one DP Hessian release before T iterations; later
+# each gradient release's noise shaped by the Hessian release, sigma from the exact Gaussian accounting
 NEWTON: list[dict[str, Any]] = [
     {"optimizer": "newton", "noise": True, "epsilon": eps, "iterations": t, "weight_bound": 20.0, "score_clip": 1.5,
      "seed": seed}
-    for eps, t in ((1.0, 50), (1.0, 100), (3.0, 50)) for seed in (1, 2, 3, 4)
+    for eps, t, seeds in ((1.0, 50, 8), (1.0, 100, 8), (3.0, 50, 4)) for seed in range(1, seeds + 1)
+] + [
+    {"optimizer": "newton", "noise": True, "epsilon": 1.0, "iterations": 50, "weight_bound": 20.0, "score_clip": 1.5,
+     "seed": seed, "spread": "uniform"}
+    for seed in range(1, 9)
 ] + [
     {"optimizer": "newton", "noise": True, "epsilon": 1.0, "iterations": 30, "weight_bound": 20.0, "score_clip": 1.5},
     {"optimizer": "newton", "noise": False, "iterations": 50, "weight_bound": 20.0, "score_clip": 1.5},
@@ -138,7 +144,7 @@ def main() -> None:
         plan = VerticalPlan(agencies=len(order), iterations=config["iterations"], epsilon=eps, delta=1e-5,
                             weight_bound=config["weight_bound"], optimizer=optimizer,
                             learning_rate=config.get("learning_rate", 0.3 if optimizer == "newton" else 0.2),
-                            score_clip=config.get("score_clip"))  # fmt: skip
+                            score_clip=config.get("score_clip"), noise=config.get("spread", "shaped"))  # fmt: skip
         rng: Any = np.random.default_rng(config.get("seed", 1)) if config["noise"] else _NoNoise()
         bound = residual_bound(kind, plan.score_bound)
         f = SIGMOIDS[kind]
@@ -151,6 +157,7 @@ def main() -> None:
         noise = f"eps {eps:g} (sigma {plan.noise_multiplier:.1f})" if config["noise"] else "none"
         clip = f", C {config['score_clip']:g}" if config.get("score_clip") else ""
         seed = f", seed {config['seed']}" if "seed" in config else ""
+        seed += ", uniform noise" if config.get("spread") == "uniform" else ""
         name = (f"{kind} {optimizer}, T {config['iterations']}, W {config['weight_bound']:g}{clip}{seed}, "
                 f"lr {plan.learning_rate:g}, D {bound:.2f}")  # fmt: skip
         result["runs"].append({**config, **m, "optimizer": optimizer, "residual": kind, "residual_bound": bound,
@@ -164,7 +171,7 @@ def main() -> None:
     print(table(["model", "noise", "AUC", "AUC ratio", "coverage@0.5", "coverage ratio", "mean score"], rows))
     groups: dict[str, list[dict[str, Any]]] = {}
     for run in result["runs"]:  # the same configuration over noise seeds
-        key = ", ".join(f"{k} {run[k]}" for k in ("optimizer", "epsilon", "iterations", "noise") if k in run)
+        key = ", ".join(f"{k} {run[k]}" for k in ("optimizer", "epsilon", "iterations", "noise", "spread") if k in run)
         groups.setdefault(key, []).append(run)
     summary = [
         [

@@ -19,7 +19,8 @@ The enforced epsilon (``ACCOUNTANT``, "rdp+gdp") is the smaller of two bounds th
   ``GaussianPrivacyLoss.get_delta_for_epsilon``. RDP's conversion to (epsilon, delta) is not tight: at
   epsilon 1 and delta 1e-5 it needs 8% more noise for the same guarantee.
 
-Ledger entries written before 2026-12-06 were enforced by RDP alone (``accountant`` "rdp").
+Ledger entries written before entries named their accountant (commit bcd2896) were enforced by RDP alone
+(``accountant`` "rdp").
 """
 
 from __future__ import annotations

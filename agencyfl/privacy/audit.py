@@ -4,8 +4,8 @@ Lifetime epsilon is reported by both the enforcing accountant (RDP, or the exact
 release is a Gaussian without sampling: ``privacy.accounting``) and PRV (numerical), side by side.
 
 Recorded epsilons are not trusted: the spend is recomputed from the recorded mechanisms with the
-accountant each entry names (RDP alone for entries before 2026-12-06) and must agree with what the agency
-wrote.
+accountant each entry names (RDP alone for entries written before they named one) and must agree with
+what the agency wrote.
 
 ``audit_federation`` adds what one ledger alone cannot show: each key taken from the auditor's own
 keyring (not from the folder an adversary may have rewritten), the coordinator's countersigned chain
@@ -148,8 +148,8 @@ def audit_ledger(directory: str | Path, public_key: Ed25519PublicKey | None = No
                 lifetime.add(record)
                 tally.add(record)
                 audited.append((e.job, record))
-        # checked against the recorded figures under the accountant that wrote them (an entry before
-        # 2026-12-06: RDP alone); the timeline shows them as today's accountant counts them
+        # checked against the recorded figures under the accountant that wrote them (an entry written before
+        # entries named one: RDP alone); the timeline shows them as today's accountant counts them
         life, job = lifetime.epsilon(e.delta), tally.epsilon(e.delta)
         life_then, job_then = lifetime.epsilon(e.delta, e.accountant), tally.epsilon(e.delta, e.accountant)
         timeline.append(

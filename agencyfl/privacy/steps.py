@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 Accountant = Literal["rdp", "rdp+gdp"]
-"""How an epsilon was computed (``privacy.accounting``): "rdp", Opacus' RDP alone (ledger entries before
-2026-12-06); "rdp+gdp", the least of that and, for Gaussian releases without sampling, the exact GDP figure."""
+"""How an epsilon was computed (``privacy.accounting``): "rdp", Opacus' RDP alone (ledger entries written
+before entries named their accountant); "rdp+gdp", the least of that and, for Gaussian releases without
+sampling, the exact GDP figure."""
 
 ACCOUNTANT: Accountant = "rdp+gdp"
 """What enforces today (``privacy.accounting.epsilon_for``)."""
