@@ -177,11 +177,14 @@ def main() -> None:
                              flower_env(cdir.flwr_home))  # fmt: skip
                 (lib / "noop_supernode.py").write_text(NOOP_SUPERNODE)
             for agency in AGENCIES:
-                keys = root / mode / agency / "keys"
-                make_steward_keys(keys, agency)
-                register_agency(cdir, f"{mode}-{agency}", keys / "node.pub")
+                # the same agency (home, keys, ledger) for both agencyfl jobs: a ledger the coordinator's chain
+                # does not know for that agency would be refused as restarted
+                home = root / ("noop" if mode == "noop" else "agencies") / agency
+                keys = home / "keys"
+                if not keys.exists():
+                    make_steward_keys(keys, agency)
+                    register_agency(cdir, f"noop-{agency}" if mode == "noop" else agency, keys / "node.pub")
                 if mode == "noop":
-                    home = root / mode / agency
                     cmd = [sys.executable, str(lib / "noop_supernode.py"), "--superlink", f"127.0.0.1:{port}",
                            "--root-certificates", str(cdir.tls / "ca.crt"), "--port", str(_free_port()),
                            "--auth-supernode-private-key", str(keys / "node.key")]  # fmt: skip
@@ -196,7 +199,7 @@ def main() -> None:
                         f"127.0.0.1:{port}",
                         cdir.tls / "ca.crt",
                         keys,
-                        root / mode / agency,
+                        home,
                         coordinator_key=cdir.root / "keys" / "ledger.pub",
                     )
             if mode == "noop":
@@ -236,7 +239,7 @@ def main() -> None:
                     "bytes_per_agency_round": (traffic.get("total-bytes", 0)) / (len(AGENCIES) * (args.rounds + 1)),
                 }
                 for agency in AGENCIES:
-                    stop_steward(root / mode / agency)
+                    stop_steward(root / "agencies" / agency)
     finally:
         stop_coordinator(cdir)
     noop, off, on = (
@@ -252,7 +255,7 @@ def main() -> None:
     }
     rows = [
         ["no-op Flower app round", f"{noop:.1f}", ""],
-        ["local training (largest agency, warm)", f"{local_training:.1f}", ""],
+        ["local training (largest agency, warm)", f"{local_training:.2f}", ""],
         ["agencyfl round, SecAgg+ off", f"{off:.1f}", f"{off / budget:.2f} x (no-op + training); target <= 1.2"],
         ["agencyfl round, SecAgg+ on", f"{on:.1f}", f"{on / off:.2f} x off; target <= 1.5"],
         ["bytes per agency per round, off", f"{results['secagg_off']['bytes_per_agency_round']:.0f}", ""],
