@@ -45,7 +45,7 @@ def spend_plot_svg(row: AgencyAudit) -> str:
     fig, ax = plt.subplots(figsize=(8, 3.2))
     timeline = row.timeline
     xs = list(range(1, len(timeline) + 1))
-    ax.plot(xs, [t["epsilon_lifetime"] for t in timeline], marker="o", ms=3, label="lifetime epsilon (RDP)")
+    ax.plot(xs, [t["epsilon_lifetime"] for t in timeline], marker="o", ms=3, label="lifetime epsilon (enforced)")
     ax.plot(xs, [t["epsilon_job"] for t in timeline], marker=".", ms=3, ls="--", label="epsilon of the job")
     if timeline:
         ax.step(xs, [t["budget"] for t in timeline], where="mid", color="#b42318", label="lifetime budget")
@@ -138,7 +138,7 @@ def _summary_table(audit: FederationAudit) -> str:
         for r in audit.agencies
     )
     return (
-        "<table><tr><th>agency</th><th>epsilon, last job</th><th>lifetime epsilon (RDP, enforced)</th>"
+        "<table><tr><th>agency</th><th>epsilon, last job</th><th>lifetime epsilon (enforced)</th>"
         "<th>lifetime (PRV)</th><th>budget</th><th>rounds</th><th>jobs</th><th>refusals</th><th>key</th>"
         f"<th>ledger</th><th>caps</th></tr>{rows}</table>"
     )

@@ -61,3 +61,24 @@ def test_a_reply_from_a_reset_ledger_is_refused_and_left_out(origin: str, epsilo
     assert aggregated and tax.accepted is False and why in (tax.reason or "")
     assert all(r.accepted for r in reports if r.agency != "tax")
     assert strategy.log.agencies["tax"].refusals == 1 and strategy.log.agencies["tax"].rounds_trained == 0
+
+
+def test_when_the_exact_accounting_took_over_a_lower_lifetime_is_not_a_lost_spend() -> None:
+    """A chain record from RDP alone (0.2523) of a ledger of Gaussian releases that now counts 0.2282 exactly:
+    the reply's RDP figure (0.2523 or more) is compared, not the enforced one, so it is accepted; a reply whose
+    RDP figure is below the record (entries removed) is still refused, and so is one from an agency that does
+    not report RDP's figure and whose lifetime fell."""
+    known = {**KNOWN, "tax": LedgerRecord(origin="a" * 64, epsilon_lifetime=0.2523)}
+
+    def judged(epsilon_lifetime: float, rdp: float) -> str | None:
+        strategy = AgencyFedAvg(JobPlan("job", 3, "s" * 64, 100000), [np.zeros(2)], min_agencies=2,
+                                min_available=3, secure=False, known=known)  # fmt: skip
+        return strategy._judge("tax", "a" * 64, epsilon_lifetime, rdp)
+
+    assert judged(0.2282, 0.2523) is None
+    assert judged(0.30, 0.33) is None
+    assert "went down" in (judged(0.2282, 0.20) or "")
+    assert "went down" in (judged(0.2282, 0.0) or "")  # no RDP figure: the enforced one is compared
+    # a record that carries RDP's figure is compared with RDP's, whatever the enforced one was
+    later = LedgerRecord(origin="a" * 64, epsilon_lifetime=0.2282, epsilon_lifetime_rdp=0.2523)
+    assert later.lost_spend(0.2300, 0.2600) is None and later.lost_spend(0.2300, 0.2500) == (0.25, 0.2523)

@@ -103,6 +103,21 @@ def test_a_ledger_enforced_by_rdp_alone_still_verifies_and_is_now_counted_exactl
     assert [t["epsilon_lifetime"] for t in row.timeline][-1] == row.epsilon_lifetime
 
 
+def test_the_agency_does_not_take_its_exact_figure_for_missing_entries() -> None:
+    """The chain recorded this ledger's lifetime when RDP alone counted it: the ledger's own check compares RDP
+    with it and goes on; with the last entry gone it still refuses."""
+    from agencyfl.clients.admission import _check_record
+    from agencyfl.federation.messages import LedgerRecord
+
+    ledger = FIXTURES / "ledger-rdp-releases"
+    events = verify_ledger(ledger).events
+    origin = verify_ledger(ledger).origin
+    recorded = LedgerRecord(origin=origin, epsilon_lifetime=events[-1].epsilon_lifetime)  # RDP's, 0.2523
+    assert epsilon_for([r for e in events for r in e.step_records()], 1e-5) < 0.95 * recorded.epsilon_lifetime
+    assert _check_record(events, origin, recorded) is None
+    assert "entries are missing" in (_check_record(events[:-1], origin, recorded) or "")
+
+
 def test_an_entry_claiming_the_exact_accountant_with_another_figure_is_caught(tmp_path: Path) -> None:
     # Gaussian releases: RDP's figure recorded under "rdp+gdp" (or the exact one under "rdp") disagrees
     sigma = 28.9

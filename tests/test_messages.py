@@ -68,6 +68,7 @@ def test_a_release_report_and_a_refusal_round_trip() -> None:
         "reason",
         "epsilon-job",
         "epsilon-lifetime",
+        "epsilon-lifetime-rdp",  # the same lifetime by RDP alone (the coordinator's "never down" check)
         "ledger-origin",
     }
     assert TrainReport.from_metrics(refusal.to_metrics()) == refusal == ReleaseReport.from_metrics(refusal.to_metrics())

@@ -46,7 +46,9 @@ LOGIT = 0.1  # the crafted model puts the target at this logit, alone in its sco
 WEIGHT = 1e6
 TRIALS = 240  # refused requests (no training: cheap)
 # a refused request is answered with exactly these keys (federation.messages.Refusal)
-REFUSAL_KEYS = {"agency", "status", "reason", "epsilon-job", "epsilon-lifetime", "ledger-origin"}
+REFUSAL_KEYS = {
+    "agency", "status", "reason", "epsilon-job", "epsilon-lifetime", "epsilon-lifetime-rdp", "ledger-origin"
+}  # fmt: skip
 ACCEPTED_TRIALS = 100  # each trains two rounds at a fresh agency; enough to see the exact channel's 100 %
 DELTA = 1e-5
 

@@ -16,6 +16,7 @@ import pytest
 from conftest import VerticalJob, invoke
 
 from agencyfl.privacy.ledger import verify_ledger
+from agencyfl.vertical.plan import GUARD_SLACK
 
 AGENCIES = ("civil-affairs", "hrss", "tax", "environment")
 
@@ -40,8 +41,10 @@ def test_every_iteration_is_in_every_ledger_and_within_the_job_cap(
         assert [(e.release, e.round) for e in releases] == [("vertical-hessian", 0)] + [
             ("vertical-gradient", i) for i in (1, 2, 3)
         ]
+        # sqrt(K + 2) / 4, with the zero guard's allowance (``plan.GUARD_SLACK``)
+        hessian = np.sqrt(4 + 2) / 4 * GUARD_SLACK
         assert releases[0].mechanism == releases[0].mechanism.__class__(
-            sensitivity=np.sqrt(4 + 2) / 4, std=summary["noise_multiplier"] * np.sqrt(4 + 2) / 4
+            sensitivity=hessian, std=summary["noise_multiplier"] * hessian
         )
         assert all(e.mechanism is not None and e.mechanism.type == "gaussian" for e in releases)
         assert releases[-1].epsilon_job <= 3.0 + 1e-9
@@ -133,3 +136,30 @@ def test_the_fairness_table_on_joined_records_is_a_noised_release_in_every_ledge
         assert released[0].mechanism.std / released[0].mechanism.sensitivity == pytest.approx(5.0)
         assert released[0].epsilon_job <= 3.0 + 1e-9  # the iterations' noise was calibrated to leave room
     assert (Path(summary["registry"]) / "card.md").read_text().count("### ") >= 3  # the table, for people
+
+
+def test_a_resumed_iteration_admitted_under_other_noise_is_admitted_again(
+    vertical: tuple[VerticalJob, Path, dict], tmp_path: Path
+) -> None:
+    """An iteration admitted under RDP's calibration (sigma 28.9) but never released, resumed after the exact
+    accounting took over (a lower sigma): its old admission is not reused, so the ledger records the noise that
+    is released; admitted under the current plan, it is reused."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from agencyfl.federation.spec import LoadedVerticalSpec, load_any_spec
+    from agencyfl.privacy.ledger import Ledger
+    from agencyfl.vertical.job import admit, plan_of
+
+    population, _, _ = vertical
+    loaded = load_any_spec(population.spec)
+    assert isinstance(loaded, LoadedVerticalSpec)
+    plan = plan_of(loaded)
+    older = plan.model_copy(update={"epsilon": 0.93 * plan.epsilon})  # another calibration: more noise
+    assert older.noise_multiplier > plan.noise_multiplier
+    ledger = Ledger(tmp_path / "ledger", Ed25519PrivateKey.generate(), party="tax")
+    first = admit(ledger, loaded, older, "job-r", "tax", 1)
+    again = admit(ledger, loaded, plan, "job-r", "tax", 1, reuse=True)
+    assert again != first and again.mechanism == plan.iteration_event()
+    assert len([e for e in ledger.events() if e.kind == "release"]) == 2  # both counted
+    assert admit(ledger, loaded, plan, "job-r", "tax", 1, reuse=True) == again  # the current one is reused
+    assert len([e for e in ledger.events() if e.kind == "release"]) == 2

@@ -213,8 +213,9 @@ def _whitened(stds: dict[str, np.ndarray], label: str) -> float:
 
 
 def test_the_encrypted_run_shapes_its_noise_as_the_reference_and_keeps_the_release_s_privacy(
-    run: tuple[VerticalResult, list[int]],
+    blocks: tuple[list[Block], Block, LabelData], run: tuple[VerticalResult, list[int]]
 ) -> None:
+    features, label, labels = blocks
     result, _ = run
     arbiter = result.parties["arbiter"]
     assert isinstance(arbiter, Arbiter) and arbiter.label_holder == "civil-affairs"
@@ -226,6 +227,23 @@ def test_the_encrypted_run_shapes_its_noise_as_the_reference_and_keeps_the_relea
         party = result.parties[name]
         assert isinstance(party, FeatureHolder) and len(party.gains) == 1 and party.gains[0] > 0
     assert len(result.parties["civil-affairs"].gains) == 2  # type: ignore[union-attr]
+    # the noise drawn is the spread stated: iteration 1 (w = 0, nobody clipped) against the exact gradient plus
+    # the arbiter's seeded draws (after the Hessian's), each scaled by its coordinate's std
+    n = len(label.x)
+    noise = np.random.default_rng(SEED)
+    for block in [*features, label]:
+        noise.normal(0.0, PLAN.hessian_std(n), size=triangle_size(block.width + (block is label)))
+    d = labels.train * (0.5 - labels.y) / n
+    apart = 0.0
+    for block in [*features, label]:
+        exact = _rows(block, label).T @ d
+        drawn = noise.normal(0.0, 1.0, size=len(exact)) * stds[block.agency]
+        party = result.parties[block.agency]
+        assert isinstance(party, FeatureHolder | LabelHolder)
+        np.testing.assert_allclose(party.releases[0], exact + drawn, atol=2e-5, err_msg=block.agency)  # CKKS, rounding
+        uniform = exact + drawn / stds[block.agency] * arbiter.noise_std
+        apart = max(apart, float(np.abs(party.releases[0] - uniform).max()))
+    assert apart > 10 * 2e-5  # uniform noise would not have passed: the check tells the spreads apart
 
 
 @pytest.mark.parametrize(
@@ -242,9 +260,12 @@ def test_no_report_of_gains_buys_a_party_more_than_the_accounted_release(gains: 
     widths = {"hrss": 5, "tax": 14, "environment": 3, "civil-affairs": 23}
     stds = shaped_stds(PLAN.noise_std, widths, "civil-affairs", gains)
     assert _whitened(stds, "civil-affairs") == pytest.approx(5 / PLAN.noise_std**2, rel=1e-9)
-    sensitivity = PLAN.residual_bound  # one household moves each part by at most D
-    for std in stds.values():  # a party's own view: within the release's noise multiplier
-        assert sensitivity / float(std.min()) <= PLAN.sensitivity / PLAN.noise_std * (1 + 1e-9)
+    bound = PLAN.sensitivity / np.sqrt(5)  # one household moves each part by at most D (and the guard's slack)
+    allowed = PLAN.sensitivity / PLAN.noise_std  # 1 / sigma: the whole release's
+    for party, std in stds.items():  # each party's own view (civil affairs': its block and the intercept)
+        parts = [float(std[0])] + ([float(std[-1])] if party == "civil-affairs" else [])
+        assert bound * np.sqrt(sum(1 / p**2 for p in parts)) <= allowed * (1 + 1e-9), party
+        assert float(std.max()) <= 1000 * PLAN.noise_std * (1 + 1e-9)  # no std beyond the floor's 1,000 times
 
 
 @pytest.mark.parametrize(
@@ -272,3 +293,23 @@ def test_the_arbiter_releases_an_iteration_only_with_one_gradient_from_each_part
         arbiter.release_iteration({"a": GradientMessage("a", [b"", b""], (1.0,))})
     with pytest.raises(HEError, match="one gradient from each"):  # a message under another party's name
         arbiter.release_iteration({"a": GradientMessage("b", [b""] * 3, (1.0, 1.0)), "b": GradientMessage("b", [], ())})
+
+
+@pytest.mark.parametrize(
+    ("field", "read"),
+    [
+        ([1.5], (1.5,)),
+        ([2.0, 0.01], (2.0, 0.01)),
+        ([10**400], ()),  # a JSON integer beyond any float: not an OverflowError after the ledgers admitted
+        ("12", ()),  # not a list of numbers, even though its characters would convert
+        ([1.0, 2.0, 3.0], ()),
+        ([True], ()),
+        (None, ()),
+    ],
+)
+def test_the_coordinator_reads_only_a_short_list_of_numbers_as_gains(field: object, read: tuple[float, ...]) -> None:
+    from agencyfl.vertical.driver import _gains
+    from agencyfl.vertical.stream import Frame, decode, encode
+
+    fields = {} if field is None else {"gains": field}
+    assert _gains(decode(encode(Frame("ok", fields)))) == read

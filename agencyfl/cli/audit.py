@@ -166,7 +166,7 @@ def audit_report(
     table = Table(
         "agency",
         "epsilon last job",
-        "epsilon lifetime (RDP) / cap",
+        "epsilon lifetime (enforced) / cap",
         "lifetime (PRV)",
         "lifetime, dp_accounting RDP / PLD",
         "delta",

@@ -44,11 +44,14 @@ def _check_record(events: list[LedgerEvent], origin: str, known: LedgerRecord | 
             f"the coordinator's chain records this agency's ledger as {known.origin[:12]}, this ledger is "
             f"{origin[:12]}: the ledger was restarted or replaced (restore it)"
         )
-    lifetime = epsilon_for(spend_records(events), events[-1].delta) if events else 0.0
-    if lifetime + _AGREE * max(1.0, lifetime) < known.epsilon_lifetime:
+    records, delta = spend_records(events), events[-1].delta if events else 0.0
+    lifetime = epsilon_for(records, delta) if events else 0.0
+    lifetime_rdp = epsilon_for(records, delta, "rdp") if events else 0.0
+    lost = known.lost_spend(lifetime, lifetime_rdp)  # like with like (a ledger of releases counts lower now)
+    if lost is not None:
         return (
-            f"the coordinator's chain records a lifetime epsilon of {known.epsilon_lifetime:.4f} for this "
-            f"agency, its ledger holds {lifetime:.4f}: entries are missing (restore the ledger)"
+            f"the coordinator's chain records a lifetime epsilon of {lost[1]:.4f} for this "
+            f"agency, its ledger holds {lost[0]:.4f}: entries are missing (restore the ledger)"
         )
     return None
 

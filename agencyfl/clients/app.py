@@ -105,6 +105,20 @@ def plan_request(config: dict[str, Scalar], agency: str, arrays: list[np.ndarray
     )
 
 
+def _lifetime_rdp(site: AgencySite) -> float:
+    """The ledger's lifetime epsilon by RDP alone after the reply's entries (0.0 if it cannot be read): what the
+    coordinator's "never down" check compares with its record (``LedgerRecord.lost_spend``)."""
+    from agencyfl.federation.errors import LedgerError
+    from agencyfl.privacy.accounting import epsilon_for
+    from agencyfl.privacy.ledger import spend_records
+
+    try:
+        events = site.open_ledger().events()
+    except (LedgerError, OSError):
+        return 0.0
+    return epsilon_for(spend_records(events), events[-1].delta, "rdp") if events else 0.0
+
+
 def _noised(evaluation: EvaluationRelease | None) -> NoisedEvaluation | None:
     if evaluation is None:
         return None
@@ -141,13 +155,15 @@ class AgencyClient(NumPyClient):
 
         logging.getLogger("flwr").setLevel(logging.WARNING)  # Opacus may lower it
         reply = train_round(self.site, plan_request(config, self.site.agency, parameters))
+        rdp = _lifetime_rdp(self.site)
         if reply.status != "trained" or reply.evaluation is None:
             refused = Refusal(agency=reply.agency, reason=reply.reason or "refused", epsilon_job=reply.epsilon_job,
-                              epsilon_lifetime=reply.epsilon_lifetime, origin=reply.origin)  # fmt: skip
+                              epsilon_lifetime=reply.epsilon_lifetime, epsilon_lifetime_rdp=rdp,
+                              origin=reply.origin)  # fmt: skip
             return nothing, 0, refused.to_metrics()
         report = TrainReport(
             agency=reply.agency, dataset=reply.dataset, epsilon_job=reply.epsilon_job,
-            epsilon_lifetime=reply.epsilon_lifetime, origin=reply.origin, steps=reply.steps,
+            epsilon_lifetime=reply.epsilon_lifetime, epsilon_lifetime_rdp=rdp, origin=reply.origin, steps=reply.steps,
             noise_multiplier=reply.noise_multiplier,
             evaluation=_noised(reply.evaluation),  # the global model this round started from, noised and accounted
         )  # fmt: skip
@@ -161,13 +177,16 @@ class AgencyClient(NumPyClient):
         from agencyfl.clients.rounds import release_round
 
         reply = release_round(self.site, plan_request(config, self.site.agency, parameters))
+        rdp = _lifetime_rdp(self.site)
         if reply.status != "released" or reply.evaluation is None:
             refused = Refusal(agency=reply.agency, reason=reply.reason or "refused", epsilon_job=reply.epsilon_job,
-                              epsilon_lifetime=reply.epsilon_lifetime, origin=reply.origin)  # fmt: skip
+                              epsilon_lifetime=reply.epsilon_lifetime, epsilon_lifetime_rdp=rdp,
+                              origin=reply.origin)  # fmt: skip
             return 0.0, 0, refused.to_metrics()
         report = ReleaseReport(
             agency=reply.agency, epsilon_job=reply.epsilon_job, epsilon_lifetime=reply.epsilon_lifetime,
-            origin=reply.origin, evaluation=_noised(reply.evaluation), fairness=_fairness(reply.fairness),
+            epsilon_lifetime_rdp=rdp, origin=reply.origin, evaluation=_noised(reply.evaluation),
+            fairness=_fairness(reply.fairness),
         )  # fmt: skip
         return 0.0, 1, report.to_metrics()
 

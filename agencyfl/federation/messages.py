@@ -131,6 +131,10 @@ class _Report(_Wire):
     reason: str = ""
     epsilon_job: Annotated[float, Field(ge=0)] = 0.0
     epsilon_lifetime: Annotated[float, Field(ge=0)] = 0.0
+    # the same lifetime by RDP alone (0: not reported), the figure the coordinator's "never down" check compares:
+    # unlike the enforced one, it never falls below a figure recorded for a prefix of the ledger under either
+    # accountant (a ledger of Gaussian releases recorded by RDP alone counts lower now by the exact figure)
+    epsilon_lifetime_rdp: Annotated[float, Field(ge=0)] = 0.0
     origin: Annotated[str, Field(alias="ledger-origin")] = ""
 
 
@@ -217,6 +221,22 @@ class LedgerRecord(_Wire):
 
     origin: str
     epsilon_lifetime: float
+    epsilon_lifetime_rdp: float | None = None  # None: recorded before it was reported
+
+    def lost_spend(self, lifetime: float, lifetime_rdp: float | None) -> tuple[float, float] | None:
+        """``(now, recorded)`` if a ledger now holding ``lifetime`` (``lifetime_rdp`` by RDP alone, None if not
+        known) spent less than this record says, else None.
+
+        RDP against RDP where both are known: RDP of a ledger never falls below RDP of a prefix of it, nor below
+        any figure recorded for a prefix under either accountant (records before ``epsilon_lifetime_rdp`` was
+        reported were RDP's). The enforced figure alone could, once, when the exact one took over.
+        """
+        if lifetime_rdp is not None:
+            recorded = self.epsilon_lifetime_rdp if self.epsilon_lifetime_rdp is not None else self.epsilon_lifetime
+            now = lifetime_rdp
+        else:
+            recorded, now = self.epsilon_lifetime, lifetime
+        return (now, recorded) if now + 1e-9 * max(1.0, recorded) < recorded else None
 
 
 class RoundRequest(_Wire):

@@ -39,6 +39,7 @@ from dp_accounting import dp_event as dpe
 from dp_accounting.mechanism_calibration import ExplicitBracketInterval, calibrate_dp_mechanism
 from dp_accounting.pld.privacy_loss_mechanism import GaussianPrivacyLoss
 from dp_accounting.privacy_accountant import NeighboringRelation, PrivacyAccountant
+from scipy.optimize import brentq
 
 from agencyfl.privacy.steps import ACCOUNTANT, Accountant, StepRecord
 
@@ -103,40 +104,49 @@ def _rdp_per_step(sample_rate: float, noise_multiplier: float) -> np.ndarray:
     return np.asarray(compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=ORDERS))
 
 
+def _gdp_term(record: StepRecord) -> float | None:
+    """steps / sigma^2 of a Gaussian release without sampling; None where the exact figure does not apply (a
+    subsampled record, or a noise multiplier that is not finite and positive: RDP's figure decides)."""
+    sigma = float(record.noise_multiplier)
+    if record.sample_rate < 1.0 or not (math.isfinite(sigma) and sigma > 0.0):
+        return None
+    return record.steps / sigma**2
+
+
 def gaussian_mu(records: Iterable[StepRecord]) -> float | None:
     """mu of the records' composition as Gaussian DP when every spending record is a Gaussian release without
-    sampling (q = 1): sqrt(sum steps / sigma^2); None if any record is subsampled (RDP alone applies)."""
+    sampling (q = 1): sqrt(sum steps / sigma^2); None if any record is not (RDP alone applies)."""
     total = 0.0
     for r in records:
         if r.steps > 0:
-            if r.sample_rate < 1.0:
+            term = _gdp_term(r)
+            if term is None:
                 return None
-            total += r.steps / float(r.noise_multiplier) ** 2
-    return math.sqrt(total)
+            total += term
+    return math.sqrt(total) if math.isfinite(total) else None
 
 
+@lru_cache(maxsize=4096)
 def gdp_epsilon(mu: float, delta: float, upper: float) -> float:
-    """The least epsilon at which mu-GDP is (epsilon, delta)-DP, to within 1e-9 and never below it.
+    """The least epsilon at which mu-GDP is (epsilon, delta)-DP, to within 1e-10 relative and never below it.
 
-    ``upper`` is an epsilon known to hold (the RDP bound): the search runs in [0, upper] on dp_accounting's
-    exact hockey-stick divergence of the Gaussian (decreasing in epsilon) and returns the upper end of the
-    final bracket, so the figure is always on the safe side of the exact one.
+    ``upper`` is an epsilon known to hold (the RDP bound): the root of dp_accounting's exact hockey-stick
+    divergence of the Gaussian (decreasing in epsilon) is found in [0, upper] (Brent's method), then moved up
+    until the divergence at it is at most ``delta``, so the figure is always on the safe side of the exact one.
     """
     if mu <= 0.0:
         return 0.0
     divergence = GaussianPrivacyLoss(standard_deviation=1.0 / mu, sensitivity=1.0).get_delta_for_epsilon
     if divergence(0.0) <= delta:
         return 0.0
-    low, high = 0.0, upper
-    if divergence(high) > delta:  # pragma: no cover - RDP's bound always holds; guards a numerical surprise
-        return upper
-    while high - low > 1e-9 * max(1.0, high):
-        middle = (low + high) / 2
-        if divergence(middle) <= delta:
-            high = middle
-        else:
-            low = middle
-    return high
+    if not upper > 0.0 or not math.isfinite(upper) or divergence(upper) > delta:
+        return upper  # pragma: no cover - RDP's bound always holds; guards a numerical surprise
+    epsilon = float(brentq(lambda e: divergence(e) - delta, 0.0, upper, xtol=1e-12, rtol=1e-10))
+    for _ in range(100):  # Brent's answer lies within its tolerance of the root, on either side
+        if divergence(epsilon) <= delta:
+            return min(epsilon, upper)
+        epsilon += max(1e-12, 1e-10 * epsilon)
+    return upper  # pragma: no cover - the loop ends long before
 
 
 def _enforced(rdp_epsilon: float, mu: float | None, delta: float, accountant: Accountant) -> float:
@@ -189,17 +199,20 @@ class SpendTally:
             curve = _rdp_per_step(float(record.sample_rate), float(record.noise_multiplier))
             self._rdp = self._rdp + record.steps * curve
             self._spent = True
-            if record.sample_rate < 1.0:
+            term = _gdp_term(record)
+            if term is None:
                 self._mu_squared = None
             elif self._mu_squared is not None:
-                self._mu_squared += record.steps / float(record.noise_multiplier) ** 2
+                self._mu_squared += term
 
     def epsilon(self, delta: float, accountant: Accountant = ACCOUNTANT) -> float:
         """Epsilon at ``delta`` of everything added so far (0.0 when nothing was spent)."""
         if not self._spent:
             return 0.0
-        mu = None if self._mu_squared is None else math.sqrt(self._mu_squared)
-        return _enforced(_spent(self._rdp, delta), mu, delta, accountant)
+        rdp = _spent(self._rdp, delta)
+        if accountant == "rdp" or self._mu_squared is None or not math.isfinite(self._mu_squared):
+            return rdp
+        return _enforced(rdp, math.sqrt(self._mu_squared), delta, accountant)
 
 
 def _merged(records: Iterable[StepRecord]) -> list[tuple[float, float, int]]:

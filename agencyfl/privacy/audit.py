@@ -22,7 +22,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from agencyfl.privacy.accounting import SpendTally, StepRecord, epsilon_for, epsilon_prv, epsilon_rdp
+from agencyfl.privacy.accounting import ACCOUNTANT, SpendTally, StepRecord, epsilon_for, epsilon_prv, epsilon_rdp
 from agencyfl.privacy.coordinator_ledger import RoundSummary
 from agencyfl.privacy.crosscheck import cross_check, unknown_jobs
 from agencyfl.privacy.events import UnaccountedMechanism, same_records
@@ -151,7 +151,11 @@ def audit_ledger(directory: str | Path, public_key: Ed25519PublicKey | None = No
         # checked against the recorded figures under the accountant that wrote them (an entry written before
         # entries named one: RDP alone); the timeline shows them as today's accountant counts them
         life, job = lifetime.epsilon(e.delta), tally.epsilon(e.delta)
-        life_then, job_then = lifetime.epsilon(e.delta, e.accountant), tally.epsilon(e.delta, e.accountant)
+        life_then, job_then = (
+            (life, job)
+            if e.accountant == ACCOUNTANT
+            else (lifetime.epsilon(e.delta, e.accountant), tally.epsilon(e.delta, e.accountant))
+        )
         timeline.append(
             {
                 "seq": index,

@@ -35,6 +35,7 @@ class AgencyReport(BaseModel):
     dataset: str
     reason: str | None = None
     origin: str = ""  # the origin (genesis hash) of the agency's ledger, as it reported it ("" before it did)
+    epsilon_lifetime_rdp: float | None = None  # the lifetime by RDP alone, as reported (None: not reported)
     accepted: bool = True  # False: the coordinator refused this reply (ledger restarted, epsilon went down)
     releases: list[Literal["evaluation", "fairness"]] = []  # the noised releases the reply carried
 
@@ -55,6 +56,7 @@ class AgencyReport(BaseModel):
             dataset=dataset,
             reason=judged or reply.reason or None,
             origin=reply.origin,
+            epsilon_lifetime_rdp=reply.epsilon_lifetime_rdp or None,
             accepted=judged is None,
             releases=releases,
         )

@@ -98,7 +98,7 @@ class LedgerEvent(BaseModel):
     mechanism_format: int | None = None
     neighbouring: str | None = None  # a str, not a Literal: another relation must parse, to be reported
     # how the entry's epsilons were computed (``privacy.accounting``); an entry stored without it was enforced
-    # by RDP alone ("rdp": ``read_stored`` fills it in), and is recomputed that way when audited
+    # by RDP alone ("rdp": ``_stored_defaults`` fills it in), and is recomputed that way when audited
     accountant: Accountant = ACCOUNTANT
 
     @property

@@ -109,7 +109,11 @@ def known_ledgers(settings: ServerSettings) -> dict[str, LedgerRecord]:
     for entry in chain:
         for report in entry.agencies:
             if report.accepted and report.origin:
-                known[report.agency] = LedgerRecord(origin=report.origin, epsilon_lifetime=report.epsilon_lifetime)
+                known[report.agency] = LedgerRecord(
+                    origin=report.origin,
+                    epsilon_lifetime=report.epsilon_lifetime,
+                    epsilon_lifetime_rdp=report.epsilon_lifetime_rdp,
+                )
     return known
 
 

@@ -184,16 +184,20 @@ class AgencyFedAvg(FedAvg):
         final = self._request(server_round).model_copy(update={"round": self.plan.rounds + 1, "max_weight": None})
         return final.to_config()
 
-    def _judge(self, agency: str, origin: str, epsilon_lifetime: float) -> str | None:
-        """Why a reply from ``agency`` must be refused (its ledger restarted, its epsilon went down), or None."""
+    def _judge(
+        self, agency: str, origin: str, epsilon_lifetime: float, epsilon_lifetime_rdp: float = 0.0
+    ) -> str | None:
+        """Why a reply from ``agency`` must be refused (its ledger restarted, its epsilon went down), or None.
+        ``epsilon_lifetime_rdp``: the reply's lifetime by RDP alone (0: not reported), compared like with like
+        (``LedgerRecord.lost_spend``)."""
         known = self.known.get(agency)
         if known is None:
             return None
         if known.origin and origin and known.origin != origin:
             return f"ledger restarted: the chain records origin {known.origin[:12]}, the reply {origin[:12]}"
-        before = known.epsilon_lifetime
-        if epsilon_lifetime + 1e-9 * max(1.0, before) < before:
-            return f"lifetime epsilon went down: {epsilon_lifetime:.4f} < {before:.4f} recorded before"
+        lost = known.lost_spend(epsilon_lifetime, epsilon_lifetime_rdp or None)
+        if lost is not None:
+            return f"lifetime epsilon went down: {lost[0]:.4f} < {lost[1]:.4f} recorded before"
         return None
 
     def _agency(self, name: str) -> AgencyRecord:
@@ -218,7 +222,7 @@ class AgencyFedAvg(FedAvg):
         trained = 0
         reports = self._reports[job_round] = []
         for res, reply in parsed:
-            judged = self._judge(reply.agency, reply.origin, reply.epsilon_lifetime)
+            judged = self._judge(reply.agency, reply.origin, reply.epsilon_lifetime, reply.epsilon_lifetime_rdp)
             rejection = judged if reply.status == "trained" else None
             report = AgencyReport.of(reply, judged=judged)
             reports.append(report)
@@ -234,7 +238,11 @@ class AgencyFedAvg(FedAvg):
                 self.on_event({"type": "rejected", "round": job_round, "agency": reply.agency, "reason": rejection})
                 continue
             if reply.origin and judged is None:
-                self.known[reply.agency] = LedgerRecord(origin=reply.origin, epsilon_lifetime=reply.epsilon_lifetime)
+                self.known[reply.agency] = LedgerRecord(
+                    origin=reply.origin,
+                    epsilon_lifetime=reply.epsilon_lifetime,
+                    epsilon_lifetime_rdp=reply.epsilon_lifetime_rdp or None,
+                )
             if reply.status == "trained":
                 record.rounds_trained += 1
                 trained += 1
@@ -309,7 +317,7 @@ class AgencyFedAvg(FedAvg):
             self.on_event({"type": "error", "round": final, "reason": _failure_reason(failure)})
         reports = []
         for reply in replies:
-            judged = self._judge(reply.agency, reply.origin, reply.epsilon_lifetime)
+            judged = self._judge(reply.agency, reply.origin, reply.epsilon_lifetime, reply.epsilon_lifetime_rdp)
             reports.append(AgencyReport.of(reply, judged=judged))
             record = self._agency(reply.agency)
             record.epsilon_job = reply.epsilon_job  # after the final releases: the job's whole spend

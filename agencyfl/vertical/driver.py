@@ -243,11 +243,16 @@ def drive(hub: StreamHub, settings: DriverSettings, sink: EventSink) -> dict[str
 
 
 def _gains(reply: Frame) -> tuple[float, ...]:
-    """The gains a party reported with its gradient (empty if none or unreadable: the arbiter then noises
-    every coordinate alike, which costs accuracy, never privacy)."""
+    """The gains a party reported with its gradient: a list of at most two numbers (empty if none or anything
+    else: the arbiter then noises every coordinate alike, which costs accuracy, never privacy)."""
+    reported = reply.fields.get("gains", [])
+    if not isinstance(reported, list) or len(reported) > 2:
+        return ()
+    if not all(isinstance(g, int | float) and not isinstance(g, bool) for g in reported):
+        return ()
     try:
-        return tuple(float(g) for g in reply.fields.get("gains", ()))
-    except (TypeError, ValueError):
+        return tuple(float(g) for g in reported)
+    except OverflowError:  # a JSON integer beyond any float
         return ()
 
 

@@ -134,7 +134,9 @@ def admit(
     """Admit one release at one agency (a deployment: each agency its own), recorded before anything leaves.
 
     ``reuse``: the coordinator's signed plan says iteration ``iteration`` of this (resumed) job was never
-    released; if this ledger already admitted it, that entry is returned and nothing is recorded again.
+    released; if this ledger already admitted it with the mechanism the plan now releases, that entry is
+    returned and nothing is recorded again. An admission of other noise (the job began under another
+    calibration, e.g. before the exact accounting) is not reused: the release is admitted again.
 
     Raises
     ------
@@ -142,8 +144,12 @@ def admit(
         If the agency's caps refuse it (the refusal is recorded).
     """
     if reuse:
+        mechanism = plan.hessian_event() if release == "vertical-hessian" else plan.iteration_event()
         for event in ledger.events():
-            if event.kind == "release" and event.job == job and event.round == iteration and event.release == release:
+            if (
+                event.kind == "release" and event.job == job and event.round == iteration
+                and event.release == release and event.mechanism == mechanism
+            ):  # fmt: skip
                 return event
     events, decision, what = _decide(ledger, loaded, plan, job, iteration, release)
     if not decision.allowed:

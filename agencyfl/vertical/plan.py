@@ -13,6 +13,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from agencyfl.privacy.accounting import StepRecord, calibrate_noise
 from agencyfl.privacy.events import Composed, GaussianEvent, Mechanism, gaussian_releases
 
+GUARD_SLACK = 1.0 + 2.0**-21
+"""The sensitivities' allowance for ``protocol.ZERO_GUARD``: 2^-20 is put at one household's position of a column
+chunk that is zero everywhere (so that the ciphertext's level tells nothing), which adds at most 2^-20 of the
+bound to that household's contribution on each such coordinate, where its own is zero. Over at most 2^20
+coordinates per block, the bound grows by at most sqrt(1 + 2^-20) <= 1 + 2^-21. With the exact accounting there
+is no other slack to hide it in."""
+
 
 class VerticalPlan(BaseModel):
     """What every party agrees on before training (all of it public).
@@ -101,8 +108,9 @@ class VerticalPlan(BaseModel):
 
     @property
     def sensitivity(self) -> float:
-        """L2 sensitivity of one iteration's joint release (K block gradients and sum(d)): sqrt(K + 1) D."""
-        return math.sqrt(self.agencies + 1) * self.residual_bound
+        """L2 sensitivity of one iteration's joint release (K block gradients and sum(d)): sqrt(K + 1) D (times
+        ``GUARD_SLACK``)."""
+        return math.sqrt(self.agencies + 1) * self.residual_bound * GUARD_SLACK
 
     @property
     def releases_hessian(self) -> bool:
@@ -114,8 +122,8 @@ class VerticalPlan(BaseModel):
         """L2 sensitivity of the joint Hessian release (every block's upper triangle, unscaled by c):
         sqrt(K + 2) / 4. One household's row x (||x|| <= 1) moves a block's upper triangle of x x^T / 4 by
         sqrt(((sum x^2)^2 + sum x^4) / 2) / 4 <= 1/4; civil affairs' row [x, 1] (squared norm <= 2) by
-        sqrt((4 + 2) / 2) / 4 = sqrt(3) / 4. Squared and summed: (K - 1 + 3) / 16."""
-        return math.sqrt(self.agencies + 2) / 4
+        sqrt((4 + 2) / 2) / 4 = sqrt(3) / 4. Squared and summed: (K - 1 + 3) / 16 (times ``GUARD_SLACK``)."""
+        return math.sqrt(self.agencies + 2) / 4 * GUARD_SLACK
 
     @property
     def noise_multiplier(self) -> float:

@@ -41,8 +41,9 @@ MASK_BOUND = 2.0**16
 ZERO_GUARD = 2.0**-20
 """Put in slot 0 of an all-zero gradient input: TenSEAL's product with an all-zero plaintext comes out at a
 fresh level, so the ciphertext's size would tell the arbiter that a column (after the party's clip) was zero
-everywhere. Large enough to survive encoding (times the scale 2^40, spread over 8192 coefficients); its
-effect on the gradient (at most 2^-20 |d_0| <= 2^-20 c D) is far under the DP noise."""
+everywhere. Large enough to survive encoding (times the scale 2^40, spread over 8192 coefficients). It moves
+the household at that position by at most 2^-20 of the bound on each such coordinate: the sensitivities allow
+for it (``plan.GUARD_SLACK``)."""
 ROUNDING = 1e-6
 """Decryptions are rounded to this (about the CKKS error) before they leave the arbiter."""
 SCORE_TAG_TOLERANCE = 2e-5

@@ -223,7 +223,7 @@ class PartySession:
         message = holder.masked_hessian() if isinstance(holder, LabelHolder) else holder.masked_hessian(envelopes)
         entry = admit(self.config.ledger, self.loaded, self.plan, self.job.job, self.agency, 0, "vertical-hessian")
         fields = {"epsilon_job": entry.epsilon_job, "epsilon_lifetime": entry.epsilon_lifetime,
-                  "origin": self.config.ledger.verification().origin, "gains": list(message.gains)}  # fmt: skip
+                  "origin": self.config.ledger.verification().origin}  # fmt: skip
         return Frame("ok", fields, blobs=message.ciphertexts)
 
     def _op_hessian_release(self, frame: Frame) -> Frame:
