@@ -82,3 +82,19 @@ def test_when_the_exact_accounting_took_over_a_lower_lifetime_is_not_a_lost_spen
     # a record that carries RDP's figure is compared with RDP's, whatever the enforced one was
     later = LedgerRecord(origin="a" * 64, epsilon_lifetime=0.2282, epsilon_lifetime_rdp=0.2523)
     assert later.lost_spend(0.2300, 0.2600) is None and later.lost_spend(0.2300, 0.2500) == (0.25, 0.2523)
+    # and its enforced figure with the enforced one: a lower one with an inflated RDP figure is still refused
+    assert later.lost_spend(0.2200, 0.2600) == (0.22, 0.2282)
+
+
+def test_a_vertical_job_s_ledger_that_lost_releases_is_caught_after_the_exact_accounting() -> None:
+    """A vertical job's chain record now holds the exact figure and RDP's; a ledger rolled back from 51 releases
+    to 44 (its RDP figure still above the recorded exact one) is refused on both counts."""
+    from agencyfl.privacy.accounting import StepRecord, epsilon_for
+
+    full, rolled_back = [StepRecord(26.64, 1.0, 51)], [StepRecord(26.64, 1.0, 44)]
+    record = LedgerRecord(origin="a" * 64, epsilon_lifetime=epsilon_for(full, 1e-5),
+                          epsilon_lifetime_rdp=epsilon_for(full, 1e-5, "rdp"))  # fmt: skip
+    now, now_rdp = epsilon_for(rolled_back, 1e-5), epsilon_for(rolled_back, 1e-5, "rdp")
+    assert now_rdp > record.epsilon_lifetime  # RDP's figure alone against the exact record would pass
+    assert record.lost_spend(now, now_rdp) is not None
+    assert record.lost_spend(epsilon_for(full, 1e-5), epsilon_for(full, 1e-5, "rdp")) is None

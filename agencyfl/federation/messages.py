@@ -225,18 +225,25 @@ class LedgerRecord(_Wire):
 
     def lost_spend(self, lifetime: float, lifetime_rdp: float | None) -> tuple[float, float] | None:
         """``(now, recorded)`` if a ledger now holding ``lifetime`` (``lifetime_rdp`` by RDP alone, None if not
-        known) spent less than this record says, else None.
+        known) spent less than this record says, else None. Like is compared with like:
 
-        RDP against RDP where both are known: RDP of a ledger never falls below RDP of a prefix of it, nor below
-        any figure recorded for a prefix under either accountant (records before ``epsilon_lifetime_rdp`` was
-        reported were RDP's). The enforced figure alone could, once, when the exact one took over.
+        - a record with the RDP figure was written by today's accountant: its enforced figure is compared with
+          the enforced one now, and its RDP figure with RDP's now (each only rises as entries are added);
+        - a record without it was written when RDP alone enforced: its figure is RDP's, compared with RDP's
+          now. The enforced figure now could be lower without any entry missing (the exact figure of a ledger
+          of Gaussian releases), so it is not compared.
         """
-        if lifetime_rdp is not None:
-            recorded = self.epsilon_lifetime_rdp if self.epsilon_lifetime_rdp is not None else self.epsilon_lifetime
-            now = lifetime_rdp
+        pairs: list[tuple[float, float]] = []
+        if self.epsilon_lifetime_rdp is not None:
+            pairs.append((lifetime, self.epsilon_lifetime))
+            if lifetime_rdp is not None:
+                pairs.append((lifetime_rdp, self.epsilon_lifetime_rdp))
         else:
-            recorded, now = self.epsilon_lifetime, lifetime
-        return (now, recorded) if now + 1e-9 * max(1.0, recorded) < recorded else None
+            pairs.append((lifetime_rdp if lifetime_rdp is not None else lifetime, self.epsilon_lifetime))
+        for now, recorded in pairs:
+            if now + 1e-9 * max(1.0, recorded) < recorded:
+                return now, recorded
+        return None
 
 
 class RoundRequest(_Wire):
@@ -258,7 +265,8 @@ class RoundRequest(_Wire):
     def to_config(self) -> dict[str, Scalar]:
         """The request as config-record entries (the ledger records as one JSON string)."""
         config = self.model_dump(by_alias=True, exclude={"ledger_records"}, exclude_none=True)
-        records = {name: record.model_dump() for name, record in self.ledger_records.items()}
+        # no null field: an agency from before the RDP figure parses the records it knows (extra keys forbidden)
+        records = {name: record.model_dump(exclude_none=True) for name, record in self.ledger_records.items()}
         return config | {"ledger-records": json.dumps(records, sort_keys=True)}
 
     @classmethod

@@ -101,6 +101,8 @@ def _spent(rdp: np.ndarray, delta: float) -> float:
 def _rdp_per_step(sample_rate: float, noise_multiplier: float) -> np.ndarray:
     # callers pass Python floats: a NumPy float32 equals, as a cache key, the float64 of the same value, and
     # its curve (computed in float32) would be served for both
+    if noise_multiplier * noise_multiplier == 0.0:  # no noise, or so little that its square underflows (Opacus
+        return np.full(len(ORDERS), np.inf)  # would divide by zero): no guarantee at any order
     return np.asarray(compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=ORDERS))
 
 
@@ -110,7 +112,8 @@ def _gdp_term(record: StepRecord) -> float | None:
     sigma = float(record.noise_multiplier)
     if record.sample_rate < 1.0 or not (math.isfinite(sigma) and sigma > 0.0):
         return None
-    return record.steps / sigma**2
+    term = record.steps / sigma / sigma  # not sigma**2: that underflows to 0 below about 1e-162
+    return term if math.isfinite(term) else None
 
 
 def gaussian_mu(records: Iterable[StepRecord]) -> float | None:
@@ -134,6 +137,7 @@ def gdp_epsilon(mu: float, delta: float, upper: float) -> float:
     divergence of the Gaussian (decreasing in epsilon) is found in [0, upper] (Brent's method), then moved up
     until the divergence at it is at most ``delta``, so the figure is always on the safe side of the exact one.
     """
+    mu, delta, upper = float(mu), float(delta), float(upper)  # Python floats: NumPy scalars compute otherwise
     if mu <= 0.0:
         return 0.0
     divergence = GaussianPrivacyLoss(standard_deviation=1.0 / mu, sensitivity=1.0).get_delta_for_epsilon

@@ -109,10 +109,14 @@ def known_ledgers(settings: ServerSettings) -> dict[str, LedgerRecord]:
     for entry in chain:
         for report in entry.agencies:
             if report.accepted and report.origin:
+                before = known.get(report.agency)
                 known[report.agency] = LedgerRecord(
                     origin=report.origin,
                     epsilon_lifetime=report.epsilon_lifetime,
-                    epsilon_lifetime_rdp=report.epsilon_lifetime_rdp,
+                    # a report without it keeps the last one: still a floor for what the ledger must hold
+                    epsilon_lifetime_rdp=report.epsilon_lifetime_rdp
+                    if report.epsilon_lifetime_rdp is not None
+                    else (before.epsilon_lifetime_rdp if before else None),
                 )
     return known
 

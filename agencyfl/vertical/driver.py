@@ -256,12 +256,20 @@ def _gains(reply: Frame) -> tuple[float, ...]:
         return ()
 
 
+def _rdp_figure(reply: Frame) -> float | None:
+    """The lifetime by RDP alone a party reported (None if not, or not a finite non-negative number)."""
+    value = reply.fields.get("epsilon_lifetime_rdp")
+    if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value < float("inf"):
+        return None
+    return float(value)
+
+
 def _reports(replies: dict[str, Frame], parties: Sequence[str]) -> list[AgencyReport]:
     """What each party's reply says its ledger admitted (job and lifetime epsilon, its ledger's origin)."""
     return [
         AgencyReport(agency=p, status="trained", epsilon_job=float(replies[p].fields["epsilon_job"]),
                      epsilon_lifetime=float(replies[p].fields["epsilon_lifetime"]), dataset="",
-                     origin=str(replies[p].fields.get("origin", "")))
+                     epsilon_lifetime_rdp=_rdp_figure(replies[p]), origin=str(replies[p].fields.get("origin", "")))
         for p in parties
     ]  # fmt: skip
 

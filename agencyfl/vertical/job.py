@@ -50,6 +50,17 @@ WORKDIR_SPEC = "federation.json"
 Release = Literal["vertical-gradient", "vertical-hessian", "fairness"]
 
 
+def release_mechanism(loaded: LoadedVerticalSpec, plan: VerticalPlan, release: Release) -> tuple[float, GaussianEvent]:
+    """The noise multiplier and mechanism of one release of a vertical job: the fairness counts', the
+    Hessian's, or an iteration's."""
+    fairness = loaded.spec.fairness
+    if release == "fairness" and fairness is not None:
+        return fairness.noise_multiplier, fairness_event(fairness)
+    if release == "vertical-hessian":
+        return plan.noise_multiplier, plan.hessian_event()
+    return plan.noise_multiplier, plan.iteration_event()
+
+
 def ledger_entry(
     loaded: LoadedVerticalSpec,
     plan: VerticalPlan,
@@ -63,13 +74,7 @@ def ledger_entry(
 ) -> LedgerEvent:
     """One agency's ledger entry for a release of a vertical job (or its refusal); ``epsilons``: job, lifetime."""
     spec = loaded.spec
-    fairness = spec.fairness
-    if release == "fairness" and fairness is not None:
-        noise, mechanism = fairness.noise_multiplier, fairness_event(fairness)
-    elif release == "vertical-hessian":
-        noise, mechanism = plan.noise_multiplier, plan.hessian_event()
-    else:
-        noise, mechanism = plan.noise_multiplier, plan.iteration_event()
+    noise, mechanism = release_mechanism(loaded, plan, release)
     return LedgerEvent(
         kind=kind,
         agency=agency,
@@ -144,7 +149,7 @@ def admit(
         If the agency's caps refuse it (the refusal is recorded).
     """
     if reuse:
-        mechanism = plan.hessian_event() if release == "vertical-hessian" else plan.iteration_event()
+        _, mechanism = release_mechanism(loaded, plan, release)
         for event in ledger.events():
             if (
                 event.kind == "release" and event.job == job and event.round == iteration

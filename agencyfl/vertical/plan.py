@@ -14,11 +14,11 @@ from agencyfl.privacy.accounting import StepRecord, calibrate_noise
 from agencyfl.privacy.events import Composed, GaussianEvent, Mechanism, gaussian_releases
 
 GUARD_SLACK = 1.0 + 2.0**-21
-"""The sensitivities' allowance for ``protocol.ZERO_GUARD``: 2^-20 is put at one household's position of a column
-chunk that is zero everywhere (so that the ciphertext's level tells nothing), which adds at most 2^-20 of the
-bound to that household's contribution on each such coordinate, where its own is zero. Over at most 2^20
-coordinates per block, the bound grows by at most sqrt(1 + 2^-20) <= 1 + 2^-21. With the exact accounting there
-is no other slack to hide it in."""
+"""The sensitivities' allowance for ``protocol.ZERO_GUARD`` on a household's own row: 2^-20 is put at one
+household's position of a column chunk that is zero everywhere (so that the ciphertext's level tells nothing),
+which adds at most 2^-20 of the bound to that household's contribution on each such coordinate, where its own
+is zero; over at most 2^20 coordinates per block, sqrt(1 + 2^-20) <= 1 + 2^-21. Not covered: guards that
+neighbouring datasets place differently (docs/vertical.md, "The zero guard"), at most n_chunks 2^-19 sqrt(m)."""
 
 
 class VerticalPlan(BaseModel):

@@ -223,6 +223,7 @@ class PartySession:
         message = holder.masked_hessian() if isinstance(holder, LabelHolder) else holder.masked_hessian(envelopes)
         entry = admit(self.config.ledger, self.loaded, self.plan, self.job.job, self.agency, 0, "vertical-hessian")
         fields = {"epsilon_job": entry.epsilon_job, "epsilon_lifetime": entry.epsilon_lifetime,
+                  "epsilon_lifetime_rdp": self._lifetime_rdp(),
                   "origin": self.config.ledger.verification().origin}  # fmt: skip
         return Frame("ok", fields, blobs=message.ciphertexts)
 
@@ -253,6 +254,11 @@ class PartySession:
         self._own_residuals = own
         return Frame("ok", blobs=[pack(e) for envelopes in sealed.values() for e in envelopes])
 
+    def _lifetime_rdp(self) -> float:
+        """Its ledger's lifetime by RDP alone, for the chain's record (``LedgerRecord.lost_spend``)."""
+        events = self.config.ledger.events()
+        return epsilon_for(spend_records(events), events[-1].delta, "rdp") if events else 0.0
+
     def _op_gradient(self, frame: Frame) -> Frame:
         iteration = int_field(frame, "iteration", 1, self.job.iterations)
         if not max(self.resume_from, self.last_gradient) < iteration <= self.job.iterations:
@@ -274,7 +280,8 @@ class PartySession:
         message: GradientMessage = holder.masked_gradient(residual)
         self.last_gradient = iteration
         fields = {"epsilon_job": entry.epsilon_job, "epsilon_lifetime": entry.epsilon_lifetime,
-                  "origin": self.config.ledger.verification().origin, "gains": list(message.gains)}  # fmt: skip
+                  "epsilon_lifetime_rdp": self._lifetime_rdp(), "origin": self.config.ledger.verification().origin,
+                  "gains": list(message.gains)}  # fmt: skip
         return Frame("ok", fields, blobs=message.ciphertexts)
 
     def _received_marker(self, iteration: int) -> Path:
