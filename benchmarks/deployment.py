@@ -240,7 +240,12 @@ def main() -> None:
                 }
                 for agency in AGENCIES:
                     stop_steward(root / "agencies" / agency)
-    finally:
+    finally:  # every daemon this run started, whatever stopped it (stopping a stopped one does nothing)
+        for pid_file in [*(root / "noop").glob("*/supernode.pid"), root / "noop" / "superexec.pid"]:
+            stop_daemon(pid_file)
+        for agency in AGENCIES:
+            if (root / "agencies" / agency).exists():
+                stop_steward(root / "agencies" / agency)
         stop_coordinator(cdir)
     noop, off, on = (
         results["noop"]["mean_round_s"],
