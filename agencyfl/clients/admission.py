@@ -20,6 +20,7 @@ from agencyfl.federation.model import build_model, model_to_arrays
 from agencyfl.federation.plan import JobPlan
 from agencyfl.federation.spec import LoadedSpec
 from agencyfl.privacy.accounting import epsilon_for
+from agencyfl.privacy.budget import lifetime_rdp
 from agencyfl.privacy.ledger import LedgerEvent, spend_records
 
 _AGREE = 1e-9
@@ -44,10 +45,8 @@ def _check_record(events: list[LedgerEvent], origin: str, known: LedgerRecord | 
             f"the coordinator's chain records this agency's ledger as {known.origin[:12]}, this ledger is "
             f"{origin[:12]}: the ledger was restarted or replaced (restore it)"
         )
-    records, delta = spend_records(events), events[-1].delta if events else 0.0
-    lifetime = epsilon_for(records, delta) if events else 0.0
-    lifetime_rdp = epsilon_for(records, delta, "rdp") if events else 0.0
-    lost = known.lost_spend(lifetime, lifetime_rdp)  # like with like (a ledger of releases counts lower now)
+    lifetime = epsilon_for(spend_records(events), events[-1].delta) if events else 0.0
+    lost = known.lost_spend(lifetime, lifetime_rdp(events))  # like with like (a ledger of releases counts lower now)
     if lost is not None:
         return (
             f"the coordinator's chain records a lifetime epsilon of {lost[1]:.4f} for this "

@@ -109,14 +109,12 @@ def _lifetime_rdp(site: AgencySite) -> float:
     """The ledger's lifetime epsilon by RDP alone after the reply's entries (0.0 if it cannot be read): what the
     coordinator's "never down" check compares with its record (``LedgerRecord.lost_spend``)."""
     from agencyfl.federation.errors import LedgerError
-    from agencyfl.privacy.accounting import epsilon_for
-    from agencyfl.privacy.ledger import spend_records
+    from agencyfl.privacy.budget import lifetime_rdp
 
     try:
-        events = site.open_ledger().events()
+        return lifetime_rdp(site.open_ledger().events())
     except (LedgerError, OSError):
         return 0.0
-    return epsilon_for(spend_records(events), events[-1].delta, "rdp") if events else 0.0
 
 
 def _noised(evaluation: EvaluationRelease | None) -> NoisedEvaluation | None:

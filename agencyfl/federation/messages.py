@@ -223,6 +223,16 @@ class LedgerRecord(_Wire):
     epsilon_lifetime: float
     epsilon_lifetime_rdp: float | None = None  # None: recorded before it was reported
 
+    @classmethod
+    def following(
+        cls, before: LedgerRecord | None, origin: str, lifetime: float, lifetime_rdp: float | None
+    ) -> LedgerRecord:
+        """The record after an accepted report; a report without the RDP figure keeps the last one (still a
+        floor for what the ledger must hold)."""
+        if lifetime_rdp is None and before is not None:
+            lifetime_rdp = before.epsilon_lifetime_rdp
+        return cls(origin=origin, epsilon_lifetime=lifetime, epsilon_lifetime_rdp=lifetime_rdp)
+
     def lost_spend(self, lifetime: float, lifetime_rdp: float | None) -> tuple[float, float] | None:
         """``(now, recorded)`` if a ledger now holding ``lifetime`` (``lifetime_rdp`` by RDP alone, None if not
         known) spent less than this record says, else None. Like is compared with like:

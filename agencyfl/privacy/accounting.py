@@ -213,10 +213,9 @@ class SpendTally:
         """Epsilon at ``delta`` of everything added so far (0.0 when nothing was spent)."""
         if not self._spent:
             return 0.0
-        rdp = _spent(self._rdp, delta)
-        if accountant == "rdp" or self._mu_squared is None or not math.isfinite(self._mu_squared):
-            return rdp
-        return _enforced(rdp, math.sqrt(self._mu_squared), delta, accountant)
+        mu_squared = self._mu_squared
+        mu = math.sqrt(mu_squared) if mu_squared is not None and math.isfinite(mu_squared) else None
+        return _enforced(_spent(self._rdp, delta), mu, delta, accountant)
 
 
 def _merged(records: Iterable[StepRecord]) -> list[tuple[float, float, int]]:

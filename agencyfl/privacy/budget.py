@@ -16,6 +16,12 @@ if TYPE_CHECKING:
     from agencyfl.federation.spec import FederationSpec
 
 
+def lifetime_rdp(events: list[LedgerEvent]) -> float:
+    """A ledger's lifetime epsilon by RDP alone: the figure ``LedgerRecord.lost_spend`` compares, which never
+    falls below one recorded for a prefix of the ledger under either accountant."""
+    return epsilon_for(spend_records(events), events[-1].delta, "rdp") if events else 0.0
+
+
 def planned_release(spec: FederationSpec) -> StepRecord | None:
     """The job's noisy fairness release, if the spec asks for one (one Gaussian release, q = 1)."""
     fairness = spec.fairness

@@ -109,14 +109,8 @@ def known_ledgers(settings: ServerSettings) -> dict[str, LedgerRecord]:
     for entry in chain:
         for report in entry.agencies:
             if report.accepted and report.origin:
-                before = known.get(report.agency)
-                known[report.agency] = LedgerRecord(
-                    origin=report.origin,
-                    epsilon_lifetime=report.epsilon_lifetime,
-                    # a report without it keeps the last one: still a floor for what the ledger must hold
-                    epsilon_lifetime_rdp=report.epsilon_lifetime_rdp
-                    if report.epsilon_lifetime_rdp is not None
-                    else (before.epsilon_lifetime_rdp if before else None),
+                known[report.agency] = LedgerRecord.following(
+                    known.get(report.agency), report.origin, report.epsilon_lifetime, report.epsilon_lifetime_rdp
                 )
     return known
 

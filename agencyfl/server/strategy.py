@@ -238,11 +238,11 @@ class AgencyFedAvg(FedAvg):
                 self.on_event({"type": "rejected", "round": job_round, "agency": reply.agency, "reason": rejection})
                 continue
             if reply.origin and judged is None:
-                before = self.known.get(reply.agency)
-                # a reply without the RDP figure keeps the last one: still a floor for what the ledger must hold
-                rdp = reply.epsilon_lifetime_rdp or (before.epsilon_lifetime_rdp if before else None)
-                self.known[reply.agency] = LedgerRecord(
-                    origin=reply.origin, epsilon_lifetime=reply.epsilon_lifetime, epsilon_lifetime_rdp=rdp
+                self.known[reply.agency] = LedgerRecord.following(
+                    self.known.get(reply.agency),
+                    reply.origin,
+                    reply.epsilon_lifetime,
+                    reply.epsilon_lifetime_rdp or None,
                 )
             if reply.status == "trained":
                 record.rounds_trained += 1

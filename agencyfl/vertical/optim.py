@@ -69,6 +69,14 @@ def noise_gains(released: Vector, width: int, damping: float) -> Vector:
     return np.asarray((vectors**2) @ (kept / (kept + damping) ** 2), dtype=np.float64)
 
 
+def part_gains(released: Vector, width: int, damping: float, intercept: bool) -> tuple[float, ...]:
+    """What a party reports from its Hessian release: its block's noise gain (``noise_gains`` summed), and the
+    intercept's when it holds it (its last weight)."""
+    per_weight = noise_gains(released, width, damping)
+    block = per_weight[:-1] if intercept else per_weight
+    return (float(block.sum()), *([float(per_weight[-1])] if intercept else []))
+
+
 def joint_scale(squared_norms: list[float], bound: float) -> float:
     """The factor that puts the concatenated weights of every block back on the ball of radius ``bound``.
 

@@ -27,7 +27,7 @@ from agencyfl.vertical.optim import (
     Vector,
     clip_scores,
     newton_matrix,
-    noise_gains,
+    part_gains,
     project,
     triangle_size,
     upper_triangle,
@@ -273,9 +273,7 @@ class _Holder(_Party):
         self.optimizer.precondition(newton_matrix(released, len(self.weights), self.newton_damping))
         self.hessian_release = np.asarray(released, dtype=np.float64)
         # post-processing of its own release: how far noise on its block (and the intercept) moves the scores
-        per_weight = noise_gains(self.hessian_release, len(self.weights), self.newton_damping)
-        blocks = per_weight[: len(per_weight) - self._extra]
-        self.gains = (float(blocks.sum()), *(float(g) for g in per_weight[len(blocks) :]))
+        self.gains = part_gains(self.hessian_release, len(self.weights), self.newton_damping, self._extra > 0)
 
     def apply(self, release: list[float]) -> Vector:
         """Remove the mask from the arbiter's release (the DP release), step and project; returns the release."""

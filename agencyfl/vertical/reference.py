@@ -19,7 +19,7 @@ from agencyfl.vertical.optim import (
     clip_scores,
     joint_scale,
     newton_matrix,
-    noise_gains,
+    part_gains,
     project,
     upper_triangle,
 )
@@ -75,8 +75,7 @@ def reference_train(
             width = rows.shape[1]
             damping = plan.hessian_damping(width, len(label.x))
             optimizers[b.agency].precondition(newton_matrix(released, width, damping))
-            per_weight = noise_gains(released, width, damping)
-            gains[b.agency] = (float(per_weight[: b.width].sum()), *(float(g) for g in per_weight[b.width :]))
+            gains[b.agency] = part_gains(released, width, damping, intercept=b is label)
         if plan.shapes_noise:
             stds = shaped_stds(std, widths, label.agency, gains)
     for _ in range(plan.iterations):

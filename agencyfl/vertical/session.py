@@ -25,6 +25,7 @@ from agencyfl.federation.fingerprint import file_fingerprint
 from agencyfl.federation.metrics import exact_metrics
 from agencyfl.federation.spec import LoadedVerticalSpec
 from agencyfl.privacy.accounting import epsilon_for
+from agencyfl.privacy.budget import lifetime_rdp
 from agencyfl.privacy.ledger import Ledger, spend_records
 from agencyfl.vertical.encoding import LabelData, PartyFiles, feature_block, label_block, register_frame
 from agencyfl.vertical.job import admit, fairness_release, plan_of
@@ -256,8 +257,7 @@ class PartySession:
 
     def _lifetime_rdp(self) -> float:
         """Its ledger's lifetime by RDP alone, for the chain's record (``LedgerRecord.lost_spend``)."""
-        events = self.config.ledger.events()
-        return epsilon_for(spend_records(events), events[-1].delta, "rdp") if events else 0.0
+        return lifetime_rdp(self.config.ledger.events())
 
     def _op_gradient(self, frame: Frame) -> Frame:
         iteration = int_field(frame, "iteration", 1, self.job.iterations)
