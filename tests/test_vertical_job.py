@@ -16,7 +16,6 @@ import pytest
 from conftest import VerticalJob, invoke
 
 from agencyfl.privacy.ledger import verify_ledger
-from agencyfl.vertical.plan import GUARD_SLACK
 
 AGENCIES = ("civil-affairs", "hrss", "tax", "environment")
 
@@ -41,8 +40,8 @@ def test_every_iteration_is_in_every_ledger_and_within_the_job_cap(
         assert [(e.release, e.round) for e in releases] == [("vertical-hessian", 0)] + [
             ("vertical-gradient", i) for i in (1, 2, 3)
         ]
-        # sqrt(K + 2) / 4, with the zero guard's allowance (``plan.GUARD_SLACK``)
-        hessian = np.sqrt(4 + 2) / 4 * GUARD_SLACK
+        # sqrt(K + 2) / 4
+        hessian = np.sqrt(4 + 2) / 4
         assert releases[0].mechanism == releases[0].mechanism.__class__(
             sensitivity=hessian, std=summary["noise_multiplier"] * hessian
         )

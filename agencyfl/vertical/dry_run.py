@@ -25,7 +25,6 @@ for a gradient.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -44,6 +43,7 @@ from agencyfl.privacy.keys import load_signing_key
 from agencyfl.privacy.ledger import HEAD_FILE, LEDGER_FILE, spend_records, verify_ledger
 from agencyfl.vertical.job import fairness_event, plan_of
 from agencyfl.vertical.plan import VerticalPlan
+from agencyfl.vertical.protocol import chunk_count
 
 Release = Literal["vertical-hessian", "vertical-gradient", "fairness"]
 RUN_NAME = "vertical-00000000"
@@ -126,7 +126,7 @@ def bytes_per_iteration(loaded: LoadedVerticalSpec, size: int, sizes: Ciphertext
     width, the intercept's included."""
     spec = loaded.spec
     holder = spec.label_agency.name
-    chunks = math.ceil(size / sizes.slots)
+    chunks = chunk_count(size, sizes.slots)
     width = widths(loaded)
     out: dict[str, int] = {}
     for a in spec.agencies:
@@ -326,7 +326,7 @@ def dry_run(
         "stops_at": stopped,
         "fairness_refused": fairness_refused,
         "agencies": agencies,
-        "register": {"size": size, "source": source, "ciphertexts_per_vector": math.ceil(size / sizes.slots)},
+        "register": {"size": size, "source": source, "ciphertexts_per_vector": chunk_count(size, sizes.slots)},
         "ciphertext_bytes": {"partial_scores": sizes.partial_scores, "residuals": sizes.residuals,
                              "gradient": sizes.gradient},
         "bytes_per_iteration": sent,

@@ -13,13 +13,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from agencyfl.privacy.accounting import StepRecord, calibrate_noise
 from agencyfl.privacy.events import Composed, GaussianEvent, Mechanism, gaussian_releases
 
-GUARD_SLACK = 1.0 + 2.0**-21
-"""The sensitivities' allowance for ``protocol.ZERO_GUARD`` on a household's own row: 2^-20 is put at one
-household's position of a column chunk that is zero everywhere (so that the ciphertext's level tells nothing),
-which adds at most 2^-20 of the bound to that household's contribution on each such coordinate, where its own
-is zero; over at most 2^20 coordinates per block, sqrt(1 + 2^-20) <= 1 + 2^-21. Not covered: guards that
-neighbouring datasets place differently (docs/vertical.md, "The zero guard"), at most n_chunks 2^-19 sqrt(m)."""
-
 
 class VerticalPlan(BaseModel):
     """What every party agrees on before training (all of it public).
@@ -108,9 +101,9 @@ class VerticalPlan(BaseModel):
 
     @property
     def sensitivity(self) -> float:
-        """L2 sensitivity of one iteration's joint release (K block gradients and sum(d)): sqrt(K + 1) D (times
-        ``GUARD_SLACK``)."""
-        return math.sqrt(self.agencies + 1) * self.residual_bound * GUARD_SLACK
+        """L2 sensitivity of one iteration's joint release (K block gradients and sum(d)): sqrt(K + 1) D
+        (``protocol.ZERO_GUARD`` adds nothing: it sits in a slot whose residual is 0 whatever the data)."""
+        return math.sqrt(self.agencies + 1) * self.residual_bound
 
     @property
     def releases_hessian(self) -> bool:
@@ -122,8 +115,8 @@ class VerticalPlan(BaseModel):
         """L2 sensitivity of the joint Hessian release (every block's upper triangle, unscaled by c):
         sqrt(K + 2) / 4. One household's row x (||x|| <= 1) moves a block's upper triangle of x x^T / 4 by
         sqrt(((sum x^2)^2 + sum x^4) / 2) / 4 <= 1/4; civil affairs' row [x, 1] (squared norm <= 2) by
-        sqrt((4 + 2) / 2) / 4 = sqrt(3) / 4. Squared and summed: (K - 1 + 3) / 16 (times ``GUARD_SLACK``)."""
-        return math.sqrt(self.agencies + 2) / 4 * GUARD_SLACK
+        sqrt((4 + 2) / 2) / 4 = sqrt(3) / 4. Squared and summed: (K - 1 + 3) / 16."""
+        return math.sqrt(self.agencies + 2) / 4
 
     @property
     def noise_multiplier(self) -> float:

@@ -39,11 +39,11 @@ PARAMETERS = "n8192-d2"
 MASK_BOUND = 2.0**16
 """Masks are uniform on [-MASK_BOUND, MASK_BOUND]: within the 2^19 the last prime leaves at scale 2^40."""
 ZERO_GUARD = 2.0**-20
-"""Put in slot 0 of an all-zero gradient input: TenSEAL's product with an all-zero plaintext comes out at a
-fresh level, so the ciphertext's size would tell the arbiter that a column (after the party's clip) was zero
-everywhere. Large enough to survive encoding (times the scale 2^40, spread over 8192 coefficients). It moves
-the household at that position by at most 2^-20 of the bound on each such coordinate: the sensitivities allow
-for it (``plan.GUARD_SLACK``)."""
+"""Put in the reserved slot (``_chunks``) of every gradient input's chunk: TenSEAL's product with an all-zero
+plaintext comes out at a fresh level, so without it a ciphertext's size would tell the arbiter that a column
+(after the party's clip) was zero in a chunk. Large enough to survive encoding (times the scale 2^40, spread
+over 8192 coefficients). Every chunk carries it, whatever the data, and it multiplies a residual (or a Hessian
+weight) that is 0 for every dataset: it adds nothing a household could move."""
 ROUNDING = 1e-6
 """Decryptions are rounded to this (about the CKKS error) before they leave the arbiter."""
 SCORE_TAG_TOLERANCE = 2e-5
@@ -141,7 +141,7 @@ class _Party:
         """The payloads of one sealed vector of ``rows`` values (one per register position), checked whole and in
         order: a relay that repeated a chunk would count its households twice (more than the sensitivity the
         ledgers record), one that dropped a chunk would leave households out."""
-        count = math.ceil(rows / slots)
+        count = chunk_count(rows, slots)
         if [e.chunk for e in envelopes] != list(range(count)) or any(e.chunks != count or e.rows != rows
                                                                       for e in envelopes):  # fmt: skip
             raise MessageRejectedError(
@@ -158,11 +158,29 @@ class _Party:
         return payloads
 
 
+def chunk_count(rows: int, slots: int) -> int:
+    """Ciphertexts per vector of ``rows`` per-household values: ``slots - 1`` households each (``_chunks``)."""
+    return math.ceil(rows / (slots - 1))
+
+
+def slot_positions(rows: int, slots: int) -> npt.NDArray[np.int64]:
+    """Where each of ``rows`` households sits in the concatenated slots of its vector's ciphertexts."""
+    i = np.arange(rows, dtype=np.int64)
+    return i + i // (slots - 1)
+
+
 def _chunks(v: Vector, slots: int) -> list[list[float]]:
-    """``v`` zero-padded to whole ciphertexts of ``slots`` values: a rotate-and-sum then covers every slot."""
-    padded = np.zeros(math.ceil(len(v) / slots) * slots)
-    padded[: len(v)] = v
-    return [padded[i : i + slots].tolist() for i in range(0, len(padded), slots)]
+    """``v`` laid out over whole ciphertexts, ``slots - 1`` households each; each ciphertext's last slot is
+    reserved and 0 (so the residual and the Hessian weight there are 0 whatever the data: ``ZERO_GUARD``) and
+    the last ciphertext zero-padded, so a rotate-and-sum covers every slot."""
+    laid = np.zeros(chunk_count(len(v), slots) * slots)
+    laid[slot_positions(len(v), slots)] = v
+    return _split(laid, slots)
+
+
+def _split(flat: Vector, slots: int) -> list[list[float]]:
+    """A vector already in slot layout (a whole number of ciphertexts), one list per ciphertext."""
+    return [flat[i : i + slots].tolist() for i in range(0, len(flat), slots)]
 
 
 def _dot(encrypted: list[ts.CKKSVector], plain: list[list[float]]) -> ts.CKKSVector:
@@ -208,8 +226,7 @@ class _Holder(_Party):
         columns = [_chunks(inputs[:, j], self.slots) for j in range(inputs.shape[1])]
         for column in columns:
             for chunk in column:
-                if not any(chunk):
-                    chunk[0] = ZERO_GUARD  # every gradient ciphertext at one level: sizes tell nothing
+                chunk[-1] = ZERO_GUARD  # in the reserved slot: every gradient ciphertext at one level
         return columns
 
     def _own_part(self, u: Vector) -> Vector:
@@ -413,8 +430,8 @@ class LabelHolder(_Holder):
         self._score_mask = self._rng.uniform(-MASK_BOUND, MASK_BOUND, size=size)
         self._tag_mask = self._rng.uniform(-MASK_BOUND, MASK_BOUND, size=size)
         self._tag_factor = self._rng.uniform(1.0, 4.0, size=size)
-        s, t = _chunks(self._score_mask, self.slots), _chunks(self._tag_mask, self.slots)
-        av = _chunks(self._tag_factor * np.concatenate([np.asarray(c) for c in v]), self.slots)
+        s, t = _split(self._score_mask, self.slots), _split(self._tag_mask, self.slots)
+        av = _split(self._tag_factor * np.concatenate([np.asarray(c) for c in v]), self.slots)
         raw = [bytes((c * a + b).serialize()) for c, a, b in zip(z, v, s, strict=True)]
         raw += [bytes((c * a + b).serialize()) for c, a, b in zip(z, av, t, strict=True)]
         self.he_seconds += time.perf_counter() - start
@@ -439,14 +456,14 @@ class LabelHolder(_Holder):
         if len(values) != 2 * size:
             raise MessageRejectedError(f"{len(values)} decrypted scores; {2 * size} were sent")
         z, tagged = values[:size] - mask, values[size:] - tag_mask
-        n = self.block.size
+        validation = slot_positions(self.block.size, self.slots)[self.labels.validation]
         outside = np.ones(size, dtype=bool)
-        outside[:n][self.labels.validation] = False
+        outside[validation] = False
         if not np.all(np.abs(tagged - factor * z) <= SCORE_TAG_TOLERANCE) or not np.all(
             np.abs(z[outside]) <= SCORE_TAG_TOLERANCE
         ):
             raise MessageRejectedError("the arbiter's decryptions of the validation scores were altered")
-        return np.asarray(z[:n][self.labels.validation], dtype=np.float64)
+        return np.asarray(z[validation], dtype=np.float64)
 
 
 class Arbiter:
