@@ -82,9 +82,20 @@ def test_block_newton_takes_the_reference_s_steps(
         # block change); one in the suite was 0.0050 from this plaintext reference, so 0.005 was the edge
         assert np.abs(result.weights[name] - w).max() < 1e-2, name
     assert max(np.abs(w).max() for w in reference.values()) > 0.5  # it moved, far beyond the tolerance
-    gd = PLAN.model_copy(update={"optimizer": "gd"})
+    gd = PLAN.model_copy(update={"optimizer": "gd", "order": "simultaneous"})
     plain = reference_train(features, label, labels, gd, np.random.default_rng(SEED))
     assert max(np.abs(plain[k] - reference[k]).max() for k in plain) > 0.1  # the step matrix changes the steps
+    # the parties step in turn (a sweep), not all on one residual: the encrypted run is the sequential reference
+    jacobi = PLAN.model_copy(update={"order": "simultaneous", "learning_rate": 0.3})
+    at_once = reference_train(features, label, labels, jacobi, np.random.default_rng(SEED))
+    assert max(np.abs(at_once[k] - reference[k]).max() for k in at_once) > 0.1
+    # the model is the mean of the last iterations' weights (PLAN.averaged of them), each party's own block
+    iterates: list[dict[str, np.ndarray]] = []
+    reference_train(features, label, labels, PLAN, np.random.default_rng(SEED), each=iterates.append)
+    assert PLAN.averaged == 2 and len(iterates) == 3
+    for name, w in reference.items():
+        np.testing.assert_allclose(w, (iterates[1][name] + iterates[2][name]) / 2, rtol=1e-12, atol=0)
+        assert np.abs(iterates[2][name] - w).max() > 0.01  # not the last iterate
     assert admitted == [0, 1, 2, 3]  # the Hessian release admitted before anything of iteration 1
     assert 0.7 < result.validation_auc <= 1.0
 
@@ -227,16 +238,24 @@ def test_the_encrypted_run_shapes_its_noise_as_the_reference_and_keeps_the_relea
         party = result.parties[name]
         assert isinstance(party, FeatureHolder) and len(party.gains) == 1 and party.gains[0] > 0
     assert len(result.parties["civil-affairs"].gains) == 2  # type: ignore[union-attr]
-    # the noise drawn is the spread stated: iteration 1 (w = 0, nobody clipped) against the exact gradient plus
-    # the arbiter's seeded draws (after the Hessian's), each scaled by its coordinate's std
+    # the noise drawn is the spread stated: sweep 1 against the exact gradient plus the arbiter's seeded draws
+    # (after the Hessian's), each scaled by its coordinate's std. Each party steps from w = 0 (its own scores
+    # unclipped) on the scores of the parties before it, whose first Newton steps follow from their releases.
     n = len(label.x)
     noise = np.random.default_rng(SEED)
     for block in [*features, label]:
         noise.normal(0.0, PLAN.hessian_std(n), size=triangle_size(block.width + (block is label)))
-    d = labels.train * (0.5 - labels.y) / n
+    z = np.zeros(n)
     apart = 0.0
     for block in [*features, label]:
+        d = labels.train * (0.5 + z / 4 - labels.y) / n
         exact = _rows(block, label).T @ d
+        if block is not label:
+            own = result.parties[block.agency]
+            assert isinstance(own, FeatureHolder) and own.hessian_release is not None
+            damping = PLAN.hessian_damping(block.width, n)
+            step = -PLAN.learning_rate * newton_matrix(own.hessian_release, block.width, damping) @ own.releases[0]
+            z = z + np.clip(block.x @ step, -PLAN.score_clip, PLAN.score_clip)  # type: ignore[arg-type]
         drawn = noise.normal(0.0, 1.0, size=len(exact)) * stds[block.agency]
         party = result.parties[block.agency]
         assert isinstance(party, FeatureHolder | LabelHolder)

@@ -199,10 +199,11 @@ def test_the_deployed_job_trains_the_one_machine_model(deployed: tuple[Federatio
     version = Path(summary["registry"]).name
     for agency in fed.parties:
         part = np.load(fed.work / agency / "model" / version / "weights.npy")
-        # CKKS error (both runs) reaches the steps through Newton's step matrix (gain up to lr / lambda): eight
-        # one-machine runs with the same noise draws differed by up to 0.0037, a deployed run from its reference
-        # once in six by 0.0073 (2026-12-05); a wrong model is off by tenths
-        np.testing.assert_allclose(part, reference.weights[agency], atol=1e-2)
+        # CKKS error (both runs) reaches the steps through Newton's step matrix (gain up to lr / lambda) and can
+        # flip a household across its party's clip: eight one-machine runs of this job with the same noise draws
+        # were up to 0.077 from the plaintext reference (weights up to 5.6); the same job stepping at once, or
+        # keeping its last iterate instead of the mean, is 2.2 to 4.0 from it (2026-12-05)
+        np.testing.assert_allclose(part, reference.weights[agency], atol=0.25)
     # the exact validation AUC stays with civil affairs; the card carries the one released with noise
     holder_folder = fed.work / loaded.spec.label_agency.name / "vertical" / "vjob-deployed"
     kept = json.loads((holder_folder / "validation.json").read_text())
@@ -283,9 +284,10 @@ def test_a_replayed_hello_opens_no_second_stream(federation: Federation) -> None
 
 def test_a_drop_before_release_resumes_without_counting_twice(federation: Federation, tmp_path: Path) -> None:
     fed = _copy(federation, tmp_path)
-    first = run_job(fed, "vjob-drop", crash=("tax", "gradient", 2))
-    assert isinstance(first.error, PartyDropped) and "tax" in str(first.error)
-    assert isinstance(first.party_errors.get("tax"), Crash)
+    # hrss steps first in a sweep: dropped at its gradient, nothing of sweep 2 was released
+    first = run_job(fed, "vjob-drop", crash=("hrss", "gradient", 2))
+    assert isinstance(first.error, PartyDropped) and "hrss" in str(first.error)
+    assert isinstance(first.party_errors.get("hrss"), Crash)
     stopped = [e for e in first.events if e["type"] == "failed"]
     assert stopped and stopped[0]["iterations_done"] == 1
     assert [e.round for e in fed.chain().events() if e.job == "vjob-drop"] == [0, 1]  # 2: never released
@@ -321,6 +323,22 @@ def test_a_drop_after_release_counts_the_iteration_again(federation: Federation,
         assert [e.round for e in entries if e.kind == "refusal"] == [3], agency
 
 
+def test_a_drop_mid_sweep_counts_the_sweep_for_everyone(federation: Federation, tmp_path: Path) -> None:
+    """Tax drops at its turn of sweep 2, after hrss took its release of that sweep: the sweep counts for every
+    agency (the chain countersigned it before that release), so rerunning it is a second release, which the
+    job's epsilon (calibrated for exactly 3) has no room for."""
+    fed = _copy(federation, tmp_path)
+    first = run_job(fed, "vjob-mid-sweep", crash=("tax", "gradient", 2))
+    assert isinstance(first.error, PartyDropped) and "tax" in str(first.error)
+    assert [e.round for e in fed.chain().events() if e.job == "vjob-mid-sweep"] == [0, 1, 2]
+    second = run_job(fed, "vjob-mid-sweep", resume=True)
+    assert isinstance(second.error, JobStopped), second.error
+    for agency in fed.parties:
+        entries = [e for e in fed.ledger(agency).events() if e.job == "vjob-mid-sweep"]
+        assert [e.round for e in entries if e.release == "vertical-gradient"] == [1, 2, 2], agency
+        assert [e.round for e in entries if e.kind == "refusal"] == [3], agency
+
+
 def test_a_drop_after_the_hessian_release_resumes_with_each_party_s_own_copy(
     federation: Federation, tmp_path: Path
 ) -> None:
@@ -328,7 +346,7 @@ def test_a_drop_after_the_hessian_release_resumes_with_each_party_s_own_copy(
     Hessian again (every party restores its own saved copy; the job's sigma has room for one), and iteration
     1, admitted but never released, is not counted twice."""
     fed = _copy(federation, tmp_path)
-    first = run_job(fed, "vjob-early-drop", crash=("tax", "gradient", 1))
+    first = run_job(fed, "vjob-early-drop", crash=("hrss", "gradient", 1))
     assert isinstance(first.error, PartyDropped)
     assert [e.round for e in fed.chain().events() if e.job == "vjob-early-drop"] == [0]  # the Hessian only
     second = run_job(fed, "vjob-early-drop", resume=True)

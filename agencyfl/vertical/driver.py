@@ -171,25 +171,10 @@ def drive(hub: StreamHub, settings: DriverSettings, sink: EventSink) -> dict[str
             sink({"type": "hessian", "epsilon": {p: e["epsilon_job"] for p, e in epsilons.items()}})
         for iteration in range(resume_from + 1, job.iterations + 1):
             start, traffic = time.perf_counter(), _Traffic()
-            partials = _envelopes(traffic.add(hub.call_all({p: Frame("partial") for p in features}, timeout)),
-                                  {holder})  # fmt: skip
-            residuals = _envelopes(
-                traffic.add({holder: hub.call(holder, Frame("residuals", blobs=partials.get(holder, [])), timeout)}),
-                set(features),
-            )
-            asked = {p: Frame("gradient", {"iteration": iteration}, residuals.get(p, [])) for p in features}
-            asked[holder] = Frame("gradient", {"iteration": iteration})
-            gradients = traffic.add(hub.call_all(asked, timeout))  # each ledger admitted the iteration first
-            digest = hashlib.sha256(b"".join(b for p in job.parties for b in gradients[p].blobs)).hexdigest()
-            reports = _reports(gradients, job.parties)
-            settings.chain.append(RoundSummary(
-                kind="round", federation=job.federation, job=job.job, round=iteration, spec_sha256=job.spec_sha256,
-                aggregated=True, agencies=reports, model_sha256=digest, time=now_utc(),
-            ))  # fmt: skip  # countersigned before anything of the iteration is released
-            order = [*features, holder]  # the one-machine order of the arbiter's noise draws (tests compare)
-            noised = arbiter.release_iteration({p: GradientMessage(p, gradients[p].blobs, _gains(gradients[p]))
-                                                for p in order})  # fmt: skip
-            norms = hub.call_all({p: Frame("release", {"values": v}) for p, v in noised.items()}, timeout)
+            if plan.order == "sequential":
+                reports, norms = _sweep(hub, arbiter, settings, iteration, traffic)
+            else:
+                reports, norms = _iteration(hub, arbiter, settings, iteration, traffic)
             factor = 1.0
             if plan.projection == "joint":
                 factor = joint_scale([float(norms[p].fields["squared_norm"]) for p in job.parties], plan.weight_bound)
@@ -240,6 +225,75 @@ def drive(hub: StreamHub, settings: DriverSettings, sink: EventSink) -> dict[str
     _write(settings.run_dir / "summary.json", summary)
     sink({"type": "done", "model": summary["model"]})
     return summary
+
+
+def _countersign(settings: DriverSettings, iteration: int, reports: list[AgencyReport], digest: str) -> None:
+    """The iteration's summary on the coordinator's chain: countersigned before anything of it is released."""
+    job = settings.job
+    settings.chain.append(RoundSummary(
+        kind="round", federation=job.federation, job=job.job, round=iteration, spec_sha256=job.spec_sha256,
+        aggregated=True, agencies=reports, model_sha256=digest, time=now_utc(),
+    ))  # fmt: skip
+
+
+def _iteration(
+    hub: StreamHub, arbiter: Arbiter, settings: DriverSettings, iteration: int, traffic: _Traffic
+) -> tuple[list[AgencyReport], dict[str, Frame]]:
+    """One simultaneous iteration: every agency's scores, one residual, every party's masked gradient (each
+    ledger admits it first), the chain's countersignature, the releases. Returns the reports and the replies
+    to the releases (each party's squared norm)."""
+    job, timeout = settings.job, settings.step_timeout
+    holder = job.label_holder
+    features = [p for p in job.parties if p != holder]
+    partials = _envelopes(traffic.add(hub.call_all({p: Frame("partial") for p in features}, timeout)), {holder})
+    residuals = _envelopes(
+        traffic.add({holder: hub.call(holder, Frame("residuals", blobs=partials.get(holder, [])), timeout)}),
+        set(features),
+    )
+    asked = {p: Frame("gradient", {"iteration": iteration}, residuals.get(p, [])) for p in features}
+    asked[holder] = Frame("gradient", {"iteration": iteration})
+    gradients = traffic.add(hub.call_all(asked, timeout))  # each ledger admitted the iteration first
+    digest = hashlib.sha256(b"".join(b for p in job.parties for b in gradients[p].blobs)).hexdigest()
+    reports = _reports(gradients, job.parties)
+    _countersign(settings, iteration, reports, digest)
+    order = [*features, holder]  # the one-machine order of the arbiter's noise draws (tests compare)
+    noised = arbiter.release_iteration({p: GradientMessage(p, gradients[p].blobs, _gains(gradients[p]))
+                                        for p in order})  # fmt: skip
+    return reports, hub.call_all({p: Frame("release", {"values": v}) for p, v in noised.items()}, timeout)
+
+
+def _sweep(
+    hub: StreamHub, arbiter: Arbiter, settings: DriverSettings, iteration: int, traffic: _Traffic
+) -> tuple[list[AgencyReport], dict[str, Frame]]:
+    """One sequential sweep (``docs/vertical.md``, "Sequential sweeps"): every ledger admits the sweep first, and
+    the chain countersigns it just before its first release (a drop before then leaves it unreleased; after,
+    it counts on resume, even for the parties whose turn never came); each party in turn (the agencies in spec order,
+    then civil affairs: the one-machine order) gets its residual from civil affairs, sends its masked
+    gradient, takes its noised release, and an agency sends civil affairs its new scores."""
+    job, timeout = settings.job, settings.step_timeout
+    holder = job.label_holder
+    features = [p for p in job.parties if p != holder]
+    order = [*features, holder]
+    admitted = hub.call_all({p: Frame("admit", {"iteration": iteration}) for p in job.parties}, timeout)
+    reports = _reports(admitted, job.parties)
+    stds = arbiter.set_stds({p: _gains(admitted[p]) for p in order})
+    sweep = {"iteration": iteration}
+    partials = _envelopes(traffic.add(hub.call_all({p: Frame("partial") for p in features}, timeout)), {holder})
+    hub.call(holder, Frame("partials", sweep, partials.get(holder, [])), timeout)
+    norms: dict[str, Frame] = {}
+    for party in order:
+        residual = traffic.add({holder: hub.call(holder, Frame("residual", sweep | {"to": party}), timeout)})
+        blobs = _envelopes(residual, {party} - {holder}).get(party, [])
+        gradient = traffic.add({party: hub.call(party, Frame("gradient", sweep, blobs), timeout)})[party]
+        if party == order[0]:  # countersigned just before the sweep's first release, as an iteration's
+            digest = hashlib.sha256(b"".join(gradient.blobs)).hexdigest()
+            _countersign(settings, iteration, reports, digest)
+        values = arbiter.release(GradientMessage(party, gradient.blobs), stds[party])
+        norms[party] = hub.call(party, Frame("release", {"values": values}), timeout)
+        if party != holder:
+            scores = _envelopes(traffic.add({party: hub.call(party, Frame("partial"), timeout)}), {holder})
+            hub.call(holder, Frame("partials", sweep, scores.get(holder, [])), timeout)
+    return reports, norms
 
 
 def _gains(reply: Frame) -> tuple[float, ...]:

@@ -119,8 +119,11 @@ def widths(loaded: LoadedVerticalSpec) -> dict[str, int]:
     return {a.name: FeatureEncoder(spec.block_schema(a.name)).width + 1 + int(a.name == holder) for a in spec.agencies}
 
 
-def bytes_per_iteration(loaded: LoadedVerticalSpec, size: int, sizes: CiphertextSizes) -> dict[str, int]:
-    """What each party sends in one iteration (``IterationMetrics.sent_bytes``), arbiter included.
+def bytes_per_iteration(
+    loaded: LoadedVerticalSpec, size: int, sizes: CiphertextSizes, order: str = "simultaneous"
+) -> dict[str, int]:
+    """What each party sends in one iteration (``IterationMetrics.sent_bytes``), arbiter included. In a
+    sequential sweep each agency sends its partial scores twice: at the sweep's start and after its step.
 
     Every gradient ciphertext is at one level (``vertical.protocol.ZERO_GUARD``): the count is the block's
     width, the intercept's included."""
@@ -138,7 +141,9 @@ def bytes_per_iteration(loaded: LoadedVerticalSpec, size: int, sizes: Ciphertext
                 if k.name != holder
             )
         else:
-            own += _sealed_bytes(sizes.partial_scores, a.name, holder, "partial-scores", chunks, size)
+            own += _sealed_bytes(sizes.partial_scores, a.name, holder, "partial-scores", chunks, size) * (
+                2 if order == "sequential" else 1
+            )
         out[a.name] = own
     out[ARBITER] = 8 * sum(width.values())  # the masked noised values, back to each sender
     return out
@@ -194,6 +199,8 @@ def _plan_fields(plan: VerticalPlan) -> dict[str, Any]:
         "noise_std": plan.noise_std,
         "optimizer": plan.optimizer,
         "learning_rate": plan.learning_rate,
+        "order": plan.order,
+        "averaged_iterations": plan.averaged,
         "damping": plan.damping if plan.releases_hessian else None,
         "hessian_sensitivity": plan.hessian_sensitivity if plan.releases_hessian else None,
     }
@@ -284,7 +291,7 @@ def dry_run(
     full = [r for _, _, _, event in releases for r in step_records(event)]
     size, source = register if register is not None else register_estimate(loaded, workdir)
     sizes = ciphertext_sizes()
-    sent = bytes_per_iteration(loaded, size, sizes)
+    sent = bytes_per_iteration(loaded, size, sizes, plan.order)
     agencies: dict[str, Any] = {}
     for name in names:
         agencies[name] = {

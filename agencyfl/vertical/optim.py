@@ -88,6 +88,55 @@ def joint_scale(squared_norms: list[float], bound: float) -> float:
 
 
 @dataclass
+class TailMean:
+    """The mean of a block's weights over the job's last ``count`` iterations (``VerticalPlan.averaged``): the
+    model each party keeps of its own block. Averaging iterates is post-processing of the releases; the noise
+    each step adds to the weights is fresh, so the mean holds less of it than the last iterate.
+
+    ``add(iteration, w)`` is called after every iteration (after the projection); iterations before the
+    window are ignored."""
+
+    iterations: int
+    count: int
+    size: int
+    total: Vector = field(init=False, repr=False)
+    added: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        self.total = np.zeros(self.size)
+
+    @property
+    def first(self) -> int:
+        """The first iteration in the window."""
+        return self.iterations - self.count + 1
+
+    def add(self, iteration: int, w: Vector) -> None:
+        if iteration >= self.first:
+            self.total = self.total + w
+            self.added += 1
+
+    def mean(self, last: Vector) -> Vector:
+        """The window's mean; ``last`` when nothing was added yet (a job stopped before its window)."""
+        return np.asarray(self.total / self.added, dtype=np.float64) if self.added else last
+
+    def state(self) -> dict[str, Vector]:
+        """What a checkpoint keeps (the running sum and its count)."""
+        return {"tail_total": self.total.copy(), "tail_added": np.array([self.added], dtype=np.float64)}
+
+    def restore(self, state: dict[str, Vector]) -> None:
+        """Continue from a checkpoint's ``state()``.
+
+        Raises
+        ------
+        ValueError
+            If the sum is not of this block's size.
+        """
+        if state["tail_total"].shape != (self.size,):
+            raise ValueError(f"a running mean of {state['tail_total'].shape} for {self.size} weights")
+        self.total, self.added = state["tail_total"].copy(), int(state["tail_added"][0])
+
+
+@dataclass
 class BlockOptimizer:
     """One party's optimizer state for its own weights (block Newton, Adam (Kingma and Ba 2015) or plain GD).
 

@@ -22,7 +22,8 @@ class VerticalPlan(BaseModel):
     agencies
         K, the number of agencies (blocks); the intercept is one more release.
     iterations
-        T, full-batch gradient steps (each one DP release).
+        T, full-batch gradient steps (each one DP release; with ``order = "sequential"`` a sweep of K steps, one
+        per block, that together are the same release).
     epsilon, delta
         The job's budget for those T releases (add or remove one household everywhere).
     weight_bound, projection
@@ -49,6 +50,14 @@ class VerticalPlan(BaseModel):
         How each gradient release's noise is spread over its parts (each agency's block, and the intercept).
         ``shaped`` (default, with ``newton``): by the Hessian release, where it costs the model least, at the
         privacy of uniform noise (``shaped_noise``); ``uniform``: the same std on every coordinate.
+    order
+        ``sequential`` (default with ``newton`` and a score clip): block Gauss-Seidel, each party in turn takes
+        its Newton step on the residual of the others' latest weights (``docs/vertical.md``, "Sequential
+        sweeps"); the K block releases of a sweep compose to exactly the joint release of one iteration.
+        ``simultaneous``: every block steps on the same residual (block Jacobi; Adam and GD).
+    average
+        The fraction of the last iterations whose weights are averaged into the model (each party averages
+        its own block: post-processing); 0 keeps the last. Default 0.5 with ``sequential``, else 0.
     releases
         Noise multipliers of the job's other planned releases (one each, q = 1: the fairness counts):
         the iterations' noise is calibrated so that everything together stays within epsilon.
@@ -67,20 +76,48 @@ class VerticalPlan(BaseModel):
     learning_rate: float = Field(default=0.3, gt=0, allow_inf_nan=False)  # when absent: ``_default_learning_rate``
     damping: float = Field(default=0.5, gt=0, allow_inf_nan=False)
     noise: Literal["shaped", "uniform"] = "shaped"
+    order: Literal["sequential", "simultaneous"] = "sequential"  # when absent: ``_defaults``
+    average: float = Field(default=0.0, ge=0.0, lt=1.0, allow_inf_nan=False)  # when absent: ``_defaults``
     releases: tuple[float, ...] = ()
 
     @model_validator(mode="before")
     @classmethod
-    def _default_learning_rate(cls, data: Any) -> Any:
-        """Newton: 0.3, and at most 1.2 / K. Block-diagonal Newton steps are stable while lr times the largest
-        eigenvalue of P H stays below 2, and that eigenvalue can reach K (every block can represent a
-        near-constant score through its one-hot and not-held inputs). Adam and GD: 0.2."""
-        if isinstance(data, dict) and data.get("learning_rate") is None:
+    def _defaults(cls, data: Any) -> Any:
+        """The order, the averaging and the learning rate when absent. Sequential sweeps need block Newton and
+        the score clip (mid-sweep the weights are not yet projected: only the clip bounds the scores then);
+        they average the last half. Learning rate: sequential Newton 1 (each block's exact step given the
+        others: Gauss-Seidel converges on the quadratic Taylor loss); simultaneous Newton 0.3 and at most
+        1.2 / K (stable while lr times the largest eigenvalue of P H, which can reach K, stays below 2);
+        Adam and GD 0.2."""
+        if not isinstance(data, dict):
+            return data
+        newton = data.get("optimizer", "newton") == "newton"
+        if data.get("order") is None:
+            clipped = "score_clip" not in data or data["score_clip"] is not None
+            data = {**data, "order": "sequential" if newton and clipped else "simultaneous"}
+        if data.get("average") is None:
+            data = {**data, "average": 0.5 if data["order"] == "sequential" else 0.0}
+        if data.get("learning_rate") is None:
             agencies = data.get("agencies", 2)
-            newton = data.get("optimizer", "newton") == "newton"
-            rate = min(0.3, 1.2 / agencies) if newton and isinstance(agencies, int) and agencies > 0 else 0.2
+            if newton and data["order"] == "sequential":
+                rate = 1.0
+            elif newton and isinstance(agencies, int) and agencies > 0:
+                rate = min(0.3, 1.2 / agencies)
+            else:
+                rate = 0.2
             data = {**data, "learning_rate": rate}
         return data
+
+    @model_validator(mode="after")
+    def _sequential_needs_newton_and_a_clip(self) -> VerticalPlan:
+        if self.order == "sequential" and (self.optimizer != "newton" or self.score_clip is None):
+            raise ValueError("sequential sweeps need block Newton and a score clip")
+        return self
+
+    @property
+    def averaged(self) -> int:
+        """How many of the last iterations' weights make the model (at least the last)."""
+        return max(1, round(self.average * self.iterations))
 
     @property
     def score_bound(self) -> float:

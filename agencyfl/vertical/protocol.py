@@ -24,6 +24,7 @@ from agencyfl.vertical.encoding import Block, LabelData
 from agencyfl.vertical.optim import (
     BlockOptimizer,
     OptimizerName,
+    TailMean,
     Vector,
     clip_scores,
     newton_matrix,
@@ -49,6 +50,10 @@ ROUNDING = 1e-6
 SCORE_TAG_TOLERANCE = 2e-5
 """How far a validation score's tag may be from its value: the arbiter's rounding and the CKKS error times
 (1 + the tag factor) reach about 2.4e-6 (measured, |z| up to 500); eight times that."""
+
+Step = int | str
+"""An iteration (``3``), or a sub-step of a sequential sweep (``"3.0"``: the sweep's first partial scores;
+``"3.2"``: the second party's step and the partial scores it sends after it)."""
 
 Content = Literal[
     "public-context",
@@ -105,6 +110,8 @@ class HolderSetup:
     projection: Literal["joint", "block"] = "joint"
     score_clip: float | None = None
     newton_damping: float = 0.0  # lambda for this party's block (the plan's ``hessian_damping``)
+    iterations: int = 1  # T, and how many of the last iterations' weights make the model (``TailMean``)
+    averaged: int = 1
 
 
 HESSIAN_STEP = 0
@@ -121,12 +128,12 @@ class _Party:
     he_seconds: float = 0.0
     sent_bytes: int = 0
 
-    def _step_run(self, step: int) -> str:
-        """The run an envelope of iteration ``step`` is sealed under: a relay that replays another iteration's
-        partial scores or residuals is refused (the header names the step, and the AEAD binds the header)."""
+    def _step_run(self, step: Step) -> str:
+        """The run an envelope of iteration (or sub-step) ``step`` is sealed under: a relay that replays another
+        step's partial scores or residuals is refused (the header names the step, and the AEAD binds it)."""
         return f"{self.run}/step-{step}"
 
-    def _seal(self, vectors: list[bytes], recipient: str, kind: MessageKind, rows: int, step: int) -> list[Envelope]:
+    def _seal(self, vectors: list[bytes], recipient: str, kind: MessageKind, rows: int, step: Step) -> list[Envelope]:
         envelopes = [
             seal(v, run=self._step_run(step), sender=self.keys, recipient=self.directory[recipient], kind=kind,
                  chunk=i, chunks=len(vectors), rows=rows)
@@ -136,7 +143,7 @@ class _Party:
         return envelopes
 
     def _open(
-        self, envelopes: list[Envelope], sender: str, kind: MessageKind, step: int, rows: int, slots: int
+        self, envelopes: list[Envelope], sender: str, kind: MessageKind, step: Step, rows: int, slots: int
     ) -> list[bytes]:
         """The payloads of one sealed vector of ``rows`` values (one per register position), checked whole and in
         order: a relay that repeated a chunk would count its households twice (more than the sensitivity the
@@ -209,6 +216,7 @@ class _Holder(_Party):
         self.score_clip = setup.score_clip
         self.weights = np.zeros(block.width + extra)
         self.optimizer = BlockOptimizer(setup.optimizer, setup.learning_rate, block.width + extra)
+        self.tail = TailMean(setup.iterations, setup.averaged, block.width + extra)
         self._rng = rng
         self._mask: Vector | None = None
         self.releases: list[Vector] = []  # its own DP releases (noisy scaled gradients), in order
@@ -315,6 +323,14 @@ class _Holder(_Party):
             raise HEError(f"{self.name}: a projection factor must lie in (0, 1], got {factor!r}")
         self.weights = np.asarray(self.weights * factor, dtype=np.float64)
 
+    def end_iteration(self, iteration: int) -> None:
+        """After the iteration's projection: its weights enter the running mean if in the window."""
+        self.tail.add(iteration, self.weights)
+
+    def finish(self) -> None:
+        """The model's block: the mean over the window (``VerticalPlan.averaged``), post-processing."""
+        self.weights = self.tail.mean(self.weights)
+
     def _project(self, w: Vector) -> Vector:
         return project(w, self.weight_bound)
 
@@ -322,7 +338,7 @@ class _Holder(_Party):
 class FeatureHolder(_Holder):
     """An agency without the label: its block, its weights, its keys; the arbiter's public context only."""
 
-    def partial_scores(self, step: int) -> list[Envelope]:
+    def partial_scores(self, step: Step) -> list[Envelope]:
         """``Enc(X_k w_k)`` over every register position, sealed to the label holder for iteration ``step``
         (``iterations + 1``: the validation scores after the last one)."""
         raw = self._encrypt(self._own_part(self.block.x @ self.weights))
@@ -340,7 +356,7 @@ class FeatureHolder(_Holder):
         self.sent_bytes += message.nbytes
         return message
 
-    def open_residuals(self, envelopes: list[Envelope], step: int) -> list[bytes]:
+    def open_residuals(self, envelopes: list[Envelope], step: Step) -> list[bytes]:
         """The residual ciphertexts of iteration ``step`` from the label holder's sealed message (still encrypted
         under A's key)."""
         return self._open(envelopes, self.label_holder, "residuals", step, self.block.size, self.slots)
@@ -353,6 +369,7 @@ class LabelHolder(_Holder):
         super().__init__(block, setup, rng, extra=1)
         self.labels = labels
         self.scale = 1.0 / len(block.x)  # public: the register size is known to every party after alignment
+        self._partials: dict[str, list[bytes]] = {}  # each agency's latest partial scores (still encrypted)
         self._score_mask: Vector | None = None
         self._tag_mask: Vector | None = None
         self._tag_factor: Vector | None = None
@@ -361,30 +378,50 @@ class LabelHolder(_Holder):
         bound = self.weight_bound
         return np.concatenate([project(w[:-1], bound), [float(np.clip(w[-1], -bound, bound))]])
 
-    def _scores(self, partials: dict[str, list[Envelope]], step: int) -> list[ts.CKKSVector]:
+    def take_partials(self, sender: str, envelopes: list[Envelope], step: Step) -> None:
+        """Open one agency's partial scores, sealed for ``step``, and keep them: each agency's latest are what
+        the next residual sums (a sequential sweep replaces one agency's after its step)."""
+        if sender == self.name or sender not in self.directory:
+            raise MessageRejectedError(f"partial scores from {sender!r}, not another party")
+        self._partials[sender] = self._open(envelopes, sender, "partial-scores", step, self.block.size, self.slots)
+
+    def _scores(self) -> list[ts.CKKSVector]:
+        """Enc(z): its own clipped part (and the intercept) plus every other agency's latest partial scores."""
+        missing = sorted(set(self.directory) - {self.name} - set(self._partials))
+        if missing:
+            raise HEError(f"no partial scores from {', '.join(missing)}")
         own = self._own_part(self.block.x @ self.weights[:-1] + self.weights[-1])
-        n = self.block.size
-        opened = {k: self._open(v, k, "partial-scores", step, n, self.slots) for k, v in partials.items()}
         start = time.perf_counter()
         total = [ts.ckks_vector(self.context, c) for c in _chunks(own, self.slots)]
-        for raw in opened.values():
+        for raw in self._partials.values():
             total = [t + ts.ckks_vector_from(self.context, r) for t, r in zip(total, raw, strict=True)]
         self.he_seconds += time.perf_counter() - start
         return total
 
-    def residuals(
-        self, partials: dict[str, list[Envelope]], step: int
-    ) -> tuple[list[bytes], dict[str, list[Envelope]]]:
-        """``Enc(d) = Enc(z) * (m c / 4) + m c (0.5 - y)``: its own copy and one sealed copy per agency, from
-        the partial scores of iteration ``step``."""
-        z = self._scores(partials, step)
+    def residual(self) -> list[bytes]:
+        """``Enc(d) = Enc(z) * (m c / 4) + m c (0.5 - y)`` from the latest partial scores (its own copy)."""
+        z = self._scores()
         start = time.perf_counter()
         m = self.labels.train.astype(np.float64)
         slope = _chunks(m * self.scale / 4, self.slots)
         offset = _chunks(m * self.scale * (0.5 - self.labels.y), self.slots)
         raw = [bytes((c * s + o).serialize()) for c, s, o in zip(z, slope, offset, strict=True)]
         self.he_seconds += time.perf_counter() - start
-        return raw, {k: self._seal(raw, k, "residuals", self.block.size, step) for k in partials}
+        return raw
+
+    def seal_residual(self, raw: list[bytes], recipient: str, step: Step) -> list[Envelope]:
+        """A residual sealed to one agency for ``step``."""
+        return self._seal(raw, recipient, "residuals", self.block.size, step)
+
+    def residuals(
+        self, partials: dict[str, list[Envelope]], step: Step
+    ) -> tuple[list[bytes], dict[str, list[Envelope]]]:
+        """The residual of iteration ``step`` from every agency's partial scores of that step: its own copy
+        and one sealed copy per agency (simultaneous steps)."""
+        for sender, envelopes in partials.items():
+            self.take_partials(sender, envelopes, step)
+        raw = self.residual()
+        return raw, {k: self.seal_residual(raw, k, step) for k in partials}
 
     def hessian_weights(self, parties: list[str]) -> dict[str, list[Envelope]]:
         """``Enc(m c / 4)`` over every register position (m: who is assessed), sealed to each feature holder for
@@ -414,7 +451,7 @@ class LabelHolder(_Holder):
         self.sent_bytes += message.nbytes
         return message
 
-    def masked_scores(self, partials: dict[str, list[Envelope]], step: int) -> list[bytes]:
+    def masked_scores(self, partials: dict[str, list[Envelope]], step: Step) -> list[bytes]:
         """``Enc(z v + s)`` then ``Enc(a z v + t)`` for the validation indicator v, fresh uniform masks s and
         t and a secret per-slot tag factor a in [1, 4], for the arbiter to decrypt.
 
@@ -423,7 +460,9 @@ class LabelHolder(_Holder):
         probability about 2 tol / (3 |delta|)); a slot outside validation must decrypt to its mask exactly.
         ``step`` is the partial scores' (``iterations + 1``).
         """
-        z = self._scores(partials, step)
+        for sender, envelopes in partials.items():
+            self.take_partials(sender, envelopes, step)
+        z = self._scores()
         start = time.perf_counter()
         v = _chunks(self.labels.validation.astype(np.float64), self.slots)
         size = len(v) * self.slots
@@ -538,13 +577,19 @@ class Arbiter:
         """
         if sorted(messages) != sorted(self.widths) or any(m.sender != p for p, m in messages.items()):
             raise HEError(f"an iteration needs one gradient from each of {sorted(self.widths)}; got {sorted(messages)}")
+        stds = self.set_stds({p: m.gains for p, m in messages.items()})
+        return {p: self.release(m, stds[p]) for p, m in messages.items()}
+
+    def set_stds(self, gains: dict[str, tuple[float, ...]]) -> dict[str, npt.NDArray[np.float64]]:
+        """The per-coordinate noise std of every party's next release (``stds``): spread by the gains each
+        party reports (``shaped_stds``) with a ``label_holder``, else ``noise_std`` on every coordinate.
+        A sequential sweep sets them once, before its first release, from every party's gains."""
         if self.label_holder is None:
             stds = {p: np.full(w, self.noise_std) for p, w in self.widths.items()}
         else:
-            gains = {p: m.gains for p, m in messages.items()}
             stds = shaped_stds(self.noise_std, self.widths, self.label_holder, gains)
         self.stds = {p: [float(v) for v in std] for p, std in stds.items()}
-        return {p: self.release(m, stds[p]) for p, m in messages.items()}
+        return stds
 
     def release_hessian(self, message: GradientMessage, packed: bool = False) -> list[float]:
         """The same for a block's Hessian upper triangle (once per party and job). ``packed``: the label

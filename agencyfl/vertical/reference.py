@@ -15,6 +15,7 @@ import numpy.typing as npt
 from agencyfl.vertical.encoding import Block, LabelData
 from agencyfl.vertical.optim import (
     BlockOptimizer,
+    TailMean,
     Vector,
     clip_scores,
     joint_scale,
@@ -52,7 +53,9 @@ def reference_train(
     noise_std: float | None = None,
     each: Callable[[dict[str, Vector]], None] | None = None,
 ) -> dict[str, Vector]:
-    """Each party's weights after ``plan.iterations`` steps (the label holder's last weight is the intercept).
+    """Each party's weights after ``plan.iterations`` steps (the label holder's last weight is the intercept),
+    averaged over the last ``plan.averaged`` of them. With ``plan.order == "sequential"`` each block steps in
+    turn (the agencies in order, then the label holder) on the scores of the others' latest weights.
 
     ``each``, if given, receives every iteration's weights (after the projection), e.g. for a learning curve.
 
@@ -78,33 +81,37 @@ def reference_train(
             gains[b.agency] = part_gains(released, width, damping, intercept=b is label)
         if plan.shapes_noise:
             stds = shaped_stds(std, widths, label.agency, gains)
-    for _ in range(plan.iterations):
-        w_label = weights[label.agency]
-        parts = {b.agency: b.x @ weights[b.agency] for b in features}
-        parts[label.agency] = label.x @ w_label[:-1] + w_label[-1]
-        clipped = {k: clip_scores(u, plan.score_clip) for k, u in parts.items()}
+    tails = {name: TailMean(plan.iterations, plan.averaged, width) for name, width in widths.items()}
+
+    def part(b: Block) -> tuple[Vector, npt.NDArray[np.bool_]]:
+        w = weights[b.agency]
+        return clip_scores(b.x @ w[:-1] + w[-1] if b is label else b.x @ w, plan.score_clip)
+
+    def step(b: Block, clipped: dict[str, tuple[Vector, npt.NDArray[np.bool_]]]) -> None:
         z = sum(c for c, _ in clipped.values())
         d = residual_of(np.asarray(z), labels, scale)
+        own = d * clipped[b.agency][1]  # the households it clipped leave its gradient
+        g = b.x.T @ own
+        if b is label:
+            g = np.concatenate([g, [own.sum()]])
+        noisy = g + rng.normal(0.0, stds[b.agency], size=len(g))
+        w = optimizers[b.agency].step(weights[b.agency], noisy)
+        if plan.projection == "block":
+            w = (np.concatenate([project(w[:-1], plan.weight_bound), [np.clip(w[-1], -plan.weight_bound,
+                 plan.weight_bound)]]) if b is label else project(w, plan.weight_bound))  # fmt: skip
+        weights[b.agency] = w
+
+    for iteration in range(1, plan.iterations + 1):
+        clipped = {b.agency: part(b) for b in blocks}
         for b in blocks:
-            own = d * clipped[b.agency][1]  # the households it clipped leave its gradient
-            g = b.x.T @ own
-            if b is label:
-                g = np.concatenate([g, [own.sum()]])
-            noisy = g + rng.normal(0.0, stds[b.agency], size=len(g))
-            w = optimizers[b.agency].step(weights[b.agency], noisy)
-            if plan.projection == "joint":
-                weights[b.agency] = w
-                continue
-            if b is label:
-                w = np.concatenate(
-                    [project(w[:-1], plan.weight_bound), [np.clip(w[-1], -plan.weight_bound, plan.weight_bound)]]
-                )
-            else:
-                w = project(w, plan.weight_bound)
-            weights[b.agency] = w
+            step(b, clipped)
+            if plan.order == "sequential":  # the next block steps on this one's new scores
+                clipped[b.agency] = part(b)
         if plan.projection == "joint":
             factor = joint_scale([float(w @ w) for w in weights.values()], plan.weight_bound)
             weights = {k: w * factor for k, w in weights.items()}
+        for name, w in weights.items():
+            tails[name].add(iteration, w)
         if each is not None:
             each(dict(weights))
-    return weights
+    return {name: tails[name].mean(w) for name, w in weights.items()}

@@ -85,6 +85,12 @@ class PartySession:
         self.last_release = 0
         self.last_rescaled = 0
         self.fairness_admitted = False
+        self.admitted = 0  # sequential sweeps: the last sweep its ledger admitted (before any of its releases)
+        order = [p for p in self.job.parties if p != self.job.label_holder] + [self.job.label_holder]
+        self.turn = order.index(self.agency) + 1  # its sub-step in a sweep: the agencies in order, then civil affairs
+        self.order = order
+        self.issued = 0  # civil affairs: the last sub-step of the sweep whose residual it issued
+        self.partial_steps: dict[str, str] = {}  # civil affairs: the sub-step each agency's latest scores are for
         self.resumed = False  # the coordinator's setup says the job is resumed (even from iteration 0)
 
     # ------------------------------------------------------------------ checkpoints (its own block only)
@@ -99,8 +105,9 @@ class PartySession:
         path = self.checkpoints / f"checkpoint-{iteration}.npz"
         tmp = path.with_suffix(".tmp")
         with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as fh:
-            state = holder.optimizer.state()
-            np.savez(fh, weights=holder.weights, m=state["m"], v=state["v"], t=state["t"])
+            state = holder.optimizer.state() | holder.tail.state()
+            np.savez(fh, weights=holder.weights, m=state["m"], v=state["v"], t=state["t"],
+                     tail_total=state["tail_total"], tail_added=state["tail_added"])  # fmt: skip
         tmp.replace(path)
         for old in self.checkpoints.glob("checkpoint-*.npz"):
             if int(old.stem.split("-")[1]) <= iteration - CHECKPOINTS_KEPT:
@@ -110,14 +117,17 @@ class PartySession:
         holder = self._holder()
         path = self.checkpoints / f"checkpoint-{iteration}.npz"
         try:
-            with np.load(path) as saved:
-                weights, state = saved["weights"], {k: saved[k] for k in ("m", "v", "t")}
+            with np.load(path) as saved:  # a checkpoint from before averaging has no running mean: it starts empty
+                weights, state = saved["weights"], {k: saved[k] for k in ("m", "v", "t", "tail_total", "tail_added")
+                                                     if k in saved or not k.startswith("tail")}  # fmt: skip
         except (OSError, KeyError, ValueError) as exc:
             raise ProtocolError(f"{self.agency} cannot resume from iteration {iteration}: {exc}") from None
         if weights.shape != holder.weights.shape:
             raise ProtocolError(f"{self.agency}'s checkpoint {path.name} is for {weights.shape[0]} weights")
         holder.weights = np.asarray(weights, dtype=np.float64)
         holder.optimizer.restore(state)
+        if "tail_total" in state:
+            holder.tail.restore(state)
         if self.plan.releases_hessian:  # the step matrix comes from its own copy of the Hessian release
             self._load_hessian()
 
@@ -175,6 +185,7 @@ class PartySession:
             label_holder=self.job.label_holder, optimizer=self.plan.optimizer, learning_rate=self.plan.learning_rate,
             weight_bound=self.plan.weight_bound, projection=self.plan.projection, score_clip=self.plan.score_clip,
             newton_damping=self.plan.hessian_damping(self.block.width + self.is_label, self.job.register_size),
+            iterations=self.plan.iterations, averaged=self.plan.averaged,
         )  # fmt: skip
         rng = np.random.default_rng(secrets.randbits(128))
         if self.is_label:
@@ -239,7 +250,14 @@ class PartySession:
         return Frame("ok")
 
     def _op_partial(self, frame: Frame) -> Frame:
-        return Frame("ok", blobs=[pack(e) for e in self._features().partial_scores(self.step)])
+        """Its partial scores, sealed for the iteration (simultaneous) or the sub-step (sequential): ``T.0`` at a
+        sweep's start, ``T.j`` after its own step j of the sweep (which it alone decides: a relay cannot ask
+        for scores under another sub-step)."""
+        holder = self._features()
+        step: int | str = self.step
+        if self.plan.order == "sequential" and self.step <= self.job.iterations:  # after: the validation's
+            step = f"{self.step}.{self.turn if self.last_release == self.step else 0}"
+        return Frame("ok", blobs=[pack(e) for e in holder.partial_scores(step)])
 
     def _partials(self, frame: Frame) -> dict[str, list[Any]]:
         partials: dict[str, list[Any]] = {p: [] for p in self.job.parties if p != self.agency}
@@ -251,13 +269,83 @@ class PartySession:
         return partials
 
     def _op_residuals(self, frame: Frame) -> Frame:
+        self._simultaneous()
         own, sealed = self._label().residuals(self._partials(frame), self.step)
         self._own_residuals = own
         return Frame("ok", blobs=[pack(e) for envelopes in sealed.values() for e in envelopes])
 
+    def _simultaneous(self) -> None:
+        if self.plan.order != "simultaneous":
+            raise MessageRejectedError(f"this job's parties step in turn ({self.plan.order}): not this frame")
+
+    def _sequential(self, iteration: int) -> None:
+        if self.plan.order != "sequential":
+            raise MessageRejectedError("this job's parties step at once (simultaneous): not this frame")
+        if iteration != self.step or self.admitted != iteration:
+            raise MessageRejectedError(
+                f"sweep {iteration}: {self.agency} is at {self.step} and admitted {self.admitted}"
+            )
+
+    def _op_admit(self, frame: Frame) -> Frame:
+        """Sequential sweeps: admit the whole sweep in its own ledger before any of its releases (the K block
+        releases together are the iteration's release), and report its gains for the noise's spread."""
+        iteration = int_field(frame, "iteration", 1, self.job.iterations)
+        if self.plan.order != "sequential" or iteration != self.step or self.admitted >= iteration:
+            raise MessageRejectedError(f"an admission of sweep {iteration}; {self.agency} is at {self.step}")
+        entry = self._admit(iteration)
+        self.admitted, self.issued, self.partial_steps = iteration, 0, {}
+        return Frame("ok", self._report(entry) | {"gains": list(self._holder().gains)})
+
+    def _op_partials(self, frame: Frame) -> Frame:
+        """Civil affairs keeps each agency's latest partial scores of the sweep, opened under the sub-step it
+        expects from that agency now: ``T.j`` once the agency's step j is past, else ``T.0``."""
+        holder = self._label()
+        self._sequential(int_field(frame, "iteration", 1, self.job.iterations))
+        for sender, envelopes in self._partials(frame).items():
+            if not envelopes:
+                continue
+            turn = self.order.index(sender) + 1
+            step = f"{self.step}.{turn if turn <= self.issued else 0}"
+            if self.partial_steps.get(sender) == step:
+                raise MessageRejectedError(f"{sender}'s partial scores for {step} again")
+            holder.take_partials(sender, envelopes, step)
+            self.partial_steps[sender] = step
+        return Frame("ok")
+
+    def _op_residual(self, frame: Frame) -> Frame:
+        """Civil affairs: the residual for the next party's step of the sweep (in order), from every agency's
+        latest scores, each of this sweep and past its own step where that step has come."""
+        holder = self._label()
+        self._sequential(int_field(frame, "iteration", 1, self.job.iterations))
+        turn = self.issued + 1
+        target = str_field(frame, "to")
+        if turn > len(self.order) or target != self.order[turn - 1]:
+            raise MessageRejectedError(f"a residual for {target[:40]!r}; sub-step {turn} is not its turn")
+        expected = {p: f"{self.step}.{i if i < turn else 0}" for i, p in enumerate(self.order[:-1], start=1)}
+        stale = sorted(p for p, step in expected.items() if self.partial_steps.get(p) != step)
+        if stale:
+            raise MessageRejectedError(f"sub-step {turn}: no current partial scores from {', '.join(stale)}")
+        self.issued = turn
+        raw = holder.residual()
+        if target == self.agency:
+            self._own_residuals = raw
+            return Frame("ok")
+        return Frame("ok", blobs=[pack(e) for e in holder.seal_residual(raw, target, f"{self.step}.{turn}")])
+
     def _lifetime_rdp(self) -> float:
         """Its ledger's lifetime by RDP alone, for the chain's record (``LedgerRecord.lost_spend``)."""
         return lifetime_rdp(self.config.ledger.events())
+
+    def _admit(self, iteration: int) -> Any:
+        # an admission is reused on resume only if the coordinator's chain says the iteration was never
+        # released and this agency never received its release either (its own record, written first)
+        resumed = self.resume_from > 0 or self.resumed
+        reuse = resumed and iteration > self.released_through and not self._received(iteration)
+        return admit(self.config.ledger, self.loaded, self.plan, self.job.job, self.agency, iteration, reuse=reuse)
+
+    def _report(self, entry: Any) -> dict[str, Any]:
+        return {"epsilon_job": entry.epsilon_job, "epsilon_lifetime": entry.epsilon_lifetime,
+                "epsilon_lifetime_rdp": self._lifetime_rdp(), "origin": self.config.ledger.verification().origin}
 
     def _op_gradient(self, frame: Frame) -> Frame:
         iteration = int_field(frame, "iteration", 1, self.job.iterations)
@@ -267,22 +355,23 @@ class PartySession:
             )
         if iteration != self.step:
             raise MessageRejectedError(f"a gradient for iteration {iteration}; {self.agency} is at {self.step}")
+        sequential = self.plan.order == "sequential"
+        if sequential:  # admitted at the sweep's start; its residual issued for its own turn
+            self._sequential(iteration)
         holder = self._holder()
         if isinstance(holder, LabelHolder):
+            if sequential and self.issued != self.turn:
+                raise MessageRejectedError("civil affairs' gradient before its own residual")
             residual = self._own_residuals
         else:
-            residual = holder.open_residuals([unpack(b) for b in frame.blobs], self.step)
-        # an admission is reused on resume only if the coordinator's chain says the iteration was never
-        # released and this agency never received its release either (its own record, written first)
-        resumed = self.resume_from > 0 or self.resumed
-        reuse = resumed and iteration > self.released_through and not self._received(iteration)
-        entry = admit(self.config.ledger, self.loaded, self.plan, self.job.job, self.agency, iteration, reuse=reuse)
+            step: int | str = f"{self.step}.{self.turn}" if sequential else self.step
+            residual = holder.open_residuals([unpack(b) for b in frame.blobs], step)
+        fields: dict[str, Any] = {}
+        if not sequential:
+            fields = self._report(self._admit(iteration))
         message: GradientMessage = holder.masked_gradient(residual)
         self.last_gradient = iteration
-        fields = {"epsilon_job": entry.epsilon_job, "epsilon_lifetime": entry.epsilon_lifetime,
-                  "epsilon_lifetime_rdp": self._lifetime_rdp(), "origin": self.config.ledger.verification().origin,
-                  "gains": list(message.gains)}  # fmt: skip
-        return Frame("ok", fields, blobs=message.ciphertexts)
+        return Frame("ok", fields | {"gains": list(message.gains)}, blobs=message.ciphertexts)
 
     def _received_marker(self, iteration: int) -> Path:
         return self.checkpoints / f"released-{iteration}"
@@ -326,6 +415,9 @@ class PartySession:
                 f"rescaled through {self.last_rescaled}"
             )
         holder.rescale(float(factor))
+        holder.end_iteration(iteration)
+        if iteration == self.job.iterations:
+            holder.finish()  # the model: the mean of the last iterations' weights (post-processing)
         self.last_rescaled = iteration
         self._checkpoint(iteration)
         return Frame("ok")

@@ -92,6 +92,34 @@ def release_hessians(
         party.apply_hessian(arbiter.release_hessian(messages[party.name], packed=party is civil))
 
 
+def sweep(
+    holders: list[FeatureHolder],
+    civil: LabelHolder,
+    arbiter: Arbiter,
+    iteration: int,
+    before_release: Callable[[int], None] | None,
+) -> None:
+    """One sequential sweep (``docs/vertical.md``, "Sequential sweeps"): every ledger admits the sweep first
+    (its K releases together are one iteration's release); then each party in turn (the agencies in order,
+    then civil affairs: the reference's order) gets the residual of everyone's latest scores, sends its
+    masked gradient, takes its noised release and steps, and an agency sends its new partial scores.
+    Sub-step ``"T.j"`` seals the j-th party's residual and the scores it sends after its step; ``"T.0"``
+    the scores every agency sends first."""
+    if before_release is not None:
+        before_release(iteration)
+    stds = arbiter.set_stds({p.name: p.gains for p in [*holders, civil]})
+    for h in holders:
+        civil.take_partials(h.name, h.partial_scores(f"{iteration}.0"), f"{iteration}.0")
+    for j, party in enumerate([*holders, civil], start=1):
+        step = f"{iteration}.{j}"
+        residual = civil.residual()
+        if isinstance(party, FeatureHolder):
+            residual = party.open_residuals(civil.seal_residual(residual, party.name, step), step)
+        party.apply(arbiter.release(party.masked_gradient(residual), stds[party.name]))
+        if isinstance(party, FeatureHolder):
+            civil.take_partials(party.name, party.partial_scores(step), step)
+
+
 def train_vertical(
     features: list[Block],
     label: Block,
@@ -151,7 +179,8 @@ def train_vertical(
             keys=keys[name], directory=directory, run=run, public_context=context, label_holder=label.agency,
             optimizer=plan.optimizer, learning_rate=plan.learning_rate, weight_bound=plan.weight_bound,
             projection=plan.projection, score_clip=plan.score_clip,
-            newton_damping=plan.hessian_damping(widths[name], register),
+            newton_damping=plan.hessian_damping(widths[name], register), iterations=plan.iterations,
+            averaged=plan.averaged,
         )  # fmt: skip
 
     holders = [FeatureHolder(b, setup(b.agency), rng) for b, rng in zip(features, rngs, strict=False)]
@@ -169,19 +198,24 @@ def train_vertical(
                                           {k: sent1[k] - sent0[k] for k in sent1})  # fmt: skip
     for iteration in range(1, plan.iterations + 1):
         start, he0, sent0 = time.perf_counter(), _he(parties), _sent(parties)
-        partials = {h.name: h.partial_scores(iteration) for h in holders}
-        own, sealed = civil.residuals(partials, iteration)
-        gradients = {h.name: h.masked_gradient(h.open_residuals(sealed[h.name], iteration)) for h in holders}
-        gradients[civil.name] = civil.masked_gradient(own)
-        if before_release is not None:  # accounted in every ledger before the arbiter releases anything
-            before_release(iteration)
-        released = arbiter.release_iteration(gradients)  # holders in order, then civil affairs: the reference's
-        for p in [*holders, civil]:
-            p.apply(released[p.name])
+        if plan.order == "sequential":
+            sweep(holders, civil, arbiter, iteration, before_release)
+        else:
+            partials = {h.name: h.partial_scores(iteration) for h in holders}
+            own, sealed = civil.residuals(partials, iteration)
+            gradients = {h.name: h.masked_gradient(h.open_residuals(sealed[h.name], iteration)) for h in holders}
+            gradients[civil.name] = civil.masked_gradient(own)
+            if before_release is not None:  # accounted in every ledger before the arbiter releases anything
+                before_release(iteration)
+            released = arbiter.release_iteration(gradients)  # holders in order, then civil affairs: the reference's
+            for p in [*holders, civil]:
+                p.apply(released[p.name])
         if plan.projection == "joint":  # each party tells its block's squared norm; all scale by one factor
             factor = joint_scale([p.squared_norm() for p in [*holders, civil]], plan.weight_bound)
             for p in [*holders, civil]:
                 p.rescale(factor)
+        for p in [*holders, civil]:
+            p.end_iteration(iteration)
         result.events.append(plan.iteration_event())
         sent1 = _sent(parties)
         result.iterations.append(
@@ -191,6 +225,8 @@ def train_vertical(
                 sent_bytes={k: sent1[k] - sent0[k] for k in sent1},
             )
         )
+    for p in [*holders, civil]:
+        p.finish()
     result.weights = {h.name: h.weights.copy() for h in holders} | {civil.name: civil.weights.copy()}
     if validate and labels.validation.any():
         partials = {h.name: h.partial_scores(plan.iterations + 1) for h in holders}
