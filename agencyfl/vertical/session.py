@@ -344,8 +344,12 @@ class PartySession:
         return admit(self.config.ledger, self.loaded, self.plan, self.job.job, self.agency, iteration, reuse=reuse)
 
     def _report(self, entry: Any) -> dict[str, Any]:
-        return {"epsilon_job": entry.epsilon_job, "epsilon_lifetime": entry.epsilon_lifetime,
-                "epsilon_lifetime_rdp": self._lifetime_rdp(), "origin": self.config.ledger.verification().origin}
+        return {
+            "epsilon_job": entry.epsilon_job,
+            "epsilon_lifetime": entry.epsilon_lifetime,
+            "epsilon_lifetime_rdp": self._lifetime_rdp(),
+            "origin": self.config.ledger.verification().origin,
+        }
 
     def _op_gradient(self, frame: Frame) -> Frame:
         iteration = int_field(frame, "iteration", 1, self.job.iterations)
