@@ -60,19 +60,25 @@ CONFIGS: list[dict[str, Any]] = [
     {"noise": True, "epsilon": 3.0, "iterations": 100, "weight_bound": 20.0, "score_clip": 1.5},
     {"noise": True, "epsilon": 1.0, "iterations": 200, "weight_bound": 20.0, "score_clip": 1.5},
 ]
-# the protocol from 2026-12-06 (the default plan): block Newton, one DP Hessian release before T iterations; later
-# each gradient release's noise shaped by the Hessian release, sigma from the exact Gaussian accounting
+# block Newton (one DP Hessian release before T iterations), each gradient release's noise shaped by the Hessian
+# release, sigma from the exact Gaussian accounting. From 2026-12-05 (the default plan) the parties step in turn
+# (sequential sweeps, lr 1) and the model is the mean of the last half of the iterates; before, they stepped at
+# once (simultaneous, lr 0.3) and the model was the last iterate. Each row over eight noise seeds.
+_BASE: dict[str, Any] = {"optimizer": "newton", "noise": True, "weight_bound": 20.0, "score_clip": 1.5}
 NEWTON: list[dict[str, Any]] = [
-    {"optimizer": "newton", "noise": True, "epsilon": eps, "iterations": t, "weight_bound": 20.0, "score_clip": 1.5,
-     "seed": seed}
-    for eps, t, seeds in ((1.0, 50, 8), (1.0, 100, 8), (3.0, 50, 4)) for seed in range(1, seeds + 1)
+    {**_BASE, "epsilon": eps, "iterations": t, "order": order, "average": average, "noise_seed": seed}
+    for eps, t, order, average, seeds in (
+        (1.0, 20, "sequential", None, 8),  # now
+        (1.0, 15, "sequential", None, 8),
+        (1.0, 30, "sequential", None, 8),
+        (1.0, 20, "sequential", 0.0, 8),  # the last iterate instead of the mean
+        (1.0, 50, "simultaneous", None, 8),  # before
+        (3.0, 20, "sequential", None, 4),
+    )
+    for seed in range(seeds)
 ] + [
-    {"optimizer": "newton", "noise": True, "epsilon": 1.0, "iterations": 50, "weight_bound": 20.0, "score_clip": 1.5,
-     "seed": seed, "spread": "uniform"}
-    for seed in range(1, 9)
-] + [
-    {"optimizer": "newton", "noise": True, "epsilon": 1.0, "iterations": 30, "weight_bound": 20.0, "score_clip": 1.5},
-    {"optimizer": "newton", "noise": False, "iterations": 50, "weight_bound": 20.0, "score_clip": 1.5},
+    {**_BASE, "noise": False, "iterations": 20, "order": "sequential"},
+    {**_BASE, "noise": False, "iterations": 50, "order": "simultaneous"},
 ]  # fmt: skip
 ADAM_SEEDS = [{**CONFIGS[12], "seed": seed} for seed in (1, 2, 3, 4)]  # the protocol before, beside them
 
@@ -115,6 +121,7 @@ def main() -> None:
         default="all",
         help="newton: only the block Newton rows (the protocol as built) and one Adam row beside them",
     )
+    parser.add_argument("--first-seed", type=int, default=1, help="block Newton rows' first noise seed (+0 to +7)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         synth = synthesize_vertical(Path(tmp) / "data", households=args.households, seed=args.seed)
@@ -143,9 +150,11 @@ def main() -> None:
         kind = config.get("residual", "taylor")
         plan = VerticalPlan(agencies=len(order), iterations=config["iterations"], epsilon=eps, delta=1e-5,
                             weight_bound=config["weight_bound"], optimizer=optimizer,
-                            learning_rate=config.get("learning_rate", 0.3 if optimizer == "newton" else 0.2),
-                            score_clip=config.get("score_clip"), noise=config.get("spread", "shaped"))  # fmt: skip
-        rng: Any = np.random.default_rng(config.get("seed", 1)) if config["noise"] else _NoNoise()
+                            learning_rate=config.get("learning_rate"), score_clip=config.get("score_clip"),
+                            noise=config.get("spread", "shaped"),
+                            order=config.get("order", "simultaneous"), average=config.get("average"))  # fmt: skip
+        seeded = args.first_seed + config["noise_seed"] if "noise_seed" in config else config.get("seed", 1)
+        rng: Any = np.random.default_rng(seeded) if config["noise"] else _NoNoise()
         bound = residual_bound(kind, plan.score_bound)
         f = SIGMOIDS[kind]
         weights = reference_train(
@@ -156,11 +165,13 @@ def main() -> None:
         m = metrics(np.asarray(zt)[complete], y[complete])
         noise = f"eps {eps:g} (sigma {plan.noise_multiplier:.1f})" if config["noise"] else "none"
         clip = f", C {config['score_clip']:g}" if config.get("score_clip") else ""
-        seed = f", seed {config['seed']}" if "seed" in config else ""
+        seed = f", seed {seeded}" if "seed" in config or "noise_seed" in config else ""
         seed += ", uniform noise" if config.get("spread") == "uniform" else ""
+        seed += f", {plan.order}, mean of last {plan.averaged}" if optimizer == "newton" else ""
         name = (f"{kind} {optimizer}, T {config['iterations']}, W {config['weight_bound']:g}{clip}{seed}, "
                 f"lr {plan.learning_rate:g}, D {bound:.2f}")  # fmt: skip
         result["runs"].append({**config, **m, "optimizer": optimizer, "residual": kind, "residual_bound": bound,
+                               "order": plan.order, "averaged": plan.averaged, "learning_rate": plan.learning_rate,
                                "auc_ratio": m["auc"] / base["auc"],
                                "coverage_ratio": m["coverage"] / base["coverage"]})  # fmt: skip
         rows.append([name, noise, f"{m['auc']:.4f}", f"{m['auc'] / base['auc']:.3f}", f"{m['coverage']:.3f}",
@@ -171,7 +182,8 @@ def main() -> None:
     print(table(["model", "noise", "AUC", "AUC ratio", "coverage@0.5", "coverage ratio", "mean score"], rows))
     groups: dict[str, list[dict[str, Any]]] = {}
     for run in result["runs"]:  # the same configuration over noise seeds
-        key = ", ".join(f"{k} {run[k]}" for k in ("optimizer", "epsilon", "iterations", "noise", "spread") if k in run)
+        key = ", ".join(f"{k} {run[k]}" for k in ("optimizer", "order", "epsilon", "iterations", "averaged", "noise",
+                                                  "spread") if k in run)  # fmt: skip
         groups.setdefault(key, []).append(run)
     summary = [
         [
@@ -187,7 +199,7 @@ def main() -> None:
     ]
     if summary:
         print(table(["configuration", "seeds", "AUC ratio mean", "min", "coverage ratio mean", "min"], summary))
-    suffix = "" if args.rows == "all" else f"_{args.rows}"
+    suffix = ("" if args.rows == "all" else f"_{args.rows}") + (f"_seed{args.seed}" if args.seed != 5 else "")
     print(write_results(f"vertical_utility_{args.households}{suffix}", result))
 
 
