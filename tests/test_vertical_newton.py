@@ -19,7 +19,7 @@ from dp_accounting.rdp import RdpAccountant
 from agencyfl.federation.errors import HEError
 from agencyfl.privacy.events import to_dp_event
 from agencyfl.vertical import Block, LabelData, VerticalPlan, VerticalResult
-from agencyfl.vertical.optim import newton_matrix, triangle_size, upper_triangle
+from agencyfl.vertical.optim import TailMean, newton_matrix, triangle_size, upper_triangle
 from agencyfl.vertical.plan import shaped_stds
 from agencyfl.vertical.protocol import Arbiter, FeatureHolder, GradientMessage, LabelHolder
 from agencyfl.vertical.reference import hessian, reference_train
@@ -329,3 +329,23 @@ def test_the_coordinator_reads_only_a_short_list_of_numbers_as_gains(field: obje
 
     fields = {} if field is None else {"gains": field}
     assert _gains(decode(encode(Frame("ok", fields)))) == read
+
+
+def test_the_running_mean_of_a_block_survives_a_checkpoint() -> None:
+    """A job resumed inside the averaging window continues the same mean (``TailMean`` in each checkpoint)."""
+    iterates = [np.full(3, float(i)) for i in range(1, 7)]  # iterations 1..6
+    whole = TailMean(iterations=6, count=3, size=3)
+    for i, w in enumerate(iterates, start=1):
+        whole.add(i, w)
+    assert whole.first == 4 and whole.mean(iterates[-1]) == pytest.approx(np.full(3, 5.0))
+    before = TailMean(iterations=6, count=3, size=3)
+    for i, w in enumerate(iterates[:4], start=1):
+        before.add(i, w)
+    resumed = TailMean(iterations=6, count=3, size=3)
+    resumed.restore(before.state())
+    for i, w in enumerate(iterates[4:], start=5):
+        resumed.add(i, w)
+    np.testing.assert_array_equal(resumed.mean(iterates[-1]), whole.mean(iterates[-1]))
+    with pytest.raises(ValueError, match="running mean"):
+        TailMean(iterations=6, count=3, size=4).restore(before.state())
+    assert TailMean(iterations=6, count=3, size=3).mean(iterates[0]) is iterates[0]  # stopped before the window

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from agencyfl.alignment.runs import align_from_spec, load_vertical
+from agencyfl.alignment.sealed import unpack
 from agencyfl.federation.errors import JobStopped, MessageRejectedError
 from agencyfl.federation.pki import issue_server_certificate, make_ca, make_node_key
 from agencyfl.federation.spec import LoadedVerticalSpec
@@ -337,6 +338,35 @@ def test_a_drop_mid_sweep_counts_the_sweep_for_everyone(federation: Federation, 
         entries = [e for e in fed.ledger(agency).events() if e.job == "vjob-mid-sweep"]
         assert [e.round for e in entries if e.release == "vertical-gradient"] == [1, 2, 2], agency
         assert [e.round for e in entries if e.kind == "refusal"] == [3], agency
+
+
+def test_a_relay_that_hands_back_an_agency_s_old_scores_stops_the_sweep(
+    federation: Federation, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sweep 2 starts from the scores each agency sent after its step of sweep 1. After hrss's step of sweep 2
+    the coordinator hands civil affairs hrss's sweep-1 scores instead of its new ones (the others would step
+    on a stale residual): civil affairs opens hrss's scores only under the sub-step it expects now (2.1), so
+    they are refused, and nothing more of the sweep is released."""
+    fed = _copy(federation, tmp_path)
+    relayed = StreamHub.call
+    kept: dict[str, list[bytes]] = {}
+
+    def relay(hub: StreamHub, party: str, frame: Frame, timeout: float) -> Frame:
+        if frame.op == "partials" and {unpack(b).sender for b in frame.blobs} == {"hrss"}:
+            if frame.fields.get("iteration") == 1:
+                kept["hrss"] = frame.blobs
+            else:
+                frame = Frame(frame.op, frame.fields, kept["hrss"])
+        return relayed(hub, party, frame, timeout)
+
+    monkeypatch.setattr(StreamHub, "call", relay)
+    outcome = run_job(fed, "vjob-stale-scores")
+    assert outcome.error is not None and outcome.summary is None
+    assert kept.get("hrss")  # the relay had them to replay
+    released = {a: sorted(p.name for p in (fed.work / a / "vertical" / "vjob-stale-scores").glob("released-*"))
+                for a in fed.parties}  # fmt: skip
+    assert released["hrss"] == ["released-1", "released-2"]  # its own step of sweep 2 came first
+    assert released["tax"] == released["environment"] == released["civil-affairs"] == ["released-1"]
 
 
 def test_a_drop_after_the_hessian_release_resumes_with_each_party_s_own_copy(

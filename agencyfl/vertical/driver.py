@@ -169,10 +169,12 @@ def drive(hub: StreamHub, settings: DriverSettings, sink: EventSink) -> dict[str
         if plan.releases_hessian and resume_from == 0 and not restore:  # else each restored its own copy
             epsilons = _hessian(hub, arbiter, settings, features)
             sink({"type": "hessian", "epsilon": {p: e["epsilon_job"] for p, e in epsilons.items()}})
+        factor = 1.0
         for iteration in range(resume_from + 1, job.iterations + 1):
             start, traffic = time.perf_counter(), _Traffic()
-            if plan.order == "sequential":
-                reports, norms = _sweep(hub, arbiter, settings, iteration, traffic)
+            if plan.order == "sequential":  # each agency's scores of the last sweep hold unless rescaled
+                fresh = iteration == resume_from + 1 or factor < 1.0
+                reports, norms = _sweep(hub, arbiter, settings, iteration, traffic, fresh)
             else:
                 reports, norms = _iteration(hub, arbiter, settings, iteration, traffic)
             factor = 1.0
@@ -263,13 +265,14 @@ def _iteration(
 
 
 def _sweep(
-    hub: StreamHub, arbiter: Arbiter, settings: DriverSettings, iteration: int, traffic: _Traffic
+    hub: StreamHub, arbiter: Arbiter, settings: DriverSettings, iteration: int, traffic: _Traffic, fresh: bool
 ) -> tuple[list[AgencyReport], dict[str, Frame]]:
     """One sequential sweep (``docs/vertical.md``, "Sequential sweeps"): every ledger admits the sweep first, and
     the chain countersigns it just before its first release (a drop before then leaves it unreleased; after,
     it counts on resume, even for the parties whose turn never came); each party in turn (the agencies in spec order,
     then civil affairs: the one-machine order) gets its residual from civil affairs, sends its masked
-    gradient, takes its noised release, and an agency sends civil affairs its new scores."""
+    gradient, takes its noised release, and an agency sends civil affairs its new scores. Every agency sends its
+    scores first only when ``fresh`` (the session's first sweep, or the last projection rescaled)."""
     job, timeout = settings.job, settings.step_timeout
     holder = job.label_holder
     features = [p for p in job.parties if p != holder]
@@ -278,8 +281,10 @@ def _sweep(
     reports = _reports(admitted, job.parties)
     stds = arbiter.set_stds({p: _gains(admitted[p]) for p in order})
     sweep = {"iteration": iteration}
-    partials = _envelopes(traffic.add(hub.call_all({p: Frame("partial") for p in features}, timeout)), {holder})
-    hub.call(holder, Frame("partials", sweep, partials.get(holder, [])), timeout)
+    if fresh:
+        asked = {p: Frame("partial") for p in features}
+        partials = _envelopes(traffic.add(hub.call_all(asked, timeout)), {holder})
+        hub.call(holder, Frame("partials", sweep, partials.get(holder, [])), timeout)
     norms: dict[str, Frame] = {}
     for party in order:
         residual = traffic.add({holder: hub.call(holder, Frame("residual", sweep | {"to": party}), timeout)})

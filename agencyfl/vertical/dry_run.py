@@ -120,10 +120,12 @@ def widths(loaded: LoadedVerticalSpec) -> dict[str, int]:
 
 
 def bytes_per_iteration(
-    loaded: LoadedVerticalSpec, size: int, sizes: CiphertextSizes, order: str = "simultaneous"
+    loaded: LoadedVerticalSpec, size: int, sizes: CiphertextSizes, plan: VerticalPlan | None = None
 ) -> dict[str, int]:
-    """What each party sends in one iteration (``IterationMetrics.sent_bytes``), arbiter included. In a
-    sequential sweep each agency sends its partial scores twice: at the sweep's start and after its step.
+    """What each party sends per iteration over the job (the mean of ``IterationMetrics.sent_bytes``), arbiter
+    included. In sequential sweeps each agency sends its partial scores once per sweep, after its step, and
+    once more at the start of the first (and of a sweep after the projection rescaled the weights: rare, not
+    counted here).
 
     Every gradient ciphertext is at one level (``vertical.protocol.ZERO_GUARD``): the count is the block's
     width, the intercept's included."""
@@ -141,9 +143,9 @@ def bytes_per_iteration(
                 if k.name != holder
             )
         else:
-            own += _sealed_bytes(sizes.partial_scores, a.name, holder, "partial-scores", chunks, size) * (
-                2 if order == "sequential" else 1
-            )
+            scores = _sealed_bytes(sizes.partial_scores, a.name, holder, "partial-scores", chunks, size)
+            first_sweep = scores // plan.iterations if plan is not None and plan.order == "sequential" else 0
+            own += scores + first_sweep
         out[a.name] = own
     out[ARBITER] = 8 * sum(width.values())  # the masked noised values, back to each sender
     return out
@@ -291,7 +293,7 @@ def dry_run(
     full = [r for _, _, _, event in releases for r in step_records(event)]
     size, source = register if register is not None else register_estimate(loaded, workdir)
     sizes = ciphertext_sizes()
-    sent = bytes_per_iteration(loaded, size, sizes, plan.order)
+    sent = bytes_per_iteration(loaded, size, sizes, plan)
     agencies: dict[str, Any] = {}
     for name in names:
         agencies[name] = {

@@ -91,6 +91,8 @@ class PartySession:
         self.order = order
         self.issued = 0  # civil affairs: the last sub-step of the sweep whose residual it issued
         self.partial_steps: dict[str, str] = {}  # civil affairs: the sub-step each agency's latest scores are for
+        self.fresh = True  # a sweep whose agencies send their scores first (the session's first, or after a rescale)
+        self.last_factor = 1.0
         self.resumed = False  # the coordinator's setup says the job is resumed (even from iteration 0)
 
     # ------------------------------------------------------------------ checkpoints (its own block only)
@@ -293,18 +295,24 @@ class PartySession:
         if self.plan.order != "sequential" or iteration != self.step or self.admitted >= iteration:
             raise MessageRejectedError(f"an admission of sweep {iteration}; {self.agency} is at {self.step}")
         entry = self._admit(iteration)
-        self.admitted, self.issued, self.partial_steps = iteration, 0, {}
+        self.fresh = iteration == self.resume_from + 1 or self.last_factor < 1.0
+        self.admitted, self.issued = iteration, 0
+        if self.fresh:  # scores of the weights it held before are no longer what the agencies step from
+            self.partial_steps = {}
         return Frame("ok", self._report(entry) | {"gains": list(self._holder().gains)})
 
     def _op_partials(self, frame: Frame) -> Frame:
-        """Civil affairs keeps each agency's latest partial scores of the sweep, opened under the sub-step it
-        expects from that agency now: ``T.j`` once the agency's step j is past, else ``T.0``."""
+        """Civil affairs keeps each agency's latest partial scores, opened under the sub-step it expects from
+        that agency now: ``T.j`` once the agency's step j of sweep T is past, else ``T.0`` in a sweep whose
+        agencies send their scores first (and no other)."""
         holder = self._label()
         self._sequential(int_field(frame, "iteration", 1, self.job.iterations))
         for sender, envelopes in self._partials(frame).items():
             if not envelopes:
                 continue
             turn = self.order.index(sender) + 1
+            if turn > self.issued and not self.fresh:
+                raise MessageRejectedError(f"{sender}'s scores before its step of sweep {self.step}: not asked")
             step = f"{self.step}.{turn if turn <= self.issued else 0}"
             if self.partial_steps.get(sender) == step:
                 raise MessageRejectedError(f"{sender}'s partial scores for {step} again")
@@ -321,7 +329,9 @@ class PartySession:
         target = str_field(frame, "to")
         if turn > len(self.order) or target != self.order[turn - 1]:
             raise MessageRejectedError(f"a residual for {target[:40]!r}; sub-step {turn} is not its turn")
-        expected = {p: f"{self.step}.{i if i < turn else 0}" for i, p in enumerate(self.order[:-1], start=1)}
+        # stepped this sweep: its scores after that step; not yet: sent first (fresh) or after its last step
+        before = {p: f"{self.step}.0" if self.fresh else f"{self.step - 1}.{i}" for i, p in enumerate(self.order, 1)}
+        expected = {p: f"{self.step}.{i}" if i < turn else before[p] for i, p in enumerate(self.order[:-1], start=1)}
         stale = sorted(p for p, step in expected.items() if self.partial_steps.get(p) != step)
         if stale:
             raise MessageRejectedError(f"sub-step {turn}: no current partial scores from {', '.join(stale)}")
@@ -419,6 +429,7 @@ class PartySession:
                 f"rescaled through {self.last_rescaled}"
             )
         holder.rescale(float(factor))
+        self.last_factor = float(factor)
         holder.end_iteration(iteration)
         if iteration == self.job.iterations:
             holder.finish()  # the model: the mean of the last iterations' weights (post-processing)

@@ -98,17 +98,20 @@ def sweep(
     arbiter: Arbiter,
     iteration: int,
     before_release: Callable[[int], None] | None,
+    fresh: bool = True,
 ) -> None:
     """One sequential sweep (``docs/vertical.md``, "Sequential sweeps"): every ledger admits the sweep first
     (its K releases together are one iteration's release); then each party in turn (the agencies in order,
     then civil affairs: the reference's order) gets the residual of everyone's latest scores, sends its
     masked gradient, takes its noised release and steps, and an agency sends its new partial scores.
     Sub-step ``"T.j"`` seals the j-th party's residual and the scores it sends after its step; ``"T.0"``
-    the scores every agency sends first."""
+    the scores every agency sends first, only when civil affairs holds none of the weights it will step from
+    (``fresh``: the session's first sweep, or the last projection moved every weight); otherwise the scores
+    each agency sent after its own step of the last sweep still hold."""
     if before_release is not None:
         before_release(iteration)
     stds = arbiter.set_stds({p.name: p.gains for p in [*holders, civil]})
-    for h in holders:
+    for h in holders if fresh else ():
         civil.take_partials(h.name, h.partial_scores(f"{iteration}.0"), f"{iteration}.0")
     for j, party in enumerate([*holders, civil], start=1):
         step = f"{iteration}.{j}"
@@ -196,10 +199,11 @@ def train_vertical(
         sent1 = _sent(parties)
         result.hessian = IterationMetrics(time.perf_counter() - start, _he(parties) - he0,
                                           {k: sent1[k] - sent0[k] for k in sent1})  # fmt: skip
+    factor = 1.0
     for iteration in range(1, plan.iterations + 1):
         start, he0, sent0 = time.perf_counter(), _he(parties), _sent(parties)
         if plan.order == "sequential":
-            sweep(holders, civil, arbiter, iteration, before_release)
+            sweep(holders, civil, arbiter, iteration, before_release, fresh=iteration == 1 or factor < 1.0)
         else:
             partials = {h.name: h.partial_scores(iteration) for h in holders}
             own, sealed = civil.residuals(partials, iteration)
