@@ -12,12 +12,13 @@ import pytest
 import tenseal as ts
 
 from agencyfl.alignment.sealed import PartyKeys
-from agencyfl.vertical import Block
+from agencyfl.vertical import Block, LabelData
 from agencyfl.vertical.protocol import (
     ZERO_GUARD,
     Arbiter,
     FeatureHolder,
     HolderSetup,
+    LabelHolder,
     _chunks,
     chunk_count,
     slot_positions,
@@ -111,3 +112,47 @@ def test_the_hessian_s_pair_products_carry_no_guard(arbiter: Arbiter) -> None:
     assert totals[3] == pytest.approx(0.0, abs=CKKS)
     assert totals[5] == pytest.approx(0.25 * RESIDUAL * len(x), rel=1e-6)
     assert ZERO_GUARD > 0  # the guard is there (every product at one level), only where it multiplies 0
+
+
+def test_civil_affairs_ciphertexts_tell_nobody_which_chunks_hold_trained_or_held_out_households(
+    arbiter: Arbiter,
+) -> None:
+    """The residual multiplies Enc(z) by m c / 4 and the validation scores by the held-out indicator: with a
+    chunk holding nobody trained on (or nobody held out) those plaintexts are zero there, and a product with
+    zeros would come out at another level (its size telling the relay and the recipient agency who is
+    trained on, and the arbiter who is held out). The guard in the reserved slot keeps every ciphertext at
+    one level, and the values stay the exact ones."""
+    slots = arbiter.params.slots
+    n = slots + 3  # the second chunk holds 4 households, none trained on and none held out
+    keys = {"civil-affairs": PartyKeys.generate("civil-affairs")}
+    setup = HolderSetup(
+        keys=keys["civil-affairs"], directory={"civil-affairs": keys["civil-affairs"].public()}, run="guard",
+        public_context=arbiter.public_context(), label_holder="civil-affairs",
+    )  # fmt: skip
+    x = np.zeros((n, 2))
+    x[:, 0] = np.linspace(-0.5, 0.5, n)
+    block = Block(
+        agency="civil-affairs", names=("a", "not_held"), held=np.ones(n, dtype=bool), rows=np.zeros((n, 1)),
+        positions=np.arange(n, dtype=np.int64),
+    ).with_inputs(x)  # fmt: skip
+    assessed = np.zeros(n, dtype=bool)
+    assessed[:100] = True
+    validation = np.zeros(n, dtype=bool)
+    validation[:10] = True
+    y = (np.arange(n) % 2).astype(np.float64) * assessed
+    civil = LabelHolder(block, LabelData(y, assessed, validation), setup, np.random.default_rng(5))
+    civil.weights = np.array([1.0, 0.0, 0.25])  # z = x_a + 0.25
+    residual = civil.residual()
+    sizes = [len(r) for r in residual]
+    assert len(sizes) == 2 and max(sizes) < 1.01 * min(sizes)
+    d = np.concatenate([ts.ckks_vector_from(arbiter._context, r).decrypt() for r in residual])
+    z = x[:, 0] + 0.25
+    m = assessed & ~validation
+    expected = m * (0.5 + z / 4 - y) / n
+    np.testing.assert_allclose(d[slot_positions(n, slots)], expected, atol=1e-7)
+    assert abs(d[slots - 1]) < 1e-7  # the reserved slot: 0 whatever the data
+    masked = civil.masked_scores({}, 1)
+    sizes = [len(r) for r in masked]
+    assert len(sizes) == 4 and max(sizes) < 1.01 * min(sizes)
+    scores = civil.unmask_scores(arbiter.decrypt_masked_scores("civil-affairs", masked))
+    np.testing.assert_allclose(scores, z[validation], atol=1e-4)

@@ -340,6 +340,36 @@ def test_a_drop_mid_sweep_counts_the_sweep_for_everyone(federation: Federation, 
         assert [e.round for e in entries if e.kind == "refusal"] == [3], agency
 
 
+def test_a_deployed_job_whose_projection_rescales_every_sweep_trains_the_reference_model(
+    federation: Federation, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a weight bound small enough that every sweep ends rescaled, the coordinator asks every agency for
+    its scores again at each sweep's start and civil affairs expects them (``fresh``: the driver and the
+    sessions must agree, or civil affairs refuses a residual); the model is the plaintext reference's."""
+    import agencyfl.vertical.session as session_module
+    from agencyfl.vertical.reference import reference_train
+
+    fed = _copy(federation, tmp_path)
+    small = plan_of(fed.loaded).model_copy(update={"weight_bound": 0.6})
+    monkeypatch.setattr(session_module, "plan_of", lambda loaded: small)
+    monkeypatch.setitem(globals(), "plan_of", lambda loaded: small)  # run_job's, for the coordinator
+    outcome = run_job(fed, "vjob-rescaled")
+    assert outcome.error is None, outcome.error
+    assert outcome.summary is not None and outcome.summary["status"] == "registered"
+    loaded = fed.loaded
+    holder = loaded.spec.label_agency.name
+    label, labels = label_block(loaded, fed.work)
+    features = [feature_block(loaded, a, fed.work) for a in fed.parties if a != holder]
+    iterates: list[dict[str, np.ndarray]] = []
+    reference = reference_train(features, label, labels, small, np.random.default_rng(NOISE_SEED),
+                                each=iterates.append)  # fmt: skip
+    assert all(np.sqrt(sum(float(w @ w) for w in it.values())) == pytest.approx(0.6) for it in iterates)
+    version = Path(outcome.summary["registry"]).name
+    for agency in fed.parties:
+        part = np.load(fed.work / agency / "model" / version / "weights.npy")
+        np.testing.assert_allclose(part, reference[agency], atol=5e-3)  # small weights: CKKS error 1e-3 at most
+
+
 def test_a_relay_that_hands_back_an_agency_s_old_scores_stops_the_sweep(
     federation: Federation, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

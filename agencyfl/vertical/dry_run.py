@@ -15,7 +15,7 @@ the card without its table).
 
 Bytes per iteration (what each party sends, as ``train_vertical`` counts it): the register size N
 from the alignment output when one exists in the workdir (``alignment-sizes.json``), else civil
-affairs' file rows (an upper bound: alignment quarantines malformed ids); ceil(N / 4096) ciphertexts
+affairs' file rows (an upper bound: alignment quarantines malformed ids); ceil(N / 4095) ciphertexts
 per vector; each ciphertext's serialized size measured with TenSEAL at the level it is sent at
 (partial scores fresh, residuals after one rescale, gradients after two: every gradient input, the
 intercept's and an all-zero one included, takes a plaintext product), sealed envelopes

@@ -117,7 +117,7 @@ class VerticalPlan(BaseModel):
     @property
     def averaged(self) -> int:
         """How many of the last iterations' weights make the model (at least the last)."""
-        return max(1, round(self.average * self.iterations))
+        return max(1, math.ceil(self.average * self.iterations))
 
     @property
     def score_bound(self) -> float:

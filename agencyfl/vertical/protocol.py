@@ -40,9 +40,10 @@ PARAMETERS = "n8192-d2"
 MASK_BOUND = 2.0**16
 """Masks are uniform on [-MASK_BOUND, MASK_BOUND]: within the 2^19 the last prime leaves at scale 2^40."""
 ZERO_GUARD = 2.0**-20
-"""Put in the reserved slot (``_chunks``) of every gradient input's chunk: TenSEAL's product with an all-zero
-plaintext comes out at a fresh level, so without it a ciphertext's size would tell the arbiter that a column
-(after the party's clip) was zero in a chunk. Large enough to survive encoding (times the scale 2^40, spread
+"""Put in the reserved slot (``_chunks``) of every per-household plaintext a ciphertext is multiplied by
+(``_multiplier``: gradient inputs, the residual's slope, the validation indicator): TenSEAL's product with an
+all-zero plaintext comes out at a fresh level, so without it a ciphertext's size would tell that a column
+(after the party's clip) was zero in a chunk, or that a chunk holds nobody trained on or held out. Large enough to survive encoding (times the scale 2^40, spread
 over 8192 coefficients). Every chunk carries it, whatever the data, and it multiplies a residual (or a Hessian
 weight) that is 0 for every dataset: it adds nothing a household could move."""
 ROUNDING = 1e-6
@@ -185,6 +186,17 @@ def _chunks(v: Vector, slots: int) -> list[list[float]]:
     return _split(laid, slots)
 
 
+def _multiplier(v: Vector, slots: int) -> list[list[float]]:
+    """A per-household plaintext a ciphertext is multiplied by (``_chunks``), with ``ZERO_GUARD`` in each
+    reserved slot: a chunk of zeros (no household trained on, or none held out, in it) would otherwise give
+    the product a fresh level, and its size would tell who is trained on. The ciphertexts it multiplies are 0
+    in that slot, so the product there is 0 whatever the data."""
+    chunks = _chunks(v, slots)
+    for chunk in chunks:
+        chunk[-1] = ZERO_GUARD
+    return chunks
+
+
 def _split(flat: Vector, slots: int) -> list[list[float]]:
     """A vector already in slot layout (a whole number of ciphertexts), one list per ciphertext."""
     return [flat[i : i + slots].tolist() for i in range(0, len(flat), slots)]
@@ -231,11 +243,7 @@ class _Holder(_Party):
         self._extra = extra
 
     def _chunked(self, inputs: npt.NDArray[np.float64]) -> list[list[list[float]]]:
-        columns = [_chunks(inputs[:, j], self.slots) for j in range(inputs.shape[1])]
-        for column in columns:
-            for chunk in column:
-                chunk[-1] = ZERO_GUARD  # in the reserved slot: every gradient ciphertext at one level
-        return columns
+        return [_multiplier(inputs[:, j], self.slots) for j in range(inputs.shape[1])]
 
     def _own_part(self, u: Vector) -> Vector:
         """Its partial score clipped (``score_clip``); the households it clipped leave its next gradient."""
@@ -403,7 +411,7 @@ class LabelHolder(_Holder):
         z = self._scores()
         start = time.perf_counter()
         m = self.labels.train.astype(np.float64)
-        slope = _chunks(m * self.scale / 4, self.slots)
+        slope = _multiplier(m * self.scale / 4, self.slots)
         offset = _chunks(m * self.scale * (0.5 - self.labels.y), self.slots)
         raw = [bytes((c * s + o).serialize()) for c, s, o in zip(z, slope, offset, strict=True)]
         self.he_seconds += time.perf_counter() - start
@@ -464,7 +472,7 @@ class LabelHolder(_Holder):
             self.take_partials(sender, envelopes, step)
         z = self._scores()
         start = time.perf_counter()
-        v = _chunks(self.labels.validation.astype(np.float64), self.slots)
+        v = _multiplier(self.labels.validation.astype(np.float64), self.slots)
         size = len(v) * self.slots
         self._score_mask = self._rng.uniform(-MASK_BOUND, MASK_BOUND, size=size)
         self._tag_mask = self._rng.uniform(-MASK_BOUND, MASK_BOUND, size=size)

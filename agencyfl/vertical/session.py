@@ -258,6 +258,8 @@ class PartySession:
         holder = self._features()
         step: int | str = self.step
         if self.plan.order == "sequential" and self.step <= self.job.iterations:  # after: the validation's
+            if self.admitted != self.step:  # scores of a sweep only once every ledger was asked to admit it
+                raise MessageRejectedError(f"scores for sweep {self.step} before its admission")
             step = f"{self.step}.{self.turn if self.last_release == self.step else 0}"
         return Frame("ok", blobs=[pack(e) for e in holder.partial_scores(step)])
 
@@ -294,6 +296,8 @@ class PartySession:
         iteration = int_field(frame, "iteration", 1, self.job.iterations)
         if self.plan.order != "sequential" or iteration != self.step or self.admitted >= iteration:
             raise MessageRejectedError(f"an admission of sweep {iteration}; {self.agency} is at {self.step}")
+        if self.plan.releases_hessian and self._holder().hessian_release is None:  # nothing spent before then
+            raise MessageRejectedError("a sweep before the Hessian release: its noise would not be shaped")
         entry = self._admit(iteration)
         self.fresh = iteration == self.resume_from + 1 or self.last_factor < 1.0
         self.admitted, self.issued = iteration, 0
