@@ -370,6 +370,39 @@ def test_a_deployed_job_whose_projection_rescales_every_sweep_trains_the_referen
         np.testing.assert_allclose(part, reference[agency], atol=5e-3)  # small weights: CKKS error 1e-3 at most
 
 
+def test_a_coordinator_that_skips_the_hessian_or_the_admission_gets_nothing(
+    federation: Federation, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two hostile coordinators. One asks an agency for a sweep's scores before asking its ledger to admit the
+    sweep: refused (the job then goes on as it should). The other skips the Hessian release and asks for a
+    sweep: every agency refuses before its ledger records anything, so the job spends no budget."""
+    import agencyfl.vertical.driver as driver_module
+
+    fed = _copy(federation, tmp_path)
+    relayed_all = StreamHub.call_all
+    refusals: list[str] = []
+
+    def early(hub: StreamHub, frames: dict[str, Frame], timeout: float) -> dict[str, Frame]:
+        if not refusals and all(f.op == "admit" for f in frames.values()):
+            try:
+                hub.call("hrss", Frame("partial"), timeout)
+            except MessageRejectedError as exc:
+                refusals.append(str(exc))
+        return relayed_all(hub, frames, timeout)
+
+    monkeypatch.setattr(StreamHub, "call_all", early)
+    outcome = run_job(fed, "vjob-early-scores")
+    assert outcome.error is None, outcome.error
+    assert len(refusals) == 1 and "before its admission" in refusals[0]
+    monkeypatch.setattr(StreamHub, "call_all", relayed_all)
+
+    monkeypatch.setattr(driver_module, "_hessian", lambda *args: {})
+    outcome = run_job(fed, "vjob-no-hessian")
+    assert isinstance(outcome.error, MessageRejectedError) and "before the Hessian release" in str(outcome.error)
+    for agency in fed.parties:
+        assert not [e for e in fed.ledger(agency).events() if e.job == "vjob-no-hessian"], agency
+
+
 def test_a_relay_that_hands_back_an_agency_s_old_scores_stops_the_sweep(
     federation: Federation, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

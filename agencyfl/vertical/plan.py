@@ -117,7 +117,7 @@ class VerticalPlan(BaseModel):
     @property
     def averaged(self) -> int:
         """How many of the last iterations' weights make the model (at least the last)."""
-        return max(1, math.ceil(self.average * self.iterations))
+        return max(1, math.ceil(self.average * self.iterations - 1e-9))  # 0.07 x 100 is 7, not 7.000000000000001
 
     @property
     def score_bound(self) -> float:

@@ -43,9 +43,10 @@ ZERO_GUARD = 2.0**-20
 """Put in the reserved slot (``_chunks``) of every per-household plaintext a ciphertext is multiplied by
 (``_multiplier``: gradient inputs, the residual's slope, the validation indicator): TenSEAL's product with an
 all-zero plaintext comes out at a fresh level, so without it a ciphertext's size would tell that a column
-(after the party's clip) was zero in a chunk, or that a chunk holds nobody trained on or held out. Large enough to survive encoding (times the scale 2^40, spread
-over 8192 coefficients). Every chunk carries it, whatever the data, and it multiplies a residual (or a Hessian
-weight) that is 0 for every dataset: it adds nothing a household could move."""
+(after the party's clip) was zero in a chunk, or that a chunk holds nobody trained on or held out. Large
+enough to survive encoding (times the scale 2^40, spread over 8192 coefficients). Every chunk carries it,
+whatever the data, and it multiplies a value (score, residual, Hessian weight) that is 0 there for every
+dataset: it adds nothing a household could move."""
 ROUNDING = 1e-6
 """Decryptions are rounded to this (about the CKKS error) before they leave the arbiter."""
 SCORE_TAG_TOLERANCE = 2e-5

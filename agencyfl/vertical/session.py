@@ -377,6 +377,8 @@ class PartySession:
         if sequential:  # admitted at the sweep's start; its residual issued for its own turn
             self._sequential(iteration)
         holder = self._holder()
+        if self.plan.releases_hessian and holder.hessian_release is None:  # before its admission: nothing spent
+            raise MessageRejectedError("a gradient before the Hessian release: there is no step to take with it")
         if isinstance(holder, LabelHolder):
             if sequential and self.issued != self.turn:
                 raise MessageRejectedError("civil affairs' gradient before its own residual")
