@@ -250,6 +250,10 @@ def test_dry_run_says_where_a_cap_would_stop_the_job(vertical_job: VerticalJob, 
         assert row["refused"]["release"] == "vertical-gradient" and row["refused"]["iteration"] == stop["iteration"]
     table = invoke("run", "--spec", job.spec, "--workdir", job.work, "--dry-run")
     assert f"the job would stop before iteration {stop['iteration']}" in table.stdout
+    averaged = refused["plan"]["averaged_iterations"]
+    assert refused["plan"]["order"] == "sequential" and averaged == -(-refused["plan"]["iterations"] // 2)
+    said = " ".join(table.stdout.split())  # the table's lines wrap where the terminal ends
+    assert f"agencies step in turn, the model the mean of the last {averaged} iterations" in said
 
     stopped = invoke("run", "--spec", job.spec, "--workdir", job.work, "--format", "json")
     assert stopped.exit_code == ExitCode.FEDERATION_FAILED, stopped.output

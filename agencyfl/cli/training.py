@@ -231,6 +231,11 @@ def print_dry_run(report: dict[str, Any]) -> None:
         f"D {plan['residual_bound']:.3f}, noise multiplier {plan['noise_multiplier']:.4f}, "
         f"optimizer {plan['optimizer']} (learning rate {plan['learning_rate']:g}"
         + (f", damping {plan['damping']:g} x the Hessian noise's norm)" if plan.get("damping") is not None else ")")
+        + (
+            f"; agencies step in turn, the model the mean of the last {plan['averaged_iterations']} iterations"
+            if plan.get("order") == "sequential"
+            else "; agencies step at once, the model the last iteration"
+        )
     )
     kinds = " + ".join(
         f"{r['count']} {r['release']} (Gaussian, sensitivity {r['sensitivity']:.4g}, std {r['std']:.4g})"
