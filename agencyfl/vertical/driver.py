@@ -30,7 +30,7 @@ from agencyfl.privacy.ledger import Ledger, now_utc
 from agencyfl.server.model_card import CardAgency, ModelCard
 from agencyfl.vertical.job import ValidationRelease, card_metrics, card_metrics_source
 from agencyfl.vertical.model import ModelPart, new_version, register_parts
-from agencyfl.vertical.optim import joint_scale
+from agencyfl.vertical.optim import joint_scale, sweep_starts_fresh
 from agencyfl.vertical.plan import VerticalPlan
 from agencyfl.vertical.protocol import Arbiter, GradientMessage
 from agencyfl.vertical.remote import VerticalJobPlan, verify_hello
@@ -173,7 +173,7 @@ def drive(hub: StreamHub, settings: DriverSettings, sink: EventSink) -> dict[str
         for iteration in range(resume_from + 1, job.iterations + 1):
             start, traffic = time.perf_counter(), _Traffic()
             if plan.order == "sequential":  # each agency's scores of the last sweep hold unless rescaled
-                fresh = iteration == resume_from + 1 or factor < 1.0
+                fresh = sweep_starts_fresh(iteration, resume_from + 1, factor)
                 reports, norms = _sweep(hub, arbiter, settings, iteration, traffic, fresh)
             else:
                 reports, norms = _iteration(hub, arbiter, settings, iteration, traffic)

@@ -23,6 +23,22 @@ def project(w: Vector, bound: float) -> Vector:
     return w if norm <= bound else np.asarray(w * (bound / norm), dtype=np.float64)
 
 
+def project_block(w: Vector, bound: float, intercept: bool) -> Vector:
+    """``projection = "block"``: a block to norm <= ``bound``; with the ``intercept`` (its last weight, the label
+    holder's) the rest so and the intercept clipped to [-bound, bound]."""
+    if not intercept:
+        return project(w, bound)
+    return np.concatenate([project(w[:-1], bound), [float(np.clip(w[-1], -bound, bound))]])
+
+
+def sweep_starts_fresh(iteration: int, first: int, last_factor: float) -> bool:
+    """Whether every agency sends its partial scores at the start of sequential sweep ``iteration``: in the
+    session's ``first`` sweep, and after a joint projection that rescaled the weights (``last_factor`` < 1);
+    otherwise the scores each sent after its own step of the last sweep are still those of its weights. The
+    one rule the one-machine run, the coordinator and civil affairs' session all follow."""
+    return iteration == first or last_factor < 1.0
+
+
 def clip_scores(u: Vector, bound: float | None) -> tuple[Vector, npt.NDArray[np.bool_]]:
     """A party's partial scores clipped to [-bound, bound] (``None``: not clipped), and where they were not
     clipped: the households whose rows enter that party's gradient (the clipped model's exact gradient, since

@@ -29,7 +29,7 @@ from agencyfl.vertical.optim import (
     clip_scores,
     newton_matrix,
     part_gains,
-    project,
+    project_block,
     triangle_size,
     upper_triangle,
 )
@@ -341,7 +341,7 @@ class _Holder(_Party):
         self.weights = self.tail.mean(self.weights)
 
     def _project(self, w: Vector) -> Vector:
-        return project(w, self.weight_bound)
+        return project_block(w, self.weight_bound, intercept=self._extra > 0)
 
 
 class FeatureHolder(_Holder):
@@ -382,10 +382,6 @@ class LabelHolder(_Holder):
         self._score_mask: Vector | None = None
         self._tag_mask: Vector | None = None
         self._tag_factor: Vector | None = None
-
-    def _project(self, w: Vector) -> Vector:
-        bound = self.weight_bound
-        return np.concatenate([project(w[:-1], bound), [float(np.clip(w[-1], -bound, bound))]])
 
     def take_partials(self, sender: str, envelopes: list[Envelope], step: Step) -> None:
         """Open one agency's partial scores, sealed for ``step``, and keep them: each agency's latest are what

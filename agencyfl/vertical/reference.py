@@ -21,7 +21,7 @@ from agencyfl.vertical.optim import (
     joint_scale,
     newton_matrix,
     part_gains,
-    project,
+    project_block,
     upper_triangle,
 )
 from agencyfl.vertical.plan import VerticalPlan, shaped_stds
@@ -96,10 +96,7 @@ def reference_train(
             g = np.concatenate([g, [own.sum()]])
         noisy = g + rng.normal(0.0, stds[b.agency], size=len(g))
         w = optimizers[b.agency].step(weights[b.agency], noisy)
-        if plan.projection == "block":
-            w = (np.concatenate([project(w[:-1], plan.weight_bound), [np.clip(w[-1], -plan.weight_bound,
-                 plan.weight_bound)]]) if b is label else project(w, plan.weight_bound))  # fmt: skip
-        weights[b.agency] = w
+        weights[b.agency] = project_block(w, plan.weight_bound, b is label) if plan.projection == "block" else w
 
     for iteration in range(1, plan.iterations + 1):
         clipped = {b.agency: part(b) for b in blocks}

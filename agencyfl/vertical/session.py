@@ -30,6 +30,7 @@ from agencyfl.privacy.ledger import Ledger, spend_records
 from agencyfl.vertical.encoding import LabelData, PartyFiles, feature_block, label_block, register_frame
 from agencyfl.vertical.job import admit, fairness_release, plan_of
 from agencyfl.vertical.model import INTERCEPT, save_part
+from agencyfl.vertical.optim import sweep_starts_fresh
 from agencyfl.vertical.protocol import FeatureHolder, GradientMessage, HolderSetup, LabelHolder
 from agencyfl.vertical.remote import VerticalJobPlan
 from agencyfl.vertical.stream import Frame, dispatch, int_field, peer_directory, str_field
@@ -86,9 +87,8 @@ class PartySession:
         self.last_rescaled = 0
         self.fairness_admitted = False
         self.admitted = 0  # sequential sweeps: the last sweep its ledger admitted (before any of its releases)
-        order = [p for p in self.job.parties if p != self.job.label_holder] + [self.job.label_holder]
-        self.turn = order.index(self.agency) + 1  # its sub-step in a sweep: the agencies in order, then civil affairs
-        self.order = order
+        self.order = [p for p in self.job.parties if p != self.job.label_holder] + [self.job.label_holder]
+        self.turn = self.order.index(self.agency) + 1  # its sub-step in a sweep: the agencies, then civil affairs
         self.issued = 0  # civil affairs: the last sub-step of the sweep whose residual it issued
         self.partial_steps: dict[str, str] = {}  # civil affairs: the sub-step each agency's latest scores are for
         self.fresh = True  # a sweep whose agencies send their scores first (the session's first, or after a rescale)
@@ -299,7 +299,7 @@ class PartySession:
         if self.plan.releases_hessian and self._holder().hessian_release is None:  # nothing spent before then
             raise MessageRejectedError("a sweep before the Hessian release: its noise would not be shaped")
         entry = self._admit(iteration)
-        self.fresh = iteration == self.resume_from + 1 or self.last_factor < 1.0
+        self.fresh = sweep_starts_fresh(iteration, self.resume_from + 1, self.last_factor)
         self.admitted, self.issued = iteration, 0
         if self.fresh:  # scores of the weights it held before are no longer what the agencies step from
             self.partial_steps = {}

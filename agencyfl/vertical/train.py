@@ -17,7 +17,7 @@ from agencyfl.alignment.sealed import PartyKeys
 from agencyfl.federation.metrics import exact_metrics
 from agencyfl.privacy.events import GaussianEvent, Mechanism
 from agencyfl.vertical.encoding import Block, LabelData
-from agencyfl.vertical.optim import Vector, joint_scale
+from agencyfl.vertical.optim import Vector, joint_scale, sweep_starts_fresh
 from agencyfl.vertical.plan import VerticalPlan
 from agencyfl.vertical.protocol import Arbiter, FeatureHolder, HolderSetup, LabelHolder
 
@@ -203,7 +203,7 @@ def train_vertical(
     for iteration in range(1, plan.iterations + 1):
         start, he0, sent0 = time.perf_counter(), _he(parties), _sent(parties)
         if plan.order == "sequential":
-            sweep(holders, civil, arbiter, iteration, before_release, fresh=iteration == 1 or factor < 1.0)
+            sweep(holders, civil, arbiter, iteration, before_release, fresh=sweep_starts_fresh(iteration, 1, factor))
         else:
             partials = {h.name: h.partial_scores(iteration) for h in holders}
             own, sealed = civil.residuals(partials, iteration)
