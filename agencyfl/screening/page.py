@@ -201,8 +201,9 @@ def _mark_threshold(ax: Axes, threshold: float, band: float) -> None:
     ax.set_xlabel("score")
 
 
-def _plots(report: dict[str, Any]) -> str:
-    """One histogram of every household scored, and one per group attribute (share of each group per bin)."""
+def score_plots(report: dict[str, Any]) -> str:
+    """One histogram of every household scored, and one per group attribute (share of each group per bin):
+    SVG figures from the report's ``groups``, ``threshold`` and ``review_band``."""
     groups = report.get("groups") or {}
     bins = [float(b) for b in groups.get("bins") or []]
     if len(bins) < 2:
@@ -253,7 +254,7 @@ def top_rows(rows: list[dict[str, Any]], per_category: int) -> list[dict[str, An
     return out
 
 
-def render_worklist_html(report: dict[str, Any]) -> str:
+def render_worklist_html(report: dict[str, Any], plots: str | None = None) -> str:
     """Render a screening's worklist as one self-contained HTML page for caseworkers.
 
     Parameters
@@ -263,6 +264,9 @@ def render_worklist_html(report: dict[str, Any]) -> str:
         score, cutoff, group, change since a previous worklist and disclosed reasons), ``left``, ``since``,
         score distributions in ``groups``, each agency's ``disclosures`` level and optional ``labels``
         overriding the plain English category labels.
+    plots : str, optional
+        ``score_plots(report)`` when the caller has drawn them already (a screening draws them while it
+        builds the worklist's rows).
 
     Returns
     -------
@@ -315,6 +319,6 @@ The lists below ask caseworkers to look at households; every decision follows th
 <h2>Since the previous worklist</h2>{_since_section(report, rows, labels)}
 <h2>Reasons each agency discloses</h2>{disclosures}
 {sections}
-<h2>Score distributions</h2>{_plots(report)}
+<h2>Score distributions</h2>{score_plots(report) if plots is None else plots}
 </body></html>
 """

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from agencyfl.alignment.sealed import Envelope, PartyKeys, PartyPublicKeys, certify, pack, unpack
 from agencyfl.federation.errors import MessageRejectedError, ModelError, ProtocolError, ScreeningRefusedError
 from agencyfl.federation.spec import LoadedVerticalSpec
+from agencyfl.memory import keep_freed_memory
 from agencyfl.privacy.he import fingerprint
 from agencyfl.privacy.ledger import Ledger
 from agencyfl.screening.outcomes import latest_outcomes
@@ -41,6 +42,7 @@ from agencyfl.screening.protocol import (
 from agencyfl.screening.records import ModelUse, now_iso
 from agencyfl.screening.remote import ScreeningPlan
 from agencyfl.screening.run import (
+    Distributions,
     Lists,
     add_reasons,
     answer_disclosure,
@@ -48,7 +50,8 @@ from agencyfl.screening.run import (
     decide_lists,
     screening_report,
     worklist_table,
-    write_worklists,
+    write_worklist_csv,
+    write_worklist_page,
 )
 from agencyfl.screening.worklist import PreviousWorklist, read_worklist
 from agencyfl.vertical.encoding import Block, PartyFiles, feature_block, register_block, register_frame
@@ -86,6 +89,7 @@ class ScreeningSession:
         self.keys = PartyKeys.generate(self.agency)
         self.certificate = certify(self.plan.screening, self.keys.public(), config.ledger_key)
         self.out = config.files.folder / "screenings" / self.plan.screening
+        keep_freed_memory()  # reading a million-row table: temporaries reuse pages (agencyfl.memory)
         self.block: Block = (
             register_block(self.loaded, config.files.folder, files=config.files)
             if self.is_requester
@@ -118,6 +122,7 @@ class ScreeningSession:
         self.contributor: Contributor | None = None
         self.model: RegisteredVerticalModel | None = None
         self.lists: Lists | None = None
+        self.distributions: Distributions | None = None
         self.sent = 0
 
     def _own_part(self, model_version: str, parts: dict[str, str]) -> np.ndarray:
@@ -209,6 +214,7 @@ class ScreeningSession:
         files = self.config.files
         registered = register_frame(self.loaded, files.folder, canonical=False, files=files)
         self.lists = decide_lists(self.loaded, self.model, logits, registered, self.plan.review_band)
+        self.distributions = Distributions(self.lists, self.loaded, self.plan.review_band)  # while reasons travel
         if self.old_model is not None and self.old_weights is not None:  # today's facts under the earlier model
             old_logits = self.requester.logits_of(self.request, previous, own=self.old_weights)
             self.old_categories = categories_under(self.loaded, self.old_model, old_logits, registered,
@@ -255,7 +261,7 @@ class ScreeningSession:
         return out[0], out[1]
 
     def _op_screen_finish(self, frame: Frame) -> Frame:
-        if self.lists is None or self.model is None:
+        if self.lists is None or self.model is None or self.distributions is None:
             raise ProtocolError(f"{self.agency}: finish before the scores")
         reasons: dict[int, list[dict[str, str]]] = {}
         refusals: dict[str, str] = {}
@@ -280,6 +286,8 @@ class ScreeningSession:
                                    self.previous_worklist, self.old_categories)  # fmt: skip
         entry = self._use("screening", token_id=self.plan.token_id, households=len(self.lists.scores),
                           counts=dict(self.lists.counts), nonce=secrets.token_hex(16))  # fmt: skip
+        write_worklist_csv(self.out, rows)  # while the distributions are drawn
+        groups, plots = self.distributions.result()
         sent_field = frame.fields.get("sent", {})
         sent = {str(k): int(v) for k, v in sent_field.items() if isinstance(v, int)} if isinstance(
             sent_field, dict) else {}  # fmt: skip
@@ -289,8 +297,9 @@ class ScreeningSession:
             refusals,
             aligned=False, out=self.out, sent=sent | {self.agency: self.sent},
             ledgers={"requester": str(self.config.uses.directory)}, review_band=self.plan.review_band,
+            groups=groups,
         )  # fmt: skip
-        files = write_worklists(self.out, rows, report)
+        files = write_worklist_page(self.out, rows, report, plots)
         return Frame("ok", {"requester_entry_sha256": entry, "households": len(self.lists.scores), "files": files})
 
     # ------------------------------------------------------------------ an agency
