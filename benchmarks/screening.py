@@ -13,6 +13,8 @@
    the sum, the requester's deserialization and decryption. Every party runs in this process: no
    network is in the screening path. The same ciphertext bytes are then sent once through a loopback
    TCP socket (each agency's part to the relay, the sum to the requester) to say what the wire would add.
+   The same screening is timed again in ``--fresh-runs`` new processes (the cold case: no page touched
+   before it), and ``agencyfl screen eligible`` once as a command (imports and checks included).
 3. Against the synthetic truth (``truth/households.csv``, read by benchmarks and tests only): of the truly
    eligible households not enrolled, the share the ``invite`` list finds and its precision; of the
    wrongly enrolled (enrolled, truly not eligible), the share ``review-enrolment`` finds and its precision.
@@ -31,12 +33,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
 import resource
 import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -415,6 +419,48 @@ def big_screening(
     return out, result, loaded, data
 
 
+def screening_in_this_process(root: Path) -> dict[str, Any]:
+    """``timed_screening`` of ``root``'s large register, as the first thing this process does after its imports
+    (``--fresh-process``): the cold case, where every page the screening touches is new to the process."""
+    loaded = _loaded(root / "big" / "federation.toml")
+    work = root / "big-work"
+    folder = sorted(p for p in (work / "registry").rglob("manifest.json"))[-1].parent
+    token = TokenStore(work / "coordinator" / "tokens.json").issue(REQUESTER, (PURPOSE,))
+    shutil.rmtree(root / "fresh-lists", ignore_errors=True)
+    faults = resource.getrusage(resource.RUSAGE_SELF)
+    result, wall, steps = timed_screening(loaded, work, folder, root / "fresh-lists", token)
+    n = result.report["households_scored"]
+    return {"screen_eligible_s": wall, "steps_s": steps, "households_per_s": n / wall} | _faults_since(faults)
+
+
+def fresh_processes(root: Path, runs: int) -> list[dict[str, Any]]:
+    """``screening_in_this_process`` in ``runs`` new Python processes, one after the other."""
+    out = []
+    for _ in range(runs):
+        done = subprocess.run(
+            [sys.executable, __file__, "--fresh-process", str(root)], capture_output=True, text=True, check=True
+        )  # fmt: skip
+        out.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return out
+
+
+def command_wall(root: Path) -> float:
+    """Seconds of ``agencyfl screen eligible`` on the large register as a caseworker's coordinator runs it: a
+    new process, imports and the (current) alignment check included."""
+    work = root / "big-work"
+    folder = sorted(p for p in (work / "registry").rglob("manifest.json"))[-1].parent
+    token = TokenStore(work / "coordinator" / "tokens.json").issue(REQUESTER, (PURPOSE,))
+    shutil.rmtree(root / "command-lists", ignore_errors=True)
+    start = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "agencyfl", "screen", "eligible", "--spec", str(root / "big" / "federation.toml"),
+         "--workdir", str(work), "--model", str(folder),
+         "--out", str(root / "command-lists"), "--token", token, "--format", "json"],
+        capture_output=True, check=True,
+    )  # fmt: skip
+    return time.perf_counter() - start
+
+
 def fmt(x: float, digits: int = 3) -> str:
     return "n/a" if isinstance(x, float) and math.isnan(x) else f"{x:.{digits}f}"
 
@@ -441,7 +487,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7, help="training population; the large one uses seed + 1")
     parser.add_argument("--no-big-truth", action="store_true", help="skip the lists' figures on the large population")
     parser.add_argument("--keep", type=Path, default=None, help="keep every file in this folder (default: a temp one)")
+    parser.add_argument("--fresh-runs", type=int, default=3, help="the large screening again, each in a new process")
+    parser.add_argument("--fresh-process", type=Path, default=None, help=argparse.SUPPRESS)  # one such run
     args = parser.parse_args()
+    if args.fresh_process is not None:
+        print(json.dumps(screening_in_this_process(args.fresh_process)))
+        return
     command = " ".join(["python", "benchmarks/screening.py", *sys.argv[1:]])
     root = args.keep or Path(tempfile.mkdtemp(prefix="agencyfl-screening-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -475,6 +526,9 @@ def main() -> None:
         big, big_result, big_loaded, big_data = big_screening(
             root, args.screen_households, args.seed + 1, args.rounds, train_work, model_dir
         )
+        say(f"the same screening in {args.fresh_runs} new processes, then as the command")
+        big["fresh_processes"] = fresh_processes(root, args.fresh_runs)
+        big["command_s"] = command_wall(root)
         big_truth = None
         if not args.no_big_truth:
             say("lists against the truth on the large population")
@@ -502,6 +556,14 @@ def main() -> None:
                     f"{big['page_faults_and_system_s']['minor_faults']:,} / "
                     f"{big['page_faults_and_system_s']['system_s']:.1f} s",
                 ],
+                [
+                    f"the same in {len(big['fresh_processes'])} new processes (cold)",
+                    ", ".join(
+                        f"{r['screen_eligible_s']:.1f} s ({r['households_per_s']:,.0f}/s)"
+                        for r in big["fresh_processes"]
+                    ),
+                ],
+                ["`agencyfl screen eligible` as a command", f"{big['command_s']:.1f} s (imports and checks included)"],
                 [
                     "the same screening again in this process",
                     f"{big['again']['screen_eligible_s']:.1f} s ({big['again']['households_per_s']:,.0f}/s; page "
