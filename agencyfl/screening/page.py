@@ -13,6 +13,7 @@ from __future__ import annotations
 import heapq
 import io
 import re
+import threading
 from collections.abc import Callable
 from html import escape
 from typing import TYPE_CHECKING, Any
@@ -183,12 +184,17 @@ def _since_section(report: dict[str, Any], rows: list[dict[str, Any]], labels: d
     )
 
 
+_RC_LOCK = threading.Lock()
+"""``rc_context`` sets matplotlib's global rcParams and restores them on exit: one figure at a time, since a
+screening draws its page's figures on a thread of its own."""
+
+
 def _svg(fig: Figure) -> str:
     import matplotlib
 
     buffer = io.StringIO()
     fig.tight_layout()
-    with matplotlib.rc_context({"svg.fonttype": "none"}):  # real text in the SVG: searchable, read aloud
+    with _RC_LOCK, matplotlib.rc_context({"svg.fonttype": "none"}):  # real text in the SVG: searchable, read aloud
         fig.savefig(buffer, format="svg")
     svg = re.sub(r"<metadata>.*?</metadata>", "", buffer.getvalue(), flags=re.DOTALL)
     return svg[svg.index("<svg") :]  # drop the XML prolog: the SVG sits inside HTML

@@ -494,8 +494,7 @@ def screen_eligible(
             holder: parties.requester.sent_bytes}  # fmt: skip
     ledgers = {"requester": str(workdir / holder / "uses-ledger"),
                "coordinator": str(workdir / COORDINATOR / "uses-ledger")}  # fmt: skip
-    write_worklist_csv(out, rows)  # while the distributions are drawn
-    groups, plots = distributions.result()
+    groups, plots = worklist_csv_beside(out, rows, distributions)
     report = screening_report(loaded, model, lists, screening, purpose, (token_id, token_holder), previous, rows,
                               left, refusals, aligned=aligned, out=out, sent=sent, ledgers=ledgers,
                               review_band=review_band, groups=groups)  # fmt: skip
@@ -652,6 +651,17 @@ def screening_report(
         "groups": groups if groups is not None else _histograms(lists.scores, lists.frame, loaded), "labels": {},
         "files": files, "bytes": sent, "ledgers": ledgers,
     }  # fmt: skip
+
+
+def worklist_csv_beside(out: Path, rows: pd.DataFrame, distributions: Distributions) -> tuple[dict[str, Any], str]:
+    """Write ``worklist.csv`` while the distributions are drawn, then wait for them; if drawing failed, the CSV
+    is removed again (no worklist without its page and report) and the error raised."""
+    write_worklist_csv(out, rows)
+    try:
+        return distributions.result()
+    except BaseException:
+        (out / "worklist.csv").unlink(missing_ok=True)
+        raise
 
 
 def write_worklist_csv(out: Path, rows: pd.DataFrame) -> None:

@@ -49,8 +49,8 @@ from agencyfl.screening.run import (
     categories_under,
     decide_lists,
     screening_report,
+    worklist_csv_beside,
     worklist_table,
-    write_worklist_csv,
     write_worklist_page,
 )
 from agencyfl.screening.worklist import PreviousWorklist, read_worklist
@@ -286,8 +286,7 @@ class ScreeningSession:
                                    self.previous_worklist, self.old_categories)  # fmt: skip
         entry = self._use("screening", token_id=self.plan.token_id, households=len(self.lists.scores),
                           counts=dict(self.lists.counts), nonce=secrets.token_hex(16))  # fmt: skip
-        write_worklist_csv(self.out, rows)  # while the distributions are drawn
-        groups, plots = self.distributions.result()
+        groups, plots = worklist_csv_beside(self.out, rows, self.distributions)
         sent_field = frame.fields.get("sent", {})
         sent = {str(k): int(v) for k, v in sent_field.items() if isinstance(v, int)} if isinstance(
             sent_field, dict) else {}  # fmt: skip
