@@ -15,7 +15,7 @@ ask what a closer approximation of the sigmoid would give, each with the noise i
 more ciphertext-by-ciphertext level under CKKS) and the exact sigmoid, which no polynomial under CKKS
 computes: the ceiling of every approximation.
 
-    python benchmarks/vertical_utility.py [--households 75000] [--seed 5] [--rows all|newton]
+    python benchmarks/vertical_utility.py [--households 75000] [--seed 5] [--rows all|newton|tuning] [--first-seed 1]
 """
 
 from __future__ import annotations
@@ -81,6 +81,17 @@ NEWTON: list[dict[str, Any]] = [
     {**_BASE, "noise": False, "iterations": 50, "order": "simultaneous"},
 ]  # fmt: skip
 ADAM_SEEDS = [{**CONFIGS[12], "seed": seed} for seed in (1, 2, 3, 4)]  # the protocol before, beside them
+# ``--rows tuning``: the sequential default (T 20, the mean of the last half, damping 0.5) beside other dampings,
+# averaging fractions and T, eight noise seeds each (the same draws in every row)
+TUNING: list[dict[str, Any]] = [
+    {**_BASE, "epsilon": 1.0, "iterations": t, "order": "sequential", "average": average, "damping": damping,
+     "noise_seed": seed}
+    for t, average, damping in (
+        (20, None, 0.5), (20, None, 0.25), (20, None, 1.0), (20, None, 1.5), (20, None, 2.3),
+        (20, 0.75, 0.5), (20, 0.9, 0.5), (30, 0.75, 0.5), (40, 0.75, 0.5),
+    )
+    for seed in range(8)
+]  # fmt: skip
 
 
 def _cubic() -> np.ndarray:
@@ -117,9 +128,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=5)
     parser.add_argument(
         "--rows",
-        choices=["all", "newton"],
+        choices=["all", "newton", "tuning"],
         default="all",
-        help="newton: only the block Newton rows (the protocol as built) and one Adam row beside them",
+        help="newton: only the block Newton rows (the protocol as built) and one Adam row beside them; "
+        "tuning: the default's damping, averaging and T against other choices",
     )
     parser.add_argument("--first-seed", type=int, default=1, help="block Newton rows' first noise seed (+0 to +7)")
     args = parser.parse_args()
@@ -143,7 +155,7 @@ def main() -> None:
     }  # fmt: skip
     rows = [["centralized non-private logistic", "", f"{base['auc']:.4f}", "1.000", f"{base['coverage']:.3f}", "1.000",
              f"{base['mean_score']:.3f}"]]  # fmt: skip
-    configs = [*CONFIGS, *NEWTON] if args.rows == "all" else [*ADAM_SEEDS, *NEWTON]
+    configs = {"all": [*CONFIGS, *NEWTON], "newton": [*ADAM_SEEDS, *NEWTON], "tuning": TUNING}[args.rows]
     for config in configs:
         eps = float(config.get("epsilon", 1.0))
         optimizer = config.get("optimizer", "adam")
@@ -152,7 +164,8 @@ def main() -> None:
                             weight_bound=config["weight_bound"], optimizer=optimizer,
                             learning_rate=config.get("learning_rate"), score_clip=config.get("score_clip"),
                             noise=config.get("spread", "shaped"),
-                            order=config.get("order", "simultaneous"), average=config.get("average"))  # fmt: skip
+                            order=config.get("order", "simultaneous"), average=config.get("average"),
+                            damping=config.get("damping", 0.5))  # fmt: skip
         seeded = args.first_seed + config["noise_seed"] if "noise_seed" in config else config.get("seed", 1)
         rng: Any = np.random.default_rng(seeded) if config["noise"] else _NoNoise()
         bound = residual_bound(kind, plan.score_bound)
@@ -167,11 +180,13 @@ def main() -> None:
         clip = f", C {config['score_clip']:g}" if config.get("score_clip") else ""
         seed = f", seed {seeded}" if "seed" in config or "noise_seed" in config else ""
         seed += ", uniform noise" if config.get("spread") == "uniform" else ""
-        seed += f", {plan.order}, mean of last {plan.averaged}" if optimizer == "newton" else ""
+        if optimizer == "newton":
+            seed += f", {plan.order}, mean of last {plan.averaged}, damping {plan.damping:g}"
         name = (f"{kind} {optimizer}, T {config['iterations']}, W {config['weight_bound']:g}{clip}{seed}, "
                 f"lr {plan.learning_rate:g}, D {bound:.2f}")  # fmt: skip
         result["runs"].append({**config, **m, "optimizer": optimizer, "residual": kind, "residual_bound": bound,
                                "order": plan.order, "averaged": plan.averaged, "learning_rate": plan.learning_rate,
+                               "damping": plan.damping,
                                "auc_ratio": m["auc"] / base["auc"],
                                "coverage_ratio": m["coverage"] / base["coverage"]})  # fmt: skip
         rows.append([name, noise, f"{m['auc']:.4f}", f"{m['auc'] / base['auc']:.3f}", f"{m['coverage']:.3f}",
@@ -182,8 +197,8 @@ def main() -> None:
     print(table(["model", "noise", "AUC", "AUC ratio", "coverage@0.5", "coverage ratio", "mean score"], rows))
     groups: dict[str, list[dict[str, Any]]] = {}
     for run in result["runs"]:  # the same configuration over noise seeds
-        key = ", ".join(f"{k} {run[k]}" for k in ("optimizer", "order", "epsilon", "iterations", "averaged", "noise",
-                                                  "spread") if k in run)  # fmt: skip
+        key = ", ".join(f"{k} {run[k]}" for k in ("optimizer", "order", "epsilon", "iterations", "averaged", "damping",
+                                                  "noise", "spread") if k in run)  # fmt: skip
         groups.setdefault(key, []).append(run)
     summary = [
         [

@@ -375,3 +375,22 @@ def test_any_partition_parses_and_any_overlap_or_gap_is_refused(owner: list[int]
     if len(blocks[holder]) > 1:
         gap = {**blocks, holder: [f for f in blocks[holder] if f != feature]}
         assert f"schema features {[feature]!r} are held by no agency" in refused(vertical(gap))
+
+
+def test_a_vertical_spec_may_set_block_newtons_damping(tmp_path: Path) -> None:
+    from agencyfl.vertical.job import plan_of
+
+    def plan(extra: str) -> float:
+        path = tmp_path / "federation.toml"
+        path.write_text(vertical(BLOCKS, extra=extra))
+        loaded = load_any_spec(path)
+        assert isinstance(loaded, LoadedVerticalSpec)
+        return plan_of(loaded).damping
+
+    assert plan("") == 0.5  # the default, tuned at 60,000 training households and more
+    assert plan("[training]\ndamping = 1.5\n") == 1.5
+    for bad, quoted in (("0", "0"), ("-1", "-1"), ("nan", "nan"), ("1000", "1000")):
+        message = refused(vertical(BLOCKS, extra=f"[training]\ndamping = {bad}\n"))
+        assert "training.damping" in message and quoted in message
+    message = refused(MINIMAL.replace("[privacy]", "[training]\ndamping = 1.0\n[privacy]"))
+    assert "training.damping" in message and "DP-SGD" in message

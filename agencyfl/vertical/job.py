@@ -257,14 +257,16 @@ def histogram_auc(counts: npt.NDArray[np.float64]) -> float | None:
 
 def plan_of(loaded: LoadedVerticalSpec) -> VerticalPlan:
     """The job's public plan from the spec: T = ``training.rounds`` iterations at the per-job epsilon,
-    with the fairness counts' release (when ``[fairness]`` noises them) inside the same epsilon."""
+    with the fairness counts' release (when ``[fairness]`` noises them) inside the same epsilon, and
+    ``training.damping`` when the spec sets it."""
     spec = loaded.spec
     fairness = spec.fairness
     releases = (fairness.noise_multiplier,) if fairness is not None and fairness.noise_multiplier > 0 else ()
-    return VerticalPlan(
+    plan = VerticalPlan(
         agencies=len(spec.agencies), iterations=spec.training.rounds, epsilon=spec.privacy.epsilon,
         delta=spec.privacy.delta, releases=releases,
     )  # fmt: skip
+    return plan if spec.training.damping is None else plan.model_copy(update={"damping": spec.training.damping})
 
 
 def release_fairness(

@@ -123,6 +123,11 @@ class TrainingSection(_Frozen):
     ``sample_rate`` is the Poisson sampling probability of each record at each step; one local epoch
     is ``round(1 / sample_rate)`` steps. ``server_momentum`` is FedAvgM's momentum on the averaged
     update (0.9 measured best on the synthetic agencies, whose data differ greatly; 0 = plain FedAvg).
+
+    ``damping`` (vertical specs only): block Newton's kappa, how short a step the directions the Hessian
+    release's noise dominates take (``VerticalPlan.damping``; 0.5 when absent, tuned at 60,000 training
+    households and more). A small register may prefer 1-2: a higher AUC for a lower coverage at the 0.5
+    threshold (docs/benchmarks.md, "The default against its neighbours").
     """
 
     rounds: Annotated[int, Field(ge=1, le=1000)] = 10
@@ -134,6 +139,7 @@ class TrainingSection(_Frozen):
     server_learning_rate: Annotated[float, Field(gt=0.0, le=10.0)] = 1.0
     server_momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
     seed: int = 0
+    damping: Annotated[float | None, Field(gt=0.0, le=100.0, allow_inf_nan=False)] = None
 
 
 class PrivacySection(_Frozen):

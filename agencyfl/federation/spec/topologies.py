@@ -167,6 +167,10 @@ class FederationSpec(_SpecBase):
         dupes = _repeats(names)
         if dupes:
             raise ValueError(f"agency names repeat {dupes!r}")
+        if self.training.damping is not None:
+            raise _FieldError(
+                "training.damping", "is vertical block Newton's; a horizontal federation trains by DP-SGD"
+            )
         if self.training.min_agencies > len(self.agencies):
             raise ValueError(
                 f"training.min_agencies ({self.training.min_agencies!r}) exceeds the number of "
