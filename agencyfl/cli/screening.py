@@ -24,7 +24,7 @@ CATEGORY_TEXT = {
 
 
 def _spec_of(workdir: Path, spec: Path | None) -> Path:
-    from agencyfl.vertical.job import WORKDIR_SPEC
+    from agencyfl.vertical.encoding import WORKDIR_SPEC  # not vertical.job: it loads the training side
 
     if spec is not None:
         return spec

@@ -35,6 +35,8 @@ NOT_HELD = "not_held"
 ENROLLED_COLUMN = "enrolled"
 """Civil affairs' column saying who receives the allowance now (1/0); it never leaves civil affairs."""
 VALIDATION_FRACTION = 0.2
+WORKDIR_SPEC = "federation.json"
+"""In a one-machine workdir (``agencyfl run``): which spec made it, so later commands need no ``--spec``."""
 
 Matrix = npt.NDArray[np.float64]
 

@@ -39,13 +39,10 @@ from agencyfl.privacy.events import EVENT_FORMAT, NEIGHBOURING, GaussianEvent
 from agencyfl.privacy.keys import load_or_create_signing_key
 from agencyfl.privacy.ledger import Ledger, LedgerEvent, now_utc, spend_records
 from agencyfl.server.model_card import CardAgency, ModelCard
-from agencyfl.vertical.encoding import LabelData, feature_block, label_block, register_frame
+from agencyfl.vertical.encoding import WORKDIR_SPEC, LabelData, feature_block, label_block, register_frame
 from agencyfl.vertical.model import INTERCEPT, register_vertical
 from agencyfl.vertical.plan import VerticalPlan
 from agencyfl.vertical.train import VerticalResult, train_vertical
-
-WORKDIR_SPEC = "federation.json"
-
 
 Release = Literal["vertical-gradient", "vertical-hessian", "fairness"]
 

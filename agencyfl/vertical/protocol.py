@@ -33,7 +33,6 @@ from agencyfl.vertical.optim import (
     triangle_size,
     upper_triangle,
 )
-from agencyfl.vertical.plan import shaped_stds
 
 PARAMETERS = "n8192-d2"
 """Residual (one level) then the gradient products (one level): depth 2."""
@@ -592,6 +591,8 @@ class Arbiter:
         if self.label_holder is None:
             stds = {p: np.full(w, self.noise_std) for p, w in self.widths.items()}
         else:
+            from agencyfl.vertical.plan import shaped_stds  # plan imports the accountant: screening needs neither
+
             stds = shaped_stds(self.noise_std, self.widths, self.label_holder, gains)
         self.stds = {p: [float(v) for v in std] for p, std in stds.items()}
         return stds
