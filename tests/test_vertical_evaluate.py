@@ -221,6 +221,8 @@ def test_dry_run_plans_what_the_run_then_records(vertical_job: VerticalJob, tmp_
     done = invoke("run", "--spec", job.spec, "--workdir", job.work, "--format", "json")
     assert done.exit_code == 0, done.output
     summary = json.loads(done.stdout)
+    assert summary["plan"] == report["plan"]  # the order, averaging, learning rate and damping it was made with
+    assert summary["plan"]["damping"] == 0.5 and summary["plan"]["order"] == "sequential"
     for name, row in summary["agencies"].items():
         planned = report["agencies"][name]
         assert planned["epsilon_job_planned"] == pytest.approx(row["epsilon_job"], rel=1e-9)

@@ -217,7 +217,7 @@ def drive(hub: StreamHub, settings: DriverSettings, sink: EventSink) -> dict[str
         agencies={p: {"epsilon_job": float(f.fields["epsilon_job"]),
                       "epsilon_lifetime": float(f.fields["epsilon_lifetime"]),
                       "model_block": f"{p}:{f.fields['path']}"} for p, f in finished.items()},
-        noise_multiplier=plan.noise_multiplier, sensitivity=plan.sensitivity,
+        noise_multiplier=plan.noise_multiplier, sensitivity=plan.sensitivity, plan=plan.public_fields(),
         seconds_per_iteration=float(np.mean(seconds)) if seconds else 0.0,
         bytes_per_iteration={p: float(np.mean([t.get(p, 0) for t in traffic_log])) for p in job.parties}
         if traffic_log else {},

@@ -185,29 +185,6 @@ def _existing_spend(workdir: Path, agency: str) -> tuple[list[StepRecord], int, 
     return spend_records(check.events), len(check.events), "verified"
 
 
-def _plan_fields(plan: VerticalPlan) -> dict[str, Any]:
-    return {
-        "agencies": plan.agencies,
-        "iterations": plan.iterations,
-        "epsilon": plan.epsilon,
-        "delta": plan.delta,
-        "weight_bound": plan.weight_bound,
-        "score_clip": plan.score_clip,
-        "projection": plan.projection,
-        "score_bound": plan.score_bound,
-        "residual_bound": plan.residual_bound,
-        "sensitivity": plan.sensitivity,
-        "noise_multiplier": plan.noise_multiplier,
-        "noise_std": plan.noise_std,
-        "optimizer": plan.optimizer,
-        "learning_rate": plan.learning_rate,
-        "order": plan.order,
-        "averaged_iterations": plan.averaged,
-        "damping": plan.damping if plan.releases_hessian else None,
-        "hessian_sensitivity": plan.hessian_sensitivity if plan.releases_hessian else None,
-    }
-
-
 def dry_run(
     loaded: LoadedVerticalSpec,
     workdir: Path,
@@ -329,7 +306,7 @@ def dry_run(
         "workdir": str(workdir),
         "written": "nothing: no alignment, no training, no ledger entry",
         "view": "the agencies' ledgers" if lifetime_now is None else "the coordinator's chain (lifetime: upper bound)",
-        "plan": _plan_fields(plan),
+        "plan": plan.public_fields(),
         "releases": {"count": len(releases), "by_kind": by_kind, "fairness": fairness_status},
         "would_run": stopped is None,
         "stops_at": stopped,

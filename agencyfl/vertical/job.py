@@ -259,11 +259,11 @@ def plan_of(loaded: LoadedVerticalSpec) -> VerticalPlan:
     spec = loaded.spec
     fairness = spec.fairness
     releases = (fairness.noise_multiplier,) if fairness is not None and fairness.noise_multiplier > 0 else ()
-    plan = VerticalPlan(
-        agencies=len(spec.agencies), iterations=spec.training.rounds, epsilon=spec.privacy.epsilon,
-        delta=spec.privacy.delta, releases=releases,
+    set_in_spec = {} if spec.training.damping is None else {"damping": spec.training.damping}
+    return VerticalPlan.model_validate(
+        {"agencies": len(spec.agencies), "iterations": spec.training.rounds, "epsilon": spec.privacy.epsilon,
+         "delta": spec.privacy.delta, "releases": releases, **set_in_spec}
     )  # fmt: skip
-    return plan if spec.training.damping is None else plan.model_copy(update={"damping": spec.training.damping})
 
 
 def release_fairness(
@@ -460,6 +460,7 @@ def run_vertical(
         "noise_multiplier": plan.noise_multiplier,
         "sensitivity": plan.sensitivity,
         "optimizer": plan.optimizer,
+        "plan": plan.public_fields(),  # the order, averaging, learning rate and damping the model was made with
         "hessian": None if result.hessian is None else {
             "sensitivity": plan.hessian_sensitivity, "seconds": result.hessian.seconds,
             "bytes": result.hessian.sent_bytes},

@@ -187,6 +187,29 @@ class VerticalPlan(BaseModel):
         """lambda for a block of ``width`` weights: kappa 2 sqrt(d) times the entries' noise std."""
         return self.damping * 2 * math.sqrt(width) * self.hessian_std(register_size)
 
+    def public_fields(self) -> dict[str, Any]:
+        """The plan as ``--dry-run`` shows it and a job's summary records it (all public)."""
+        return {
+            "agencies": self.agencies,
+            "iterations": self.iterations,
+            "epsilon": self.epsilon,
+            "delta": self.delta,
+            "weight_bound": self.weight_bound,
+            "score_clip": self.score_clip,
+            "projection": self.projection,
+            "score_bound": self.score_bound,
+            "residual_bound": self.residual_bound,
+            "sensitivity": self.sensitivity,
+            "noise_multiplier": self.noise_multiplier,
+            "noise_std": self.noise_std,
+            "optimizer": self.optimizer,
+            "learning_rate": self.learning_rate,
+            "order": self.order,
+            "averaged_iterations": self.averaged,
+            "damping": self.damping if self.releases_hessian else None,
+            "hessian_sensitivity": self.hessian_sensitivity if self.releases_hessian else None,
+        }
+
     def events(self) -> Mechanism:
         """All T iterations (after the Hessian release, if any): the mechanism of the whole job."""
         iterations = gaussian_releases(self.noise_multiplier, self.sensitivity, self.iterations)
