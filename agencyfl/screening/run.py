@@ -629,10 +629,10 @@ def screening_report(
     loaded: LoadedVerticalSpec, model: RegisteredVerticalModel, lists: Lists, screening: str, purpose: str,
     token: tuple[str, str], previous: PreviousWorklist | None, rows: pd.DataFrame, left: list[dict[str, Any]],
     refusals: dict[str, str], *, aligned: bool, out: Path, sent: dict[str, int], ledgers: dict[str, str],
-    review_band: float, groups: dict[str, Any] | None = None,
+    review_band: float, groups: dict[str, Any],
 ) -> dict[str, Any]:  # fmt: skip
     """``screening.json``: what was screened, with which model and token (id, holder), counts, changes, files;
-    ``groups`` the score distributions when drawn already (``Distributions``)."""
+    ``groups`` the score distributions by group (``Distributions``)."""
     spec = loaded.spec
     holder = spec.label_agency.name
     files = {"worklist_csv": str(out / "worklist.csv"), "worklist_html": str(out / "worklist.html"),
@@ -647,8 +647,7 @@ def screening_report(
             "worklist": str(previous.path), "model_version": previous.model_version,
             "screening": previous.screening, "changes": changes, "left": len(left)},
         "left": left, "disclosures": {a.name: a.explain for a in spec.agencies if a.name != holder},
-        "explain_refused": refusals,
-        "groups": groups if groups is not None else _histograms(lists.scores, lists.frame, loaded), "labels": {},
+        "explain_refused": refusals, "groups": groups, "labels": {},
         "files": files, "bytes": sent, "ledgers": ledgers,
     }  # fmt: skip
 
