@@ -50,6 +50,7 @@ class ExitCode(IntEnum):
     ALIGNMENT_FAILED = 22
     ALIGNMENT_REJECTED = 23
     SCREENING_REFUSED = 24
+    COMPUTATION_DEVIATED = 25
 
 
 HELP: dict[ExitCode, str] = {
@@ -114,6 +115,11 @@ HELP: dict[ExitCode, str] = {
         "`screen eligible`: refused: the token is not active or not issued for the purpose, the model card does "
         "not list the purpose, or an agency refused to explain so many households; nothing was scored or "
         "disclosed, and the refusal is in the coordinator's uses ledger."
+    ),
+    ExitCode.COMPUTATION_DEVIATED: (
+        "`audit replay`: an agency's products, recomputed from its kept inputs, differ from what the arbiter "
+        "released, its operands are not what civil affairs sent, a released product's evidence is missing or "
+        "unreadable, or its inputs exceed the federation's row norm."
     ),
 }
 

@@ -185,6 +185,8 @@ def base_values(path: tuple[str, ...], world: dict[str, str]) -> dict[str, str]:
         "roster": "mla-north=missing.csv",
         "household": "51990219840302854X",
         "outcome": "disagreed",
+        "evidence": "missing-evidence",
+        "receipts": "missing-receipts.jsonl",
         **SAFE,
     }
     if path in DEEP:

@@ -34,6 +34,7 @@ from agencyfl.vertical.driver import DriverSettings, authenticator, drive
 from agencyfl.vertical.encoding import PartyFiles
 from agencyfl.vertical.job import plan_of
 from agencyfl.vertical.remote import VerticalJobPlan, sign_hello
+from agencyfl.vertical.replay import replay
 from agencyfl.vertical.session import PartyConfig, PartySession
 from agencyfl.vertical.stream import Frame, PartyDropped, StreamHub, serve_party
 
@@ -215,6 +216,21 @@ def test_the_deployed_job_trains_the_one_machine_model(deployed: tuple[Federatio
     assert "noised" in card["metrics_source"] and released != kept["validation_auc"]
     # the pooled noised totals: within the histogram total's 4 std
     assert abs(card["metrics"]["n"] - kept["n"]) < 4 * 10 * np.sqrt(20)
+
+
+def test_a_deployed_agency_s_products_replay_from_its_own_evidence(deployed: tuple[Federation, Outcome]) -> None:
+    """Each agency keeps its evidence in its own folder, civil affairs and the arbiter their receipts, and
+    every product the arbiter released replays bit for bit (docs/vertical.md, "Accountability")."""
+    fed, outcome = deployed
+    assert outcome.error is None, outcome.error
+    holder = fed.loaded.spec.label_agency.name
+    receipts = [fed.work / holder / "evidence" / "vjob-deployed" / "receipts.jsonl",
+                fed.work / "coordinator-work" / "evidence" / "vjob-deployed" / "receipts.jsonl"]  # fmt: skip
+    for agency in (a for a in fed.parties if a != holder):
+        (folder,) = (fed.work / agency / "evidence" / "vjob-deployed").iterdir()  # one arbiter key: not resumed
+        report = replay(folder, receipts)
+        assert report.ok, (agency, report.findings)
+        assert [p.kind for p in report.products] == ["gradient"] * 3 + ["hessian"]
 
 
 def test_every_ledger_admits_each_iteration_and_the_chain_countersigns_it(

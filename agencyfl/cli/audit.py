@@ -1,4 +1,4 @@
-"""`agencyfl audit`: commands for auditors (report, verify, keys, attack)."""
+"""`agencyfl audit`: commands for auditors (report, verify, replay, keys, attack)."""
 
 from __future__ import annotations
 
@@ -263,6 +263,49 @@ def audit_verify(
     _print_findings(audit)
     verdict = "every chain verified and agrees" if code is ExitCode.OK else f"exit {int(code)}: {HELP[code]}"
     out.print(("[green]" if code is ExitCode.OK else "[red]") + verdict + "[/]")
+    raise typer.Exit(int(code))
+
+
+# ---------------------------------------------------------------- replay
+@audit_app.command("replay")
+def audit_replay(
+    evidence: Annotated[
+        Path, typer.Option("--evidence", help="An agency's evidence folder: AGENCY/evidence/JOB/KEY16")
+    ],
+    receipts: Annotated[
+        list[Path],
+        typer.Option("--receipts", help="Civil affairs' and the arbiter's receipts.jsonl of the job (repeat)"),
+    ],
+    agency: Annotated[
+        str | None, typer.Option("--agency", help="The agency you mean to check (refused if the evidence is another's)")
+    ] = None,
+    fmt: FormatOpt = Format.table,
+) -> None:
+    """Recompute an agency's masked gradients and Hessian from its kept clipped rows; compare with the receipts.
+
+    Run it at the agency (its rows never leave), on an install you trust, with receipts you got from civil
+    affairs and the coordinator yourself. Exits 0 when every product the arbiter released matches and
+    every row is within the declared norm; 25 otherwise (a sentinel or other rows were multiplied, an operand
+    substituted, evidence withheld); 4 for a folder that is not evidence or receipts of another job.
+    """
+    from agencyfl.vertical.replay import replay
+
+    with errors_to_exit(), out.status("replaying the agency's products..."):
+        report = replay(evidence, receipts, agency)
+    code = ExitCode.OK if report.ok else ExitCode.COMPUTATION_DEVIATED
+    if fmt is Format.json:
+        emit_json(report.to_json() | {"exit_code": int(code)})
+        raise typer.Exit(int(code))
+    table = Table("product", "matched", "finding", title=f"replay of {report.agency} (key {report.context[:16]})")
+    for p in report.products:
+        table.add_row(f"{p.kind} {p.seq}", "[green]yes[/]" if p.matched else "[red]NO[/]", p.finding)
+    out.print(table)
+    out.print(f"inputs: {report.rows} rows x {report.width}, largest row norm {report.max_row_norm:.6g} "
+              f"(declared {report.clip:g}), {report.rows_over_clip} over")  # fmt: skip
+    for finding in report.findings:
+        err.print(f"[red]{finding}[/]")
+    verdict = "every product matches its replay" if report.ok else f"exit {int(code)}: {HELP[code]}"
+    out.print(("[green]" if report.ok else "[red]") + verdict + "[/]")
     raise typer.Exit(int(code))
 
 

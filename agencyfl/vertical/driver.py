@@ -152,6 +152,7 @@ def drive(hub: StreamHub, settings: DriverSettings, sink: EventSink) -> dict[str
             settings.noise_rng if settings.noise_rng is not None else np.random.default_rng(secrets.randbits(128)),
             hessian_std=plan.hessian_std(job.register_size) if plan.releases_hessian else 0.0,
             label_holder=job.label_holder if plan.shapes_noise else None,
+            receipts=settings.workdir / "evidence" / job.job / "receipts.jsonl",  # for `audit replay`
         )  # fmt: skip
         context = arbiter.public_context()
         names = list(hellos)

@@ -42,6 +42,7 @@ from agencyfl.server.model_card import CardAgency, ModelCard
 from agencyfl.vertical.encoding import WORKDIR_SPEC, LabelData, feature_block, label_block, register_frame
 from agencyfl.vertical.model import INTERCEPT, register_vertical
 from agencyfl.vertical.plan import VerticalPlan
+from agencyfl.vertical.protocol import FeatureHolder, LabelHolder
 from agencyfl.vertical.train import VerticalResult, train_vertical
 
 Release = Literal["vertical-gradient", "vertical-hessian", "fairness"]
@@ -402,6 +403,15 @@ def _finite(value: float) -> float | None:
     return float(value) if np.isfinite(value) else None  # NaN is not JSON
 
 
+def replay_paths(result: VerticalResult, evidence: dict[str, Path]) -> dict[str, Any]:
+    """Where each agency's evidence and the receipts of the job are: the arguments of ``audit replay``."""
+    folders = {n: str(p.evidence.folder) for n, p in result.parties.items()
+               if isinstance(p, FeatureHolder) and p.evidence is not None}  # fmt: skip
+    label = next(n for n, p in result.parties.items() if isinstance(p, LabelHolder))
+    return {"agencies": folders, "receipts": [str(evidence[label] / "receipts.jsonl"),
+                                              str(evidence["arbiter"] / "receipts.jsonl")]}  # fmt: skip
+
+
 def run_vertical(
     loaded: LoadedVerticalSpec,
     workdir: Path,
@@ -431,7 +441,11 @@ def run_vertical(
         if on_iteration is not None and iteration > 0:
             on_iteration(iteration, plan.iterations)
 
-    result: VerticalResult = train_vertical(features, label, labels, plan, before_release=account)
+    # what an audit needs to replay each agency's products (docs/vertical.md, "Accountability"), each in its
+    # party's own folder
+    evidence = {a.name: workdir / a.name / "evidence" / job for a in spec.agencies}
+    evidence["arbiter"] = workdir / "coordinator" / "evidence" / job
+    result: VerticalResult = train_vertical(features, label, labels, plan, before_release=account, evidence=evidence)
     models = {}
     for name, weights in result.weights.items():
         folder = workdir / name / "model"
@@ -468,6 +482,7 @@ def run_vertical(
         "bytes_per_iteration": {k: float(np.mean([i.sent_bytes[k] for i in result.iterations]))
                                 for k in result.iterations[0].sent_bytes},
         "model": {name: models[name] for name in models},
+        "evidence": replay_paths(result, evidence),
         "model_version": f"{spec.federation.name}/{version.name}",
         "registry": str(version),
     }  # fmt: skip

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -20,7 +21,8 @@ import tenseal as ts
 from agencyfl.alignment.sealed import Envelope, MessageKind, PartyKeys, PartyPublicKeys, open_envelope, seal
 from agencyfl.federation.errors import HEError, MessageRejectedError
 from agencyfl.privacy.he import ParameterSet, load_public_context, new_private_context, parameter_set, public_bytes
-from agencyfl.vertical.encoding import Block, LabelData
+from agencyfl.vertical.encoding import CLIP, Block, LabelData
+from agencyfl.vertical.evidence import Evidence, Receipts
 from agencyfl.vertical.optim import (
     BlockOptimizer,
     OptimizerName,
@@ -113,6 +115,8 @@ class HolderSetup:
     newton_damping: float = 0.0  # lambda for this party's block (the plan's ``hessian_damping``)
     iterations: int = 1  # T, and how many of the last iterations' weights make the model (``TailMean``)
     averaged: int = 1
+    evidence: Path | None = None  # an agency's evidence folder for the job (``Evidence``); None keeps none
+    receipts: Path | None = None  # civil affairs' receipts file for the job (``Receipts``); None keeps none
 
 
 HESSIAN_STEP = 0
@@ -210,6 +214,30 @@ def _dot(encrypted: list[ts.CKKSVector], plain: list[list[float]]) -> ts.CKKSVec
     return acc
 
 
+def column_multipliers(inputs: npt.NDArray[np.float64], slots: int) -> list[list[list[float]]]:
+    """Each input column laid out as the plaintexts a gradient multiplies the residual's chunks by."""
+    return [_multiplier(inputs[:, j], slots) for j in range(inputs.shape[1])]
+
+
+def masked_totals(sums: list[ts.CKKSVector], mask: Vector, slots: int) -> list[bytes]:
+    """Each per-slot sum masked in slot 0, then rotated and summed: every slot then holds the masked total,
+    none a per-household value (the masks only add a plaintext: ``docs/vertical.md``, "Accountability")."""
+    out: list[bytes] = []
+    for s, r in zip(sums, mask, strict=True):
+        first = np.zeros(slots)
+        first[0] = r
+        out.append(bytes((s + first.tolist()).sum().serialize()))
+    return out
+
+
+def pair_products(enc_weights: list[ts.CKKSVector], x: npt.NDArray[np.float64], slots: int) -> list[ts.CKKSVector]:
+    """Enc(sum_i w_i x_ij x_il) for every pair j <= l of the inputs ``x``, per slot, before the rotate-and-sum."""
+    return [
+        _dot(enc_weights, _multiplier(x[:, j] * x[:, k], slots))  # zero chunks guarded
+        for j, k in zip(*np.triu_indices(x.shape[1]), strict=True)
+    ]
+
+
 class _Holder(_Party):
     """What every agency does with its own block: partial scores, masked gradients, its own step."""
 
@@ -241,9 +269,10 @@ class _Holder(_Party):
         self.hessian_release: Vector | None = None  # its own noisy upper triangle, once released
         self.gains: tuple[float, ...] = ()  # from the Hessian release: its block's (and the intercept's) noise gain
         self._extra = extra
+        self.evidence: Evidence | None = None  # an agency's record for a replay (``FeatureHolder``)
 
     def _chunked(self, inputs: npt.NDArray[np.float64]) -> list[list[list[float]]]:
-        return [_multiplier(inputs[:, j], self.slots) for j in range(inputs.shape[1])]
+        return column_multipliers(inputs, self.slots)
 
     def _own_part(self, u: Vector) -> Vector:
         """Its partial score clipped (``score_clip``); the households it clipped leave its next gradient."""
@@ -266,6 +295,8 @@ class _Holder(_Party):
         enc_d = [ts.ckks_vector_from(self.context, r) for r in residual]
         out, self._mask = self._masked_totals([_dot(enc_d, column) for column in self._columns])
         self.he_seconds += time.perf_counter() - start
+        if self.evidence is not None:
+            self.evidence.keep("gradient", residual, self._live, self._mask)
         message = GradientMessage(self.name, out, self.gains)
         self.sent_bytes += message.nbytes + 8 * len(self.gains)
         return message
@@ -274,21 +305,12 @@ class _Holder(_Party):
         """Each per-slot sum masked in slot 0 with a fresh value, then rotated and summed (every slot then holds
         the masked total, none a per-household value); and the masks, for unmasking the release."""
         mask = self._rng.uniform(-MASK_BOUND, MASK_BOUND, size=len(sums))
-        out: list[bytes] = []
-        for s, r in zip(sums, mask, strict=True):
-            first = np.zeros(self.slots)
-            first[0] = r
-            out.append(bytes((s + first.tolist()).sum().serialize()))
-        return out, mask
+        return masked_totals(sums, mask, self.slots), mask
 
     def _pair_products(self, enc_weights: list[ts.CKKSVector]) -> list[ts.CKKSVector]:
-        """Enc(sum_i w_i x_ij x_il) for every pair j <= l of its inputs (unclipped: at the start of training the
-        weights are 0 and no partial score is clipped), per slot, before the rotate-and-sum."""
-        x = self._inputs
-        return [
-            _dot(enc_weights, self._chunked(x[:, [j]] * x[:, [k]])[0])  # zero chunks guarded
-            for j, k in zip(*np.triu_indices(x.shape[1]), strict=True)
-        ]
+        """``pair_products`` of its inputs (every row: at the start of training the weights are 0 and no partial
+        score is clipped)."""
+        return pair_products(enc_weights, self._inputs, self.slots)
 
     def apply_hessian(self, release: list[float]) -> Vector:
         """Remove the mask from the arbiter's Hessian release (its block's noisy upper triangle) and set the
@@ -344,7 +366,13 @@ class _Holder(_Party):
 
 
 class FeatureHolder(_Holder):
-    """An agency without the label: its block, its weights, its keys; the arbiter's public context only."""
+    """An agency without the label: its block, its weights, its keys; the arbiter's public context only.
+    With ``setup.evidence`` it keeps what an audit needs to replay each product it sends (``Evidence``)."""
+
+    def __init__(self, block: Block, setup: HolderSetup, rng: np.random.Generator) -> None:
+        super().__init__(block, setup, rng)
+        if setup.evidence is not None:
+            self.evidence = Evidence(setup.evidence, self.name, setup.public_context, self._inputs, self.slots, CLIP)
 
     def partial_scores(self, step: Step) -> list[Envelope]:
         """``Enc(X_k w_k)`` over every register position, sealed to the label holder for iteration ``step``
@@ -360,6 +388,8 @@ class FeatureHolder(_Holder):
         enc_weights = [ts.ckks_vector_from(self.context, r) for r in raw]
         out, self._hessian_mask = self._masked_totals(self._pair_products(enc_weights))
         self.he_seconds += time.perf_counter() - start
+        if self.evidence is not None:
+            self.evidence.keep("hessian", raw, None, self._hessian_mask)
         message = GradientMessage(self.name, out)
         self.sent_bytes += message.nbytes
         return message
@@ -381,6 +411,8 @@ class LabelHolder(_Holder):
         self._score_mask: Vector | None = None
         self._tag_mask: Vector | None = None
         self._tag_factor: Vector | None = None
+        # the digest of every vector it seals to an agency, for a replay of that agency's products
+        self.receipts = None if setup.receipts is None else Receipts(setup.receipts, self.name, setup.public_context)
 
     def take_partials(self, sender: str, envelopes: list[Envelope], step: Step) -> None:
         """Open one agency's partial scores, sealed for ``step``, and keep them: each agency's latest are what
@@ -415,6 +447,8 @@ class LabelHolder(_Holder):
 
     def seal_residual(self, raw: list[bytes], recipient: str, step: Step) -> list[Envelope]:
         """A residual sealed to one agency for ``step``."""
+        if self.receipts is not None:
+            self.receipts.record(recipient, "residual", raw)
         return self._seal(raw, recipient, "residuals", self.block.size, step)
 
     def residuals(
@@ -439,6 +473,9 @@ class LabelHolder(_Holder):
         ]
         raw = [bytes(c.serialize()) for c in cts]
         self.he_seconds += time.perf_counter() - start
+        if self.receipts is not None:
+            for p in parties:
+                self.receipts.record(p, "hessian-weights", raw)
         return {p: self._seal(raw, p, "hessian-weights", self.block.size, HESSIAN_STEP) for p in parties}
 
     def masked_hessian(self) -> GradientMessage:
@@ -524,6 +561,8 @@ class Arbiter:
         The generator of DP noise (inject a seeded one only to reproduce a run in tests).
     params
         The CKKS parameter set, default ``PARAMETERS``.
+    receipts
+        Where to append the digest of every product it releases (``Receipts``); None keeps none.
     """
 
     name = "arbiter"
@@ -536,10 +575,13 @@ class Arbiter:
         params: str = PARAMETERS,
         hessian_std: float = 0.0,
         label_holder: str | None = None,
+        receipts: Path | None = None,
     ) -> None:
         self.params: ParameterSet = parameter_set(params)
         self._context = new_private_context(self.params)
         self._context.generate_galois_keys()
+        # the digest of every product it releases, for a replay of the sender's computation
+        self.receipts = None if receipts is None else Receipts(receipts, self.name, self.public_context())
         self.widths = dict(widths)
         self.noise_std = noise_std
         self.hessian_std = hessian_std
@@ -646,6 +688,8 @@ class Arbiter:
         out = [round(float(v) / ROUNDING) * ROUNDING for v in values]
         self.he_seconds += time.perf_counter() - start
         self.sent_bytes += 8 * count
+        if self.receipts is not None:
+            self.receipts.record(message.sender, kind, message.ciphertexts)
         return out
 
     def decrypt_masked_scores(self, sender: str, raw: list[bytes]) -> npt.NDArray[np.float64]:

@@ -182,12 +182,17 @@ class PartySession:
         peers = [p for p in self.job.parties if p != self.agency] if self.is_label else [self.job.label_holder]
         directory = {self.agency: self.keys.public()}
         directory |= peer_directory(frame, self.job.job, self.agency, peers, self.config.peer_keys, "train")
+        evidence = self.config.files.folder / "evidence" / self.job.job
         setup = HolderSetup(
             keys=self.keys, directory=directory, run=self.job.job, public_context=frame.blobs[0],
             label_holder=self.job.label_holder, optimizer=self.plan.optimizer, learning_rate=self.plan.learning_rate,
             weight_bound=self.plan.weight_bound, projection=self.plan.projection, score_clip=self.plan.score_clip,
             newton_damping=self.plan.hessian_damping(self.block.width + self.is_label, self.job.register_size),
             iterations=self.plan.iterations, averaged=self.plan.averaged,
+            # what an audit needs to replay this party's products, in its own folder (docs/vertical.md,
+            # "Accountability"): an agency's evidence, civil affairs' receipts
+            evidence=None if self.is_label else evidence,
+            receipts=evidence / "receipts.jsonl" if self.is_label else None,
         )  # fmt: skip
         rng = np.random.default_rng(secrets.randbits(128))
         if self.is_label:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -132,6 +133,7 @@ def train_vertical(
     mask_seed: int | None = None,
     validate: bool = True,
     before_release: Callable[[int], None] | None = None,
+    evidence: Mapping[str, Path] | None = None,
 ) -> VerticalResult:
     """Train with the encrypted protocol; each party holds only its own block and keys.
 
@@ -155,6 +157,10 @@ def train_vertical(
         Called with the iteration number (from 1; 0 for the Hessian release of block Newton) before anything
         of that iteration is released: the agencies' ledgers account it there, and a refusal (an exception)
         stops the job.
+    evidence
+        Each party's evidence folder for the job, by name (``"arbiter"`` for the arbiter's): the agencies
+        keep what a replay needs, civil affairs and the arbiter their receipts (``docs/vertical.md``,
+        "Accountability"). Default None: nothing kept (benchmarks, tests of other things).
 
     Raises
     ------
@@ -169,8 +175,11 @@ def train_vertical(
     widths = {b.agency: b.width for b in features} | {label.agency: label.width + 1}
     register = len(label.x)
     hessian_std = plan.hessian_std(register) if plan.releases_hessian else 0.0
+    folders = dict(evidence or {})
+    receipts = folders.get("arbiter")
     arbiter = Arbiter(widths, plan.noise_std * scale, noise_rng, hessian_std=hessian_std,
-                      label_holder=label.agency if plan.shapes_noise else None)  # fmt: skip
+                      label_holder=label.agency if plan.shapes_noise else None,
+                      receipts=None if receipts is None else receipts / "receipts.jsonl")  # fmt: skip
     context = arbiter.public_context()
     keys = {b.agency: PartyKeys.generate(b.agency) for b in [*features, label]}
     directory = {name: k.public() for name, k in keys.items()}
@@ -183,7 +192,8 @@ def train_vertical(
             optimizer=plan.optimizer, learning_rate=plan.learning_rate, weight_bound=plan.weight_bound,
             projection=plan.projection, score_clip=plan.score_clip,
             newton_damping=plan.hessian_damping(widths[name], register), iterations=plan.iterations,
-            averaged=plan.averaged,
+            averaged=plan.averaged, evidence=folders.get(name) if name != label.agency else None,
+            receipts=folders[name] / "receipts.jsonl" if name == label.agency and name in folders else None,
         )  # fmt: skip
 
     holders = [FeatureHolder(b, setup(b.agency), rng) for b, rng in zip(features, rngs, strict=False)]

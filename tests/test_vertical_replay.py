@@ -1,0 +1,251 @@
+"""Accountability: an agency's products replayed from its evidence (docs/vertical.md, "Accountability").
+
+An agency that multiplies civil affairs' ciphertexts by anything but its declared clipped rows (a planted
+sentinel) reads one household's residual above the noise, and nobody sees it at the time. What must hold:
+every product the arbiter released is recomputed bit for bit from the agency's kept rows and civil affairs'
+recorded operands; a sentinel computed while honest rows are kept, unclipped rows kept as they were used, a
+substituted operand, withheld evidence and a change of one value in 10^7 are each caught; civil affairs and
+the arbiter keep hashes only; `agencyfl audit replay` exits 0 or 25 and says why.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import VerticalJob, invoke
+
+from agencyfl.exit_codes import ExitCode
+from agencyfl.federation.errors import DataFileError
+from agencyfl.vertical import Block, LabelData, VerticalPlan
+from agencyfl.vertical import train as train_module
+from agencyfl.vertical.encoding import CLIP
+from agencyfl.vertical.protocol import FeatureHolder, HolderSetup
+from agencyfl.vertical.replay import replay
+from agencyfl.vertical.train import VerticalResult, train_vertical
+
+PLAN = VerticalPlan(agencies=4, iterations=2, epsilon=3.0, delta=1e-5)  # block Newton: a Hessian, 2 sweeps
+SENTINEL = 1000.0
+
+
+class SentinelHolder(FeatureHolder):
+    """HRSS keeps its honest clipped rows as evidence but multiplies by a row scaled 1000-fold (the attack the
+    clip is there to bound); tax keeps and multiplies an unclipped row (it records what it did). ``target``: the
+    household they single out, one HRSS holds and civil affairs trained on."""
+
+    target = 0
+
+    def __init__(self, block: Block, setup: HolderSetup, rng: np.random.Generator) -> None:
+        if block.agency == "tax":
+            x = np.array(block.x)
+            x[self.target] = SENTINEL / np.sqrt(x.shape[1])  # norm 1000 against the declared 1
+            block = block.with_inputs(x)
+        super().__init__(block, setup, rng)
+        if self.name == "hrss":
+            self._inputs = self._inputs.copy()
+            self._inputs[self.target] *= SENTINEL
+            self._columns = self._chunked(self._inputs)
+
+
+@pytest.fixture(scope="module")
+def attacked(
+    vertical_blocks: tuple[list[Block], Block, LabelData], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[VerticalResult, dict[str, Path], list[Path]]:
+    """One job in which HRSS and tax cheat as ``SentinelHolder`` says and environment is honest."""
+    features, label, labels = vertical_blocks
+    root = tmp_path_factory.mktemp("replay")
+    evidence = {b.agency: root / b.agency for b in [*features, label]} | {"arbiter": root / "coordinator"}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_module, "FeatureHolder", SentinelHolder)
+        patch.setattr(SentinelHolder, "target", int(np.flatnonzero(features[0].held & labels.train)[0]))
+        result = train_vertical(features, label, labels, PLAN, validate=False, evidence=evidence)
+    folders = {b.agency: next((root / b.agency).iterdir()) for b in features}
+    receipts = [root / label.agency / "receipts.jsonl", root / "coordinator" / "receipts.jsonl"]
+    return result, folders, receipts
+
+
+def test_an_honest_agency_s_every_product_replays_bit_for_bit(
+    attacked: tuple[VerticalResult, dict[str, Path], list[Path]],
+) -> None:
+    _, folders, receipts = attacked
+    report = replay(folders["environment"], receipts)
+    assert report.ok, report.findings
+    # the Hessian and one gradient per sweep: every product the arbiter released from it
+    assert [(p.kind, p.seq) for p in report.products] == [("gradient", 0), ("gradient", 1), ("hessian", 0)]
+    assert all(p.matched for p in report.products)
+    assert report.max_row_norm <= CLIP * (1 + 1e-9) and report.rows_over_clip == 0
+
+
+def test_a_sentinel_multiplied_while_honest_rows_are_kept_is_caught(
+    attacked: tuple[VerticalResult, dict[str, Path], list[Path]],
+    vertical_blocks: tuple[list[Block], Block, LabelData],
+) -> None:
+    result, folders, receipts = attacked
+    report = replay(folders["hrss"], receipts)
+    assert not report.ok
+    assert report.rows_over_clip == 0  # the kept rows are clean: the products give it away
+    assert {(p.kind, p.seq) for p in report.products if not p.matched} == {("gradient", 0), ("gradient", 1),
+                                                                             ("hessian", 0)}  # fmt: skip
+    assert all("multiplied other rows" in p.finding for p in report.products)
+    # and the attack was real: every weight is 0 in the first sweep, so the honest gradient is public given the
+    # labels; what HRSS's first release adds to it along its target's row reads the target's label far above
+    # the noise (the DP bound the clip was there to keep)
+    (hrss, *_), _, labels = vertical_blocks
+    target = int(np.flatnonzero(hrss.held & labels.train)[0])
+    honest = hrss.x.T @ (labels.train * (0.5 - labels.y) / len(labels.y))
+    row = hrss.x[target] / np.linalg.norm(hrss.x[target])
+    read = float((result.parties["hrss"].releases[0] - honest) @ row)  # type: ignore[union-attr]
+    assert abs(read) > 10 * max(result.parties["arbiter"].stds["hrss"])  # type: ignore[union-attr]
+    assert np.sign(read) == np.sign(0.5 - labels.y[target])
+
+
+def test_rows_past_the_declared_clip_are_caught_even_when_kept_as_used(
+    attacked: tuple[VerticalResult, dict[str, Path], list[Path]],
+) -> None:
+    _, folders, receipts = attacked
+    report = replay(folders["tax"], receipts)
+    assert all(p.matched for p in report.products)  # it kept what it multiplied ...
+    assert report.rows_over_clip == 1 and report.max_row_norm == pytest.approx(SENTINEL)  # ... past the clip
+    assert not report.ok and "exceed the declared norm" in report.findings[0]
+
+
+def _copy(folder: Path, into: Path) -> Path:
+    shutil.copytree(folder, into)
+    return into
+
+
+def test_a_substituted_operand_withheld_evidence_and_a_tiny_change_are_each_caught(
+    attacked: tuple[VerticalResult, dict[str, Path], list[Path]], tmp_path: Path
+) -> None:
+    _, folders, receipts = attacked
+    # an agency that swaps in ciphertexts of its own making (here: another sweep's residual)
+    swapped = _copy(folders["environment"], tmp_path / "swapped")
+    first, second = (dict(np.load(swapped / f"gradient-{s:04d}.npz")) for s in (0, 1))
+    np.savez(swapped / "gradient-0001.npz", **(second | {k: v for k, v in first.items() if k.startswith("operand")}))
+    findings = {(p.kind, p.seq): p.finding for p in replay(swapped, receipts).products if not p.matched}
+    assert list(findings) == [("gradient", 1)] and "not the residual civil affairs sent" in findings["gradient", 1]
+    # evidence withheld for a product the arbiter released
+    withheld = _copy(folders["environment"], tmp_path / "withheld")
+    (withheld / "hessian-0000.npz").unlink()
+    findings = {(p.kind, p.seq): p.finding for p in replay(withheld, receipts).products if not p.matched}
+    assert list(findings) == [("hessian", 0)] and "kept no evidence" in findings["hessian", 0]
+    # one value changed by one part in 10^7 changes every product's bytes
+    nudged = _copy(folders["environment"], tmp_path / "nudged")
+    x = np.load(nudged / "inputs.npy")
+    row, col = np.argwhere(x != 0)[0]
+    x[row, col] *= 1 - 1e-7
+    np.save(nudged / "inputs.npy", x)
+    report = replay(nudged, receipts)
+    assert report.rows_over_clip == 0 and not any(p.matched for p in report.products)
+
+
+def test_the_wrong_receipts_or_another_tenseal_are_clear_errors(
+    attacked: tuple[VerticalResult, dict[str, Path], list[Path]], tmp_path: Path
+) -> None:
+    _, folders, receipts = attacked
+    with pytest.raises(DataFileError, match="no arbiter receipt names environment"):
+        replay(folders["environment"], receipts[:1])  # civil affairs' receipts only
+    other = _copy(folders["environment"], tmp_path / "other")
+    meta = json.loads((other / "meta.json").read_text())
+    (other / "meta.json").write_text(json.dumps(meta | {"tenseal": "0.0.1"}))
+    with pytest.raises(DataFileError, match="another|this install has"):
+        replay(other, receipts)
+    with pytest.raises(DataFileError, match="not an agency's evidence folder"):
+        replay(tmp_path, receipts)
+
+
+def test_civil_affairs_and_the_arbiter_keep_hashes_only(
+    attacked: tuple[VerticalResult, dict[str, Path], list[Path]],
+) -> None:
+    _, _, receipts = attacked
+    lines = [json.loads(line) for path in receipts for line in path.read_text().splitlines()]
+    assert {tuple(sorted(r)) for r in lines} == {("agency", "by", "context", "kind", "seq", "sha256")}
+    assert all(len(r["sha256"]) == 64 and int(r["sha256"], 16) >= 0 for r in lines)
+    civil = {(r["agency"], r["kind"]) for r in lines if r["by"] == "civil-affairs"}
+    assert civil == {(a, k) for a in ("hrss", "tax", "environment") for k in ("residual", "hessian-weights")}
+    arbiter = [r for r in lines if r["by"] == "arbiter"]
+    # every party's products (civil affairs' own too), two sweeps and the Hessian each
+    assert sorted((r["agency"], r["kind"]) for r in arbiter).count(("tax", "gradient")) == PLAN.iterations
+    assert len({r["context"] for r in lines}) == 1
+
+
+def test_agencyfl_run_keeps_evidence_that_audit_replay_accepts(vertical_job: VerticalJob) -> None:
+    paths = vertical_job.summary["evidence"]
+    assert sorted(paths["agencies"]) == ["environment", "hrss", "tax"]
+    for agency, folder in paths["agencies"].items():
+        assert Path(folder).is_relative_to(vertical_job.work / agency)  # the rows stay in the agency's folder
+    receipts = [a for path in paths["receipts"] for a in ("--receipts", path)]
+    done = invoke("audit", "replay", "--evidence", paths["agencies"]["tax"], *receipts, "--format", "json")
+    assert done.exit_code == ExitCode.OK, done.output
+    report = json.loads(done.stdout)
+    assert report["ok"] and report["agency"] == "tax" and len(report["products"]) == 1 + 3  # Hessian, 3 sweeps
+    table = invoke("audit", "replay", "--evidence", paths["agencies"]["hrss"], *receipts)
+    assert table.exit_code == ExitCode.OK and "every product matches its replay" in table.output
+
+
+def test_audit_replay_exits_25_with_the_finding_and_4_for_a_folder_that_is_not_evidence(
+    attacked: tuple[VerticalResult, dict[str, Path], list[Path]], tmp_path: Path
+) -> None:
+    _, folders, receipts = attacked
+    args = [a for path in receipts for a in ("--receipts", path)]
+    caught = invoke("audit", "replay", "--evidence", folders["hrss"], *args)
+    assert caught.exit_code == ExitCode.COMPUTATION_DEVIATED
+    assert "multiplied other rows" in caught.output and "Traceback" not in caught.output
+    as_json = invoke("audit", "replay", "--evidence", folders["tax"], *args, "--format", "json")
+    assert as_json.exit_code == ExitCode.COMPUTATION_DEVIATED and json.loads(as_json.stdout)["rows_over_clip"] == 1
+    bad = invoke("audit", "replay", "--evidence", tmp_path, *args)
+    assert bad.exit_code == ExitCode.DATA_UNUSABLE and "not an agency's evidence folder" in bad.output
+
+
+def test_evidence_that_declares_its_own_bound_or_hides_a_row_in_integers_is_caught(
+    attacked: tuple[VerticalResult, dict[str, Path], list[Path]], tmp_path: Path
+) -> None:
+    _, folders, receipts = attacked
+    # tax kept its sentinel row as used; declaring a looser clip does not excuse it
+    loose = _copy(folders["tax"], tmp_path / "loose")
+    meta = json.loads((loose / "meta.json").read_text())
+    (loose / "meta.json").write_text(json.dumps(meta | {"clip": 1e9}))
+    report = replay(loose, receipts)
+    assert report.rows_over_clip == 1 and any("declares the clip" in f for f in report.findings)
+    # integers whose squares wrap around would read as a zero row; anything but finite float64 rows is a finding
+    wrapped = _copy(folders["environment"], tmp_path / "wrapped")
+    np.save(wrapped / "inputs.npy", np.zeros((4, 3), dtype=np.int32) + 2**16)
+    assert any("not float64 rows" in f for f in replay(wrapped, receipts).findings)
+    nan = _copy(folders["environment"], tmp_path / "nan")
+    x = np.load(nan / "inputs.npy")
+    x[3, 0] = np.nan
+    np.save(nan / "inputs.npy", x)
+    report = replay(nan, receipts)
+    assert "1 row(s) of the kept inputs are not finite" in report.findings and np.isfinite(report.max_row_norm)
+    json.dumps(report.to_json(), allow_nan=False)  # valid JSON for `--format json`
+
+
+def test_receipts_that_disagree_are_refused_and_a_torn_last_line_is_skipped(
+    attacked: tuple[VerticalResult, dict[str, Path], list[Path]], tmp_path: Path
+) -> None:
+    _, folders, (civil, arbiter) = attacked
+    torn = tmp_path / "torn.jsonl"
+    torn.write_text(arbiter.read_text() + '{"by": "arbiter", "context"')  # a job stopped mid-line
+    assert replay(folders["environment"], [civil, torn]).ok
+    lines = [json.loads(line) for line in arbiter.read_text().splitlines()]
+    forged = tmp_path / "forged.jsonl"
+    first = next(r for r in lines if r["agency"] == "environment")
+    forged.write_text(json.dumps(first | {"sha256": "0" * 64}) + "\n")
+    with pytest.raises(DataFileError, match="a second, different digest"):
+        replay(folders["environment"], [civil, arbiter, forged])
+
+
+def test_the_agency_s_rows_and_masks_are_readable_by_it_alone(
+    attacked: tuple[VerticalResult, dict[str, Path], list[Path]],
+) -> None:
+    _, folders, receipts = attacked
+    folder = folders["environment"]
+    assert folder.stat().st_mode & 0o777 == 0o700 and folder.parent.stat().st_mode & 0o777 == 0o700
+    assert {f.stat().st_mode & 0o777 for f in folder.iterdir()} == {0o600}
+    assert {p.stat().st_mode & 0o777 for p in receipts} == {0o600}
+    other = invoke("audit", "replay", "--evidence", folder, "--agency", "tax",
+                   *[a for p in receipts for a in ("--receipts", p)])  # fmt: skip
+    assert other.exit_code == ExitCode.DATA_UNUSABLE and "the evidence of 'environment', not of 'tax'" in other.output
