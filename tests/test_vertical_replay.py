@@ -17,12 +17,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import VerticalJob, invoke
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agencyfl.exit_codes import ExitCode
-from agencyfl.federation.errors import DataFileError
+from agencyfl.federation.errors import DataFileError, LedgerError
+from agencyfl.privacy.keys import public_pem
 from agencyfl.vertical import Block, LabelData, VerticalPlan
 from agencyfl.vertical import train as train_module
 from agencyfl.vertical.encoding import CLIP
+from agencyfl.vertical.evidence import GENESIS, receipt_signer
 from agencyfl.vertical.protocol import FeatureHolder, HolderSetup
 from agencyfl.vertical.replay import replay
 from agencyfl.vertical.train import VerticalResult, train_vertical
@@ -54,14 +57,19 @@ class SentinelHolder(FeatureHolder):
 def attacked(
     vertical_blocks: tuple[list[Block], Block, LabelData], tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[VerticalResult, dict[str, Path], list[Path]]:
-    """One job in which HRSS and tax cheat as ``SentinelHolder`` says and environment is honest."""
+    """One job in which HRSS and tax cheat as ``SentinelHolder`` says and environment is honest; civil affairs
+    and the arbiter sign their receipts with keys whose public halves are in ``ROOT/keyring``."""
     features, label, labels = vertical_blocks
     root = tmp_path_factory.mktemp("replay")
     evidence = {b.agency: root / b.agency for b in [*features, label]} | {"arbiter": root / "coordinator"}
+    keys = {label.agency: Ed25519PrivateKey.generate(), "arbiter": Ed25519PrivateKey.generate()}
+    (root / "keyring").mkdir()
+    for name, key in keys.items():
+        (root / "keyring" / f"{receipt_signer(name)}.pub").write_bytes(public_pem(key.public_key()))
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train_module, "FeatureHolder", SentinelHolder)
         patch.setattr(SentinelHolder, "target", int(np.flatnonzero(features[0].held & labels.train)[0]))
-        result = train_vertical(features, label, labels, PLAN, validate=False, evidence=evidence)
+        result = train_vertical(features, label, labels, PLAN, validate=False, evidence=evidence, receipt_keys=keys)
     folders = {b.agency: next((root / b.agency).iterdir()) for b in features}
     receipts = [root / label.agency / "receipts.jsonl", root / "coordinator" / "receipts.jsonl"]
     return result, folders, receipts
@@ -71,8 +79,8 @@ def test_an_honest_agency_s_every_product_replays_bit_for_bit(
     attacked: tuple[VerticalResult, dict[str, Path], list[Path]],
 ) -> None:
     _, folders, receipts = attacked
-    report = replay(folders["environment"], receipts)
-    assert report.ok, report.findings
+    report = replay(folders["environment"], receipts, keyring=receipts[0].parent.parent / "keyring")
+    assert report.ok and report.receipts_signed, report.findings
     # the Hessian and one gradient per sweep: every product the arbiter released from it
     assert [(p.kind, p.seq) for p in report.products] == [("gradient", 0), ("gradient", 1), ("hessian", 0)]
     assert all(p.matched for p in report.products)
@@ -162,7 +170,8 @@ def test_civil_affairs_and_the_arbiter_keep_hashes_only(
 ) -> None:
     _, _, receipts = attacked
     lines = [json.loads(line) for path in receipts for line in path.read_text().splitlines()]
-    assert {tuple(sorted(r)) for r in lines} == {("agency", "by", "context", "kind", "seq", "sha256")}
+    assert {tuple(sorted(r)) for r in lines} == {("agency", "by", "context", "key", "kind", "prev", "seq", "sha256",
+                                                  "sig")}  # fmt: skip
     assert all(len(r["sha256"]) == 64 and int(r["sha256"], 16) >= 0 for r in lines)
     civil = {(r["agency"], r["kind"]) for r in lines if r["by"] == "civil-affairs"}
     assert civil == {(a, k) for a in ("hrss", "tax", "environment") for k in ("residual", "hessian-weights")}
@@ -172,16 +181,25 @@ def test_civil_affairs_and_the_arbiter_keep_hashes_only(
     assert len({r["context"] for r in lines}) == 1
 
 
-def test_agencyfl_run_keeps_evidence_that_audit_replay_accepts(vertical_job: VerticalJob) -> None:
+def test_agencyfl_run_keeps_evidence_that_audit_replay_accepts(vertical_job: VerticalJob, tmp_path: Path) -> None:
     paths = vertical_job.summary["evidence"]
     assert sorted(paths["agencies"]) == ["environment", "hrss", "tax"]
     for agency, folder in paths["agencies"].items():
         assert Path(folder).is_relative_to(vertical_job.work / agency)  # the rows stay in the agency's folder
     receipts = [a for path in paths["receipts"] for a in ("--receipts", path)]
-    done = invoke("audit", "replay", "--evidence", paths["agencies"]["tax"], *receipts, "--format", "json")
+    # the auditor's keyring: civil affairs' and the coordinator's ledger keys, handed over as files
+    keyring = tmp_path / "keyring"
+    for party, key in (("civil-affairs", "civil-affairs"), ("coordinator", "coordinator")):
+        exported = invoke("audit", "keys", "export", vertical_job.work / key / "keys" / "ledger-signing.key",
+                          "--out", tmp_path / f"{party}.pub")  # fmt: skip
+        assert exported.exit_code == 0, exported.output
+        assert invoke("audit", "keys", "import", party, tmp_path / f"{party}.pub", "--keyring", keyring).exit_code == 0
+    done = invoke("audit", "replay", "--evidence", paths["agencies"]["tax"], *receipts, "--keyring", keyring,
+                  "--format", "json")  # fmt: skip
     assert done.exit_code == ExitCode.OK, done.output
     report = json.loads(done.stdout)
     assert report["ok"] and report["agency"] == "tax" and len(report["products"]) == 1 + 3  # Hessian, 3 sweeps
+    assert report["receipts_signed"]
     table = invoke("audit", "replay", "--evidence", paths["agencies"]["hrss"], *receipts)
     assert table.exit_code == ExitCode.OK and "every product matches its replay" in table.output
 
@@ -233,7 +251,7 @@ def test_receipts_that_disagree_are_refused_and_a_torn_last_line_is_skipped(
     lines = [json.loads(line) for line in arbiter.read_text().splitlines()]
     forged = tmp_path / "forged.jsonl"
     first = next(r for r in lines if r["agency"] == "environment")
-    forged.write_text(json.dumps(first | {"sha256": "0" * 64}) + "\n")
+    forged.write_text(json.dumps(first | {"sha256": "0" * 64, "prev": GENESIS}) + "\n")  # a file of its own
     with pytest.raises(DataFileError, match="a second, different digest"):
         replay(folders["environment"], [civil, arbiter, forged])
 
@@ -249,3 +267,35 @@ def test_the_agency_s_rows_and_masks_are_readable_by_it_alone(
     other = invoke("audit", "replay", "--evidence", folder, "--agency", "tax",
                    *[a for p in receipts for a in ("--receipts", p)])  # fmt: skip
     assert other.exit_code == ExitCode.DATA_UNUSABLE and "the evidence of 'environment', not of 'tax'" in other.output
+
+
+def test_a_receipt_forged_taken_out_or_signed_by_another_key_is_refused(
+    attacked: tuple[VerticalResult, dict[str, Path], list[Path]], tmp_path: Path
+) -> None:
+    """Receipts may come through the agency itself: with the keyring, the only receipts the replay accepts are
+    civil affairs' and the coordinator's, whole and in order."""
+    _, folders, (civil, arbiter) = attacked
+    keyring = civil.parent.parent / "keyring"
+    lines = arbiter.read_text().splitlines()
+    # HRSS rewrites the arbiter's digests of its products to those of its honest replay: the signatures fail
+    mine = [i for i, line in enumerate(lines) if json.loads(line)["agency"] == "hrss"]
+    forged = tmp_path / "forged.jsonl"
+    edited = [json.dumps(json.loads(line) | {"sha256": "1" * 64}, sort_keys=True, separators=(",", ":"))
+              if i in mine else line for i, line in enumerate(lines)]  # fmt: skip
+    forged.write_text("\n".join(edited) + "\n")
+    with pytest.raises(LedgerError, match="the receipts chain is broken|not signed by coordinator"):
+        replay(folders["hrss"], [civil, forged], keyring=keyring)
+    # ... or drops its receipts altogether: the chain names each line's predecessor
+    dropped = tmp_path / "dropped.jsonl"
+    dropped.write_text("\n".join(line for i, line in enumerate(lines) if i not in mine) + "\n")
+    with pytest.raises(LedgerError, match="the receipts chain is broken"):
+        replay(folders["hrss"], [civil, dropped])
+    # ... or signs a whole new file with a key of its own: the keyring knows whose key is whose
+    stranger = tmp_path / "keyring"
+    stranger.mkdir()
+    (stranger / "coordinator.pub").write_bytes(public_pem(Ed25519PrivateKey.generate().public_key()))
+    (stranger / "civil-affairs.pub").write_bytes((keyring / "civil-affairs.pub").read_bytes())
+    with pytest.raises(LedgerError, match="not signed by coordinator's key"):
+        replay(folders["hrss"], [civil, arbiter], keyring=stranger)
+    done = invoke("audit", "replay", "--evidence", folders["hrss"], "--receipts", civil, "--receipts", dropped)
+    assert done.exit_code == ExitCode.LEDGER_UNVERIFIED and "Traceback" not in done.output

@@ -279,19 +279,22 @@ def audit_replay(
     agency: Annotated[
         str | None, typer.Option("--agency", help="The agency you mean to check (refused if the evidence is another's)")
     ] = None,
+    keyring: KeyringOpt = None,
     fmt: FormatOpt = Format.table,
 ) -> None:
     """Recompute an agency's masked gradients and Hessian from its kept clipped rows; compare with the receipts.
 
-    Run it at the agency (its rows never leave), on an install you trust, with receipts you got from civil
-    affairs and the coordinator yourself. Exits 0 when every product the arbiter released matches and
+    Run it at the agency (its rows never leave), on an install you trust. With --keyring every receipt must be
+    signed by civil affairs' or the coordinator's ledger key, so they may reach you through anyone; without
+    it, take them from those parties yourself. Exits 0 when every product the arbiter released matches and
     every row is within the declared norm; 25 otherwise (a sentinel or other rows were multiplied, an operand
-    substituted, evidence withheld); 4 for a folder that is not evidence or receipts of another job.
+    substituted, evidence withheld); 4 for a folder that is not evidence or receipts of another job; 5 for
+    receipts whose chain is broken or (with --keyring) not signed by their party.
     """
     from agencyfl.vertical.replay import replay
 
     with errors_to_exit(), out.status("replaying the agency's products..."):
-        report = replay(evidence, receipts, agency)
+        report = replay(evidence, receipts, agency, keyring)
     code = ExitCode.OK if report.ok else ExitCode.COMPUTATION_DEVIATED
     if fmt is Format.json:
         emit_json(report.to_json() | {"exit_code": int(code)})
@@ -300,6 +303,8 @@ def audit_replay(
     for p in report.products:
         table.add_row(f"{p.kind} {p.seq}", "[green]yes[/]" if p.matched else "[red]NO[/]", p.finding)
     out.print(table)
+    signed = "verified against the keyring" if report.receipts_signed else "not checked (no --keyring)"
+    out.print(f"receipts: chained; signatures {signed}")
     out.print(f"inputs: {report.rows} rows x {report.width}, largest row norm {report.max_row_norm:.6g} "
               f"(declared {report.clip:g}), {report.rows_over_clip} over")  # fmt: skip
     for finding in report.findings:

@@ -138,7 +138,7 @@ def _run(grid: Grid, cfg: Any, coordinator: Path, sink: EventSink) -> dict[str, 
         driver = DriverSettings(
             loaded=loaded, plan=plan, job=job_plan, workdir=workdir,
             chain=open_coordinator_ledger(workdir / "coordinator" / "ledger", ledger_key),
-            connect_timeout=timeout, resume=resume,
+            connect_timeout=timeout, resume=resume, receipts_key=load_signing_key(ledger_key),
         )  # fmt: skip
         return drive(hub, driver, sink)
     finally:

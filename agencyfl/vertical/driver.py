@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agencyfl.alignment.sealed import unpack
 from agencyfl.federation.encoding import FeatureEncoder
@@ -89,6 +90,7 @@ class DriverSettings:
     step_timeout: float = STEP_TIMEOUT
     noise_rng: np.random.Generator | None = None  # the arbiter's DP noise (inject only to reproduce in tests)
     resume: bool = False  # continue the job from the last iteration every party checkpointed
+    receipts_key: Ed25519PrivateKey | None = None  # its ledger key, signing the arbiter's receipts (audit replay)
 
     @property
     def run_dir(self) -> Path:
@@ -153,6 +155,7 @@ def drive(hub: StreamHub, settings: DriverSettings, sink: EventSink) -> dict[str
             hessian_std=plan.hessian_std(job.register_size) if plan.releases_hessian else 0.0,
             label_holder=job.label_holder if plan.shapes_noise else None,
             receipts=settings.workdir / "evidence" / job.job / "receipts.jsonl",  # for `audit replay`
+            receipts_key=settings.receipts_key,
         )  # fmt: skip
         context = arbiter.public_context()
         names = list(hellos)

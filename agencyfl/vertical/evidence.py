@@ -19,6 +19,9 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 import tenseal as ts
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agencyfl.privacy.keys import key_id
 
 ProductKind = Literal["gradient", "hessian"]
 OperandKind = Literal["residual", "hessian-weights"]
@@ -63,28 +66,58 @@ def evidence_folder(root: Path, public_context: bytes) -> Path:
     return root / context_digest(public_context)[:16]
 
 
+GENESIS = "0" * 64
+"""What the first receipt of a file names as the one before it."""
+
+
+def canonical(line: dict[str, Any]) -> bytes:
+    """A receipt as signed and chained: sorted keys, no spaces."""
+    return json.dumps(line, sort_keys=True, separators=(",", ":")).encode()
+
+
+def receipt_signer(by: str) -> str:
+    """Whose key signs a receipt recorded by ``by``, as a keyring names it (``audit keys``)."""
+    return "coordinator" if by == "arbiter" else by
+
+
 class Receipts:
     """Append-only JSON lines, one per vector a party sealed to or received from an agency: who recorded it,
-    the arbiter key's digest, the agency, the kind, a sequence number per (agency, kind), the SHA-256.
+    the arbiter key's digest, the agency, the kind, a sequence number per (agency, kind), the SHA-256; each
+    line names the SHA-256 of the line before it (``prev``) and, with the party's ledger key, is signed by it
+    (``key``, ``sig``), so receipts can travel through anyone and none can be taken out or reordered unseen.
     Written and flushed as each vector goes, so a job that stops still leaves what it released."""
 
-    def __init__(self, path: Path, by: str, public_context: bytes) -> None:
+    def __init__(self, path: Path, by: str, public_context: bytes, key: Ed25519PrivateKey | None = None) -> None:
         _private_folder(path.parent)
         self.path = path
         self.by = by
         self.context = context_digest(public_context)
+        self._key = key
         self._seq: Counter[tuple[str, str]] = Counter()
+        self._prev = GENESIS
+        if path.exists():  # a resumed job's arbiter or civil affairs: go on from the file's last whole line
+            text = path.read_bytes()
+            whole = text[: text.rfind(b"\n") + 1]
+            if len(whole) != len(text):  # a line torn by a stop: never completed, so nothing released after it
+                path.write_bytes(whole)
+            if whole:
+                self._prev = hashlib.sha256(whole.splitlines()[-1]).hexdigest()
 
     def record(self, agency: str, kind: str, vectors: list[bytes]) -> None:
         seq = self._seq[agency, kind]
         self._seq[agency, kind] += 1
-        line = {"by": self.by, "context": self.context, "agency": agency, "kind": kind, "seq": seq,
-                "sha256": digest(vectors)}  # fmt: skip
+        line: dict[str, Any] = {"by": self.by, "context": self.context, "agency": agency, "kind": kind, "seq": seq,
+                                "sha256": digest(vectors), "prev": self._prev}  # fmt: skip
+        if self._key is not None:
+            line["key"] = key_id(self._key.public_key())
+            line["sig"] = self._key.sign(canonical(line)).hex()
+        text = canonical(line)
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        with os.fdopen(fd, "a") as f:
-            f.write(json.dumps(line) + "\n")
+        with os.fdopen(fd, "ab") as f:
+            f.write(text + b"\n")
             f.flush()
             os.fsync(f.fileno())
+        self._prev = hashlib.sha256(text).hexdigest()
 
 
 class Evidence:

@@ -27,7 +27,7 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-from agencyfl.alignment.runs import align_from_spec
+from agencyfl.alignment.runs import COORDINATOR_KEY, align_from_spec
 from agencyfl.federation.errors import JobStopped
 from agencyfl.federation.fairness import card_fields, count_groups, group_labels, household_totals, layout, pooled_total
 from agencyfl.federation.fairness import sensitivity as fairness_sensitivity
@@ -445,7 +445,11 @@ def run_vertical(
     # party's own folder
     evidence = {a.name: workdir / a.name / "evidence" / job for a in spec.agencies}
     evidence["arbiter"] = workdir / "coordinator" / "evidence" / job
-    result: VerticalResult = train_vertical(features, label, labels, plan, before_release=account, evidence=evidence)
+    # signed with the ledger keys an auditor already holds: civil affairs' and the coordinator's
+    signers = {label.agency: load_or_create_signing_key(workdir / label.agency / "keys" / "ledger-signing.key"),
+               "arbiter": load_or_create_signing_key(workdir / COORDINATOR_KEY)}  # fmt: skip
+    result: VerticalResult = train_vertical(features, label, labels, plan, before_release=account, evidence=evidence,
+                                            receipt_keys=signers)  # fmt: skip
     models = {}
     for name, weights in result.weights.items():
         folder = workdir / name / "model"

@@ -17,6 +17,7 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 import tenseal as ts
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agencyfl.alignment.sealed import Envelope, MessageKind, PartyKeys, PartyPublicKeys, open_envelope, seal
 from agencyfl.federation.errors import HEError, MessageRejectedError
@@ -117,6 +118,7 @@ class HolderSetup:
     averaged: int = 1
     evidence: Path | None = None  # an agency's evidence folder for the job (``Evidence``); None keeps none
     receipts: Path | None = None  # civil affairs' receipts file for the job (``Receipts``); None keeps none
+    receipts_key: Ed25519PrivateKey | None = None  # civil affairs' ledger key, which signs its receipts
 
 
 HESSIAN_STEP = 0
@@ -412,7 +414,9 @@ class LabelHolder(_Holder):
         self._tag_mask: Vector | None = None
         self._tag_factor: Vector | None = None
         # the digest of every vector it seals to an agency, for a replay of that agency's products
-        self.receipts = None if setup.receipts is None else Receipts(setup.receipts, self.name, setup.public_context)
+        self.receipts = None
+        if setup.receipts is not None:
+            self.receipts = Receipts(setup.receipts, self.name, setup.public_context, setup.receipts_key)
 
     def take_partials(self, sender: str, envelopes: list[Envelope], step: Step) -> None:
         """Open one agency's partial scores, sealed for ``step``, and keep them: each agency's latest are what
@@ -563,6 +567,8 @@ class Arbiter:
         The CKKS parameter set, default ``PARAMETERS``.
     receipts
         Where to append the digest of every product it releases (``Receipts``); None keeps none.
+    receipts_key
+        The coordinator's ledger key, which signs those receipts (None: unsigned).
     """
 
     name = "arbiter"
@@ -576,12 +582,13 @@ class Arbiter:
         hessian_std: float = 0.0,
         label_holder: str | None = None,
         receipts: Path | None = None,
+        receipts_key: Ed25519PrivateKey | None = None,
     ) -> None:
         self.params: ParameterSet = parameter_set(params)
         self._context = new_private_context(self.params)
         self._context.generate_galois_keys()
         # the digest of every product it releases, for a replay of the sender's computation
-        self.receipts = None if receipts is None else Receipts(receipts, self.name, self.public_context())
+        self.receipts = None if receipts is None else Receipts(receipts, self.name, self.public_context(), receipts_key)
         self.widths = dict(widths)
         self.noise_std = noise_std
         self.hessian_std = hessian_std

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import zipfile
 from dataclasses import dataclass, field
@@ -12,11 +13,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import tenseal as ts
+from cryptography.exceptions import InvalidSignature
 
-from agencyfl.federation.errors import DataFileError
+from agencyfl.federation.errors import DataFileError, LedgerError
 from agencyfl.privacy.he import load_public_context
+from agencyfl.privacy.keys import keyring_key
 from agencyfl.vertical.encoding import CLIP
-from agencyfl.vertical.evidence import OPERAND_OF, context_digest, digest
+from agencyfl.vertical.evidence import GENESIS, OPERAND_OF, canonical, context_digest, digest, receipt_signer
 from agencyfl.vertical.protocol import _dot, chunk_count, column_multipliers, masked_totals, pair_products
 
 NORM_SLACK = 1e-9
@@ -45,6 +48,7 @@ class ReplayReport:
     clip: float
     rows_over_clip: int
     inputs_findings: list[str] = field(default_factory=list)  # what is wrong with the kept inputs themselves
+    receipts_signed: bool = False  # every receipt verified against the auditor's keyring
     products: list[ProductCheck] = field(default_factory=list)
 
     @property
@@ -65,30 +69,53 @@ class ReplayReport:
         return {
             "agency": self.agency, "context": self.context, "rows": self.rows, "width": self.width,
             "clip": self.clip, "max_row_norm": self.max_row_norm, "rows_over_clip": self.rows_over_clip,
+            "receipts_signed": self.receipts_signed,
             "products": [vars(p) for p in self.products], "findings": self.findings, "ok": self.ok,
         }  # fmt: skip
 
 
-def _read_receipts(paths: list[Path], agency: str, context: str) -> dict[tuple[str, str, int], str]:
-    """(recorded by, kind, seq) -> SHA-256, for this agency and key, from every receipts file given. A last
-    line without its newline (a job stopped while writing it) is skipped; two digests for one key are refused."""
+def _read_receipts(
+    paths: list[Path], agency: str, context: str, keyring: Path | None
+) -> dict[tuple[str, str, int], str]:
+    """(recorded by, kind, seq) -> SHA-256, for this agency and key, from every receipts file given. Each file's
+    chain is checked (every line names the hash of the one before); with ``keyring``, every line's signature
+    by its party (``receipt_signer``). A last line without its newline (a job stopped while writing it) is
+    skipped; two digests for one key are refused."""
     found: dict[tuple[str, str, int], str] = {}
     for path in paths:
         try:
-            text = path.read_text()
-        except (OSError, UnicodeDecodeError) as exc:
+            lines = path.read_bytes().split(b"\n")[:-1]  # whole lines only
+        except OSError as exc:
             raise DataFileError(f"{path}: cannot read the receipts file ({exc})") from exc
-        lines = text.split("\n")[:-1]  # whole lines only
-        for number, line in enumerate(lines, start=1):
+        prev = GENESIS
+        for number, text in enumerate(lines, start=1):
             try:
-                r = json.loads(line)
+                r = json.loads(text)
                 key, value = (str(r["by"]), str(r["kind"]), int(r["seq"])), str(r["sha256"])
                 mine = r["agency"] == agency and r["context"] == context
             except (ValueError, KeyError, TypeError) as exc:
                 raise DataFileError(f"{path}:{number}: not a receipt line") from exc
+            if r.get("prev") != prev:
+                raise LedgerError(f"{path}:{number}: the receipts chain is broken (a line before it taken out, "
+                                  "altered or reordered)")  # fmt: skip
+            prev = hashlib.sha256(text).hexdigest()
+            if keyring is not None:
+                _verify(r, keyring, f"{path}:{number}")
             if mine and found.setdefault(key, value) != value:
                 raise DataFileError(f"{path}:{number}: a second, different digest for {key[0]}'s {key[1]} {key[2]}")
     return found
+
+
+def _verify(receipt: dict[str, Any], keyring: Path, where: str) -> None:
+    signer = receipt_signer(str(receipt["by"]))
+    public = keyring_key(keyring, signer)
+    if public is None:
+        raise LedgerError(f"{where}: the keyring has no key for {signer!r} (import it with `audit keys import`)")
+    body = {k: v for k, v in receipt.items() if k != "sig"}
+    try:
+        public.verify(bytes.fromhex(str(receipt["sig"])), canonical(body))
+    except (KeyError, ValueError, InvalidSignature) as exc:
+        raise LedgerError(f"{where}: a receipt not signed by {signer}'s key in the keyring") from exc
 
 
 def _meta(evidence: Path) -> dict[str, Any]:
@@ -100,18 +127,24 @@ def _meta(evidence: Path) -> dict[str, Any]:
         raise DataFileError(f"{evidence}: not an agency's evidence folder (meta.json unreadable)") from exc
 
 
-def replay(evidence: Path, receipts: list[Path], agency: str | None = None) -> ReplayReport:
+def replay(
+    evidence: Path, receipts: list[Path], agency: str | None = None, keyring: Path | None = None
+) -> ReplayReport:
     """Recompute every product the arbiter recorded from ``evidence`` and compare digests.
 
-    ``receipts``: civil affairs' and the arbiter's files, as the auditor got them from those parties (never
-    from the agency). ``agency``: the agency the auditor means to check (default: whichever the evidence
-    names). The rows are held to the federation's ``CLIP``, whatever the evidence declares.
+    ``receipts``: civil affairs' and the arbiter's files. ``keyring``: the auditor's public keys (``audit
+    keys``); with it every receipt must be signed by its party, so the files may come through anyone, the
+    agency included; without it, take them from those parties directly. ``agency``: the agency the auditor
+    means to check (default: whichever the evidence names). The rows are held to the federation's ``CLIP``,
+    whatever the evidence declares.
 
     Raises
     ------
     DataFileError
         The folder is not evidence (or another agency's), it was made with another TenSEAL, no receipt from
         the arbiter names its key (the wrong receipts were given), or the receipts disagree.
+    LedgerError
+        A receipts file's chain is broken, or (with ``keyring``) a receipt is not signed by its party's key.
     """
     meta = _meta(evidence)
     if agency is not None and meta["agency"] != agency:
@@ -127,7 +160,7 @@ def replay(evidence: Path, receipts: list[Path], agency: str | None = None) -> R
     except (OSError, ValueError) as exc:
         raise DataFileError(f"{evidence}: not an agency's evidence folder ({exc})") from exc
     key = context_digest(public)
-    recorded = _read_receipts(receipts, meta["agency"], key)
+    recorded = _read_receipts(receipts, meta["agency"], key, keyring)
     released = sorted((kind, seq) for by, kind, seq in recorded if by == "arbiter" and kind in OPERAND_OF)
     if not released:
         raise DataFileError(
@@ -142,6 +175,7 @@ def replay(evidence: Path, receipts: list[Path], agency: str | None = None) -> R
     except Exception as exc:  # noqa: BLE001  # TenSEAL raises its own types for a malformed context
         raise DataFileError(f"{evidence}: context.bin is not a CKKS public context ({exc})") from exc
     report, x = _inputs_report(meta, key, inputs, params.slots)
+    report.receipts_signed = keyring is not None
     for kind, seq in released:
         report.products.append(_check(evidence, recorded, senders, x, context, params.slots, kind, seq))
     return report

@@ -193,6 +193,7 @@ class PartySession:
             # "Accountability"): an agency's evidence, civil affairs' receipts
             evidence=None if self.is_label else evidence,
             receipts=evidence / "receipts.jsonl" if self.is_label else None,
+            receipts_key=self.config.ledger_key,
         )  # fmt: skip
         rng = np.random.default_rng(secrets.randbits(128))
         if self.is_label:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agencyfl.alignment.sealed import PartyKeys
 from agencyfl.federation.metrics import exact_metrics
@@ -134,6 +135,7 @@ def train_vertical(
     validate: bool = True,
     before_release: Callable[[int], None] | None = None,
     evidence: Mapping[str, Path] | None = None,
+    receipt_keys: Mapping[str, Ed25519PrivateKey] | None = None,
 ) -> VerticalResult:
     """Train with the encrypted protocol; each party holds only its own block and keys.
 
@@ -161,6 +163,9 @@ def train_vertical(
         Each party's evidence folder for the job, by name (``"arbiter"`` for the arbiter's): the agencies
         keep what a replay needs, civil affairs and the arbiter their receipts (``docs/vertical.md``,
         "Accountability"). Default None: nothing kept (benchmarks, tests of other things).
+    receipt_keys
+        The ledger keys that sign civil affairs' and the arbiter's receipts (``"arbiter"``: the coordinator's);
+        default None: unsigned.
 
     Raises
     ------
@@ -177,9 +182,11 @@ def train_vertical(
     hessian_std = plan.hessian_std(register) if plan.releases_hessian else 0.0
     folders = dict(evidence or {})
     receipts = folders.get("arbiter")
+    signers = dict(receipt_keys or {})
     arbiter = Arbiter(widths, plan.noise_std * scale, noise_rng, hessian_std=hessian_std,
                       label_holder=label.agency if plan.shapes_noise else None,
-                      receipts=None if receipts is None else receipts / "receipts.jsonl")  # fmt: skip
+                      receipts=None if receipts is None else receipts / "receipts.jsonl",
+                      receipts_key=signers.get("arbiter"))  # fmt: skip
     context = arbiter.public_context()
     keys = {b.agency: PartyKeys.generate(b.agency) for b in [*features, label]}
     directory = {name: k.public() for name, k in keys.items()}
@@ -194,6 +201,7 @@ def train_vertical(
             newton_damping=plan.hessian_damping(widths[name], register), iterations=plan.iterations,
             averaged=plan.averaged, evidence=folders.get(name) if name != label.agency else None,
             receipts=folders[name] / "receipts.jsonl" if name == label.agency and name in folders else None,
+            receipts_key=signers.get(name) if name == label.agency else None,
         )  # fmt: skip
 
     holders = [FeatureHolder(b, setup(b.agency), rng) for b, rng in zip(features, rngs, strict=False)]
