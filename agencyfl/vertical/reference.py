@@ -52,12 +52,17 @@ def reference_train(
     residual_of: Residual = residual,
     noise_std: float | None = None,
     each: Callable[[dict[str, Vector]], None] | None = None,
+    gradient_rows: Callable[[str, Vector], npt.NDArray[np.bool_]] | None = None,
 ) -> dict[str, Vector]:
     """Each party's weights after ``plan.iterations`` steps (the label holder's last weight is the intercept),
     averaged over the last ``plan.averaged`` of them. With ``plan.order == "sequential"`` each block steps in
     turn (the agencies in order, then the label holder) on the scores of the others' latest weights.
 
     ``each``, if given, receives every iteration's weights (after the projection), e.g. for a learning curve.
+
+    ``gradient_rows``, if given, decides at each of a party's steps which households enter its gradient, from
+    its name and its unclipped partial scores (default: those within the clip, ``clip_scores``): a test passes
+    the encrypted run's decisions, which CKKS error can tip for a household on the clip's edge.
 
     ``residual_of`` and ``noise_std`` (on the unscaled sum) replace the protocol's Taylor residual and its
     noise only in benchmarks that ask what another residual would give (benchmarks/vertical_utility.py).
@@ -83,14 +88,18 @@ def reference_train(
             stds = shaped_stds(std, widths, label.agency, gains)
     tails = {name: TailMean(plan.iterations, plan.averaged, width) for name, width in widths.items()}
 
+    unclipped: dict[str, Vector] = {}
+
     def part(b: Block) -> tuple[Vector, npt.NDArray[np.bool_]]:
         w = weights[b.agency]
-        return clip_scores(b.x @ w[:-1] + w[-1] if b is label else b.x @ w, plan.score_clip)
+        unclipped[b.agency] = b.x @ w[:-1] + w[-1] if b is label else b.x @ w
+        return clip_scores(unclipped[b.agency], plan.score_clip)
 
     def step(b: Block, clipped: dict[str, tuple[Vector, npt.NDArray[np.bool_]]]) -> None:
         z = sum(c for c, _ in clipped.values())
         d = residual_of(np.asarray(z), labels, scale)
-        own = d * clipped[b.agency][1]  # the households it clipped leave its gradient
+        rows = clipped[b.agency][1] if gradient_rows is None else gradient_rows(b.agency, unclipped[b.agency])
+        own = d * rows  # the households it clipped leave its gradient
         g = b.x.T @ own
         if b is label:
             g = np.concatenate([g, [own.sum()]])
