@@ -11,7 +11,10 @@ the arbiter keep hashes only; `agencyfl audit replay` exits 0 or 25 and says why
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -299,3 +302,16 @@ def test_a_receipt_forged_taken_out_or_signed_by_another_key_is_refused(
         replay(folders["hrss"], [civil, arbiter], keyring=stranger)
     done = invoke("audit", "replay", "--evidence", folders["hrss"], "--receipts", civil, "--receipts", dropped)
     assert done.exit_code == ExitCode.LEDGER_UNVERIFIED and "Traceback" not in done.output
+
+
+def test_json_output_is_only_json_even_where_rich_draws_a_spinner(
+    attacked: tuple[VerticalResult, dict[str, Path], list[Path]],
+) -> None:
+    """In a notebook Rich believes it has a terminal (as with FORCE_COLOR): the spinner must not reach stdout."""
+    _, folders, receipts = attacked
+    args = ["audit", "replay", "--evidence", folders["environment"], *[a for p in receipts for a in ("--receipts", p)]]
+    env = os.environ | {"FORCE_COLOR": "1"}
+    done = subprocess.run([sys.executable, "-m", "agencyfl", *map(str, args), "--format", "json"],
+                          capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["ok"]

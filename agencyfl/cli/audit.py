@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -293,7 +294,9 @@ def audit_replay(
     """
     from agencyfl.vertical.replay import replay
 
-    with errors_to_exit(), out.status("replaying the agency's products..."):
+    # the spinner on stderr, and only for people: stdout carries the report (JSON for machines)
+    spinner = err.status("replaying the agency's products...") if fmt is Format.table else nullcontext()
+    with errors_to_exit(), spinner:
         report = replay(evidence, receipts, agency, keyring)
     code = ExitCode.OK if report.ok else ExitCode.COMPUTATION_DEVIATED
     if fmt is Format.json:
