@@ -24,11 +24,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agencyfl.exit_codes import ExitCode
 from agencyfl.federation.errors import DataFileError, LedgerError
-from agencyfl.privacy.keys import public_pem
+from agencyfl.privacy.keys import key_id, public_pem
 from agencyfl.vertical import Block, LabelData, VerticalPlan
 from agencyfl.vertical import train as train_module
 from agencyfl.vertical.encoding import CLIP
-from agencyfl.vertical.evidence import GENESIS, receipt_signer
+from agencyfl.vertical.evidence import GENESIS, Receipts, canonical, receipt_signer
 from agencyfl.vertical.protocol import FeatureHolder, HolderSetup
 from agencyfl.vertical.replay import replay
 from agencyfl.vertical.train import VerticalResult, train_vertical
@@ -173,8 +173,9 @@ def test_civil_affairs_and_the_arbiter_keep_hashes_only(
 ) -> None:
     _, _, receipts = attacked
     lines = [json.loads(line) for path in receipts for line in path.read_text().splitlines()]
-    assert {tuple(sorted(r)) for r in lines} == {("agency", "by", "context", "key", "kind", "prev", "seq", "sha256",
-                                                  "sig")}  # fmt: skip
+    fields = {"agency", "by", "context", "key", "kind", "prev", "seq", "sha256", "sig"}
+    assert {frozenset(r) for r in lines} == {frozenset(fields), frozenset(fields | {"label_holder"})}
+    assert {r["label_holder"] for r in lines if "label_holder" in r} == {"civil-affairs"}  # the arbiter's name it
     assert all(len(r["sha256"]) == 64 and int(r["sha256"], 16) >= 0 for r in lines)
     civil = {(r["agency"], r["kind"]) for r in lines if r["by"] == "civil-affairs"}
     assert civil == {(a, k) for a in ("hrss", "tax", "environment") for k in ("residual", "hessian-weights")}
@@ -254,7 +255,7 @@ def test_receipts_that_disagree_are_refused_and_a_torn_last_line_is_skipped(
     lines = [json.loads(line) for line in arbiter.read_text().splitlines()]
     forged = tmp_path / "forged.jsonl"
     first = next(r for r in lines if r["agency"] == "environment")
-    forged.write_text(json.dumps(first | {"sha256": "0" * 64, "prev": GENESIS}) + "\n")  # a file of its own
+    forged.write_bytes(canonical(first | {"sha256": "0" * 64, "prev": GENESIS}) + b"\n")  # a file of its own
     with pytest.raises(DataFileError, match="a second, different digest"):
         replay(folders["environment"], [civil, arbiter, forged])
 
@@ -298,7 +299,7 @@ def test_a_receipt_forged_taken_out_or_signed_by_another_key_is_refused(
     stranger.mkdir()
     (stranger / "coordinator.pub").write_bytes(public_pem(Ed25519PrivateKey.generate().public_key()))
     (stranger / "civil-affairs.pub").write_bytes((keyring / "civil-affairs.pub").read_bytes())
-    with pytest.raises(LedgerError, match="not signed by coordinator's key"):
+    with pytest.raises(LedgerError, match="the keyring holds .* for 'coordinator'"):
         replay(folders["hrss"], [civil, arbiter], keyring=stranger)
     done = invoke("audit", "replay", "--evidence", folders["hrss"], "--receipts", civil, "--receipts", dropped)
     assert done.exit_code == ExitCode.LEDGER_UNVERIFIED and "Traceback" not in done.output
@@ -315,3 +316,34 @@ def test_json_output_is_only_json_even_where_rich_draws_a_spinner(
                           capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["ok"]
+
+
+def test_an_agency_cannot_vouch_for_its_own_operands(
+    attacked: tuple[VerticalResult, dict[str, Path], list[Path]], tmp_path: Path
+) -> None:
+    """The operands' receipts count only from the label holder the arbiter's (signed) receipts name: an agency
+    that hands over receipts of its own making, signed with its own ledger key, is caught."""
+    _, folders, (civil, arbiter) = attacked
+    keyring = _copy(civil.parent.parent / "keyring", tmp_path / "keyring")
+    own = Ed25519PrivateKey.generate()
+    (keyring / "hrss.pub").write_bytes(public_pem(own.public_key()))  # the auditor holds every party's key
+    made = tmp_path / "made"
+    ledger = Receipts(made / "receipts.jsonl", "hrss", (folders["hrss"] / "context.bin").read_bytes(), own)
+    for seq in range(PLAN.iterations):  # "civil affairs sent me these" (its own kept operands)
+        kept = np.load(folders["hrss"] / f"gradient-{seq:04d}.npz")
+        ledger.record("hrss", "residual", [kept[f"operand_{i}"].tobytes() for i in range(len(kept.files) - 3)])
+    report = replay(folders["hrss"], [made / "receipts.jsonl", arbiter], keyring=keyring)
+    assert report.receipts_signed and not any(p.matched for p in report.products)
+    assert all("not the" in p.finding and "civil affairs sent" in p.finding for p in report.products)
+    # civil affairs' name on a line the agency signed with its own key is refused outright
+    lines = [json.loads(line) for line in civil.read_text().splitlines()]
+    forged = tmp_path / "forged.jsonl"
+    body = {k: v for k, v in lines[0].items() if k != "sig"} | {"prev": GENESIS, "key": key_id(own.public_key())}
+    forged.write_bytes(canonical(body | {"sig": own.sign(canonical(body)).hex()}) + b"\n")
+    with pytest.raises(LedgerError, match="the keyring holds .* for 'civil-affairs'"):
+        replay(folders["hrss"], [forged, arbiter], keyring=keyring)
+    # a line re-serialised in transit (spaces) is not what its party signed
+    spaced = tmp_path / "spaced.jsonl"
+    spaced.write_text("\n".join(json.dumps(json.loads(line)) for line in civil.read_text().splitlines()) + "\n")
+    with pytest.raises(DataFileError, match="canonical JSON"):
+        replay(folders["hrss"], [spaced, arbiter])

@@ -306,8 +306,13 @@ def audit_replay(
     for p in report.products:
         table.add_row(f"{p.kind} {p.seq}", "[green]yes[/]" if p.matched else "[red]NO[/]", p.finding)
     out.print(table)
-    signed = "verified against the keyring" if report.receipts_signed else "not checked (no --keyring)"
-    out.print(f"receipts: chained; signatures {signed}")
+    signed = (
+        "every one signed by its party (keyring)"
+        if report.receipts_signed
+        else "signatures NOT checked (no --keyring): take the files from civil affairs and the coordinator"
+    )
+    out.print(f"receipts: {signed}; a cut-off tail is not detectable: compare the {len(report.products)} products "
+              "with the job's iterations in the ledgers")  # fmt: skip
     out.print(f"inputs: {report.rows} rows x {report.width}, largest row norm {report.max_row_norm:.6g} "
               f"(declared {report.clip:g}), {report.rows_over_clip} over")  # fmt: skip
     for finding in report.findings:

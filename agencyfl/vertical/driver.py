@@ -29,6 +29,7 @@ from agencyfl.federation.spec import LoadedVerticalSpec
 from agencyfl.privacy.coordinator_ledger import AgencyReport, RoundSummary
 from agencyfl.privacy.ledger import Ledger, now_utc
 from agencyfl.server.model_card import CardAgency, ModelCard
+from agencyfl.vertical.evidence import Receipts
 from agencyfl.vertical.job import ValidationRelease, card_metrics, card_metrics_source
 from agencyfl.vertical.model import ModelPart, new_version, register_parts
 from agencyfl.vertical.optim import joint_scale, sweep_starts_fresh
@@ -154,10 +155,15 @@ def drive(hub: StreamHub, settings: DriverSettings, sink: EventSink) -> dict[str
             settings.noise_rng if settings.noise_rng is not None else np.random.default_rng(secrets.randbits(128)),
             hessian_std=plan.hessian_std(job.register_size) if plan.releases_hessian else 0.0,
             label_holder=job.label_holder if plan.shapes_noise else None,
-            receipts=settings.workdir / "evidence" / job.job / "receipts.jsonl",  # for `audit replay`
-            receipts_key=settings.receipts_key,
         )  # fmt: skip
         context = arbiter.public_context()
+        arbiter.receipts = Receipts(
+            settings.workdir / "evidence" / job.job / "receipts.jsonl",
+            arbiter.name,
+            context,
+            settings.receipts_key,
+            label_holder=job.label_holder,
+        )  # for `audit replay`
         names = list(hellos)
         # resumed before any party checkpointed an iteration but after the Hessian release reached every party:
         # each restores its own copy instead of a second release (which the job's sigma has no room for)

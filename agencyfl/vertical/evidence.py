@@ -8,13 +8,14 @@ civil affairs and the arbiter keep only the SHA-256 of what they sent it and rec
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import json
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -80,44 +81,54 @@ def receipt_signer(by: str) -> str:
     return "coordinator" if by == "arbiter" else by
 
 
+def _last_line_hash(f: BinaryIO) -> str:
+    """SHA-256 of the last whole line of an open receipts file (``GENESIS`` when it has none); a line torn by
+    a stop is cut off first (it was never completed, so nothing was released after it)."""
+    size = f.seek(0, os.SEEK_END)
+    f.seek(max(0, size - 65536))
+    tail = f.read()
+    whole = tail[: tail.rfind(b"\n") + 1]
+    if len(whole) != len(tail):
+        os.truncate(f.fileno(), size - (len(tail) - len(whole)))
+    lines = whole.splitlines()
+    return hashlib.sha256(lines[-1]).hexdigest() if lines else GENESIS
+
+
 class Receipts:
     """Append-only JSON lines, one per vector a party sealed to or received from an agency: who recorded it,
-    the arbiter key's digest, the agency, the kind, a sequence number per (agency, kind), the SHA-256; each
-    line names the SHA-256 of the line before it (``prev``) and, with the party's ledger key, is signed by it
-    (``key``, ``sig``), so receipts can travel through anyone and none can be taken out or reordered unseen.
-    Written and flushed as each vector goes, so a job that stops still leaves what it released."""
+    the arbiter key's digest, the agency, the kind, a sequence number per (agency, kind), the SHA-256 (and,
+    for the arbiter's, the label holder whose receipts vouch for the operands); each line names the SHA-256
+    of the line before it (``prev``) and, with the party's ledger key, is signed by it (``key``, ``sig``), so
+    receipts can travel through anyone and none can be changed, moved or taken out of the middle unseen.
+    Written under a lock and flushed as each vector goes: a job that stops, or resumes, or a second writer,
+    continues one chain."""
 
-    def __init__(self, path: Path, by: str, public_context: bytes, key: Ed25519PrivateKey | None = None) -> None:
+    def __init__(self, path: Path, by: str, public_context: bytes, key: Ed25519PrivateKey | None = None,
+                 label_holder: str | None = None) -> None:  # fmt: skip
         _private_folder(path.parent)
         self.path = path
         self.by = by
         self.context = context_digest(public_context)
+        self.label_holder = label_holder
         self._key = key
         self._seq: Counter[tuple[str, str]] = Counter()
-        self._prev = GENESIS
-        if path.exists():  # a resumed job's arbiter or civil affairs: go on from the file's last whole line
-            text = path.read_bytes()
-            whole = text[: text.rfind(b"\n") + 1]
-            if len(whole) != len(text):  # a line torn by a stop: never completed, so nothing released after it
-                path.write_bytes(whole)
-            if whole:
-                self._prev = hashlib.sha256(whole.splitlines()[-1]).hexdigest()
 
     def record(self, agency: str, kind: str, vectors: list[bytes]) -> None:
         seq = self._seq[agency, kind]
         self._seq[agency, kind] += 1
-        line: dict[str, Any] = {"by": self.by, "context": self.context, "agency": agency, "kind": kind, "seq": seq,
-                                "sha256": digest(vectors), "prev": self._prev}  # fmt: skip
-        if self._key is not None:
-            line["key"] = key_id(self._key.public_key())
-            line["sig"] = self._key.sign(canonical(line)).hex()
-        text = canonical(line)
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        with os.fdopen(fd, "ab") as f:
-            f.write(text + b"\n")
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(fd, "r+b") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # released when the file closes
+            line: dict[str, Any] = {"by": self.by, "context": self.context, "agency": agency, "kind": kind,
+                                    "seq": seq, "sha256": digest(vectors), "prev": _last_line_hash(f)}  # fmt: skip
+            if self.label_holder is not None:
+                line["label_holder"] = self.label_holder
+            if self._key is not None:
+                line["key"] = key_id(self._key.public_key())
+                line["sig"] = self._key.sign(canonical(line)).hex()
+            f.write(canonical(line) + b"\n")
             f.flush()
             os.fsync(f.fileno())
-        self._prev = hashlib.sha256(text).hexdigest()
 
 
 class Evidence:

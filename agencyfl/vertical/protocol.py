@@ -565,10 +565,6 @@ class Arbiter:
         The generator of DP noise (inject a seeded one only to reproduce a run in tests).
     params
         The CKKS parameter set, default ``PARAMETERS``.
-    receipts
-        Where to append the digest of every product it releases (``Receipts``); None keeps none.
-    receipts_key
-        The coordinator's ledger key, which signs those receipts (None: unsigned).
     """
 
     name = "arbiter"
@@ -581,14 +577,12 @@ class Arbiter:
         params: str = PARAMETERS,
         hessian_std: float = 0.0,
         label_holder: str | None = None,
-        receipts: Path | None = None,
-        receipts_key: Ed25519PrivateKey | None = None,
     ) -> None:
         self.params: ParameterSet = parameter_set(params)
         self._context = new_private_context(self.params)
         self._context.generate_galois_keys()
-        # the digest of every product it releases, for a replay of the sender's computation
-        self.receipts = None if receipts is None else Receipts(receipts, self.name, self.public_context(), receipts_key)
+        # the digest of every product it releases, for a replay of the sender's computation (set by the caller)
+        self.receipts: Receipts | None = None
         self.widths = dict(widths)
         self.noise_std = noise_std
         self.hessian_std = hessian_std

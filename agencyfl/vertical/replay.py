@@ -17,7 +17,7 @@ from cryptography.exceptions import InvalidSignature
 
 from agencyfl.federation.errors import DataFileError, LedgerError
 from agencyfl.privacy.he import load_public_context
-from agencyfl.privacy.keys import keyring_key
+from agencyfl.privacy.keys import key_id, keyring_key
 from agencyfl.vertical.encoding import CLIP
 from agencyfl.vertical.evidence import GENESIS, OPERAND_OF, canonical, context_digest, digest, receipt_signer
 from agencyfl.vertical.protocol import _dot, chunk_count, column_multipliers, masked_totals, pair_products
@@ -75,12 +75,13 @@ class ReplayReport:
 
 
 def _read_receipts(
-    paths: list[Path], agency: str, context: str, keyring: Path | None
+    paths: list[Path], agency: str, context: str, keyring: Path | None, holders: set[str]
 ) -> dict[tuple[str, str, int], str]:
     """(recorded by, kind, seq) -> SHA-256, for this agency and key, from every receipts file given. Each file's
     chain is checked (every line names the hash of the one before); with ``keyring``, every line's signature
     by its party (``receipt_signer``). A last line without its newline (a job stopped while writing it) is
-    skipped; two digests for one key are refused."""
+    skipped; two digests for one key are refused. ``holders`` collects the label holder the arbiter's
+    receipts for this agency and key name."""
     found: dict[tuple[str, str, int], str] = {}
     for path in paths:
         try:
@@ -95,12 +96,16 @@ def _read_receipts(
                 mine = r["agency"] == agency and r["context"] == context
             except (ValueError, KeyError, TypeError) as exc:
                 raise DataFileError(f"{path}:{number}: not a receipt line") from exc
+            if canonical(r) != text:  # what is hashed and signed is exactly what is read
+                raise DataFileError(f"{path}:{number}: not a receipt line as its party writes it (canonical JSON)")
             if r.get("prev") != prev:
                 raise LedgerError(f"{path}:{number}: the receipts chain is broken (a line before it taken out, "
                                   "altered or reordered)")  # fmt: skip
             prev = hashlib.sha256(text).hexdigest()
             if keyring is not None:
                 _verify(r, keyring, f"{path}:{number}")
+            if mine and key[0] == "arbiter":
+                holders.add(str(r.get("label_holder")))
             if mine and found.setdefault(key, value) != value:
                 raise DataFileError(f"{path}:{number}: a second, different digest for {key[0]}'s {key[1]} {key[2]}")
     return found
@@ -111,6 +116,9 @@ def _verify(receipt: dict[str, Any], keyring: Path, where: str) -> None:
     public = keyring_key(keyring, signer)
     if public is None:
         raise LedgerError(f"{where}: the keyring has no key for {signer!r} (import it with `audit keys import`)")
+    if receipt.get("key") != key_id(public):
+        raise LedgerError(f"{where}: signed with key {receipt.get('key')!r}; the keyring holds {key_id(public)} for "
+                          f"{signer!r}")  # fmt: skip
     body = {k: v for k, v in receipt.items() if k != "sig"}
     try:
         public.verify(bytes.fromhex(str(receipt["sig"])), canonical(body))
@@ -160,16 +168,22 @@ def replay(
     except (OSError, ValueError) as exc:
         raise DataFileError(f"{evidence}: not an agency's evidence folder ({exc})") from exc
     key = context_digest(public)
-    recorded = _read_receipts(receipts, meta["agency"], key, keyring)
+    holders: set[str] = set()
+    recorded = _read_receipts(receipts, meta["agency"], key, keyring, holders)
     released = sorted((kind, seq) for by, kind, seq in recorded if by == "arbiter" and kind in OPERAND_OF)
     if not released:
         raise DataFileError(
             f"no arbiter receipt names {meta['agency']} with this evidence's key {key[:16]}: give the arbiter's "
             "receipts of the same job"
         )
-    senders = {by for by, _, _ in recorded if by != "arbiter"}
-    if len(senders) > 1:
-        raise DataFileError(f"receipts from {sorted(senders)} for one agency's operands: give one label holder's")
+    # only the label holder the arbiter names vouches for the operands: never the agency itself, nor another
+    if len(holders) != 1 or "None" in holders:
+        raise DataFileError(
+            f"the arbiter's receipts name no single label holder for {meta['agency']} ({sorted(holders)})"
+        )
+    senders = holders
+    if meta["agency"] in senders:
+        raise DataFileError(f"{meta['agency']} is the label holder: the replay checks the agencies without the label")
     try:
         context, params = load_public_context(public, max_depth_needed=2)
     except Exception as exc:  # noqa: BLE001  # TenSEAL raises its own types for a malformed context

@@ -19,6 +19,7 @@ from agencyfl.alignment.sealed import PartyKeys
 from agencyfl.federation.metrics import exact_metrics
 from agencyfl.privacy.events import GaussianEvent, Mechanism
 from agencyfl.vertical.encoding import Block, LabelData
+from agencyfl.vertical.evidence import Receipts
 from agencyfl.vertical.optim import Vector, joint_scale, sweep_starts_fresh
 from agencyfl.vertical.plan import VerticalPlan
 from agencyfl.vertical.protocol import Arbiter, FeatureHolder, HolderSetup, LabelHolder
@@ -184,9 +185,10 @@ def train_vertical(
     receipts = folders.get("arbiter")
     signers = dict(receipt_keys or {})
     arbiter = Arbiter(widths, plan.noise_std * scale, noise_rng, hessian_std=hessian_std,
-                      label_holder=label.agency if plan.shapes_noise else None,
-                      receipts=None if receipts is None else receipts / "receipts.jsonl",
-                      receipts_key=signers.get("arbiter"))  # fmt: skip
+                      label_holder=label.agency if plan.shapes_noise else None)  # fmt: skip
+    if receipts is not None:
+        arbiter.receipts = Receipts(receipts / "receipts.jsonl", arbiter.name, arbiter.public_context(),
+                                    signers.get("arbiter"), label_holder=label.agency)  # fmt: skip
     context = arbiter.public_context()
     keys = {b.agency: PartyKeys.generate(b.agency) for b in [*features, label]}
     directory = {name: k.public() for name, k in keys.items()}
