@@ -93,7 +93,8 @@ def main() -> None:
     }  # fmt: skip
     print(f"training (Hessian + {args.iterations} sweeps, register {len(label.x)}): {bare_seconds:.1f} s keeping "
           f"nothing, {kept_seconds:.1f} s keeping the evidence (x {kept_seconds / bare_seconds:.2f}); weights at most "
-          f"{apart:.2g} apart (CKKS error, and a household it tips across a clip); receipts {receipt_bytes} bytes in all")  # fmt: skip
+          f"{apart:.2g} apart (CKKS error, and a household it tips across a clip); receipts {receipt_bytes} "
+          "bytes in all")  # fmt: skip
     print(table(["agency", "evidence MB", "products", "all match", "replay s", "agency's CKKS s in the job",
                  "replay / job CKKS"], rows))  # fmt: skip
     print(write_results("replay", results))
