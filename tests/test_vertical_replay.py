@@ -25,10 +25,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from agencyfl.exit_codes import ExitCode
 from agencyfl.federation.errors import DataFileError, LedgerError
 from agencyfl.privacy.keys import key_id, public_pem
+from agencyfl.privacy.ledger import canonical_json
 from agencyfl.vertical import Block, LabelData, VerticalPlan
 from agencyfl.vertical import train as train_module
 from agencyfl.vertical.encoding import CLIP
-from agencyfl.vertical.evidence import GENESIS, Receipts, canonical, receipt_signer
+from agencyfl.vertical.evidence import GENESIS, Receipts, receipt_signer
 from agencyfl.vertical.protocol import FeatureHolder, HolderSetup
 from agencyfl.vertical.replay import replay
 from agencyfl.vertical.train import VerticalResult, train_vertical
@@ -255,7 +256,7 @@ def test_receipts_that_disagree_are_refused_and_a_torn_last_line_is_skipped(
     lines = [json.loads(line) for line in arbiter.read_text().splitlines()]
     forged = tmp_path / "forged.jsonl"
     first = next(r for r in lines if r["agency"] == "environment")
-    forged.write_bytes(canonical(first | {"sha256": "0" * 64, "prev": GENESIS}) + b"\n")  # a file of its own
+    forged.write_bytes(canonical_json(first | {"sha256": "0" * 64, "prev": GENESIS}) + b"\n")  # a file of its own
     with pytest.raises(DataFileError, match="a second, different digest"):
         replay(folders["environment"], [civil, arbiter, forged])
 
@@ -339,7 +340,7 @@ def test_an_agency_cannot_vouch_for_its_own_operands(
     lines = [json.loads(line) for line in civil.read_text().splitlines()]
     forged = tmp_path / "forged.jsonl"
     body = {k: v for k, v in lines[0].items() if k != "sig"} | {"prev": GENESIS, "key": key_id(own.public_key())}
-    forged.write_bytes(canonical(body | {"sig": own.sign(canonical(body)).hex()}) + b"\n")
+    forged.write_bytes(canonical_json(body | {"sig": own.sign(canonical_json(body)).hex()}) + b"\n")
     with pytest.raises(LedgerError, match="the keyring holds .* for 'civil-affairs'"):
         replay(folders["hrss"], [forged, arbiter], keyring=keyring)
     # a line re-serialised in transit (spaces) is not what its party signed

@@ -164,12 +164,13 @@ def now_utc() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def _canonical(obj: dict[str, Any]) -> bytes:
+def canonical_json(obj: dict[str, Any]) -> bytes:
+    """What is hashed and signed: sorted keys, no spaces, UTF-8 (ledger entries and heads, vertical receipts)."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def _entry_hash(body: dict[str, Any]) -> str:
-    return hashlib.sha256(_canonical(body)).hexdigest()
+    return hashlib.sha256(canonical_json(body)).hexdigest()
 
 
 def _head_message(seq: int, digest: str) -> bytes:
@@ -488,12 +489,12 @@ class Ledger(Generic[EventT]):
         digest = _entry_hash(body)
         entry = {**body, "hash": digest, "sig": self._key.sign(bytes.fromhex(digest)).hex()}
         with self.path.open("ab") as handle:
-            handle.write(_canonical(entry) + b"\n")
+            handle.write(canonical_json(entry) + b"\n")
             handle.flush()
             os.fsync(handle.fileno())
         head = {"seq": seq, "hash": digest, "sig": self._key.sign(_head_message(seq, digest)).hex()}
         tmp = self.directory / (HEAD_FILE + ".tmp")
-        tmp.write_bytes(_canonical(head))
+        tmp.write_bytes(canonical_json(head))
         tmp.replace(self.directory / HEAD_FILE)
         updated: LedgerVerification[EventT] = LedgerVerification(
             directory=check.directory,

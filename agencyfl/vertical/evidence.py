@@ -22,7 +22,9 @@ import numpy.typing as npt
 import tenseal as ts
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from agencyfl.federation.pki import write_private
 from agencyfl.privacy.keys import key_id
+from agencyfl.privacy.ledger import canonical_json
 
 ProductKind = Literal["gradient", "hessian"]
 OperandKind = Literal["residual", "hessian-weights"]
@@ -49,13 +51,6 @@ def _private_folder(folder: Path) -> None:
     folder.chmod(0o700)  # ``mkdir``'s mode holds only for a folder it makes, and not for its parents
 
 
-def _private_file(path: Path, data: bytes) -> None:
-    """Written readable by its owner only (the agency's rows; its masks)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-
-
 def _npy(array: npt.NDArray[Any]) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
@@ -69,11 +64,6 @@ def evidence_folder(root: Path, public_context: bytes) -> Path:
 
 GENESIS = "0" * 64
 """What the first receipt of a file names as the one before it."""
-
-
-def canonical(line: dict[str, Any]) -> bytes:
-    """A receipt as signed and chained: sorted keys, no spaces."""
-    return json.dumps(line, sort_keys=True, separators=(",", ":")).encode()
 
 
 def receipt_signer(by: str) -> str:
@@ -125,8 +115,8 @@ class Receipts:
                 line["label_holder"] = self.label_holder
             if self._key is not None:
                 line["key"] = key_id(self._key.public_key())
-                line["sig"] = self._key.sign(canonical(line)).hex()
-            f.write(canonical(line) + b"\n")
+                line["sig"] = self._key.sign(canonical_json(line)).hex()
+            f.write(canonical_json(line) + b"\n")
             f.flush()
             os.fsync(f.fileno())
 
@@ -140,11 +130,11 @@ class Evidence:
         self.folder = evidence_folder(root, public_context)
         _private_folder(root)
         _private_folder(self.folder)
-        _private_file(self.folder / "inputs.npy", _npy(np.asarray(inputs, dtype=np.float64)))
-        _private_file(self.folder / "context.bin", public_context)
+        write_private(self.folder / "inputs.npy", _npy(np.asarray(inputs, dtype=np.float64)))
+        write_private(self.folder / "context.bin", public_context)
         meta: dict[str, Any] = {"agency": agency, "context": context_digest(public_context), "slots": slots,
                                 "clip": clip, "tenseal": ts.__version__}  # fmt: skip
-        _private_file(self.folder / "meta.json", (json.dumps(meta, indent=2) + "\n").encode())
+        write_private(self.folder / "meta.json", (json.dumps(meta, indent=2) + "\n").encode())
         self._seq: Counter[str] = Counter()
 
     def keep(self, kind: ProductKind, operands: list[bytes], live: npt.NDArray[np.bool_] | None,
@@ -158,4 +148,4 @@ class Evidence:
             arrays["rows"] = np.array(len(live))
         buffer = io.BytesIO()
         np.savez(buffer, mask=mask, **arrays)
-        _private_file(self.folder / f"{kind}-{seq:04d}.npz", buffer.getvalue())
+        write_private(self.folder / f"{kind}-{seq:04d}.npz", buffer.getvalue())

@@ -221,6 +221,11 @@ def column_multipliers(inputs: npt.NDArray[np.float64], slots: int) -> list[list
     return [_multiplier(inputs[:, j], slots) for j in range(inputs.shape[1])]
 
 
+def gradient_sums(encrypted: list[ts.CKKSVector], columns: list[list[list[float]]]) -> list[ts.CKKSVector]:
+    """Enc(d * x_j) per slot for every input column (``column_multipliers``), before the rotate-and-sum."""
+    return [_dot(encrypted, column) for column in columns]
+
+
 def masked_totals(sums: list[ts.CKKSVector], mask: Vector, slots: int) -> list[bytes]:
     """Each per-slot sum masked in slot 0, then rotated and summed: every slot then holds the masked total,
     none a per-household value (the masks only add a plaintext: ``docs/vertical.md``, "Accountability")."""
@@ -295,7 +300,7 @@ class _Holder(_Party):
         """``Enc(X^T d + r)``, one one-value ciphertext per weight, ``r`` this party's fresh mask."""
         start = time.perf_counter()
         enc_d = [ts.ckks_vector_from(self.context, r) for r in residual]
-        out, self._mask = self._masked_totals([_dot(enc_d, column) for column in self._columns])
+        out, self._mask = self._masked_totals(gradient_sums(enc_d, self._columns))
         self.he_seconds += time.perf_counter() - start
         if self.evidence is not None:
             self.evidence.keep("gradient", residual, self._live, self._mask)

@@ -18,9 +18,10 @@ from cryptography.exceptions import InvalidSignature
 from agencyfl.federation.errors import DataFileError, LedgerError
 from agencyfl.privacy.he import load_public_context
 from agencyfl.privacy.keys import key_id, keyring_key
+from agencyfl.privacy.ledger import canonical_json
 from agencyfl.vertical.encoding import CLIP
-from agencyfl.vertical.evidence import GENESIS, OPERAND_OF, canonical, context_digest, digest, receipt_signer
-from agencyfl.vertical.protocol import _dot, chunk_count, column_multipliers, masked_totals, pair_products
+from agencyfl.vertical.evidence import GENESIS, OPERAND_OF, context_digest, digest, receipt_signer
+from agencyfl.vertical.protocol import chunk_count, column_multipliers, gradient_sums, masked_totals, pair_products
 
 NORM_SLACK = 1e-9
 """Relative slack on the row norm bound: ``clip_rows`` scales to it in floating point."""
@@ -96,7 +97,7 @@ def _read_receipts(
                 mine = r["agency"] == agency and r["context"] == context
             except (ValueError, KeyError, TypeError) as exc:
                 raise DataFileError(f"{path}:{number}: not a receipt line") from exc
-            if canonical(r) != text:  # what is hashed and signed is exactly what is read
+            if canonical_json(r) != text:  # what is hashed and signed is exactly what is read
                 raise DataFileError(f"{path}:{number}: not a receipt line as its party writes it (canonical JSON)")
             if r.get("prev") != prev:
                 raise LedgerError(f"{path}:{number}: the receipts chain is broken (a line before it taken out, "
@@ -121,7 +122,7 @@ def _verify(receipt: dict[str, Any], keyring: Path, where: str) -> None:
                           f"{signer!r}")  # fmt: skip
     body = {k: v for k, v in receipt.items() if k != "sig"}
     try:
-        public.verify(bytes.fromhex(str(receipt["sig"])), canonical(body))
+        public.verify(bytes.fromhex(str(receipt["sig"])), canonical_json(body))
     except (KeyError, ValueError, InvalidSignature) as exc:
         raise LedgerError(f"{where}: a receipt not signed by {signer}'s key in the keyring") from exc
 
@@ -253,7 +254,7 @@ def _check(
         encrypted = [ts.ckks_vector_from(context, v) for v in operands]
         if kind == "gradient":
             x = inputs if live is None else inputs * live[:, None]
-            sums = [_dot(encrypted, column) for column in column_multipliers(x, slots)]
+            sums = gradient_sums(encrypted, column_multipliers(x, slots))
         else:
             sums = pair_products(encrypted, inputs, slots)
         out = masked_totals(sums, mask, slots)
