@@ -62,7 +62,7 @@ HELP: dict[ExitCode, str] = {
     ExitCode.LEDGER_UNVERIFIED: (
         "A privacy ledger does not verify (altered, deleted, reordered or truncated entries, bad signature); "
         "`audit verify` narrows it: 5 is then an altered byte, a bad signature or a key the keyring lacks; for "
-        "`audit replay`, a receipts chain that is broken or a receipt not signed by its party's key."
+        "`audit replay`, receipts that do not verify (altered, taken out, cut off) or not signed by their party."
     ),
     ExitCode.BUDGET_EXCEEDED: "A ledger verifies but records spend beyond its privacy budget or per-job cap.",
     ExitCode.FEDERATION_FAILED: "The federated run ended without a model (too few agencies trained).",

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from agencyfl.alignment.runs import align_from_spec, load_vertical  # noqa: E402
 from agencyfl.synth_vertical import synthesize_vertical  # noqa: E402
 from agencyfl.vertical import VerticalPlan, feature_block, label_block, train_vertical  # noqa: E402
+from agencyfl.vertical.evidence import RECEIPTS  # noqa: E402
 from agencyfl.vertical.protocol import FeatureHolder  # noqa: E402
 from agencyfl.vertical.replay import replay  # noqa: E402
 from benchmarks._common import table, write_results  # noqa: E402
@@ -68,7 +69,7 @@ def main() -> None:
         kept_seconds, result = train(folders)
         # the same noise and masks; fresh CKKS encryptions differ in their error only
         apart = max(float(np.abs(bare.weights[a] - result.weights[a]).max()) for a in bare.weights)
-        receipts = [folders[label.agency] / "receipts.jsonl", folders["arbiter"] / "receipts.jsonl"]
+        receipts = [folders[label.agency] / RECEIPTS, folders["arbiter"] / RECEIPTS]
         rows: list[list[Any]] = []
         agencies: dict[str, Any] = {}
         for name in others:
@@ -84,7 +85,7 @@ def main() -> None:
             rows.append([name, f"{agencies[name]['evidence_bytes'] / 1e6:.1f}", len(report.products),
                          "yes" if report.ok else "NO", f"{seconds:.1f}", f"{holder.he_seconds:.1f}",
                          f"{seconds / holder.he_seconds:.2f}"])  # fmt: skip
-        receipt_bytes = sum(p.stat().st_size for p in receipts)
+        receipt_bytes = sum(f.stat().st_size for p in receipts for f in p.iterdir())
     results = {
         "households": args.households, "register": len(label.x), "trained_on": int(labels.train.sum()),
         "iterations": args.iterations, "epsilon": args.epsilon, "training_seconds_bare": bare_seconds,

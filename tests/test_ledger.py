@@ -85,6 +85,59 @@ def test_truncation_is_detected(ledger_dir: Path) -> None:
     assert not check.ok and {f.kind for f in check.findings} == {"truncated"}
 
 
+def test_a_writer_stopped_mid_write_goes_on_and_nothing_signed_is_cut(tmp_path: Path) -> None:
+    """A stop mid-write leaves a partial line the head never recorded, or a whole line whose head never
+    moved: a chain whose writer must go on (vertical receipts) finishes its own write; a cut into a recorded
+    entry, or a newline lost, stays a finding with its bytes kept."""
+    key = Ed25519PrivateKey.generate()
+    ledger = Ledger(tmp_path / "l", key)
+    for r in (1, 2, 3):
+        ledger.append(event(r))
+    whole = ledger.path.read_bytes()
+    head = (ledger.directory / HEAD_FILE).read_bytes()
+    line = lines(ledger.directory)[-1]
+    for cut in (20, len(line) * 3 // 4, len(line) - 2):  # torn early, past its "prev", just short of whole
+        ledger.path.write_bytes(whole + line[:cut])
+        check = verify_ledger(ledger.directory)
+        assert not check.ok and check.ok_but_torn and len(check.events) == 3
+        assert ledger.recover_after_stop() == "cut off a line torn while it was written"
+        assert ledger.path.read_bytes() == whole
+    ledger.append(event(4))
+    assert [e.round for e in ledger.events()] == [1, 2, 3, 4]
+    # stopped after the line, before the head moved
+    (ledger.directory / HEAD_FILE).write_bytes(head)
+    assert not verify_ledger(ledger.directory).ok
+    assert ledger.recover_after_stop() == "moved the head to the last whole entry"
+    assert verify_ledger(ledger.directory).ok
+    after = ledger.path.read_bytes()
+    for damaged in (after[:-40], after[:-1], after[:-300]):  # into the recorded entry 4; its newline lost
+        ledger.path.write_bytes(damaged)
+        assert not verify_ledger(ledger.directory).ok_but_torn and ledger.recover_after_stop() is None
+        assert ledger.path.read_bytes() == damaged  # left for the steward: nothing signed is cut
+    # a genesis torn (no whole line, no head), or whole with no head yet: the writer starts or goes on
+    fresh = Ledger(tmp_path / "fresh", key, party="tax")
+    fresh.ensure_genesis()
+    genesis = fresh.path.read_bytes()
+    (fresh.directory / HEAD_FILE).unlink()
+    fresh.path.write_bytes(genesis[:30])
+    assert fresh.recover_after_stop() == "removed a ledger file with no whole entry and no head"
+    fresh.path.write_bytes(genesis)
+    assert fresh.recover_after_stop() == "moved the head to the last whole entry"
+    fresh.append(event(1))
+    assert verify_ledger(fresh.directory).ok
+
+
+def test_entries_past_python_s_limits_are_findings_not_crashes(ledger_dir: Path) -> None:
+    kept = lines(ledger_dir)
+    surrogate = json.dumps(json.loads(kept[2]) | {"prev": "\ud800"}).encode() + b"\n"  # valid JSON, not UTF-8
+    for bad in (b'{"seq": 1e400, "hash": "00", "sig": "00"}\n', surrogate, b"[" * 100_000 + b"]" * 100_000 + b"\n"):
+        (ledger_dir / LEDGER_FILE).write_bytes(b"".join([*kept[:2], bad, *kept[3:]]))
+        check = verify_ledger(ledger_dir)
+        assert not check.ok and check.findings[0].kind == "altered"
+    (ledger_dir / HEAD_FILE).write_bytes(b'{"seq": 1e400, "hash": "00", "sig": "00"}')
+    assert not verify_ledger(ledger_dir).head_ok
+
+
 def test_a_reforged_entry_without_the_key_is_detected(ledger_dir: Path) -> None:
     kept = lines(ledger_dir)
     entry = json.loads(kept[1])

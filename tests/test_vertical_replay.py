@@ -24,12 +24,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agencyfl.exit_codes import ExitCode
 from agencyfl.federation.errors import DataFileError, LedgerError
-from agencyfl.privacy.keys import key_id, public_pem
-from agencyfl.privacy.ledger import canonical_json
+from agencyfl.privacy.keys import public_pem
+from agencyfl.privacy.ledger import HEAD_FILE, LEDGER_FILE, Ledger, verify_ledger
 from agencyfl.vertical import Block, LabelData, VerticalPlan
 from agencyfl.vertical import train as train_module
 from agencyfl.vertical.encoding import CLIP
-from agencyfl.vertical.evidence import GENESIS, Receipts, receipt_signer
+from agencyfl.vertical.evidence import RECEIPTS, Receipt, Receipts, receipt_signer
 from agencyfl.vertical.protocol import FeatureHolder, HolderSetup
 from agencyfl.vertical.replay import replay
 from agencyfl.vertical.train import VerticalResult, train_vertical
@@ -75,7 +75,7 @@ def attacked(
         patch.setattr(SentinelHolder, "target", int(np.flatnonzero(features[0].held & labels.train)[0]))
         result = train_vertical(features, label, labels, PLAN, validate=False, evidence=evidence, receipt_keys=keys)
     folders = {b.agency: next((root / b.agency).iterdir()) for b in features}
-    receipts = [root / label.agency / "receipts.jsonl", root / "coordinator" / "receipts.jsonl"]
+    receipts = [root / label.agency / RECEIPTS, root / "coordinator" / RECEIPTS]
     return result, folders, receipts
 
 
@@ -165,25 +165,31 @@ def test_the_wrong_receipts_or_another_tenseal_are_clear_errors(
     (other / "meta.json").write_text(json.dumps(meta | {"tenseal": "0.0.1"}))
     with pytest.raises(DataFileError, match="another|this install has"):
         replay(other, receipts)
+    (tmp_path / "empty").mkdir()
     with pytest.raises(DataFileError, match="not an agency's evidence folder"):
-        replay(tmp_path, receipts)
+        replay(tmp_path / "empty", receipts)
+    with pytest.raises(DataFileError, match="another|this install has"):
+        replay(tmp_path, receipts)  # a job's folder holding that key folder
 
 
 def test_civil_affairs_and_the_arbiter_keep_hashes_only(
     attacked: tuple[VerticalResult, dict[str, Path], list[Path]],
 ) -> None:
     _, _, receipts = attacked
-    lines = [json.loads(line) for path in receipts for line in path.read_text().splitlines()]
-    fields = {"agency", "by", "context", "key", "kind", "prev", "seq", "sha256", "sig"}
-    assert {frozenset(r) for r in lines} == {frozenset(fields), frozenset(fields | {"label_holder"})}
-    assert {r["label_holder"] for r in lines if "label_holder" in r} == {"civil-affairs"}  # the arbiter's name it
-    assert all(len(r["sha256"]) == 64 and int(r["sha256"], 16) >= 0 for r in lines)
-    civil = {(r["agency"], r["kind"]) for r in lines if r["by"] == "civil-affairs"}
-    assert civil == {(a, k) for a in ("hrss", "tax", "environment") for k in ("residual", "hessian-weights")}
-    arbiter = [r for r in lines if r["by"] == "arbiter"]
+    lines = [json.loads(line) for folder in receipts for line in (folder / LEDGER_FILE).read_text().splitlines()]
+    entry = {"seq", "prev", "hash", "sig"}  # the ledger's chain and signature around each receipt
+    assert {frozenset(r) for r in lines} == {frozenset(entry | {"kind", "party", "key_id", "format"}),  # genesis
+                                             frozenset(entry | set(Receipt.model_fields))}  # fmt: skip
+    read = [verify_ledger(folder, None, Receipt) for folder in receipts]
+    assert all(check.ok for check in read) and [check.party for check in read] == ["civil-affairs", "coordinator"]
+    civil, arbiter = (check.events for check in read)
+    assert all(len(r.sha256) == 64 and int(r.sha256, 16) >= 0 for r in [*civil, *arbiter])
+    assert {(r.agency, r.kind) for r in civil} == {(a, k) for a in ("hrss", "tax", "environment")
+                                                   for k in ("residual", "hessian-weights")}  # fmt: skip
+    assert {r.label_holder for r in arbiter} == {"civil-affairs"} and {r.by for r in arbiter} == {"arbiter"}
     # every party's products (civil affairs' own too), two sweeps and the Hessian each
-    assert sorted((r["agency"], r["kind"]) for r in arbiter).count(("tax", "gradient")) == PLAN.iterations
-    assert len({r["context"] for r in lines}) == 1
+    assert sorted((r.agency, r.kind) for r in arbiter).count(("tax", "gradient")) == PLAN.iterations
+    assert len({r.context for r in [*civil, *arbiter]}) == 1
 
 
 def test_agencyfl_run_keeps_evidence_that_audit_replay_accepts(vertical_job: VerticalJob, tmp_path: Path) -> None:
@@ -246,19 +252,40 @@ def test_evidence_that_declares_its_own_bound_or_hides_a_row_in_integers_is_caug
     json.dumps(report.to_json(), allow_nan=False)  # valid JSON for `--format json`
 
 
-def test_receipts_that_disagree_are_refused_and_a_torn_last_line_is_skipped(
+def test_receipts_that_disagree_are_refused_and_a_torn_last_line_is_skipped_then_cut(
     attacked: tuple[VerticalResult, dict[str, Path], list[Path]], tmp_path: Path
 ) -> None:
     _, folders, (civil, arbiter) = attacked
-    torn = tmp_path / "torn.jsonl"
-    torn.write_text(arbiter.read_text() + '{"by": "arbiter", "context"')  # a job stopped mid-line
-    assert replay(folders["environment"], [civil, torn]).ok
-    lines = [json.loads(line) for line in arbiter.read_text().splitlines()]
-    forged = tmp_path / "forged.jsonl"
-    first = next(r for r in lines if r["agency"] == "environment")
-    forged.write_bytes(canonical_json(first | {"sha256": "0" * 64, "prev": GENESIS}) + b"\n")  # a file of its own
+    torn = _copy(arbiter, tmp_path / "torn")
+    with (torn / LEDGER_FILE).open("ab") as f:
+        f.write(b'{"agency":"environment","by":"arbiter","con')  # a job stopped mid-line, before its head moved
+    report = replay(folders["environment"], [civil, torn])
+    assert report.ok and [r.torn_line for r in report.receipts] == [False, True]
+    # a resumed job cuts the torn line off and continues the one chain
+    context = (folders["environment"] / "context.bin").read_bytes()
+    key = Ed25519PrivateKey.generate()  # (a copy of the arbiter's: signed afresh, to append as its owner)
+    resigned = _resign(torn, key)
+    whole = (resigned / LEDGER_FILE).read_bytes()
+    (resigned / LEDGER_FILE).write_bytes(whole + b'{"agency":"tax","by":"arb')
+    Receipts(resigned, "arbiter", context, key, label_holder="civil-affairs").record("tax", "gradient", [b"x"])
+    check = verify_ledger(resigned, key.public_key(), Receipt)
+    assert check.ok and check.events[-1].agency == "tax" and (resigned / LEDGER_FILE).read_bytes().startswith(whole)
+    # a second ledger that gives one of the arbiter's products another digest
+    other = tmp_path / "other" / RECEIPTS
+    Receipts(other, "arbiter", context, key, label_holder="civil-affairs").record("environment", "gradient", [b"x"])
     with pytest.raises(DataFileError, match="a second, different digest"):
-        replay(folders["environment"], [civil, arbiter, forged])
+        replay(folders["environment"], [civil, arbiter, other])
+
+
+def _resign(folder: Path, key: Ed25519PrivateKey) -> Path:
+    """``folder``'s receipts, whole lines only, re-chained and signed with ``key`` (as a forger would)."""
+    lines = (folder / LEDGER_FILE).read_bytes().split(b"\n")[:-1]
+    entries = [json.loads(line) for line in lines]
+    out = folder.parent / f"{folder.name}-resigned"
+    ledger = Ledger(out, key, Receipt, party=entries[0]["party"])
+    for e in entries[1:]:
+        ledger.append(Receipt.model_validate({k: v for k, v in e.items() if k not in {"seq", "prev", "hash", "sig"}}))
+    return out
 
 
 def test_the_agency_s_rows_and_masks_are_readable_by_it_alone(
@@ -268,41 +295,57 @@ def test_the_agency_s_rows_and_masks_are_readable_by_it_alone(
     folder = folders["environment"]
     assert folder.stat().st_mode & 0o777 == 0o700 and folder.parent.stat().st_mode & 0o777 == 0o700
     assert {f.stat().st_mode & 0o777 for f in folder.iterdir()} == {0o600}
-    assert {p.stat().st_mode & 0o777 for p in receipts} == {0o600}
+    assert {p.stat().st_mode & 0o777 for p in receipts} == {0o700}  # the receipts' folders
     other = invoke("audit", "replay", "--evidence", folder, "--agency", "tax",
                    *[a for p in receipts for a in ("--receipts", p)])  # fmt: skip
     assert other.exit_code == ExitCode.DATA_UNUSABLE and "the evidence of 'environment', not of 'tax'" in other.output
 
 
-def test_a_receipt_forged_taken_out_or_signed_by_another_key_is_refused(
+def test_a_receipt_forged_taken_out_cut_off_or_signed_by_another_key_is_refused(
     attacked: tuple[VerticalResult, dict[str, Path], list[Path]], tmp_path: Path
 ) -> None:
     """Receipts may come through the agency itself: with the keyring, the only receipts the replay accepts are
-    civil affairs' and the coordinator's, whole and in order."""
+    civil affairs' and the coordinator's, whole to their signed heads and in order."""
     _, folders, (civil, arbiter) = attacked
     keyring = civil.parent.parent / "keyring"
-    lines = arbiter.read_text().splitlines()
-    # HRSS rewrites the arbiter's digests of its products to those of its honest replay: the signatures fail
-    mine = [i for i, line in enumerate(lines) if json.loads(line)["agency"] == "hrss"]
-    forged = tmp_path / "forged.jsonl"
-    edited = [json.dumps(json.loads(line) | {"sha256": "1" * 64}, sort_keys=True, separators=(",", ":"))
-              if i in mine else line for i, line in enumerate(lines)]  # fmt: skip
-    forged.write_text("\n".join(edited) + "\n")
-    with pytest.raises(LedgerError, match="the receipts chain is broken|not signed by coordinator"):
+    lines = (arbiter / LEDGER_FILE).read_text().splitlines()
+    mine = [i for i, line in enumerate(lines) if json.loads(line).get("agency") == "hrss"]
+
+    def edited(name: str, kept: list[str]) -> Path:
+        folder = _copy(arbiter, tmp_path / name)
+        (folder / LEDGER_FILE).write_text("\n".join(kept) + "\n")
+        return folder
+
+    # HRSS rewrites the arbiter's digests of its products to those of its honest replay: the hashes fail
+    forged = edited("forged", [json.dumps(json.loads(line) | {"sha256": "1" * 64}) if i in mine else line
+                               for i, line in enumerate(lines)])  # fmt: skip
+    with pytest.raises(LedgerError, match="do not verify: line .*altered"):
         replay(folders["hrss"], [civil, forged], keyring=keyring)
-    # ... or drops its receipts altogether: the chain names each line's predecessor
-    dropped = tmp_path / "dropped.jsonl"
-    dropped.write_text("\n".join(line for i, line in enumerate(lines) if i not in mine) + "\n")
-    with pytest.raises(LedgerError, match="the receipts chain is broken"):
+    # ... or takes its receipts out: the chain names each line's predecessor
+    dropped = edited("dropped", [line for i, line in enumerate(lines) if i not in mine])
+    with pytest.raises(LedgerError, match="do not verify"):
         replay(folders["hrss"], [civil, dropped])
-    # ... or signs a whole new file with a key of its own: the keyring knows whose key is whose
+    # ... or cuts the file after its last honest product: the signed head says where it ends
+    cut = edited("cut", lines[: mine[-1]])
+    with pytest.raises(LedgerError, match="head.json says the last entry is seq"):
+        replay(folders["hrss"], [civil, cut])
+    (cut / HEAD_FILE).unlink()
+    with pytest.raises(LedgerError, match="nothing signed says where the ledger ends"):
+        replay(folders["hrss"], [civil, cut])
+    # ... or re-signs the cut file, head and all, with a key of its own: the keyring knows whose key is whose
+    own = Ed25519PrivateKey.generate()
+    resigned = _resign(cut, own)
+    assert replay(folders["hrss"], [civil, resigned]).receipts[1].key_id != replay(
+        folders["hrss"], [civil, arbiter]).receipts[1].key_id  # without a keyring: only the key id tells  # fmt: skip
+    with pytest.raises(LedgerError, match="the keyring holds .* for 'coordinator'"):
+        replay(folders["hrss"], [civil, resigned], keyring=keyring)
     stranger = tmp_path / "keyring"
     stranger.mkdir()
     (stranger / "coordinator.pub").write_bytes(public_pem(Ed25519PrivateKey.generate().public_key()))
     (stranger / "civil-affairs.pub").write_bytes((keyring / "civil-affairs.pub").read_bytes())
     with pytest.raises(LedgerError, match="the keyring holds .* for 'coordinator'"):
         replay(folders["hrss"], [civil, arbiter], keyring=stranger)
-    done = invoke("audit", "replay", "--evidence", folders["hrss"], "--receipts", civil, "--receipts", dropped)
+    done = invoke("audit", "replay", "--evidence", folders["hrss"], "--receipts", civil, "--receipts", cut)
     assert done.exit_code == ExitCode.LEDGER_UNVERIFIED and "Traceback" not in done.output
 
 
@@ -328,23 +371,23 @@ def test_an_agency_cannot_vouch_for_its_own_operands(
     keyring = _copy(civil.parent.parent / "keyring", tmp_path / "keyring")
     own = Ed25519PrivateKey.generate()
     (keyring / "hrss.pub").write_bytes(public_pem(own.public_key()))  # the auditor holds every party's key
-    made = tmp_path / "made"
-    ledger = Receipts(made / "receipts.jsonl", "hrss", (folders["hrss"] / "context.bin").read_bytes(), own)
+    made = tmp_path / "made" / RECEIPTS
+    ledger = Receipts(made, "hrss", (folders["hrss"] / "context.bin").read_bytes(), own)
     for seq in range(PLAN.iterations):  # "civil affairs sent me these" (its own kept operands)
         kept = np.load(folders["hrss"] / f"gradient-{seq:04d}.npz")
         ledger.record("hrss", "residual", [kept[f"operand_{i}"].tobytes() for i in range(len(kept.files) - 3)])
-    report = replay(folders["hrss"], [made / "receipts.jsonl", arbiter], keyring=keyring)
+    report = replay(folders["hrss"], [made, arbiter], keyring=keyring)
     assert report.receipts_signed and not any(p.matched for p in report.products)
     assert all("not the" in p.finding and "civil affairs sent" in p.finding for p in report.products)
-    # civil affairs' name on a line the agency signed with its own key is refused outright
-    lines = [json.loads(line) for line in civil.read_text().splitlines()]
-    forged = tmp_path / "forged.jsonl"
-    body = {k: v for k, v in lines[0].items() if k != "sig"} | {"prev": GENESIS, "key": key_id(own.public_key())}
-    forged.write_bytes(canonical_json(body | {"sig": own.sign(canonical_json(body)).hex()}) + b"\n")
+    # civil affairs' name on a ledger the agency signed with its own key is refused outright
+    posing = tmp_path / "posing" / RECEIPTS
+    Receipts(posing, "civil-affairs", (folders["hrss"] / "context.bin").read_bytes(), own).record(
+        "hrss", "residual", [b"x"])  # fmt: skip
     with pytest.raises(LedgerError, match="the keyring holds .* for 'civil-affairs'"):
-        replay(folders["hrss"], [forged, arbiter], keyring=keyring)
-    # a line re-serialised in transit (spaces) is not what its party signed
-    spaced = tmp_path / "spaced.jsonl"
-    spaced.write_text("\n".join(json.dumps(json.loads(line)) for line in civil.read_text().splitlines()) + "\n")
-    with pytest.raises(DataFileError, match="canonical JSON"):
-        replay(folders["hrss"], [spaced, arbiter])
+        replay(folders["hrss"], [posing, arbiter], keyring=keyring)
+    # ... as is a receipt of another party's inside civil affairs' ledger
+    mixed = tmp_path / "mixed" / RECEIPTS
+    Receipts(mixed, "civil-affairs", (folders["hrss"] / "context.bin").read_bytes(), own).ledger.append(
+        Receipt(kind="residual", by="hrss", context="0" * 64, agency="hrss", number=0, sha256="0" * 64))  # fmt: skip
+    with pytest.raises(LedgerError, match="receipts recorded by hrss in the ledger of civil-affairs"):
+        replay(folders["hrss"], [mixed, arbiter])

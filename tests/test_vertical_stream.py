@@ -166,6 +166,7 @@ def run_job(
     settings = DriverSettings(
         loaded=loaded, plan=plan, job=job_plan, workdir=fed.work / "coordinator-work",
         chain=chain if chain is not None else fed.chain(),
+        receipts_key=load_or_create_signing_key(fed.tls / "coordinator.key"),
         connect_timeout=connect_timeout, step_timeout=60, noise_rng=np.random.default_rng(NOISE_SEED), resume=resume,
     )  # fmt: skip
     try:
@@ -224,8 +225,8 @@ def test_a_deployed_agency_s_products_replay_from_its_own_evidence(deployed: tup
     fed, outcome = deployed
     assert outcome.error is None, outcome.error
     holder = fed.loaded.spec.label_agency.name
-    receipts = [fed.work / holder / "evidence" / "vjob-deployed" / "receipts.jsonl",
-                fed.work / "coordinator-work" / "evidence" / "vjob-deployed" / "receipts.jsonl"]  # fmt: skip
+    receipts = [fed.work / holder / "evidence" / "vjob-deployed" / "receipts",
+                fed.work / "coordinator-work" / "evidence" / "vjob-deployed" / "receipts"]  # fmt: skip
     for agency in (a for a in fed.parties if a != holder):
         (folder,) = (fed.work / agency / "evidence" / "vjob-deployed").iterdir()  # one arbiter key: not resumed
         report = replay(folder, receipts)
@@ -321,6 +322,21 @@ def test_a_drop_before_release_resumes_without_counting_twice(federation: Federa
         assert [e.round for e in fed.ledger(agency).events() if e.job == "vjob-drop" and e.release == "vertical-hessian"
                 ] == [0], agency  # fmt: skip
     assert [e.round for e in fed.chain().events() if e.job == "vjob-drop"] == [0, 1, 2, 3]
+    # the resumed job ran under a new arbiter key: an agency's evidence has a folder per key, and a replay of
+    # one key alone names the products released under the other (a deviation after a resume cannot hide)
+    holder = fed.loaded.spec.label_agency.name
+    receipts = [fed.work / holder / "evidence" / "vjob-drop" / "receipts",
+                fed.work / "coordinator-work" / "evidence" / "vjob-drop" / "receipts"]  # fmt: skip
+    job = fed.work / "tax" / "evidence" / "vjob-drop"
+    keys = sorted(f.name for f in job.iterdir())
+    assert len(keys) == 2
+    for key in keys:
+        alone = replay(job / key, receipts)
+        assert not alone.ok and list(alone.unreplayed) == [k for k in keys if k != key], alone.findings
+        assert all(p.matched for p in alone.products) and "under key" in alone.findings[-1]
+    whole = replay(job, receipts)
+    assert whole.ok and sorted(whole.keys) == keys, whole.findings
+    assert sorted(p.kind for p in whole.products) == ["gradient"] * 3 + ["hessian"]  # sweeps 1 | 2, 3; Hessian
 
 
 def test_a_drop_after_release_counts_the_iteration_again(federation: Federation, tmp_path: Path) -> None:

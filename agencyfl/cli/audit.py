@@ -271,11 +271,12 @@ def audit_verify(
 @audit_app.command("replay")
 def audit_replay(
     evidence: Annotated[
-        Path, typer.Option("--evidence", help="An agency's evidence folder: AGENCY/evidence/JOB/KEY16")
+        Path,
+        typer.Option("--evidence", help="An agency's evidence: AGENCY/evidence/JOB (every key) or one JOB/KEY16"),
     ],
     receipts: Annotated[
         list[Path],
-        typer.Option("--receipts", help="Civil affairs' and the arbiter's receipts.jsonl of the job (repeat)"),
+        typer.Option("--receipts", help="Civil affairs' and the arbiter's receipts: PARTY/evidence/JOB/receipts"),
     ],
     agency: Annotated[
         str | None, typer.Option("--agency", help="The agency you mean to check (refused if the evidence is another's)")
@@ -285,12 +286,13 @@ def audit_replay(
 ) -> None:
     """Recompute an agency's masked gradients and Hessian from its kept clipped rows; compare with the receipts.
 
-    Run it at the agency (its rows never leave), on an install you trust. With --keyring every receipt must be
-    signed by civil affairs' or the coordinator's ledger key, so they may reach you through anyone; without
-    it, take them from those parties yourself. Exits 0 when every product the arbiter released matches and
-    every row is within the declared norm; 25 otherwise (a sentinel or other rows were multiplied, an operand
-    substituted, evidence withheld); 4 for a folder that is not evidence or receipts of another job; 5 for
-    receipts whose chain is broken or (with --keyring) not signed by their party.
+    Run it at the agency (its rows never leave), on an install you trust. Receipts are signed ledgers (a
+    signed head says where each ends); with --keyring each must be signed by civil affairs' or the
+    coordinator's ledger key, so they may reach you through anyone; without it, take them from those parties
+    yourself. Exits 0 when every product the arbiter released matches and every row is within the declared
+    norm; 25 otherwise (a sentinel or other rows were multiplied, an operand substituted, evidence withheld); 4
+    for a folder that is not evidence or receipts of another job; 5 for receipts that do not verify (altered,
+    taken out, cut off the end) or (with --keyring) are not signed by their party.
     """
     from agencyfl.vertical.replay import replay
 
@@ -302,17 +304,20 @@ def audit_replay(
     if fmt is Format.json:
         emit_json(report.to_json() | {"exit_code": int(code)})
         raise typer.Exit(int(code))
-    table = Table("product", "matched", "finding", title=f"replay of {report.agency} (key {report.context[:16]})")
+    table = Table("product", "key", "matched", "finding", title=f"replay of {report.agency}")
     for p in report.products:
-        table.add_row(f"{p.kind} {p.seq}", "[green]yes[/]" if p.matched else "[red]NO[/]", p.finding)
+        table.add_row(f"{p.kind} {p.seq}", p.key, "[green]yes[/]" if p.matched else "[red]NO[/]", p.finding)
     out.print(table)
     signed = (
-        "every one signed by its party (keyring)"
+        "each signed by its party's key in the keyring"
         if report.receipts_signed
-        else "signatures NOT checked (no --keyring): take the files from civil affairs and the coordinator"
+        else "keys NOT checked against a keyring (no --keyring): take the ledgers from civil affairs and the "
+        "coordinator yourself"
     )
-    out.print(f"receipts: {signed}; a cut-off tail is not detectable: compare the {len(report.products)} products "
-              "with the job's iterations in the ledgers")  # fmt: skip
+    for r in report.receipts:
+        torn = " (a torn last line skipped: a stop mid-write)" if r.torn_line else ""
+        out.print(f"receipts of {r.party}: {r.receipts}, whole to their signed head, key {r.key_id}{torn}")
+    out.print(f"receipts: {signed}")
     out.print(f"inputs: {report.rows} rows x {report.width}, largest row norm {report.max_row_norm:.6g} "
               f"(declared {report.clip:g}), {report.rows_over_clip} over")  # fmt: skip
     for finding in report.findings:

@@ -47,6 +47,8 @@ GENESIS = "0" * 64
 LEDGER_FILE = "ledger.jsonl"
 HEAD_FILE = "head.json"
 PUBLIC_KEY_FILE = "ledger.pub"
+TORN_LINE = "the last line is incomplete (truncated file)"
+"""The finding for a last line without its newline: cut off by hand, or torn by a stop while being written."""
 
 
 class Genesis(BaseModel):
@@ -192,6 +194,7 @@ class LedgerVerification(Generic[EventT]):
     origin: str = ""  # hash of entry 0 (the genesis; a legacy ledger's first event)
     last_seq: int = -1
     last_hash: str = GENESIS
+    torn: bool = False  # the last line, without its newline, did not parse: skipped
 
     @property
     def legacy(self) -> bool:
@@ -210,6 +213,12 @@ class LedgerVerification(Generic[EventT]):
     def problems(self) -> list[str]:
         """Every finding's message."""
         return [f.message for f in self.findings]
+
+    @property
+    def ok_but_torn(self) -> bool:
+        """Whole up to a last line without its newline, which its head does not record: a write a stop tore
+        (the head moves only after the line is complete), so nothing that line would have said happened."""
+        return self.torn and self.chain_ok and self.signatures_ok and all(f.message == TORN_LINE for f in self.findings)
 
     @property
     def ok(self) -> bool:
@@ -272,7 +281,7 @@ def verify_ledger(
     out_of_order: list[str] = []
     raw = path.read_bytes()
     if raw and not raw.endswith(b"\n"):
-        result.fail("truncated", "the last line is incomplete (truncated file)")
+        result.fail("truncated", TORN_LINE)
     lines = raw.splitlines()
     for number, line in enumerate(lines, start=1):
         try:
@@ -284,14 +293,17 @@ def verify_ledger(
             content = {k: v for k, v in body.items() if k not in {"seq", "prev"}}
             genesis = Genesis.model_validate(content) if content.get("kind") == "genesis" else None
             event = None if genesis is not None else event_type.model_validate(_stored_defaults(event_type, content))
-        except (ValueError, KeyError, TypeError, ValidationError) as exc:
+            hashed = _entry_hash(body)
+        # ArithmeticError: an integer past float range; RecursionError: JSON nested past Python's stack
+        except (ValueError, KeyError, TypeError, ValidationError, ArithmeticError, RecursionError) as exc:
             if number == len(lines) and not raw.endswith(b"\n"):
+                result.torn = True
                 continue  # the cut-off last line, reported above
             result.chain_ok = False
             result.fail("altered", f"line {number}: unreadable entry ({exc.__class__.__name__})")
             prev = ""
             continue
-        if _entry_hash(body) != claimed:
+        if hashed != claimed:
             result.chain_ok = False
             result.fail("altered", f"line {number}: content does not match its hash (altered)")
         if seq != last_seq + 1:
@@ -349,7 +361,7 @@ def _verify_head(
         head = json.loads(head_path.read_bytes())
         seq, digest = int(head["seq"]), str(head["hash"])
         public_key.verify(bytes.fromhex(head["sig"]), _head_message(seq, digest))
-    except (ValueError, KeyError, TypeError, InvalidSignature):
+    except (ValueError, KeyError, TypeError, InvalidSignature, ArithmeticError, RecursionError):
         result.head_ok = False
         result.fail("altered", f"{HEAD_FILE} is unreadable or its signature does not verify")
         return
@@ -462,25 +474,79 @@ class Ledger(Generic[EventT]):
         """Write the signed genesis if the ledger has no entries yet; returns the ledger's origin."""
         with open(self.directory / ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            check = self.verification()
-            if check.last_seq >= 0:
-                return check.origin
-            owner = party or self.party
-            if not owner:
-                raise LedgerError(f"ledger {str(self.directory)!r}: a genesis needs the party it belongs to")
-            genesis = Genesis(party=owner, key_id=key_id(self._key.public_key()))
-            return self._write(check, genesis.model_dump(), None)
+            return self._genesis(self.verification(), party).origin
+
+    def _genesis(self, check: LedgerVerification[EventT], party: str | None) -> LedgerVerification[EventT]:
+        """``check``, after writing the genesis if the ledger has none; the caller holds the lock."""
+        if check.last_seq >= 0:
+            return check
+        owner = party or self.party
+        if not owner:
+            raise LedgerError(f"ledger {str(self.directory)!r}: a genesis needs the party it belongs to")
+        self._write(check, Genesis(party=owner, key_id=key_id(self._key.public_key())).model_dump(), None)
+        return self.verification()
+
+    def recover_after_stop(self) -> str | None:
+        """Finish what a stop interrupted in the owner's last write, for chains whose writer must go on after
+        a stop (vertical receipts); returns what it did, or None. Only the owner's own unfinished write is
+        touched: a last line without its newline that the head does not record is cut off (the head moves only
+        once a line is whole); a whole last line the owner signed, chained to the entry the head names, gets
+        its head; a file with no whole line and no head (a genesis torn) is removed. Anything else is left as
+        it is, for verification to report."""
+        with open(self.directory / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                raw = self.path.read_bytes()
+            except FileNotFoundError:
+                return None
+            head = self._read_head()
+            whole = raw[: raw.rfind(b"\n") + 1]
+            if not whole and head is None:
+                self.path.unlink()
+                return "removed a ledger file with no whole entry and no head"
+            lines = whole.splitlines()
+            last = self._own_entry(lines[-1]) if lines else None
+            if head is None and len(lines) == 1 and not (self.directory / HEAD_FILE).exists():
+                head = {"seq": -1, "hash": GENESIS}  # stopped between the genesis and its first head
+            if last is None or head is None:
+                return None
+            if len(whole) < len(raw) and (head["seq"], head["hash"]) == (last["seq"], last["hash"]):
+                os.truncate(self.path, len(whole))
+                return "cut off a line torn while it was written"
+            if len(whole) == len(raw) and last["seq"] == head["seq"] + 1 and last["prev"] == head["hash"]:
+                self._write_head(int(last["seq"]), str(last["hash"]))
+                return "moved the head to the last whole entry"
+            return None
+
+    def _read_head(self) -> dict[str, Any] | None:
+        try:
+            head = json.loads((self.directory / HEAD_FILE).read_bytes())
+            return {"seq": int(head["seq"]), "hash": str(head["hash"])}
+        except (OSError, ValueError, KeyError, TypeError, ArithmeticError, RecursionError):
+            return None
+
+    def _own_entry(self, line: bytes) -> dict[str, Any] | None:
+        """``line`` as an entry if it is one the owner's key signed, its hash matching its content."""
+        try:
+            entry = json.loads(line)
+            body = {k: v for k, v in entry.items() if k not in {"hash", "sig"}}
+            if _entry_hash(body) != entry["hash"]:
+                return None
+            self._key.public_key().verify(bytes.fromhex(entry["sig"]), bytes.fromhex(entry["hash"]))
+            return {"seq": int(entry["seq"]), "hash": str(entry["hash"]), "prev": str(entry.get("prev"))}
+        except (ValueError, KeyError, TypeError, AttributeError, InvalidSignature, ArithmeticError, RecursionError):
+            return None
 
     def append(self, event: EventT) -> str:
         """Append ``event`` (chained, signed, fsynced) and move the head; returns the entry hash.
 
-        A ledger with no entries gets its genesis first (party: the ledger's, else ``event.party``).
+        A ledger with no entries gets its genesis first (party: the ledger's, else ``event.party``). Both
+        under one lock, so a second writer never sees a line without its head.
         """
-        if self.verification().last_seq < 0:
-            self.ensure_genesis(self.party or str(getattr(event, "party", "")) or None)
         with open(self.directory / ".lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            return self._write(self.verification(), event.model_dump(), event)
+            check = self._genesis(self.verification(), self.party or str(getattr(event, "party", "")) or None)
+            return self._write(check, event.model_dump(), event)
 
     def _write(self, check: LedgerVerification[EventT], content: dict[str, Any], event: EventT | None) -> str:
         """Append one entry after ``check`` (the current verified state); the caller holds the lock."""
@@ -492,10 +558,7 @@ class Ledger(Generic[EventT]):
             handle.write(canonical_json(entry) + b"\n")
             handle.flush()
             os.fsync(handle.fileno())
-        head = {"seq": seq, "hash": digest, "sig": self._key.sign(_head_message(seq, digest)).hex()}
-        tmp = self.directory / (HEAD_FILE + ".tmp")
-        tmp.write_bytes(canonical_json(head))
-        tmp.replace(self.directory / HEAD_FILE)
+        self._write_head(seq, digest)
         updated: LedgerVerification[EventT] = LedgerVerification(
             directory=check.directory,
             events=[*check.events, *([event] if event is not None else [])],
@@ -510,6 +573,21 @@ class Ledger(Generic[EventT]):
             cache_key = (str(self.directory.resolve()), check.key_id, self.event_type.__name__)
             _VERIFIED[cache_key] = (stat, updated)
         return digest
+
+    def _write_head(self, seq: int, digest: str) -> None:
+        """The signed head, replaced whole (written and fsynced aside, then renamed, the folder fsynced)."""
+        head = {"seq": seq, "hash": digest, "sig": self._key.sign(_head_message(seq, digest)).hex()}
+        tmp = self.directory / (HEAD_FILE + ".tmp")
+        with tmp.open("wb") as handle:
+            handle.write(canonical_json(head))
+            handle.flush()
+            os.fsync(handle.fileno())
+        tmp.replace(self.directory / HEAD_FILE)
+        folder = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
 
 
 def _stored_defaults(event_type: type[BaseModel], content: dict[str, Any]) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from agencyfl.federation.spec import LoadedVerticalSpec
 from agencyfl.privacy.coordinator_ledger import AgencyReport, RoundSummary
 from agencyfl.privacy.ledger import Ledger, now_utc
 from agencyfl.server.model_card import CardAgency, ModelCard
-from agencyfl.vertical.evidence import Receipts
+from agencyfl.vertical.evidence import RECEIPTS, Receipts
 from agencyfl.vertical.job import ValidationRelease, card_metrics, card_metrics_source
 from agencyfl.vertical.model import ModelPart, new_version, register_parts
 from agencyfl.vertical.optim import joint_scale, sweep_starts_fresh
@@ -87,11 +87,11 @@ class DriverSettings:
     job: VerticalJobPlan
     workdir: Path  # the coordinator's work folder: registry/ and runs/JOB/
     chain: Ledger[RoundSummary]  # its countersigned chain (work/coordinator/ledger)
+    receipts_key: Ed25519PrivateKey  # its ledger key, signing the arbiter's receipts (``audit replay``)
     connect_timeout: float = 600.0
     step_timeout: float = STEP_TIMEOUT
     noise_rng: np.random.Generator | None = None  # the arbiter's DP noise (inject only to reproduce in tests)
     resume: bool = False  # continue the job from the last iteration every party checkpointed
-    receipts_key: Ed25519PrivateKey | None = None  # its ledger key, signing the arbiter's receipts (audit replay)
 
     @property
     def run_dir(self) -> Path:
@@ -157,13 +157,8 @@ def drive(hub: StreamHub, settings: DriverSettings, sink: EventSink) -> dict[str
             label_holder=job.label_holder if plan.shapes_noise else None,
         )  # fmt: skip
         context = arbiter.public_context()
-        arbiter.receipts = Receipts(
-            settings.workdir / "evidence" / job.job / "receipts.jsonl",
-            arbiter.name,
-            context,
-            settings.receipts_key,
-            label_holder=job.label_holder,
-        )  # for `audit replay`
+        receipts = settings.workdir / "evidence" / job.job / RECEIPTS  # for `audit replay`
+        arbiter.receipts = Receipts(receipts, arbiter.name, context, settings.receipts_key, job.label_holder)
         names = list(hellos)
         # resumed before any party checkpointed an iteration but after the Hessian release reached every party:
         # each restores its own copy instead of a second release (which the job's sigma has no room for)

@@ -8,26 +8,25 @@ civil affairs and the arbiter keep only the SHA-256 of what they sent it and rec
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import io
 import json
-import os
 from collections import Counter
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 import tenseal as ts
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pydantic import BaseModel, ConfigDict
 
 from agencyfl.federation.pki import write_private
-from agencyfl.privacy.keys import key_id
-from agencyfl.privacy.ledger import canonical_json
+from agencyfl.privacy.ledger import Ledger
 
 ProductKind = Literal["gradient", "hessian"]
 OperandKind = Literal["residual", "hessian-weights"]
+ReceiptKind = Literal[OperandKind, ProductKind]
 OPERAND_OF: dict[str, OperandKind] = {"gradient": "residual", "hessian": "hessian-weights"}
 """Which of civil affairs' sealed vectors each product multiplies."""
 
@@ -62,8 +61,8 @@ def evidence_folder(root: Path, public_context: bytes) -> Path:
     return root / context_digest(public_context)[:16]
 
 
-GENESIS = "0" * 64
-"""What the first receipt of a file names as the one before it."""
+RECEIPTS = "receipts"
+"""The folder of a party's receipts ledger for one job: ``PARTY/evidence/JOB/receipts``."""
 
 
 def receipt_signer(by: str) -> str:
@@ -71,54 +70,51 @@ def receipt_signer(by: str) -> str:
     return "coordinator" if by == "arbiter" else by
 
 
-def _last_line_hash(f: BinaryIO) -> str:
-    """SHA-256 of the last whole line of an open receipts file (``GENESIS`` when it has none); a line torn by
-    a stop is cut off first (it was never completed, so nothing was released after it)."""
-    size = f.seek(0, os.SEEK_END)
-    f.seek(max(0, size - 65536))
-    tail = f.read()
-    whole = tail[: tail.rfind(b"\n") + 1]
-    if len(whole) != len(tail):
-        os.truncate(f.fileno(), size - (len(tail) - len(whole)))
-    lines = whole.splitlines()
-    return hashlib.sha256(lines[-1]).hexdigest() if lines else GENESIS
+class Receipt(BaseModel):
+    """One vector a party sealed to an agency (civil affairs: ``residual``, ``hessian-weights``) or one product
+    it released from an agency (the arbiter: ``gradient``, ``hessian``): only its SHA-256, with the arbiter
+    key's digest, a number per (agency, kind) and, for the arbiter's, the label holder whose receipts vouch for
+    the operands."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: ReceiptKind
+    by: str
+    context: str
+    agency: str
+    number: int
+    sha256: str
+    label_holder: str | None = None
+
+    @property
+    def party(self) -> str:
+        """Whose ledger it belongs in."""
+        return receipt_signer(self.by)
 
 
 class Receipts:
-    """Append-only JSON lines, one per vector a party sealed to or received from an agency: who recorded it,
-    the arbiter key's digest, the agency, the kind, a sequence number per (agency, kind), the SHA-256 (and,
-    for the arbiter's, the label holder whose receipts vouch for the operands); each line names the SHA-256
-    of the line before it (``prev``) and, with the party's ledger key, is signed by it (``key``, ``sig``), so
-    receipts can travel through anyone and none can be changed, moved or taken out of the middle unseen.
-    Written under a lock and flushed as each vector goes: a job that stops, or resumes, or a second writer,
-    continues one chain."""
+    """A party's receipts for one job, kept as a ``privacy.ledger.Ledger`` of ``Receipt`` signed with its ledger
+    key (civil affairs' own, the coordinator's for the arbiter): chained, with a signed head, so receipts can
+    travel through anyone and none can be changed, moved, taken out or cut off the end unseen. Each is
+    appended under the ledger's lock and fsynced as its vector goes: a job that stops, or resumes, or a second
+    writer, continues one chain; a write a stop left unfinished is finished first (``recover_after_stop``)."""
 
-    def __init__(self, path: Path, by: str, public_context: bytes, key: Ed25519PrivateKey | None = None,
+    def __init__(self, folder: Path, by: str, public_context: bytes, key: Ed25519PrivateKey,
                  label_holder: str | None = None) -> None:  # fmt: skip
-        _private_folder(path.parent)
-        self.path = path
+        _private_folder(folder.parent)
+        _private_folder(folder)
+        self.ledger = Ledger(folder, key, Receipt, party=receipt_signer(by))
+        self.ledger.recover_after_stop()
         self.by = by
         self.context = context_digest(public_context)
         self.label_holder = label_holder
-        self._key = key
-        self._seq: Counter[tuple[str, str]] = Counter()
+        self._numbers: Counter[tuple[str, str]] = Counter()
 
-    def record(self, agency: str, kind: str, vectors: list[bytes]) -> None:
-        seq = self._seq[agency, kind]
-        self._seq[agency, kind] += 1
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
-        with os.fdopen(fd, "r+b") as f:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # released when the file closes
-            line: dict[str, Any] = {"by": self.by, "context": self.context, "agency": agency, "kind": kind,
-                                    "seq": seq, "sha256": digest(vectors), "prev": _last_line_hash(f)}  # fmt: skip
-            if self.label_holder is not None:
-                line["label_holder"] = self.label_holder
-            if self._key is not None:
-                line["key"] = key_id(self._key.public_key())
-                line["sig"] = self._key.sign(canonical_json(line)).hex()
-            f.write(canonical_json(line) + b"\n")
-            f.flush()
-            os.fsync(f.fileno())
+    def record(self, agency: str, kind: ReceiptKind, vectors: list[bytes]) -> None:
+        number = self._numbers[agency, kind]
+        self._numbers[agency, kind] += 1
+        self.ledger.append(Receipt(kind=kind, by=self.by, context=self.context, agency=agency, number=number,
+                                   sha256=digest(vectors), label_holder=self.label_holder))  # fmt: skip
 
 
 class Evidence:

@@ -40,6 +40,7 @@ from agencyfl.privacy.keys import load_or_create_signing_key
 from agencyfl.privacy.ledger import Ledger, LedgerEvent, now_utc, spend_records
 from agencyfl.server.model_card import CardAgency, ModelCard
 from agencyfl.vertical.encoding import WORKDIR_SPEC, LabelData, feature_block, label_block, register_frame
+from agencyfl.vertical.evidence import RECEIPTS
 from agencyfl.vertical.model import INTERCEPT, register_vertical
 from agencyfl.vertical.plan import VerticalPlan
 from agencyfl.vertical.protocol import FeatureHolder, LabelHolder
@@ -405,11 +406,10 @@ def _finite(value: float) -> float | None:
 
 def replay_paths(result: VerticalResult, evidence: dict[str, Path]) -> dict[str, Any]:
     """Where each agency's evidence and the receipts of the job are: the arguments of ``audit replay``."""
-    folders = {n: str(p.evidence.folder) for n, p in result.parties.items()
-               if isinstance(p, FeatureHolder) and p.evidence is not None}  # fmt: skip
+    folders = {n: str(evidence[n]) for n, p in result.parties.items()
+               if isinstance(p, FeatureHolder) and p.evidence is not None}  # fmt: skip  # every key of the job
     label = next(n for n, p in result.parties.items() if isinstance(p, LabelHolder))
-    return {"agencies": folders, "receipts": [str(evidence[label] / "receipts.jsonl"),
-                                              str(evidence["arbiter"] / "receipts.jsonl")]}  # fmt: skip
+    return {"agencies": folders, "receipts": [str(evidence[label] / RECEIPTS), str(evidence["arbiter"] / RECEIPTS)]}
 
 
 def run_vertical(

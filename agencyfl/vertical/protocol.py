@@ -23,7 +23,7 @@ from agencyfl.alignment.sealed import Envelope, MessageKind, PartyKeys, PartyPub
 from agencyfl.federation.errors import HEError, MessageRejectedError
 from agencyfl.privacy.he import ParameterSet, load_public_context, new_private_context, parameter_set, public_bytes
 from agencyfl.vertical.encoding import CLIP, Block, LabelData
-from agencyfl.vertical.evidence import Evidence, Receipts
+from agencyfl.vertical.evidence import Evidence, ProductKind, Receipts
 from agencyfl.vertical.optim import (
     BlockOptimizer,
     OptimizerName,
@@ -117,7 +117,7 @@ class HolderSetup:
     iterations: int = 1  # T, and how many of the last iterations' weights make the model (``TailMean``)
     averaged: int = 1
     evidence: Path | None = None  # an agency's evidence folder for the job (``Evidence``); None keeps none
-    receipts: Path | None = None  # civil affairs' receipts file for the job (``Receipts``); None keeps none
+    receipts: Path | None = None  # civil affairs' receipts ledger folder for the job (``Receipts``); None: none
     receipts_key: Ed25519PrivateKey | None = None  # civil affairs' ledger key, which signs its receipts
 
 
@@ -421,6 +421,8 @@ class LabelHolder(_Holder):
         # the digest of every vector it seals to an agency, for a replay of that agency's products
         self.receipts = None
         if setup.receipts is not None:
+            if setup.receipts_key is None:
+                raise ValueError("receipts are signed: give civil affairs' ledger key (receipts_key)")
             self.receipts = Receipts(setup.receipts, self.name, setup.public_context, setup.receipts_key)
 
     def take_partials(self, sender: str, envelopes: list[Envelope], step: Step) -> None:
@@ -670,7 +672,7 @@ class Arbiter:
         message: GradientMessage,
         count: int | None,
         std: npt.NDArray[np.float64] | float,
-        kind: str,
+        kind: ProductKind,
         packed: bool = False,
     ) -> list[float]:
         expected = 1 if packed else count

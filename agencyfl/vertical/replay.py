@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import zipfile
 from dataclasses import dataclass, field
@@ -13,14 +12,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import tenseal as ts
-from cryptography.exceptions import InvalidSignature
 
 from agencyfl.federation.errors import DataFileError, LedgerError
 from agencyfl.privacy.he import load_public_context
 from agencyfl.privacy.keys import key_id, keyring_key
-from agencyfl.privacy.ledger import canonical_json
+from agencyfl.privacy.ledger import LEDGER_FILE, verify_ledger
 from agencyfl.vertical.encoding import CLIP
-from agencyfl.vertical.evidence import GENESIS, OPERAND_OF, context_digest, digest, receipt_signer
+from agencyfl.vertical.evidence import OPERAND_OF, RECEIPTS, Receipt, context_digest, digest
 from agencyfl.vertical.protocol import chunk_count, column_multipliers, gradient_sums, masked_totals, pair_products
 
 NORM_SLACK = 1e-9
@@ -35,14 +33,26 @@ class ProductCheck:
     seq: int
     matched: bool
     finding: str = ""
+    key: str = ""  # the arbiter key it was released under (the first 16 hex digits of its digest)
+
+
+@dataclass
+class ReceiptsRead:
+    """One receipts ledger as the replay read it: whose, signed with which key, how many receipts."""
+
+    folder: str
+    party: str
+    key_id: str
+    receipts: int
+    torn_line: bool  # a last line a stop tore, which its signed head never recorded (skipped)
 
 
 @dataclass
 class ReplayReport:
-    """What the replay found for one agency and arbiter key."""
+    """What the replay found for one agency: every arbiter key of the job it was given evidence for."""
 
     agency: str
-    context: str
+    context: str  # the first key's digest (``keys``: every key replayed)
     rows: int
     width: int
     max_row_norm: float
@@ -50,7 +60,10 @@ class ReplayReport:
     rows_over_clip: int
     inputs_findings: list[str] = field(default_factory=list)  # what is wrong with the kept inputs themselves
     receipts_signed: bool = False  # every receipt verified against the auditor's keyring
+    receipts: list[ReceiptsRead] = field(default_factory=list)
     products: list[ProductCheck] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)  # each arbiter key replayed (16 hex digits)
+    unreplayed: dict[str, int] = field(default_factory=dict)  # key -> products released under it, not replayed
 
     @property
     def findings(self) -> list[str]:
@@ -59,8 +72,12 @@ class ReplayReport:
              f"(largest {self.max_row_norm:.6g}): the noise assumed rows within it"]
             if self.rows_over_clip else []
         )  # fmt: skip
-        products = [f"{p.kind} {p.seq}: {p.finding}" for p in self.products if not p.matched]
-        return [*self.inputs_findings, *over, *products]
+        products = [f"{p.kind} {p.seq}{f' (key {p.key})' if len(self.keys) > 1 else ''}: {p.finding}"
+                    for p in self.products if not p.matched]  # fmt: skip
+        hidden = [f"the arbiter released {n} product(s) of {self.agency} under key {k} that no evidence given "
+                  "covers: replay AGENCY/evidence/JOB (every key of the job)"
+                  for k, n in self.unreplayed.items()]  # fmt: skip
+        return [*self.inputs_findings, *over, *products, *hidden]
 
     @property
     def ok(self) -> bool:
@@ -70,61 +87,68 @@ class ReplayReport:
         return {
             "agency": self.agency, "context": self.context, "rows": self.rows, "width": self.width,
             "clip": self.clip, "max_row_norm": self.max_row_norm, "rows_over_clip": self.rows_over_clip,
-            "receipts_signed": self.receipts_signed,
+            "receipts_signed": self.receipts_signed, "receipts": [vars(r) for r in self.receipts],
+            "keys": self.keys, "unreplayed": self.unreplayed,
             "products": [vars(p) for p in self.products], "findings": self.findings, "ok": self.ok,
         }  # fmt: skip
 
 
-def _read_receipts(
-    paths: list[Path], agency: str, context: str, keyring: Path | None, holders: set[str]
-) -> dict[tuple[str, str, int], str]:
-    """(recorded by, kind, seq) -> SHA-256, for this agency and key, from every receipts file given. Each file's
-    chain is checked (every line names the hash of the one before); with ``keyring``, every line's signature
-    by its party (``receipt_signer``). A last line without its newline (a job stopped while writing it) is
-    skipped; two digests for one key are refused. ``holders`` collects the label holder the arbiter's
-    receipts for this agency and key name."""
-    found: dict[tuple[str, str, int], str] = {}
-    for path in paths:
-        try:
-            lines = path.read_bytes().split(b"\n")[:-1]  # whole lines only
-        except OSError as exc:
-            raise DataFileError(f"{path}: cannot read the receipts file ({exc})") from exc
-        prev = GENESIS
-        for number, text in enumerate(lines, start=1):
-            try:
-                r = json.loads(text)
-                key, value = (str(r["by"]), str(r["kind"]), int(r["seq"])), str(r["sha256"])
-                mine = r["agency"] == agency and r["context"] == context
-            except (ValueError, KeyError, TypeError) as exc:
-                raise DataFileError(f"{path}:{number}: not a receipt line") from exc
-            if canonical_json(r) != text:  # what is hashed and signed is exactly what is read
-                raise DataFileError(f"{path}:{number}: not a receipt line as its party writes it (canonical JSON)")
-            if r.get("prev") != prev:
-                raise LedgerError(f"{path}:{number}: the receipts chain is broken (a line before it taken out, "
-                                  "altered or reordered)")  # fmt: skip
-            prev = hashlib.sha256(text).hexdigest()
-            if keyring is not None:
-                _verify(r, keyring, f"{path}:{number}")
-            if mine and key[0] == "arbiter":
-                holders.add(str(r.get("label_holder")))
-            if mine and found.setdefault(key, value) != value:
-                raise DataFileError(f"{path}:{number}: a second, different digest for {key[0]}'s {key[1]} {key[2]}")
-    return found
-
-
-def _verify(receipt: dict[str, Any], keyring: Path, where: str) -> None:
-    signer = receipt_signer(str(receipt["by"]))
-    public = keyring_key(keyring, signer)
-    if public is None:
-        raise LedgerError(f"{where}: the keyring has no key for {signer!r} (import it with `audit keys import`)")
-    if receipt.get("key") != key_id(public):
-        raise LedgerError(f"{where}: signed with key {receipt.get('key')!r}; the keyring holds {key_id(public)} for "
-                          f"{signer!r}")  # fmt: skip
-    body = {k: v for k, v in receipt.items() if k != "sig"}
+def _genesis(path: Path) -> tuple[str, str]:
+    """The party and key id a receipts ledger's first line (its genesis) names: whose key must have signed it."""
     try:
-        public.verify(bytes.fromhex(str(receipt["sig"])), canonical_json(body))
-    except (KeyError, ValueError, InvalidSignature) as exc:
-        raise LedgerError(f"{where}: a receipt not signed by {signer}'s key in the keyring") from exc
+        with path.open("rb") as f:
+            first = json.loads(f.readline())
+        if first.get("kind") != "genesis":
+            raise ValueError("no genesis")
+        return str(first["party"]), str(first["key_id"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise DataFileError(f"{path}: not a receipts ledger (its first line is no genesis naming its party)") from exc
+
+
+def _open_receipts(folder: Path, keyring: Path | None) -> tuple[ReceiptsRead, list[Receipt]]:
+    """A party's receipts ledger, verified whole (chain, signatures, signed head) against the keyring's key for
+    the party its genesis names, else against its own ``ledger.pub``."""
+    if folder.name == LEDGER_FILE:
+        folder = folder.parent
+    if not (folder / LEDGER_FILE).is_file():
+        raise DataFileError(f"{folder}: not a receipts ledger (no {LEDGER_FILE}; give PARTY/evidence/JOB/{RECEIPTS})")
+    party, named = _genesis(folder / LEDGER_FILE)
+    public = None
+    if keyring is not None:
+        public = keyring_key(keyring, party)
+        if public is None:
+            raise LedgerError(f"{folder}: the keyring has no key for {party!r} (import it with `audit keys import`)")
+        if named != key_id(public):
+            raise LedgerError(f"{folder}: signed with key {named}; the keyring holds {key_id(public)} for {party!r}")
+    check = verify_ledger(folder, public, Receipt)
+    if not (check.ok or check.ok_but_torn):
+        raise LedgerError(f"{folder}: the receipts do not verify: {check.problems[0]}")
+    strangers = sorted({r.by for r in check.events if r.party != party})
+    if strangers:
+        raise LedgerError(f"{folder}: receipts recorded by {', '.join(strangers)} in the ledger of {party}")
+    return ReceiptsRead(str(folder), party, check.key_id, len(check.events), check.ok_but_torn), check.events
+
+
+def _read_receipts(
+    folders: list[Path], agency: str, keyring: Path | None, holders: set[str]
+) -> tuple[dict[tuple[str, str, str, int], str], list[ReceiptsRead]]:
+    """(arbiter key, recorded by, kind, number) -> SHA-256 for this agency, from every receipts ledger given,
+    and what was read of each. Two digests for one receipt are refused. ``holders`` collects the label holder
+    the arbiter's receipts for this agency name."""
+    found: dict[tuple[str, str, str, int], str] = {}
+    read: list[ReceiptsRead] = []
+    for folder in folders:
+        ledger, receipts = _open_receipts(folder, keyring)
+        read.append(ledger)
+        for r in receipts:
+            if r.agency != agency:
+                continue
+            key = (r.context, r.by, r.kind, r.number)
+            if r.by == "arbiter":
+                holders.add(str(r.label_holder))
+            if found.setdefault(key, r.sha256) != r.sha256:
+                raise DataFileError(f"{folder}: a second, different digest for {r.by}'s {r.kind} {r.number}")
+    return found, read
 
 
 def _meta(evidence: Path) -> dict[str, Any]:
@@ -141,9 +165,12 @@ def replay(
 ) -> ReplayReport:
     """Recompute every product the arbiter recorded from ``evidence`` and compare digests.
 
-    ``receipts``: civil affairs' and the arbiter's files. ``keyring``: the auditor's public keys (``audit
-    keys``); with it every receipt must be signed by its party, so the files may come through anyone, the
-    agency included; without it, take them from those parties directly. ``agency``: the agency the auditor
+    ``evidence``: ``AGENCY/evidence/JOB`` (every arbiter key of the job: a resumed job has one per run) or
+    one key's folder ``AGENCY/evidence/JOB/KEY16``; products the arbiter released under a key not given
+    are a finding. ``receipts``: civil affairs' and the arbiter's receipts ledgers (``PARTY/evidence/JOB/receipts``).
+    ``keyring``: the auditor's public keys (``audit keys``); with it each ledger must be signed, head
+    included, by the party its genesis names, so they may come through anyone, the agency included; without
+    it, take them from those parties directly. ``agency``: the agency the auditor
     means to check (default: whichever the evidence names). The rows are held to the federation's ``CLIP``,
     whatever the evidence declares.
 
@@ -153,46 +180,90 @@ def replay(
         The folder is not evidence (or another agency's), it was made with another TenSEAL, no receipt from
         the arbiter names its key (the wrong receipts were given), or the receipts disagree.
     LedgerError
-        A receipts file's chain is broken, or (with ``keyring``) a receipt is not signed by its party's key.
+        A receipts ledger does not verify (altered, reordered, entries taken out or cut off the end), or
+        (with ``keyring``) it is not signed by its party's key.
     """
-    meta = _meta(evidence)
-    if agency is not None and meta["agency"] != agency:
-        raise DataFileError(f"{evidence}: the evidence of {meta['agency']!r}, not of {agency!r}")
-    if meta["tenseal"] != ts.__version__:
-        raise DataFileError(
-            f"{evidence}: kept with TenSEAL {meta['tenseal']}, this install has {ts.__version__}: replay on the "
-            "agency's own install (products are bit-exact only for the same version)"
-        )
+    folders = _key_folders(evidence)
+    metas = [_meta(f) for f in folders]
+    name = metas[0]["agency"]
+    if agency is not None and name != agency:
+        raise DataFileError(f"{evidence}: the evidence of {name!r}, not of {agency!r}")
+    for folder, meta in zip(folders, metas, strict=True):
+        if meta["agency"] != name:
+            raise DataFileError(f"{folder}: the evidence of {meta['agency']!r} among {name!r}'s")
+        if meta["tenseal"] != ts.__version__:
+            raise DataFileError(
+                f"{folder}: kept with TenSEAL {meta['tenseal']}, this install has {ts.__version__}: replay on the "
+                "agency's own install (products are bit-exact only for the same version)"
+            )
+    holders: set[str] = set()
+    recorded, read = _read_receipts(receipts, name, keyring, holders)
+    released: dict[str, list[tuple[str, int]]] = {}
+    for key, by, kind, seq in sorted(recorded):
+        if by == "arbiter" and kind in OPERAND_OF:
+            released.setdefault(key, []).append((kind, seq))
+    if not released:
+        raise DataFileError(f"no arbiter receipt names {name}: give the arbiter's receipts of the job")
+    # only the label holder the arbiter names vouches for the operands: never the agency itself, nor another
+    if len(holders) != 1 or "None" in holders:
+        raise DataFileError(f"the arbiter's receipts name no single label holder for {name} ({sorted(holders)})")
+    if name in holders:
+        raise DataFileError(f"{name} is the label holder: the replay checks the agencies without the label")
+    parts = [_replay_key(f, m, recorded, holders, released, single=len(folders) == 1)
+             for f, m in zip(folders, metas, strict=True)]  # fmt: skip
+    report = parts[0]
+    if len(parts) > 1:
+        report.inputs_findings = [f"key {p.context[:16]}: {f}" for p in parts for f in p.inputs_findings]
+    for part in parts[1:]:
+        report.max_row_norm = max(report.max_row_norm, part.max_row_norm)
+        report.rows_over_clip = max(report.rows_over_clip, part.rows_over_clip)
+        report.products += part.products
+    report.keys = [p.context[:16] for p in parts]
+    report.unreplayed = {k[:16]: len(v) for k, v in released.items() if k[:16] not in report.keys}
+    report.receipts_signed = keyring is not None
+    report.receipts = read
+    return report
+
+
+def _key_folders(evidence: Path) -> list[Path]:
+    """``AGENCY/evidence/JOB/KEY16`` as given, or every key folder of ``AGENCY/evidence/JOB``."""
+    if (evidence / "meta.json").exists() or not evidence.is_dir():
+        return [evidence]
+    folders = sorted(f for f in evidence.iterdir() if (f / "meta.json").is_file())
+    if not folders:
+        raise DataFileError(f"{evidence}: not an agency's evidence folder (no meta.json, no key folder holding one)")
+    return folders
+
+
+def _replay_key(
+    evidence: Path,
+    meta: dict[str, Any],
+    recorded: dict[tuple[str, str, str, int], str],
+    senders: set[str],
+    released: dict[str, list[tuple[str, int]]],
+    single: bool,
+) -> ReplayReport:
+    """One arbiter key's products recomputed from its evidence folder (a key the arbiter released nothing under
+    is an error when it is the one folder given: the wrong receipts)."""
     try:
         public = (evidence / "context.bin").read_bytes()
         inputs = np.load(evidence / "inputs.npy", allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise DataFileError(f"{evidence}: not an agency's evidence folder ({exc})") from exc
     key = context_digest(public)
-    holders: set[str] = set()
-    recorded = _read_receipts(receipts, meta["agency"], key, keyring, holders)
-    released = sorted((kind, seq) for by, kind, seq in recorded if by == "arbiter" and kind in OPERAND_OF)
-    if not released:
-        raise DataFileError(
-            f"no arbiter receipt names {meta['agency']} with this evidence's key {key[:16]}: give the arbiter's "
-            "receipts of the same job"
-        )
-    # only the label holder the arbiter names vouches for the operands: never the agency itself, nor another
-    if len(holders) != 1 or "None" in holders:
-        raise DataFileError(
-            f"the arbiter's receipts name no single label holder for {meta['agency']} ({sorted(holders)})"
-        )
-    senders = holders
-    if meta["agency"] in senders:
-        raise DataFileError(f"{meta['agency']} is the label holder: the replay checks the agencies without the label")
+    if single and key not in released:
+        raise DataFileError(f"no arbiter receipt names {meta['agency']} with this evidence's key {key[:16]}: give the "
+                            "arbiter's receipts of the same job")  # fmt: skip
     try:
         context, params = load_public_context(public, max_depth_needed=2)
     except Exception as exc:  # noqa: BLE001  # TenSEAL raises its own types for a malformed context
         raise DataFileError(f"{evidence}: context.bin is not a CKKS public context ({exc})") from exc
     report, x = _inputs_report(meta, key, inputs, params.slots)
-    report.receipts_signed = keyring is not None
-    for kind, seq in released:
-        report.products.append(_check(evidence, recorded, senders, x, context, params.slots, kind, seq))
+    for kind, seq in released.get(key, []):
+        check = _check(evidence, {k[1:]: v for k, v in recorded.items() if k[0] == key}, senders, x, context,
+                       params.slots, kind, seq)  # fmt: skip
+        check.key = key[:16]
+        report.products.append(check)
     return report
 
 

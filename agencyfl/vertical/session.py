@@ -28,6 +28,7 @@ from agencyfl.privacy.accounting import epsilon_for
 from agencyfl.privacy.budget import lifetime_rdp
 from agencyfl.privacy.ledger import Ledger, spend_records
 from agencyfl.vertical.encoding import LabelData, PartyFiles, feature_block, label_block, register_frame
+from agencyfl.vertical.evidence import RECEIPTS
 from agencyfl.vertical.job import admit, fairness_release, plan_of
 from agencyfl.vertical.model import INTERCEPT, save_part
 from agencyfl.vertical.optim import sweep_starts_fresh
@@ -192,7 +193,7 @@ class PartySession:
             # what an audit needs to replay this party's products, in its own folder (docs/vertical.md,
             # "Accountability"): an agency's evidence, civil affairs' receipts
             evidence=None if self.is_label else evidence,
-            receipts=evidence / "receipts.jsonl" if self.is_label else None,
+            receipts=evidence / RECEIPTS if self.is_label else None,
             receipts_key=self.config.ledger_key,
         )  # fmt: skip
         rng = np.random.default_rng(secrets.randbits(128))

@@ -19,7 +19,7 @@ from agencyfl.alignment.sealed import PartyKeys
 from agencyfl.federation.metrics import exact_metrics
 from agencyfl.privacy.events import GaussianEvent, Mechanism
 from agencyfl.vertical.encoding import Block, LabelData
-from agencyfl.vertical.evidence import Receipts
+from agencyfl.vertical.evidence import RECEIPTS, Receipts
 from agencyfl.vertical.optim import Vector, joint_scale, sweep_starts_fresh
 from agencyfl.vertical.plan import VerticalPlan
 from agencyfl.vertical.protocol import Arbiter, FeatureHolder, HolderSetup, LabelHolder
@@ -166,12 +166,13 @@ def train_vertical(
         "Accountability"). Default None: nothing kept (benchmarks, tests of other things).
     receipt_keys
         The ledger keys that sign civil affairs' and the arbiter's receipts (``"arbiter"``: the coordinator's);
-        default None: unsigned.
+        required with ``evidence``.
 
     Raises
     ------
     ValueError
-        If the plan's number of agencies is not the number of blocks.
+        If the plan's number of agencies is not the number of blocks, or evidence is asked for without the
+        receipts' signing keys.
     """
     if plan.agencies != len(features) + 1:
         raise ValueError(f"the plan is for {plan.agencies} agencies; {len(features) + 1} blocks were given")
@@ -186,9 +187,13 @@ def train_vertical(
     signers = dict(receipt_keys or {})
     arbiter = Arbiter(widths, plan.noise_std * scale, noise_rng, hessian_std=hessian_std,
                       label_holder=label.agency if plan.shapes_noise else None)  # fmt: skip
+    if folders and (receipts is None or label.agency not in folders):
+        raise ValueError("evidence needs the arbiter's and the label holder's folders: a replay compares receipts")
     if receipts is not None:
-        arbiter.receipts = Receipts(receipts / "receipts.jsonl", arbiter.name, arbiter.public_context(),
-                                    signers.get("arbiter"), label_holder=label.agency)  # fmt: skip
+        if "arbiter" not in signers or label.agency not in signers:
+            raise ValueError("receipts are signed: give the arbiter's and the label holder's keys (receipt_keys)")
+        arbiter.receipts = Receipts(receipts / RECEIPTS, arbiter.name, arbiter.public_context(), signers["arbiter"],
+                                    label_holder=label.agency)  # fmt: skip
     context = arbiter.public_context()
     keys = {b.agency: PartyKeys.generate(b.agency) for b in [*features, label]}
     directory = {name: k.public() for name, k in keys.items()}
@@ -202,7 +207,7 @@ def train_vertical(
             projection=plan.projection, score_clip=plan.score_clip,
             newton_damping=plan.hessian_damping(widths[name], register), iterations=plan.iterations,
             averaged=plan.averaged, evidence=folders.get(name) if name != label.agency else None,
-            receipts=folders[name] / "receipts.jsonl" if name == label.agency and name in folders else None,
+            receipts=folders[name] / RECEIPTS if name == label.agency and name in folders else None,
             receipts_key=signers.get(name) if name == label.agency else None,
         )  # fmt: skip
 
