@@ -276,7 +276,7 @@ def audit_replay(
     ],
     receipts: Annotated[
         list[Path],
-        typer.Option("--receipts", help="Every party's and the arbiter's receipts: PARTY/evidence/JOB/receipts"),
+        typer.Option("--receipts", help="Civil affairs' and the arbiter's receipts: PARTY/evidence/JOB/receipts"),
     ],
     agency: Annotated[
         str | None, typer.Option("--agency", help="The agency you mean to check (refused if the evidence is another's)")
@@ -284,11 +284,9 @@ def audit_replay(
     keyring: KeyringOpt = None,
     fmt: FormatOpt = Format.table,
 ) -> None:
-    """Recompute what a party sent from its kept inputs; compare with the receipts.
+    """Recompute an agency's masked gradients and Hessian from its kept clipped rows; compare with the receipts.
 
-    For an agency: its masked gradients and Hessian from its kept clipped rows. For civil affairs: each
-    residual it sealed, from the partial scores the agencies' receipts say they sent, and its own gradients.
-    Run it at the party (its rows never leave), on an install you trust. Receipts are signed ledgers (a
+    Run it at the agency (its rows never leave), on an install you trust. Receipts are signed ledgers (a
     signed head says where each ends); with --keyring each must be signed by civil affairs' or the
     coordinator's ledger key, so they may reach you through anyone; without it, take them from those parties
     yourself. Exits 0 when every product the arbiter released matches and every row is within the declared

@@ -26,7 +26,7 @@ from agencyfl.privacy.ledger import Ledger
 
 ProductKind = Literal["gradient", "hessian"]
 OperandKind = Literal["residual", "hessian-weights"]
-ReceiptKind = Literal[OperandKind, ProductKind, "partial-scores"]
+ReceiptKind = Literal[OperandKind, ProductKind]
 OPERAND_OF: dict[str, OperandKind] = {"gradient": "residual", "hessian": "hessian-weights"}
 """Which of civil affairs' sealed vectors each product multiplies."""
 
@@ -117,77 +117,31 @@ class Receipts:
                                    sha256=digest(vectors), label_holder=self.label_holder))  # fmt: skip
 
 
-def _npz(**arrays: Any) -> bytes:
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    return buffer.getvalue()
-
-
-def _operands(vectors: list[bytes]) -> dict[str, npt.NDArray[np.uint8]]:
-    return {f"operand_{i}": np.frombuffer(v, dtype=np.uint8) for i, v in enumerate(vectors)}
-
-
 class Evidence:
     """An agency's own record of each product it computed: the operands as opened, the rows it kept (bits),
     its masks; with its inputs and the arbiter's public context once. Stays in the agency's folder."""
 
     def __init__(self, root: Path, agency: str, public_context: bytes, inputs: npt.NDArray[np.float64],
-                 slots: int, clip: float, label_holder: bool = False) -> None:  # fmt: skip
+                 slots: int, clip: float) -> None:  # fmt: skip
         self.folder = evidence_folder(root, public_context)
         _private_folder(root)
         _private_folder(self.folder)
         write_private(self.folder / "inputs.npy", _npy(np.asarray(inputs, dtype=np.float64)))
         write_private(self.folder / "context.bin", public_context)
         meta: dict[str, Any] = {"agency": agency, "context": context_digest(public_context), "slots": slots,
-                                "clip": clip, "tenseal": ts.__version__, "label_holder": label_holder}  # fmt: skip
+                                "clip": clip, "tenseal": ts.__version__}  # fmt: skip
         write_private(self.folder / "meta.json", (json.dumps(meta, indent=2) + "\n").encode())
         self._seq: Counter[str] = Counter()
 
     def keep(self, kind: ProductKind, operands: list[bytes], live: npt.NDArray[np.bool_] | None,
              mask: npt.NDArray[np.float64]) -> None:  # fmt: skip
         """One product's inputs besides the rows: ``live`` None means every row (nothing clipped out)."""
-        self._write(kind, _operands(operands), live, mask)
-
-    def _write(self, kind: ProductKind, arrays: dict[str, Any], live: npt.NDArray[np.bool_] | None,
-               mask: npt.NDArray[np.float64]) -> None:  # fmt: skip
         seq = self._seq[kind]
         self._seq[kind] += 1
+        arrays: dict[str, Any] = {f"operand_{i}": np.frombuffer(v, dtype=np.uint8) for i, v in enumerate(operands)}
         if live is not None:
-            arrays |= {"live": np.packbits(live), "rows": np.array(len(live))}
-        write_private(self.folder / f"{kind}-{seq:04d}.npz", _npz(mask=mask, **arrays))
-
-
-class LabelEvidence(Evidence):
-    """Civil affairs' record for a replay of its residuals and its own gradients (``docs/vertical.md``,
-    "Accountability"): its inputs (its block and the intercept's column), its labels and who is assessed
-    (``labels.npz``), each agency's partial scores it summed (``partials/SHA256.npz``, once per distinct
-    vector), and per residual (``residual-SHA256.npz``) which of those it summed and its own part. Its own
-    gradients name their residual by digest instead of keeping its ciphertexts twice."""
-
-    def __init__(self, root: Path, agency: str, public_context: bytes, inputs: npt.NDArray[np.float64],
-                 slots: int, clip: float, y: npt.NDArray[np.float64],
-                 assessed: npt.NDArray[np.bool_]) -> None:  # fmt: skip
-        super().__init__(root, agency, public_context, inputs, slots, clip, label_holder=True)
-        write_private(self.folder / "labels.npz", _npz(y=np.asarray(y, dtype=np.float64),
-                                                       assessed=np.asarray(assessed, dtype=bool)))  # fmt: skip
-        _private_folder(self.folder / "partials")
-        self._partials: set[str] = set()
-
-    def keep_residual(self, raw: list[bytes], partials: dict[str, list[bytes]], own: npt.NDArray[np.float64]) -> None:
-        """A residual ``raw`` it made from ``partials`` (by agency, in the order summed) and its own part."""
-        names = []
-        for vectors in partials.values():
-            name = digest(vectors)
-            if name not in self._partials:
-                write_private(self.folder / "partials" / f"{name}.npz", _npz(**_operands(vectors)))
-                self._partials.add(name)
-            names.append(name)
-        path = self.folder / f"residual-{digest(raw)}.npz"
-        if not path.exists():
-            write_private(path, _npz(agencies=np.array(list(partials)), partials=np.array(names),
-                                     own=np.asarray(own, dtype=np.float64)))  # fmt: skip
-
-    def keep(self, kind: ProductKind, operands: list[bytes], live: npt.NDArray[np.bool_] | None,
-             mask: npt.NDArray[np.float64]) -> None:  # fmt: skip
-        """Its own product: the residual it multiplied, by digest (kept by ``keep_residual``)."""
-        self._write(kind, {"residual": np.array(digest(operands))}, live, mask)
+            arrays["live"] = np.packbits(live)
+            arrays["rows"] = np.array(len(live))
+        buffer = io.BytesIO()
+        np.savez(buffer, mask=mask, **arrays)
+        write_private(self.folder / f"{kind}-{seq:04d}.npz", buffer.getvalue())

@@ -407,8 +407,9 @@ def _finite(value: float) -> float | None:
 def replay_paths(result: VerticalResult, evidence: dict[str, Path]) -> dict[str, Any]:
     """Where each agency's evidence and the receipts of the job are: the arguments of ``audit replay``."""
     folders = {n: str(evidence[n]) for n, p in result.parties.items()
-               if isinstance(p, FeatureHolder | LabelHolder) and p.evidence is not None}  # fmt: skip  # every key
-    return {"agencies": folders, "receipts": [str(evidence[n] / RECEIPTS) for n in [*folders, "arbiter"]]}
+               if isinstance(p, FeatureHolder) and p.evidence is not None}  # fmt: skip  # every key of the job
+    label = next(n for n, p in result.parties.items() if isinstance(p, LabelHolder))
+    return {"agencies": folders, "receipts": [str(evidence[label] / RECEIPTS), str(evidence["arbiter"] / RECEIPTS)]}
 
 
 def run_vertical(
@@ -444,9 +445,9 @@ def run_vertical(
     # party's own folder
     evidence = {a.name: workdir / a.name / "evidence" / job for a in spec.agencies}
     evidence["arbiter"] = workdir / "coordinator" / "evidence" / job
-    # signed with the ledger keys an auditor already holds: each agency's and the coordinator's
-    signers = {a.name: load_or_create_signing_key(workdir / a.name / "keys" / "ledger-signing.key")
-               for a in spec.agencies} | {"arbiter": load_or_create_signing_key(workdir / COORDINATOR_KEY)}  # fmt: skip
+    # signed with the ledger keys an auditor already holds: civil affairs' and the coordinator's
+    signers = {label.agency: load_or_create_signing_key(workdir / label.agency / "keys" / "ledger-signing.key"),
+               "arbiter": load_or_create_signing_key(workdir / COORDINATOR_KEY)}  # fmt: skip
     result: VerticalResult = train_vertical(features, label, labels, plan, before_release=account, evidence=evidence,
                                             receipt_keys=signers)  # fmt: skip
     models = {}

@@ -23,7 +23,7 @@ from agencyfl.alignment.sealed import Envelope, MessageKind, PartyKeys, PartyPub
 from agencyfl.federation.errors import HEError, MessageRejectedError
 from agencyfl.privacy.he import ParameterSet, load_public_context, new_private_context, parameter_set, public_bytes
 from agencyfl.vertical.encoding import CLIP, Block, LabelData
-from agencyfl.vertical.evidence import Evidence, LabelEvidence, ProductKind, Receipts
+from agencyfl.vertical.evidence import Evidence, ProductKind, Receipts
 from agencyfl.vertical.optim import (
     BlockOptimizer,
     OptimizerName,
@@ -116,9 +116,9 @@ class HolderSetup:
     newton_damping: float = 0.0  # lambda for this party's block (the plan's ``hessian_damping``)
     iterations: int = 1  # T, and how many of the last iterations' weights make the model (``TailMean``)
     averaged: int = 1
-    evidence: Path | None = None  # its evidence folder for the job (``Evidence``); None keeps none
-    receipts: Path | None = None  # its receipts ledger folder for the job (``Receipts``); None keeps none
-    receipts_key: Ed25519PrivateKey | None = None  # its ledger key, which signs its receipts
+    evidence: Path | None = None  # an agency's evidence folder for the job (``Evidence``); None keeps none
+    receipts: Path | None = None  # civil affairs' receipts ledger folder for the job (``Receipts``); None: none
+    receipts_key: Ed25519PrivateKey | None = None  # civil affairs' ledger key, which signs its receipts
 
 
 HESSIAN_STEP = 0
@@ -237,23 +237,6 @@ def masked_totals(sums: list[ts.CKKSVector], mask: Vector, slots: int) -> list[b
     return out
 
 
-def summed_scores(context: ts.Context, partials: list[list[bytes]], own: Vector, slots: int) -> list[ts.CKKSVector]:
-    """Enc(z): the agencies' partial scores (in the order given) summed, then civil affairs' own part added as a
-    plaintext, so the result is a deterministic function of what it received and its own part (a replay
-    recomputes the same bytes; the agencies' fresh encryptions are what make it random)."""
-    total = [ts.ckks_vector_from(context, r) for r in partials[0]]
-    for raw in partials[1:]:
-        total = [t + ts.ckks_vector_from(context, r) for t, r in zip(total, raw, strict=True)]
-    return [t + c for t, c in zip(total, _chunks(own, slots), strict=True)]
-
-
-def residual_bytes(z: list[ts.CKKSVector], assessed: Vector, y: Vector, scale: float, slots: int) -> list[bytes]:
-    """``Enc(d) = Enc(z) * (m c / 4) + m c (0.5 - y)`` (m: who is assessed, c: the public 1 / register size)."""
-    slope = _multiplier(assessed * scale / 4, slots)
-    offset = _chunks(assessed * scale * (0.5 - y), slots)
-    return [bytes((c * s + o).serialize()) for c, s, o in zip(z, slope, offset, strict=True)]
-
-
 def pair_products(enc_weights: list[ts.CKKSVector], x: npt.NDArray[np.float64], slots: int) -> list[ts.CKKSVector]:
     """Enc(sum_i w_i x_ij x_il) for every pair j <= l of the inputs ``x``, per slot, before the rotate-and-sum."""
     return [
@@ -293,13 +276,7 @@ class _Holder(_Party):
         self.hessian_release: Vector | None = None  # its own noisy upper triangle, once released
         self.gains: tuple[float, ...] = ()  # from the Hessian release: its block's (and the intercept's) noise gain
         self._extra = extra
-        self.evidence: Evidence | None = None  # its record for a replay of what it sends (set by the subclass)
-        # the digest of every vector it seals to another party, for a replay (``docs/vertical.md``, "Accountability")
-        self.receipts: Receipts | None = None
-        if setup.receipts is not None:
-            if setup.receipts_key is None:
-                raise ValueError(f"receipts are signed: give {self.name}'s ledger key (receipts_key)")
-            self.receipts = Receipts(setup.receipts, self.name, setup.public_context, setup.receipts_key)
+        self.evidence: Evidence | None = None  # an agency's record for a replay (``FeatureHolder``)
 
     def _chunked(self, inputs: npt.NDArray[np.float64]) -> list[list[list[float]]]:
         return column_multipliers(inputs, self.slots)
@@ -408,8 +385,6 @@ class FeatureHolder(_Holder):
         """``Enc(X_k w_k)`` over every register position, sealed to the label holder for iteration ``step``
         (``iterations + 1``: the validation scores after the last one)."""
         raw = self._encrypt(self._own_part(self.block.x @ self.weights))
-        if self.receipts is not None:  # civil affairs' replay checks it summed these
-            self.receipts.record(self.label_holder, "partial-scores", raw)
         return self._seal(raw, self.label_holder, "partial-scores", self.block.size, step)
 
     def masked_hessian(self, envelopes: list[Envelope]) -> GradientMessage:
@@ -443,10 +418,12 @@ class LabelHolder(_Holder):
         self._score_mask: Vector | None = None
         self._tag_mask: Vector | None = None
         self._tag_factor: Vector | None = None
-        self._own: Vector = np.zeros(len(block.x))  # its own part of the latest scores (clipped, with the intercept)
-        if setup.evidence is not None:
-            self.evidence = LabelEvidence(setup.evidence, self.name, setup.public_context, self._inputs, self.slots,
-                                          CLIP, labels.y, labels.train)  # fmt: skip
+        # the digest of every vector it seals to an agency, for a replay of that agency's products
+        self.receipts = None
+        if setup.receipts is not None:
+            if setup.receipts_key is None:
+                raise ValueError("receipts are signed: give civil affairs' ledger key (receipts_key)")
+            self.receipts = Receipts(setup.receipts, self.name, setup.public_context, setup.receipts_key)
 
     def take_partials(self, sender: str, envelopes: list[Envelope], step: Step) -> None:
         """Open one agency's partial scores, sealed for ``step``, and keep them: each agency's latest are what
@@ -460,9 +437,11 @@ class LabelHolder(_Holder):
         missing = sorted(set(self.directory) - {self.name} - set(self._partials))
         if missing:
             raise HEError(f"no partial scores from {', '.join(missing)}")
-        self._own = self._own_part(self.block.x @ self.weights[:-1] + self.weights[-1])
+        own = self._own_part(self.block.x @ self.weights[:-1] + self.weights[-1])
         start = time.perf_counter()
-        total = summed_scores(self.context, [self._partials[p] for p in sorted(self._partials)], self._own, self.slots)
+        total = [ts.ckks_vector(self.context, c) for c in _chunks(own, self.slots)]
+        for raw in self._partials.values():
+            total = [t + ts.ckks_vector_from(self.context, r) for t, r in zip(total, raw, strict=True)]
         self.he_seconds += time.perf_counter() - start
         return total
 
@@ -470,10 +449,11 @@ class LabelHolder(_Holder):
         """``Enc(d) = Enc(z) * (m c / 4) + m c (0.5 - y)`` from the latest partial scores (its own copy)."""
         z = self._scores()
         start = time.perf_counter()
-        raw = residual_bytes(z, self.labels.train.astype(np.float64), self.labels.y, self.scale, self.slots)
+        m = self.labels.train.astype(np.float64)
+        slope = _multiplier(m * self.scale / 4, self.slots)
+        offset = _chunks(m * self.scale * (0.5 - self.labels.y), self.slots)
+        raw = [bytes((c * s + o).serialize()) for c, s, o in zip(z, slope, offset, strict=True)]
         self.he_seconds += time.perf_counter() - start
-        if isinstance(self.evidence, LabelEvidence):  # what it was computed from, for a replay
-            self.evidence.keep_residual(raw, {p: self._partials[p] for p in sorted(self._partials)}, self._own)
         return raw
 
     def seal_residual(self, raw: list[bytes], recipient: str, step: Step) -> list[Envelope]:

@@ -19,18 +19,7 @@ from agencyfl.privacy.keys import key_id, keyring_key
 from agencyfl.privacy.ledger import LEDGER_FILE, verify_ledger
 from agencyfl.vertical.encoding import CLIP
 from agencyfl.vertical.evidence import OPERAND_OF, RECEIPTS, Receipt, context_digest, digest
-from agencyfl.vertical.protocol import (
-    chunk_count,
-    column_multipliers,
-    gradient_sums,
-    masked_totals,
-    pair_products,
-    residual_bytes,
-    summed_scores,
-)
-
-Recorded = tuple[str, str, str, str, int]
-"""A receipt's key: (arbiter key digest, recorded by, about whom, kind, number)."""
+from agencyfl.vertical.protocol import chunk_count, column_multipliers, gradient_sums, masked_totals, pair_products
 
 NORM_SLACK = 1e-9
 """Relative slack on the row norm bound: ``clip_rows`` scales to it in floating point."""
@@ -142,21 +131,20 @@ def _open_receipts(folder: Path, keyring: Path | None) -> tuple[ReceiptsRead, li
 
 def _read_receipts(
     folders: list[Path], agency: str, keyring: Path | None, holders: set[str]
-) -> tuple[dict[Recorded, str], list[ReceiptsRead]]:
-    """(arbiter key, recorded by, about whom, kind, number) -> SHA-256 of every receipt about this agency or
-    recorded by it, and of every arbiter's receipt, from every receipts ledger given, and what was read of
-    each. Two digests for one receipt are refused. ``holders`` collects the label holder the arbiter's
-    receipts for this agency name."""
-    found: dict[Recorded, str] = {}
+) -> tuple[dict[tuple[str, str, str, int], str], list[ReceiptsRead]]:
+    """(arbiter key, recorded by, kind, number) -> SHA-256 for this agency, from every receipts ledger given,
+    and what was read of each. Two digests for one receipt are refused. ``holders`` collects the label holder
+    the arbiter's receipts for this agency name."""
+    found: dict[tuple[str, str, str, int], str] = {}
     read: list[ReceiptsRead] = []
     for folder in folders:
         ledger, receipts = _open_receipts(folder, keyring)
         read.append(ledger)
         for r in receipts:
-            if agency not in (r.agency, r.by) and r.by != "arbiter":  # the arbiter's name every party of the job
+            if r.agency != agency:
                 continue
-            key = (r.context, r.by, r.agency, r.kind, r.number)
-            if r.by == "arbiter" and r.agency == agency:
+            key = (r.context, r.by, r.kind, r.number)
+            if r.by == "arbiter":
                 holders.add(str(r.label_holder))
             if found.setdefault(key, r.sha256) != r.sha256:
                 raise DataFileError(f"{folder}: a second, different digest for {r.by}'s {r.kind} {r.number}")
@@ -211,14 +199,16 @@ def replay(
     holders: set[str] = set()
     recorded, read = _read_receipts(receipts, name, keyring, holders)
     released: dict[str, list[tuple[str, int]]] = {}
-    for key, by, about, kind, seq in sorted(recorded):
-        if by == "arbiter" and about == name and kind in OPERAND_OF:
+    for key, by, kind, seq in sorted(recorded):
+        if by == "arbiter" and kind in OPERAND_OF:
             released.setdefault(key, []).append((kind, seq))
     if not released:
         raise DataFileError(f"no arbiter receipt names {name}: give the arbiter's receipts of the job")
     # only the label holder the arbiter names vouches for the operands: never the agency itself, nor another
     if len(holders) != 1 or "None" in holders:
         raise DataFileError(f"the arbiter's receipts name no single label holder for {name} ({sorted(holders)})")
+    if name in holders:
+        raise DataFileError(f"{name} is the label holder: the replay checks the agencies without the label")
     parts = [_replay_key(f, m, recorded, holders, released, single=len(folders) == 1)
              for f, m in zip(folders, metas, strict=True)]  # fmt: skip
     report = parts[0]
@@ -248,7 +238,7 @@ def _key_folders(evidence: Path) -> list[Path]:
 def _replay_key(
     evidence: Path,
     meta: dict[str, Any],
-    recorded: dict[Recorded, str],
+    recorded: dict[tuple[str, str, str, int], str],
     senders: set[str],
     released: dict[str, list[tuple[str, int]]],
     single: bool,
@@ -268,14 +258,10 @@ def _replay_key(
         context, params = load_public_context(public, max_depth_needed=2)
     except Exception as exc:  # noqa: BLE001  # TenSEAL raises its own types for a malformed context
         raise DataFileError(f"{evidence}: context.bin is not a CKKS public context ({exc})") from exc
-    if meta["agency"] in senders:  # civil affairs: its residuals and its own gradients
-        return _replay_label_holder(evidence, meta, key, inputs, recorded, released.get(key, []), context,
-                                    params.slots)  # fmt: skip
     report, x = _inputs_report(meta, key, inputs, params.slots)
-    name = meta["agency"]
-    mine = {(by, kind, n): v for (ctx, by, about, kind, n), v in recorded.items() if ctx == key and about == name}
     for kind, seq in released.get(key, []):
-        check = _check(evidence, mine, senders, x, context, params.slots, kind, seq)
+        check = _check(evidence, {k[1:]: v for k, v in recorded.items() if k[0] == key}, senders, x, context,
+                       params.slots, kind, seq)  # fmt: skip
         check.key = key[:16]
         report.products.append(check)
     return report
@@ -321,7 +307,8 @@ def _check(
         return ProductCheck(kind, seq, False, "the arbiter released it; the agency kept no evidence of it")
     try:
         with np.load(path, allow_pickle=False) as kept:
-            operands = _operands(kept)
+            count = sum(k.startswith("operand_") for k in kept.files)
+            operands = [kept[f"operand_{i}"].astype(np.uint8, casting="no").tobytes() for i in range(count)]
             mask = np.asarray(kept["mask"], dtype=np.float64)
             live = (np.unpackbits(kept["live"].astype(np.uint8, casting="no"))[: int(kept["rows"])].astype(bool)
                     if "live" in kept.files else None)  # fmt: skip
@@ -348,149 +335,3 @@ def _check(
         return ProductCheck(kind, seq, False, "recomputed from the kept inputs it differs from what the arbiter "
                             "released: the agency multiplied other rows")  # fmt: skip
     return ProductCheck(kind, seq, True)
-
-
-def _replay_label_holder(
-    evidence: Path,
-    meta: dict[str, Any],
-    key: str,
-    inputs: np.ndarray,
-    recorded: dict[Recorded, str],
-    released: list[tuple[str, int]],
-    context: ts.Context,
-    slots: int,
-) -> ReplayReport:
-    """Civil affairs' residuals and own gradients under one arbiter key (``docs/vertical.md``,
-    "Accountability"): each residual it kept is recomputed from partial scores the agencies' own receipts say
-    they sent it, its kept own part and its labels; every residual it recorded sealing to an agency must be
-    one of those; each of its own gradients the arbiter released is recomputed from its residual and its kept
-    rows. Its Hessian is its own data alone (a fresh encryption; not replayed)."""
-    name = meta["agency"]
-    rows = inputs[:, :-1] if inputs.ndim == 2 and inputs.shape[1] > 1 else inputs
-    report, _ = _inputs_report(meta, key, rows, slots)
-    x = np.asarray(inputs, dtype=np.float64) if inputs.dtype.kind in "biuf" else np.zeros((0, 0))
-    if x.ndim != 2 or len(x) == 0 or not np.all(x[:, -1] == 1.0):
-        report.inputs_findings.append("the intercept's column of the kept inputs is not all ones")
-    labels = _labels(evidence, len(x), report)
-    agencies = sorted({about for (ctx, by, about, kind, _), _v in recorded.items()
-                       if ctx == key and by == "arbiter" and about != name})  # fmt: skip
-    sent_by = {(by, v) for (ctx, by, about, kind, _), v in recorded.items()
-               if ctx == key and about == name and kind == "partial-scores"}  # fmt: skip
-    gradients = {seq: _kept_gradient(evidence, seq) for kind, seq in released if kind == "gradient"}
-    wanted = {g[0] for g in gradients.values() if g is not None}
-    recomputed: set[str] = set()
-    for path in sorted(evidence.glob("residual-*.npz")):
-        claimed = path.stem.removeprefix("residual-")
-        raw, finding = _recompute_residual(evidence, path, agencies, sent_by, labels, context, slots)
-        if raw is None or digest(raw) != claimed:
-            finding = finding or "recomputed from its kept inputs it gives other bytes"
-            report.products.append(ProductCheck(f"residual {claimed[:12]}", 0, False, finding, key[:16]))
-            continue
-        recomputed.add(claimed)
-        if claimed in wanted:
-            for seq, kept in gradients.items():
-                if kept is not None and kept[0] == claimed:
-                    report.products.append(_own_gradient(raw, kept, x, context, slots, recorded, key, name, seq))
-    for (ctx, by, about, kind, n), v in sorted(recorded.items()):
-        if ctx == key and by == name and kind == "residual":
-            ok = v in recomputed
-            finding = "" if ok else "no kept residual recomputes what it sealed to that agency"
-            report.products.append(ProductCheck(f"residual to {about}", n, ok, finding, key[:16]))
-    for seq, kept in gradients.items():
-        if kept is None or kept[0] not in recomputed:
-            finding = "the arbiter released it; no evidence of it was kept" if kept is None else (
-                "the residual it multiplied does not recompute")  # fmt: skip
-            report.products.append(ProductCheck("gradient", seq, False, finding, key[:16]))
-    return report
-
-
-def _labels(evidence: Path, rows: int, report: ReplayReport) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
-    """(y, assessed) as kept; anything but 0/1 values for every row is a finding (zeros are replayed)."""
-    try:
-        with np.load(evidence / "labels.npz", allow_pickle=False) as kept:
-            y, assessed = np.asarray(kept["y"], dtype=np.float64), np.asarray(kept["assessed"], dtype=np.float64)
-    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
-        report.inputs_findings.append(f"labels.npz is unreadable ({exc})")
-        return np.zeros(rows), np.zeros(rows)
-    if y.shape != (rows,) or assessed.shape != (rows,) or not (np.isin(y, (0.0, 1.0)).all()
-                                                               and np.isin(assessed, (0.0, 1.0)).all()):  # fmt: skip
-        report.inputs_findings.append(f"labels.npz does not hold 0/1 labels and assessments for the {rows} rows")
-        return np.zeros(rows), np.zeros(rows)
-    return y, assessed
-
-
-KeptGradient = tuple[str, npt.NDArray[np.bool_] | None, npt.NDArray[np.float64]]
-"""Civil affairs' own gradient as kept: the digest of the residual it multiplied, the rows left in, its masks."""
-
-
-def _operands(kept: Any) -> list[bytes]:
-    """The ciphertexts an evidence file holds (``operand_0``, ``operand_1``, ...), as bytes."""
-    count = sum(k.startswith("operand_") for k in kept.files)
-    return [kept[f"operand_{i}"].astype(np.uint8, casting="no").tobytes() for i in range(count)]
-
-
-def _kept_gradient(evidence: Path, seq: int) -> KeptGradient | None:
-    """Civil affairs' own gradient ``seq`` as kept: its residual's digest, rows left in, masks (None: none)."""
-    try:
-        with np.load(evidence / f"gradient-{seq:04d}.npz", allow_pickle=False) as kept:
-            live = (np.unpackbits(kept["live"].astype(np.uint8, casting="no"))[: int(kept["rows"])].astype(bool)
-                    if "live" in kept.files else None)  # fmt: skip
-            return str(kept["residual"]), live, np.asarray(kept["mask"], dtype=np.float64)
-    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile):
-        return None
-
-
-def _recompute_residual(
-    evidence: Path,
-    path: Path,
-    agencies: list[str],
-    sent_by: set[tuple[str, str]],
-    labels: tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]],
-    context: ts.Context,
-    slots: int,
-) -> tuple[list[bytes] | None, str]:
-    """One kept residual recomputed (None and why not): its partial scores must each be one the agency itself
-    recorded sending, one per agency of the job, summed in the agencies' order."""
-    try:
-        with np.load(path, allow_pickle=False) as kept:
-            named, digests, own = [str(a) for a in kept["agencies"]], [str(d) for d in kept["partials"]], kept["own"]
-        if named != agencies:
-            return None, f"summed partial scores of {named}, not of every agency of the job ({agencies})"
-        partials = []
-        for agency, name in zip(named, digests, strict=True):
-            if (agency, name) not in sent_by:
-                return None, f"summed partial scores {agency} never recorded sending"
-            with np.load(evidence / "partials" / f"{name}.npz", allow_pickle=False) as vectors:
-                partials.append(_operands(vectors))
-            if digest(partials[-1]) != name:
-                return None, f"the kept partial scores of {agency} are not those it sent"
-        y, assessed = labels
-        z = summed_scores(context, partials, np.asarray(own, dtype=np.float64), slots)
-        return residual_bytes(z, assessed, y, 1.0 / len(y), slots), ""
-    except Exception as exc:  # noqa: BLE001  # unreadable evidence or TenSEAL's own errors: it does not recompute
-        return None, f"cannot be recomputed from the evidence ({type(exc).__name__}: {exc})"
-
-
-def _own_gradient(
-    residual: list[bytes],
-    kept: KeptGradient,
-    x: npt.NDArray[np.float64],
-    context: ts.Context,
-    slots: int,
-    recorded: dict[Recorded, str],
-    key: str,
-    name: str,
-    seq: int,
-) -> ProductCheck:
-    """Civil affairs' own gradient ``seq`` recomputed from its (recomputed) residual and its kept rows."""
-    _, live, mask = kept
-    try:
-        rows = x if live is None else x * live[:, None]
-        sums = gradient_sums([ts.ckks_vector_from(context, r) for r in residual], column_multipliers(rows, slots))
-        out = masked_totals(sums, mask, slots)
-    except Exception as exc:  # noqa: BLE001  # TenSEAL's own errors: the evidence does not recompute
-        return ProductCheck("gradient", seq, False, f"cannot be recomputed from the evidence ({exc})", key[:16])
-    if digest(out) != recorded.get((key, "arbiter", name, "gradient", seq)):
-        return ProductCheck("gradient", seq, False, "recomputed from the kept inputs it differs from what the arbiter "
-                            "released: civil affairs multiplied other rows", key[:16])  # fmt: skip
-    return ProductCheck("gradient", seq, True, "", key[:16])

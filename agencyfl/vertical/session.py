@@ -190,9 +190,11 @@ class PartySession:
             weight_bound=self.plan.weight_bound, projection=self.plan.projection, score_clip=self.plan.score_clip,
             newton_damping=self.plan.hessian_damping(self.block.width + self.is_label, self.job.register_size),
             iterations=self.plan.iterations, averaged=self.plan.averaged,
-            # what an audit needs to replay what this party sends, in its own folder (docs/vertical.md,
-            # "Accountability"): its evidence and its receipts
-            evidence=evidence, receipts=evidence / RECEIPTS, receipts_key=self.config.ledger_key,
+            # what an audit needs to replay this party's products, in its own folder (docs/vertical.md,
+            # "Accountability"): an agency's evidence, civil affairs' receipts
+            evidence=None if self.is_label else evidence,
+            receipts=evidence / RECEIPTS if self.is_label else None,
+            receipts_key=self.config.ledger_key,
         )  # fmt: skip
         rng = np.random.default_rng(secrets.randbits(128))
         if self.is_label:

@@ -165,8 +165,8 @@ def train_vertical(
         keep what a replay needs, civil affairs and the arbiter their receipts (``docs/vertical.md``,
         "Accountability"). Default None: nothing kept (benchmarks, tests of other things).
     receipt_keys
-        Every party's ledger key, which signs its receipts (``"arbiter"``: the coordinator's); required with
-        ``evidence``.
+        The ledger keys that sign civil affairs' and the arbiter's receipts (``"arbiter"``: the coordinator's);
+        required with ``evidence``.
 
     Raises
     ------
@@ -187,10 +187,11 @@ def train_vertical(
     signers = dict(receipt_keys or {})
     arbiter = Arbiter(widths, plan.noise_std * scale, noise_rng, hessian_std=hessian_std,
                       label_holder=label.agency if plan.shapes_noise else None)  # fmt: skip
-    everyone = {"arbiter", label.agency, *(b.agency for b in features)}
-    if folders and not everyone <= set(folders) or folders and not everyone <= set(signers):
-        raise ValueError("evidence needs every party's folder and key (receipt_keys): a replay compares receipts")
+    if folders and (receipts is None or label.agency not in folders):
+        raise ValueError("evidence needs the arbiter's and the label holder's folders: a replay compares receipts")
     if receipts is not None:
+        if "arbiter" not in signers or label.agency not in signers:
+            raise ValueError("receipts are signed: give the arbiter's and the label holder's keys (receipt_keys)")
         arbiter.receipts = Receipts(receipts / RECEIPTS, arbiter.name, arbiter.public_context(), signers["arbiter"],
                                     label_holder=label.agency)  # fmt: skip
     context = arbiter.public_context()
@@ -205,8 +206,9 @@ def train_vertical(
             optimizer=plan.optimizer, learning_rate=plan.learning_rate, weight_bound=plan.weight_bound,
             projection=plan.projection, score_clip=plan.score_clip,
             newton_damping=plan.hessian_damping(widths[name], register), iterations=plan.iterations,
-            averaged=plan.averaged, evidence=folders.get(name),
-            receipts=folders[name] / RECEIPTS if name in folders else None, receipts_key=signers.get(name),
+            averaged=plan.averaged, evidence=folders.get(name) if name != label.agency else None,
+            receipts=folders[name] / RECEIPTS if name == label.agency and name in folders else None,
+            receipts_key=signers.get(name) if name == label.agency else None,
         )  # fmt: skip
 
     holders = [FeatureHolder(b, setup(b.agency), rng) for b, rng in zip(features, rngs, strict=False)]
