@@ -138,7 +138,8 @@ def test_a_substituted_operand_withheld_evidence_and_a_tiny_change_are_each_caug
     first, second = (dict(np.load(swapped / f"gradient-{s:04d}.npz")) for s in (0, 1))
     np.savez(swapped / "gradient-0001.npz", **(second | {k: v for k, v in first.items() if k.startswith("operand")}))
     findings = {(p.kind, p.seq): p.finding for p in replay(swapped, receipts).products if not p.matched}
-    assert list(findings) == [("gradient", 1)] and "not the residual civil affairs sent" in findings["gradient", 1]
+    assert list(findings) == [("gradient", 1)]
+    assert "not the residual civil affairs recorded sealing" in findings["gradient", 1]
     # evidence withheld for a product the arbiter released
     withheld = _copy(folders["environment"], tmp_path / "withheld")
     (withheld / "hessian-0000.npz").unlink()
@@ -250,6 +251,21 @@ def test_evidence_that_declares_its_own_bound_or_hides_a_row_in_integers_is_caug
     report = replay(nan, receipts)
     assert "1 row(s) of the kept inputs are not finite" in report.findings and np.isfinite(report.max_row_norm)
     json.dumps(report.to_json(), allow_nan=False)  # valid JSON for `--format json`
+    # a scalar, or an archive under the array's name, or a product's evidence that is a bare array: findings or
+    # a clear error, never a crash
+    scalar = _copy(folders["environment"], tmp_path / "scalar")
+    np.save(scalar / "inputs.npy", np.float64(1.0))
+    assert any("not float64 rows" in f for f in replay(scalar, receipts).findings)
+    archive = _copy(folders["environment"], tmp_path / "archive")
+    with (archive / "inputs.npy").open("wb") as f:
+        np.savez(f, x=np.load(folders["environment"] / "inputs.npy"))
+    with pytest.raises(DataFileError, match="not one array"):
+        replay(archive, receipts)
+    bare = _copy(folders["environment"], tmp_path / "bare")
+    with (bare / "hessian-0000.npz").open("wb") as f:
+        np.save(f, np.zeros(3))
+    findings = replay(bare, receipts).findings
+    assert any(f.startswith("hessian 0: its evidence is unreadable") for f in findings), findings
 
 
 def test_receipts_that_disagree_are_refused_and_a_torn_last_line_is_skipped_then_cut(
@@ -378,7 +394,7 @@ def test_an_agency_cannot_vouch_for_its_own_operands(
         ledger.record("hrss", "residual", [kept[f"operand_{i}"].tobytes() for i in range(len(kept.files) - 3)])
     report = replay(folders["hrss"], [made, arbiter], keyring=keyring)
     assert report.receipts_signed and not any(p.matched for p in report.products)
-    assert all("not the" in p.finding and "civil affairs sent" in p.finding for p in report.products)
+    assert all("not the" in p.finding and "civil affairs recorded sealing" in p.finding for p in report.products)
     # civil affairs' name on a ledger the agency signed with its own key is refused outright
     posing = tmp_path / "posing" / RECEIPTS
     Receipts(posing, "civil-affairs", (folders["hrss"] / "context.bin").read_bytes(), own).record(

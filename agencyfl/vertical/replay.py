@@ -248,6 +248,9 @@ def _replay_key(
     try:
         public = (evidence / "context.bin").read_bytes()
         inputs = np.load(evidence / "inputs.npy", allow_pickle=False)
+        if not isinstance(inputs, np.ndarray):  # an .npz archive under the .npy name
+            inputs.close()
+            raise ValueError("inputs.npy is not one array")
     except (OSError, ValueError) as exc:
         raise DataFileError(f"{evidence}: not an agency's evidence folder ({exc})") from exc
     key = context_digest(public)
@@ -312,11 +315,12 @@ def _check(
             mask = np.asarray(kept["mask"], dtype=np.float64)
             live = (np.unpackbits(kept["live"].astype(np.uint8, casting="no"))[: int(kept["rows"])].astype(bool)
                     if "live" in kept.files else None)  # fmt: skip
-    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, zipfile.BadZipFile) as exc:
         return ProductCheck(kind, seq, False, f"its evidence is unreadable ({exc})")
     sent = {recorded.get((by, OPERAND_OF[kind], seq)) for by in senders} - {None}
     if digest(operands) not in sent:
-        return ProductCheck(kind, seq, False, f"its operands are not the {OPERAND_OF[kind]} civil affairs sent")
+        return ProductCheck(kind, seq, False, f"its operands are not the {OPERAND_OF[kind]} civil affairs recorded "
+                            "sealing to it (substituted by the agency, or recorded otherwise than sealed)")  # fmt: skip
     if len(operands) != chunk_count(len(inputs), slots):
         return ProductCheck(kind, seq, False, f"{len(operands)} operand ciphertexts for inputs of {len(inputs)} rows")
     if live is not None and len(live) != len(inputs):
