@@ -15,16 +15,20 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tenseal as ts
 from conftest import VerticalJob, invoke
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from agencyfl.alignment.sealed import PartyKeys, PartyPublicKeys, open_envelope, pack, seal, unpack
 from agencyfl.exit_codes import ExitCode
 from agencyfl.federation.errors import DataFileError, LedgerError
-from agencyfl.privacy.keys import public_pem
+from agencyfl.privacy.keys import load_or_create_signing_key, public_pem
 from agencyfl.privacy.ledger import HEAD_FILE, LEDGER_FILE, Ledger, verify_ledger
 from agencyfl.vertical import Block, LabelData, VerticalPlan
 from agencyfl.vertical import train as train_module
@@ -66,7 +70,8 @@ def attacked(
     features, label, labels = vertical_blocks
     root = tmp_path_factory.mktemp("replay")
     evidence = {b.agency: root / b.agency for b in [*features, label]} | {"arbiter": root / "coordinator"}
-    keys = {label.agency: Ed25519PrivateKey.generate(), "arbiter": Ed25519PrivateKey.generate()}
+    # kept (test only) where a test that plays a lying civil affairs can sign with its key
+    keys = {name: load_or_create_signing_key(root / "secret" / f"{name}.key") for name in (label.agency, "arbiter")}
     (root / "keyring").mkdir()
     for name, key in keys.items():
         (root / "keyring" / f"{receipt_signer(name)}.pub").write_bytes(public_pem(key.public_key()))
@@ -133,13 +138,49 @@ def test_a_substituted_operand_withheld_evidence_and_a_tiny_change_are_each_caug
     attacked: tuple[VerticalResult, dict[str, Path], list[Path]], tmp_path: Path
 ) -> None:
     _, folders, receipts = attacked
-    # an agency that swaps in ciphertexts of its own making (here: another sweep's residual)
+    # an agency that swaps in another sweep's residual (civil affairs' envelopes of sweep 1 for sweep 2)
     swapped = _copy(folders["environment"], tmp_path / "swapped")
     first, second = (dict(np.load(swapped / f"gradient-{s:04d}.npz")) for s in (0, 1))
-    np.savez(swapped / "gradient-0001.npz", **(second | {k: v for k, v in first.items() if k.startswith("operand")}))
+    sealed = {k: v for k, v in first.items() if k.startswith("envelope") or k == "step"}
+    np.savez(swapped / "gradient-0001.npz", **(second | sealed))
     findings = {(p.kind, p.seq): p.finding for p in replay(swapped, receipts).products if not p.matched}
     assert list(findings) == [("gradient", 1)]
-    assert "not the residual civil affairs recorded sealing" in findings["gradient", 1]
+    assert "sealed it for another product: the agency substituted them" in findings["gradient", 1]
+    # ... or ciphertexts of its own making, in envelopes it signs itself with keys it passes off as civil
+    # affairs' run keys: only the keyring (civil affairs' ledger key, which certified its real run keys) tells
+    made = _copy(folders["environment"], tmp_path / "made")
+    run = json.loads((made / "run.json").read_text())
+    posing = PartyKeys.generate(run["sender"])
+    me = PartyKeys(run["recipient"], X25519PrivateKey.from_private_bytes((made / "run-key.bin").read_bytes()),
+                   Ed25519PrivateKey.generate())  # fmt: skip
+    real = PartyPublicKeys(
+        name=run["sender"], sealing=bytes.fromhex(run["sealing"]), signing=bytes.fromhex(run["signing"])
+    )
+    context = ts.context_from((made / "context.bin").read_bytes())
+    for name, kind in (
+        ("gradient-0000", "residuals"),
+        ("gradient-0001", "residuals"),
+        ("hessian-0000", "hessian-weights"),
+    ):
+        kept = dict(np.load(made / f"{name}.npz"))
+        where = f"{run['run']}/step-{kept['step']}"
+        envelopes = [
+            unpack(kept[f"envelope_{i}"].tobytes()) for i in range(sum(k.startswith("envelope") for k in kept))
+        ]
+        for i, e in enumerate(envelopes):  # every envelope re-signed; only sweep 2's residual changed
+            opened = open_envelope(e, recipient=me, sender=real, run=where, kind=kind)
+            if name == "gradient-0001":  # a valid operand, not civil affairs'
+                opened = bytes((ts.ckks_vector_from(context, opened) + 1e-3).serialize())
+            sealed = seal(opened, run=where, sender=posing, recipient=me.public(), kind=kind, chunk=i,
+                          chunks=len(envelopes), rows=e.rows)  # fmt: skip
+            kept[f"envelope_{i}"] = np.frombuffer(pack(sealed), dtype=np.uint8)
+        np.savez(made / f"{name}.npz", **kept)
+    (made / "run.json").write_text(json.dumps(run | {"sealing": posing.public().sealing.hex(),
+                                                     "signing": posing.public().signing.hex()}))  # fmt: skip
+    keyring = receipts[0].parent.parent / "keyring"
+    for ring, says in ((None, "--keyring tells which"), (keyring, "no envelope signed by civil affairs holds them")):
+        findings = {(p.kind, p.seq): p.finding for p in replay(made, receipts, keyring=ring).products if not p.matched}
+        assert list(findings) == [("gradient", 1)] and says in findings["gradient", 1], findings
     # evidence withheld for a product the arbiter released
     withheld = _copy(folders["environment"], tmp_path / "withheld")
     (withheld / "hessian-0000.npz").unlink()
@@ -293,15 +334,48 @@ def test_receipts_that_disagree_are_refused_and_a_torn_last_line_is_skipped_then
         replay(folders["environment"], [civil, arbiter, other])
 
 
-def _resign(folder: Path, key: Ed25519PrivateKey) -> Path:
-    """``folder``'s receipts, whole lines only, re-chained and signed with ``key`` (as a forger would)."""
+def _resign(
+    folder: Path, key: Ed25519PrivateKey, out: Path | None = None, edit: Callable[[Receipt], Receipt] = lambda r: r
+) -> Path:
+    """``folder``'s receipts, whole lines only, each passed through ``edit``, re-chained and signed with ``key``
+    into ``out`` (default: beside it, ``-resigned``), as a forger, or a party lying in its own records, would."""
     lines = (folder / LEDGER_FILE).read_bytes().split(b"\n")[:-1]
     entries = [json.loads(line) for line in lines]
-    out = folder.parent / f"{folder.name}-resigned"
+    out = out or folder.parent / f"{folder.name}-resigned"
     ledger = Ledger(out, key, Receipt, party=entries[0]["party"])
     for e in entries[1:]:
-        ledger.append(Receipt.model_validate({k: v for k, v in e.items() if k not in {"seq", "prev", "hash", "sig"}}))
+        ledger.append(
+            edit(Receipt.model_validate({k: v for k, v in e.items() if k not in {"seq", "prev", "hash", "sig"}}))
+        )
     return out
+
+
+def test_a_civil_affairs_that_records_otherwise_than_it_sealed_cannot_frame_an_agency(
+    attacked: tuple[VerticalResult, dict[str, Path], list[Path]], tmp_path: Path
+) -> None:
+    """Civil affairs signs a receipt for environment's second residual that is not what it sealed. The agency
+    kept the envelopes (signed by civil affairs' run key, which civil affairs' ledger key certified) and its
+    run key that opens them: with the keyring the replay names civil affairs' record as the false one."""
+    _, folders, (civil, arbiter) = attacked
+    keyring = civil.parent.parent / "keyring"
+    key = load_or_create_signing_key(civil.parent.parent / "secret" / "civil-affairs.key")
+
+    def lie(r: Receipt) -> Receipt:
+        mine = (r.agency, r.kind, r.number) == ("environment", "residual", 1)
+        return r.model_copy(update={"sha256": "1" * 64}) if mine else r
+
+    framing = _resign(civil, key, tmp_path / "framing" / RECEIPTS, lie)
+    report = replay(folders["environment"], [framing, arbiter], keyring=keyring)
+    assert report.receipts_signed and [(p.kind, p.seq) for p in report.products if not p.matched] == [("gradient", 1)]
+    finding = next(p.finding for p in report.products if not p.matched)
+    assert "civil affairs' record is false" in finding and "recomputes to what the arbiter released" in finding
+    # without the keyring nothing vouches for civil affairs' run keys: the disagreement stays unattributed
+    assert "--keyring tells which" in replay(folders["environment"], [framing, arbiter]).findings[0]
+    # nor does a certificate the agency made up: it is civil affairs' ledger key that must have signed it
+    forged = _copy(folders["environment"], tmp_path / "forged")
+    run = json.loads((forged / "run.json").read_text())
+    (forged / "run.json").write_text(json.dumps(run | {"certificate": "00" * 128}))
+    assert "--keyring tells which" in replay(forged, [framing, arbiter], keyring=keyring).findings[0]
 
 
 def test_the_agency_s_rows_and_masks_are_readable_by_it_alone(
@@ -391,10 +465,16 @@ def test_an_agency_cannot_vouch_for_its_own_operands(
     ledger = Receipts(made, "hrss", (folders["hrss"] / "context.bin").read_bytes(), own)
     for seq in range(PLAN.iterations):  # "civil affairs sent me these" (its own kept operands)
         kept = np.load(folders["hrss"] / f"gradient-{seq:04d}.npz")
-        ledger.record("hrss", "residual", [kept[f"operand_{i}"].tobytes() for i in range(len(kept.files) - 3)])
+        count = sum(k.startswith("operand_") for k in kept.files)
+        ledger.record("hrss", "residual", [kept[f"operand_{i}"].tobytes() for i in range(count)])
+    report = replay(folders["hrss"], [made, arbiter])
+    assert not any(p.matched for p in report.products)
+    assert all("no receipt of civil affairs names" in p.finding for p in report.products)
+    # with the keyring, what vouches for its operands is civil affairs' signature on the envelopes it kept (its
+    # own receipts still count for nothing), and its products, sentinel and all, are replayed from them
     report = replay(folders["hrss"], [made, arbiter], keyring=keyring)
     assert report.receipts_signed and not any(p.matched for p in report.products)
-    assert all("not the" in p.finding and "civil affairs recorded sealing" in p.finding for p in report.products)
+    assert all("multiplied other rows" in p.finding for p in report.products)
     # civil affairs' name on a ledger the agency signed with its own key is refused outright
     posing = tmp_path / "posing" / RECEIPTS
     Receipts(posing, "civil-affairs", (folders["hrss"] / "context.bin").read_bytes(), own).record(

@@ -26,12 +26,13 @@ from agencyfl.federation.errors import JobStopped, MessageRejectedError
 from agencyfl.federation.pki import issue_server_certificate, make_ca, make_node_key
 from agencyfl.federation.spec import LoadedVerticalSpec
 from agencyfl.privacy.coordinator_ledger import open_coordinator_ledger
-from agencyfl.privacy.keys import load_or_create_signing_key
-from agencyfl.privacy.ledger import Ledger
+from agencyfl.privacy.keys import load_or_create_signing_key, public_pem
+from agencyfl.privacy.ledger import Ledger, verify_ledger
 from agencyfl.synth_vertical import synthesize_vertical
 from agencyfl.vertical import feature_block, label_block, train_vertical
 from agencyfl.vertical.driver import DriverSettings, authenticator, drive
 from agencyfl.vertical.encoding import PartyFiles
+from agencyfl.vertical.evidence import Receipt
 from agencyfl.vertical.job import plan_of
 from agencyfl.vertical.remote import VerticalJobPlan, sign_hello
 from agencyfl.vertical.replay import replay
@@ -232,6 +233,22 @@ def test_a_deployed_agency_s_products_replay_from_its_own_evidence(deployed: tup
         report = replay(folder, receipts)
         assert report.ok, (agency, report.findings)
         assert [p.kind for p in report.products] == ["gradient"] * 3 + ["hessian"]
+    # civil affairs records a false digest of what it sealed HRSS in sweep 2: the certificate each SuperNode got
+    # at setup lets the replay open HRSS's kept envelopes and name civil affairs' record as the false one
+    key = load_or_create_signing_key(fed.work / holder / "keys" / "ledger-signing.key")
+    keyring = fed.work / "auditor-keyring"
+    keyring.mkdir()
+    (keyring / f"{holder}.pub").write_bytes(public_pem(key.public_key()))
+    (keyring / "coordinator.pub").write_bytes(
+        public_pem(load_or_create_signing_key(fed.tls / "coordinator.key").public_key()))  # fmt: skip
+    framing = Ledger(fed.work / "framing", key, Receipt, party=holder)
+    for r in verify_ledger(receipts[0], key.public_key(), Receipt).events:
+        lie = (r.agency, r.kind, r.number) == ("hrss", "residual", 1)
+        framing.append(r.model_copy(update={"sha256": "1" * 64}) if lie else r)
+    (folder,) = (fed.work / "hrss" / "evidence" / "vjob-deployed").iterdir()
+    report = replay(folder, [framing.directory, receipts[1]], keyring=keyring)
+    assert [p.seq for p in report.products if not p.matched] == [1]
+    assert "civil affairs' record is false" in report.findings[0]
 
 
 def test_every_ledger_admits_each_iteration_and_the_chain_countersigns_it(

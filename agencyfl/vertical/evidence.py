@@ -21,6 +21,7 @@ import tenseal as ts
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import BaseModel, ConfigDict
 
+from agencyfl.alignment.sealed import PartyKeys, PartyPublicKeys
 from agencyfl.federation.pki import write_private
 from agencyfl.privacy.ledger import Ledger
 
@@ -133,12 +134,29 @@ class Evidence:
         write_private(self.folder / "meta.json", (json.dumps(meta, indent=2) + "\n").encode())
         self._seq: Counter[str] = Counter()
 
+    def keep_run(self, run: str, recipient: PartyKeys, sender: PartyPublicKeys, certificate: bytes | None) -> None:
+        """What proves who sealed the operands (``docs/vertical.md``, "Accountability"): the job's run, its own
+        run sealing key (it opens only this job's envelopes to it, which hold ciphertexts under the job's key),
+        and the label holder's run keys with the certificate its ledger key signed ("": none was made)."""
+        write_private(self.folder / "run-key.bin", recipient.private_bytes()[:32])  # X25519: opening only
+        record = {"run": run, "recipient": recipient.name, "sender": sender.name, "sealing": sender.sealing.hex(),
+                  "signing": sender.signing.hex(), "certificate": certificate.hex() if certificate else ""}  # fmt: skip
+        write_private(self.folder / "run.json", (json.dumps(record, indent=2) + "\n").encode())
+
     def keep(self, kind: ProductKind, operands: list[bytes], live: npt.NDArray[np.bool_] | None,
-             mask: npt.NDArray[np.float64]) -> None:  # fmt: skip
-        """One product's inputs besides the rows: ``live`` None means every row (nothing clipped out)."""
+             mask: npt.NDArray[np.float64], sealed: tuple[list[bytes], str] | None = None) -> None:  # fmt: skip
+        """One product's inputs besides the rows: ``live`` None means every row (nothing clipped out);
+        ``sealed``: the envelopes the operands came in (packed) and the step they were sealed for, kept instead
+        of ``operands`` (``keep_run`` first)."""
         seq = self._seq[kind]
         self._seq[kind] += 1
-        arrays: dict[str, Any] = {f"operand_{i}": np.frombuffer(v, dtype=np.uint8) for i, v in enumerate(operands)}
+        # the envelopes as they came (signed by civil affairs), which open to the operands with ``run-key.bin``:
+        # kept instead of the operands, not beside them (the same bytes twice)
+        arrays: dict[str, Any] = (
+            {f"operand_{i}": np.frombuffer(v, dtype=np.uint8) for i, v in enumerate(operands)} if sealed is None
+            else {f"envelope_{i}": np.frombuffer(e, dtype=np.uint8) for i, e in enumerate(sealed[0])}
+            | {"step": np.array(sealed[1])}
+        )  # fmt: skip
         if live is not None:
             arrays["live"] = np.packbits(live)
             arrays["rows"] = np.array(len(live))

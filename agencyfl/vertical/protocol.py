@@ -19,7 +19,7 @@ import numpy.typing as npt
 import tenseal as ts
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agencyfl.alignment.sealed import Envelope, MessageKind, PartyKeys, PartyPublicKeys, open_envelope, seal
+from agencyfl.alignment.sealed import Envelope, MessageKind, PartyKeys, PartyPublicKeys, open_envelope, pack, seal
 from agencyfl.federation.errors import HEError, MessageRejectedError
 from agencyfl.privacy.he import ParameterSet, load_public_context, new_private_context, parameter_set, public_bytes
 from agencyfl.vertical.encoding import CLIP, Block, LabelData
@@ -119,6 +119,9 @@ class HolderSetup:
     evidence: Path | None = None  # an agency's evidence folder for the job (``Evidence``); None keeps none
     receipts: Path | None = None  # civil affairs' receipts ledger folder for the job (``Receipts``); None: none
     receipts_key: Ed25519PrivateKey | None = None  # civil affairs' ledger key, which signs its receipts
+    # each party's run-key certificate, signed by its ledger key (``sealed.certify``): an agency's evidence
+    # keeps the label holder's, so a replay can tell whose signature the operands came under
+    certificates: dict[str, bytes] = field(default_factory=dict)
 
 
 HESSIAN_STEP = 0
@@ -277,6 +280,7 @@ class _Holder(_Party):
         self.gains: tuple[float, ...] = ()  # from the Hessian release: its block's (and the intercept's) noise gain
         self._extra = extra
         self.evidence: Evidence | None = None  # an agency's record for a replay (``FeatureHolder``)
+        self._sealed: tuple[list[bytes], str] | None = None  # the envelopes of the operands it last opened
 
     def _chunked(self, inputs: npt.NDArray[np.float64]) -> list[list[list[float]]]:
         return column_multipliers(inputs, self.slots)
@@ -303,7 +307,8 @@ class _Holder(_Party):
         out, self._mask = self._masked_totals(gradient_sums(enc_d, self._columns))
         self.he_seconds += time.perf_counter() - start
         if self.evidence is not None:
-            self.evidence.keep("gradient", residual, self._live, self._mask)
+            self.evidence.keep("gradient", residual, self._live, self._mask, self._sealed)
+        self._sealed = None
         message = GradientMessage(self.name, out, self.gains)
         self.sent_bytes += message.nbytes + 8 * len(self.gains)
         return message
@@ -380,6 +385,8 @@ class FeatureHolder(_Holder):
         super().__init__(block, setup, rng)
         if setup.evidence is not None:
             self.evidence = Evidence(setup.evidence, self.name, setup.public_context, self._inputs, self.slots, CLIP)
+            self.evidence.keep_run(setup.run, setup.keys, setup.directory[setup.label_holder],
+                                   setup.certificates.get(setup.label_holder))  # fmt: skip
 
     def partial_scores(self, step: Step) -> list[Envelope]:
         """``Enc(X_k w_k)`` over every register position, sealed to the label holder for iteration ``step``
@@ -396,7 +403,8 @@ class FeatureHolder(_Holder):
         out, self._hessian_mask = self._masked_totals(self._pair_products(enc_weights))
         self.he_seconds += time.perf_counter() - start
         if self.evidence is not None:
-            self.evidence.keep("hessian", raw, None, self._hessian_mask)
+            sealed = ([pack(e) for e in envelopes], str(HESSIAN_STEP))
+            self.evidence.keep("hessian", raw, None, self._hessian_mask, sealed)
         message = GradientMessage(self.name, out)
         self.sent_bytes += message.nbytes
         return message
@@ -404,7 +412,10 @@ class FeatureHolder(_Holder):
     def open_residuals(self, envelopes: list[Envelope], step: Step) -> list[bytes]:
         """The residual ciphertexts of iteration ``step`` from the label holder's sealed message (still encrypted
         under A's key)."""
-        return self._open(envelopes, self.label_holder, "residuals", step, self.block.size, self.slots)
+        raw = self._open(envelopes, self.label_holder, "residuals", step, self.block.size, self.slots)
+        if self.evidence is not None:  # kept with the gradient they enter
+            self._sealed = ([pack(e) for e in envelopes], str(step))
+        return raw
 
 
 class LabelHolder(_Holder):

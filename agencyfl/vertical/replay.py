@@ -12,7 +12,18 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import tenseal as ts
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from agencyfl.alignment.errors import MessageRejectedError
+from agencyfl.alignment.sealed import (
+    MessageKind,
+    PartyKeys,
+    PartyPublicKeys,
+    open_envelope,
+    unpack,
+    verify_certificate,
+)
 from agencyfl.federation.errors import DataFileError, LedgerError
 from agencyfl.privacy.he import load_public_context
 from agencyfl.privacy.keys import key_id, keyring_key
@@ -209,7 +220,7 @@ def replay(
         raise DataFileError(f"the arbiter's receipts name no single label holder for {name} ({sorted(holders)})")
     if name in holders:
         raise DataFileError(f"{name} is the label holder: the replay checks the agencies without the label")
-    parts = [_replay_key(f, m, recorded, holders, released, single=len(folders) == 1)
+    parts = [_replay_key(f, m, recorded, holders, released, len(folders) == 1, keyring)
              for f, m in zip(folders, metas, strict=True)]  # fmt: skip
     report = parts[0]
     if len(parts) > 1:
@@ -242,6 +253,7 @@ def _replay_key(
     senders: set[str],
     released: dict[str, list[tuple[str, int]]],
     single: bool,
+    keyring: Path | None = None,
 ) -> ReplayReport:
     """One arbiter key's products recomputed from its evidence folder (a key the arbiter released nothing under
     is an error when it is the one folder given: the wrong receipts)."""
@@ -264,7 +276,7 @@ def _replay_key(
     report, x = _inputs_report(meta, key, inputs, params.slots)
     for kind, seq in released.get(key, []):
         check = _check(evidence, {k[1:]: v for k, v in recorded.items() if k[0] == key}, senders, x, context,
-                       params.slots, kind, seq)  # fmt: skip
+                       params.slots, kind, seq, keyring)  # fmt: skip
         check.key = key[:16]
         report.products.append(check)
     return report
@@ -304,23 +316,22 @@ def _check(
     slots: int,
     kind: str,
     seq: int,
+    keyring: Path | None = None,
 ) -> ProductCheck:
     path = evidence / f"{kind}-{seq:04d}.npz"
     if not path.exists():
         return ProductCheck(kind, seq, False, "the arbiter released it; the agency kept no evidence of it")
     try:
         with np.load(path, allow_pickle=False) as kept:
-            count = sum(k.startswith("operand_") for k in kept.files)
-            operands = [kept[f"operand_{i}"].astype(np.uint8, casting="no").tobytes() for i in range(count)]
+            operands, envelopes = _numbered(kept, "operand"), _numbered(kept, "envelope")
+            step = str(kept["step"]) if "step" in kept.files else ""
             mask = np.asarray(kept["mask"], dtype=np.float64)
             live = (np.unpackbits(kept["live"].astype(np.uint8, casting="no"))[: int(kept["rows"])].astype(bool)
                     if "live" in kept.files else None)  # fmt: skip
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, zipfile.BadZipFile) as exc:
+        if envelopes:  # the operands are what the envelopes open to, under the label holder's run keys as kept
+            operands = _open_kept(evidence, envelopes, step, kind, None)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, zipfile.BadZipFile, MessageRejectedError) as exc:
         return ProductCheck(kind, seq, False, f"its evidence is unreadable ({exc})")
-    sent = {recorded.get((by, OPERAND_OF[kind], seq)) for by in senders} - {None}
-    if digest(operands) not in sent:
-        return ProductCheck(kind, seq, False, f"its operands are not the {OPERAND_OF[kind]} civil affairs recorded "
-                            "sealing to it (substituted by the agency, or recorded otherwise than sealed)")  # fmt: skip
     if len(operands) != chunk_count(len(inputs), slots):
         return ProductCheck(kind, seq, False, f"{len(operands)} operand ciphertexts for inputs of {len(inputs)} rows")
     if live is not None and len(live) != len(inputs):
@@ -335,7 +346,83 @@ def _check(
         out = masked_totals(sums, mask, slots)
     except Exception as exc:  # noqa: BLE001  # TenSEAL's own errors: the evidence does not recompute
         return ProductCheck(kind, seq, False, f"cannot be recomputed from the evidence ({exc})")
-    if digest(out) != recorded[("arbiter", kind, seq)]:
-        return ProductCheck(kind, seq, False, "recomputed from the kept inputs it differs from what the arbiter "
-                            "released: the agency multiplied other rows")  # fmt: skip
-    return ProductCheck(kind, seq, True)
+    deviated = ("recomputed from the kept inputs it differs from what the arbiter released: the agency multiplied "
+                "other rows")  # fmt: skip
+    product = "" if digest(out) == recorded[("arbiter", kind, seq)] else deviated
+    operand = OPERAND_OF[kind]
+    sent = {recorded.get((by, operand, seq)) for by in senders} - {None}
+    if digest(operands) in sent:
+        return ProductCheck(kind, seq, not product, product)
+    others = {v for (by, k, n), v in recorded.items() if by in senders and k == operand and n != seq}
+    sealed = _signed_by_label_holder(evidence, envelopes, step, kind, operands, keyring)
+    if digest(operands) in others:  # a genuine operand of another product: reused by the agency
+        return ProductCheck(kind, seq, False, f"its operands are the {operand} civil affairs sealed it for another "
+                            "product: the agency substituted them")  # fmt: skip
+    if not sent:  # civil affairs' receipts not given: only its signature on the kept envelopes vouches
+        if sealed:
+            return ProductCheck(kind, seq, not product, product)
+        unvouched = (f"no receipt of civil affairs names the {operand} it multiplied, and no envelope signed by "
+                     "civil affairs vouches for it (give civil affairs' receipts, and --keyring)")  # fmt: skip
+        return ProductCheck(kind, seq, False, unvouched)
+    if sealed is None:
+        finding = (f"its operands are not the {operand} civil affairs recorded sealing to it (substituted by "
+                   "the agency, or recorded otherwise than sealed; --keyring tells which)")  # fmt: skip
+    elif sealed:
+        finding = (f"civil affairs sealed it these operands (its signature on the kept envelopes, its run keys "
+                   f"certified by its ledger key) but recorded another digest: civil affairs' record is false; "
+                   f"{product or 'the product recomputes to what the arbiter released'}")  # fmt: skip
+    else:
+        finding = (f"its operands are not the {operand} civil affairs sealed to it (no envelope signed by civil "
+                   "affairs holds them): the agency substituted them")  # fmt: skip
+    return ProductCheck(kind, seq, False, finding)
+
+
+def _numbered(kept: Any, prefix: str) -> list[bytes]:
+    """The byte strings an evidence file keeps as ``PREFIX_0``, ``PREFIX_1``, ..."""
+    count = sum(k.startswith(prefix + "_") for k in kept.files)
+    return [kept[f"{prefix}_{i}"].astype(np.uint8, casting="no").tobytes() for i in range(count)]
+
+
+MESSAGE_OF: dict[str, MessageKind] = {"gradient": "residuals", "hessian": "hessian-weights"}
+"""The envelopes each product's operands came in."""
+
+
+def _run(evidence: Path) -> tuple[dict[str, Any], PartyKeys, PartyPublicKeys]:
+    """The kept run: its record, the agency's run key (opening only), the label holder's run keys as kept."""
+    run = json.loads((evidence / "run.json").read_text())
+    opening = X25519PrivateKey.from_private_bytes((evidence / "run-key.bin").read_bytes())
+    sender = PartyPublicKeys(name=str(run["sender"]), sealing=bytes.fromhex(run["sealing"]),
+                             signing=bytes.fromhex(run["signing"]))  # fmt: skip
+    return run, PartyKeys(str(run["recipient"]), opening, Ed25519PrivateKey.generate()), sender
+
+
+def _open_kept(
+    evidence: Path, envelopes: list[bytes], step: str, kind: str, sender: PartyPublicKeys | None
+) -> list[bytes]:
+    """The kept envelopes opened with the agency's kept run key, each checked against ``sender``'s signature
+    (default: the label holder's run keys as kept). Raises MessageRejectedError (or ValueError, OSError)."""
+    run, recipient, kept_sender = _run(evidence)
+    return [open_envelope(unpack(e), recipient=recipient, sender=sender or kept_sender, run=f"{run['run']}/step-{step}",
+                          kind=MESSAGE_OF[kind]) for e in envelopes]  # fmt: skip
+
+
+def _signed_by_label_holder(
+    evidence: Path, envelopes: list[bytes], step: str, kind: str, operands: list[bytes], keyring: Path | None
+) -> bool | None:
+    """Whether the kept envelopes carry the label holder's signature under the run keys its ledger key (from
+    the keyring) certified, and open to exactly ``operands``; None when that cannot be told (no keyring, no
+    certificate kept, or the keyring lacks the label holder's key)."""
+    if keyring is None:
+        return None
+    try:
+        run, _, _ = _run(evidence)
+        ledger = keyring_key(keyring, str(run["sender"]))
+        if ledger is None or not run["certificate"]:
+            return None
+        sender = verify_certificate(str(run["run"]), str(run["sender"]), bytes.fromhex(run["certificate"]), ledger)
+    except (OSError, ValueError, KeyError, TypeError, MessageRejectedError):
+        return None  # nothing vouches for the label holder's keys: the disagreement stays unattributed
+    try:
+        return bool(envelopes) and _open_kept(evidence, envelopes, step, kind, sender) == operands
+    except (OSError, ValueError, MessageRejectedError):
+        return False

@@ -34,7 +34,7 @@ from agencyfl.vertical.model import INTERCEPT, save_part
 from agencyfl.vertical.optim import sweep_starts_fresh
 from agencyfl.vertical.protocol import FeatureHolder, GradientMessage, HolderSetup, LabelHolder
 from agencyfl.vertical.remote import VerticalJobPlan
-from agencyfl.vertical.stream import Frame, dispatch, int_field, peer_directory, str_field
+from agencyfl.vertical.stream import Frame, dispatch, int_field, list_field, peer_directory, str_field
 
 CHECKPOINTS_KEPT = 2
 
@@ -195,6 +195,8 @@ class PartySession:
             evidence=None if self.is_label else evidence,
             receipts=evidence / RECEIPTS if self.is_label else None,
             receipts_key=self.config.ledger_key,
+            # the run-key certificates the coordinator forwarded (peer_directory verified the label holder's)
+            certificates=dict(zip(list_field(frame, "certificates", str), frame.blobs[1:], strict=True)),
         )  # fmt: skip
         rng = np.random.default_rng(secrets.randbits(128))
         if self.is_label:

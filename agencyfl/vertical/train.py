@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agencyfl.alignment.sealed import PartyKeys
+from agencyfl.alignment.sealed import PartyKeys, certify
 from agencyfl.federation.metrics import exact_metrics
 from agencyfl.privacy.events import GaussianEvent, Mechanism
 from agencyfl.vertical.encoding import Block, LabelData
@@ -198,6 +198,9 @@ def train_vertical(
     keys = {b.agency: PartyKeys.generate(b.agency) for b in [*features, label]}
     directory = {name: k.public() for name, k in keys.items()}
     run = f"vertical-{secrets.token_hex(4)}"
+    # civil affairs' run keys vouched for by its ledger key, as in a deployment: a replay then knows whose
+    # signature the agencies' operands came under
+    certificates = {label.agency: certify(run, keys[label.agency].public(), signers[label.agency])} if folders else {}
     rngs = [np.random.default_rng(s) for s in seeds.spawn(len(features) + 1)]
 
     def setup(name: str) -> HolderSetup:
@@ -208,7 +211,7 @@ def train_vertical(
             newton_damping=plan.hessian_damping(widths[name], register), iterations=plan.iterations,
             averaged=plan.averaged, evidence=folders.get(name) if name != label.agency else None,
             receipts=folders[name] / RECEIPTS if name == label.agency and name in folders else None,
-            receipts_key=signers.get(name) if name == label.agency else None,
+            receipts_key=signers.get(name) if name == label.agency else None, certificates=certificates,
         )  # fmt: skip
 
     holders = [FeatureHolder(b, setup(b.agency), rng) for b, rng in zip(features, rngs, strict=False)]
