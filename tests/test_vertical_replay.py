@@ -25,7 +25,16 @@ from conftest import VerticalJob, invoke
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from agencyfl.alignment.sealed import PartyKeys, PartyPublicKeys, open_envelope, pack, seal, unpack
+from agencyfl.alignment.sealed import (
+    MessageKind,
+    PartyKeys,
+    PartyPublicKeys,
+    certify,
+    open_envelope,
+    pack,
+    seal,
+    unpack,
+)
 from agencyfl.exit_codes import ExitCode
 from agencyfl.federation.errors import DataFileError, LedgerError
 from agencyfl.privacy.keys import load_or_create_signing_key, public_pem
@@ -371,11 +380,36 @@ def test_a_civil_affairs_that_records_otherwise_than_it_sealed_cannot_frame_an_a
     assert "civil affairs' record is false" in finding and "recomputes to what the arbiter released" in finding
     # without the keyring nothing vouches for civil affairs' run keys: the disagreement stays unattributed
     assert "--keyring tells which" in replay(folders["environment"], [framing, arbiter]).findings[0]
-    # nor does a certificate the agency made up: it is civil affairs' ledger key that must have signed it
-    forged = _copy(folders["environment"], tmp_path / "forged")
-    run = json.loads((forged / "run.json").read_text())
-    (forged / "run.json").write_text(json.dumps(run | {"certificate": "00" * 128}))
-    assert "--keyring tells which" in replay(forged, [framing, arbiter], keyring=keyring).findings[0]
+    # nor does a run record the agency made up: a certificate civil affairs' ledger key did not sign; its own run
+    # keys certified with its own ledger key (which the auditor holds) under its own name; another run's
+    own = load_or_create_signing_key(tmp_path / "environment.key")
+    ring = _copy(keyring, tmp_path / "ring")
+    (ring / "environment.pub").write_bytes(public_pem(own.public_key()))
+    run = json.loads((folders["environment"] / "run.json").read_text())
+    mine = PartyKeys.generate("environment").public()
+    for n, edit in enumerate([
+        {"certificate": "00" * 128},
+        {"sender": "environment", "sealing": mine.sealing.hex(), "signing": mine.signing.hex(),
+         "certificate": certify(run["run"], mine, own).hex()},
+        {"run": "vertical-another"},
+    ]):  # fmt: skip
+        forged = _copy(folders["environment"], tmp_path / f"forged-{n}")
+        (forged / "run.json").write_text(json.dumps(run | edit))
+        findings = replay(forged, [framing, arbiter], keyring=ring).findings
+        assert findings and not any("civil affairs' record is false" in f for f in findings), (edit, findings)
+
+
+def _kept_operands(folder: Path, product: str, kind: MessageKind) -> list[bytes]:
+    """What an agency's kept envelopes of ``product`` open to, with its kept run key."""
+    run = json.loads((folder / "run.json").read_text())
+    me = PartyKeys(run["recipient"], X25519PrivateKey.from_private_bytes((folder / "run-key.bin").read_bytes()),
+                   Ed25519PrivateKey.generate())  # fmt: skip
+    sender = PartyPublicKeys(name=run["sender"], sealing=bytes.fromhex(run["sealing"]),
+                             signing=bytes.fromhex(run["signing"]))  # fmt: skip
+    with np.load(folder / f"{product}.npz") as kept:
+        where = f"{run['run']}/step-{kept['step']}"
+        envelopes = [kept[f"envelope_{i}"].tobytes() for i in range(sum(k.startswith("envelope") for k in kept.files))]
+    return [open_envelope(unpack(e), recipient=me, sender=sender, run=where, kind=kind) for e in envelopes]
 
 
 def test_the_agency_s_rows_and_masks_are_readable_by_it_alone(
@@ -464,17 +498,10 @@ def test_an_agency_cannot_vouch_for_its_own_operands(
     made = tmp_path / "made" / RECEIPTS
     ledger = Receipts(made, "hrss", (folders["hrss"] / "context.bin").read_bytes(), own)
     for seq in range(PLAN.iterations):  # "civil affairs sent me these" (its own kept operands)
-        kept = np.load(folders["hrss"] / f"gradient-{seq:04d}.npz")
-        count = sum(k.startswith("operand_") for k in kept.files)
-        ledger.record("hrss", "residual", [kept[f"operand_{i}"].tobytes() for i in range(count)])
-    report = replay(folders["hrss"], [made, arbiter])
-    assert not any(p.matched for p in report.products)
-    assert all("no receipt of civil affairs names" in p.finding for p in report.products)
-    # with the keyring, what vouches for its operands is civil affairs' signature on the envelopes it kept (its
-    # own receipts still count for nothing), and its products, sentinel and all, are replayed from them
+        ledger.record("hrss", "residual", _kept_operands(folders["hrss"], f"gradient-{seq:04d}", "residuals"))
     report = replay(folders["hrss"], [made, arbiter], keyring=keyring)
     assert report.receipts_signed and not any(p.matched for p in report.products)
-    assert all("multiplied other rows" in p.finding for p in report.products)
+    assert all("no receipt of civil affairs names" in p.finding for p in report.products)
     # civil affairs' name on a ledger the agency signed with its own key is refused outright
     posing = tmp_path / "posing" / RECEIPTS
     Receipts(posing, "civil-affairs", (folders["hrss"] / "context.bin").read_bytes(), own).record(

@@ -292,7 +292,9 @@ def audit_replay(
     yourself. Exits 0 when every product the arbiter released matches and every row is within the declared
     norm; 25 otherwise (a sentinel or other rows were multiplied, an operand substituted, evidence withheld); 4
     for a folder that is not evidence or receipts of another job; 5 for receipts that do not verify (altered,
-    taken out, cut off the end) or (with --keyring) are not signed by their party.
+    taken out, cut off the end) or (with --keyring) are not signed by their party. When an agency's operands
+    and civil affairs' receipt disagree, --keyring also tells whose record is false, from the envelopes civil
+    affairs signed that the agency kept.
     """
     from agencyfl.vertical.replay import replay
 

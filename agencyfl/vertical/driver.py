@@ -158,7 +158,7 @@ def drive(hub: StreamHub, settings: DriverSettings, sink: EventSink) -> dict[str
         )  # fmt: skip
         context = arbiter.public_context()
         receipts = settings.workdir / "evidence" / job.job / RECEIPTS  # for `audit replay`
-        arbiter.receipts = Receipts(receipts, arbiter.name, context, settings.receipts_key, job.label_holder)
+        arbiter.receipts = Receipts(receipts, arbiter.name, context, settings.receipts_key, job.label_holder, job.job)
         names = list(hellos)
         # resumed before any party checkpointed an iteration but after the Hessian release reached every party:
         # each restores its own copy instead of a second release (which the job's sigma has no room for)

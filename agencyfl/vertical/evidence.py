@@ -86,6 +86,7 @@ class Receipt(BaseModel):
     number: int
     sha256: str
     label_holder: str | None = None
+    run: str = ""  # the job's run: what the envelopes of the job name (sealed for ``RUN/step-N``)
 
     @property
     def party(self) -> str:
@@ -101,7 +102,7 @@ class Receipts:
     writer, continues one chain; a write a stop left unfinished is finished first (``recover_after_stop``)."""
 
     def __init__(self, folder: Path, by: str, public_context: bytes, key: Ed25519PrivateKey,
-                 label_holder: str | None = None) -> None:  # fmt: skip
+                 label_holder: str | None = None, run: str = "") -> None:  # fmt: skip
         _private_folder(folder.parent)
         _private_folder(folder)
         self.ledger = Ledger(folder, key, Receipt, party=receipt_signer(by))
@@ -109,18 +110,20 @@ class Receipts:
         self.by = by
         self.context = context_digest(public_context)
         self.label_holder = label_holder
+        self.run = run
         self._numbers: Counter[tuple[str, str]] = Counter()
 
     def record(self, agency: str, kind: ReceiptKind, vectors: list[bytes]) -> None:
         number = self._numbers[agency, kind]
         self._numbers[agency, kind] += 1
         self.ledger.append(Receipt(kind=kind, by=self.by, context=self.context, agency=agency, number=number,
-                                   sha256=digest(vectors), label_holder=self.label_holder))  # fmt: skip
+                                   sha256=digest(vectors), label_holder=self.label_holder, run=self.run))  # fmt: skip
 
 
 class Evidence:
-    """An agency's own record of each product it computed: the operands as opened, the rows it kept (bits),
-    its masks; with its inputs and the arbiter's public context once. Stays in the agency's folder."""
+    """An agency's own record of each product it computed: the envelopes civil affairs sealed its operands in
+    (or the operands as opened), the rows it kept (bits), its masks; with its inputs, the arbiter's public
+    context and its run (``keep_run``) once. Stays in the agency's folder."""
 
     def __init__(self, root: Path, agency: str, public_context: bytes, inputs: npt.NDArray[np.float64],
                  slots: int, clip: float) -> None:  # fmt: skip

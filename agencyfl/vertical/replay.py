@@ -47,6 +47,19 @@ class ProductCheck:
     key: str = ""  # the arbiter key it was released under (the first 16 hex digits of its digest)
 
 
+@dataclass(frozen=True)
+class Vouchers:
+    """What tells whose record is false when an agency's operands and civil affairs' receipts disagree: the
+    label holder and the job's run the arbiter's receipts name, every operand civil affairs recorded sealing
+    to the agency under any key of the job, and the auditor's keyring."""
+
+    holder: str
+    agency: str
+    runs: frozenset[str]
+    anywhere: frozenset[str]
+    keyring: Path | None
+
+
 @dataclass
 class ReceiptsRead:
     """One receipts ledger as the replay read it: whose, signed with which key, how many receipts."""
@@ -141,7 +154,7 @@ def _open_receipts(folder: Path, keyring: Path | None) -> tuple[ReceiptsRead, li
 
 
 def _read_receipts(
-    folders: list[Path], agency: str, keyring: Path | None, holders: set[str]
+    folders: list[Path], agency: str, keyring: Path | None, holders: set[str], runs: dict[str, set[str]]
 ) -> tuple[dict[tuple[str, str, str, int], str], list[ReceiptsRead]]:
     """(arbiter key, recorded by, kind, number) -> SHA-256 for this agency, from every receipts ledger given,
     and what was read of each. Two digests for one receipt are refused. ``holders`` collects the label holder
@@ -157,6 +170,7 @@ def _read_receipts(
             key = (r.context, r.by, r.kind, r.number)
             if r.by == "arbiter":
                 holders.add(str(r.label_holder))
+                runs.setdefault(r.context, set()).add(r.run)
             if found.setdefault(key, r.sha256) != r.sha256:
                 raise DataFileError(f"{folder}: a second, different digest for {r.by}'s {r.kind} {r.number}")
     return found, read
@@ -208,7 +222,8 @@ def replay(
                 "agency's own install (products are bit-exact only for the same version)"
             )
     holders: set[str] = set()
-    recorded, read = _read_receipts(receipts, name, keyring, holders)
+    runs: dict[str, set[str]] = {}  # by arbiter key: the job's run the arbiter's receipts name
+    recorded, read = _read_receipts(receipts, name, keyring, holders, runs)
     released: dict[str, list[tuple[str, int]]] = {}
     for key, by, kind, seq in sorted(recorded):
         if by == "arbiter" and kind in OPERAND_OF:
@@ -220,7 +235,9 @@ def replay(
         raise DataFileError(f"the arbiter's receipts name no single label holder for {name} ({sorted(holders)})")
     if name in holders:
         raise DataFileError(f"{name} is the label holder: the replay checks the agencies without the label")
-    parts = [_replay_key(f, m, recorded, holders, released, len(folders) == 1, keyring)
+    anywhere = frozenset(v for (_, by, kind, _), v in recorded.items() if by in holders and kind in OPERAND_OF.values())
+    vouchers = {ctx: Vouchers(next(iter(holders)), name, frozenset(r), anywhere, keyring) for ctx, r in runs.items()}
+    parts = [_replay_key(f, m, recorded, holders, released, len(folders) == 1, vouchers)
              for f, m in zip(folders, metas, strict=True)]  # fmt: skip
     report = parts[0]
     if len(parts) > 1:
@@ -253,7 +270,7 @@ def _replay_key(
     senders: set[str],
     released: dict[str, list[tuple[str, int]]],
     single: bool,
-    keyring: Path | None = None,
+    vouchers: dict[str, Vouchers] | None = None,
 ) -> ReplayReport:
     """One arbiter key's products recomputed from its evidence folder (a key the arbiter released nothing under
     is an error when it is the one folder given: the wrong receipts)."""
@@ -276,7 +293,7 @@ def _replay_key(
     report, x = _inputs_report(meta, key, inputs, params.slots)
     for kind, seq in released.get(key, []):
         check = _check(evidence, {k[1:]: v for k, v in recorded.items() if k[0] == key}, senders, x, context,
-                       params.slots, kind, seq, keyring)  # fmt: skip
+                       params.slots, kind, seq, (vouchers or {}).get(key))  # fmt: skip
         check.key = key[:16]
         report.products.append(check)
     return report
@@ -316,7 +333,7 @@ def _check(
     slots: int,
     kind: str,
     seq: int,
-    keyring: Path | None = None,
+    vouchers: Vouchers | None = None,
 ) -> ProductCheck:
     path = evidence / f"{kind}-{seq:04d}.npz"
     if not path.exists():
@@ -353,17 +370,13 @@ def _check(
     sent = {recorded.get((by, operand, seq)) for by in senders} - {None}
     if digest(operands) in sent:
         return ProductCheck(kind, seq, not product, product)
-    others = {v for (by, k, n), v in recorded.items() if by in senders and k == operand and n != seq}
-    sealed = _signed_by_label_holder(evidence, envelopes, step, kind, operands, keyring)
-    if digest(operands) in others:  # a genuine operand of another product: reused by the agency
+    if not sent:
+        unvouched = f"no receipt of civil affairs names the {operand} it multiplied (give civil affairs' receipts)"
+        return ProductCheck(kind, seq, False, unvouched)
+    if vouchers is not None and digest(operands) in vouchers.anywhere:  # genuine, but another product's
         return ProductCheck(kind, seq, False, f"its operands are the {operand} civil affairs sealed it for another "
                             "product: the agency substituted them")  # fmt: skip
-    if not sent:  # civil affairs' receipts not given: only its signature on the kept envelopes vouches
-        if sealed:
-            return ProductCheck(kind, seq, not product, product)
-        unvouched = (f"no receipt of civil affairs names the {operand} it multiplied, and no envelope signed by "
-                     "civil affairs vouches for it (give civil affairs' receipts, and --keyring)")  # fmt: skip
-        return ProductCheck(kind, seq, False, unvouched)
+    sealed = _signed_by_label_holder(evidence, envelopes, step, kind, operands, len(inputs), vouchers)
     if sealed is None:
         finding = (f"its operands are not the {operand} civil affairs recorded sealing to it (substituted by "
                    "the agency, or recorded otherwise than sealed; --keyring tells which)")  # fmt: skip
@@ -373,7 +386,7 @@ def _check(
                    f"{product or 'the product recomputes to what the arbiter released'}")  # fmt: skip
     else:
         finding = (f"its operands are not the {operand} civil affairs sealed to it (no envelope signed by civil "
-                   "affairs holds them): the agency substituted them")  # fmt: skip
+                   "affairs holds them, whole and in order): the agency substituted them")  # fmt: skip
     return ProductCheck(kind, seq, False, finding)
 
 
@@ -407,22 +420,30 @@ def _open_kept(
 
 
 def _signed_by_label_holder(
-    evidence: Path, envelopes: list[bytes], step: str, kind: str, operands: list[bytes], keyring: Path | None
-) -> bool | None:
-    """Whether the kept envelopes carry the label holder's signature under the run keys its ledger key (from
-    the keyring) certified, and open to exactly ``operands``; None when that cannot be told (no keyring, no
-    certificate kept, or the keyring lacks the label holder's key)."""
-    if keyring is None:
+    evidence: Path, envelopes: list[bytes], step: str, kind: str, operands: list[bytes], rows: int,
+    vouchers: Vouchers | None,
+) -> bool | None:  # fmt: skip
+    """Whether the kept envelopes, whole and in order, carry the label holder's signature under the run keys
+    its ledger key (from the keyring) certified for the job's run (as the arbiter's receipts name it and the
+    label holder), and open to exactly ``operands``; None when that cannot be told (no keyring, no envelopes
+    or certificate kept, or a run record naming another party, agency or run)."""
+    if vouchers is None or vouchers.keyring is None or not envelopes:
         return None
     try:
         run, _, _ = _run(evidence)
-        ledger = keyring_key(keyring, str(run["sender"]))
-        if ledger is None or not run["certificate"]:
+        named = (str(run["sender"]), str(run["recipient"]), str(run["run"]))
+        if named[:2] != (vouchers.holder, vouchers.agency) or named[2] not in vouchers.runs or not run["certificate"]:
             return None
-        sender = verify_certificate(str(run["run"]), str(run["sender"]), bytes.fromhex(run["certificate"]), ledger)
-    except (OSError, ValueError, KeyError, TypeError, MessageRejectedError):
+        ledger = keyring_key(vouchers.keyring, vouchers.holder)
+        if ledger is None:
+            return None
+        sender = verify_certificate(named[2], vouchers.holder, bytes.fromhex(run["certificate"]), ledger)
+    except (OSError, ValueError, KeyError, TypeError, MessageRejectedError, LedgerError):
         return None  # nothing vouches for the label holder's keys: the disagreement stays unattributed
     try:
-        return bool(envelopes) and _open_kept(evidence, envelopes, step, kind, sender) == operands
+        sealed = [unpack(e) for e in envelopes]
+        whole = [e.chunk for e in sealed] == list(range(len(sealed))) and all(
+            e.chunks == len(sealed) and e.rows == rows for e in sealed)  # fmt: skip
+        return whole and _open_kept(evidence, envelopes, step, kind, sender) == operands
     except (OSError, ValueError, MessageRejectedError):
         return False

@@ -189,15 +189,15 @@ def train_vertical(
                       label_holder=label.agency if plan.shapes_noise else None)  # fmt: skip
     if folders and (receipts is None or label.agency not in folders):
         raise ValueError("evidence needs the arbiter's and the label holder's folders: a replay compares receipts")
+    run = f"vertical-{secrets.token_hex(4)}"
     if receipts is not None:
         if "arbiter" not in signers or label.agency not in signers:
             raise ValueError("receipts are signed: give the arbiter's and the label holder's keys (receipt_keys)")
         arbiter.receipts = Receipts(receipts / RECEIPTS, arbiter.name, arbiter.public_context(), signers["arbiter"],
-                                    label_holder=label.agency)  # fmt: skip
+                                    label_holder=label.agency, run=run)  # fmt: skip
     context = arbiter.public_context()
     keys = {b.agency: PartyKeys.generate(b.agency) for b in [*features, label]}
     directory = {name: k.public() for name, k in keys.items()}
-    run = f"vertical-{secrets.token_hex(4)}"
     # civil affairs' run keys vouched for by its ledger key, as in a deployment: a replay then knows whose
     # signature the agencies' operands came under
     certificates = {label.agency: certify(run, keys[label.agency].public(), signers[label.agency])} if folders else {}
