@@ -154,7 +154,15 @@ def test_a_substituted_operand_withheld_evidence_and_a_tiny_change_are_each_caug
     np.savez(swapped / "gradient-0001.npz", **(second | sealed))
     findings = {(p.kind, p.seq): p.finding for p in replay(swapped, receipts).products if not p.matched}
     assert list(findings) == [("gradient", 1)]
-    assert "sealed it for another product: the agency substituted them" in findings["gradient", 1]
+    assert "recorded for another product (reused by the agency, or civil affairs' records swapped" in findings[
+        "gradient", 1]  # fmt: skip
+    findings = {
+        (p.kind, p.seq): p.finding
+        for p in replay(swapped, receipts, keyring=receipts[0].parent.parent / "keyring").products
+        if not p.matched
+    }
+    assert "sealed it for another step (its products' steps are not in order): the agency reused it" in findings[
+        "gradient", 1]  # fmt: skip
     # ... or ciphertexts of its own making, in envelopes it signs itself with keys it passes off as civil
     # affairs' run keys: only the keyring (civil affairs' ledger key, which certified its real run keys) tells
     made = _copy(folders["environment"], tmp_path / "made")
@@ -380,6 +388,18 @@ def test_a_civil_affairs_that_records_otherwise_than_it_sealed_cannot_frame_an_a
     assert "civil affairs' record is false" in finding and "recomputes to what the arbiter released" in finding
     # without the keyring nothing vouches for civil affairs' run keys: the disagreement stays unattributed
     assert "--keyring tells which" in replay(folders["environment"], [framing, arbiter]).findings[0]
+    # nor can it pass off an honest agency as one that reused a residual, by swapping its records of two
+    digests = {r.number: r.sha256 for r in verify_ledger(civil, None, Receipt).events
+               if (r.agency, r.kind) == ("environment", "residual")}  # fmt: skip
+
+    def swap(r: Receipt) -> Receipt:
+        mine = (r.agency, r.kind) == ("environment", "residual")
+        return r.model_copy(update={"sha256": digests[1 - r.number]}) if mine else r
+
+    swapping = _resign(civil, key, tmp_path / "swapping" / RECEIPTS, swap)
+    report = replay(folders["environment"], [swapping, arbiter], keyring=keyring)
+    assert [p.seq for p in report.products if not p.matched] == [0, 1]
+    assert all("civil affairs' record is false" in f for f in report.findings), report.findings
     # nor does a run record the agency made up: a certificate civil affairs' ledger key did not sign; its own run
     # keys certified with its own ledger key (which the auditor holds) under its own name; another run's
     own = load_or_create_signing_key(tmp_path / "environment.key")

@@ -434,7 +434,8 @@ class LabelHolder(_Holder):
         if setup.receipts is not None:
             if setup.receipts_key is None:
                 raise ValueError("receipts are signed: give civil affairs' ledger key (receipts_key)")
-            self.receipts = Receipts(setup.receipts, self.name, setup.public_context, setup.receipts_key, run=setup.run)
+            self.receipts = Receipts(setup.receipts, self.name, setup.public_context, setup.receipts_key, run=setup.run,
+                                     sealer=setup.keys.public().signing.hex())  # fmt: skip
 
     def take_partials(self, sender: str, envelopes: list[Envelope], step: Step) -> None:
         """Open one agency's partial scores, sealed for ``step``, and keep them: each agency's latest are what

@@ -58,6 +58,7 @@ class Vouchers:
     runs: frozenset[str]
     anywhere: frozenset[str]
     keyring: Path | None
+    sealers: frozenset[str] = frozenset()  # the run signing keys civil affairs' receipts under this key name
 
 
 @dataclass
@@ -154,8 +155,9 @@ def _open_receipts(folder: Path, keyring: Path | None) -> tuple[ReceiptsRead, li
 
 
 def _read_receipts(
-    folders: list[Path], agency: str, keyring: Path | None, holders: set[str], runs: dict[str, set[str]]
-) -> tuple[dict[tuple[str, str, str, int], str], list[ReceiptsRead]]:
+    folders: list[Path], agency: str, keyring: Path | None, holders: set[str], runs: dict[str, set[str]],
+    sealers: dict[str, set[str]],
+) -> tuple[dict[tuple[str, str, str, int], str], list[ReceiptsRead]]:  # fmt: skip
     """(arbiter key, recorded by, kind, number) -> SHA-256 for this agency, from every receipts ledger given,
     and what was read of each. Two digests for one receipt are refused. ``holders`` collects the label holder
     the arbiter's receipts for this agency name."""
@@ -171,6 +173,8 @@ def _read_receipts(
             if r.by == "arbiter":
                 holders.add(str(r.label_holder))
                 runs.setdefault(r.context, set()).add(r.run)
+            elif r.sealer:
+                sealers.setdefault(r.context, set()).add(r.sealer)
             if found.setdefault(key, r.sha256) != r.sha256:
                 raise DataFileError(f"{folder}: a second, different digest for {r.by}'s {r.kind} {r.number}")
     return found, read
@@ -223,7 +227,8 @@ def replay(
             )
     holders: set[str] = set()
     runs: dict[str, set[str]] = {}  # by arbiter key: the job's run the arbiter's receipts name
-    recorded, read = _read_receipts(receipts, name, keyring, holders, runs)
+    sealers: dict[str, set[str]] = {}  # by arbiter key: the run signing keys the other receipts name
+    recorded, read = _read_receipts(receipts, name, keyring, holders, runs, sealers)
     released: dict[str, list[tuple[str, int]]] = {}
     for key, by, kind, seq in sorted(recorded):
         if by == "arbiter" and kind in OPERAND_OF:
@@ -236,7 +241,8 @@ def replay(
     if name in holders:
         raise DataFileError(f"{name} is the label holder: the replay checks the agencies without the label")
     anywhere = frozenset(v for (_, by, kind, _), v in recorded.items() if by in holders and kind in OPERAND_OF.values())
-    vouchers = {ctx: Vouchers(next(iter(holders)), name, frozenset(r), anywhere, keyring) for ctx, r in runs.items()}
+    vouchers = {ctx: Vouchers(next(iter(holders)), name, frozenset(r), anywhere, keyring,
+                              frozenset(sealers.get(ctx, ()))) for ctx, r in runs.items()}  # fmt: skip
     parts = [_replay_key(f, m, recorded, holders, released, len(folders) == 1, vouchers)
              for f, m in zip(folders, metas, strict=True)]  # fmt: skip
     report = parts[0]
@@ -291,9 +297,10 @@ def _replay_key(
     except Exception as exc:  # noqa: BLE001  # TenSEAL raises its own types for a malformed context
         raise DataFileError(f"{evidence}: context.bin is not a CKKS public context ({exc})") from exc
     report, x = _inputs_report(meta, key, inputs, params.slots)
+    in_order = _steps_in_order(evidence, released.get(key, []))
     for kind, seq in released.get(key, []):
         check = _check(evidence, {k[1:]: v for k, v in recorded.items() if k[0] == key}, senders, x, context,
-                       params.slots, kind, seq, (vouchers or {}).get(key))  # fmt: skip
+                       params.slots, kind, seq, (vouchers or {}).get(key), in_order.get(kind, False))  # fmt: skip
         check.key = key[:16]
         report.products.append(check)
     return report
@@ -334,6 +341,7 @@ def _check(
     kind: str,
     seq: int,
     vouchers: Vouchers | None = None,
+    in_order: bool = False,
 ) -> ProductCheck:
     path = evidence / f"{kind}-{seq:04d}.npz"
     if not path.exists():
@@ -373,20 +381,25 @@ def _check(
     if not sent:
         unvouched = f"no receipt of civil affairs names the {operand} it multiplied (give civil affairs' receipts)"
         return ProductCheck(kind, seq, False, unvouched)
-    if vouchers is not None and digest(operands) in vouchers.anywhere:  # genuine, but another product's
-        return ProductCheck(kind, seq, False, f"its operands are the {operand} civil affairs sealed it for another "
-                            "product: the agency substituted them")  # fmt: skip
+    # civil affairs' signature on the kept envelopes decides, if they were sealed for this product's place in
+    # the sequence: steps strictly increasing with the products (a residual kept twice, or two swapped, is not)
     sealed = _signed_by_label_holder(evidence, envelopes, step, kind, operands, len(inputs), vouchers)
-    if sealed is None:
-        finding = (f"its operands are not the {operand} civil affairs recorded sealing to it (substituted by "
-                   "the agency, or recorded otherwise than sealed; --keyring tells which)")  # fmt: skip
-    elif sealed:
+    if sealed and in_order:
         finding = (f"civil affairs sealed it these operands (its signature on the kept envelopes, its run keys "
                    f"certified by its ledger key) but recorded another digest: civil affairs' record is false; "
                    f"{product or 'the product recomputes to what the arbiter released'}")  # fmt: skip
-    else:
+    elif sealed:
+        finding = (f"the kept envelopes hold a {operand} civil affairs sealed it for another step (its products' "
+                   "steps are not in order): the agency reused it")  # fmt: skip
+    elif sealed is False:
         finding = (f"its operands are not the {operand} civil affairs sealed to it (no envelope signed by civil "
                    "affairs holds them, whole and in order): the agency substituted them")  # fmt: skip
+    elif vouchers is not None and digest(operands) in vouchers.anywhere:
+        finding = (f"its operands are the {operand} civil affairs recorded for another product (reused by the "
+                   "agency, or civil affairs' records swapped; --keyring tells which)")  # fmt: skip
+    else:
+        finding = (f"its operands are not the {operand} civil affairs recorded sealing to it (substituted by "
+                   "the agency, or recorded otherwise than sealed; --keyring tells which)")  # fmt: skip
     return ProductCheck(kind, seq, False, finding)
 
 
@@ -438,6 +451,8 @@ def _signed_by_label_holder(
         if ledger is None:
             return None
         sender = verify_certificate(named[2], vouchers.holder, bytes.fromhex(run["certificate"]), ledger)
+        if sender.signing.hex() not in vouchers.sealers:  # another session's run keys (or receipts of before)
+            return None
     except (OSError, ValueError, KeyError, TypeError, MessageRejectedError, LedgerError):
         return None  # nothing vouches for the label holder's keys: the disagreement stays unattributed
     try:
@@ -447,3 +462,16 @@ def _signed_by_label_holder(
         return whole and _open_kept(evidence, envelopes, step, kind, sender) == operands
     except (OSError, ValueError, MessageRejectedError):
         return False
+
+
+def _steps_in_order(evidence: Path, released: list[tuple[str, int]]) -> dict[str, bool]:
+    """For each kind, whether the steps its kept envelopes were sealed for rise strictly with the product
+    number (a step is ``I`` or ``I.TURN``): each product multiplied a residual of its own step."""
+    steps: dict[str, list[tuple[int, ...]]] = {}
+    try:
+        for kind, seq in released:
+            with np.load(evidence / f"{kind}-{seq:04d}.npz", allow_pickle=False) as kept:
+                steps.setdefault(kind, []).append(tuple(int(part) for part in str(kept["step"]).split(".")))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, zipfile.BadZipFile):
+        return {}
+    return {kind: all(a < b for a, b in zip(order, order[1:], strict=False)) for kind, order in steps.items()}
