@@ -42,8 +42,8 @@ from agencyfl.privacy.ledger import HEAD_FILE, LEDGER_FILE, Ledger, verify_ledge
 from agencyfl.vertical import Block, LabelData, VerticalPlan
 from agencyfl.vertical import train as train_module
 from agencyfl.vertical.encoding import CLIP
-from agencyfl.vertical.evidence import RECEIPTS, Receipt, Receipts, receipt_signer
-from agencyfl.vertical.protocol import FeatureHolder, HolderSetup
+from agencyfl.vertical.evidence import RECEIPTS, Receipt, Receipts, context_digest, receipt_signer
+from agencyfl.vertical.protocol import FeatureHolder, HolderSetup, step_run
 from agencyfl.vertical.replay import replay
 from agencyfl.vertical.train import VerticalResult, train_vertical
 
@@ -161,7 +161,7 @@ def test_a_substituted_operand_withheld_evidence_and_a_tiny_change_are_each_caug
         for p in replay(swapped, receipts, keyring=receipts[0].parent.parent / "keyring").products
         if not p.matched
     }
-    assert "sealed it for another step (its products' steps are not in order): the agency reused it" in findings[
+    assert "sealed it for another step (its products' signed steps are not in order): the agency reused it" in findings[
         "gradient", 1]  # fmt: skip
     # ... or ciphertexts of its own making, in envelopes it signs itself with keys it passes off as civil
     # affairs' run keys: only the keyring (civil affairs' ledger key, which certified its real run keys) tells
@@ -180,7 +180,7 @@ def test_a_substituted_operand_withheld_evidence_and_a_tiny_change_are_each_caug
         ("hessian-0000", "hessian-weights"),
     ):
         kept = dict(np.load(made / f"{name}.npz"))
-        where = f"{run['run']}/step-{kept['step']}"
+        where = step_run(run["run"], context_digest((made / "context.bin").read_bytes())[:16], str(kept["step"]))
         envelopes = [
             unpack(kept[f"envelope_{i}"].tobytes()) for i in range(sum(k.startswith("envelope") for k in kept))
         ]
@@ -195,9 +195,27 @@ def test_a_substituted_operand_withheld_evidence_and_a_tiny_change_are_each_caug
     (made / "run.json").write_text(json.dumps(run | {"sealing": posing.public().sealing.hex(),
                                                      "signing": posing.public().signing.hex()}))  # fmt: skip
     keyring = receipts[0].parent.parent / "keyring"
-    for ring, says in ((None, "--keyring tells which"), (keyring, "no envelope signed by civil affairs holds them")):
+    for ring, says in ((None, "not attributed"), (keyring, "no envelope signed by civil affairs holds them")):
         findings = {(p.kind, p.seq): p.finding for p in replay(made, receipts, keyring=ring).products if not p.matched}
         assert list(findings) == [("gradient", 1)] and says in findings["gradient", 1], findings
+    # ... or keeps one product as bare operands with a step of its choosing, so that the reused residual's steps
+    # would seem to rise: a step no envelope signs orders nothing, and the disagreement stays unattributed
+    bare = _copy(folders["environment"], tmp_path / "bare-step")
+    first = dict(np.load(bare / "gradient-0000.npz"))
+    opened = _kept_operands(bare, "gradient-0000", "residuals")
+    plain = {k: v for k, v in first.items() if not k.startswith("envelope")} | {"step": np.array("0")}
+    np.savez(
+        bare / "gradient-0000.npz",
+        **plain,
+        **{f"operand_{i}": np.frombuffer(v, np.uint8) for i, v in enumerate(opened)},
+    )
+    reused = {k: v for k, v in first.items() if k.startswith("envelope") or k == "step"}
+    np.savez(bare / "gradient-0001.npz", **(second | reused))
+    findings = {(p.kind, p.seq): p.finding for p in replay(bare, receipts, keyring=keyring).products if not p.matched}
+    assert list(findings) == [("gradient", 1)] and "not attributed" in findings["gradient", 1], findings
+    # an empty or corrupt product file is a finding, never a crash
+    (bare / "hessian-0000.npz").write_bytes(b"")
+    assert any(f.startswith("hessian 0: its evidence is unreadable") for f in replay(bare, receipts).findings)
     # evidence withheld for a product the arbiter released
     withheld = _copy(folders["environment"], tmp_path / "withheld")
     (withheld / "hessian-0000.npz").unlink()
@@ -387,7 +405,7 @@ def test_a_civil_affairs_that_records_otherwise_than_it_sealed_cannot_frame_an_a
     finding = next(p.finding for p in report.products if not p.matched)
     assert "civil affairs' record is false" in finding and "recomputes to what the arbiter released" in finding
     # without the keyring nothing vouches for civil affairs' run keys: the disagreement stays unattributed
-    assert "--keyring tells which" in replay(folders["environment"], [framing, arbiter]).findings[0]
+    assert "not attributed" in replay(folders["environment"], [framing, arbiter]).findings[0]
     # nor can it pass off an honest agency as one that reused a residual, by swapping its records of two
     digests = {r.number: r.sha256 for r in verify_ledger(civil, None, Receipt).events
                if (r.agency, r.kind) == ("environment", "residual")}  # fmt: skip
@@ -427,7 +445,7 @@ def _kept_operands(folder: Path, product: str, kind: MessageKind) -> list[bytes]
     sender = PartyPublicKeys(name=run["sender"], sealing=bytes.fromhex(run["sealing"]),
                              signing=bytes.fromhex(run["signing"]))  # fmt: skip
     with np.load(folder / f"{product}.npz") as kept:
-        where = f"{run['run']}/step-{kept['step']}"
+        where = step_run(run["run"], context_digest((folder / "context.bin").read_bytes())[:16], str(kept["step"]))
         envelopes = [kept[f"envelope_{i}"].tobytes() for i in range(sum(k.startswith("envelope") for k in kept.files))]
     return [open_envelope(unpack(e), recipient=me, sender=sender, run=where, kind=kind) for e in envelopes]
 

@@ -86,8 +86,7 @@ class Receipt(BaseModel):
     number: int
     sha256: str
     label_holder: str | None = None
-    run: str = ""  # the job's run: what the envelopes of the job name (sealed for ``RUN/step-N``)
-    sealer: str = ""  # the sealing party's run signing key (hex), which signs the envelopes it recorded
+    run: str = ""  # the job's run: what the envelopes of the job name (sealed for ``RUN/KEY16/step-N``)
 
     @property
     def party(self) -> str:
@@ -103,7 +102,7 @@ class Receipts:
     writer, continues one chain; a write a stop left unfinished is finished first (``recover_after_stop``)."""
 
     def __init__(self, folder: Path, by: str, public_context: bytes, key: Ed25519PrivateKey,
-                 label_holder: str | None = None, run: str = "", sealer: str = "") -> None:  # fmt: skip
+                 label_holder: str | None = None, run: str = "") -> None:  # fmt: skip
         _private_folder(folder.parent)
         _private_folder(folder)
         self.ledger = Ledger(folder, key, Receipt, party=receipt_signer(by))
@@ -112,15 +111,13 @@ class Receipts:
         self.context = context_digest(public_context)
         self.label_holder = label_holder
         self.run = run
-        self.sealer = sealer
         self._numbers: Counter[tuple[str, str]] = Counter()
 
     def record(self, agency: str, kind: ReceiptKind, vectors: list[bytes]) -> None:
         number = self._numbers[agency, kind]
         self._numbers[agency, kind] += 1
         self.ledger.append(Receipt(kind=kind, by=self.by, context=self.context, agency=agency, number=number,
-                                   sha256=digest(vectors), label_holder=self.label_holder, run=self.run,
-                                   sealer=self.sealer))  # fmt: skip
+                                   sha256=digest(vectors), label_holder=self.label_holder, run=self.run))  # fmt: skip
 
 
 class Evidence:

@@ -23,7 +23,7 @@ from agencyfl.alignment.sealed import Envelope, MessageKind, PartyKeys, PartyPub
 from agencyfl.federation.errors import HEError, MessageRejectedError
 from agencyfl.privacy.he import ParameterSet, load_public_context, new_private_context, parameter_set, public_bytes
 from agencyfl.vertical.encoding import CLIP, Block, LabelData
-from agencyfl.vertical.evidence import Evidence, ProductKind, Receipts
+from agencyfl.vertical.evidence import Evidence, ProductKind, Receipts, context_digest
 from agencyfl.vertical.optim import (
     BlockOptimizer,
     OptimizerName,
@@ -128,12 +128,19 @@ HESSIAN_STEP = 0
 """The Hessian release comes before iteration 1: its envelopes are sealed for step 0."""
 
 
+def step_run(run: str, session: str, step: Step) -> str:
+    """What an envelope of ``step`` names as its run: the job's run, the session (the arbiter key's first 16 hex
+    digits: another session's envelopes do not open in this one) and the step."""
+    return f"{run}/{session}/step-{step}" if session else f"{run}/step-{step}"
+
+
 @dataclass
 class _Party:
     name: str
     keys: PartyKeys
     directory: dict[str, PartyPublicKeys]
     run: str
+    session: str = ""  # the arbiter key's first 16 hex digits: a resumed job's envelopes name their session
     received: list[Received] = field(default_factory=list)
     he_seconds: float = 0.0
     sent_bytes: int = 0
@@ -141,7 +148,7 @@ class _Party:
     def _step_run(self, step: Step) -> str:
         """The run an envelope of iteration (or sub-step) ``step`` is sealed under: a relay that replays another
         step's partial scores or residuals is refused (the header names the step, and the AEAD binds it)."""
-        return f"{self.run}/step-{step}"
+        return step_run(self.run, self.session, step)
 
     def _seal(self, vectors: list[bytes], recipient: str, kind: MessageKind, rows: int, step: Step) -> list[Envelope]:
         envelopes = [
@@ -252,7 +259,8 @@ class _Holder(_Party):
     """What every agency does with its own block: partial scores, masked gradients, its own step."""
 
     def __init__(self, block: Block, setup: HolderSetup, rng: np.random.Generator, extra: int = 0) -> None:
-        super().__init__(block.agency, setup.keys, setup.directory, setup.run)
+        session = context_digest(setup.public_context)[:16]  # each session's envelopes name their arbiter key
+        super().__init__(block.agency, setup.keys, setup.directory, setup.run, session)
         self.block = block
         self.label_holder = setup.label_holder
         public_context = setup.public_context
@@ -434,8 +442,7 @@ class LabelHolder(_Holder):
         if setup.receipts is not None:
             if setup.receipts_key is None:
                 raise ValueError("receipts are signed: give civil affairs' ledger key (receipts_key)")
-            self.receipts = Receipts(setup.receipts, self.name, setup.public_context, setup.receipts_key, run=setup.run,
-                                     sealer=setup.keys.public().signing.hex())  # fmt: skip
+            self.receipts = Receipts(setup.receipts, self.name, setup.public_context, setup.receipts_key, run=setup.run)
 
     def take_partials(self, sender: str, envelopes: list[Envelope], step: Step) -> None:
         """Open one agency's partial scores, sealed for ``step``, and keep them: each agency's latest are what

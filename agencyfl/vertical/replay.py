@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,14 @@ from agencyfl.privacy.keys import key_id, keyring_key
 from agencyfl.privacy.ledger import LEDGER_FILE, verify_ledger
 from agencyfl.vertical.encoding import CLIP
 from agencyfl.vertical.evidence import OPERAND_OF, RECEIPTS, Receipt, context_digest, digest
-from agencyfl.vertical.protocol import chunk_count, column_multipliers, gradient_sums, masked_totals, pair_products
+from agencyfl.vertical.protocol import (
+    chunk_count,
+    column_multipliers,
+    gradient_sums,
+    masked_totals,
+    pair_products,
+    step_run,
+)
 
 NORM_SLACK = 1e-9
 """Relative slack on the row norm bound: ``clip_rows`` scales to it in floating point."""
@@ -58,7 +66,6 @@ class Vouchers:
     runs: frozenset[str]
     anywhere: frozenset[str]
     keyring: Path | None
-    sealers: frozenset[str] = frozenset()  # the run signing keys civil affairs' receipts under this key name
 
 
 @dataclass
@@ -155,9 +162,8 @@ def _open_receipts(folder: Path, keyring: Path | None) -> tuple[ReceiptsRead, li
 
 
 def _read_receipts(
-    folders: list[Path], agency: str, keyring: Path | None, holders: set[str], runs: dict[str, set[str]],
-    sealers: dict[str, set[str]],
-) -> tuple[dict[tuple[str, str, str, int], str], list[ReceiptsRead]]:  # fmt: skip
+    folders: list[Path], agency: str, keyring: Path | None, holders: set[str], runs: dict[str, set[str]]
+) -> tuple[dict[tuple[str, str, str, int], str], list[ReceiptsRead]]:
     """(arbiter key, recorded by, kind, number) -> SHA-256 for this agency, from every receipts ledger given,
     and what was read of each. Two digests for one receipt are refused. ``holders`` collects the label holder
     the arbiter's receipts for this agency name."""
@@ -173,8 +179,6 @@ def _read_receipts(
             if r.by == "arbiter":
                 holders.add(str(r.label_holder))
                 runs.setdefault(r.context, set()).add(r.run)
-            elif r.sealer:
-                sealers.setdefault(r.context, set()).add(r.sealer)
             if found.setdefault(key, r.sha256) != r.sha256:
                 raise DataFileError(f"{folder}: a second, different digest for {r.by}'s {r.kind} {r.number}")
     return found, read
@@ -227,8 +231,7 @@ def replay(
             )
     holders: set[str] = set()
     runs: dict[str, set[str]] = {}  # by arbiter key: the job's run the arbiter's receipts name
-    sealers: dict[str, set[str]] = {}  # by arbiter key: the run signing keys the other receipts name
-    recorded, read = _read_receipts(receipts, name, keyring, holders, runs, sealers)
+    recorded, read = _read_receipts(receipts, name, keyring, holders, runs)
     released: dict[str, list[tuple[str, int]]] = {}
     for key, by, kind, seq in sorted(recorded):
         if by == "arbiter" and kind in OPERAND_OF:
@@ -241,8 +244,7 @@ def replay(
     if name in holders:
         raise DataFileError(f"{name} is the label holder: the replay checks the agencies without the label")
     anywhere = frozenset(v for (_, by, kind, _), v in recorded.items() if by in holders and kind in OPERAND_OF.values())
-    vouchers = {ctx: Vouchers(next(iter(holders)), name, frozenset(r), anywhere, keyring,
-                              frozenset(sealers.get(ctx, ()))) for ctx, r in runs.items()}  # fmt: skip
+    vouchers = {ctx: Vouchers(next(iter(holders)), name, frozenset(r), anywhere, keyring) for ctx, r in runs.items()}
     parts = [_replay_key(f, m, recorded, holders, released, len(folders) == 1, vouchers)
              for f, m in zip(folders, metas, strict=True)]  # fmt: skip
     report = parts[0]
@@ -297,10 +299,9 @@ def _replay_key(
     except Exception as exc:  # noqa: BLE001  # TenSEAL raises its own types for a malformed context
         raise DataFileError(f"{evidence}: context.bin is not a CKKS public context ({exc})") from exc
     report, x = _inputs_report(meta, key, inputs, params.slots)
-    in_order = _steps_in_order(evidence, released.get(key, []))
     for kind, seq in released.get(key, []):
         check = _check(evidence, {k[1:]: v for k, v in recorded.items() if k[0] == key}, senders, x, context,
-                       params.slots, kind, seq, (vouchers or {}).get(key), in_order.get(kind, False))  # fmt: skip
+                       params.slots, kind, seq, (vouchers or {}).get(key), released.get(key, []))  # fmt: skip
         check.key = key[:16]
         report.products.append(check)
     return report
@@ -341,7 +342,7 @@ def _check(
     kind: str,
     seq: int,
     vouchers: Vouchers | None = None,
-    in_order: bool = False,
+    products: list[tuple[str, int]] | None = None,
 ) -> ProductCheck:
     path = evidence / f"{kind}-{seq:04d}.npz"
     if not path.exists():
@@ -355,7 +356,7 @@ def _check(
                     if "live" in kept.files else None)  # fmt: skip
         if envelopes:  # the operands are what the envelopes open to, under the label holder's run keys as kept
             operands = _open_kept(evidence, envelopes, step, kind, None)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, zipfile.BadZipFile, MessageRejectedError) as exc:
+    except (*UNREADABLE, MessageRejectedError) as exc:
         return ProductCheck(kind, seq, False, f"its evidence is unreadable ({exc})")
     if len(operands) != chunk_count(len(inputs), slots):
         return ProductCheck(kind, seq, False, f"{len(operands)} operand ciphertexts for inputs of {len(inputs)} rows")
@@ -382,24 +383,28 @@ def _check(
         unvouched = f"no receipt of civil affairs names the {operand} it multiplied (give civil affairs' receipts)"
         return ProductCheck(kind, seq, False, unvouched)
     # civil affairs' signature on the kept envelopes decides, if they were sealed for this product's place in
-    # the sequence: steps strictly increasing with the products (a residual kept twice, or two swapped, is not)
-    sealed = _signed_by_label_holder(evidence, envelopes, step, kind, operands, len(inputs), vouchers)
+    # the sequence: signed steps strictly increasing with the products (a residual kept twice, or two swapped,
+    # is not); when the order cannot be told, nothing is attributed
+    sender = _certified_sender(evidence, vouchers)
+    sealed = None if sender is None else _signed_by(evidence, envelopes, step, kind, operands, len(inputs), sender)
+    in_order = _signed_steps_rise(evidence, products or [], kind, sender) if sealed and sender else None
     if sealed and in_order:
         finding = (f"civil affairs sealed it these operands (its signature on the kept envelopes, its run keys "
                    f"certified by its ledger key) but recorded another digest: civil affairs' record is false; "
                    f"{product or 'the product recomputes to what the arbiter released'}")  # fmt: skip
-    elif sealed:
+    elif sealed and in_order is False:
         finding = (f"the kept envelopes hold a {operand} civil affairs sealed it for another step (its products' "
-                   "steps are not in order): the agency reused it")  # fmt: skip
+                   "signed steps are not in order): the agency reused it")  # fmt: skip
     elif sealed is False:
         finding = (f"its operands are not the {operand} civil affairs sealed to it (no envelope signed by civil "
                    "affairs holds them, whole and in order): the agency substituted them")  # fmt: skip
     elif vouchers is not None and digest(operands) in vouchers.anywhere:
         finding = (f"its operands are the {operand} civil affairs recorded for another product (reused by the "
-                   "agency, or civil affairs' records swapped; --keyring tells which)")  # fmt: skip
+                   "agency, or civil affairs' records swapped; not attributed: needs --keyring, whole "
+                   "evidence)")  # fmt: skip
     else:
         finding = (f"its operands are not the {operand} civil affairs recorded sealing to it (substituted by "
-                   "the agency, or recorded otherwise than sealed; --keyring tells which)")  # fmt: skip
+                   "the agency, or recorded otherwise; not attributed: needs --keyring, whole evidence)")  # fmt: skip
     return ProductCheck(kind, seq, False, finding)
 
 
@@ -412,6 +417,9 @@ def _numbered(kept: Any, prefix: str) -> list[bytes]:
 MESSAGE_OF: dict[str, MessageKind] = {"gradient": "residuals", "hessian": "hessian-weights"}
 """The envelopes each product's operands came in."""
 
+UNREADABLE = (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError, zipfile.BadZipFile, zlib.error)
+"""What reading a kept evidence file may raise: each is a finding about the file, never a crash."""
+
 
 def _run(evidence: Path) -> tuple[dict[str, Any], PartyKeys, PartyPublicKeys]:
     """The kept run: its record, the agency's run key (opening only), the label holder's run keys as kept."""
@@ -422,25 +430,27 @@ def _run(evidence: Path) -> tuple[dict[str, Any], PartyKeys, PartyPublicKeys]:
     return run, PartyKeys(str(run["recipient"]), opening, Ed25519PrivateKey.generate()), sender
 
 
+def _session(evidence: Path) -> str:
+    """The session a key folder's envelopes name: its arbiter key's first 16 hex digits."""
+    return context_digest((evidence / "context.bin").read_bytes())[:16]
+
+
 def _open_kept(
     evidence: Path, envelopes: list[bytes], step: str, kind: str, sender: PartyPublicKeys | None
 ) -> list[bytes]:
     """The kept envelopes opened with the agency's kept run key, each checked against ``sender``'s signature
-    (default: the label holder's run keys as kept). Raises MessageRejectedError (or ValueError, OSError)."""
+    (default: the label holder's run keys as kept) and sealed for ``step`` of this session. Raises
+    MessageRejectedError (or ValueError, OSError)."""
     run, recipient, kept_sender = _run(evidence)
-    return [open_envelope(unpack(e), recipient=recipient, sender=sender or kept_sender, run=f"{run['run']}/step-{step}",
+    where = step_run(str(run["run"]), _session(evidence), step)
+    return [open_envelope(unpack(e), recipient=recipient, sender=sender or kept_sender, run=where,
                           kind=MESSAGE_OF[kind]) for e in envelopes]  # fmt: skip
 
 
-def _signed_by_label_holder(
-    evidence: Path, envelopes: list[bytes], step: str, kind: str, operands: list[bytes], rows: int,
-    vouchers: Vouchers | None,
-) -> bool | None:  # fmt: skip
-    """Whether the kept envelopes, whole and in order, carry the label holder's signature under the run keys
-    its ledger key (from the keyring) certified for the job's run (as the arbiter's receipts name it and the
-    label holder), and open to exactly ``operands``; None when that cannot be told (no keyring, no envelopes
-    or certificate kept, or a run record naming another party, agency or run)."""
-    if vouchers is None or vouchers.keyring is None or not envelopes:
+def _certified_sender(evidence: Path, vouchers: Vouchers | None) -> PartyPublicKeys | None:
+    """The label holder's run keys, if its ledger key (from the keyring) certified them for the job's run and
+    the kept run record names the label holder, the agency and the run the arbiter's receipts name."""
+    if vouchers is None or vouchers.keyring is None:
         return None
     try:
         run, _, _ = _run(evidence)
@@ -450,11 +460,19 @@ def _signed_by_label_holder(
         ledger = keyring_key(vouchers.keyring, vouchers.holder)
         if ledger is None:
             return None
-        sender = verify_certificate(named[2], vouchers.holder, bytes.fromhex(run["certificate"]), ledger)
-        if sender.signing.hex() not in vouchers.sealers:  # another session's run keys (or receipts of before)
-            return None
+        return verify_certificate(named[2], vouchers.holder, bytes.fromhex(run["certificate"]), ledger)
     except (OSError, ValueError, KeyError, TypeError, MessageRejectedError, LedgerError):
         return None  # nothing vouches for the label holder's keys: the disagreement stays unattributed
+
+
+def _signed_by(
+    evidence: Path, envelopes: list[bytes], step: str, kind: str, operands: list[bytes], rows: int,
+    sender: PartyPublicKeys,
+) -> bool:  # fmt: skip
+    """Whether the kept envelopes, whole and in order, carry ``sender``'s signature for this session and step
+    and open to exactly ``operands``."""
+    if not envelopes:
+        return False
     try:
         sealed = [unpack(e) for e in envelopes]
         whole = [e.chunk for e in sealed] == list(range(len(sealed))) and all(
@@ -464,14 +482,21 @@ def _signed_by_label_holder(
         return False
 
 
-def _steps_in_order(evidence: Path, released: list[tuple[str, int]]) -> dict[str, bool]:
-    """For each kind, whether the steps its kept envelopes were sealed for rise strictly with the product
-    number (a step is ``I`` or ``I.TURN``): each product multiplied a residual of its own step."""
-    steps: dict[str, list[tuple[int, ...]]] = {}
+def _signed_steps_rise(
+    evidence: Path, products: list[tuple[str, int]], kind: str, sender: PartyPublicKeys
+) -> bool | None:
+    """Whether the steps ``sender`` signed into the kept envelopes of this kind's products rise strictly with
+    the product number (a step is ``I`` or ``I.TURN``): each product multiplied a residual of its own step.
+    None when that cannot be told (a product without envelopes that open under ``sender`` for this session)."""
+    steps = []
     try:
-        for kind, seq in released:
+        for _, seq in sorted(p for p in products if p[0] == kind):
             with np.load(evidence / f"{kind}-{seq:04d}.npz", allow_pickle=False) as kept:
-                steps.setdefault(kind, []).append(tuple(int(part) for part in str(kept["step"]).split(".")))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, zipfile.BadZipFile):
-        return {}
-    return {kind: all(a < b for a, b in zip(order, order[1:], strict=False)) for kind, order in steps.items()}
+                envelopes, step = _numbered(kept, "envelope"), str(kept["step"])
+            if not envelopes:
+                return None
+            _open_kept(evidence, envelopes, step, kind, sender)  # the step is the one its signed header names
+            steps.append(tuple(int(part) for part in step.split(".")))
+    except (*UNREADABLE, MessageRejectedError):
+        return None
+    return all(a < b for a, b in zip(steps, steps[1:], strict=False))
