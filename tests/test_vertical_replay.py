@@ -404,6 +404,12 @@ def test_a_civil_affairs_that_records_otherwise_than_it_sealed_cannot_frame_an_a
     assert report.receipts_signed and [(p.kind, p.seq) for p in report.products if not p.matched] == [("gradient", 1)]
     finding = next(p.finding for p in report.products if not p.matched)
     assert "civil affairs' record is false" in finding and "recomputes to what the arbiter released" in finding
+    # an agency whose product does not recompute from what it kept gets no attribution to civil affairs out of it,
+    # even where civil affairs' record also differs: HRSS multiplied a sentinel row
+    lying = _resign(civil, key, tmp_path / "lying" / RECEIPTS,
+                    lambda r: r.model_copy(update={"sha256": "2" * 64}) if r.agency == "hrss" else r)  # fmt: skip
+    caught = replay(folders["hrss"], [lying, arbiter], keyring=keyring).findings
+    assert caught and all("multiplied other rows" in f and "record is false" not in f for f in caught), caught
     # without the keyring nothing vouches for civil affairs' run keys: the disagreement stays unattributed
     assert "not attributed" in replay(folders["environment"], [framing, arbiter]).findings[0]
     # nor can it pass off an honest agency as one that reused a residual, by swapping its records of two

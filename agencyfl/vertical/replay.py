@@ -388,10 +388,13 @@ def _check(
     sender = _certified_sender(evidence, vouchers)
     sealed = None if sender is None else _signed_by(evidence, envelopes, step, kind, operands, len(inputs), sender)
     in_order = _signed_steps_rise(evidence, products or [], kind, sender) if sealed and sender else None
-    if sealed and in_order:
-        finding = (f"civil affairs sealed it these operands (its signature on the kept envelopes, its run keys "
-                   f"certified by its ledger key) but recorded another digest: civil affairs' record is false; "
-                   f"{product or 'the product recomputes to what the arbiter released'}")  # fmt: skip
+    if sealed and in_order and not product:  # what it kept is what it multiplied, and civil affairs sealed it
+        finding = ("civil affairs sealed it these operands (its signature on the kept envelopes, its run keys "
+                   "certified by its ledger key) but recorded another digest: civil affairs' record is false; "
+                   "the product recomputes to what the arbiter released")  # fmt: skip
+    elif sealed and in_order:  # what it kept is not what it multiplied: nothing tells civil affairs' record false
+        finding = (f"{product}; its kept {operand} (sealed by civil affairs) is not what civil affairs recorded, "
+                   "and not what it multiplied either")  # fmt: skip
     elif sealed and in_order is False:
         finding = (f"the kept envelopes hold a {operand} civil affairs sealed it for another step (its products' "
                    "signed steps are not in order): the agency reused it")  # fmt: skip
