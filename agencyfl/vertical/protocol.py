@@ -131,7 +131,7 @@ HESSIAN_STEP = 0
 def step_run(run: str, session: str, step: Step) -> str:
     """What an envelope of ``step`` names as its run: the job's run, the session (the arbiter key's first 16 hex
     digits: another session's envelopes do not open in this one) and the step."""
-    return f"{run}/{session}/step-{step}" if session else f"{run}/step-{step}"
+    return f"{run}/{session}/step-{step}"
 
 
 @dataclass
@@ -140,7 +140,7 @@ class _Party:
     keys: PartyKeys
     directory: dict[str, PartyPublicKeys]
     run: str
-    session: str = ""  # the arbiter key's first 16 hex digits: a resumed job's envelopes name their session
+    session: str  # the arbiter key's first 16 hex digits: a resumed job's envelopes name their session
     received: list[Received] = field(default_factory=list)
     he_seconds: float = 0.0
     sent_bytes: int = 0
